@@ -1,0 +1,356 @@
+//! Configuration: the YAML file shapes (`raw`) resolved into one internal model — models,
+//! each with its instances and their roles — that the rest of the proxy reads.
+//!
+//! Format 1 (legacy `model` + `prefill`/`decode`/`dual` lists) is implemented; the
+//! `instances:` and `models:` formats resolve into the same `Config`.
+
+mod yaml;
+
+use crate::log::Level;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use yaml::YamlError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Prefill,
+    Decode,
+    Dual,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Dual => "dual",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InstanceConfig {
+    /// As written in the config (`host:port`); used in logs and the Host header.
+    pub address: String,
+    pub socket_addr: SocketAddr,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerKind {
+    RoundRobin,
+}
+
+impl SchedulerKind {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "roundrobin" | "round_robin" => Ok(SchedulerKind::RoundRobin),
+            "loadbalanced" | "load_balanced" | "consistent_hash" | "power_of_two"
+            | "cache_aware" => Err(format!(
+                "scheduler `{s}` is not available in this build yet; use `roundrobin`"
+            )),
+            other => Err(format!(
+                "unknown scheduler `{other}` (expected roundrobin, loadbalanced, consistent_hash, power_of_two or cache_aware)"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchedulerKind::RoundRobin => "roundrobin",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: String,
+    pub instances: Vec<InstanceConfig>,
+    pub scheduler: SchedulerKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub startup_probe_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub workers: Option<usize>,
+    pub log_level: Level,
+    pub models: Vec<ModelConfig>,
+    pub health: HealthConfig,
+    pub connect_timeout: Duration,
+    pub limits: crate::http::Limits,
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+mod raw {
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        pub model: Option<String>,
+        pub prefill: Option<Vec<String>>,
+        pub decode: Option<Vec<String>>,
+        pub dual: Option<Vec<String>>,
+        pub host: Option<String>,
+        pub port: Option<u16>,
+        pub workers: Option<usize>,
+        pub log_level: Option<String>,
+        pub scheduling: Option<String>,
+        pub health_check: Option<HealthCheck>,
+        pub startup: Option<Startup>,
+        pub timeouts: Option<Timeouts>,
+        pub limits: Option<Limits>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct HealthCheck {
+        pub enabled: Option<bool>,
+        pub interval_seconds: Option<f64>,
+        pub timeout_seconds: Option<f64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Startup {
+        pub probe_interval_seconds: Option<f64>,
+        pub wait_timeout_seconds: Option<f64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Timeouts {
+        pub connect_ms: Option<u64>,
+        pub first_byte_seconds: Option<f64>,
+        pub idle_seconds: Option<f64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Limits {
+        pub max_body_bytes: Option<usize>,
+        pub max_header_bytes: Option<usize>,
+    }
+}
+
+fn seconds(field: &str, v: Option<f64>, default: f64, problems: &mut Vec<String>) -> Duration {
+    let v = v.unwrap_or(default);
+    if !(v.is_finite() && v > 0.0) {
+        problems.push(format!("{field}: must be a positive number of seconds, got {v}"));
+        return Duration::from_secs_f64(default);
+    }
+    Duration::from_secs_f64(v)
+}
+
+/// Parses `host:port`, resolving names (`localhost`) once at load time.
+pub fn parse_address(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("address `{s}` has no port (expected host:port)"));
+    };
+    if host.is_empty() {
+        return Err(format!("address `{s}` has no host (expected host:port)"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("address `{s}` has an invalid port `{port}`"))?;
+    if port == 0 {
+        return Err(format!("address `{s}`: port 0 is not a reachable port"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("address `{s}` does not resolve: {e}"))?
+        .next()
+        .ok_or_else(|| format!("address `{s}` does not resolve"))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("cannot read {}: {e}", path.display())],
+        })?;
+        let mut cfg = Self::from_yaml(&text)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let file: raw::File = if text.trim().is_empty() {
+            raw::File::default()
+        } else {
+            yaml::from_str(text).map_err(|e| ConfigError {
+                problems: vec![e.to_string()],
+            })?
+        };
+        Self::resolve(file)
+    }
+
+    fn resolve(f: raw::File) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut instances = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (field, role, list) in [
+            ("prefill", Role::Prefill, &f.prefill),
+            ("decode", Role::Decode, &f.decode),
+            ("dual", Role::Dual, &f.dual),
+        ] {
+            for (i, addr) in list.iter().flatten().enumerate() {
+                match parse_address(addr) {
+                    Ok(sa) => {
+                        if !seen.insert(sa) {
+                            problems.push(format!("{field}[{i}]: duplicate address `{addr}`"));
+                        }
+                        instances.push(InstanceConfig {
+                            address: addr.trim().to_string(),
+                            socket_addr: sa,
+                            role,
+                        });
+                    }
+                    Err(e) => problems.push(format!("{field}[{i}]: {e}")),
+                }
+            }
+        }
+        // Judge the roles by what was written, so a bad address is not also reported as a
+        // missing role.
+        let listed = |l: &Option<Vec<String>>| l.as_ref().is_some_and(|v| !v.is_empty());
+        let has = |r: Role| match r {
+            Role::Prefill => listed(&f.prefill),
+            Role::Decode => listed(&f.decode),
+            Role::Dual => listed(&f.dual),
+        };
+        if !has(Role::Prefill) && !has(Role::Decode) && !has(Role::Dual) {
+            problems.push(
+                "no backend instances: set `decode` (with `prefill`) or `dual`".to_string(),
+            );
+        } else if has(Role::Prefill) && !has(Role::Decode) {
+            problems.push("prefill: instances are listed but `decode` is empty".to_string());
+        } else if has(Role::Decode) && !has(Role::Prefill) && !has(Role::Dual) {
+            problems.push(
+                "decode: instances are listed but `prefill` is empty (list `dual` instances for single-pass serving)"
+                    .to_string(),
+            );
+        }
+        let scheduler = match f.scheduling.as_deref() {
+            None => SchedulerKind::RoundRobin,
+            Some(s) => SchedulerKind::parse(s).unwrap_or_else(|e| {
+                problems.push(format!("scheduling: {e}"));
+                SchedulerKind::RoundRobin
+            }),
+        };
+        let log_level = match f.log_level.as_deref() {
+            None => Level::Warning,
+            Some(s) => s.parse().unwrap_or_else(|e: String| {
+                problems.push(format!("log_level: {e}"));
+                Level::Warning
+            }),
+        };
+        if f.workers == Some(0) {
+            problems.push("workers: must be at least 1".to_string());
+        }
+        let hc = f.health_check.unwrap_or_default();
+        if hc.enabled == Some(false) {
+            problems.push("health_check.enabled: disabling health checks is not supported yet".into());
+        }
+        let st = f.startup.unwrap_or_default();
+        let _ = seconds("startup.wait_timeout_seconds", st.wait_timeout_seconds, 600.0, &mut problems);
+        let health = HealthConfig {
+            interval: seconds("health_check.interval_seconds", hc.interval_seconds, 10.0, &mut problems),
+            timeout: seconds("health_check.timeout_seconds", hc.timeout_seconds, 3.0, &mut problems),
+            startup_probe_interval: seconds(
+                "startup.probe_interval_seconds",
+                st.probe_interval_seconds,
+                10.0,
+                &mut problems,
+            ),
+        };
+        let to = f.timeouts.unwrap_or_default();
+        let _ = seconds("timeouts.first_byte_seconds", to.first_byte_seconds, 600.0, &mut problems);
+        let _ = seconds("timeouts.idle_seconds", to.idle_seconds, 600.0, &mut problems);
+        let connect_ms = to.connect_ms.unwrap_or(3000);
+        if connect_ms == 0 {
+            problems.push("timeouts.connect_ms: must be positive".into());
+        }
+        let lim = f.limits.unwrap_or_default();
+        let defaults = crate::http::Limits::default();
+        let limits = crate::http::Limits {
+            max_body_bytes: lim.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_header_bytes: lim.max_header_bytes.unwrap_or(defaults.max_header_bytes),
+        };
+        if limits.max_body_bytes == 0 || limits.max_header_bytes < 1024 {
+            problems.push("limits: max_body_bytes must be > 0 and max_header_bytes >= 1024".into());
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let name = f.model.unwrap_or_else(|| "default".to_string());
+        Ok(Config {
+            host: f.host.unwrap_or_else(|| "0.0.0.0".to_string()),
+            port: f.port.unwrap_or(8000),
+            workers: f.workers,
+            log_level,
+            models: vec![ModelConfig {
+                name,
+                instances,
+                scheduler,
+            }],
+            health,
+            connect_timeout: Duration::from_millis(connect_ms.max(1)),
+            limits,
+            source: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format1_loads() {
+        let c = Config::from_yaml(
+            "model: m\nprefill: [\"127.0.0.1:8100\"]\ndecode: [\"127.0.0.1:8200\", \"localhost:8201\"]\nport: 9000\n",
+        )
+        .unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.models[0].name, "m");
+        assert_eq!(c.models[0].instances.len(), 3);
+        assert_eq!(c.models[0].instances[2].role, Role::Decode);
+    }
+
+    #[test]
+    fn reports_problems_with_location() {
+        let e = Config::from_yaml("model: m\nprefil: [\"a:1\"]\n").unwrap_err();
+        assert!(e.problems[0].contains("line 2"), "{e}");
+        assert!(e.problems[0].contains("prefil"), "{e}");
+        let e = Config::from_yaml("prefill: [\"nohost\"]\ndecode: [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n")
+            .unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        let e = Config::from_yaml("prefill: [\"127.0.0.1:5\"]\n").unwrap_err();
+        assert!(e.problems[0].contains("decode"), "{e}");
+    }
+}

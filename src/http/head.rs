@@ -1,0 +1,314 @@
+//! Strict parsing of HTTP/1.1 message heads with httparse, into the `http` crate's types.
+//!
+//! Only the headers the proxy acts on are kept; framing headers are validated hard because
+//! a lenient proxy is a request-smuggling proxy (RFC 9112 §6.3).
+
+use http::{Method, StatusCode};
+
+const MAX_HEADERS: usize = 128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// Not enough bytes yet.
+    Partial,
+    Malformed(&'static str),
+    TooManyHeaders,
+}
+
+/// How a message body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Response body delimited by connection close.
+    UntilClose,
+}
+
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: Method,
+    pub path: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    pub framing: Framing,
+    pub keep_alive: bool,
+    pub content_type: Option<String>,
+    pub request_id: Option<String>,
+    pub authorization: Option<String>,
+    pub expect_continue: bool,
+    /// Bytes of the head including the blank line.
+    pub len: usize,
+}
+
+impl RequestHead {
+    /// Path without the query string.
+    pub fn route(&self) -> &str {
+        self.path.split('?').next().unwrap_or("")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub framing: Framing,
+    pub keep_alive: bool,
+    pub content_type: Option<String>,
+    pub len: usize,
+}
+
+fn value_str<'a>(v: &'a [u8], what: &'static str) -> Result<&'a str, HeadError> {
+    std::str::from_utf8(v)
+        .map(str::trim)
+        .map_err(|_| HeadError::Malformed(what))
+}
+
+/// Accumulates the framing-relevant headers common to requests and responses.
+#[derive(Default)]
+struct FramingHeaders {
+    content_length: Option<u64>,
+    chunked: bool,
+    other_te: bool,
+    conn_close: bool,
+    conn_keep_alive: bool,
+}
+
+impl FramingHeaders {
+    fn observe(&mut self, name: &str, value: &[u8]) -> Result<bool, HeadError> {
+        if name.eq_ignore_ascii_case("content-length") {
+            let v = value_str(value, "invalid Content-Length")?;
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(HeadError::Malformed("invalid Content-Length"));
+            }
+            let n: u64 = v
+                .parse()
+                .map_err(|_| HeadError::Malformed("invalid Content-Length"))?;
+            if self.content_length.is_some_and(|old| old != n) {
+                return Err(HeadError::Malformed("conflicting Content-Length headers"));
+            }
+            self.content_length = Some(n);
+            Ok(true)
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let v = value_str(value, "invalid Transfer-Encoding")?;
+            for coding in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                if self.chunked {
+                    // chunked must be the final coding, once.
+                    return Err(HeadError::Malformed("chunked is not the final transfer coding"));
+                }
+                if coding.eq_ignore_ascii_case("chunked") {
+                    self.chunked = true;
+                } else {
+                    self.other_te = true;
+                }
+            }
+            Ok(true)
+        } else if name.eq_ignore_ascii_case("connection") {
+            let v = value_str(value, "invalid Connection")?;
+            for tok in v.split(',').map(str::trim) {
+                if tok.eq_ignore_ascii_case("close") {
+                    self.conn_close = true;
+                } else if tok.eq_ignore_ascii_case("keep-alive") {
+                    self.conn_keep_alive = true;
+                }
+            }
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    fn keep_alive(&self, minor_version: u8) -> bool {
+        if minor_version == 0 {
+            self.conn_keep_alive && !self.conn_close
+        } else {
+            !self.conn_close
+        }
+    }
+}
+
+pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(_) => return Err(HeadError::Malformed("malformed request line or header")),
+    };
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|_| HeadError::Malformed("invalid method"))?;
+    let path = req.path.unwrap_or("").to_string();
+    if !path.starts_with('/') && path != "*" {
+        return Err(HeadError::Malformed("request target must be an absolute path"));
+    }
+    let minor_version = req.version.unwrap_or(1);
+    let mut fh = FramingHeaders::default();
+    let mut head = RequestHead {
+        method,
+        path,
+        minor_version,
+        framing: Framing::None,
+        keep_alive: true,
+        content_type: None,
+        request_id: None,
+        authorization: None,
+        expect_continue: false,
+        len,
+    };
+    let mut host_seen = false;
+    for h in req.headers.iter() {
+        if fh.observe(h.name, h.value)? {
+            continue;
+        }
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-type") {
+            head.content_type = Some(value_str(h.value, "invalid Content-Type")?.to_string());
+        } else if name.eq_ignore_ascii_case("x-request-id") {
+            let v = value_str(h.value, "invalid X-Request-Id")?;
+            if !v.is_empty() {
+                head.request_id = Some(v.to_string());
+            }
+        } else if name.eq_ignore_ascii_case("authorization") {
+            head.authorization = Some(value_str(h.value, "invalid Authorization")?.to_string());
+        } else if name.eq_ignore_ascii_case("expect") {
+            head.expect_continue = value_str(h.value, "invalid Expect")?
+                .eq_ignore_ascii_case("100-continue");
+        } else if name.eq_ignore_ascii_case("host") {
+            if host_seen {
+                return Err(HeadError::Malformed("duplicate Host header"));
+            }
+            host_seen = true;
+        }
+    }
+    if fh.content_length.is_some() && (fh.chunked || fh.other_te) {
+        return Err(HeadError::Malformed(
+            "both Content-Length and Transfer-Encoding are present",
+        ));
+    }
+    if fh.other_te && !fh.chunked {
+        return Err(HeadError::Malformed("unsupported Transfer-Encoding"));
+    }
+    if minor_version == 0 && fh.chunked {
+        return Err(HeadError::Malformed("chunked encoding in an HTTP/1.0 request"));
+    }
+    head.framing = if fh.chunked {
+        Framing::Chunked
+    } else {
+        match fh.content_length {
+            Some(0) | None => Framing::None,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    head.keep_alive = fh.keep_alive(minor_version);
+    Ok(head)
+}
+
+/// Parses a response head. `head_request` marks the answer to a HEAD (no body).
+pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(_) => return Err(HeadError::Malformed("malformed status line or header")),
+    };
+    let status = StatusCode::from_u16(resp.code.unwrap_or(0))
+        .map_err(|_| HeadError::Malformed("invalid status code"))?;
+    let minor_version = resp.version.unwrap_or(1);
+    let mut fh = FramingHeaders::default();
+    let mut content_type = None;
+    for h in resp.headers.iter() {
+        if fh.observe(h.name, h.value)? {
+            continue;
+        }
+        if h.name.eq_ignore_ascii_case("content-type") {
+            content_type = Some(value_str(h.value, "invalid Content-Type")?.to_string());
+        }
+    }
+    if fh.content_length.is_some() && fh.chunked {
+        return Err(HeadError::Malformed(
+            "both Content-Length and Transfer-Encoding are present",
+        ));
+    }
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::None
+    } else if fh.chunked {
+        Framing::Chunked
+    } else if let Some(n) = fh.content_length {
+        if n == 0 {
+            Framing::None
+        } else {
+            Framing::Length(n)
+        }
+    } else {
+        Framing::UntilClose
+    };
+    let keep_alive = fh.keep_alive(minor_version) && framing != Framing::UntilClose;
+    Ok(ResponseHead {
+        status,
+        framing,
+        keep_alive,
+        content_type,
+        len,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_request() {
+        let raw = b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 5\r\nX-Request-Id: abc\r\n\r\nhello";
+        let h = parse_request(raw).unwrap();
+        assert_eq!(h.method, Method::POST);
+        assert_eq!(h.route(), "/v1/completions");
+        assert_eq!(h.framing, Framing::Length(5));
+        assert_eq!(h.request_id.as_deref(), Some("abc"));
+        assert!(h.keep_alive);
+        assert_eq!(h.len, raw.len() - 5);
+    }
+
+    #[test]
+    fn rejects_smuggling() {
+        let raw = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
+        let raw = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
+        let raw = b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n";
+        assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
+        let raw = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
+        assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn partial_and_garbage() {
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost").unwrap_err(),
+            HeadError::Partial
+        );
+        assert!(matches!(
+            parse_request(b"\x00\x01 garbage\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn response_framing() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false)
+            .unwrap();
+        assert_eq!(r.framing, Framing::Chunked);
+        assert!(r.keep_alive);
+        let r = parse_response(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap();
+        assert_eq!(r.framing, Framing::UntilClose);
+        assert!(!r.keep_alive);
+        let r = parse_response(b"HTTP/1.0 204 No Content\r\n\r\n", false).unwrap();
+        assert_eq!(r.framing, Framing::None);
+        assert!(!r.keep_alive);
+    }
+}

@@ -1,0 +1,25 @@
+//! HTTP/1.1 written for this proxy: strict head parsing on httparse, chunked bodies
+//! forwarded chunk by chunk, owned-buffer I/O for monoio. See docs/architecture.md for why
+//! monoio-http is not used on the data path.
+
+pub mod blocking;
+pub mod buf;
+pub mod chunked;
+pub mod error;
+pub mod head;
+pub mod request;
+pub mod watch;
+pub mod write;
+
+pub use buf::ReadBuf;
+pub use error::ApiError;
+pub use head::{Framing, RequestHead, ResponseHead};
+pub use request::{read_request, Limits, ReadError, Request};
+
+/// True when a Content-Type names JSON (`application/json`, `application/x+json`, params ok).
+pub fn is_json_content_type(ct: Option<&str>) -> bool {
+    let Some(ct) = ct else { return false };
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    mime.eq_ignore_ascii_case("application/json")
+        || (mime.len() > 5 && mime[mime.len() - 5..].eq_ignore_ascii_case("+json"))
+}

@@ -1,0 +1,82 @@
+//! Request and completion ids from a per-thread xorshift generator: no lock, no syscall.
+
+use std::cell::Cell;
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed());
+}
+
+fn seed() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0x9E37_79B9_7F4A_7C15);
+    let local = 0u8;
+    // Mix in a stack address so threads started in the same nanosecond still differ.
+    let addr = &local as *const u8 as u64;
+    splitmix(t ^ addr.rotate_left(32) ^ u64::from(std::process::id()))
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A fast, non-cryptographic random u64.
+pub fn next_u64() -> u64 {
+    RNG.with(|c| {
+        let mut x = c.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.set(x);
+        splitmix(x)
+    })
+}
+
+/// A random (version 4 layout) UUID string.
+pub fn uuid_v4() -> String {
+    let hi = next_u64();
+    let lo = next_u64();
+    let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
+    let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+    let mut s = String::with_capacity(36);
+    let _ = write!(
+        s,
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xFFFF,
+        hi & 0xFFFF,
+        lo >> 48,
+        lo & 0xFFFF_FFFF_FFFF
+    );
+    s
+}
+
+/// 32 hex characters, the shape vLLM uses after `cmpl-` / `chatcmpl-`.
+pub fn hex_id() -> String {
+    format!("{:016x}{:016x}", next_u64(), next_u64())
+}
+
+pub fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uuid_shape_and_uniqueness() {
+        let a = super::uuid_v4();
+        let b = super::uuid_v4();
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert_ne!(a, b);
+    }
+}

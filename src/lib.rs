@@ -1,0 +1,20 @@
+//! xpyd: a thread-per-core, io_uring proxy for disaggregated (prefill/decode) LLM serving.
+//!
+//! Layers, outermost first: `runtime` (threads, event loops, listeners) → `proxy` (connection
+//! loop, routing, the P/D flow, relaying, upstream pool) → `http` (parsing and framing) —
+//! with `topology` + `scheduler` as the state shared between workers, `config` as its
+//! source, and `dummy` as the simulated vLLM node used by tests, benchmarks and the demo.
+
+pub mod log;
+
+pub mod config;
+pub mod demo;
+pub mod dummy;
+pub mod http;
+pub mod ids;
+pub mod proxy;
+pub mod runtime;
+pub mod scheduler;
+pub mod topology;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,89 @@
+//! The one logging facility: a global level, leveled macros, one line per event on stderr.
+//!
+//! Deliberately tiny: a relaxed atomic load decides whether a line is formatted at all, so
+//! disabled levels cost one branch on the request path.
+
+use std::fmt;
+use std::io::Write;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Level {
+    Error = 1,
+    Warning = 2,
+    Info = 3,
+    Debug = 4,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Error => "ERROR",
+            Level::Warning => "WARN",
+            Level::Info => "INFO",
+            Level::Debug => "DEBUG",
+        }
+    }
+}
+
+impl FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "error" => Ok(Level::Error),
+            "warning" | "warn" => Ok(Level::Warning),
+            "info" => Ok(Level::Info),
+            "debug" | "trace" => Ok(Level::Debug),
+            other => Err(format!(
+                "unknown log level `{other}` (expected debug, info, warning or error)"
+            )),
+        }
+    }
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(Level::Warning as u8);
+
+pub fn set_level(level: Level) {
+    LEVEL.store(level as u8, Ordering::Relaxed);
+}
+
+#[inline]
+pub fn enabled(level: Level) -> bool {
+    level as u8 <= LEVEL.load(Ordering::Relaxed)
+}
+
+/// Writes one line; called through the macros only after `enabled` said yes.
+pub fn write(level: Level, target: &str, args: fmt::Arguments<'_>) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let line = format!(
+        "{h:02}:{m:02}:{s:02}.{:06}Z {:<5} {target}: {args}\n",
+        now.subsec_micros(),
+        level.as_str()
+    );
+    // One write per line so lines from different workers never interleave.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+#[macro_export]
+macro_rules! log_at {
+    ($lvl:expr, $($arg:tt)+) => {
+        if $crate::log::enabled($lvl) {
+            $crate::log::write($lvl, module_path!(), format_args!($($arg)+));
+        }
+    };
+}
+#[macro_export]
+macro_rules! error { ($($arg:tt)+) => { $crate::log_at!($crate::log::Level::Error, $($arg)+) }; }
+#[macro_export]
+macro_rules! warn { ($($arg:tt)+) => { $crate::log_at!($crate::log::Level::Warning, $($arg)+) }; }
+#[macro_export]
+macro_rules! info { ($($arg:tt)+) => { $crate::log_at!($crate::log::Level::Info, $($arg)+) }; }
+#[macro_export]
+macro_rules! debug { ($($arg:tt)+) => { $crate::log_at!($crate::log::Level::Debug, $($arg)+) }; }

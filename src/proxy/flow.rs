@@ -1,0 +1,251 @@
+//! One inference request end to end (SPEC 4.2): validate, pick the instances, run the
+//! prefill leg (`max_tokens: 1`, not streamed), then relay the decode leg — or one pass on a
+//! dual instance. The whole flow races the client's disconnect: if the client goes away,
+//! the flow future is dropped, which closes any upstream connection it holds (never
+//! pooled) and releases its in-flight counters.
+
+use super::openai::{self, Endpoint};
+use super::relay::{relay, Outcome, RelayParams};
+use super::upstream::UpstreamError;
+use super::Worker;
+use crate::http::watch::DisconnectWatch;
+use crate::http::write::{error_response, full_response};
+use crate::http::{ApiError, Request};
+use crate::scheduler::PickContext;
+use crate::topology::{InFlight, Instance, ModelRoute, RoleSet};
+use bytes::Bytes;
+use http::StatusCode;
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+use std::io::Write;
+use std::sync::Arc;
+
+/// Upper bound on a prefill response kept in memory (it is one token plus metadata).
+const MAX_PREFILL_RESPONSE: usize = 16 * 1024 * 1024;
+
+/// Ends a request with an error response (nothing was sent to the client yet).
+pub async fn answer_error(
+    client: &mut TcpStream,
+    err: &ApiError,
+    request_id: Option<&str>,
+    keep_alive: bool,
+) -> Outcome {
+    let mut extra: Vec<(&str, &str)> = Vec::new();
+    if let Some(id) = request_id {
+        extra.push(("X-Request-Id", id));
+    }
+    if err.status == StatusCode::SERVICE_UNAVAILABLE {
+        extra.push(("Retry-After", "1"));
+    }
+    let keep = keep_alive && !err.close;
+    let (res, _) = client.write_all(error_response(err, &extra, keep)).await;
+    if res.is_ok() && keep {
+        Outcome::KeepAlive
+    } else {
+        Outcome::Close
+    }
+}
+
+pub async fn serve(
+    w: &Worker,
+    req: Request,
+    endpoint: Endpoint,
+    client: &mut TcpStream,
+    watch: Option<&DisconnectWatch>,
+) -> Outcome {
+    let keep_alive = req.head.keep_alive;
+    let inspected = match openai::inspect(endpoint, &req.body) {
+        Ok(i) => i,
+        Err(e) => return answer_error(client, &e, None, keep_alive).await,
+    };
+    let request_id = req
+        .head
+        .request_id
+        .clone()
+        .unwrap_or_else(crate::ids::uuid_v4);
+    if !w.shared.is_ready() {
+        let e = ApiError::unavailable(
+            "waiting for backend nodes: not every configured instance has answered its health check yet",
+        );
+        return answer_error(client, &e, Some(&request_id), keep_alive).await;
+    }
+    let topo = w.shared.topology.load_full();
+    let Some(route) = topo.route(inspected.model.as_deref()) else {
+        let e = match &inspected.model {
+            Some(m) => ApiError::not_found(format!("The model `{m}` does not exist."))
+                .with_param("model")
+                .with_code("model_not_found"),
+            None => ApiError::bad_request("`model` is required when several models are served")
+                .with_param("model"),
+        };
+        return answer_error(client, &e, Some(&request_id), keep_alive).await;
+    };
+    let ctx = PickContext {
+        prompt_tokens: inspected.prompt_bytes / 4,
+        key: None,
+    };
+    let leg = Leg {
+        w,
+        path: &req.head.path,
+        request_id: &request_id,
+        authorization: req.head.authorization.as_deref(),
+    };
+    let work = async {
+        let result = if route.prefill.any_available() && route.decode.any_available() {
+            let prefill_body = Bytes::from(openai::prefill_body(&inspected.obj));
+            disaggregated(&leg, route, &ctx, prefill_body, &req.body, client, &req).await
+        } else {
+            single_pass(&leg, route, &ctx, &req.body, client, &req).await
+        };
+        match result {
+            Ok(outcome) => outcome,
+            Err(e) => answer_error(client, &e, Some(&request_id), keep_alive).await,
+        }
+    };
+    match watch {
+        Some(watch) => {
+            monoio::select! {
+                outcome = work => outcome,
+                _ = watch.closed() => {
+                    crate::debug!("request {request_id}: client disconnected; abandoning its legs");
+                    Outcome::Close
+                }
+            }
+        }
+        None => work.await,
+    }
+}
+
+struct Leg<'a> {
+    w: &'a Worker,
+    path: &'a str,
+    request_id: &'a str,
+    authorization: Option<&'a str>,
+}
+
+impl Leg<'_> {
+    fn head(&self, inst: &Instance, body_len: usize) -> Vec<u8> {
+        let mut h = Vec::with_capacity(256);
+        let _ = write!(
+            h,
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\n",
+            self.path, inst.address, body_len, self.request_id
+        );
+        if let Some(a) = self.authorization {
+            let _ = write!(h, "Authorization: {a}\r\n");
+        }
+        h.extend_from_slice(b"\r\n");
+        h
+    }
+
+    fn pick(&self, set: &RoleSet, ctx: &PickContext<'_>, role: &str) -> Result<InFlight, ApiError> {
+        set.scheduler
+            .pick(&set.instances, ctx)
+            .map(InFlight::new)
+            .ok_or_else(|| ApiError::unavailable(format!("no healthy {role} instance available")))
+    }
+
+    fn upstream_failed(&self, inst: &Arc<Instance>, role: &str, e: UpstreamError) -> ApiError {
+        crate::warn!(
+            "request {}: {role} instance {} failed: {e}",
+            self.request_id,
+            inst.address
+        );
+        self.w.pool.forget(inst.socket_addr);
+        ApiError::bad_gateway(format!("{role} instance {} failed: {e}", inst.address))
+    }
+}
+
+async fn disaggregated(
+    leg: &Leg<'_>,
+    route: &ModelRoute,
+    ctx: &PickContext<'_>,
+    prefill_body: Bytes,
+    body: &Bytes,
+    client: &mut TcpStream,
+    req: &Request,
+) -> Result<Outcome, ApiError> {
+    let w = leg.w;
+    {
+        let p = leg.pick(&route.prefill, ctx, "prefill")?;
+        let inst = p.instance();
+        let head = leg.head(inst, prefill_body.len());
+        let (mut conn, rhead) = w
+            .pool
+            .send(inst.socket_addr, head, &prefill_body)
+            .await
+            .map_err(|e| leg.upstream_failed(inst, "prefill", e))?;
+        let resp = super::upstream::read_body(&mut conn, &rhead, MAX_PREFILL_RESPONSE)
+            .await
+            .map_err(|e| leg.upstream_failed(inst, "prefill", e))?;
+        if !rhead.status.is_success() {
+            // The backend's own error goes to the client as it is.
+            crate::info!(
+                "request {}: prefill instance {} answered {}",
+                leg.request_id,
+                inst.address,
+                rhead.status
+            );
+            if rhead.keep_alive {
+                w.pool.put_back(conn);
+            }
+            let ct = rhead.content_type.as_deref().unwrap_or("application/json");
+            let keep = req.head.keep_alive;
+            let out = full_response(
+                rhead.status,
+                &[("Content-Type", ct), ("X-Request-Id", leg.request_id)],
+                &resp,
+                keep,
+            );
+            let (res, _) = client.write_all(out).await;
+            return Ok(if res.is_ok() && keep { Outcome::KeepAlive } else { Outcome::Close });
+        }
+        if rhead.keep_alive {
+            w.pool.put_back(conn);
+        }
+    }
+    let d = leg.pick(&route.decode, ctx, "decode")?;
+    forward(leg, d.instance(), "decode", body, client, req).await
+}
+
+async fn single_pass(
+    leg: &Leg<'_>,
+    route: &ModelRoute,
+    ctx: &PickContext<'_>,
+    body: &Bytes,
+    client: &mut TcpStream,
+    req: &Request,
+) -> Result<Outcome, ApiError> {
+    let d = leg.pick(&route.dual, ctx, "dual")?;
+    forward(leg, d.instance(), "dual", body, client, req).await
+}
+
+/// Sends the original body to `inst` and relays its response.
+async fn forward(
+    leg: &Leg<'_>,
+    inst: &Arc<Instance>,
+    role: &str,
+    body: &Bytes,
+    client: &mut TcpStream,
+    req: &Request,
+) -> Result<Outcome, ApiError> {
+    let head = leg.head(inst, body.len());
+    let (conn, rhead) = leg
+        .w
+        .pool
+        .send(inst.socket_addr, head, body)
+        .await
+        .map_err(|e| leg.upstream_failed(inst, role, e))?;
+    Ok(relay(
+        &leg.w.pool,
+        conn,
+        rhead,
+        client,
+        RelayParams {
+            request_id: leg.request_id,
+            http10: req.head.minor_version == 0,
+            client_keep_alive: req.head.keep_alive,
+        },
+    )
+    .await)
+}

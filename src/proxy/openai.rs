@@ -1,0 +1,214 @@
+//! Looking into OpenAI request bodies without deserialising them: one pass splits the top
+//! level object into (key, raw JSON value) pairs that borrow the body. Validation reads the
+//! few fields it needs; the prefill body is re-assembled from the raw pairs, so a 4 MiB
+//! prompt is copied once and never re-encoded. The decode leg forwards the original bytes.
+
+use crate::http::ApiError;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    ChatCompletions,
+}
+
+impl Endpoint {
+    pub fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/v1/completions" => Some(Endpoint::Completions),
+            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+            _ => None,
+        }
+    }
+}
+
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The top-level members of a JSON object, in order, values left as raw JSON text.
+pub struct RawObject<'a> {
+    pub fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'de> Deserialize<'de> for RawObject<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawObject<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    let v: &'de RawValue = map.next_value()?;
+                    fields.push((k.0, v));
+                }
+                Ok(RawObject { fields })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> RawObject<'a> {
+    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
+        // Last one wins, like most JSON parsers (and vLLM's pydantic models).
+        self.fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+}
+
+/// What the proxy needs to know about an inference request.
+pub struct Inspected<'a> {
+    pub obj: RawObject<'a>,
+    pub model: Option<String>,
+    /// Bytes of the prompt / messages, for a token estimate.
+    pub prompt_bytes: usize,
+}
+
+fn first_byte(v: &RawValue) -> u8 {
+    v.get().as_bytes().first().copied().unwrap_or(b' ')
+}
+
+pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("request body is empty; expected a JSON object"));
+    }
+    let obj: RawObject<'a> = serde_json::from_slice(body).map_err(|e| {
+        if e.classify() == serde_json::error::Category::Data {
+            ApiError::bad_request("request body must be a JSON object")
+        } else {
+            ApiError::bad_request(format!("request body is not valid JSON: {e}"))
+        }
+    })?;
+    let model = match obj.get("model") {
+        None => None,
+        Some(v) if v.get() == "null" => None,
+        Some(v) => Some(serde_json::from_str::<String>(v.get()).map_err(|_| {
+            ApiError::bad_request("`model` must be a string").with_param("model")
+        })?),
+    };
+    let (field, ok_first): (&'static str, &[u8]) = match endpoint {
+        Endpoint::Completions => ("prompt", b"\"["),
+        Endpoint::ChatCompletions => ("messages", b"["),
+    };
+    let prompt_bytes = match obj.get(field) {
+        None => {
+            return Err(ApiError::bad_request(format!("`{field}` is a required field"))
+                .with_param(field))
+        }
+        Some(v) if !ok_first.contains(&first_byte(v)) => {
+            let expected = match endpoint {
+                Endpoint::Completions => "a string, a list of strings or a list of token ids",
+                Endpoint::ChatCompletions => "a list of messages",
+            };
+            return Err(ApiError::bad_request(format!("`{field}` must be {expected}"))
+                .with_param(field));
+        }
+        Some(v) => v.get().len(),
+    };
+    Ok(Inspected {
+        obj,
+        model,
+        prompt_bytes,
+    })
+}
+
+/// The prefill leg's body (SPEC 4.2): the client's request with `max_tokens: 1`
+/// (and `max_completion_tokens: 1` where the client used it), `stream: false`, and no
+/// `stream_options` / `min_tokens`.
+pub fn prefill_body(obj: &RawObject<'_>) -> Vec<u8> {
+    let cap = obj
+        .fields
+        .iter()
+        .map(|(k, v)| k.len() + v.get().len() + 4)
+        .sum::<usize>()
+        + 64;
+    let mut out = Vec::with_capacity(cap);
+    out.push(b'{');
+    let mut used_mct = false;
+    for (k, v) in &obj.fields {
+        match k.as_ref() {
+            "max_completion_tokens" => {
+                used_mct = true;
+                continue;
+            }
+            "max_tokens" | "stream" | "stream_options" | "min_tokens" => continue,
+            _ => {}
+        }
+        // Keys are re-escaped by serde_json; values are copied verbatim.
+        let _ = serde_json::to_writer(&mut out, k.as_ref());
+        out.push(b':');
+        out.extend_from_slice(v.get().as_bytes());
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"max_tokens\":1,\"stream\":false");
+    if used_mct {
+        out.extend_from_slice(b",\"max_completion_tokens\":1");
+    }
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn prefill_rewrite() {
+        let body = br#"{"model":"m","prompt":"hi \"there\"","max_tokens":50,"stream":true,"stream_options":{"include_usage":true},"min_tokens":3,"temperature":0.5,"we\u0069rd":1}"#;
+        let i = inspect(Endpoint::Completions, body).unwrap();
+        assert_eq!(i.model.as_deref(), Some("m"));
+        let p: Value = serde_json::from_slice(&prefill_body(&i.obj)).unwrap();
+        assert_eq!(p["max_tokens"], 1);
+        assert_eq!(p["stream"], false);
+        assert!(p.get("stream_options").is_none());
+        assert!(p.get("min_tokens").is_none());
+        assert!(p.get("max_completion_tokens").is_none());
+        assert_eq!(p["temperature"], 0.5);
+        assert_eq!(p["prompt"], "hi \"there\"");
+        assert_eq!(p["weird"], 1);
+    }
+
+    #[test]
+    fn chat_mct() {
+        let body = br#"{"messages":[{"role":"user","content":"x"}],"max_completion_tokens":9}"#;
+        let i = inspect(Endpoint::ChatCompletions, body).unwrap();
+        let p: Value = serde_json::from_slice(&prefill_body(&i.obj)).unwrap();
+        assert_eq!(p["max_completion_tokens"], 1);
+        assert_eq!(p["max_tokens"], 1);
+    }
+
+    #[test]
+    fn validation_errors_name_the_field() {
+        let e = inspect(Endpoint::Completions, br#"{"model":"m"}"#).err().unwrap();
+        assert_eq!(e.param, Some("prompt"));
+        let e = inspect(Endpoint::ChatCompletions, br#"{"messages":"x"}"#).err().unwrap();
+        assert_eq!(e.param, Some("messages"));
+        assert!(inspect(Endpoint::Completions, b"{not json").is_err());
+        assert!(inspect(Endpoint::Completions, b"[1,2]").is_err());
+        assert!(inspect(Endpoint::Completions, br#"{"prompt":"x","model":5}"#).is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! Relaying an upstream response to the client as it arrives: every upstream read becomes
+//! one client write, at once — SSE events are never held back or coalesced.
+//!
+//! Upstream chunked bodies are forwarded byte for byte while a decoder tracks where they end
+//! (so the upstream connection can be pooled); close-delimited bodies are re-framed as
+//! chunked for HTTP/1.1 clients; HTTP/1.0 clients get the decoded body and a close.
+
+use super::upstream::{Pool, UpstreamConn};
+use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
+use crate::http::head::{Framing, ResponseHead};
+use crate::http::write::{response_head, BodyLen};
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+/// What happened to the client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    KeepAlive,
+    Close,
+}
+
+enum Mode {
+    Length(u64),
+    ChunkedPass(ChunkedDecoder),
+    ChunkedDecode(ChunkedDecoder),
+    /// Upstream delimits by close; the client gets chunks.
+    WrapUntilClose,
+    /// Upstream delimits by close and so does the client.
+    RawUntilClose,
+    Empty,
+}
+
+/// Appends to `out` what the client must receive from the unconsumed upstream bytes.
+/// Returns true once the upstream body is complete.
+fn process(mode: &mut Mode, conn: &mut UpstreamConn, out: &mut Vec<u8>) -> Result<bool, ()> {
+    let data = conn.buf.data();
+    match mode {
+        Mode::Empty => Ok(true),
+        Mode::Length(rem) => {
+            let take = (*rem).min(data.len() as u64) as usize;
+            out.extend_from_slice(&data[..take]);
+            conn.buf.consume(take);
+            *rem -= take as u64;
+            Ok(*rem == 0)
+        }
+        Mode::ChunkedPass(dec) => {
+            let used = dec.feed(data, |_| {}).map_err(|_| ())?;
+            out.extend_from_slice(&data[..used]);
+            conn.buf.consume(used);
+            Ok(dec.is_done())
+        }
+        Mode::ChunkedDecode(dec) => {
+            let used = dec.feed(data, |d| out.extend_from_slice(d)).map_err(|_| ())?;
+            conn.buf.consume(used);
+            Ok(dec.is_done())
+        }
+        Mode::WrapUntilClose => {
+            if !data.is_empty() {
+                encode_chunk(out, data);
+                conn.buf.clear();
+            }
+            Ok(false)
+        }
+        Mode::RawUntilClose => {
+            out.extend_from_slice(data);
+            conn.buf.clear();
+            Ok(false)
+        }
+    }
+}
+
+pub struct RelayParams<'a> {
+    pub request_id: &'a str,
+    pub http10: bool,
+    pub client_keep_alive: bool,
+}
+
+/// Streams `head` and the rest of `conn`'s response to the client.
+pub async fn relay(
+    pool: &Pool,
+    mut conn: UpstreamConn,
+    head: ResponseHead,
+    client: &mut TcpStream,
+    p: RelayParams<'_>,
+) -> Outcome {
+    let (client_len, mut mode) = match (head.framing, p.http10) {
+        (Framing::None, _) => (BodyLen::Length(0), Mode::Empty),
+        (Framing::Length(n), _) => (BodyLen::Length(n as usize), Mode::Length(n)),
+        (Framing::Chunked, false) => (BodyLen::Chunked, Mode::ChunkedPass(ChunkedDecoder::new())),
+        (Framing::Chunked, true) => (BodyLen::Close, Mode::ChunkedDecode(ChunkedDecoder::new())),
+        (Framing::UntilClose, false) => (BodyLen::Chunked, Mode::WrapUntilClose),
+        (Framing::UntilClose, true) => (BodyLen::Close, Mode::RawUntilClose),
+    };
+    let keep_alive = p.client_keep_alive && client_len != BodyLen::Close;
+    let mut out = Vec::with_capacity(4096);
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(2);
+    if let Some(ct) = head.content_type.as_deref() {
+        headers.push(("Content-Type", ct));
+    }
+    headers.push(("X-Request-Id", p.request_id));
+    response_head(&mut out, head.status, &headers, client_len, keep_alive);
+
+    loop {
+        let done = match process(&mut mode, &mut conn, &mut out) {
+            Ok(d) => d,
+            Err(()) => {
+                crate::warn!(
+                    "request {}: upstream {} sent invalid chunked encoding; closing",
+                    p.request_id,
+                    conn.addr
+                );
+                return Outcome::Close;
+            }
+        };
+        if !out.is_empty() {
+            let (res, buf) = client.write_all(out).await;
+            out = buf;
+            out.clear();
+            if res.is_err() {
+                return Outcome::Close;
+            }
+        }
+        if done {
+            break;
+        }
+        match conn.buf.fill(&mut conn.stream).await {
+            Ok(0) => match mode {
+                Mode::WrapUntilClose => {
+                    let _ = client.write_all(LAST_CHUNK).await;
+                    return if keep_alive { Outcome::KeepAlive } else { Outcome::Close };
+                }
+                Mode::RawUntilClose => return Outcome::Close,
+                _ => {
+                    crate::warn!(
+                        "request {}: upstream {} closed mid-response; closing the client connection",
+                        p.request_id,
+                        conn.addr
+                    );
+                    return Outcome::Close;
+                }
+            },
+            Ok(_) => {}
+            Err(e) => {
+                crate::warn!(
+                    "request {}: reading from upstream {} failed mid-response: {e}",
+                    p.request_id,
+                    conn.addr
+                );
+                return Outcome::Close;
+            }
+        }
+    }
+    if head.keep_alive {
+        pool.put_back(conn);
+    }
+    if keep_alive {
+        Outcome::KeepAlive
+    } else {
+        Outcome::Close
+    }
+}

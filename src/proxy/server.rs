@@ -1,0 +1,156 @@
+//! The per-worker accept loop and per-connection request loop (keep-alive, pipelining), and
+//! the routing of each request to an operational or business handler.
+
+use super::flow::{self, answer_error};
+use super::openai::Endpoint;
+use super::relay::Outcome;
+use super::Worker;
+use crate::http::watch::DisconnectWatch;
+use crate::http::write::{full_response, JSON};
+use crate::http::{read_request, ApiError, ReadBuf, ReadError, Request};
+use http::{Method, StatusCode};
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::{TcpListener, TcpStream};
+use serde_json::json;
+use std::rc::Rc;
+
+pub async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let w = w.clone();
+                monoio::spawn(async move { serve_connection(w, stream).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                crate::error!("worker {}: accept failed: {e}", w.id);
+                monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(w: Rc<Worker>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = ReadBuf::with_capacity(8 * 1024);
+    let mut watch: Option<DisconnectWatch> = None;
+    loop {
+        let req = match read_request(&mut stream, &mut buf, &w.limits).await {
+            Ok(r) => r,
+            Err(ReadError::Closed) | Err(ReadError::Io(_)) => return,
+            Err(ReadError::Reject(e)) => {
+                crate::info!("rejecting request: {}", e.message);
+                answer_error(&mut stream, &e, None, false).await;
+                return;
+            }
+        };
+        let outcome = route(&w, req, &mut stream, &mut watch).await;
+        if outcome == Outcome::Close {
+            return;
+        }
+    }
+}
+
+async fn route(
+    w: &Worker,
+    req: Request,
+    stream: &mut TcpStream,
+    watch: &mut Option<DisconnectWatch>,
+) -> Outcome {
+    let keep_alive = req.head.keep_alive;
+    let method = &req.head.method;
+    let path = req.head.route().to_string();
+    if let Some(endpoint) = Endpoint::from_path(&path) {
+        if method != Method::POST {
+            let e = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("{method} is not allowed on {path}; use POST"),
+            );
+            return answer_error(stream, &e, None, keep_alive).await;
+        }
+        if !crate::http::is_json_content_type(req.head.content_type.as_deref()) {
+            let e = ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "Content-Type must be application/json",
+            );
+            return answer_error(stream, &e, None, keep_alive).await;
+        }
+        if watch.is_none() {
+            match DisconnectWatch::new(stream) {
+                Ok(wt) => *watch = Some(wt),
+                Err(e) => crate::warn!("cannot watch client connection for disconnects: {e}"),
+            }
+        }
+        return flow::serve(w, req, endpoint, stream, watch.as_ref()).await;
+    }
+    let (status, body) = match (method, path.as_str()) {
+        (&Method::GET, "/ping") | (&Method::POST, "/ping") => {
+            (StatusCode::OK, json!({"status": "ok", "message": "pong"}))
+        }
+        (&Method::GET, "/health") => health(w),
+        (&Method::GET, "/v1/models") => (StatusCode::OK, models(w)),
+        _ => {
+            let e = ApiError::not_found(format!("{method} {path} is not an endpoint of this proxy"));
+            return answer_error(stream, &e, None, keep_alive).await;
+        }
+    };
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    let (res, _) = stream
+        .write_all(full_response(status, &[JSON], &body, keep_alive))
+        .await;
+    if res.is_ok() && keep_alive {
+        Outcome::KeepAlive
+    } else {
+        Outcome::Close
+    }
+}
+
+fn health(w: &Worker) -> (StatusCode, serde_json::Value) {
+    let topo = w.shared.topology.load();
+    let ready = w.shared.is_ready() && topo.models.iter().all(|m| m.can_serve());
+    let instances: Vec<_> = topo
+        .instances()
+        .map(|i| {
+            json!({
+                "address": i.address,
+                "role": i.role.as_str(),
+                "model": &*i.model,
+                "status": i.health().as_str(),
+            })
+        })
+        .collect();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        json!({
+            "status": if ready { "ready" } else { "waiting for backend nodes" },
+            "instances": instances,
+        }),
+    )
+}
+
+fn models(w: &Worker) -> serde_json::Value {
+    let topo = w.shared.topology.load();
+    let data: Vec<_> = topo
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.name,
+                "object": "model",
+                "created": w.shared.created_unix,
+                "owned_by": "xpyd",
+                "root": m.root().unwrap_or(&m.name),
+                "parent": null,
+                "max_model_len": m.max_model_len(),
+            })
+        })
+        .collect();
+    json!({"object": "list", "data": data})
+}

@@ -1,0 +1,259 @@
+//! Connections to backend instances: a per-worker keep-alive pool (no locks, no sharing) and
+//! sending one request and reading its response head.
+//!
+//! A connection goes back to the pool only after its response was read to the exact end and
+//! nothing is left over; any error, or a leg abandoned mid-way, drops (closes) it.
+
+use crate::http::buf::ReadBuf;
+use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
+use crate::http::chunked::ChunkedDecoder;
+use bytes::Bytes;
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const MAX_IDLE_PER_BACKEND: usize = 1024;
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub enum UpstreamError {
+    Connect(io::Error),
+    ConnectTimeout,
+    Io(io::Error),
+    /// The backend closed before sending a complete response head.
+    Closed,
+    BadResponse(&'static str),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "connect failed: {e}"),
+            UpstreamError::ConnectTimeout => f.write_str("connect timed out"),
+            UpstreamError::Io(e) => write!(f, "i/o error: {e}"),
+            UpstreamError::Closed => f.write_str("connection closed before a response"),
+            UpstreamError::BadResponse(m) => write!(f, "invalid response: {m}"),
+        }
+    }
+}
+
+pub struct UpstreamConn {
+    pub stream: TcpStream,
+    pub buf: ReadBuf,
+    pub addr: SocketAddr,
+    reused: bool,
+}
+
+pub struct Pool {
+    idle: RefCell<HashMap<SocketAddr, Vec<TcpStream>>>,
+    connect_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Pool {
+            idle: RefCell::new(HashMap::new()),
+            connect_timeout,
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<UpstreamConn, UpstreamError> {
+        let stream = match monoio::time::timeout(self.connect_timeout, TcpStream::connect_addr(addr))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_) => return Err(UpstreamError::ConnectTimeout),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(UpstreamConn {
+            stream,
+            buf: ReadBuf::with_capacity(16 * 1024),
+            addr,
+            reused: false,
+        })
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+        let stream = self.idle.borrow_mut().get_mut(&addr)?.pop()?;
+        Some(UpstreamConn {
+            stream,
+            buf: ReadBuf::with_capacity(16 * 1024),
+            addr,
+            reused: true,
+        })
+    }
+
+    /// Returns a connection whose last response was read to its exact end.
+    pub fn put_back(&self, conn: UpstreamConn) {
+        if !conn.buf.is_empty() {
+            return; // stray bytes: the connection's framing can no longer be trusted
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(conn.addr).or_default();
+        if list.len() < MAX_IDLE_PER_BACKEND {
+            list.push(conn.stream);
+        }
+    }
+
+    /// Drops every idle connection to `addr` (after it failed).
+    pub fn forget(&self, addr: SocketAddr) {
+        self.idle.borrow_mut().remove(&addr);
+    }
+
+    /// Sends `head` + `body` and waits for the response head. A pooled connection that turns
+    /// out to be dead before any response byte (the backend closed it while idle) is
+    /// replaced by a fresh one once; a fresh connection's failure is reported.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        head: Vec<u8>,
+        body: &Bytes,
+    ) -> Result<(UpstreamConn, ResponseHead), UpstreamError> {
+        let mut head = head;
+        loop {
+            let mut conn = match self.take_idle(addr) {
+                Some(c) => c,
+                None => self.connect(addr).await?,
+            };
+            let (res, h) = send_once(&mut conn, head, body).await;
+            head = h;
+            match res {
+                Ok(resp) => return Ok((conn, resp)),
+                Err(e) if conn.reused && conn.buf.is_empty() && is_stale(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn is_stale(e: &UpstreamError) -> bool {
+    match e {
+        UpstreamError::Closed => true,
+        UpstreamError::Io(e) => matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+        ),
+        _ => false,
+    }
+}
+
+async fn send_once(
+    conn: &mut UpstreamConn,
+    mut head: Vec<u8>,
+    body: &Bytes,
+) -> (Result<ResponseHead, UpstreamError>, Vec<u8>) {
+    let head_len = head.len();
+    let res = if body.len() <= crate::http::write::COALESCE_LIMIT {
+        head.extend_from_slice(body);
+        let (r, h) = conn.stream.write_all(head).await;
+        head = h;
+        r
+    } else {
+        let (r, h) = conn.stream.write_all(head).await;
+        head = h;
+        match r {
+            Ok(_) => conn.stream.write_all(body.clone()).await.0,
+            Err(e) => Err(e),
+        }
+    };
+    head.truncate(head_len);
+    if let Err(e) = res {
+        return (Err(UpstreamError::Io(e)), head);
+    }
+    (read_head(conn).await, head)
+}
+
+pub async fn read_head(conn: &mut UpstreamConn) -> Result<ResponseHead, UpstreamError> {
+    loop {
+        match parse_response(conn.buf.data(), false) {
+            Ok(h) if h.status.is_informational() => {
+                // 100 Continue and friends: skip and read the real response.
+                conn.buf.consume(h.len);
+            }
+            Ok(h) => {
+                conn.buf.consume(h.len);
+                return Ok(h);
+            }
+            Err(HeadError::Partial) => {
+                if conn.buf.len() > MAX_RESPONSE_HEAD {
+                    return Err(UpstreamError::BadResponse("response head too large"));
+                }
+                match conn.buf.fill(&mut conn.stream).await {
+                    Ok(0) => return Err(UpstreamError::Closed),
+                    Ok(_) => {}
+                    Err(e) => return Err(UpstreamError::Io(e)),
+                }
+            }
+            Err(HeadError::TooManyHeaders) => {
+                return Err(UpstreamError::BadResponse("too many headers"))
+            }
+            Err(HeadError::Malformed(m)) => return Err(UpstreamError::BadResponse(m)),
+        }
+    }
+}
+
+/// Reads a whole response body (the prefill leg's, an error's). `max` bounds memory.
+pub async fn read_body(
+    conn: &mut UpstreamConn,
+    head: &ResponseHead,
+    max: usize,
+) -> Result<Vec<u8>, UpstreamError> {
+    let mut body = Vec::new();
+    match head.framing {
+        Framing::None => {}
+        Framing::Length(n) => {
+            let n = n as usize;
+            if n > max {
+                return Err(UpstreamError::BadResponse("response body too large"));
+            }
+            while conn.buf.len() < n {
+                let want = n - conn.buf.len();
+                match conn.buf.fill_at_least(&mut conn.stream, want).await {
+                    Ok(0) => return Err(UpstreamError::Closed),
+                    Ok(_) => {}
+                    Err(e) => return Err(UpstreamError::Io(e)),
+                }
+            }
+            body.extend_from_slice(&conn.buf.data()[..n]);
+            conn.buf.consume(n);
+        }
+        Framing::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            loop {
+                let used = dec
+                    .feed(conn.buf.data(), |d| body.extend_from_slice(d))
+                    .map_err(|_| UpstreamError::BadResponse("bad chunked encoding"))?;
+                conn.buf.consume(used);
+                if dec.is_done() {
+                    break;
+                }
+                if body.len() > max {
+                    return Err(UpstreamError::BadResponse("response body too large"));
+                }
+                match conn.buf.fill(&mut conn.stream).await {
+                    Ok(0) => return Err(UpstreamError::Closed),
+                    Ok(_) => {}
+                    Err(e) => return Err(UpstreamError::Io(e)),
+                }
+            }
+        }
+        Framing::UntilClose => loop {
+            body.extend_from_slice(conn.buf.data());
+            conn.buf.clear();
+            if body.len() > max {
+                return Err(UpstreamError::BadResponse("response body too large"));
+            }
+            match conn.buf.fill(&mut conn.stream).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(UpstreamError::Io(e)),
+            }
+        },
+    }
+    Ok(body)
+}

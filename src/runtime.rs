@@ -1,0 +1,148 @@
+//! Thread-per-core plumbing: one pinned OS thread per worker, each with its own monoio event
+//! loop (io_uring, or epoll where io_uring is missing or `--driver epoll` asks for it) and
+//! its own `SO_REUSEPORT` listener, so the kernel spreads connections across workers and
+//! nothing on the request path crosses threads.
+
+use socket2::{Domain, Protocol, Socket, Type};
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl std::str::FromStr for Driver {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(Driver::Auto),
+            "uring" | "io_uring" | "iouring" => Ok(Driver::IoUring),
+            "epoll" | "legacy" => Ok(Driver::Epoll),
+            o => Err(format!("unknown driver `{o}` (expected auto, io_uring or epoll)")),
+        }
+    }
+}
+
+impl Driver {
+    /// `--driver` when given, else the `XPYD_DRIVER` environment variable (CI uses it to run
+    /// the whole suite on epoll), else auto.
+    pub fn resolve(flag: Option<Driver>) -> Result<Driver, String> {
+        match flag {
+            Some(d) => Ok(d),
+            None => match std::env::var("XPYD_DRIVER") {
+                Ok(v) => v.parse(),
+                Err(_) => Ok(Driver::Auto),
+            },
+        }
+    }
+
+    /// The driver that will actually run.
+    pub fn effective(self) -> &'static str {
+        match self {
+            Driver::Epoll => "epoll",
+            Driver::IoUring => "io_uring",
+            Driver::Auto if monoio::utils::detect_uring() => "io_uring",
+            Driver::Auto => "epoll",
+        }
+    }
+}
+
+const URING_ENTRIES: u32 = 4096;
+
+/// Runs `fut` to completion on a fresh monoio runtime of the chosen driver (timers enabled).
+pub fn block_on<F: Future>(driver: Driver, fut: F) -> io::Result<F::Output> {
+    match driver {
+        Driver::Epoll => Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .block_on(fut)),
+        Driver::IoUring => Ok(monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()?
+            .block_on(fut)),
+        Driver::Auto => Ok(monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()?
+            .block_on(fut)),
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nodelay(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
+/// Binds `n` listeners on the same address with `SO_REUSEPORT`. Port 0 picks a free port
+/// once and binds every listener to it.
+pub fn bind_listeners(host: &str, port: u16, n: usize) -> io::Result<Vec<TcpListener>> {
+    let mut addr = (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {host}")))?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let l = reuseport_listener(addr)?;
+        addr = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Starts one pinned thread per listener; each builds its runtime and runs
+/// `make(worker_index, listener)` on it.
+pub fn spawn_workers<F, Fut>(
+    name: &str,
+    driver: Driver,
+    listeners: Vec<TcpListener>,
+    pin: bool,
+    make: F,
+) -> io::Result<Vec<JoinHandle<()>>>
+where
+    F: Fn(usize, TcpListener) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()>,
+{
+    let make = Arc::new(make);
+    let cores = if pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut handles = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let make = make.clone();
+        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let h = std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    core_affinity::set_for_current(c);
+                }
+                if let Err(e) = block_on(driver, make(i, listener)) {
+                    crate::error!("worker {i}: cannot start the event loop: {e}");
+                    std::process::exit(1);
+                }
+            })?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
