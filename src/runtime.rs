@@ -83,6 +83,8 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.set_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
+    // The epoll driver needs it; io_uring does not care.
+    sock.set_nonblocking(true)?;
     Ok(sock.into())
 }
 

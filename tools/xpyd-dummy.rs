@@ -16,7 +16,7 @@ struct Args {
     model: String,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
-    #[arg(long, default_value_t = 32768)]
+    #[arg(long, default_value_t = 131072)]
     max_model_len: usize,
     /// Seconds per prompt token (prefill and dual modes).
     #[arg(long, env = "PREFILL_DELAY_PER_TOKEN", default_value_t = 0.001)]

@@ -59,7 +59,7 @@ impl DummyOptions {
             port: 0,
             mode,
             model: model.into(),
-            max_model_len: 32768,
+            max_model_len: 131072,
             prefill_delay_per_token: 0.0,
             decode_delay_per_token: 0.0,
             workers: 1,

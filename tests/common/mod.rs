@@ -1,0 +1,265 @@
+//! Test harness: real `xpyd-dummy` and `xpyd` processes on loopback, a real HTTP client.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    _stderr_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// Starts `cmd`, whose first stdout line says `... listening on http://ADDR ...`.
+pub fn spawn_listening(mut cmd: Command) -> Proc {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Relay the child's stderr to the test output (visible on failure).
+    let t = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[child] {line}");
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("process did not report its address");
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{line}`"));
+    // CI runs the suite once per driver; make sure the forced one is really in use.
+    if std::env::var("XPYD_DRIVER").as_deref() == Ok("epoll") {
+        assert!(line.contains("driver: epoll"), "expected the epoll driver: {line}");
+    }
+    Proc {
+        child,
+        addr,
+        _stderr_thread: Some(t),
+    }
+}
+
+pub const MODEL: &str = "test-model";
+
+pub fn dummy(mode: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
+    cmd.args(["--port", "0", "--mode", mode, "--model", MODEL, "--workers", "1"])
+        .env("PREFILL_DELAY_PER_TOKEN", "0")
+        .env("DECODE_DELAY_PER_TOKEN", "0")
+        .args(["--record-requests", "1000"])
+        .args(extra);
+    spawn_listening(cmd)
+}
+
+pub fn write_config(yaml: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("xpyd-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("cfg-{}.yaml", next_id()));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn next_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub const FAST_PROBES: &str =
+    "startup:\n  probe_interval_seconds: 0.1\nhealth_check:\n  interval_seconds: 0.5\n  timeout_seconds: 1\n";
+
+/// Starts the proxy on a free port and waits until it reports ready (unless `wait_ready`).
+pub fn proxy_with(yaml: &str, wait_ready: bool) -> Proc {
+    let path = write_config(&format!("{yaml}\n{FAST_PROBES}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd"));
+    cmd.args(["proxy", "-c"])
+        .arg(&path)
+        .args(["--port", "0", "--workers", "2", "--log-level", "warning"]);
+    let p = spawn_listening(cmd);
+    if wait_ready {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = ureq::get(&p.url("/health")).call() {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "proxy never became ready");
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+    p
+}
+
+pub fn pd_yaml(prefill: &[&Proc], decode: &[&Proc]) -> String {
+    let list = |ps: &[&Proc]| {
+        ps.iter()
+            .map(|p| format!("\"{}\"", p.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "model: {MODEL}\nprefill: [{}]\ndecode: [{}]\n",
+        list(prefill),
+        list(decode)
+    )
+}
+
+pub fn dual_yaml(dual: &[&Proc]) -> String {
+    let list = dual
+        .iter()
+        .map(|p| format!("\"{}\"", p.addr))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("model: {MODEL}\ndual: [{list}]\n")
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build()
+}
+
+/// POSTs JSON; returns status, headers of interest and the body, also for 4xx/5xx.
+pub fn post(agent: &ureq::Agent, url: &str, body: &Value) -> (u16, Option<String>, Value) {
+    post_raw(agent, url, "application/json", &serde_json::to_vec(body).unwrap())
+}
+
+pub fn post_raw(
+    agent: &ureq::Agent,
+    url: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, Option<String>, Value) {
+    let resp = match agent
+        .post(url)
+        .set("Content-Type", content_type)
+        .send_bytes(body)
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request to {url} failed: {e}"),
+    };
+    let status = resp.status();
+    let rid = resp.header("x-request-id").map(str::to_string);
+    let mut text = String::new();
+    resp.into_reader().read_to_string(&mut text).unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, rid, v)
+}
+
+pub fn get_json(url: &str) -> (u16, Value) {
+    let resp = match agent().get(url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {url} failed: {e}"),
+    };
+    let status = resp.status();
+    (status, resp.into_json().unwrap_or(Value::Null))
+}
+
+/// What a dummy node received (its request log).
+pub fn received(node: &Proc) -> Vec<Value> {
+    let (_, v) = get_json(&node.url("/debug/requests"));
+    v.as_array().cloned().unwrap_or_default()
+}
+
+pub fn dummy_stats(node: &Proc) -> Value {
+    get_json(&node.url("/debug/stats")).1
+}
+
+/// One streamed response read event by event, each with its arrival time.
+pub struct Stream {
+    pub status: u16,
+    pub request_id: Option<String>,
+    pub events: Vec<(Instant, String)>,
+}
+
+impl Stream {
+    /// JSON payloads of the data events except `[DONE]`.
+    pub fn json_events(&self) -> Vec<Value> {
+        self.events
+            .iter()
+            .filter(|(_, e)| e != "[DONE]")
+            .map(|(_, e)| serde_json::from_str(e).unwrap_or_else(|_| panic!("bad event {e}")))
+            .collect()
+    }
+}
+
+pub fn stream(agent: &ureq::Agent, url: &str, body: &Value) -> Stream {
+    let resp = agent
+        .post(url)
+        .set("Content-Type", "application/json")
+        .send_json(body.clone())
+        .unwrap_or_else(|e| panic!("stream request failed: {e}"));
+    let status = resp.status();
+    let request_id = resp.header("x-request-id").map(str::to_string);
+    let reader = BufReader::new(resp.into_reader());
+    let mut events = Vec::new();
+    for line in reader.lines() {
+        let line = line.expect("read stream");
+        if let Some(data) = line.strip_prefix("data: ") {
+            events.push((Instant::now(), data.to_string()));
+        } else {
+            assert!(line.is_empty(), "unexpected SSE line `{line}`");
+        }
+    }
+    Stream {
+        status,
+        request_id,
+        events,
+    }
+}
+
+/// Raw socket exchange for framing tests: sends bytes, reads until the peer closes or the
+/// timeout passes, returns what came back.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn now_unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
