@@ -52,10 +52,17 @@ pub fn run(port: u16, driver: Driver) -> Result<(), String> {
         r#"{{"model":"{DEMO_MODEL}","prompt":"Disaggregated serving splits prefill from decode","max_tokens":12,"stream":true}}"#
     );
     let mut out = std::io::stdout();
-    let r = blocking::request(&addr, "POST", "/v1/completions", Some(body.as_bytes()), t, |piece| {
-        let _ = out.write_all(piece);
-        let _ = out.flush();
-    })
+    let r = blocking::request(
+        &addr,
+        "POST",
+        "/v1/completions",
+        Some(body.as_bytes()),
+        t,
+        |piece| {
+            let _ = out.write_all(piece);
+            let _ = out.flush();
+        },
+    )
     .map_err(|e| format!("streaming request failed: {e}"))?;
     if r.status != 200 {
         return Err(format!("streaming request answered {}", r.status));
@@ -64,8 +71,15 @@ pub fn run(port: u16, driver: Driver) -> Result<(), String> {
     let body = format!(
         r#"{{"model":"{DEMO_MODEL}","messages":[{{"role":"user","content":"Say hello"}}],"max_tokens":8}}"#
     );
-    let r = blocking::request(&addr, "POST", "/v1/chat/completions", Some(body.as_bytes()), t, |_| {})
-        .map_err(|e| format!("request failed: {e}"))?;
+    let r = blocking::request(
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(body.as_bytes()),
+        t,
+        |_| {},
+    )
+    .map_err(|e| format!("request failed: {e}"))?;
     println!("{} {}\n", r.status, String::from_utf8_lossy(&r.body));
 
     println!("Send your own:");

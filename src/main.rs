@@ -8,7 +8,11 @@ use xpyd::log::Level;
 use xpyd::runtime::{self, Driver};
 
 #[derive(Parser)]
-#[command(name = "xpyd", version, about = "Thread-per-core io_uring proxy for disaggregated LLM serving")]
+#[command(
+    name = "xpyd",
+    version,
+    about = "Thread-per-core io_uring proxy for disaggregated LLM serving"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -83,7 +87,10 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     }
     xpyd::log::set_level(cfg.log_level);
     let driver = Driver::resolve(args.driver)?;
-    let workers = args.workers.or(cfg.workers).unwrap_or_else(runtime::default_workers);
+    let workers = args
+        .workers
+        .or(cfg.workers)
+        .unwrap_or_else(runtime::default_workers);
     let handle = xpyd::proxy::start(
         &cfg,
         xpyd::proxy::RunOptions {

@@ -25,7 +25,9 @@ impl std::str::FromStr for Driver {
             "auto" | "" => Ok(Driver::Auto),
             "uring" | "io_uring" | "iouring" => Ok(Driver::IoUring),
             "epoll" | "legacy" => Ok(Driver::Epoll),
-            o => Err(format!("unknown driver `{o}` (expected auto, io_uring or epoll)")),
+            o => Err(format!(
+                "unknown driver `{o}` (expected auto, io_uring or epoll)"
+            )),
         }
     }
 }

@@ -178,7 +178,8 @@ impl ModelRoute {
     }
 
     pub fn root(&self) -> Option<&str> {
-        self.instances().find_map(|i| i.root.get().map(String::as_str))
+        self.instances()
+            .find_map(|i| i.root.get().map(String::as_str))
     }
 }
 

@@ -55,7 +55,10 @@ fn non_streaming_completions_and_chat_through_1p1d() {
     assert_eq!(pre["body"]["stream"], false);
     assert!(pre["body"].get("stream_options").is_none());
     assert!(pre["body"].get("min_tokens").is_none());
-    assert_eq!(pre["body"]["some_unknown_field"], body["some_unknown_field"]);
+    assert_eq!(
+        pre["body"]["some_unknown_field"],
+        body["some_unknown_field"]
+    );
     assert_eq!(pre["body"]["prompt"], body["prompt"]);
     let dec = request_for(&d, &rid);
     assert_eq!(dec["body"], body, "decode leg must carry the original body");
@@ -76,7 +79,13 @@ fn non_streaming_completions_and_chat_through_1p1d() {
     let v: Value = resp.into_json().unwrap();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    assert!(v["choices"][0]["message"]["content"].as_str().unwrap().len() > 3);
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .len()
+            > 3
+    );
     assert_eq!(v["usage"]["completion_tokens"], 5);
     let pre = request_for(&p, "client-chosen-id-1");
     assert_eq!(pre["path"], "/v1/chat/completions");
@@ -118,7 +127,11 @@ fn streaming_events_arrive_one_by_one() {
     assert_eq!(content.len(), 20, "one event per token");
     // Every event comes from the decode node's single response: one id throughout.
     let ids: HashSet<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
-    assert_eq!(ids.len(), 1, "a prefill event leaked into the stream: {ids:?}");
+    assert_eq!(
+        ids.len(),
+        1,
+        "a prefill event leaked into the stream: {ids:?}"
+    );
     let usage = events
         .iter()
         .find(|e| e["choices"].as_array().unwrap().is_empty())
@@ -164,7 +177,10 @@ fn concurrent_streams_and_requests_all_succeed_with_unique_ids() {
                 let s = stream(&a, &url, &b);
                 assert_eq!(s.status, 200);
                 assert_eq!(s.events.last().unwrap().1, "[DONE]");
-                { let id = s.json_events()[0]["id"].as_str().unwrap().to_string(); (s.request_id.unwrap(), id) }
+                {
+                    let id = s.json_events()[0]["id"].as_str().unwrap().to_string();
+                    (s.request_id.unwrap(), id)
+                }
             } else {
                 let (status, rid, v) = post(&a, &url, &completion_body(false));
                 assert_eq!(status, 200, "{v}");
@@ -198,14 +214,21 @@ fn long_prompt_and_large_body_go_through() {
     assert_eq!(v["usage"]["prompt_tokens"], 12_000);
     // A 4 MiB body (long-context chat).
     let big = "x".repeat(4 * 1024 * 1024);
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": big}], "max_tokens": 2});
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": big}], "max_tokens": 2});
     let (status, rid, v) = post(&a, &proxy.url("/v1/chat/completions"), &body);
     assert_eq!(status, 200, "{v}");
     let dec = received(&d)
         .into_iter()
         .find(|r| r["request_id"] == rid.clone().unwrap())
         .unwrap();
-    assert_eq!(dec["body"]["messages"][0]["content"].as_str().unwrap().len(), 4 * 1024 * 1024);
+    assert_eq!(
+        dec["body"]["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .len(),
+        4 * 1024 * 1024
+    );
 }
 
 #[test]
@@ -215,7 +238,10 @@ fn client_disconnect_cancels_the_decode_leg() {
     let proxy = proxy_with(&pd_yaml(&[&p], &[&d]), true);
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
-    let body = serde_json::to_vec(&json!({"model": MODEL, "prompt": "hi", "max_tokens": 200, "stream": true})).unwrap();
+    let body = serde_json::to_vec(
+        &json!({"model": MODEL, "prompt": "hi", "max_tokens": 200, "stream": true}),
+    )
+    .unwrap();
     write!(
         s,
         "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -240,15 +266,25 @@ fn client_disconnect_cancels_the_decode_leg() {
         if st["aborted"] == 1 {
             break st;
         }
-        assert!(Instant::now() < deadline, "decode node never saw the cancel: {st}");
+        assert!(
+            Instant::now() < deadline,
+            "decode node never saw the cancel: {st}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     let seen_at = stats["last_abort_unix_us"].as_u64().unwrap();
     let lag_ms = seen_at.saturating_sub(closed_at) as f64 / 1000.0;
-    assert!(lag_ms < 100.0, "decode node saw the close after {lag_ms} ms");
+    assert!(
+        lag_ms < 100.0,
+        "decode node saw the close after {lag_ms} ms"
+    );
     assert_eq!(dummy_stats(&d)["running"], 0);
     // The proxy keeps serving.
-    let (status, _, _) = post(&agent(), &proxy.url("/v1/completions"), &completion_body(false));
+    let (status, _, _) = post(
+        &agent(),
+        &proxy.url("/v1/completions"),
+        &completion_body(false),
+    );
     assert_eq!(status, 200);
 }
 
@@ -261,7 +297,8 @@ fn client_disconnect_during_prefill_cancels_the_prefill_leg() {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
     let prompt = vec!["w"; 1000].join(" ");
-    let body = serde_json::to_vec(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 5})).unwrap();
+    let body =
+        serde_json::to_vec(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 5})).unwrap();
     write!(
         s,
         "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -277,7 +314,11 @@ fn client_disconnect_during_prefill_cancels_the_prefill_leg() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(dummy_stats(&d)["requests"], 0, "decode leg must never start");
+    assert_eq!(
+        dummy_stats(&d)["requests"],
+        0,
+        "decode leg must never start"
+    );
 }
 
 #[test]
@@ -313,28 +354,64 @@ fn errors_are_openai_shaped() {
         assert_eq!(status, want, "{v}");
         assert!(v["error"]["message"].as_str().unwrap().len() > 5, "{v}");
         assert!(v["error"]["type"].is_string(), "{v}");
-        assert!(v["error"].get("param").is_some() && v["error"].get("code").is_some(), "{v}");
+        assert!(
+            v["error"].get("param").is_some() && v["error"].get("code").is_some(),
+            "{v}"
+        );
         v
     };
     check(post_raw(&a, &url, "text/plain", b"{\"prompt\":\"x\"}"), 415);
-    check(post_raw(&a, &url, "application/json", b"{\"prompt\": "), 400);
+    check(
+        post_raw(&a, &url, "application/json", b"{\"prompt\": "),
+        400,
+    );
     let v = check(post(&a, &url, &json!({"model": MODEL})), 400);
     assert_eq!(v["error"]["param"], "prompt");
     assert!(v["error"]["message"].as_str().unwrap().contains("prompt"));
-    let v = check(post(&a, &proxy.url("/v1/chat/completions"), &json!({"model": MODEL})), 400);
+    let v = check(
+        post(
+            &a,
+            &proxy.url("/v1/chat/completions"),
+            &json!({"model": MODEL}),
+        ),
+        400,
+    );
     assert_eq!(v["error"]["param"], "messages");
-    let v = check(post(&a, &url, &json!({"model": "nope", "prompt": "x"})), 404);
+    let v = check(
+        post(&a, &url, &json!({"model": "nope", "prompt": "x"})),
+        404,
+    );
     assert_eq!(v["error"]["code"], "model_not_found");
     check(post(&a, &proxy.url("/v1/nothing"), &json!({})), 404);
     // A backend's own 4xx is relayed: a prompt over the prefill node's context length
     // (the decode leg never starts) ...
     let prompt = vec!["w"; 150].join(" ");
-    let v = check(post(&a, &url, &json!({"model": MODEL, "prompt": prompt, "max_tokens": 5})), 400);
-    assert!(v["error"]["message"].as_str().unwrap().contains("maximum context length"));
+    let v = check(
+        post(
+            &a,
+            &url,
+            &json!({"model": MODEL, "prompt": prompt, "max_tokens": 5}),
+        ),
+        400,
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("maximum context length"));
     assert_eq!(dummy_stats(&d)["requests"], 0);
     // ... and a completion too long for the decode node (prefill only makes one token).
-    let v = check(post(&a, &url, &json!({"model": MODEL, "prompt": "w w", "max_tokens": 500})), 400);
-    assert!(v["error"]["message"].as_str().unwrap().contains("500 in the completion"));
+    let v = check(
+        post(
+            &a,
+            &url,
+            &json!({"model": MODEL, "prompt": "w w", "max_tokens": 500}),
+        ),
+        400,
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("500 in the completion"));
     assert_eq!(dummy_stats(&d)["requests"], 1);
 }
 
@@ -345,7 +422,10 @@ fn gated_until_every_instance_answered() {
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
     let d = dummy("decode", &[]);
-    let yaml = format!("model: {MODEL}\nprefill: [\"{dead_addr}\"]\ndecode: [\"{}\"]\n", d.addr);
+    let yaml = format!(
+        "model: {MODEL}\nprefill: [\"{dead_addr}\"]\ndecode: [\"{}\"]\n",
+        d.addr
+    );
     let proxy = proxy_with(&yaml, false);
     let a = agent();
     std::thread::sleep(Duration::from_millis(300));
@@ -355,15 +435,30 @@ fn gated_until_every_instance_answered() {
     assert!(inst.iter().any(|i| i["status"] == "unhealthy"));
     let (status, _, v) = post(&a, &proxy.url("/v1/completions"), &completion_body(false));
     assert_eq!(status, 503);
-    assert!(v["error"]["message"].as_str().unwrap().contains("waiting for backend nodes"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("waiting for backend nodes"));
     assert_eq!(get_json(&proxy.url("/ping")).0, 200);
     // The prefill node comes up on that port: the proxy opens.
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
-    cmd.args(["--port", &dead_addr.port().to_string(), "--mode", "prefill", "--model", MODEL, "--workers", "1"]);
+    cmd.args([
+        "--port",
+        &dead_addr.port().to_string(),
+        "--mode",
+        "prefill",
+        "--model",
+        MODEL,
+        "--workers",
+        "1",
+    ]);
     let _p = spawn_listening(cmd);
     let deadline = Instant::now() + Duration::from_secs(5);
     while get_json(&proxy.url("/health")).0 != 200 {
-        assert!(Instant::now() < deadline, "proxy did not open after the node came up");
+        assert!(
+            Instant::now() < deadline,
+            "proxy did not open after the node came up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let (status, _, _) = post(&a, &proxy.url("/v1/completions"), &completion_body(false));

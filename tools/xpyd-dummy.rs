@@ -6,7 +6,11 @@ use xpyd::dummy::{self, DummyOptions, Mode};
 use xpyd::runtime::Driver;
 
 #[derive(Parser)]
-#[command(name = "xpyd-dummy", version, about = "Simulated vLLM node (prefill, decode or dual)")]
+#[command(
+    name = "xpyd-dummy",
+    version,
+    about = "Simulated vLLM node (prefill, decode or dual)"
+)]
 struct Args {
     #[arg(long)]
     port: u16,

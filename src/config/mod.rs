@@ -160,7 +160,9 @@ mod raw {
 fn seconds(field: &str, v: Option<f64>, default: f64, problems: &mut Vec<String>) -> Duration {
     let v = v.unwrap_or(default);
     if !(v.is_finite() && v > 0.0) {
-        problems.push(format!("{field}: must be a positive number of seconds, got {v}"));
+        problems.push(format!(
+            "{field}: must be a positive number of seconds, got {v}"
+        ));
         return Duration::from_secs_f64(default);
     }
     Duration::from_secs_f64(v)
@@ -244,9 +246,8 @@ impl Config {
             Role::Dual => listed(&f.dual),
         };
         if !has(Role::Prefill) && !has(Role::Decode) && !has(Role::Dual) {
-            problems.push(
-                "no backend instances: set `decode` (with `prefill`) or `dual`".to_string(),
-            );
+            problems
+                .push("no backend instances: set `decode` (with `prefill`) or `dual`".to_string());
         } else if has(Role::Prefill) && !has(Role::Decode) {
             problems.push("prefill: instances are listed but `decode` is empty".to_string());
         } else if has(Role::Decode) && !has(Role::Prefill) && !has(Role::Dual) {
@@ -274,13 +275,29 @@ impl Config {
         }
         let hc = f.health_check.unwrap_or_default();
         if hc.enabled == Some(false) {
-            problems.push("health_check.enabled: disabling health checks is not supported yet".into());
+            problems
+                .push("health_check.enabled: disabling health checks is not supported yet".into());
         }
         let st = f.startup.unwrap_or_default();
-        let _ = seconds("startup.wait_timeout_seconds", st.wait_timeout_seconds, 600.0, &mut problems);
+        let _ = seconds(
+            "startup.wait_timeout_seconds",
+            st.wait_timeout_seconds,
+            600.0,
+            &mut problems,
+        );
         let health = HealthConfig {
-            interval: seconds("health_check.interval_seconds", hc.interval_seconds, 10.0, &mut problems),
-            timeout: seconds("health_check.timeout_seconds", hc.timeout_seconds, 3.0, &mut problems),
+            interval: seconds(
+                "health_check.interval_seconds",
+                hc.interval_seconds,
+                10.0,
+                &mut problems,
+            ),
+            timeout: seconds(
+                "health_check.timeout_seconds",
+                hc.timeout_seconds,
+                3.0,
+                &mut problems,
+            ),
             startup_probe_interval: seconds(
                 "startup.probe_interval_seconds",
                 st.probe_interval_seconds,
@@ -289,8 +306,18 @@ impl Config {
             ),
         };
         let to = f.timeouts.unwrap_or_default();
-        let _ = seconds("timeouts.first_byte_seconds", to.first_byte_seconds, 600.0, &mut problems);
-        let _ = seconds("timeouts.idle_seconds", to.idle_seconds, 600.0, &mut problems);
+        let _ = seconds(
+            "timeouts.first_byte_seconds",
+            to.first_byte_seconds,
+            600.0,
+            &mut problems,
+        );
+        let _ = seconds(
+            "timeouts.idle_seconds",
+            to.idle_seconds,
+            600.0,
+            &mut problems,
+        );
         let connect_ms = to.connect_ms.unwrap_or(3000);
         if connect_ms == 0 {
             problems.push("timeouts.connect_ms: must be positive".into());
@@ -347,8 +374,10 @@ mod tests {
         let e = Config::from_yaml("model: m\nprefil: [\"a:1\"]\n").unwrap_err();
         assert!(e.problems[0].contains("line 2"), "{e}");
         assert!(e.problems[0].contains("prefil"), "{e}");
-        let e = Config::from_yaml("prefill: [\"nohost\"]\ndecode: [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n")
-            .unwrap_err();
+        let e = Config::from_yaml(
+            "prefill: [\"nohost\"]\ndecode: [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n",
+        )
+        .unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
         let e = Config::from_yaml("prefill: [\"127.0.0.1:5\"]\n").unwrap_err();
         assert!(e.problems[0].contains("decode"), "{e}");

@@ -7,7 +7,9 @@ use std::time::Duration;
 /// Tokenizer stand-in: every whitespace-separated word costs ceil(len/4) tokens (at least
 /// one) — close to BPE counts for English text, deterministic, and cheap.
 pub fn count_text_tokens(text: &str) -> usize {
-    text.split_whitespace().map(|w| w.len().div_ceil(4).max(1)).sum()
+    text.split_whitespace()
+        .map(|w| w.len().div_ceil(4).max(1))
+        .sum()
 }
 
 /// Token ids for `/tokenize`: one id per tokenizer piece (4-byte slices of words), hashed.
@@ -25,12 +27,30 @@ pub fn tokenize(text: &str) -> Vec<u32> {
 }
 
 const VOCAB: &[&str] = &[
-    " the", " model", " answers", " with", " simulated", " tokens", " from", " a", " dummy",
-    " node", " that", " behaves", " like", " vLLM", " for", " testing", " and", " load",
+    " the",
+    " model",
+    " answers",
+    " with",
+    " simulated",
+    " tokens",
+    " from",
+    " a",
+    " dummy",
+    " node",
+    " that",
+    " behaves",
+    " like",
+    " vLLM",
+    " for",
+    " testing",
+    " and",
+    " load",
 ];
 
 pub fn detokenize(ids: &[u64]) -> String {
-    ids.iter().map(|&i| VOCAB[(i as usize) % VOCAB.len()]).collect()
+    ids.iter()
+        .map(|&i| VOCAB[(i as usize) % VOCAB.len()])
+        .collect()
 }
 
 /// The i-th generated token.
@@ -79,7 +99,12 @@ pub struct BadRequest(pub String);
 pub const DEFAULT_MAX_TOKENS: usize = 16;
 
 impl Job {
-    pub fn from_request(kind: Kind, body: &Value, served_model: &str, max_model_len: usize) -> Result<Job, BadRequest> {
+    pub fn from_request(
+        kind: Kind,
+        body: &Value,
+        served_model: &str,
+        max_model_len: usize,
+    ) -> Result<Job, BadRequest> {
         let obj = body
             .as_object()
             .ok_or_else(|| BadRequest("request body must be a JSON object".into()))?;
@@ -170,7 +195,9 @@ impl Timing {
     }
 
     pub fn total(&self, prompt_tokens: usize, tokens: usize) -> Duration {
-        (0..tokens).map(|i| self.before_token(i, prompt_tokens)).sum()
+        (0..tokens)
+            .map(|i| self.before_token(i, prompt_tokens))
+            .sum()
     }
 }
 
@@ -290,7 +317,11 @@ mod tests {
         let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
         let j = Job::from_request(Kind::Chat, &body, "m\"x", 100).unwrap();
         let f = StreamFrames::new(&j, "chatcmpl-1", 5);
-        for ev in [f.role_event(), f.token_event(Kind::Chat, " \"q\"", true), f.usage_event(&j.usage())] {
+        for ev in [
+            f.role_event(),
+            f.token_event(Kind::Chat, " \"q\"", true),
+            f.usage_event(&j.usage()),
+        ] {
             let payload = ev.strip_prefix("data: ").unwrap().trim_end();
             let v: Value = serde_json::from_str(payload).unwrap();
             assert_eq!(v["id"], "chatcmpl-1");

@@ -182,7 +182,12 @@ async fn send(stream: &mut TcpStream, out: Vec<u8>) -> Result<(), ()> {
     stream.write_all(out).await.0.map(|_| ()).map_err(|_| ())
 }
 
-async fn send_json(stream: &mut TcpStream, status: StatusCode, v: &Value, keep: bool) -> Result<(), ()> {
+async fn send_json(
+    stream: &mut TcpStream,
+    status: StatusCode,
+    v: &Value,
+    keep: bool,
+) -> Result<(), ()> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     send(stream, full_response(status, &[JSON], &body, keep)).await
 }
@@ -201,14 +206,26 @@ async fn handle(
     let path = req.head.route().to_string();
     let method = req.head.method.clone();
     match (&method, path.as_str()) {
-        (&Method::POST, "/v1/completions") => inference(node, Kind::Completion, req, stream, watch).await,
-        (&Method::POST, "/v1/chat/completions") => inference(node, Kind::Chat, req, stream, watch).await,
-        (&Method::GET, "/health") => send(stream, full_response(StatusCode::OK, &[], b"", keep)).await,
+        (&Method::POST, "/v1/completions") => {
+            inference(node, Kind::Completion, req, stream, watch).await
+        }
+        (&Method::POST, "/v1/chat/completions") => {
+            inference(node, Kind::Chat, req, stream, watch).await
+        }
+        (&Method::GET, "/health") => {
+            send(stream, full_response(StatusCode::OK, &[], b"", keep)).await
+        }
         (&Method::GET | &Method::POST, "/ping") => {
             send_json(stream, StatusCode::OK, &json!({"status": "ok"}), keep).await
         }
         (&Method::GET, "/version") => {
-            send_json(stream, StatusCode::OK, &json!({"version": crate::VERSION}), keep).await
+            send_json(
+                stream,
+                StatusCode::OK,
+                &json!({"version": crate::VERSION}),
+                keep,
+            )
+            .await
         }
         (&Method::GET, "/v1/models") => {
             let m = &node.opts.model;
@@ -235,7 +252,15 @@ async fn handle(
                     let v = json!({"count": tokens.len(), "max_model_len": node.opts.max_model_len, "tokens": tokens});
                     send_json(stream, StatusCode::OK, &v, keep).await
                 }
-                None => send_error(stream, ApiError::bad_request("`prompt` or `messages` is required").with_param("prompt"), keep).await,
+                None => {
+                    send_error(
+                        stream,
+                        ApiError::bad_request("`prompt` or `messages` is required")
+                            .with_param("prompt"),
+                        keep,
+                    )
+                    .await
+                }
             }
         }
         (&Method::POST, "/detokenize") => {
@@ -243,14 +268,36 @@ async fn handle(
             match v["tokens"].as_array() {
                 Some(t) => {
                     let ids: Vec<u64> = t.iter().filter_map(Value::as_u64).collect();
-                    send_json(stream, StatusCode::OK, &json!({"prompt": engine::detokenize(&ids)}), keep).await
+                    send_json(
+                        stream,
+                        StatusCode::OK,
+                        &json!({"prompt": engine::detokenize(&ids)}),
+                        keep,
+                    )
+                    .await
                 }
-                None => send_error(stream, ApiError::bad_request("`tokens` is required").with_param("tokens"), keep).await,
+                None => {
+                    send_error(
+                        stream,
+                        ApiError::bad_request("`tokens` is required").with_param("tokens"),
+                        keep,
+                    )
+                    .await
+                }
             }
         }
         (&Method::GET, "/metrics") => {
             let body = metrics(node);
-            send(stream, full_response(StatusCode::OK, &[("Content-Type", "text/plain; version=0.0.4")], body.as_bytes(), keep)).await
+            send(
+                stream,
+                full_response(
+                    StatusCode::OK,
+                    &[("Content-Type", "text/plain; version=0.0.4")],
+                    body.as_bytes(),
+                    keep,
+                ),
+            )
+            .await
         }
         (&Method::GET, "/debug/requests") => {
             let list: Vec<Value> = node
@@ -271,7 +318,14 @@ async fn handle(
             });
             send_json(stream, StatusCode::OK, &v, keep).await
         }
-        _ => send_error(stream, ApiError::not_found(format!("{method} {path} not found")), keep).await,
+        _ => {
+            send_error(
+                stream,
+                ApiError::not_found(format!("{method} {path} not found")),
+                keep,
+            )
+            .await
+        }
     }
 }
 
@@ -319,7 +373,14 @@ async fn inference(
     node.stats.requests.fetch_add(1, Ordering::Relaxed);
     let body: Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
-        Err(e) => return send_error(stream, ApiError::bad_request(format!("invalid JSON: {e}")), keep).await,
+        Err(e) => {
+            return send_error(
+                stream,
+                ApiError::bad_request(format!("invalid JSON: {e}")),
+                keep,
+            )
+            .await
+        }
     };
     if opts.record_requests > 0 {
         if let Ok(mut r) = node.recorded.lock() {
@@ -335,7 +396,8 @@ async fn inference(
     }
     if let Some(m) = body.get("model").and_then(Value::as_str) {
         if m != opts.model {
-            let e = ApiError::not_found(format!("The model `{m}` does not exist.")).with_code("model_not_found");
+            let e = ApiError::not_found(format!("The model `{m}` does not exist."))
+                .with_code("model_not_found");
             return send_error(stream, e, keep).await;
         }
     }
@@ -345,8 +407,9 @@ async fn inference(
     };
     let kv_in = body.get("kv_transfer_params").filter(|v| v.is_object());
     if opts.mode == Mode::Decode && opts.require_kv_params && kv_in.is_none() {
-        let e = ApiError::bad_request("decode node requires kv_transfer_params from a prefill node")
-            .with_param("kv_transfer_params");
+        let e =
+            ApiError::bad_request("decode node requires kv_transfer_params from a prefill node")
+                .with_param("kv_transfer_params");
         return send_error(stream, e, keep).await;
     }
     let kv_out = (opts.mode == Mode::Prefill && kv_in.is_some()).then(|| {
@@ -362,13 +425,21 @@ async fn inference(
     });
     if opts.fail_rate > 0.0 && (crate::ids::next_u64() as f64 / u64::MAX as f64) < opts.fail_rate {
         node.stats.failures_injected.fetch_add(1, Ordering::Relaxed);
-        let e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "injected failure");
+        let e = ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerError",
+            "injected failure",
+        );
         return send_error(stream, e, keep).await;
     }
-    node.stats.prompt_tokens.fetch_add(job.prompt_tokens as u64, Ordering::Relaxed);
+    node.stats
+        .prompt_tokens
+        .fetch_add(job.prompt_tokens as u64, Ordering::Relaxed);
     let _running = Running::new(&node.stats);
 
-    let needs_watch = job.stream || node.timing.total(job.prompt_tokens, job.max_tokens) > Duration::ZERO || opts.stall_ms > 0;
+    let needs_watch = job.stream
+        || node.timing.total(job.prompt_tokens, job.max_tokens) > Duration::ZERO
+        || opts.stall_ms > 0;
     if needs_watch && watch.is_none() {
         *watch = DisconnectWatch::new(stream).ok().map(Rc::new);
     }
@@ -386,7 +457,9 @@ async fn inference(
         None => work.await,
     };
     if result.is_ok() {
-        node.stats.generation_tokens.fetch_add(job.max_tokens as u64, Ordering::Relaxed);
+        node.stats
+            .generation_tokens
+            .fetch_add(job.max_tokens as u64, Ordering::Relaxed);
     }
     result
 }
@@ -397,7 +470,13 @@ async fn sleep(d: Duration) {
     }
 }
 
-async fn generate(node: &Node, job: &Job, kv: Option<&Value>, stream: &mut TcpStream, keep: bool) -> Result<(), ()> {
+async fn generate(
+    node: &Node,
+    job: &Job,
+    kv: Option<&Value>,
+    stream: &mut TcpStream,
+    keep: bool,
+) -> Result<(), ()> {
     let opts = &node.opts;
     sleep(Duration::from_millis(opts.stall_ms)).await;
     let created = crate::ids::unix_seconds();
@@ -407,11 +486,18 @@ async fn generate(node: &Node, job: &Job, kv: Option<&Value>, stream: &mut TcpSt
     };
     if !job.stream {
         sleep(node.timing.total(job.prompt_tokens, job.max_tokens)).await;
-        let body = serde_json::to_vec(&engine::full_body(job, &id, created, kv)).unwrap_or_default();
+        let body =
+            serde_json::to_vec(&engine::full_body(job, &id, created, kv)).unwrap_or_default();
         if opts.drop_mid_stream.is_some() {
             // Promise the whole body, deliver half, hang up.
             let mut out = Vec::new();
-            response_head(&mut out, StatusCode::OK, &[JSON], BodyLen::Length(body.len()), keep);
+            response_head(
+                &mut out,
+                StatusCode::OK,
+                &[JSON],
+                BodyLen::Length(body.len()),
+                keep,
+            );
             out.extend_from_slice(&body[..body.len() / 2]);
             let _ = send(stream, out).await;
             return Err(());
@@ -423,7 +509,10 @@ async fn generate(node: &Node, job: &Job, kv: Option<&Value>, stream: &mut TcpSt
     response_head(
         &mut out,
         StatusCode::OK,
-        &[("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache")],
+        &[
+            ("Content-Type", "text/event-stream; charset=utf-8"),
+            ("Cache-Control", "no-cache"),
+        ],
         BodyLen::Chunked,
         keep,
     );
@@ -442,7 +531,10 @@ async fn generate(node: &Node, job: &Job, kv: Option<&Value>, stream: &mut TcpSt
         crate::http::chunked::encode_chunk(&mut out, ev.as_bytes());
         if last {
             if job.include_usage {
-                crate::http::chunked::encode_chunk(&mut out, frames.usage_event(&job.usage()).as_bytes());
+                crate::http::chunked::encode_chunk(
+                    &mut out,
+                    frames.usage_event(&job.usage()).as_bytes(),
+                );
             }
             crate::http::chunked::encode_chunk(&mut out, DONE_EVENT.as_bytes());
             out.extend_from_slice(crate::http::chunked::LAST_CHUNK);

@@ -54,7 +54,12 @@ pub fn request(
         match parse_response(&buf, method == "HEAD") {
             Ok(h) => break h,
             Err(HeadError::Partial) => {}
-            Err(_) => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad response head")),
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad response head",
+                ))
+            }
         }
         let n = stream.read(&mut chunk)?;
         if n == 0 {

@@ -24,7 +24,9 @@ impl std::fmt::Display for ChunkError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading hex digits; `any` tells whether at least one was seen.
-    Size { any: bool },
+    Size {
+        any: bool,
+    },
     /// After the size: chunk extensions up to CR.
     Ext,
     SizeLf,

@@ -93,7 +93,9 @@ impl FramingHeaders {
             for coding in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
                 if self.chunked {
                     // chunked must be the final coding, once.
-                    return Err(HeadError::Malformed("chunked is not the final transfer coding"));
+                    return Err(HeadError::Malformed(
+                        "chunked is not the final transfer coding",
+                    ));
                 }
                 if coding.eq_ignore_ascii_case("chunked") {
                     self.chunked = true;
@@ -139,7 +141,9 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
         .map_err(|_| HeadError::Malformed("invalid method"))?;
     let path = req.path.unwrap_or("").to_string();
     if !path.starts_with('/') && path != "*" {
-        return Err(HeadError::Malformed("request target must be an absolute path"));
+        return Err(HeadError::Malformed(
+            "request target must be an absolute path",
+        ));
     }
     let minor_version = req.version.unwrap_or(1);
     let mut fh = FramingHeaders::default();
@@ -171,8 +175,8 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
         } else if name.eq_ignore_ascii_case("authorization") {
             head.authorization = Some(value_str(h.value, "invalid Authorization")?.to_string());
         } else if name.eq_ignore_ascii_case("expect") {
-            head.expect_continue = value_str(h.value, "invalid Expect")?
-                .eq_ignore_ascii_case("100-continue");
+            head.expect_continue =
+                value_str(h.value, "invalid Expect")?.eq_ignore_ascii_case("100-continue");
         } else if name.eq_ignore_ascii_case("host") {
             if host_seen {
                 return Err(HeadError::Malformed("duplicate Host header"));
@@ -189,7 +193,9 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
         return Err(HeadError::Malformed("unsupported Transfer-Encoding"));
     }
     if minor_version == 0 && fh.chunked {
-        return Err(HeadError::Malformed("chunked encoding in an HTTP/1.0 request"));
+        return Err(HeadError::Malformed(
+            "chunked encoding in an HTTP/1.0 request",
+        ));
     }
     head.framing = if fh.chunked {
         Framing::Chunked
@@ -300,8 +306,11 @@ mod tests {
 
     #[test]
     fn response_framing() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false)
-            .unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap();
         assert_eq!(r.framing, Framing::Chunked);
         assert!(r.keep_alive);
         let r = parse_response(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap();

@@ -93,7 +93,10 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
         if n > limits.max_body_bytes as u64 {
             return Err(reject(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body of {n} bytes exceeds the limit of {} bytes", limits.max_body_bytes),
+                format!(
+                    "request body of {n} bytes exceeds the limit of {} bytes",
+                    limits.max_body_bytes
+                ),
             ));
         }
     }

@@ -55,7 +55,13 @@ pub fn full_response(
     keep_alive: bool,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(160 + body.len());
-    response_head(&mut out, status, headers, BodyLen::Length(body.len()), keep_alive);
+    response_head(
+        &mut out,
+        status,
+        headers,
+        BodyLen::Length(body.len()),
+        keep_alive,
+    );
     out.extend_from_slice(body);
     out
 }

@@ -198,7 +198,11 @@ async fn disaggregated(
                 keep,
             );
             let (res, _) = client.write_all(out).await;
-            return Ok(if res.is_ok() && keep { Outcome::KeepAlive } else { Outcome::Close });
+            return Ok(if res.is_ok() && keep {
+                Outcome::KeepAlive
+            } else {
+                Outcome::Close
+            });
         }
         if rhead.keep_alive {
             w.pool.put_back(conn);

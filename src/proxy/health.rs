@@ -9,7 +9,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub fn spawn(shared: Arc<Shared>, cfg: HealthConfig) -> std::io::Result<std::thread::JoinHandle<()>> {
+pub fn spawn(
+    shared: Arc<Shared>,
+    cfg: HealthConfig,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("xpyd-health".into())
         .spawn(move || loop {
@@ -21,9 +24,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: HealthConfig) -> std::io::Result<std::thr
                     s.spawn(|| probe(inst, cfg.timeout));
                 }
             });
-            let all_answered = instances
-                .iter()
-                .all(|i| i.answered.load(Ordering::Relaxed));
+            let all_answered = instances.iter().all(|i| i.answered.load(Ordering::Relaxed));
             if all_answered && !shared.ready.swap(true, Ordering::AcqRel) {
                 crate::info!("every configured instance answered; serving requests");
             }
@@ -50,7 +51,11 @@ fn probe(inst: &Instance, timeout: Duration) {
         }
     };
     let before = inst.health();
-    inst.set_health(if ok { Health::Healthy } else { Health::Unhealthy });
+    inst.set_health(if ok {
+        Health::Healthy
+    } else {
+        Health::Unhealthy
+    });
     if ok != (before == Health::Healthy) && before != Health::Unknown {
         if ok {
             crate::warn!("instance {addr} ({}) is healthy again", inst.role.as_str());

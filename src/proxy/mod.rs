@@ -55,25 +55,31 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     let limits = cfg.limits;
     let connect_timeout = cfg.connect_timeout;
     let sh = shared.clone();
-    let threads = runtime::spawn_workers("xpyd-worker", opts.driver, listeners, opts.pin, move |id, l| {
-        let shared = sh.clone();
-        async move {
-            let listener = match monoio::net::TcpListener::from_std(l) {
-                Ok(l) => l,
-                Err(e) => {
-                    crate::error!("worker {id}: cannot register listener: {e}");
-                    return;
-                }
-            };
-            let w = Rc::new(Worker {
-                id,
-                shared,
-                pool: upstream::Pool::new(connect_timeout),
-                limits,
-            });
-            server::accept_loop(w, listener).await
-        }
-    })?;
+    let threads = runtime::spawn_workers(
+        "xpyd-worker",
+        opts.driver,
+        listeners,
+        opts.pin,
+        move |id, l| {
+            let shared = sh.clone();
+            async move {
+                let listener = match monoio::net::TcpListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        crate::error!("worker {id}: cannot register listener: {e}");
+                        return;
+                    }
+                };
+                let w = Rc::new(Worker {
+                    id,
+                    shared,
+                    pool: upstream::Pool::new(connect_timeout),
+                    limits,
+                });
+                server::accept_loop(w, listener).await
+            }
+        },
+    )?;
     Ok(ProxyHandle {
         addr,
         shared,

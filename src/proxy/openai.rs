@@ -75,7 +75,11 @@ impl<'de> Deserialize<'de> for RawObject<'de> {
 impl<'a> RawObject<'a> {
     pub fn get(&self, key: &str) -> Option<&'a RawValue> {
         // Last one wins, like most JSON parsers (and vLLM's pydantic models).
-        self.fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
     }
 }
 
@@ -93,7 +97,9 @@ fn first_byte(v: &RawValue) -> u8 {
 
 pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request("request body is empty; expected a JSON object"));
+        return Err(ApiError::bad_request(
+            "request body is empty; expected a JSON object",
+        ));
     }
     let obj: RawObject<'a> = serde_json::from_slice(body).map_err(|e| {
         if e.classify() == serde_json::error::Category::Data {
@@ -102,29 +108,32 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
             ApiError::bad_request(format!("request body is not valid JSON: {e}"))
         }
     })?;
-    let model = match obj.get("model") {
-        None => None,
-        Some(v) if v.get() == "null" => None,
-        Some(v) => Some(serde_json::from_str::<String>(v.get()).map_err(|_| {
-            ApiError::bad_request("`model` must be a string").with_param("model")
-        })?),
-    };
+    let model =
+        match obj.get("model") {
+            None => None,
+            Some(v) if v.get() == "null" => None,
+            Some(v) => Some(serde_json::from_str::<String>(v.get()).map_err(|_| {
+                ApiError::bad_request("`model` must be a string").with_param("model")
+            })?),
+        };
     let (field, ok_first): (&'static str, &[u8]) = match endpoint {
         Endpoint::Completions => ("prompt", b"\"["),
         Endpoint::ChatCompletions => ("messages", b"["),
     };
     let prompt_bytes = match obj.get(field) {
         None => {
-            return Err(ApiError::bad_request(format!("`{field}` is a required field"))
-                .with_param(field))
+            return Err(
+                ApiError::bad_request(format!("`{field}` is a required field")).with_param(field),
+            )
         }
         Some(v) if !ok_first.contains(&first_byte(v)) => {
             let expected = match endpoint {
                 Endpoint::Completions => "a string, a list of strings or a list of token ids",
                 Endpoint::ChatCompletions => "a list of messages",
             };
-            return Err(ApiError::bad_request(format!("`{field}` must be {expected}"))
-                .with_param(field));
+            return Err(
+                ApiError::bad_request(format!("`{field}` must be {expected}")).with_param(field),
+            );
         }
         Some(v) => v.get().len(),
     };
@@ -203,9 +212,13 @@ mod tests {
 
     #[test]
     fn validation_errors_name_the_field() {
-        let e = inspect(Endpoint::Completions, br#"{"model":"m"}"#).err().unwrap();
+        let e = inspect(Endpoint::Completions, br#"{"model":"m"}"#)
+            .err()
+            .unwrap();
         assert_eq!(e.param, Some("prompt"));
-        let e = inspect(Endpoint::ChatCompletions, br#"{"messages":"x"}"#).err().unwrap();
+        let e = inspect(Endpoint::ChatCompletions, br#"{"messages":"x"}"#)
+            .err()
+            .unwrap();
         assert_eq!(e.param, Some("messages"));
         assert!(inspect(Endpoint::Completions, b"{not json").is_err());
         assert!(inspect(Endpoint::Completions, b"[1,2]").is_err());

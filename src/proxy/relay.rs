@@ -50,7 +50,9 @@ fn process(mode: &mut Mode, conn: &mut UpstreamConn, out: &mut Vec<u8>) -> Resul
             Ok(dec.is_done())
         }
         Mode::ChunkedDecode(dec) => {
-            let used = dec.feed(data, |d| out.extend_from_slice(d)).map_err(|_| ())?;
+            let used = dec
+                .feed(data, |d| out.extend_from_slice(d))
+                .map_err(|_| ())?;
             conn.buf.consume(used);
             Ok(dec.is_done())
         }
@@ -127,7 +129,11 @@ pub async fn relay(
             Ok(0) => match mode {
                 Mode::WrapUntilClose => {
                     let _ = client.write_all(LAST_CHUNK).await;
-                    return if keep_alive { Outcome::KeepAlive } else { Outcome::Close };
+                    return if keep_alive {
+                        Outcome::KeepAlive
+                    } else {
+                        Outcome::Close
+                    };
                 }
                 Mode::RawUntilClose => return Outcome::Close,
                 _ => {

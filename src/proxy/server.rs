@@ -92,7 +92,8 @@ async fn route(
         (&Method::GET, "/health") => health(w),
         (&Method::GET, "/v1/models") => (StatusCode::OK, models(w)),
         _ => {
-            let e = ApiError::not_found(format!("{method} {path} is not an endpoint of this proxy"));
+            let e =
+                ApiError::not_found(format!("{method} {path} is not an endpoint of this proxy"));
             return answer_error(stream, &e, None, keep_alive).await;
         }
     };

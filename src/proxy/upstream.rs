@@ -5,8 +5,8 @@
 //! nothing is left over; any error, or a leg abandoned mid-way, drops (closes) it.
 
 use crate::http::buf::ReadBuf;
-use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
 use crate::http::chunked::ChunkedDecoder;
+use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
 use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -62,8 +62,11 @@ impl Pool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<UpstreamConn, UpstreamError> {
-        let stream = match monoio::time::timeout(self.connect_timeout, TcpStream::connect_addr(addr))
-            .await
+        let stream = match monoio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect_addr(addr),
+        )
+        .await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
@@ -136,7 +139,9 @@ fn is_stale(e: &UpstreamError) -> bool {
         UpstreamError::Closed => true,
         UpstreamError::Io(e) => matches!(
             e.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
         ),
         _ => false,
     }

@@ -58,7 +58,10 @@ pub fn spawn_listening(mut cmd: Command) -> Proc {
         .unwrap_or_else(|| panic!("no address in `{line}`"));
     // CI runs the suite once per driver; make sure the forced one is really in use.
     if std::env::var("XPYD_DRIVER").as_deref() == Ok("epoll") {
-        assert!(line.contains("driver: epoll"), "expected the epoll driver: {line}");
+        assert!(
+            line.contains("driver: epoll"),
+            "expected the epoll driver: {line}"
+        );
     }
     Proc {
         child,
@@ -71,11 +74,20 @@ pub const MODEL: &str = "test-model";
 
 pub fn dummy(mode: &str, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
-    cmd.args(["--port", "0", "--mode", mode, "--model", MODEL, "--workers", "1"])
-        .env("PREFILL_DELAY_PER_TOKEN", "0")
-        .env("DECODE_DELAY_PER_TOKEN", "0")
-        .args(["--record-requests", "1000"])
-        .args(extra);
+    cmd.args([
+        "--port",
+        "0",
+        "--mode",
+        mode,
+        "--model",
+        MODEL,
+        "--workers",
+        "1",
+    ])
+    .env("PREFILL_DELAY_PER_TOKEN", "0")
+    .env("DECODE_DELAY_PER_TOKEN", "0")
+    .args(["--record-requests", "1000"])
+    .args(extra);
     spawn_listening(cmd)
 }
 
@@ -100,9 +112,14 @@ pub const FAST_PROBES: &str =
 pub fn proxy_with(yaml: &str, wait_ready: bool) -> Proc {
     let path = write_config(&format!("{yaml}\n{FAST_PROBES}"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd"));
-    cmd.args(["proxy", "-c"])
-        .arg(&path)
-        .args(["--port", "0", "--workers", "2", "--log-level", "warning"]);
+    cmd.args(["proxy", "-c"]).arg(&path).args([
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--log-level",
+        "warning",
+    ]);
     let p = spawn_listening(cmd);
     if wait_ready {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -150,7 +167,12 @@ pub fn agent() -> ureq::Agent {
 
 /// POSTs JSON; returns status, headers of interest and the body, also for 4xx/5xx.
 pub fn post(agent: &ureq::Agent, url: &str, body: &Value) -> (u16, Option<String>, Value) {
-    post_raw(agent, url, "application/json", &serde_json::to_vec(body).unwrap())
+    post_raw(
+        agent,
+        url,
+        "application/json",
+        &serde_json::to_vec(body).unwrap(),
+    )
 }
 
 pub fn post_raw(
