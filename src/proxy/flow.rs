@@ -105,6 +105,9 @@ pub async fn serve(
     match watch {
         Some(watch) => {
             monoio::select! {
+                // Work first: when the response completes in the same wakeup as the client's
+                // next request arrives, return without probing the socket.
+                biased;
                 outcome = work => outcome,
                 _ = watch.closed() => {
                     crate::debug!("request {request_id}: client disconnected; abandoning its legs");

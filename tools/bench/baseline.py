@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Baseline benchmark (issue: first baseline): requests/s and latency p50/p99 for
+(a) direct to a dual xpyd-dummy and (b) through xpyd 1P+1D, with zero-delay dummy nodes,
+at 1, 64 and 512 concurrent connections, using wrk. Every run is bounded in time.
+
+Usage: python3 tools/bench/baseline.py [--duration 10] [--repeats 3] [--proxy-workers 1]
+Prints a markdown table (medians, with min-max spread) for docs/benchmarks.md.
+"""
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REL = os.path.join(ROOT, "target", "release")
+LUA = os.path.join(ROOT, "tools", "bench", "post.lua")
+MODEL = "bench-model"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_listening(proc):
+    line = proc.stdout.readline().decode()
+    m = re.search(r"http://([\d.]+):(\d+)", line)
+    if not m:
+        raise SystemExit(f"no address from {proc.args}: {line!r}")
+    return int(m.group(2))
+
+
+def start(args, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=e)
+    return p, wait_listening(p)
+
+
+def dummy(mode, workers):
+    return start([os.path.join(REL, "xpyd-dummy"), "--port", "0", "--mode", mode, "--model", MODEL,
+                  "--workers", str(workers), "--prefill-delay-per-token", "0",
+                  "--decode-delay-per-token", "0"])
+
+
+def wait_ready(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                  f"http://127.0.0.1:{port}/health"], capture_output=True, timeout=2)
+            if out.stdout == b"200":
+                return
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("proxy not ready")
+
+
+def to_ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(port, conns, duration):
+    threads = 1 if conns == 1 else 2
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{duration}s", "--latency",
+         "--timeout", "10s", "-s", LUA, f"http://127.0.0.1:{port}/v1/completions"],
+        capture_output=True, text=True, timeout=duration + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)", out)
+        lat[pct] = to_ms(m.group(1), m.group(2))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock_err = re.search(r"Socket errors: (.*)", out)
+    if errors or sock_err:
+        print(f"  warning: port {port} c={conns}: {errors and errors.group(0)} {sock_err and sock_err.group(0)}",
+              file=sys.stderr)
+    return rps, lat["50"], lat["99"]
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--proxy-workers", type=int, default=1)
+    ap.add_argument("--dummy-workers", type=int, default=1)
+    ap.add_argument("--conns", default="1,64,512")
+    a = ap.parse_args()
+    conns = [int(c) for c in a.conns.split(",")]
+
+    procs = []
+    try:
+        dual, dual_port = dummy("dual", a.dummy_workers)
+        pre, pre_port = dummy("prefill", a.dummy_workers)
+        dec, dec_port = dummy("decode", a.dummy_workers)
+        procs += [dual, pre, dec]
+        cfg = f"/tmp/xpyd-bench-{os.getpid()}.yaml"
+        with open(cfg, "w") as f:
+            f.write(f"model: {MODEL}\nhost: 127.0.0.1\nprefill: [\"127.0.0.1:{pre_port}\"]\n"
+                    f"decode: [\"127.0.0.1:{dec_port}\"]\nstartup:\n  probe_interval_seconds: 0.1\n")
+        proxy, proxy_port = start([os.path.join(REL, "xpyd"), "proxy", "-c", cfg, "--port", "0",
+                                   "--workers", str(a.proxy_workers), "--no-pin"])
+        procs.append(proxy)
+        wait_ready(proxy_port)
+        cfg2 = f"/tmp/xpyd-bench-dual-{os.getpid()}.yaml"
+        with open(cfg2, "w") as f:
+            f.write(f"model: {MODEL}\nhost: 127.0.0.1\ndual: [\"127.0.0.1:{dual_port}\"]\n"
+                    f"startup:\n  probe_interval_seconds: 0.1\n")
+        proxy2, proxy2_port = start([os.path.join(REL, "xpyd"), "proxy", "-c", cfg2, "--port", "0",
+                                     "--workers", str(a.proxy_workers), "--no-pin"])
+        procs.append(proxy2)
+        wait_ready(proxy2_port)
+        targets = [("direct (dual dummy)", dual_port, dual.pid), ("xpyd dual", proxy2_port, proxy2.pid),
+                   ("xpyd 1P+1D", proxy_port, proxy.pid)]
+        results = {}
+        for c in conns:
+            for rep in range(a.repeats):
+                # Alternate targets within a repeat so drift in machine load hits both.
+                for name, port, pid in targets:
+                    c0 = cpu_seconds(pid)
+                    rps, p50, p99 = wrk(port, c, a.duration)
+                    cpu = cpu_seconds(pid) - c0
+                    cpu_per_k = cpu / (rps * a.duration) * 1000 * 1000  # ms per 1000 req
+                    results.setdefault((name, c), []).append((rps, p50, p99, cpu_per_k))
+                    print(f"  {name:22} c={c:<4} rep {rep}: {rps:9.0f} req/s  p50 {p50:7.3f} ms  "
+                          f"p99 {p99:7.3f} ms  cpu {cpu_per_k:6.1f} ms/1k req", file=sys.stderr)
+        print()
+        print("| target | conns | req/s (median, min–max) | p50 ms | p99 ms | CPU ms per 1k req (the process) |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for c in conns:
+            for name, _, _ in targets:
+                r = results[(name, c)]
+                rps = [x[0] for x in r]
+                print(f"| {name} | {c} | {statistics.median(rps):.0f} ({min(rps):.0f}–{max(rps):.0f}) | "
+                      f"{statistics.median(x[1] for x in r):.3f} | {statistics.median(x[2] for x in r):.3f} | "
+                      f"{statistics.median(x[3] for x in r):.1f} |")
+        print()
+        for c in conns:
+            d = results[("direct (dual dummy)", c)]
+            for name in ("xpyd dual", "xpyd 1P+1D"):
+                x = results[(name, c)]
+                added = statistics.median(v[1] for v in x) - statistics.median(v[1] for v in d)
+                ratio = statistics.median(v[0] for v in x) / statistics.median(v[0] for v in d)
+                print(f"- c={c}, {name}: throughput ratio to direct {ratio:.2f}; added p50 latency {added * 1000:.0f} µs")
+    finally:
+        for p in procs:
+            p.kill()
+
+
+if __name__ == "__main__":
+    main()
