@@ -37,10 +37,16 @@ pub struct Instance {
     health: AtomicU8,
     /// Set once the instance answered its first health probe.
     pub answered: AtomicBool,
-    pub in_flight: CachePadded<AtomicU64>,
+    /// Removed by an operator: finishes what it has, gets nothing new.
+    pub draining: AtomicBool,
+    /// Circuit breaker state (see `resilience`); only `Open` blocks picks.
+    pub circuit: AtomicU8,
+    pub load: Load,
     /// 0 until read from the instance's /v1/models.
     pub max_model_len: AtomicU64,
     pub root: OnceLock<String>,
+    /// Unix seconds of the last health probe (0: never).
+    pub last_check: AtomicU64,
 }
 
 impl Instance {
@@ -52,9 +58,12 @@ impl Instance {
             model,
             health: AtomicU8::new(Health::Unknown as u8),
             answered: AtomicBool::new(false),
-            in_flight: CachePadded::new(AtomicU64::new(0)),
+            draining: AtomicBool::new(false),
+            circuit: AtomicU8::new(CIRCUIT_CLOSED),
+            load: Load::default(),
             max_model_len: AtomicU64::new(0),
             root: OnceLock::new(),
+            last_check: AtomicU64::new(0),
         }
     }
 
@@ -73,34 +82,113 @@ impl Instance {
         }
     }
 
-    /// Whether the scheduler may send new requests here.
+    /// Whether the scheduler may send new requests here: healthy, not draining, circuit
+    /// not open.
     #[inline]
     pub fn is_available(&self) -> bool {
         self.health() == Health::Healthy
+            && !self.draining.load(Ordering::Relaxed)
+            && self.circuit.load(Ordering::Relaxed) != CIRCUIT_OPEN
+    }
+
+    /// Whether a prompt of `prompt_tokens` (estimated) fits this instance's context.
+    #[inline]
+    pub fn fits(&self, prompt_tokens: u64) -> bool {
+        let max = self.max_model_len.load(Ordering::Relaxed);
+        max == 0 || prompt_tokens < max
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.load.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn circuit_str(&self) -> &'static str {
+        match self.circuit.load(Ordering::Relaxed) {
+            CIRCUIT_OPEN => "open",
+            CIRCUIT_HALF_OPEN => "half_open",
+            _ => "closed",
+        }
+    }
+
+    /// One entry of `/status/instances` and `/health`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let (req, prompt, decode) = self.load.snapshot();
+        let max = self.max_model_len.load(Ordering::Relaxed);
+        serde_json::json!({
+            "address": self.address,
+            "role": self.role.as_str(),
+            "model": &*self.model,
+            "status": self.health().as_str(),
+            "circuit": self.circuit_str(),
+            "draining": self.draining.load(Ordering::Relaxed),
+            "active_requests": req,
+            "in_flight_prompt_tokens": prompt,
+            "in_flight_decode_tokens": decode,
+            "last_check": self.last_check.load(Ordering::Relaxed),
+            "max_model_len": (max > 0).then_some(max),
+        })
+    }
+}
+
+pub const CIRCUIT_CLOSED: u8 = 0;
+pub const CIRCUIT_OPEN: u8 = 1;
+pub const CIRCUIT_HALF_OPEN: u8 = 2;
+
+/// In-flight load of one instance; each counter on its own cache line because every worker
+/// writes them.
+#[derive(Default)]
+pub struct Load {
+    pub requests: CachePadded<AtomicU64>,
+    pub prompt_tokens: CachePadded<AtomicU64>,
+    pub decode_tokens: CachePadded<AtomicU64>,
+}
+
+impl Load {
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.prompt_tokens.load(Ordering::Relaxed),
+            self.decode_tokens.load(Ordering::Relaxed),
+        )
     }
 }
 
 /// Counts a request against an instance for as long as it lives; every exit path (success,
 /// error, client disconnect, unwinding) releases it.
-pub struct InFlight(Arc<Instance>);
+pub struct InFlight {
+    inst: Arc<Instance>,
+    prompt_tokens: u64,
+    decode_tokens: u64,
+}
 
 impl InFlight {
-    pub fn new(inst: Arc<Instance>) -> Self {
-        inst.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(inst)
+    pub fn new(inst: Arc<Instance>, prompt_tokens: u64, decode_tokens: u64) -> Self {
+        inst.load.requests.fetch_add(1, Ordering::Relaxed);
+        inst.load
+            .prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        inst.load
+            .decode_tokens
+            .fetch_add(decode_tokens, Ordering::Relaxed);
+        InFlight {
+            inst,
+            prompt_tokens,
+            decode_tokens,
+        }
     }
     pub fn instance(&self) -> &Arc<Instance> {
-        &self.0
+        &self.inst
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let l = &self.inst.load;
+        l.requests.fetch_sub(1, Ordering::Relaxed);
+        l.prompt_tokens
+            .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
+        l.decode_tokens
+            .fetch_sub(self.decode_tokens, Ordering::Relaxed);
     }
 }
 
@@ -110,10 +198,10 @@ pub struct RoleSet {
 }
 
 impl RoleSet {
-    fn new(instances: Vec<Arc<Instance>>, kind: crate::config::SchedulerKind) -> Self {
+    fn new(instances: Vec<Arc<Instance>>, role: Role, m: &ModelConfig) -> Self {
         RoleSet {
+            scheduler: scheduler::build(m.scheduler, role, &m.scheduling, &instances),
             instances,
-            scheduler: scheduler::build(kind),
         }
     }
 
@@ -150,9 +238,9 @@ impl ModelRoute {
         ModelRoute {
             name: m.name.clone(),
             scheduler_name: m.scheduler.as_str(),
-            prefill: RoleSet::new(of(Role::Prefill), m.scheduler),
-            decode: RoleSet::new(of(Role::Decode), m.scheduler),
-            dual: RoleSet::new(of(Role::Dual), m.scheduler),
+            prefill: RoleSet::new(of(Role::Prefill), Role::Prefill, m),
+            decode: RoleSet::new(of(Role::Decode), Role::Decode, m),
+            dual: RoleSet::new(of(Role::Dual), Role::Dual, m),
         }
     }
 

@@ -193,7 +193,7 @@ fn concurrent_streams_and_requests_all_succeed_with_unique_ids() {
     let ids: HashSet<&String> = results.iter().map(|r| &r.1).collect();
     assert_eq!(rids.len(), 250, "request ids must be unique");
     assert_eq!(ids.len(), 250, "completion ids must be unique");
-    // Round robin spread the decode legs over both nodes.
+    // The default (load balanced) policy spread the decode legs over both nodes.
     let n1 = dummy_stats(&d1)["requests"].as_u64().unwrap();
     let n2 = dummy_stats(&d2)["requests"].as_u64().unwrap();
     assert_eq!(n1 + n2, 250);
@@ -325,7 +325,7 @@ fn client_disconnect_during_prefill_cancels_the_prefill_leg() {
 fn dual_instances_serve_in_one_pass() {
     let d1 = dummy("dual", &[]);
     let d2 = dummy("dual", &[]);
-    let proxy = proxy_with(&dual_yaml(&[&d1, &d2]), true);
+    let proxy = proxy_with(&format!("{}scheduling: roundrobin\n", dual_yaml(&[&d1, &d2])), true);
     let a = agent();
     for _ in 0..4 {
         let (status, _, v) = post(&a, &proxy.url("/v1/completions"), &completion_body(false));

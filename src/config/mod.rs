@@ -40,26 +40,75 @@ pub struct InstanceConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchedulerKind {
+    LoadBalanced,
     RoundRobin,
+    ConsistentHash,
+    PowerOfTwo,
+    CacheAware,
 }
+
+pub const SCHEDULER_NAMES: &[&str] = &[
+    "loadbalanced",
+    "load_balanced",
+    "roundrobin",
+    "round_robin",
+    "consistent_hash",
+    "power_of_two",
+    "cache_aware",
+];
 
 impl SchedulerKind {
     pub fn parse(s: &str) -> Result<Self, String> {
         match s.trim() {
+            "loadbalanced" | "load_balanced" => Ok(SchedulerKind::LoadBalanced),
             "roundrobin" | "round_robin" => Ok(SchedulerKind::RoundRobin),
-            "loadbalanced" | "load_balanced" | "consistent_hash" | "power_of_two"
-            | "cache_aware" => Err(format!(
-                "scheduler `{s}` is not available in this build yet; use `roundrobin`"
-            )),
+            "consistent_hash" => Ok(SchedulerKind::ConsistentHash),
+            "power_of_two" => Ok(SchedulerKind::PowerOfTwo),
+            "cache_aware" => Ok(SchedulerKind::CacheAware),
             other => Err(format!(
-                "unknown scheduler `{other}` (expected roundrobin, loadbalanced, consistent_hash, power_of_two or cache_aware)"
+                "unknown scheduler `{other}` (expected one of: {})",
+                SCHEDULER_NAMES.join(", ")
             )),
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
+            SchedulerKind::LoadBalanced => "loadbalanced",
             SchedulerKind::RoundRobin => "roundrobin",
+            SchedulerKind::ConsistentHash => "consistent_hash",
+            SchedulerKind::PowerOfTwo => "power_of_two",
+            SchedulerKind::CacheAware => "cache_aware",
+        }
+    }
+}
+
+/// `scheduling_config`: options of the policies (each ignored by the others).
+#[derive(Debug, Clone)]
+pub struct SchedulingOptions {
+    /// cache_aware: minimum share of the prompt matched to follow the prefix.
+    pub cache_threshold: f64,
+    /// cache_aware: route by load when max - min load exceeds this ...
+    pub balance_abs_threshold: u64,
+    /// ... and max > min × this.
+    pub balance_rel_threshold: f64,
+    /// cache_aware: prefix blocks remembered per model, role and worker.
+    pub max_tree_size: usize,
+    /// consistent_hash: ring points per instance.
+    pub virtual_nodes: usize,
+    /// consistent_hash: ε of the bounded-load rule.
+    pub hash_load_factor: f64,
+}
+
+impl Default for SchedulingOptions {
+    fn default() -> Self {
+        SchedulingOptions {
+            cache_threshold: 0.5,
+            balance_abs_threshold: 32,
+            balance_rel_threshold: 1.1,
+            max_tree_size: 1 << 16,
+            virtual_nodes: 160,
+            hash_load_factor: 0.25,
         }
     }
 }
@@ -69,6 +118,7 @@ pub struct ModelConfig {
     pub name: String,
     pub instances: Vec<InstanceConfig>,
     pub scheduler: SchedulerKind,
+    pub scheduling: SchedulingOptions,
 }
 
 #[derive(Debug, Clone)]
@@ -120,10 +170,22 @@ mod raw {
         pub workers: Option<usize>,
         pub log_level: Option<String>,
         pub scheduling: Option<String>,
+        pub scheduling_config: Option<SchedulingConfig>,
         pub health_check: Option<HealthCheck>,
         pub startup: Option<Startup>,
         pub timeouts: Option<Timeouts>,
         pub limits: Option<Limits>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct SchedulingConfig {
+        pub cache_threshold: Option<f64>,
+        pub balance_abs_threshold: Option<u64>,
+        pub balance_rel_threshold: Option<f64>,
+        pub max_tree_size: Option<usize>,
+        pub virtual_nodes: Option<usize>,
+        pub hash_load_factor: Option<f64>,
     }
 
     #[derive(Deserialize, Default)]
@@ -155,6 +217,31 @@ mod raw {
         pub max_body_bytes: Option<usize>,
         pub max_header_bytes: Option<usize>,
     }
+}
+
+fn scheduling_options(c: raw::SchedulingConfig, problems: &mut Vec<String>) -> SchedulingOptions {
+    let d = SchedulingOptions::default();
+    let o = SchedulingOptions {
+        cache_threshold: c.cache_threshold.unwrap_or(d.cache_threshold),
+        balance_abs_threshold: c.balance_abs_threshold.unwrap_or(d.balance_abs_threshold),
+        balance_rel_threshold: c.balance_rel_threshold.unwrap_or(d.balance_rel_threshold),
+        max_tree_size: c.max_tree_size.unwrap_or(d.max_tree_size),
+        virtual_nodes: c.virtual_nodes.unwrap_or(d.virtual_nodes),
+        hash_load_factor: c.hash_load_factor.unwrap_or(d.hash_load_factor),
+    };
+    if !(0.0..=1.0).contains(&o.cache_threshold) {
+        problems.push("scheduling_config.cache_threshold: must be between 0 and 1".into());
+    }
+    if o.balance_rel_threshold < 1.0 {
+        problems.push("scheduling_config.balance_rel_threshold: must be at least 1.0".into());
+    }
+    if o.max_tree_size == 0 || o.virtual_nodes == 0 {
+        problems.push("scheduling_config: max_tree_size and virtual_nodes must be positive".into());
+    }
+    if !(o.hash_load_factor > 0.0 && o.hash_load_factor.is_finite()) {
+        problems.push("scheduling_config.hash_load_factor: must be positive".into());
+    }
+    o
 }
 
 fn seconds(field: &str, v: Option<f64>, default: f64, problems: &mut Vec<String>) -> Duration {
@@ -257,12 +344,13 @@ impl Config {
             );
         }
         let scheduler = match f.scheduling.as_deref() {
-            None => SchedulerKind::RoundRobin,
+            None => SchedulerKind::LoadBalanced,
             Some(s) => SchedulerKind::parse(s).unwrap_or_else(|e| {
                 problems.push(format!("scheduling: {e}"));
-                SchedulerKind::RoundRobin
+                SchedulerKind::LoadBalanced
             }),
         };
+        let scheduling = scheduling_options(f.scheduling_config.unwrap_or_default(), &mut problems);
         let log_level = match f.log_level.as_deref() {
             None => Level::Warning,
             Some(s) => s.parse().unwrap_or_else(|e: String| {
@@ -344,6 +432,7 @@ impl Config {
                 name,
                 instances,
                 scheduler,
+                scheduling,
             }],
             health,
             connect_timeout: Duration::from_millis(connect_ms.max(1)),

@@ -35,6 +35,7 @@ pub struct RequestHead {
     pub keep_alive: bool,
     pub content_type: Option<String>,
     pub request_id: Option<String>,
+    pub session_id: Option<String>,
     pub authorization: Option<String>,
     pub expect_continue: bool,
     /// Bytes of the head including the blank line.
@@ -155,6 +156,7 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
         keep_alive: true,
         content_type: None,
         request_id: None,
+        session_id: None,
         authorization: None,
         expect_continue: false,
         len,
@@ -171,6 +173,11 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
             let v = value_str(h.value, "invalid X-Request-Id")?;
             if !v.is_empty() {
                 head.request_id = Some(v.to_string());
+            }
+        } else if name.eq_ignore_ascii_case("x-session-id") {
+            let v = value_str(h.value, "invalid X-Session-ID")?;
+            if !v.is_empty() {
+                head.session_id = Some(v.to_string());
             }
         } else if name.eq_ignore_ascii_case("authorization") {
             head.authorization = Some(value_str(h.value, "invalid Authorization")?.to_string());

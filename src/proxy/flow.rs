@@ -8,6 +8,7 @@ use super::openai::{self, Endpoint};
 use super::relay::{relay, Outcome, RelayParams};
 use super::upstream::UpstreamError;
 use super::Worker;
+use crate::config::Role;
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{error_response, full_response};
 use crate::http::{ApiError, Request};
@@ -46,8 +47,12 @@ pub async fn answer_error(
     }
 }
 
+/// Tokens assumed for a request without `max_tokens`, for decode load accounting.
+const DEFAULT_DECODE_TOKENS: u64 = 256;
+
 pub async fn serve(
     w: &Worker,
+    peer_ip: &str,
     req: Request,
     endpoint: Endpoint,
     client: &mut TcpStream,
@@ -80,9 +85,17 @@ pub async fn serve(
         };
         return answer_error(client, &e, Some(&request_id), keep_alive).await;
     };
+    let key = req
+        .head
+        .session_id
+        .as_deref()
+        .or(inspected.user.as_deref())
+        .unwrap_or(peer_ip);
     let ctx = PickContext {
-        prompt_tokens: inspected.prompt_bytes / 4,
-        key: None,
+        prompt_tokens: inspected.prompt_tokens(),
+        decode_tokens: inspected.max_tokens.unwrap_or(DEFAULT_DECODE_TOKENS),
+        key: Some(key),
+        prompt_text: inspected.prompt,
     };
     let leg = Leg {
         w,
@@ -141,11 +154,36 @@ impl Leg<'_> {
         h
     }
 
-    fn pick(&self, set: &RoleSet, ctx: &PickContext<'_>, role: &str) -> Result<InFlight, ApiError> {
-        set.scheduler
-            .pick(&set.instances, ctx)
-            .map(InFlight::new)
-            .ok_or_else(|| ApiError::unavailable(format!("no healthy {role} instance available")))
+    /// Picks an instance for one leg and counts the leg against it. Prefill legs carry the
+    /// prompt tokens; decode and dual legs the request and its decode tokens.
+    fn pick(&self, set: &RoleSet, ctx: &PickContext<'_>, role: Role) -> Result<InFlight, ApiError> {
+        if let Some(inst) = set.scheduler.pick(&set.instances, ctx) {
+            let (p, d) = match role {
+                Role::Prefill => (ctx.prompt_tokens, 0),
+                Role::Decode => (0, ctx.decode_tokens),
+                Role::Dual => (ctx.prompt_tokens, ctx.decode_tokens),
+            };
+            return Ok(InFlight::new(inst, p, d));
+        }
+        let available: Vec<&Arc<Instance>> =
+            set.instances.iter().filter(|i| i.is_available()).collect();
+        if available.is_empty() {
+            return Err(ApiError::unavailable(format!(
+                "no healthy {} instance available",
+                role.as_str()
+            )));
+        }
+        let largest = available
+            .iter()
+            .map(|i| i.max_model_len.load(std::sync::atomic::Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        Err(ApiError::bad_request(format!(
+            "the prompt (about {} tokens) is longer than the maximum context length of every {} instance of this model ({largest} tokens)",
+            ctx.prompt_tokens,
+            role.as_str()
+        ))
+        .with_code("context_length_exceeded"))
     }
 
     fn upstream_failed(&self, inst: &Arc<Instance>, role: &str, e: UpstreamError) -> ApiError {
@@ -170,7 +208,7 @@ async fn disaggregated(
 ) -> Result<Outcome, ApiError> {
     let w = leg.w;
     {
-        let p = leg.pick(&route.prefill, ctx, "prefill")?;
+        let p = leg.pick(&route.prefill, ctx, Role::Prefill)?;
         let inst = p.instance();
         let head = leg.head(inst, prefill_body.len());
         let (mut conn, rhead) = w
@@ -211,7 +249,7 @@ async fn disaggregated(
             w.pool.put_back(conn);
         }
     }
-    let d = leg.pick(&route.decode, ctx, "decode")?;
+    let d = leg.pick(&route.decode, ctx, Role::Decode)?;
     forward(leg, d.instance(), "decode", body, client, req).await
 }
 
@@ -223,7 +261,7 @@ async fn single_pass(
     client: &mut TcpStream,
     req: &Request,
 ) -> Result<Outcome, ApiError> {
-    let d = leg.pick(&route.dual, ctx, "dual")?;
+    let d = leg.pick(&route.dual, ctx, Role::Dual)?;
     forward(leg, d.instance(), "dual", body, client, req).await
 }
 

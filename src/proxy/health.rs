@@ -50,6 +50,8 @@ fn probe(inst: &Instance, timeout: Duration) {
             false
         }
     };
+    inst.last_check
+        .store(crate::ids::unix_seconds(), Ordering::Relaxed);
     let before = inst.health();
     inst.set_health(if ok {
         Health::Healthy

@@ -87,8 +87,19 @@ impl<'a> RawObject<'a> {
 pub struct Inspected<'a> {
     pub obj: RawObject<'a>,
     pub model: Option<String>,
-    /// Bytes of the prompt / messages, for a token estimate.
-    pub prompt_bytes: usize,
+    /// The prompt / messages as raw JSON text: its length gives the token estimate
+    /// (bytes / 4), its content the prefix for cache-aware routing.
+    pub prompt: &'a [u8],
+    /// `max_completion_tokens` or `max_tokens` when given as a number.
+    pub max_tokens: Option<u64>,
+    /// The body's `user`, a consistent-hash key.
+    pub user: Option<String>,
+}
+
+impl Inspected<'_> {
+    pub fn prompt_tokens(&self) -> u64 {
+        (self.prompt.len() / 4) as u64
+    }
 }
 
 fn first_byte(v: &RawValue) -> u8 {
@@ -120,7 +131,7 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
         Endpoint::Completions => ("prompt", b"\"["),
         Endpoint::ChatCompletions => ("messages", b"["),
     };
-    let prompt_bytes = match obj.get(field) {
+    let prompt = match obj.get(field) {
         None => {
             return Err(
                 ApiError::bad_request(format!("`{field}` is a required field")).with_param(field),
@@ -135,12 +146,19 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
                 ApiError::bad_request(format!("`{field}` must be {expected}")).with_param(field),
             );
         }
-        Some(v) => v.get().len(),
+        Some(v) => v.get().as_bytes(),
     };
+    let number = |k: &str| obj.get(k).and_then(|v| v.get().parse::<u64>().ok());
+    let max_tokens = number("max_completion_tokens").or_else(|| number("max_tokens"));
+    let user = obj
+        .get("user")
+        .and_then(|v| serde_json::from_str::<String>(v.get()).ok());
     Ok(Inspected {
         obj,
         model,
-        prompt_bytes,
+        prompt,
+        max_tokens,
+        user,
     })
 }
 

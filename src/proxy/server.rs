@@ -17,9 +17,11 @@ use std::rc::Rc;
 pub async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 let w = w.clone();
-                monoio::spawn(async move { serve_connection(w, stream).await });
+                monoio::spawn(
+                    async move { serve_connection(w, stream, peer.ip().to_string()).await },
+                );
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -30,7 +32,7 @@ pub async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
     }
 }
 
-async fn serve_connection(w: Rc<Worker>, mut stream: TcpStream) {
+async fn serve_connection(w: Rc<Worker>, mut stream: TcpStream, peer_ip: String) {
     let _ = stream.set_nodelay(true);
     let mut buf = ReadBuf::with_capacity(8 * 1024);
     let mut watch: Option<DisconnectWatch> = None;
@@ -44,7 +46,7 @@ async fn serve_connection(w: Rc<Worker>, mut stream: TcpStream) {
                 return;
             }
         };
-        let outcome = route(&w, req, &mut stream, &mut watch).await;
+        let outcome = route(&w, &peer_ip, req, &mut stream, &mut watch).await;
         if outcome == Outcome::Close {
             return;
         }
@@ -53,6 +55,7 @@ async fn serve_connection(w: Rc<Worker>, mut stream: TcpStream) {
 
 async fn route(
     w: &Worker,
+    peer_ip: &str,
     req: Request,
     stream: &mut TcpStream,
     watch: &mut Option<DisconnectWatch>,
@@ -83,7 +86,7 @@ async fn route(
                 Err(e) => crate::warn!("cannot watch client connection for disconnects: {e}"),
             }
         }
-        return flow::serve(w, req, endpoint, stream, watch.as_ref()).await;
+        return flow::serve(w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
     }
     let (status, body) = match (method, path.as_str()) {
         (&Method::GET, "/ping") | (&Method::POST, "/ping") => {
@@ -91,6 +94,16 @@ async fn route(
         }
         (&Method::GET, "/health") => health(w),
         (&Method::GET, "/v1/models") => (StatusCode::OK, models(w)),
+        (&Method::GET, "/status") => (StatusCode::OK, status(w)),
+        (&Method::GET, "/status/instances") => {
+            let topo = w.shared.topology.load();
+            let list: Vec<_> = topo.instances().map(|i| i.status_json()).collect();
+            (StatusCode::OK, json!({ "instances": list }))
+        }
+        (&Method::GET, "/version") => (
+            StatusCode::OK,
+            json!({"name": "xpyd", "version": crate::VERSION}),
+        ),
         _ => {
             let e =
                 ApiError::not_found(format!("{method} {path} is not an endpoint of this proxy"));
@@ -111,17 +124,7 @@ async fn route(
 fn health(w: &Worker) -> (StatusCode, serde_json::Value) {
     let topo = w.shared.topology.load();
     let ready = w.shared.is_ready() && topo.models.iter().all(|m| m.can_serve());
-    let instances: Vec<_> = topo
-        .instances()
-        .map(|i| {
-            json!({
-                "address": i.address,
-                "role": i.role.as_str(),
-                "model": &*i.model,
-                "status": i.health().as_str(),
-            })
-        })
-        .collect();
+    let instances: Vec<_> = topo.instances().map(|i| i.status_json()).collect();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -134,6 +137,34 @@ fn health(w: &Worker) -> (StatusCode, serde_json::Value) {
             "instances": instances,
         }),
     )
+}
+
+fn status(w: &Worker) -> serde_json::Value {
+    let topo = w.shared.topology.load();
+    let models: Vec<_> = topo
+        .models
+        .iter()
+        .map(|m| {
+            let count = |set: &crate::topology::RoleSet| {
+                let healthy = set.instances.iter().filter(|i| i.is_available()).count();
+                json!({"total": set.instances.len(), "healthy": healthy})
+            };
+            json!({
+                "name": m.name,
+                "scheduler": m.scheduler_name,
+                "prefill": count(&m.prefill),
+                "decode": count(&m.decode),
+                "dual": count(&m.dual),
+                "can_serve": m.can_serve(),
+            })
+        })
+        .collect();
+    json!({
+        "version": crate::VERSION,
+        "ready": w.shared.is_ready(),
+        "uptime_seconds": w.shared.started.elapsed().as_secs_f64(),
+        "models": models,
+    })
 }
 
 fn models(w: &Worker) -> serde_json::Value {

@@ -1,32 +1,130 @@
-//! Scheduling policies behind one trait. Each model and role owns its scheduler instance
-//! inside the shared topology snapshot, so its state (a round-robin cursor, say) is shared by
-//! every worker through atomics.
+//! Scheduling policies behind one trait. Each model and role owns its scheduler inside the
+//! shared topology snapshot, so a policy's state (a round-robin cursor, a hash ring) is
+//! shared by every worker and read without locks. Prefill and decode legs pick
+//! independently. See docs/scheduling.md for when to use which.
 
+mod cache_aware;
+mod consistent_hash;
+mod load_balanced;
+mod power_of_two;
 mod round_robin;
 
-use crate::config::SchedulerKind;
+use crate::config::{Role, SchedulerKind, SchedulingOptions};
 use crate::topology::Instance;
 use std::sync::Arc;
 
+pub use cache_aware::CacheAware;
+pub use consistent_hash::ConsistentHash;
+pub use load_balanced::LoadBalanced;
+pub use power_of_two::PowerOfTwo;
 pub use round_robin::RoundRobin;
 
 /// What a policy may look at about the request being placed.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PickContext<'a> {
-    /// Estimated prompt tokens (bytes / 4; no tokenizer on the hot path).
-    pub prompt_tokens: usize,
-    /// Affinity key (session header, user, client IP) for hashing policies.
+    /// Estimated prompt tokens: body bytes of the prompt / 4 (no tokenizer on the hot path).
+    pub prompt_tokens: u64,
+    /// Tokens the request may generate (`max_tokens`, or a default).
+    pub decode_tokens: u64,
+    /// Affinity key for hashing: `X-Session-ID`, else the body's `user`, else the client IP.
     pub key: Option<&'a str>,
+    /// The prompt as raw JSON text (string, token-id list or messages), for prefix routing.
+    pub prompt_text: &'a [u8],
+}
+
+impl PickContext<'_> {
+    /// An instance this request may go to: available, and the prompt fits its context.
+    #[inline]
+    pub fn eligible(&self, i: &Instance) -> bool {
+        i.is_available() && i.fits(self.prompt_tokens)
+    }
 }
 
 pub trait Scheduler: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Picks one of `candidates`; never an instance that is not available.
+    /// Picks one of `candidates` for which `ctx.eligible` holds, or None.
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>>;
 }
 
-pub fn build(kind: SchedulerKind) -> Box<dyn Scheduler> {
+pub fn build(
+    kind: SchedulerKind,
+    role: Role,
+    opts: &SchedulingOptions,
+    instances: &[Arc<Instance>],
+) -> Box<dyn Scheduler> {
     match kind {
         SchedulerKind::RoundRobin => Box::new(RoundRobin::default()),
+        SchedulerKind::LoadBalanced => Box::new(LoadBalanced::new(role)),
+        SchedulerKind::PowerOfTwo => Box::new(PowerOfTwo::new(role)),
+        SchedulerKind::ConsistentHash => Box::new(ConsistentHash::new(instances, opts)),
+        SchedulerKind::CacheAware => Box::new(CacheAware::new(role, opts)),
+    }
+}
+
+/// Load as the role sees it, lower is better: prefill is bound by prompt tokens in flight,
+/// decode by requests in flight (ties by decode tokens).
+#[inline]
+pub(crate) fn load_key(role: Role, i: &Instance) -> (u64, u64) {
+    let (req, prompt, decode) = i.load.snapshot();
+    match role {
+        Role::Prefill => (prompt, req),
+        Role::Decode | Role::Dual => (req, decode),
+    }
+}
+
+/// The least loaded eligible instance. The scan starts at a random offset so that ties
+/// (an idle cluster) spread over the instances instead of all going to the first.
+pub(crate) fn least_loaded(
+    role: Role,
+    candidates: &[Arc<Instance>],
+    ctx: &PickContext<'_>,
+) -> Option<Arc<Instance>> {
+    let n = candidates.len();
+    if n == 0 {
+        return None;
+    }
+    let start = (crate::ids::next_u64() % n as u64) as usize;
+    (0..n)
+        .map(|k| &candidates[(start + k) % n])
+        .filter(|i| ctx.eligible(i))
+        .min_by_key(|i| load_key(role, i))
+        .cloned()
+}
+
+/// A fast, well-mixed 64-bit hash: eight bytes per multiply, then a murmur finaliser;
+/// stable across runs so that hash rings and prefix hashes are reproducible.
+#[inline]
+pub(crate) fn hash64(seed: u64, data: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(K) ^ data.len() as u64;
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        h = (h ^ v).wrapping_mul(K).rotate_left(31);
+    }
+    for &b in words.remainder() {
+        h = (h ^ b as u64).wrapping_mul(K).rotate_left(31);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::topology::Health;
+
+    pub fn instances(n: usize, role: Role) -> Vec<Arc<Instance>> {
+        (0..n)
+            .map(|k| {
+                let addr = format!("10.0.0.{}:8000", k + 1);
+                let i = Instance::new(addr.clone(), addr.parse().unwrap(), role, Arc::from("m"));
+                i.set_health(Health::Healthy);
+                Arc::new(i)
+            })
+            .collect()
     }
 }

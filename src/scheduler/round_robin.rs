@@ -3,7 +3,8 @@ use crate::topology::Instance;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// One cursor per model and role, shared by all workers, skipping unavailable instances.
+/// One cursor per model and role, shared by all workers (so two workers do not both start
+/// at instance 0), skipping ineligible instances.
 #[derive(Default)]
 pub struct RoundRobin {
     next: AtomicUsize,
@@ -14,7 +15,7 @@ impl Scheduler for RoundRobin {
         "roundrobin"
     }
 
-    fn pick(&self, candidates: &[Arc<Instance>], _ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
+    fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         let n = candidates.len();
         if n == 0 {
             return None;
@@ -22,7 +23,7 @@ impl Scheduler for RoundRobin {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|k| &candidates[(start + k) % n])
-            .find(|i| i.is_available())
+            .find(|i| ctx.eligible(i))
             .cloned()
     }
 }
@@ -31,36 +32,51 @@ impl Scheduler for RoundRobin {
 mod tests {
     use super::*;
     use crate::config::Role;
+    use crate::scheduler::testing::instances;
     use crate::topology::Health;
-
-    fn inst(port: u16) -> Arc<Instance> {
-        let i = Instance::new(
-            format!("127.0.0.1:{port}"),
-            format!("127.0.0.1:{port}").parse().unwrap(),
-            Role::Decode,
-            Arc::from("m"),
-        );
-        i.set_health(Health::Healthy);
-        Arc::new(i)
-    }
 
     #[test]
     fn cycles_and_skips_unhealthy() {
-        let c = vec![inst(1), inst(2), inst(3)];
+        let c = instances(3, Role::Decode);
         let rr = RoundRobin::default();
         let ctx = PickContext::default();
-        let ports: Vec<u16> = (0..6)
-            .map(|_| rr.pick(&c, &ctx).unwrap().socket_addr.port())
+        let ports: Vec<String> = (0..6)
+            .map(|_| rr.pick(&c, &ctx).unwrap().address.clone())
             .collect();
-        assert_eq!(ports, vec![1, 2, 3, 1, 2, 3]);
+        assert_eq!(ports[..3], ports[3..]);
         c[1].set_health(Health::Unhealthy);
-        let ports: Vec<u16> = (0..4)
-            .map(|_| rr.pick(&c, &ctx).unwrap().socket_addr.port())
-            .collect();
-        assert!(!ports.contains(&2));
+        assert!((0..4).all(|_| rr.pick(&c, &ctx).unwrap().address != c[1].address));
         for i in &c {
             i.set_health(Health::Unhealthy);
         }
         assert!(rr.pick(&c, &ctx).is_none());
+    }
+
+    #[test]
+    fn exact_across_two_threads() {
+        let c = instances(4, Role::Decode);
+        let rr = Arc::new(RoundRobin::default());
+        let counts: Vec<Vec<usize>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    let (rr, c) = (rr.clone(), c.clone());
+                    s.spawn(move || {
+                        let mut n = vec![0usize; 4];
+                        for _ in 0..10_000 {
+                            let p = rr.pick(&c, &PickContext::default()).unwrap();
+                            n[c.iter().position(|x| Arc::ptr_eq(x, &p)).unwrap()] += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let total: Vec<usize> = (0..4).map(|k| counts[0][k] + counts[1][k]).collect();
+        assert_eq!(
+            total,
+            vec![5_000; 4],
+            "shared cursor must be exact: {total:?}"
+        );
     }
 }

@@ -1,0 +1,208 @@
+//! Scheduling end to end: session affinity under cache_aware and consistent_hash, spread
+//! across decode instances, and in-flight counters back to zero afterwards.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const SESSIONS: usize = 20;
+const PER_SESSION: usize = 10;
+
+/// Sends 200 requests from 20 sessions (each its own connection, X-Session-ID and long
+/// shared prefix), the sessions concurrently, each session's requests one after another.
+/// Returns, per decode node, the sessions and request count it served.
+fn run_sessions(proxy: &Proc, decodes: &[&Proc]) -> (f64, f64) {
+    let url = proxy.url("/v1/completions");
+    let handles: Vec<_> = (0..SESSIONS)
+        .map(|s| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let a = agent();
+                let system = format!("Session {s}. You are an assistant for customer {s}. ").repeat(8);
+                for q in 0..PER_SESSION {
+                    let body = json!({"model": MODEL, "prompt": format!("{system} Question {q}?"), "max_tokens": 4});
+                    let resp = a
+                        .post(&url)
+                        .set("X-Session-ID", &format!("session-{s}"))
+                        .set("X-Request-Id", &format!("s{s}-q{q}"))
+                        .send_json(body)
+                        .expect("request");
+                    assert_eq!(resp.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    // Which decode node served each request, from the nodes' own request logs.
+    let mut by_session: HashMap<usize, HashMap<usize, usize>> = HashMap::new();
+    let mut per_node = vec![0usize; decodes.len()];
+    for (n, d) in decodes.iter().enumerate() {
+        for r in received(d) {
+            let rid = r["request_id"].as_str().unwrap();
+            let s: usize = rid[1..rid.find('-').unwrap()].parse().unwrap();
+            *by_session.entry(s).or_default().entry(n).or_default() += 1;
+            per_node[n] += 1;
+        }
+    }
+    let total: usize = per_node.iter().sum();
+    assert_eq!(total, SESSIONS * PER_SESSION);
+    // Hit rate: share of requests on their session's most used node.
+    let hits: usize = by_session
+        .values()
+        .map(|m| *m.values().max().unwrap())
+        .sum();
+    let max_share = *per_node.iter().max().unwrap() as f64 / total as f64;
+    (hits as f64 / total as f64, max_share)
+}
+
+fn assert_counters_zero(proxy: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (_, v) = get_json(&proxy.url("/status/instances"));
+        let list = v["instances"].as_array().unwrap().clone();
+        let busy: Vec<&Value> = list
+            .iter()
+            .filter(|i| {
+                i["active_requests"] != 0
+                    || i["in_flight_prompt_tokens"] != 0
+                    || i["in_flight_decode_tokens"] != 0
+            })
+            .collect();
+        if busy.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in-flight counters not released: {busy:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn setup(policy: &str) -> (Proc, Vec<Proc>, Proc) {
+    let p = dummy("prefill", &[]);
+    let ds: Vec<Proc> = (0..4)
+        .map(|_| dummy("decode", &["--decode-delay-per-token", "0.002"]))
+        .collect();
+    let refs: Vec<&Proc> = ds.iter().collect();
+    let proxy = proxy_with(
+        &format!("{}scheduling: {policy}\n", pd_yaml(&[&p], &refs)),
+        true,
+    );
+    (p, ds, proxy)
+}
+
+#[test]
+fn cache_aware_keeps_sessions_on_their_instance_and_spreads_load() {
+    let (_p, ds, proxy) = setup("cache_aware");
+    let refs: Vec<&Proc> = ds.iter().collect();
+    let (hit, max_share) = run_sessions(&proxy, &refs);
+    eprintln!("cache_aware: hit rate {hit}, max share {max_share}");
+    assert!(hit >= 0.9, "hit rate {hit}");
+    assert!(max_share <= 0.4, "one instance took {max_share}");
+    assert_counters_zero(&proxy);
+}
+
+#[test]
+fn consistent_hash_keeps_sessions_on_their_instance_and_spreads_load() {
+    let (_p, ds, proxy) = setup("consistent_hash");
+    let refs: Vec<&Proc> = ds.iter().collect();
+    let (hit, max_share) = run_sessions(&proxy, &refs);
+    eprintln!("consistent_hash: hit rate {hit}, max share {max_share}");
+    // Bounded load trades some affinity for the spread guarantee: with 20 sessions on
+    // 4 nodes a node may be home to 8+ sessions and must pass some on.
+    assert!(hit >= 0.7, "hit rate {hit}");
+    assert!(max_share <= 0.4, "one instance took {max_share}");
+    assert_counters_zero(&proxy);
+}
+
+#[test]
+fn counters_return_to_zero_after_client_disconnects() {
+    let (_p, ds, proxy) = setup("loadbalanced");
+    use std::io::{Read, Write};
+    let mut open = Vec::new();
+    for _ in 0..10 {
+        let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
+        let body = serde_json::to_vec(
+            &json!({"model": MODEL, "prompt": "hi", "max_tokens": 500, "stream": true}),
+        )
+        .unwrap();
+        write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
+        s.write_all(&body).unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).unwrap();
+        open.push(s);
+    }
+    let (_, v) = get_json(&proxy.url("/status/instances"));
+    let active: u64 = v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["active_requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(active, 10, "ten streams in flight on the decode nodes");
+    // Abandon every stream mid-way.
+    drop(open);
+    assert_counters_zero(&proxy);
+    let aborted: u64 = ds
+        .iter()
+        .map(|d| dummy_stats(d)["aborted"].as_u64().unwrap())
+        .sum();
+    assert_eq!(aborted, 10);
+    // Loadbalanced spread the ten streams: no decode node had more than 3.
+    for d in &ds {
+        assert!(dummy_stats(d)["requests"].as_u64().unwrap() <= 3);
+    }
+}
+
+#[test]
+fn long_prompts_only_go_to_instances_that_can_take_them() {
+    let p = dummy("prefill", &["--max-model-len", "100000"]);
+    let small = dummy("decode", &["--max-model-len", "300"]);
+    let large = dummy("decode", &["--max-model-len", "100000"]);
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: roundrobin\n",
+            pd_yaml(&[&p], &[&small, &large])
+        ),
+        true,
+    );
+    let a = agent();
+    // ~2000 bytes: estimated 500 tokens, more than the small node takes.
+    let long = vec!["word"; 400].join(" ");
+    for _ in 0..6 {
+        let (status, _, v) = post(
+            &a,
+            &proxy.url("/v1/completions"),
+            &json!({"model": MODEL, "prompt": long, "max_tokens": 2}),
+        );
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(dummy_stats(&small)["requests"], 0);
+    assert_eq!(dummy_stats(&large)["requests"], 6);
+    // Short prompts still use both.
+    for _ in 0..4 {
+        let (status, _, _) = post(
+            &a,
+            &proxy.url("/v1/completions"),
+            &json!({"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+        );
+        assert_eq!(status, 200);
+    }
+    assert_eq!(dummy_stats(&small)["requests"], 2);
+    // Longer than every instance: the proxy answers 400 itself.
+    let huge = vec!["word"; 100_000].join(" ");
+    let (status, _, v) = post(
+        &a,
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": huge, "max_tokens": 2}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    assert_eq!(dummy_stats(&p)["requests"], 10);
+}
