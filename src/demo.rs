@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub const DEMO_MODEL: &str = "xpyd-demo";
 
 pub fn run(port: u16, driver: Driver) -> Result<(), String> {
+    crate::proxy::block_shutdown_signals();
     let node = |mode: Mode| {
         let mut o = DummyOptions::new(mode, DEMO_MODEL);
         o.prefill_delay_per_token = 0.0005;
@@ -87,6 +88,6 @@ pub fn run(port: u16, driver: Driver) -> Result<(), String> {
     println!("       -d '{{\"model\":\"{DEMO_MODEL}\",\"prompt\":\"hello\",\"max_tokens\":16,\"stream\":true}}'");
     println!("  python3 -c \"from openai import OpenAI; c = OpenAI(base_url='http://{addr}/v1', api_key='x'); print(c.completions.create(model='{DEMO_MODEL}', prompt='hello', max_tokens=16).choices[0].text)\"");
     println!("\nServing until Ctrl-C.");
-    proxy.join();
+    proxy.wait_for_shutdown();
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod dummy;
 pub mod http;
 pub mod ids;
 pub mod proxy;
+pub mod resilience;
 pub mod runtime;
 pub mod scheduler;
 pub mod topology;

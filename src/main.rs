@@ -86,6 +86,8 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         cfg.log_level = l.parse::<Level>()?;
     }
     xpyd::log::set_level(cfg.log_level);
+    // Before any thread starts, so that every thread inherits the mask.
+    xpyd::proxy::block_shutdown_signals();
     let driver = Driver::resolve(args.driver)?;
     let workers = args
         .workers
@@ -106,7 +108,7 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         handle.addr,
         driver.effective()
     );
-    handle.join();
+    handle.wait_for_shutdown();
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! swapped whole through `arc-swap`, plus per-instance cache-padded atomics that workers
 //! update without locks.
 
-use crate::config::{Config, ModelConfig, Role};
+use crate::config::{Config, ModelConfig, Role, SchedulerKind, SchedulingOptions};
 use crate::scheduler::{self, Scheduler};
 use arc_swap::ArcSwap;
 use crossbeam_utils::CachePadded;
@@ -41,6 +41,7 @@ pub struct Instance {
     pub draining: AtomicBool,
     /// Circuit breaker state (see `resilience`); only `Open` blocks picks.
     pub circuit: AtomicU8,
+    pub breaker: crate::resilience::Breaker,
     pub load: Load,
     /// 0 until read from the instance's /v1/models.
     pub max_model_len: AtomicU64,
@@ -60,6 +61,7 @@ impl Instance {
             answered: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             circuit: AtomicU8::new(CIRCUIT_CLOSED),
+            breaker: Default::default(),
             load: Load::default(),
             max_model_len: AtomicU64::new(0),
             root: OnceLock::new(),
@@ -88,7 +90,7 @@ impl Instance {
     pub fn is_available(&self) -> bool {
         self.health() == Health::Healthy
             && !self.draining.load(Ordering::Relaxed)
-            && self.circuit.load(Ordering::Relaxed) != CIRCUIT_OPEN
+            && self.breaker.allows(&self.circuit)
     }
 
     /// Whether a prompt of `prompt_tokens` (estimated) fits this instance's context.
@@ -198,9 +200,14 @@ pub struct RoleSet {
 }
 
 impl RoleSet {
-    fn new(instances: Vec<Arc<Instance>>, role: Role, m: &ModelConfig) -> Self {
+    fn new(
+        instances: Vec<Arc<Instance>>,
+        role: Role,
+        kind: SchedulerKind,
+        opts: &SchedulingOptions,
+    ) -> Self {
         RoleSet {
-            scheduler: scheduler::build(m.scheduler, role, &m.scheduling, &instances),
+            scheduler: scheduler::build(kind, role, opts, &instances),
             instances,
         }
     }
@@ -212,6 +219,8 @@ impl RoleSet {
 
 pub struct ModelRoute {
     pub name: String,
+    pub kind: SchedulerKind,
+    pub options: SchedulingOptions,
     pub scheduler_name: &'static str,
     pub prefill: RoleSet,
     pub decode: RoleSet,
@@ -219,29 +228,47 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
-    fn new(m: &ModelConfig) -> Self {
-        let name: Arc<str> = Arc::from(m.name.as_str());
+    /// Builds a route from instances that may already exist (their health, load and
+    /// breaker state carry over into the new snapshot).
+    pub fn build(
+        name: &str,
+        kind: SchedulerKind,
+        options: SchedulingOptions,
+        instances: Vec<Arc<Instance>>,
+    ) -> Self {
         let of = |role: Role| -> Vec<Arc<Instance>> {
-            m.instances
+            instances
                 .iter()
                 .filter(|i| i.role == role)
-                .map(|i| {
-                    Arc::new(Instance::new(
-                        i.address.clone(),
-                        i.socket_addr,
-                        role,
-                        name.clone(),
-                    ))
-                })
+                .cloned()
                 .collect()
         };
         ModelRoute {
-            name: m.name.clone(),
-            scheduler_name: m.scheduler.as_str(),
-            prefill: RoleSet::new(of(Role::Prefill), Role::Prefill, m),
-            decode: RoleSet::new(of(Role::Decode), Role::Decode, m),
-            dual: RoleSet::new(of(Role::Dual), Role::Dual, m),
+            name: name.to_string(),
+            scheduler_name: kind.as_str(),
+            prefill: RoleSet::new(of(Role::Prefill), Role::Prefill, kind, &options),
+            decode: RoleSet::new(of(Role::Decode), Role::Decode, kind, &options),
+            dual: RoleSet::new(of(Role::Dual), Role::Dual, kind, &options),
+            kind,
+            options,
         }
+    }
+
+    fn from_config(m: &ModelConfig) -> Self {
+        let name: Arc<str> = Arc::from(m.name.as_str());
+        let instances = m
+            .instances
+            .iter()
+            .map(|i| {
+                Arc::new(Instance::new(
+                    i.address.clone(),
+                    i.socket_addr,
+                    i.role,
+                    name.clone(),
+                ))
+            })
+            .collect();
+        Self::build(&m.name, m.scheduler, m.scheduling.clone(), instances)
     }
 
     pub fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
@@ -273,17 +300,32 @@ impl ModelRoute {
 
 pub struct Topology {
     pub models: Vec<ModelRoute>,
+    /// Bumped on every published change; workers use it to prune their pools.
+    pub generation: u64,
+    /// Scheduler for models created at run time (`/instances/add` with a new model name).
+    pub default_kind: SchedulerKind,
+    pub default_options: SchedulingOptions,
 }
 
 impl Topology {
     pub fn from_config(cfg: &Config) -> Self {
+        let first = cfg.models.first();
         Topology {
-            models: cfg.models.iter().map(ModelRoute::new).collect(),
+            models: cfg.models.iter().map(ModelRoute::from_config).collect(),
+            generation: 0,
+            default_kind: first
+                .map(|m| m.scheduler)
+                .unwrap_or(SchedulerKind::LoadBalanced),
+            default_options: first.map(|m| m.scheduling.clone()).unwrap_or_default(),
         }
     }
 
     pub fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
         self.models.iter().flat_map(|m| m.instances())
+    }
+
+    pub fn find(&self, addr: SocketAddr) -> Option<&Arc<Instance>> {
+        self.instances().find(|i| i.socket_addr == addr)
     }
 
     /// The model a request names; with a single configured model, a request without
@@ -295,22 +337,87 @@ impl Topology {
             None => None,
         }
     }
+
+    /// A new snapshot with `inst` added (to a new model if its model is unknown).
+    pub fn with_added(&self, inst: Arc<Instance>) -> Result<Topology, String> {
+        if self.find(inst.socket_addr).is_some() {
+            return Err(format!("instance {} is already configured", inst.address));
+        }
+        let mut models: Vec<ModelRoute> = Vec::with_capacity(self.models.len() + 1);
+        let mut placed = false;
+        for m in &self.models {
+            let mut list: Vec<Arc<Instance>> = m.instances().cloned().collect();
+            if m.name == *inst.model {
+                list.push(inst.clone());
+                placed = true;
+            }
+            models.push(ModelRoute::build(&m.name, m.kind, m.options.clone(), list));
+        }
+        if !placed {
+            let name = inst.model.clone();
+            models.push(ModelRoute::build(
+                &name,
+                self.default_kind,
+                self.default_options.clone(),
+                vec![inst],
+            ));
+        }
+        Ok(self.next(models))
+    }
+
+    /// A new snapshot without the instance at `addr`, and that instance.
+    pub fn with_removed(&self, addr: SocketAddr) -> Result<(Topology, Arc<Instance>), String> {
+        let gone = self
+            .find(addr)
+            .cloned()
+            .ok_or_else(|| format!("no instance at {addr}"))?;
+        let models = self
+            .models
+            .iter()
+            .map(|m| {
+                let list = m
+                    .instances()
+                    .filter(|i| !Arc::ptr_eq(i, &gone))
+                    .cloned()
+                    .collect();
+                ModelRoute::build(&m.name, m.kind, m.options.clone(), list)
+            })
+            .collect();
+        Ok((self.next(models), gone))
+    }
+
+    fn next(&self, models: Vec<ModelRoute>) -> Topology {
+        Topology {
+            models,
+            generation: self.generation + 1,
+            default_kind: self.default_kind,
+            default_options: self.default_options.clone(),
+        }
+    }
 }
 
 /// Everything workers share: the swappable snapshot and process-wide flags.
 pub struct Shared {
     pub topology: ArcSwap<Topology>,
-    /// Latched once every configured instance answered its /health.
+    /// Set once every model can serve (startup gating); stays set.
     pub ready: AtomicBool,
+    /// SIGTERM/SIGINT received: finish what is in flight, take nothing new.
+    pub shutting_down: AtomicBool,
+    /// Requests in flight, one slot per worker (each worker writes only its own).
+    pub active: Vec<CachePadded<AtomicU64>>,
     pub started: Instant,
     pub created_unix: u64,
 }
 
 impl Shared {
-    pub fn new(cfg: &Config) -> Arc<Self> {
+    pub fn new(cfg: &Config, workers: usize) -> Arc<Self> {
         Arc::new(Shared {
             topology: ArcSwap::from_pointee(Topology::from_config(cfg)),
             ready: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            active: (0..workers.max(1))
+                .map(|_| CachePadded::new(AtomicU64::new(0)))
+                .collect(),
             started: Instant::now(),
             created_unix: crate::ids::unix_seconds(),
         })
@@ -319,5 +426,26 @@ impl Shared {
     #[inline]
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn active_requests(&self) -> u64 {
+        self.active.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Counts a request in its worker's slot of `Shared::active` while it lives.
+pub struct ActiveRequest<'a>(&'a AtomicU64);
+
+impl<'a> ActiveRequest<'a> {
+    pub fn new(shared: &'a Shared, worker: usize) -> Self {
+        let slot = &shared.active[worker % shared.active.len()];
+        slot.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(slot)
+    }
+}
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

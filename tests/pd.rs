@@ -325,7 +325,10 @@ fn client_disconnect_during_prefill_cancels_the_prefill_leg() {
 fn dual_instances_serve_in_one_pass() {
     let d1 = dummy("dual", &[]);
     let d2 = dummy("dual", &[]);
-    let proxy = proxy_with(&format!("{}scheduling: roundrobin\n", dual_yaml(&[&d1, &d2])), true);
+    let proxy = proxy_with(
+        &format!("{}scheduling: roundrobin\n", dual_yaml(&[&d1, &d2])),
+        true,
+    );
     let a = agent();
     for _ in 0..4 {
         let (status, _, v) = post(&a, &proxy.url("/v1/completions"), &completion_body(false));

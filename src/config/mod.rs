@@ -129,6 +129,50 @@ pub struct HealthConfig {
 }
 
 #[derive(Debug, Clone)]
+pub struct StartupConfig {
+    pub wait_timeout: Duration,
+    pub exit_on_timeout: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CircuitConfig {
+    pub enabled: bool,
+    pub failure_threshold: u32,
+    pub success_threshold: u32,
+    pub timeout: Duration,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    pub enabled: bool,
+    pub max_retries: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub multiplier: f64,
+    pub jitter: f64,
+    pub retryable_status: Vec<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TimeoutConfig {
+    pub connect: Duration,
+    /// Request sent → response head received.
+    pub first_byte: Duration,
+    /// Between two reads of a response body.
+    pub idle: Duration,
+}
+
+/// Limits on what clients may send and how long they may take.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Sizes and timeouts of reading one request.
+    pub http: crate::http::Limits,
+    /// Per worker; connections beyond it are refused (closed at once).
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
 pub struct Config {
     pub host: String,
     pub port: u16,
@@ -136,8 +180,13 @@ pub struct Config {
     pub log_level: Level,
     pub models: Vec<ModelConfig>,
     pub health: HealthConfig,
-    pub connect_timeout: Duration,
-    pub limits: crate::http::Limits,
+    pub startup: StartupConfig,
+    pub circuit: CircuitConfig,
+    pub retry: RetryConfig,
+    pub timeouts: TimeoutConfig,
+    pub limits: ServerLimits,
+    pub admin_api_key: Option<String>,
+    pub shutdown_grace: Duration,
     pub source: Option<PathBuf>,
 }
 
@@ -173,8 +222,34 @@ mod raw {
         pub scheduling_config: Option<SchedulingConfig>,
         pub health_check: Option<HealthCheck>,
         pub startup: Option<Startup>,
+        pub circuit_breaker: Option<CircuitBreaker>,
+        pub retry: Option<Retry>,
         pub timeouts: Option<Timeouts>,
         pub limits: Option<Limits>,
+        pub admin_api_key: Option<String>,
+        pub shutdown_grace_seconds: Option<f64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct CircuitBreaker {
+        pub enabled: Option<bool>,
+        pub failure_threshold: Option<u32>,
+        pub success_threshold: Option<u32>,
+        pub timeout_duration_seconds: Option<f64>,
+        pub window_duration_seconds: Option<f64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Retry {
+        pub enabled: Option<bool>,
+        pub max_retries: Option<u32>,
+        pub initial_backoff_ms: Option<u64>,
+        pub max_backoff_ms: Option<u64>,
+        pub backoff_multiplier: Option<f64>,
+        pub jitter_factor: Option<f64>,
+        pub retryable_status_codes: Option<Vec<u16>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -201,6 +276,7 @@ mod raw {
     pub struct Startup {
         pub probe_interval_seconds: Option<f64>,
         pub wait_timeout_seconds: Option<f64>,
+        pub exit_on_timeout: Option<bool>,
     }
 
     #[derive(Deserialize, Default)]
@@ -216,6 +292,9 @@ mod raw {
     pub struct Limits {
         pub max_body_bytes: Option<usize>,
         pub max_header_bytes: Option<usize>,
+        pub max_connections: Option<usize>,
+        pub header_timeout_seconds: Option<f64>,
+        pub keepalive_timeout_seconds: Option<f64>,
     }
 }
 
@@ -242,6 +321,17 @@ fn scheduling_options(c: raw::SchedulingConfig, problems: &mut Vec<String>) -> S
         problems.push("scheduling_config.hash_load_factor: must be positive".into());
     }
     o
+}
+
+fn positive(field: &str, v: Option<u32>, default: u32, problems: &mut Vec<String>) -> u32 {
+    match v {
+        Some(0) => {
+            problems.push(format!("{field}: must be at least 1"));
+            default
+        }
+        Some(n) => n,
+        None => default,
+    }
 }
 
 fn seconds(field: &str, v: Option<f64>, default: f64, problems: &mut Vec<String>) -> Duration {
@@ -363,62 +453,141 @@ impl Config {
         }
         let hc = f.health_check.unwrap_or_default();
         if hc.enabled == Some(false) {
-            problems
-                .push("health_check.enabled: disabling health checks is not supported yet".into());
+            problems.push(
+                "health_check.enabled: health checks gate startup and cannot be disabled".into(),
+            );
         }
         let st = f.startup.unwrap_or_default();
-        let _ = seconds(
-            "startup.wait_timeout_seconds",
-            st.wait_timeout_seconds,
-            600.0,
-            &mut problems,
-        );
+        let p = &mut problems;
         let health = HealthConfig {
             interval: seconds(
                 "health_check.interval_seconds",
                 hc.interval_seconds,
                 10.0,
-                &mut problems,
+                p,
             ),
-            timeout: seconds(
-                "health_check.timeout_seconds",
-                hc.timeout_seconds,
-                3.0,
-                &mut problems,
-            ),
+            timeout: seconds("health_check.timeout_seconds", hc.timeout_seconds, 3.0, p),
             startup_probe_interval: seconds(
                 "startup.probe_interval_seconds",
                 st.probe_interval_seconds,
                 10.0,
-                &mut problems,
+                p,
             ),
         };
+        let startup = StartupConfig {
+            wait_timeout: seconds(
+                "startup.wait_timeout_seconds",
+                st.wait_timeout_seconds,
+                600.0,
+                p,
+            ),
+            exit_on_timeout: st.exit_on_timeout.unwrap_or(false),
+        };
+        let cb = f.circuit_breaker.unwrap_or_default();
+        let circuit = CircuitConfig {
+            enabled: cb.enabled.unwrap_or(true),
+            failure_threshold: positive(
+                "circuit_breaker.failure_threshold",
+                cb.failure_threshold,
+                5,
+                p,
+            ),
+            success_threshold: positive(
+                "circuit_breaker.success_threshold",
+                cb.success_threshold,
+                2,
+                p,
+            ),
+            timeout: seconds(
+                "circuit_breaker.timeout_duration_seconds",
+                cb.timeout_duration_seconds,
+                30.0,
+                p,
+            ),
+            window: seconds(
+                "circuit_breaker.window_duration_seconds",
+                cb.window_duration_seconds,
+                60.0,
+                p,
+            ),
+        };
+        let rt = f.retry.unwrap_or_default();
+        let retry = RetryConfig {
+            enabled: rt.enabled.unwrap_or(true),
+            max_retries: rt.max_retries.unwrap_or(2),
+            initial_backoff: Duration::from_millis(rt.initial_backoff_ms.unwrap_or(100)),
+            max_backoff: Duration::from_millis(rt.max_backoff_ms.unwrap_or(10_000)),
+            multiplier: rt.backoff_multiplier.unwrap_or(2.0),
+            jitter: rt.jitter_factor.unwrap_or(0.1),
+            retryable_status: rt
+                .retryable_status_codes
+                .unwrap_or_else(|| vec![408, 429, 500, 502, 503, 504]),
+        };
+        if !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()) {
+            p.push("retry.backoff_multiplier: must be at least 1.0".into());
+        }
+        if !(0.0..=1.0).contains(&retry.jitter) {
+            p.push("retry.jitter_factor: must be between 0 and 1".into());
+        }
+        for code in &retry.retryable_status {
+            if !(100..=599).contains(code) {
+                p.push(format!(
+                    "retry.retryable_status_codes: {code} is not an HTTP status"
+                ));
+            }
+        }
         let to = f.timeouts.unwrap_or_default();
-        let _ = seconds(
-            "timeouts.first_byte_seconds",
-            to.first_byte_seconds,
-            600.0,
-            &mut problems,
-        );
-        let _ = seconds(
-            "timeouts.idle_seconds",
-            to.idle_seconds,
-            600.0,
-            &mut problems,
-        );
         let connect_ms = to.connect_ms.unwrap_or(3000);
         if connect_ms == 0 {
-            problems.push("timeouts.connect_ms: must be positive".into());
+            p.push("timeouts.connect_ms: must be positive".into());
         }
+        let timeouts = TimeoutConfig {
+            connect: Duration::from_millis(connect_ms.max(1)),
+            first_byte: seconds(
+                "timeouts.first_byte_seconds",
+                to.first_byte_seconds,
+                600.0,
+                p,
+            ),
+            idle: seconds("timeouts.idle_seconds", to.idle_seconds, 600.0, p),
+        };
         let lim = f.limits.unwrap_or_default();
         let defaults = crate::http::Limits::default();
-        let limits = crate::http::Limits {
-            max_body_bytes: lim.max_body_bytes.unwrap_or(defaults.max_body_bytes),
-            max_header_bytes: lim.max_header_bytes.unwrap_or(defaults.max_header_bytes),
+        let limits = ServerLimits {
+            http: crate::http::Limits {
+                max_body_bytes: lim.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+                max_header_bytes: lim.max_header_bytes.unwrap_or(defaults.max_header_bytes),
+                header_timeout: seconds(
+                    "limits.header_timeout_seconds",
+                    lim.header_timeout_seconds,
+                    30.0,
+                    p,
+                ),
+                keepalive_timeout: seconds(
+                    "limits.keepalive_timeout_seconds",
+                    lim.keepalive_timeout_seconds,
+                    75.0,
+                    p,
+                ),
+            },
+            max_connections: lim.max_connections.unwrap_or(10_000),
         };
-        if limits.max_body_bytes == 0 || limits.max_header_bytes < 1024 {
-            problems.push("limits: max_body_bytes must be > 0 and max_header_bytes >= 1024".into());
+        if limits.http.max_body_bytes == 0 {
+            p.push("limits.max_body_bytes: must be positive".into());
         }
+        if limits.http.max_header_bytes < 1024 {
+            p.push("limits.max_header_bytes: must be at least 1024".into());
+        }
+        if limits.max_connections == 0 {
+            p.push("limits.max_connections: must be positive".into());
+        }
+        let shutdown_grace = seconds("shutdown_grace_seconds", f.shutdown_grace_seconds, 30.0, p);
+        // The environment wins over the file, so secrets can stay out of it.
+        let admin_api_key = std::env::var("ADMIN_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
+            .or(f.admin_api_key)
+            .filter(|k| !k.is_empty());
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -435,8 +604,13 @@ impl Config {
                 scheduling,
             }],
             health,
-            connect_timeout: Duration::from_millis(connect_ms.max(1)),
+            startup,
+            circuit,
+            retry,
+            timeouts,
             limits,
+            admin_api_key,
+            shutdown_grace,
             source: None,
         })
     }

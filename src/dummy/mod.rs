@@ -156,12 +156,14 @@ async fn serve_connection(node: Arc<Node>, mut stream: TcpStream) {
     let limits = Limits {
         max_header_bytes: 64 * 1024,
         max_body_bytes: 256 * 1024 * 1024,
+        header_timeout: Duration::from_secs(60),
+        keepalive_timeout: Duration::from_secs(600),
     };
     let mut watch: Option<Rc<DisconnectWatch>> = None;
     loop {
         let req = match read_request(&mut stream, &mut buf, &limits).await {
             Ok(r) => r,
-            Err(ReadError::Closed) | Err(ReadError::Io(_)) => return,
+            Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {
                 let _ = stream.write_all(error_response(&e, &[], false)).await;
                 return;

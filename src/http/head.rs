@@ -36,6 +36,7 @@ pub struct RequestHead {
     pub content_type: Option<String>,
     pub request_id: Option<String>,
     pub session_id: Option<String>,
+    pub api_key: Option<String>,
     pub authorization: Option<String>,
     pub expect_continue: bool,
     /// Bytes of the head including the blank line.
@@ -157,6 +158,7 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
         content_type: None,
         request_id: None,
         session_id: None,
+        api_key: None,
         authorization: None,
         expect_continue: false,
         len,
@@ -179,6 +181,8 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
             if !v.is_empty() {
                 head.session_id = Some(v.to_string());
             }
+        } else if name.eq_ignore_ascii_case("x-api-key") {
+            head.api_key = Some(value_str(h.value, "invalid X-API-Key")?.to_string());
         } else if name.eq_ignore_ascii_case("authorization") {
             head.authorization = Some(value_str(h.value, "invalid Authorization")?.to_string());
         } else if name.eq_ignore_ascii_case("expect") {

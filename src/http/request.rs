@@ -8,11 +8,16 @@ use bytes::Bytes;
 use http::StatusCode;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use std::io;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
+    /// From the first byte of a request to its last (slow senders are cut: 408).
+    pub header_timeout: Duration,
+    /// Waiting for the first byte of the next request on a kept-alive connection.
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -20,7 +25,23 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 64 * 1024,
             max_body_bytes: 32 * 1024 * 1024,
+            header_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
         }
+    }
+}
+
+/// One read, bounded by `deadline` (or by `idle` from now when nothing has arrived yet).
+async fn fill_by<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut ReadBuf,
+    want: usize,
+    deadline: Instant,
+) -> Result<usize, ReadError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match monoio::time::timeout(left, buf.fill_at_least(stream, want)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ReadError::TimedOut),
     }
 }
 
@@ -36,6 +57,8 @@ pub enum ReadError {
     Io(io::Error),
     /// The request cannot be served; answer this and close.
     Reject(ApiError),
+    /// Idle too long between requests (close quietly) or mid-request (answer 408).
+    TimedOut,
 }
 
 impl From<io::Error> for ReadError {
@@ -54,6 +77,12 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
     buf: &mut ReadBuf,
     limits: &Limits,
 ) -> Result<Request, ReadError> {
+    // Idle wait for the first byte, then the whole request within the header timeout.
+    let mut deadline = Instant::now() + limits.keepalive_timeout;
+    let mut started = !buf.is_empty();
+    if started {
+        deadline = Instant::now() + limits.header_timeout;
+    }
     let head = loop {
         match parse_request(buf.data()) {
             Ok(h) => break h,
@@ -64,13 +93,21 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
                         "request headers too large",
                     ));
                 }
-                let n = buf.fill(stream).await?;
+                let n = match fill_by(stream, buf, 8 * 1024, deadline).await {
+                    Err(ReadError::TimedOut) if !started => return Err(ReadError::Closed),
+                    Err(ReadError::TimedOut) => return Err(timed_out()),
+                    r => r?,
+                };
                 if n == 0 {
                     return Err(if buf.is_empty() {
                         ReadError::Closed
                     } else {
                         ReadError::Io(io::ErrorKind::UnexpectedEof.into())
                     });
+                }
+                if !started {
+                    started = true;
+                    deadline = Instant::now() + limits.header_timeout;
                 }
             }
             Err(HeadError::TooManyHeaders) => {
@@ -112,23 +149,33 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
             let n = n as usize;
             while buf.len() < n {
                 let want = n - buf.len();
-                if buf.fill_at_least(stream, want).await? == 0 {
-                    return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
-                }
+                match fill_by(stream, buf, want, deadline).await {
+                    Err(ReadError::TimedOut) => return Err(timed_out()),
+                    Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+                    r => r?,
+                };
             }
             let body = Bytes::copy_from_slice(&buf.data()[..n]);
             buf.consume(n);
             body
         }
-        Framing::Chunked => read_chunked(stream, buf, limits.max_body_bytes).await?,
+        Framing::Chunked => read_chunked(stream, buf, limits.max_body_bytes, deadline).await?,
     };
     Ok(Request { head, body })
+}
+
+fn timed_out() -> ReadError {
+    reject(
+        StatusCode::REQUEST_TIMEOUT,
+        "the request was not received in time",
+    )
 }
 
 async fn read_chunked<S: AsyncReadRent>(
     stream: &mut S,
     buf: &mut ReadBuf,
     max: usize,
+    deadline: Instant,
 ) -> Result<Bytes, ReadError> {
     let mut dec = ChunkedDecoder::new();
     let mut body = Vec::new();
@@ -146,8 +193,10 @@ async fn read_chunked<S: AsyncReadRent>(
         if dec.is_done() {
             return Ok(Bytes::from(body));
         }
-        if buf.fill(stream).await? == 0 {
-            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
-        }
+        match fill_by(stream, buf, 8 * 1024, deadline).await {
+            Err(ReadError::TimedOut) => return Err(timed_out()),
+            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            r => r?,
+        };
     }
 }

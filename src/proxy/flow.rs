@@ -6,12 +6,14 @@
 
 use super::openai::{self, Endpoint};
 use super::relay::{relay, Outcome, RelayParams};
-use super::upstream::UpstreamError;
+use super::upstream::{UpstreamConn, UpstreamError};
 use super::Worker;
 use crate::config::Role;
+use crate::http::head::ResponseHead;
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{error_response, full_response};
 use crate::http::{ApiError, Request};
+use crate::resilience;
 use crate::scheduler::PickContext;
 use crate::topology::{InFlight, Instance, ModelRoute, RoleSet};
 use bytes::Bytes;
@@ -19,6 +21,7 @@ use http::StatusCode;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Upper bound on a prefill response kept in memory (it is one token plus metadata).
@@ -75,6 +78,7 @@ pub async fn serve(
         return answer_error(client, &e, Some(&request_id), keep_alive).await;
     }
     let topo = w.shared.topology.load_full();
+    w.pool.sync(&topo);
     let Some(route) = topo.route(inspected.model.as_deref()) else {
         let e = match &inspected.model {
             Some(m) => ApiError::not_found(format!("The model `{m}` does not exist."))
@@ -96,6 +100,7 @@ pub async fn serve(
         decode_tokens: inspected.max_tokens.unwrap_or(DEFAULT_DECODE_TOKENS),
         key: Some(key),
         prompt_text: inspected.prompt,
+        exclude: &[],
     };
     let leg = Leg {
         w,
@@ -108,7 +113,7 @@ pub async fn serve(
             let prefill_body = Bytes::from(openai::prefill_body(&inspected.obj));
             disaggregated(&leg, route, &ctx, prefill_body, &req.body, client, &req).await
         } else {
-            single_pass(&leg, route, &ctx, &req.body, client, &req).await
+            forward(&leg, &route.dual, &ctx, Role::Dual, &req.body, client, &req).await
         };
         match result {
             Ok(outcome) => outcome,
@@ -139,6 +144,13 @@ struct Leg<'a> {
     authorization: Option<&'a str>,
 }
 
+/// A leg whose response head arrived: the instance (still counted), the connection, the head.
+struct Answered {
+    guard: InFlight,
+    conn: UpstreamConn,
+    head: ResponseHead,
+}
+
 impl Leg<'_> {
     fn head(&self, inst: &Instance, body_len: usize) -> Vec<u8> {
         let mut h = Vec::with_capacity(256);
@@ -157,7 +169,21 @@ impl Leg<'_> {
     /// Picks an instance for one leg and counts the leg against it. Prefill legs carry the
     /// prompt tokens; decode and dual legs the request and its decode tokens.
     fn pick(&self, set: &RoleSet, ctx: &PickContext<'_>, role: Role) -> Result<InFlight, ApiError> {
-        if let Some(inst) = set.scheduler.pick(&set.instances, ctx) {
+        let picked = set.scheduler.pick(&set.instances, ctx).or_else(|| {
+            // Every other instance failed this request already: the same one beats none.
+            (!ctx.exclude.is_empty())
+                .then(|| {
+                    set.scheduler.pick(
+                        &set.instances,
+                        &PickContext {
+                            exclude: &[],
+                            ..*ctx
+                        },
+                    )
+                })
+                .flatten()
+        });
+        if let Some(inst) = picked {
             let (p, d) = match role {
                 Role::Prefill => (ctx.prompt_tokens, 0),
                 Role::Decode => (0, ctx.decode_tokens),
@@ -186,14 +212,107 @@ impl Leg<'_> {
         .with_code("context_length_exceeded"))
     }
 
-    fn upstream_failed(&self, inst: &Arc<Instance>, role: &str, e: UpstreamError) -> ApiError {
+    /// Sends `body` to an instance of `set` and waits for its response head, retrying
+    /// connection failures and retryable statuses on other instances with backoff (SPEC 5).
+    /// Nothing has reached the client yet, so every retry is safe. A first-byte timeout is
+    /// not retried: the client would wait a multiple of it.
+    async fn run(
+        &self,
+        set: &RoleSet,
+        ctx: &PickContext<'_>,
+        role: Role,
+        body: &Bytes,
+    ) -> Result<Answered, ApiError> {
+        let w = self.w;
+        let retry = &w.retry;
+        let max_retries = if retry.enabled { retry.max_retries } else { 0 };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let guard = self.pick(
+                set,
+                &PickContext {
+                    exclude: &tried,
+                    ..*ctx
+                },
+                role,
+            )?;
+            let inst = guard.instance().clone();
+            let sent = monoio::time::timeout(
+                w.timeouts.first_byte,
+                w.pool
+                    .send(inst.socket_addr, self.head(&inst, body.len()), body),
+            )
+            .await;
+            let failure = match sent {
+                Ok(Ok((conn, head))) => {
+                    let status = head.status.as_u16();
+                    if head.status.is_server_error() {
+                        resilience::record_failure(&inst, &w.circuit);
+                    } else {
+                        resilience::record_success(&inst, &w.circuit);
+                    }
+                    if attempt >= max_retries || !retry.retryable_status.contains(&status) {
+                        return Ok(Answered { guard, conn, head });
+                    }
+                    // Dropping `conn` closes it: its body is not worth reading.
+                    format!("answered {status}")
+                }
+                Ok(Err(e)) => {
+                    resilience::record_failure(&inst, &w.circuit);
+                    w.pool.forget(inst.socket_addr);
+                    if attempt >= max_retries {
+                        return Err(self.upstream_failed(&inst, role, &e));
+                    }
+                    e.to_string()
+                }
+                Err(_) => {
+                    resilience::record_failure(&inst, &w.circuit);
+                    crate::warn!(
+                        "request {}: {} instance {} sent no response within {:?}",
+                        self.request_id,
+                        role.as_str(),
+                        inst.address,
+                        w.timeouts.first_byte
+                    );
+                    return Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout_error",
+                        format!(
+                            "{} instance {} did not answer within {:?}",
+                            role.as_str(),
+                            inst.address,
+                            w.timeouts.first_byte
+                        ),
+                    ));
+                }
+            };
+            attempt += 1;
+            tried.push(inst.socket_addr);
+            drop(guard);
+            let delay = resilience::backoff(retry, attempt);
+            crate::info!(
+                "request {}: {} instance {} {failure}; retry {attempt}/{max_retries} in {delay:?}",
+                self.request_id,
+                role.as_str(),
+                inst.address
+            );
+            monoio::time::sleep(delay).await;
+        }
+    }
+
+    fn upstream_failed(&self, inst: &Arc<Instance>, role: Role, e: &UpstreamError) -> ApiError {
         crate::warn!(
-            "request {}: {role} instance {} failed: {e}",
+            "request {}: {} instance {} failed: {e}",
             self.request_id,
+            role.as_str(),
             inst.address
         );
-        self.w.pool.forget(inst.socket_addr);
-        ApiError::bad_gateway(format!("{role} instance {} failed: {e}", inst.address))
+        ApiError::bad_gateway(format!(
+            "{} instance {} failed: {e}",
+            role.as_str(),
+            inst.address
+        ))
     }
 }
 
@@ -208,32 +327,49 @@ async fn disaggregated(
 ) -> Result<Outcome, ApiError> {
     let w = leg.w;
     {
-        let p = leg.pick(&route.prefill, ctx, Role::Prefill)?;
-        let inst = p.instance();
-        let head = leg.head(inst, prefill_body.len());
-        let (mut conn, rhead) = w
-            .pool
-            .send(inst.socket_addr, head, &prefill_body)
-            .await
-            .map_err(|e| leg.upstream_failed(inst, "prefill", e))?;
-        let resp = super::upstream::read_body(&mut conn, &rhead, MAX_PREFILL_RESPONSE)
-            .await
-            .map_err(|e| leg.upstream_failed(inst, "prefill", e))?;
-        if !rhead.status.is_success() {
+        let Answered {
+            guard,
+            mut conn,
+            head,
+        } = leg
+            .run(&route.prefill, ctx, Role::Prefill, &prefill_body)
+            .await?;
+        let inst = guard.instance();
+        let resp = match monoio::time::timeout(
+            w.timeouts.idle,
+            super::upstream::read_body(&mut conn, &head, MAX_PREFILL_RESPONSE),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                resilience::record_failure(inst, &w.circuit);
+                return Err(leg.upstream_failed(inst, Role::Prefill, &e));
+            }
+            Err(_) => {
+                resilience::record_failure(inst, &w.circuit);
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout_error",
+                    format!("prefill instance {} stalled mid-response", inst.address),
+                ));
+            }
+        };
+        if head.keep_alive {
+            w.pool.put_back(conn, inst);
+        }
+        if !head.status.is_success() {
             // The backend's own error goes to the client as it is.
             crate::info!(
                 "request {}: prefill instance {} answered {}",
                 leg.request_id,
                 inst.address,
-                rhead.status
+                head.status
             );
-            if rhead.keep_alive {
-                w.pool.put_back(conn);
-            }
-            let ct = rhead.content_type.as_deref().unwrap_or("application/json");
+            let ct = head.content_type.as_deref().unwrap_or("application/json");
             let keep = req.head.keep_alive;
             let out = full_response(
-                rhead.status,
+                head.status,
                 &[("Content-Type", ct), ("X-Request-Id", leg.request_id)],
                 &resp,
                 keep,
@@ -245,46 +381,26 @@ async fn disaggregated(
                 Outcome::Close
             });
         }
-        if rhead.keep_alive {
-            w.pool.put_back(conn);
-        }
     }
-    let d = leg.pick(&route.decode, ctx, Role::Decode)?;
-    forward(leg, d.instance(), "decode", body, client, req).await
+    forward(leg, &route.decode, ctx, Role::Decode, body, client, req).await
 }
 
-async fn single_pass(
-    leg: &Leg<'_>,
-    route: &ModelRoute,
-    ctx: &PickContext<'_>,
-    body: &Bytes,
-    client: &mut TcpStream,
-    req: &Request,
-) -> Result<Outcome, ApiError> {
-    let d = leg.pick(&route.dual, ctx, Role::Dual)?;
-    forward(leg, d.instance(), "dual", body, client, req).await
-}
-
-/// Sends the original body to `inst` and relays its response.
+/// Runs the leg that answers the client (decode, or dual) and relays its response.
 async fn forward(
     leg: &Leg<'_>,
-    inst: &Arc<Instance>,
-    role: &str,
+    set: &RoleSet,
+    ctx: &PickContext<'_>,
+    role: Role,
     body: &Bytes,
     client: &mut TcpStream,
     req: &Request,
 ) -> Result<Outcome, ApiError> {
-    let head = leg.head(inst, body.len());
-    let (conn, rhead) = leg
-        .w
-        .pool
-        .send(inst.socket_addr, head, body)
-        .await
-        .map_err(|e| leg.upstream_failed(inst, role, e))?;
+    let Answered { guard, conn, head } = leg.run(set, ctx, role, body).await?;
     Ok(relay(
-        &leg.w.pool,
+        leg.w,
+        guard.instance(),
         conn,
-        rhead,
+        head,
         client,
         RelayParams {
             request_id: leg.request_id,

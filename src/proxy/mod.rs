@@ -1,20 +1,24 @@
-//! The proxy: worker threads serving clients, plus the health thread.
+//! The proxy: worker threads serving clients, plus the control thread.
 
+mod admin;
+pub mod control;
 mod flow;
-pub mod health;
 mod openai;
 mod relay;
 mod server;
 mod upstream;
 
-use crate::config::Config;
-use crate::http::Limits;
+use crate::config::{CircuitConfig, Config, RetryConfig, ServerLimits, TimeoutConfig};
 use crate::runtime::{self, Driver};
 use crate::topology::Shared;
+use std::cell::Cell;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 pub use openai::{inspect, prefill_body, Endpoint};
 
@@ -23,7 +27,14 @@ pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub pool: upstream::Pool,
-    pub limits: Limits,
+    pub limits: ServerLimits,
+    pub timeouts: TimeoutConfig,
+    pub retry: RetryConfig,
+    pub circuit: CircuitConfig,
+    pub admin_api_key: Option<String>,
+    pub control: Sender<control::Command>,
+    /// Open client connections on this worker.
+    pub connections: Cell<usize>,
 }
 
 pub struct RunOptions {
@@ -35,33 +46,80 @@ pub struct RunOptions {
 pub struct ProxyHandle {
     pub addr: SocketAddr,
     pub shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    listener_fds: Vec<i32>,
+    grace: Duration,
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread and every thread it starts afterwards,
+/// so that `ProxyHandle::wait_for_shutdown` can take them with `sigwait`. Call it first.
+pub fn block_shutdown_signals() {
+    // SAFETY: plain libc signal-mask calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 impl ProxyHandle {
-    pub fn join(self) {
-        for t in self.threads {
-            let _ = t.join();
+    /// Waits for SIGINT/SIGTERM, then shuts down gracefully: stop accepting, let requests
+    /// in flight finish (up to `shutdown_grace_seconds`), return.
+    pub fn wait_for_shutdown(self) {
+        let sig = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            sig
+        };
+        crate::warn!("signal {sig} received: no new connections, finishing requests in flight");
+        self.shared.shutting_down.store(true, Ordering::Release);
+        for fd in &self.listener_fds {
+            // Wakes the workers' pending accepts; the listeners stay open until exit.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+        let deadline = Instant::now() + self.grace;
+        loop {
+            let active = self.shared.active_requests();
+            if active == 0 {
+                crate::warn!("all requests finished; exiting");
+                return;
+            }
+            if Instant::now() >= deadline {
+                crate::error!(
+                    "shutdown grace period over with {active} request(s) still in flight; exiting"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-/// Binds the listeners, starts the health thread and the workers, and returns at once.
+/// Binds the listeners, starts the control thread and the workers, and returns at once.
 pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
-    let shared = Shared::new(cfg);
-    health::spawn(shared.clone(), cfg.health.clone())?;
+    let shared = Shared::new(cfg, opts.workers);
+    let control = control::spawn(shared.clone(), cfg)?;
     let listeners = runtime::bind_listeners(&cfg.host, cfg.port, opts.workers)?;
     let addr = listeners[0].local_addr()?;
-    let limits = cfg.limits;
-    let connect_timeout = cfg.connect_timeout;
+    let listener_fds = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let grace = cfg.shutdown_grace;
+    let cfg = cfg.clone();
     let sh = shared.clone();
-    let threads = runtime::spawn_workers(
+    runtime::spawn_workers(
         "xpyd-worker",
         opts.driver,
         listeners,
         opts.pin,
         move |id, l| {
             let shared = sh.clone();
+            // The sender is cloned once per worker at start-up, never on the request path.
+            let control = control.clone();
+            let cfg = cfg.clone();
             async move {
                 let listener = match monoio::net::TcpListener::from_std(l) {
                     Ok(l) => l,
@@ -73,8 +131,14 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                 let w = Rc::new(Worker {
                     id,
                     shared,
-                    pool: upstream::Pool::new(connect_timeout),
-                    limits,
+                    pool: upstream::Pool::new(cfg.timeouts.connect),
+                    limits: cfg.limits.clone(),
+                    timeouts: cfg.timeouts.clone(),
+                    retry: cfg.retry.clone(),
+                    circuit: cfg.circuit.clone(),
+                    admin_api_key: cfg.admin_api_key.clone(),
+                    control,
+                    connections: Cell::new(0),
                 });
                 server::accept_loop(w, listener).await
             }
@@ -83,6 +147,7 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     Ok(ProxyHandle {
         addr,
         shared,
-        threads,
+        listener_fds,
+        grace,
     })
 }

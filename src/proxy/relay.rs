@@ -5,10 +5,13 @@
 //! (so the upstream connection can be pooled); close-delimited bodies are re-framed as
 //! chunked for HTTP/1.1 clients; HTTP/1.0 clients get the decoded body and a close.
 
-use super::upstream::{Pool, UpstreamConn};
+use super::upstream::UpstreamConn;
+use super::Worker;
 use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
 use crate::http::head::{Framing, ResponseHead};
 use crate::http::write::{response_head, BodyLen};
+use crate::resilience;
+use crate::topology::Instance;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
@@ -77,14 +80,21 @@ pub struct RelayParams<'a> {
     pub client_keep_alive: bool,
 }
 
-/// Streams `head` and the rest of `conn`'s response to the client.
+/// Streams `head` and the rest of `conn`'s response to the client. A read that waits longer
+/// than `timeouts.idle` ends the response: with an SSE error event when the body is a
+/// stream the client can parse, then a close.
 pub async fn relay(
-    pool: &Pool,
+    w: &Worker,
+    inst: &Instance,
     mut conn: UpstreamConn,
     head: ResponseHead,
     client: &mut TcpStream,
     p: RelayParams<'_>,
 ) -> Outcome {
+    let sse = head
+        .content_type
+        .as_deref()
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
     let (client_len, mut mode) = match (head.framing, p.http10) {
         (Framing::None, _) => (BodyLen::Length(0), Mode::Empty),
         (Framing::Length(n), _) => (BodyLen::Length(n as usize), Mode::Length(n)),
@@ -125,7 +135,31 @@ pub async fn relay(
         if done {
             break;
         }
-        match conn.buf.fill(&mut conn.stream).await {
+        let read = match monoio::time::timeout(w.timeouts.idle, conn.buf.fill(&mut conn.stream))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                resilience::record_failure(inst, &w.circuit);
+                crate::warn!(
+                    "request {}: upstream {} sent nothing for {:?} mid-response; ending it",
+                    p.request_id,
+                    conn.addr,
+                    w.timeouts.idle
+                );
+                if sse && client_len == BodyLen::Chunked {
+                    let msg = format!(
+                        "data: {{\"error\":{{\"message\":\"upstream {} stalled mid-stream\",\"type\":\"timeout_error\",\"param\":null,\"code\":504}}}}\n\n",
+                        inst.address
+                    );
+                    let mut out = Vec::new();
+                    encode_chunk(&mut out, msg.as_bytes());
+                    let _ = client.write_all(out).await;
+                }
+                return Outcome::Close;
+            }
+        };
+        match read {
             Ok(0) => match mode {
                 Mode::WrapUntilClose => {
                     let _ = client.write_all(LAST_CHUNK).await;
@@ -137,6 +171,7 @@ pub async fn relay(
                 }
                 Mode::RawUntilClose => return Outcome::Close,
                 _ => {
+                    resilience::record_failure(inst, &w.circuit);
                     crate::warn!(
                         "request {}: upstream {} closed mid-response; closing the client connection",
                         p.request_id,
@@ -147,6 +182,7 @@ pub async fn relay(
             },
             Ok(_) => {}
             Err(e) => {
+                resilience::record_failure(inst, &w.circuit);
                 crate::warn!(
                     "request {}: reading from upstream {} failed mid-response: {e}",
                     p.request_id,
@@ -157,7 +193,7 @@ pub async fn relay(
         }
     }
     if head.keep_alive {
-        pool.put_back(conn);
+        w.pool.put_back(conn, inst);
     }
     if keep_alive {
         Outcome::KeepAlive

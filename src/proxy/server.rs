@@ -4,25 +4,44 @@
 use super::flow::{self, answer_error};
 use super::openai::Endpoint;
 use super::relay::Outcome;
-use super::Worker;
+use super::{admin, Worker};
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{full_response, JSON};
 use crate::http::{read_request, ApiError, ReadBuf, ReadError, Request};
+use crate::topology::ActiveRequest;
 use http::{Method, StatusCode};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{TcpListener, TcpStream};
 use serde_json::json;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 
 pub async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                if w.shared.shutting_down.load(Ordering::Relaxed) {
+                    return;
+                }
+                if w.connections.get() >= w.limits.max_connections {
+                    // Refuse by closing at once: cheaper than an answer, and the client's
+                    // connection error is clear.
+                    crate::warn!(
+                        "worker {}: {} connections open (limits.max_connections); refusing {peer}",
+                        w.id,
+                        w.connections.get()
+                    );
+                    drop(stream);
+                    continue;
+                }
                 let w = w.clone();
-                monoio::spawn(
-                    async move { serve_connection(w, stream, peer.ip().to_string()).await },
-                );
+                monoio::spawn(async move {
+                    w.connections.set(w.connections.get() + 1);
+                    serve_connection(&w, stream, peer.ip().to_string()).await;
+                    w.connections.set(w.connections.get() - 1);
+                });
             }
+            Err(_) if w.shared.shutting_down.load(Ordering::Relaxed) => return,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 crate::error!("worker {}: accept failed: {e}", w.id);
@@ -32,22 +51,23 @@ pub async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
     }
 }
 
-async fn serve_connection(w: Rc<Worker>, mut stream: TcpStream, peer_ip: String) {
+async fn serve_connection(w: &Worker, mut stream: TcpStream, peer_ip: String) {
     let _ = stream.set_nodelay(true);
     let mut buf = ReadBuf::with_capacity(8 * 1024);
     let mut watch: Option<DisconnectWatch> = None;
     loop {
-        let req = match read_request(&mut stream, &mut buf, &w.limits).await {
+        let req = match read_request(&mut stream, &mut buf, &w.limits.http).await {
             Ok(r) => r,
-            Err(ReadError::Closed) | Err(ReadError::Io(_)) => return,
+            Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {
-                crate::info!("rejecting request: {}", e.message);
+                crate::info!("rejecting request from {peer_ip}: {}", e.message);
                 answer_error(&mut stream, &e, None, false).await;
                 return;
             }
         };
-        let outcome = route(&w, &peer_ip, req, &mut stream, &mut watch).await;
-        if outcome == Outcome::Close {
+        let _active = ActiveRequest::new(&w.shared, w.id);
+        let outcome = route(w, &peer_ip, req, &mut stream, &mut watch).await;
+        if outcome == Outcome::Close || w.shared.shutting_down.load(Ordering::Relaxed) {
             return;
         }
     }
@@ -88,6 +108,24 @@ async fn route(
         }
         return flow::serve(w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
     }
+    if path == "/instances/add" || path == "/instances/remove" {
+        if method != Method::POST {
+            let e = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "use POST",
+            );
+            return answer_error(stream, &e, None, keep_alive).await;
+        }
+        let result = match admin::authorize(w, req.head.api_key.as_deref()) {
+            Ok(()) => admin::handle(w, &path, &req.body).await,
+            Err(e) => Err(e),
+        };
+        return match result {
+            Ok(v) => write_json(stream, StatusCode::OK, &v, keep_alive).await,
+            Err(e) => answer_error(stream, &e, None, keep_alive).await,
+        };
+    }
     let (status, body) = match (method, path.as_str()) {
         (&Method::GET, "/ping") | (&Method::POST, "/ping") => {
             (StatusCode::OK, json!({"status": "ok", "message": "pong"}))
@@ -110,7 +148,16 @@ async fn route(
             return answer_error(stream, &e, None, keep_alive).await;
         }
     };
-    let body = serde_json::to_vec(&body).unwrap_or_default();
+    write_json(stream, status, &body, keep_alive).await
+}
+
+async fn write_json(
+    stream: &mut TcpStream,
+    status: StatusCode,
+    v: &serde_json::Value,
+    keep_alive: bool,
+) -> Outcome {
+    let body = serde_json::to_vec(v).unwrap_or_default();
     let (res, _) = stream
         .write_all(full_response(status, &[JSON], &body, keep_alive))
         .await;

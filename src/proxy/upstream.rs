@@ -7,10 +7,11 @@
 use crate::http::buf::ReadBuf;
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
+use crate::topology::{Instance, Topology};
 use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -51,6 +52,8 @@ pub struct UpstreamConn {
 pub struct Pool {
     idle: RefCell<HashMap<SocketAddr, Vec<TcpStream>>>,
     connect_timeout: Duration,
+    /// Topology generation the pool last pruned against.
+    generation: Cell<u64>,
 }
 
 impl Pool {
@@ -58,7 +61,20 @@ impl Pool {
         Pool {
             idle: RefCell::new(HashMap::new()),
             connect_timeout,
+            generation: Cell::new(0),
         }
+    }
+
+    /// On a new topology generation, closes idle connections to instances that left it
+    /// (removed and drained). One integer compare per request otherwise.
+    pub fn sync(&self, topo: &Topology) {
+        if self.generation.get() == topo.generation {
+            return;
+        }
+        self.generation.set(topo.generation);
+        self.idle
+            .borrow_mut()
+            .retain(|addr, _| topo.find(*addr).is_some());
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<UpstreamConn, UpstreamError> {
@@ -91,9 +107,10 @@ impl Pool {
         })
     }
 
-    /// Returns a connection whose last response was read to its exact end.
-    pub fn put_back(&self, conn: UpstreamConn) {
-        if !conn.buf.is_empty() {
+    /// Returns a connection whose last response was read to its exact end. Connections to
+    /// a draining instance are closed instead.
+    pub fn put_back(&self, conn: UpstreamConn, inst: &Instance) {
+        if !conn.buf.is_empty() || inst.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return; // stray bytes: the connection's framing can no longer be trusted
         }
         let mut idle = self.idle.borrow_mut();

@@ -11,6 +11,7 @@ mod round_robin;
 
 use crate::config::{Role, SchedulerKind, SchedulingOptions};
 use crate::topology::Instance;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use cache_aware::CacheAware;
@@ -30,13 +31,16 @@ pub struct PickContext<'a> {
     pub key: Option<&'a str>,
     /// The prompt as raw JSON text (string, token-id list or messages), for prefix routing.
     pub prompt_text: &'a [u8],
+    /// Instances this request already failed on (retries go elsewhere).
+    pub exclude: &'a [SocketAddr],
 }
 
 impl PickContext<'_> {
-    /// An instance this request may go to: available, and the prompt fits its context.
+    /// An instance this request may go to: available, the prompt fits its context, and it
+    /// has not failed this request already.
     #[inline]
     pub fn eligible(&self, i: &Instance) -> bool {
-        i.is_available() && i.fits(self.prompt_tokens)
+        i.is_available() && i.fits(self.prompt_tokens) && !self.exclude.contains(&i.socket_addr)
     }
 }
 

@@ -1,0 +1,128 @@
+//! `/instances/add` and `/instances/remove`: authenticated with `X-API-Key` (compared in
+//! constant time), carried out by the control thread, which publishes the new snapshot.
+
+use super::control::Command;
+use super::Worker;
+use crate::config::Role;
+use crate::http::ApiError;
+use http::StatusCode;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// Equal-length-independent comparison whose time does not depend on where bytes differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+pub fn authorize(w: &Worker, key: Option<&str>) -> Result<(), ApiError> {
+    let Some(expected) = w.admin_api_key.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "the admin API is disabled: no admin_api_key is configured",
+        ));
+    };
+    let Some(key) = key else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing X-API-Key header",
+        ));
+    };
+    if !constant_time_eq(key.as_bytes(), expected.as_bytes()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "invalid admin API key",
+        ));
+    }
+    Ok(())
+}
+
+fn field<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, ApiError> {
+    v.get(name).and_then(Value::as_str).ok_or_else(|| {
+        ApiError::bad_request(format!("`{name}` is required (a string)")).with_param(name)
+    })
+}
+
+pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cmd = match path {
+        "/instances/add" => {
+            let role = match field(&v, "role")? {
+                "prefill" => Role::Prefill,
+                "decode" => Role::Decode,
+                "dual" => Role::Dual,
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown role `{other}` (expected prefill, decode or dual)"
+                    ))
+                    .with_param("role"))
+                }
+            };
+            let topo = w.shared.topology.load();
+            let model = match v.get("model").and_then(Value::as_str) {
+                Some(m) => m.to_string(),
+                None if topo.models.len() == 1 => topo.models[0].name.clone(),
+                None => {
+                    return Err(ApiError::bad_request("`model` is required").with_param("model"))
+                }
+            };
+            Command::Add {
+                address: field(&v, "address")?.to_string(),
+                role,
+                model,
+                reply: tx,
+            }
+        }
+        _ => Command::Remove {
+            address: field(&v, "address")?.to_string(),
+            reply: tx,
+        },
+    };
+    w.control
+        .send(cmd)
+        .map_err(|_| ApiError::unavailable("the control thread is not running"))?;
+    // The admin path is rare: polling the reply keeps the worker's loop free meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match rx.try_recv() {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(msg)) => return Err(ApiError::bad_request(msg)),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                return Err(ApiError::unavailable(
+                    "the control thread dropped the request",
+                ))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) if Instant::now() > deadline => {
+                return Err(ApiError::unavailable(
+                    "the control thread did not answer in time",
+                ))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                monoio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq_is_eq() {
+        use super::constant_time_eq as eq;
+        assert!(eq(b"secret", b"secret"));
+        assert!(!eq(b"secret", b"secreT"));
+        assert!(!eq(b"secret", b"secret1"));
+        assert!(!eq(b"", b"x"));
+        assert!(eq(b"", b""));
+    }
+}

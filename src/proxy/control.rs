@@ -1,0 +1,236 @@
+//! The control thread: the one writer of the shared state. It probes every instance's
+//! `/health` on its own schedule (feeding health and the circuit breakers), gates startup,
+//! and applies admin changes by publishing whole new topology snapshots. Workers never wait
+//! on it, except an admin request waiting for its own answer.
+
+use crate::config::{CircuitConfig, Config, HealthConfig, Role, StartupConfig};
+use crate::http::blocking;
+use crate::resilience;
+use crate::topology::{Health, Instance, Shared, Topology};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub enum Command {
+    Add {
+        address: String,
+        role: Role,
+        model: String,
+        reply: Sender<Result<Value, String>>,
+    },
+    Remove {
+        address: String,
+        reply: Sender<Result<Value, String>>,
+    },
+}
+
+struct Control {
+    shared: Arc<Shared>,
+    health: HealthConfig,
+    circuit: CircuitConfig,
+    startup: StartupConfig,
+    /// Removed instances still finishing requests.
+    draining: Vec<Arc<Instance>>,
+    startup_reported: bool,
+}
+
+pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Command>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut c = Control {
+        shared,
+        health: cfg.health.clone(),
+        circuit: cfg.circuit.clone(),
+        startup: cfg.startup.clone(),
+        draining: Vec::new(),
+        startup_reported: false,
+    };
+    std::thread::Builder::new()
+        .name("xpyd-control".into())
+        .spawn(move || c.run(rx))?;
+    Ok(tx)
+}
+
+impl Control {
+    fn run(&mut self, rx: Receiver<Command>) {
+        let mut next_probe = Instant::now();
+        loop {
+            let wait = next_probe.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(cmd) => self.apply(cmd),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    if Instant::now() < next_probe {
+                        std::thread::sleep(wait); // channel gone: keep probing on schedule
+                        continue;
+                    }
+                    self.probe_round();
+                    let every = if self.shared.is_ready() {
+                        self.health.interval
+                    } else {
+                        self.health.startup_probe_interval
+                    };
+                    next_probe = Instant::now() + every;
+                }
+            }
+        }
+    }
+
+    fn probe_round(&mut self) {
+        let topo = self.shared.topology.load_full();
+        let instances: Vec<Arc<Instance>> = topo.instances().cloned().collect();
+        // In parallel, so that one slow instance does not delay the others.
+        std::thread::scope(|s| {
+            for inst in &instances {
+                s.spawn(|| probe(inst, &self.health, &self.circuit));
+            }
+        });
+        self.update_readiness(&topo);
+        self.draining.retain(|i| {
+            let busy = i.in_flight() > 0;
+            if !busy {
+                crate::info!("instance {} drained", i.address);
+            }
+            busy
+        });
+    }
+
+    fn update_readiness(&mut self, topo: &Topology) {
+        if self.shared.is_ready() {
+            return;
+        }
+        if topo.models.iter().all(|m| m.can_serve()) {
+            self.shared.ready.store(true, Ordering::Release);
+            crate::info!("every model has healthy instances; serving requests");
+            return;
+        }
+        let waited = self.shared.started.elapsed();
+        if waited >= self.startup.wait_timeout && !self.startup_reported {
+            self.startup_reported = true;
+            let missing: Vec<String> = topo
+                .instances()
+                .filter(|i| !i.is_available())
+                .map(|i| format!("{} ({}, {})", i.address, i.role.as_str(), i.model))
+                .collect();
+            crate::error!(
+                "no healthy serving path after {:?}; not answering: {}",
+                waited,
+                missing.join(", ")
+            );
+            if self.startup.exit_on_timeout {
+                crate::error!("startup.exit_on_timeout is set: exiting");
+                std::process::exit(3);
+            }
+        }
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add {
+                address,
+                role,
+                model,
+                reply,
+            } => {
+                let res = self.add(&address, role, &model);
+                let _ = reply.send(res);
+            }
+            Command::Remove { address, reply } => {
+                let res = self.remove(&address);
+                let _ = reply.send(res);
+            }
+        }
+    }
+
+    fn add(&mut self, address: &str, role: Role, model: &str) -> Result<Value, String> {
+        let sa = crate::config::parse_address(address)?;
+        let inst = Arc::new(Instance::new(
+            address.trim().to_string(),
+            sa,
+            role,
+            Arc::from(model),
+        ));
+        let next = self.shared.topology.load().with_added(inst.clone())?;
+        // Probe before publishing so that it is usable the moment workers see it.
+        probe(&inst, &self.health, &self.circuit);
+        self.shared.topology.store(Arc::new(next));
+        crate::warn!(
+            "instance {address} added ({}, model {model})",
+            role.as_str()
+        );
+        Ok(json!({"status": "added", "instance": inst.status_json()}))
+    }
+
+    fn remove(&mut self, address: &str) -> Result<Value, String> {
+        let sa = crate::config::parse_address(address)?;
+        let (next, gone) = self.shared.topology.load().with_removed(sa)?;
+        // Draining: no new picks from this moment, in-flight requests finish on their own
+        // snapshot; workers close their idle connections when they see the new generation.
+        gone.draining.store(true, Ordering::Relaxed);
+        self.shared.topology.store(Arc::new(next));
+        let in_flight = gone.in_flight();
+        crate::warn!("instance {address} removed; draining {in_flight} request(s)");
+        if in_flight > 0 {
+            self.draining.push(gone.clone());
+        }
+        Ok(
+            json!({"status": "removed", "draining_requests": in_flight, "instance": gone.status_json()}),
+        )
+    }
+}
+
+fn probe(inst: &Instance, cfg: &HealthConfig, circuit: &CircuitConfig) {
+    let addr = inst.address.as_str();
+    let ok = match blocking::request(addr, "GET", "/health", None, cfg.timeout, |_| {}) {
+        Ok(r) if r.status == 200 => true,
+        Ok(r) => {
+            crate::debug!("health probe of {addr}: status {}", r.status);
+            false
+        }
+        Err(e) => {
+            crate::debug!("health probe of {addr}: {e}");
+            false
+        }
+    };
+    inst.last_check
+        .store(crate::ids::unix_seconds(), Ordering::Relaxed);
+    let before = inst.health();
+    inst.set_health(if ok {
+        Health::Healthy
+    } else {
+        Health::Unhealthy
+    });
+    if ok {
+        resilience::record_success(inst, circuit);
+    } else {
+        resilience::record_failure(inst, circuit);
+    }
+    if ok != (before == Health::Healthy) && before != Health::Unknown {
+        if ok {
+            crate::warn!("instance {addr} ({}) is healthy again", inst.role.as_str());
+        } else {
+            crate::warn!("instance {addr} ({}) is unhealthy", inst.role.as_str());
+        }
+    }
+    if ok && inst.max_model_len.load(Ordering::Relaxed) == 0 {
+        read_model_info(inst, cfg.timeout);
+    }
+}
+
+fn read_model_info(inst: &Instance, timeout: Duration) {
+    let Ok(r) = blocking::request(&inst.address, "GET", "/v1/models", None, timeout, |_| {}) else {
+        return;
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&r.body) else {
+        return;
+    };
+    let Some(entry) = v["data"].as_array().and_then(|d| d.first()) else {
+        return;
+    };
+    if let Some(n) = entry["max_model_len"].as_u64() {
+        inst.max_model_len.store(n, Ordering::Relaxed);
+    }
+    if let Some(root) = entry["root"].as_str().or(entry["id"].as_str()) {
+        let _ = inst.root.set(root.to_string());
+    }
+}
