@@ -161,6 +161,8 @@ pub struct TimeoutConfig {
     pub first_byte: Duration,
     /// Between two reads of a response body.
     pub idle: Duration,
+    /// A pooled upstream connection idle longer than this is closed instead of reused.
+    pub pool_idle: Duration,
 }
 
 /// Limits on what clients may send and how long they may take.
@@ -285,6 +287,7 @@ mod raw {
         pub connect_ms: Option<u64>,
         pub first_byte_seconds: Option<f64>,
         pub idle_seconds: Option<f64>,
+        pub pool_idle_seconds: Option<f64>,
     }
 
     #[derive(Deserialize, Default)]
@@ -550,6 +553,7 @@ impl Config {
                 p,
             ),
             idle: seconds("timeouts.idle_seconds", to.idle_seconds, 600.0, p),
+            pool_idle: seconds("timeouts.pool_idle_seconds", to.pool_idle_seconds, 4.0, p),
         };
         let lim = f.limits.unwrap_or_default();
         let defaults = crate::http::Limits::default();

@@ -448,6 +448,8 @@ async fn inference(
     let work = generate(node, &job, kv_out.as_ref(), stream, keep);
     let result = match watch.clone().filter(|_| needs_watch) {
         Some(w) => monoio::select! {
+            // Work first: a peer that closes right after the last byte is not an abort.
+            biased;
             r = work => r,
             _ = w.closed() => {
                 node.stats.aborted.fetch_add(1, Ordering::Relaxed);

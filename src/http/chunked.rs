@@ -71,6 +71,17 @@ impl ChunkedDecoder {
         self.state == State::Done
     }
 
+    /// Payload bytes announced by the current chunk's size line and not yet seen, so that
+    /// a body limit can be enforced before the bytes arrive.
+    #[inline]
+    pub fn announced(&self) -> u64 {
+        match self.state {
+            State::Data => self.remaining,
+            State::SizeLf => self.size,
+            _ => 0,
+        }
+    }
+
     /// Consumes bytes from `input`, calling `on_data` for every piece of chunk payload.
     /// Returns how many bytes were consumed; stops right after the terminating CRLF, so any
     /// bytes after it (a pipelined message) are left alone.

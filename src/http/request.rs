@@ -184,7 +184,7 @@ async fn read_chunked<S: AsyncReadRent>(
             .feed(buf.data(), |d| body.extend_from_slice(d))
             .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("bad chunked body: {e}")))?;
         buf.consume(used);
-        if body.len() > max {
+        if body.len() as u64 + dec.announced() > max as u64 {
             return Err(reject(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body exceeds the limit of {max} bytes"),
@@ -193,7 +193,7 @@ async fn read_chunked<S: AsyncReadRent>(
         if dec.is_done() {
             return Ok(Bytes::from(body));
         }
-        match fill_by(stream, buf, 8 * 1024, deadline).await {
+        match fill_by(stream, buf, 64 * 1024, deadline).await {
             Err(ReadError::TimedOut) => return Err(timed_out()),
             Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
             r => r?,

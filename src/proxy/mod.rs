@@ -131,7 +131,7 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                 let w = Rc::new(Worker {
                     id,
                     shared,
-                    pool: upstream::Pool::new(cfg.timeouts.connect),
+                    pool: upstream::Pool::new(cfg.timeouts.connect, cfg.timeouts.pool_idle),
                     limits: cfg.limits.clone(),
                     timeouts: cfg.timeouts.clone(),
                     retry: cfg.retry.clone(),

@@ -16,7 +16,24 @@ use serde_json::json;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
+/// Accepts until shutdown, then keeps the event loop alive for the connections still open:
+/// returning would drop the runtime and with it every request in flight. The main thread
+/// ends the process once requests are done (or the grace period is over).
 pub async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
+    let sweeper = w.clone();
+    monoio::spawn(async move {
+        loop {
+            monoio::time::sleep(std::time::Duration::from_secs(1)).await;
+            sweeper.pool.sweep();
+        }
+    });
+    accept_until_shutdown(&w, listener).await;
+    while w.connections.get() > 0 {
+        monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+async fn accept_until_shutdown(w: &Rc<Worker>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

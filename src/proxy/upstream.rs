@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MAX_IDLE_PER_BACKEND: usize = 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -50,19 +50,41 @@ pub struct UpstreamConn {
 }
 
 pub struct Pool {
-    idle: RefCell<HashMap<SocketAddr, Vec<TcpStream>>>,
+    /// Per backend, oldest first; each with the moment it went idle.
+    idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
     connect_timeout: Duration,
+    /// Idle connections older than this are closed, not reused: servers close theirs
+    /// (uvicorn, which vLLM runs on, after 5 s), and a reuse would then fail.
+    idle_timeout: Duration,
     /// Topology generation the pool last pruned against.
     generation: Cell<u64>,
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         Pool {
             idle: RefCell::new(HashMap::new()),
             connect_timeout,
+            idle_timeout,
             generation: Cell::new(0),
         }
+    }
+
+    /// Closes connections idle for longer than the idle timeout (run periodically by the
+    /// worker, so that fds to quiet backends are released too).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.borrow_mut();
+        for list in idle.values_mut() {
+            let fresh =
+                list.partition_point(|(_, since)| now.duration_since(*since) > self.idle_timeout);
+            list.drain(..fresh);
+        }
+        idle.retain(|_, l| !l.is_empty());
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
     }
 
     /// On a new topology generation, closes idle connections to instances that left it
@@ -98,7 +120,14 @@ impl Pool {
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<UpstreamConn> {
-        let stream = self.idle.borrow_mut().get_mut(&addr)?.pop()?;
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        // Newest first; if it is too old, so is everything before it.
+        let (stream, since) = list.pop()?;
+        if since.elapsed() > self.idle_timeout {
+            list.clear();
+            return None;
+        }
         Some(UpstreamConn {
             stream,
             buf: ReadBuf::with_capacity(16 * 1024),
@@ -116,7 +145,7 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(conn.addr).or_default();
         if list.len() < MAX_IDLE_PER_BACKEND {
-            list.push(conn.stream);
+            list.push((conn.stream, Instant::now()));
         }
     }
 

@@ -1,0 +1,396 @@
+//! Resilience with real processes: gating, node failure and recovery, retries, timeouts,
+//! drain through the admin API, graceful shutdown. Faults come from xpyd-dummy's flags.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn body(max_tokens: u32, stream: bool) -> Value {
+    json!({"model": MODEL, "prompt": "hello world", "max_tokens": max_tokens, "stream": stream})
+}
+
+fn instance_status(proxy: &Proc, addr: &str) -> Value {
+    let (_, v) = get_json(&proxy.url("/status/instances"));
+    v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["address"] == addr)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn dummy_on_port(mode: &str, port: u16, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--mode",
+        mode,
+        "--model",
+        MODEL,
+        "--workers",
+        "1",
+    ])
+    .args(["--record-requests", "1000"])
+    .env("PREFILL_DELAY_PER_TOKEN", "0")
+    .env("DECODE_DELAY_PER_TOKEN", "0")
+    .args(extra);
+    spawn_listening(cmd)
+}
+
+#[test]
+fn gated_until_nodes_come_up_and_operational_endpoints_always_answer() {
+    let port_p = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port_d = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = format!(
+        "model: {MODEL}\nprefill: [\"127.0.0.1:{port_p}\"]\ndecode: [\"127.0.0.1:{port_d}\"]\n"
+    );
+    let proxy = proxy_with(&yaml, false);
+    let a = agent();
+    let (status, _, v) = post(&a, &proxy.url("/v1/completions"), &body(4, false));
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("waiting for backend nodes"));
+    assert_eq!(get_json(&proxy.url("/health")).0, 503);
+    for path in ["/ping", "/status", "/status/instances", "/version"] {
+        assert_eq!(get_json(&proxy.url(path)).0, 200, "{path}");
+    }
+    let _p = dummy_on_port("prefill", port_p, &[]);
+    let _d = dummy_on_port("decode", port_d, &[]);
+    wait_for("the proxy to open", Duration::from_secs(5), || {
+        get_json(&proxy.url("/health")).0 == 200
+    });
+    assert_eq!(
+        post(&a, &proxy.url("/v1/completions"), &body(4, false)).0,
+        200
+    );
+}
+
+#[test]
+fn startup_timeout_can_exit_the_process() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let path = write_config(&format!(
+        "model: {MODEL}\ndual: [\"{dead}\"]\nstartup:\n  probe_interval_seconds: 0.1\n  wait_timeout_seconds: 0.5\n  exit_on_timeout: true\n"
+    ));
+    let start = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_xpyd"))
+        .args(["proxy", "-c"])
+        .arg(&path)
+        .args(["--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&dead.to_string()),
+        "the error names the missing instance: {err}"
+    );
+}
+
+#[test]
+fn killed_decode_node_fails_over_and_comes_back() {
+    let p = dummy("prefill", &[]);
+    let d1 = dummy("decode", &[]);
+    let d2 = dummy("decode", &[]);
+    let d2_addr = d2.addr.to_string();
+    let yaml = format!(
+        "{}circuit_breaker:\n  failure_threshold: 3\n  timeout_duration_seconds: 1\n  success_threshold: 2\nretry:\n  initial_backoff_ms: 5\n",
+        pd_yaml(&[&p], &[&d1, &d2])
+    );
+    let proxy = proxy_with(&yaml, true);
+    let url = proxy.url("/v1/completions");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let total = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, stop, failures, total) =
+                (url.clone(), stop.clone(), failures.clone(), total.clone());
+            std::thread::spawn(move || {
+                let a = agent();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < 5000 {
+                    n += 1;
+                    let (status, _, _) = post(&a, &url, &body(4, false));
+                    total.fetch_add(1, Ordering::Relaxed);
+                    if status != 200 {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let d2_port = d2.addr.port();
+    drop(d2); // killed
+    wait_for(
+        "the circuit of the killed node to open",
+        Duration::from_secs(5),
+        || instance_status(&proxy, &d2_addr)["circuit"] == "open",
+    );
+    let st = instance_status(&proxy, &d2_addr);
+    assert_eq!(st["circuit"], "open", "{st}");
+    // Restart it on the same port: probes close the circuit again.
+    let d2b = dummy_on_port("decode", d2_port, &[]);
+    wait_for("the node to come back", Duration::from_secs(8), || {
+        let s = instance_status(&proxy, &d2_addr);
+        s["circuit"] == "closed" && s["status"] == "healthy"
+    });
+    wait_for(
+        "traffic to reach the restarted node",
+        Duration::from_secs(5),
+        || dummy_stats(&d2b)["requests"].as_u64().unwrap() > 0,
+    );
+    stop.store(true, Ordering::Relaxed);
+    for h in load {
+        h.join().unwrap();
+    }
+    // Retries sent every request that hit the dead node to the live one.
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "of {} requests",
+        total.load(Ordering::Relaxed)
+    );
+    assert!(total.load(Ordering::Relaxed) > 100);
+}
+
+#[test]
+fn retries_hide_a_node_failing_half_the_time() {
+    // The breaker would take the bad node out after 5 failures; turn it off to measure
+    // what retries alone do.
+    let p = dummy("prefill", &[]);
+    let bad = dummy("decode", &["--fail-rate", "0.5"]);
+    let good = dummy("decode", &[]);
+    let yaml = format!(
+        "{}scheduling: roundrobin\nretry:\n  initial_backoff_ms: 5\ncircuit_breaker:\n  enabled: false\n",
+        pd_yaml(&[&p], &[&bad, &good])
+    );
+    let proxy = proxy_with(&yaml, true);
+    let url = proxy.url("/v1/completions");
+    let failures = Arc::new(AtomicUsize::new(0));
+    let hs: Vec<_> = (0..10)
+        .map(|_| {
+            let (url, failures) = (url.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let a = agent();
+                for _ in 0..30 {
+                    if post(&a, &url, &body(4, false)).0 != 200 {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let injected = dummy_stats(&bad)["failures_injected"].as_u64().unwrap();
+    assert!(injected > 40, "the bad node did fail ({injected})");
+    let f = failures.load(Ordering::Relaxed);
+    assert!(
+        f * 100 < 300,
+        "{f} of 300 requests failed (must be under 1 %)"
+    );
+}
+
+#[test]
+fn stalled_node_gives_504_within_the_first_byte_timeout() {
+    let d = dummy("dual", &["--stall-ms", "5000"]);
+    let yaml = format!(
+        "{}timeouts:\n  first_byte_seconds: 0.5\nretry:\n  enabled: false\n",
+        dual_yaml(&[&d])
+    );
+    let proxy = proxy_with(&yaml, true);
+    let start = Instant::now();
+    let (status, rid, v) = post(&agent(), &proxy.url("/v1/completions"), &body(4, false));
+    let took = start.elapsed();
+    assert_eq!(status, 504, "{v}");
+    assert!(rid.is_some());
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    // The worker was not hung: the proxy answers at once.
+    assert_eq!(get_json(&proxy.url("/ping")).0, 200);
+}
+
+#[test]
+fn stall_mid_stream_ends_with_an_sse_error_event() {
+    // 3 tokens, then 3 s of silence per token: the idle timeout (0.5 s) cuts in.
+    let d = dummy(
+        "dual",
+        &[
+            "--decode-delay-per-token",
+            "3",
+            "--prefill-delay-per-token",
+            "0",
+        ],
+    );
+    let yaml = format!("{}timeouts:\n  idle_seconds: 0.5\n", dual_yaml(&[&d]));
+    let proxy = proxy_with(&yaml, true);
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let b = serde_json::to_vec(&json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "stream": true})).unwrap();
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", b.len()).unwrap();
+    s.write_all(&b).unwrap();
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("\"role\":\"assistant\""),
+        "the stream had started: {text}"
+    );
+    assert!(text.contains("stalled mid-stream"), "{text}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn admin_api_requires_the_key() {
+    let d = dummy("dual", &[]);
+    let proxy = proxy_with(
+        &format!("{}admin_api_key: s3cret\n", dual_yaml(&[&d])),
+        true,
+    );
+    let a = agent();
+    let url = proxy.url("/instances/add");
+    let add = json!({"address": "127.0.0.1:1", "role": "dual", "model": MODEL});
+    let send = |key: Option<&str>| {
+        let mut r = a.post(&url).set("Content-Type", "application/json");
+        if let Some(k) = key {
+            r = r.set("X-API-Key", k);
+        }
+        match r.send_json(add.clone()) {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(s, _)) => s,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(send(None), 401);
+    assert_eq!(send(Some("wrong")), 403);
+    assert_eq!(send(Some("s3cret")), 200);
+    let (_, v) = get_json(&proxy.url("/status/instances"));
+    assert_eq!(v["instances"].as_array().unwrap().len(), 2);
+    // No admin key configured: the admin API is disabled.
+    let d2 = dummy("dual", &[]);
+    let proxy2 = proxy_with(&dual_yaml(&[&d2]), true);
+    let r = a
+        .post(&proxy2.url("/instances/remove"))
+        .set("X-API-Key", "anything")
+        .send_json(json!({"address": d2.addr.to_string()}));
+    assert!(matches!(r, Err(ureq::Error::Status(403, _))));
+}
+
+#[test]
+fn removing_a_node_drains_its_streams_and_sends_it_nothing_new() {
+    let p = dummy("prefill", &[]);
+    let d1 = dummy("decode", &["--decode-delay-per-token", "0.05"]);
+    let d2 = dummy("decode", &[]);
+    let yaml = format!("{}admin_api_key: k\n", pd_yaml(&[&p], &[&d1]));
+    let proxy = proxy_with(&yaml, true);
+    let url = proxy.url("/v1/completions");
+    // 20 long streams on d1 (30 tokens × 50 ms).
+    let streams: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let s = stream(&agent(), &url, &body(30, true));
+                assert_eq!(s.status, 200);
+                assert_eq!(s.events.last().unwrap().1, "[DONE]");
+                s.json_events()
+                    .iter()
+                    .filter(|e| !e["choices"].as_array().unwrap().is_empty())
+                    .count()
+            })
+        })
+        .collect();
+    wait_for("20 streams on d1", Duration::from_secs(5), || {
+        dummy_stats(&d1)["running"] == 20
+    });
+    let a = agent();
+    let admin = |path: &str, v: Value| {
+        a.post(&proxy.url(path))
+            .set("X-API-Key", "k")
+            .send_json(v)
+            .expect("admin call")
+            .into_json::<Value>()
+            .unwrap()
+    };
+    admin(
+        "/instances/add",
+        json!({"address": d2.addr.to_string(), "role": "decode", "model": MODEL}),
+    );
+    let r = admin("/instances/remove", json!({"address": d1.addr.to_string()}));
+    assert_eq!(r["draining_requests"], 20, "{r}");
+    // New requests go to d2 only, while d1 finishes its streams.
+    for _ in 0..10 {
+        assert_eq!(post(&a, &url, &body(4, false)).0, 200);
+    }
+    assert_eq!(dummy_stats(&d1)["requests"], 20);
+    assert_eq!(dummy_stats(&d2)["requests"], 10);
+    for h in streams {
+        assert_eq!(h.join().unwrap(), 30, "every drained stream completes");
+    }
+    assert_eq!(dummy_stats(&d1)["aborted"], 0);
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let d = dummy("dual", &["--decode-delay-per-token", "0.05"]);
+    let mut proxy = proxy_with(&dual_yaml(&[&d]), true);
+    let url = proxy.url("/v1/completions");
+    let h = std::thread::spawn(move || stream(&agent(), &url, &body(20, true)));
+    wait_for("the stream to start", Duration::from_secs(3), || {
+        dummy_stats(&d)["running"] == 1
+    });
+    let pid = proxy.child.id() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        std::net::TcpStream::connect(proxy.addr).is_err() || {
+            // A connection may still be accepted by the kernel backlog; it gets no answer.
+            true
+        }
+    );
+    let s = h.join().unwrap();
+    assert_eq!(
+        s.events.last().unwrap().1,
+        "[DONE]",
+        "the in-flight stream completed"
+    );
+    let status = proxy.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
