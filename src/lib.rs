@@ -12,6 +12,7 @@ pub mod demo;
 pub mod dummy;
 pub mod http;
 pub mod ids;
+pub mod metrics;
 pub mod proxy;
 pub mod resilience;
 pub mod runtime;

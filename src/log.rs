@@ -61,12 +61,22 @@ pub fn write(level: Level, target: &str, args: fmt::Arguments<'_>) {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let secs = now.as_secs();
-    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    let line = format!(
-        "{h:02}:{m:02}:{s:02}.{:06}Z {:<5} {target}: {args}\n",
-        now.subsec_micros(),
-        level.as_str()
-    );
+    let line = if JSON.load(Ordering::Relaxed) {
+        let v = serde_json::json!({
+            "ts": now.as_secs_f64(),
+            "level": level.as_str(),
+            "target": target,
+            "msg": args.to_string(),
+        });
+        format!("{v}\n")
+    } else {
+        let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+        format!(
+            "{h:02}:{m:02}:{s:02}.{:06}Z {:<5} {target}: {args}\n",
+            now.subsec_micros(),
+            level.as_str()
+        )
+    };
     // One write per line so lines from different workers never interleave.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
@@ -87,3 +97,29 @@ macro_rules! warn { ($($arg:tt)+) => { $crate::log_at!($crate::log::Level::Warni
 macro_rules! info { ($($arg:tt)+) => { $crate::log_at!($crate::log::Level::Info, $($arg)+) }; }
 #[macro_export]
 macro_rules! debug { ($($arg:tt)+) => { $crate::log_at!($crate::log::Level::Debug, $($arg)+) }; }
+
+/// Line format: human-readable text, or one JSON object per line for log shippers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            other => Err(format!(
+                "unknown log format `{other}` (expected text or json)"
+            )),
+        }
+    }
+}
+
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_format(f: Format) {
+    JSON.store(f == Format::Json, Ordering::Relaxed);
+}

@@ -38,6 +38,9 @@ struct ProxyArgs {
     /// debug, info, warning or error (overrides the file).
     #[arg(long)]
     log_level: Option<String>,
+    /// text or json (overrides the file).
+    #[arg(long)]
+    log_format: Option<String>,
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -85,7 +88,11 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     if let Some(l) = args.log_level {
         cfg.log_level = l.parse::<Level>()?;
     }
+    if let Some(f) = args.log_format {
+        cfg.log_format = f.parse::<xpyd::log::Format>()?;
+    }
     xpyd::log::set_level(cfg.log_level);
+    xpyd::log::set_format(cfg.log_format);
     // Before any thread starts, so that every thread inherits the mask.
     xpyd::proxy::block_shutdown_signals();
     let driver = Driver::resolve(args.driver)?;

@@ -30,6 +30,8 @@ impl Health {
 }
 
 pub struct Instance {
+    /// Process-unique, stable for the instance's life (metrics key on it).
+    pub id: u64,
     pub address: String,
     pub socket_addr: SocketAddr,
     pub role: Role,
@@ -52,7 +54,9 @@ pub struct Instance {
 
 impl Instance {
     pub fn new(address: String, socket_addr: SocketAddr, role: Role, model: Arc<str>) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Instance {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             address,
             socket_addr,
             role,
@@ -405,6 +409,8 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// Requests in flight, one slot per worker (each worker writes only its own).
     pub active: Vec<CachePadded<AtomicU64>>,
+    /// Metrics, one set per worker (each worker writes only its own).
+    pub metrics: Vec<Arc<crate::metrics::WorkerMetrics>>,
     pub started: Instant,
     pub created_unix: u64,
 }
@@ -418,6 +424,7 @@ impl Shared {
             active: (0..workers.max(1))
                 .map(|_| CachePadded::new(AtomicU64::new(0)))
                 .collect(),
+            metrics: (0..workers.max(1)).map(|_| Arc::default()).collect(),
             started: Instant::now(),
             created_unix: crate::ids::unix_seconds(),
         })

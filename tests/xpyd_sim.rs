@@ -13,32 +13,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn venv() -> PathBuf {
-    if let Ok(v) = std::env::var("XPYD_TEST_VENV") {
-        return PathBuf::from(v);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyenv")
-}
-
 fn sim_bin() -> PathBuf {
-    let venv = venv();
-    let bin = venv.join("bin/xpyd-sim");
-    if !bin.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "cannot create a virtualenv at {}", venv.display());
-        let ok = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "xpyd-sim"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "cannot pip install xpyd-sim into {}", venv.display());
-    }
-    bin
+    python_venv(&[("xpyd_sim", "xpyd-sim")]).join("bin/xpyd-sim")
 }
 
 struct Sim {

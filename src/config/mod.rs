@@ -189,6 +189,9 @@ pub struct Config {
     pub limits: ServerLimits,
     pub admin_api_key: Option<String>,
     pub shutdown_grace: Duration,
+    /// Record Prometheus metrics (`metrics.enabled`); off only to measure their cost.
+    pub metrics_enabled: bool,
+    pub log_format: crate::log::Format,
     pub source: Option<PathBuf>,
 }
 
@@ -230,6 +233,14 @@ mod raw {
         pub limits: Option<Limits>,
         pub admin_api_key: Option<String>,
         pub shutdown_grace_seconds: Option<f64>,
+        pub metrics: Option<Metrics>,
+        pub log_format: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Metrics {
+        pub enabled: Option<bool>,
     }
 
     #[derive(Deserialize, Default)]
@@ -586,6 +597,14 @@ impl Config {
             p.push("limits.max_connections: must be positive".into());
         }
         let shutdown_grace = seconds("shutdown_grace_seconds", f.shutdown_grace_seconds, 30.0, p);
+        let metrics_enabled = f.metrics.and_then(|m| m.enabled).unwrap_or(true);
+        let log_format = match f.log_format.as_deref() {
+            None => crate::log::Format::Text,
+            Some(s) => s.parse().unwrap_or_else(|e: String| {
+                p.push(format!("log_format: {e}"));
+                crate::log::Format::Text
+            }),
+        };
         // The environment wins over the file, so secrets can stay out of it.
         let admin_api_key = std::env::var("ADMIN_API_KEY")
             .ok()
@@ -615,6 +634,8 @@ impl Config {
             limits,
             admin_api_key,
             shutdown_grace,
+            metrics_enabled,
+            log_format,
             source: None,
         })
     }

@@ -5,7 +5,7 @@
 //! pooled) and releases its in-flight counters.
 
 use super::openai::{self, Endpoint};
-use super::relay::{relay, Outcome, RelayParams};
+use super::relay::{relay, Outcome, RelayParams, Timeline};
 use super::upstream::{UpstreamConn, UpstreamError};
 use super::Worker;
 use crate::config::Role;
@@ -13,6 +13,7 @@ use crate::http::head::ResponseHead;
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{error_response, full_response};
 use crate::http::{ApiError, Request};
+use crate::metrics::ErrorType;
 use crate::resilience;
 use crate::scheduler::PickContext;
 use crate::topology::{InFlight, Instance, ModelRoute, RoleSet};
@@ -23,6 +24,7 @@ use monoio::net::TcpStream;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Upper bound on a prefill response kept in memory (it is one token plus metadata).
 const MAX_PREFILL_RESPONSE: usize = 16 * 1024 * 1024;
@@ -43,17 +45,15 @@ pub async fn answer_error(
     }
     let keep = keep_alive && !err.close;
     let (res, _) = client.write_all(error_response(err, &extra, keep)).await;
-    if res.is_ok() && keep {
-        Outcome::KeepAlive
-    } else {
-        Outcome::Close
-    }
+    Outcome::new(err.status.as_u16(), res.is_ok() && keep)
 }
 
 /// Tokens assumed for a request without `max_tokens`, for decode load accounting.
 const DEFAULT_DECODE_TOKENS: u64 = 256;
 
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
+    start: Instant,
     w: &Worker,
     peer_ip: &str,
     req: Request,
@@ -73,7 +73,7 @@ pub async fn serve(
         .unwrap_or_else(crate::ids::uuid_v4);
     if !w.shared.is_ready() {
         let e = ApiError::unavailable(
-            "waiting for backend nodes: not every configured instance has answered its health check yet",
+            "waiting for backend nodes: every model needs a healthy prefill and decode instance, or a healthy dual instance",
         );
         return answer_error(client, &e, Some(&request_id), keep_alive).await;
     }
@@ -109,16 +109,44 @@ pub async fn serve(
         authorization: req.head.authorization.as_deref(),
     };
     let work = async {
+        let mut tl = Timeline::new(start);
         let result = if route.prefill.any_available() && route.decode.any_available() {
             let prefill_body = Bytes::from(openai::prefill_body(&inspected.obj));
-            disaggregated(&leg, route, &ctx, prefill_body, &req.body, client, &req).await
+            disaggregated(
+                &leg,
+                route,
+                &ctx,
+                prefill_body,
+                &req.body,
+                client,
+                &req,
+                &mut tl,
+            )
+            .await
         } else {
-            forward(&leg, &route.dual, &ctx, Role::Dual, &req.body, client, &req).await
+            forward(
+                &leg,
+                &route.dual,
+                &ctx,
+                Role::Dual,
+                &req.body,
+                client,
+                &req,
+                &mut tl,
+            )
+            .await
         };
-        match result {
+        let outcome = match result {
             Ok(outcome) => outcome,
-            Err(e) => answer_error(client, &e, Some(&request_id), keep_alive).await,
-        }
+            Err(e) => {
+                if e.status.is_server_error() {
+                    crate::error!("request {request_id}: {}", e.message);
+                }
+                answer_error(client, &e, Some(&request_id), keep_alive).await
+            }
+        };
+        finish(w, &route.name, &request_id, &tl, outcome.status);
+        outcome
     };
     match watch {
         Some(watch) => {
@@ -128,13 +156,52 @@ pub async fn serve(
                 biased;
                 outcome = work => outcome,
                 _ = watch.closed() => {
-                    crate::debug!("request {request_id}: client disconnected; abandoning its legs");
-                    Outcome::Close
+                    crate::info!("request {request_id}: client disconnected; abandoning its legs");
+                    Outcome::close(499)
                 }
             }
         }
         None => work.await,
     }
+}
+
+/// Records the request's P/D metrics and writes its log line.
+fn finish(w: &Worker, model: &str, request_id: &str, tl: &Timeline, status: u16) {
+    let end = Instant::now();
+    let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1e3);
+    let ttft = tl.first_byte.map(|t| t - tl.start);
+    if w.metrics_enabled && (200..300).contains(&status) {
+        if let Some(decode) = &tl.decode {
+            let m = w
+                .metric_index
+                .pair(&w.metrics, tl.prefill.as_deref(), decode);
+            if let (Some(a), Some(b)) = (tl.prefill_sent, tl.prefill_done) {
+                m.prefill_duration.observe(b - a);
+            }
+            if let (Some(a), Some(b)) = (tl.prefill_done, tl.decode_head) {
+                m.kv_transfer.observe(b - a);
+            }
+            if let Some(a) = tl.decode_sent {
+                m.decode_duration.observe(end - a);
+            }
+            if let Some(t) = ttft {
+                m.ttft.observe(t);
+            }
+            if let (Some(first), Some(last)) = (tl.first_byte, tl.last_event) {
+                if tl.events > 1 {
+                    m.tpot.observe((last - first) / (tl.events - 1) as u32);
+                }
+            }
+            m.e2e.observe(end - tl.start);
+        }
+    }
+    crate::info!(
+        "request {request_id} model={model} prefill={} decode={} status={status} ttft_ms={:.2} duration_ms={:.2}",
+        tl.prefill.as_ref().map_or("-", |i| i.address.as_str()),
+        tl.decode.as_ref().map_or("-", |i| i.address.as_str()),
+        ms(ttft),
+        ms(Some(end - tl.start)),
+    );
 }
 
 struct Leg<'a> {
@@ -222,8 +289,14 @@ impl Leg<'_> {
         ctx: &PickContext<'_>,
         role: Role,
         body: &Bytes,
+        tl: &mut Timeline,
     ) -> Result<Answered, ApiError> {
         let w = self.w;
+        let sent = Instant::now();
+        match role {
+            Role::Prefill => tl.prefill_sent = Some(sent),
+            _ => tl.decode_sent = Some(sent),
+        }
         let retry = &w.retry;
         let max_retries = if retry.enabled { retry.max_retries } else { 0 };
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -238,6 +311,21 @@ impl Leg<'_> {
                 role,
             )?;
             let inst = guard.instance().clone();
+            let counters = w
+                .metrics_enabled
+                .then(|| w.metric_index.instance(&w.metrics, &inst));
+            if let Some(c) = &counters {
+                c.request();
+            }
+            let count_error = |t: ErrorType| {
+                if let Some(c) = &counters {
+                    c.error(t);
+                }
+            };
+            match role {
+                Role::Prefill => tl.prefill = Some(inst.clone()),
+                _ => tl.decode = Some(inst.clone()),
+            }
             let sent = monoio::time::timeout(
                 w.timeouts.first_byte,
                 w.pool
@@ -247,7 +335,11 @@ impl Leg<'_> {
             let failure = match sent {
                 Ok(Ok((conn, head))) => {
                     let status = head.status.as_u16();
+                    if role != Role::Prefill {
+                        tl.decode_head = Some(Instant::now());
+                    }
                     if head.status.is_server_error() {
+                        count_error(ErrorType::Status5xx);
                         resilience::record_failure(&inst, &w.circuit);
                     } else {
                         resilience::record_success(&inst, &w.circuit);
@@ -259,6 +351,13 @@ impl Leg<'_> {
                     format!("answered {status}")
                 }
                 Ok(Err(e)) => {
+                    count_error(match e {
+                        UpstreamError::Connect(_) | UpstreamError::ConnectTimeout => {
+                            ErrorType::Connect
+                        }
+                        UpstreamError::BadResponse(_) => ErrorType::BadResponse,
+                        UpstreamError::Io(_) | UpstreamError::Closed => ErrorType::Closed,
+                    });
                     resilience::record_failure(&inst, &w.circuit);
                     w.pool.forget(inst.socket_addr);
                     if attempt >= max_retries {
@@ -267,6 +366,7 @@ impl Leg<'_> {
                     e.to_string()
                 }
                 Err(_) => {
+                    count_error(ErrorType::Timeout);
                     resilience::record_failure(&inst, &w.circuit);
                     crate::warn!(
                         "request {}: {} instance {} sent no response within {:?}",
@@ -288,6 +388,9 @@ impl Leg<'_> {
                 }
             };
             attempt += 1;
+            if w.metrics_enabled {
+                w.metrics.retry();
+            }
             tried.push(inst.socket_addr);
             drop(guard);
             let delay = resilience::backoff(retry, attempt);
@@ -316,6 +419,7 @@ impl Leg<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn disaggregated(
     leg: &Leg<'_>,
     route: &ModelRoute,
@@ -324,6 +428,7 @@ async fn disaggregated(
     body: &Bytes,
     client: &mut TcpStream,
     req: &Request,
+    tl: &mut Timeline,
 ) -> Result<Outcome, ApiError> {
     let w = leg.w;
     {
@@ -332,7 +437,7 @@ async fn disaggregated(
             mut conn,
             head,
         } = leg
-            .run(&route.prefill, ctx, Role::Prefill, &prefill_body)
+            .run(&route.prefill, ctx, Role::Prefill, &prefill_body, tl)
             .await?;
         let inst = guard.instance();
         let resp = match monoio::time::timeout(
@@ -355,6 +460,7 @@ async fn disaggregated(
                 ));
             }
         };
+        tl.prefill_done = Some(Instant::now());
         if head.keep_alive {
             w.pool.put_back(conn, inst);
         }
@@ -375,17 +481,14 @@ async fn disaggregated(
                 keep,
             );
             let (res, _) = client.write_all(out).await;
-            return Ok(if res.is_ok() && keep {
-                Outcome::KeepAlive
-            } else {
-                Outcome::Close
-            });
+            return Ok(Outcome::new(head.status.as_u16(), res.is_ok() && keep));
         }
     }
-    forward(leg, &route.decode, ctx, Role::Decode, body, client, req).await
+    forward(leg, &route.decode, ctx, Role::Decode, body, client, req, tl).await
 }
 
 /// Runs the leg that answers the client (decode, or dual) and relays its response.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     leg: &Leg<'_>,
     set: &RoleSet,
@@ -394,8 +497,9 @@ async fn forward(
     body: &Bytes,
     client: &mut TcpStream,
     req: &Request,
+    tl: &mut Timeline,
 ) -> Result<Outcome, ApiError> {
-    let Answered { guard, conn, head } = leg.run(set, ctx, role, body).await?;
+    let Answered { guard, conn, head } = leg.run(set, ctx, role, body, tl).await?;
     Ok(relay(
         leg.w,
         guard.instance(),
@@ -406,6 +510,7 @@ async fn forward(
             request_id: leg.request_id,
             http10: req.head.minor_version == 0,
             client_keep_alive: req.head.keep_alive,
+            timeline: tl,
         },
     )
     .await)

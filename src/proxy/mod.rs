@@ -35,6 +35,9 @@ pub struct Worker {
     pub control: Sender<control::Command>,
     /// Open client connections on this worker.
     pub connections: Cell<usize>,
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
+    pub metric_index: crate::metrics::LocalIndex,
+    pub metrics_enabled: bool,
 }
 
 pub struct RunOptions {
@@ -130,6 +133,9 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                 };
                 let w = Rc::new(Worker {
                     id,
+                    metrics: shared.metrics[id % shared.metrics.len()].clone(),
+                    metric_index: Default::default(),
+                    metrics_enabled: cfg.metrics_enabled,
                     shared,
                     pool: upstream::Pool::new(cfg.timeouts.connect, cfg.timeouts.pool_idle),
                     limits: cfg.limits.clone(),

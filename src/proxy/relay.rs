@@ -14,12 +14,73 @@ use crate::resilience;
 use crate::topology::Instance;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
+use std::sync::Arc;
+use std::time::Instant;
 
-/// What happened to the client connection.
+/// How a request ended: the status the client got (499: the client left first) and
+/// whether its connection can serve another request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    KeepAlive,
-    Close,
+pub struct Outcome {
+    pub status: u16,
+    pub keep_alive: bool,
+}
+
+impl Outcome {
+    pub fn new(status: u16, keep_alive: bool) -> Self {
+        Outcome { status, keep_alive }
+    }
+    pub fn close(status: u16) -> Self {
+        Outcome {
+            status,
+            keep_alive: false,
+        }
+    }
+}
+
+/// When the parts of a request happened, for metrics and the request log line.
+pub struct Timeline {
+    pub start: Instant,
+    pub prefill: Option<Arc<Instance>>,
+    pub prefill_sent: Option<Instant>,
+    pub prefill_done: Option<Instant>,
+    pub decode: Option<Arc<Instance>>,
+    pub decode_sent: Option<Instant>,
+    pub decode_head: Option<Instant>,
+    /// First body byte written to the client.
+    pub first_byte: Option<Instant>,
+    pub last_event: Option<Instant>,
+    /// SSE events relayed.
+    pub events: u64,
+}
+
+impl Timeline {
+    pub fn new(start: Instant) -> Self {
+        Timeline {
+            start,
+            prefill: None,
+            prefill_sent: None,
+            prefill_done: None,
+            decode: None,
+            decode_sent: None,
+            decode_head: None,
+            first_byte: None,
+            last_event: None,
+            events: 0,
+        }
+    }
+}
+
+/// SSE events that start in `bytes` (each begins with `data:` at a line start).
+fn count_events(bytes: &[u8]) -> u64 {
+    let mut n = 0;
+    let mut at_line_start = true;
+    for (i, &b) in bytes.iter().enumerate() {
+        if at_line_start && b == b'd' && bytes[i..].starts_with(b"data:") {
+            n += 1;
+        }
+        at_line_start = b == b'\n';
+    }
+    n
 }
 
 enum Mode {
@@ -78,6 +139,7 @@ pub struct RelayParams<'a> {
     pub request_id: &'a str,
     pub http10: bool,
     pub client_keep_alive: bool,
+    pub timeline: &'a mut Timeline,
 }
 
 /// Streams `head` and the rest of `conn`'s response to the client. A read that waits longer
@@ -91,6 +153,7 @@ pub async fn relay(
     client: &mut TcpStream,
     p: RelayParams<'_>,
 ) -> Outcome {
+    let status = head.status.as_u16();
     let sse = head
         .content_type
         .as_deref()
@@ -111,6 +174,7 @@ pub async fn relay(
     }
     headers.push(("X-Request-Id", p.request_id));
     response_head(&mut out, head.status, &headers, client_len, keep_alive);
+    let mut head_len = out.len();
 
     loop {
         let done = match process(&mut mode, &mut conn, &mut out) {
@@ -121,15 +185,31 @@ pub async fn relay(
                     p.request_id,
                     conn.addr
                 );
-                return Outcome::Close;
+                return Outcome::close(status);
             }
         };
         if !out.is_empty() {
+            let body_bytes = out.len() > head_len;
+            let events = if sse {
+                count_events(&out[head_len..])
+            } else {
+                0
+            };
             let (res, buf) = client.write_all(out).await;
             out = buf;
             out.clear();
+            head_len = 0;
             if res.is_err() {
-                return Outcome::Close;
+                return Outcome::close(499);
+            }
+            let tl = &mut *p.timeline;
+            if body_bytes {
+                let now = Instant::now();
+                tl.first_byte.get_or_insert(now);
+                if events > 0 {
+                    tl.events += events;
+                    tl.last_event = Some(now);
+                }
             }
         }
         if done {
@@ -156,20 +236,16 @@ pub async fn relay(
                     encode_chunk(&mut out, msg.as_bytes());
                     let _ = client.write_all(out).await;
                 }
-                return Outcome::Close;
+                return Outcome::close(status);
             }
         };
         match read {
             Ok(0) => match mode {
                 Mode::WrapUntilClose => {
                     let _ = client.write_all(LAST_CHUNK).await;
-                    return if keep_alive {
-                        Outcome::KeepAlive
-                    } else {
-                        Outcome::Close
-                    };
+                    return Outcome::new(status, keep_alive);
                 }
-                Mode::RawUntilClose => return Outcome::Close,
+                Mode::RawUntilClose => return Outcome::close(status),
                 _ => {
                     resilience::record_failure(inst, &w.circuit);
                     crate::warn!(
@@ -177,7 +253,7 @@ pub async fn relay(
                         p.request_id,
                         conn.addr
                     );
-                    return Outcome::Close;
+                    return Outcome::close(status);
                 }
             },
             Ok(_) => {}
@@ -188,16 +264,12 @@ pub async fn relay(
                     p.request_id,
                     conn.addr
                 );
-                return Outcome::Close;
+                return Outcome::close(status);
             }
         }
     }
     if head.keep_alive {
         w.pool.put_back(conn, inst);
     }
-    if keep_alive {
-        Outcome::KeepAlive
-    } else {
-        Outcome::Close
-    }
+    Outcome::new(status, keep_alive)
 }

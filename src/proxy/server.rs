@@ -8,6 +8,7 @@ use super::{admin, Worker};
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{full_response, JSON};
 use crate::http::{read_request, ApiError, ReadBuf, ReadError, Request};
+use crate::metrics;
 use crate::topology::ActiveRequest;
 use http::{Method, StatusCode};
 use monoio::io::AsyncWriteRentExt;
@@ -15,6 +16,7 @@ use monoio::net::{TcpListener, TcpStream};
 use serde_json::json;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// Accepts until shutdown, then keeps the event loop alive for the connections still open:
 /// returning would drop the runtime and with it every request in flight. The main thread
@@ -83,8 +85,13 @@ async fn serve_connection(w: &Worker, mut stream: TcpStream, peer_ip: String) {
             }
         };
         let _active = ActiveRequest::new(&w.shared, w.id);
-        let outcome = route(w, &peer_ip, req, &mut stream, &mut watch).await;
-        if outcome == Outcome::Close || w.shared.shutting_down.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        let endpoint = metrics::endpoint_index(req.head.route());
+        let outcome = route(w, start, &peer_ip, req, &mut stream, &mut watch).await;
+        if w.metrics_enabled {
+            w.metrics.request(endpoint, outcome.status, start.elapsed());
+        }
+        if !outcome.keep_alive || w.shared.shutting_down.load(Ordering::Relaxed) {
             return;
         }
     }
@@ -92,6 +99,7 @@ async fn serve_connection(w: &Worker, mut stream: TcpStream, peer_ip: String) {
 
 async fn route(
     w: &Worker,
+    start: Instant,
     peer_ip: &str,
     req: Request,
     stream: &mut TcpStream,
@@ -123,7 +131,7 @@ async fn route(
                 Err(e) => crate::warn!("cannot watch client connection for disconnects: {e}"),
             }
         }
-        return flow::serve(w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
+        return flow::serve(start, w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
     }
     if path == "/instances/add" || path == "/instances/remove" {
         if method != Method::POST {
@@ -142,6 +150,18 @@ async fn route(
             Ok(v) => write_json(stream, StatusCode::OK, &v, keep_alive).await,
             Err(e) => answer_error(stream, &e, None, keep_alive).await,
         };
+    }
+    if method == Method::GET && path == "/metrics" {
+        let body = metrics::render(&w.shared);
+        let (res, _) = stream
+            .write_all(full_response(
+                StatusCode::OK,
+                &[("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                body.as_bytes(),
+                keep_alive,
+            ))
+            .await;
+        return Outcome::new(200, res.is_ok() && keep_alive);
     }
     let (status, body) = match (method, path.as_str()) {
         (&Method::GET, "/ping") | (&Method::POST, "/ping") => {
@@ -178,11 +198,7 @@ async fn write_json(
     let (res, _) = stream
         .write_all(full_response(status, &[JSON], &body, keep_alive))
         .await;
-    if res.is_ok() && keep_alive {
-        Outcome::KeepAlive
-    } else {
-        Outcome::Close
-    }
+    Outcome::new(status.as_u16(), res.is_ok() && keep_alive)
 }
 
 fn health(w: &Worker) -> (StatusCode, serde_json::Value) {

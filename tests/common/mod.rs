@@ -285,3 +285,72 @@ pub fn now_unix_us() -> u64 {
         .unwrap()
         .as_micros() as u64
 }
+
+/// The test virtualenv (outside the sources: `target/pyenv`, or `$XPYD_TEST_VENV`) with the
+/// given (module, pip package) pairs installed; installs what is missing.
+pub fn python_venv(packages: &[(&str, &str)]) -> PathBuf {
+    let venv = match std::env::var("XPYD_TEST_VENV") {
+        Ok(v) => PathBuf::from(v),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyenv"),
+    };
+    // Test binaries run in parallel: one installer at a time.
+    let _lock = VenvLock::take(&venv);
+    if !venv.join("bin/python").exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .map(|s| s.success());
+        assert!(
+            matches!(ok, Ok(true)),
+            "cannot create a virtualenv at {}",
+            venv.display()
+        );
+    }
+    let py = venv.join("bin/python");
+    for (module, package) in packages {
+        let have = Command::new(&py)
+            .args(["-c", &format!("import {module}")])
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(have, Ok(s) if s.success()) {
+            let ok = Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", package])
+                .status();
+            assert!(
+                matches!(ok, Ok(s) if s.success()),
+                "cannot pip install {package} into {}",
+                venv.display()
+            );
+        }
+    }
+    venv
+}
+
+/// A lock directory next to the virtualenv (mkdir is atomic).
+struct VenvLock(PathBuf);
+
+impl VenvLock {
+    fn take(venv: &std::path::Path) -> VenvLock {
+        let dir = venv.with_extension("lock");
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while std::fs::create_dir(&dir).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "virtualenv lock {} held too long",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        VenvLock(dir)
+    }
+}
+
+impl Drop for VenvLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

@@ -1,0 +1,511 @@
+//! Prometheus metrics (SPEC 6) recorded per worker without locks and without atomics shared
+//! between cores: each worker owns a `WorkerMetrics` and is its only writer (plain
+//! load + store on its own cache lines); a scrape reads every worker's values and sums them.
+//! Labelled series (instance pairs, instances) are created by their worker on first use
+//! and published through an `ArcSwap` list, so the scraper can find them.
+
+use crate::topology::{Instance, Shared, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN};
+use arc_swap::ArcSwap;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bucket bounds in seconds: 1 ms to 10 min, for LLM latencies.
+pub const BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+/// Single-writer increment: the owning worker is the only writer, so no read-modify-write
+/// instruction is needed; readers may see the value a moment late, never torn.
+#[inline]
+fn bump(a: &AtomicU64, n: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+#[derive(Default)]
+pub struct Histogram {
+    /// Non-cumulative counts; the last slot is above the largest bound (+Inf).
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let idx = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
+        bump(&self.counts[idx], 1);
+        bump(&self.sum_micros, d.as_micros() as u64);
+    }
+
+    fn add_to(&self, acc: &mut HistAcc) {
+        for (a, c) in acc.counts.iter_mut().zip(&self.counts) {
+            *a += c.load(Ordering::Relaxed);
+        }
+        acc.sum_micros += self.sum_micros.load(Ordering::Relaxed);
+    }
+}
+
+#[derive(Default, Clone)]
+struct HistAcc {
+    counts: [u64; BUCKETS.len() + 1],
+    sum_micros: u64,
+}
+
+impl HistAcc {
+    /// Writes the `_bucket`, `_sum` and `_count` lines; the count is the sum of the buckets,
+    /// so the exposition is consistent even while workers keep recording.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cum = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cum += self.counts[i];
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
+        }
+        cum += self.counts[BUCKETS.len()];
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cum}");
+        let lb = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{lb} {}", self.sum_micros as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{lb} {cum}");
+    }
+}
+
+/// Endpoints counted in `proxy_requests_total` / `proxy_request_duration_seconds`.
+pub const ENDPOINTS: [&str; 9] = [
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/ping",
+    "/status",
+    "/metrics",
+    "/instances",
+    "other",
+];
+
+pub fn endpoint_index(path: &str) -> usize {
+    match path {
+        "/v1/completions" => 0,
+        "/v1/chat/completions" => 1,
+        "/v1/models" => 2,
+        "/health" => 3,
+        "/ping" => 4,
+        "/status" | "/status/instances" | "/version" => 5,
+        "/metrics" => 6,
+        "/instances/add" | "/instances/remove" => 7,
+        _ => 8,
+    }
+}
+
+/// Status codes with their own series; anything else is counted under its class ("5xx").
+const STATUSES: [u16; 19] = [
+    200, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 431, 499, 500, 501, 502, 503, 504, 0,
+];
+
+fn status_index(s: u16) -> usize {
+    STATUSES[..STATUSES.len() - 1]
+        .iter()
+        .position(|&x| x == s)
+        .unwrap_or(STATUSES.len() - 1)
+}
+
+/// Error kinds of `proxy_instance_errors_total`.
+#[derive(Clone, Copy)]
+pub enum ErrorType {
+    Connect = 0,
+    Timeout = 1,
+    Status5xx = 2,
+    Closed = 3,
+    BadResponse = 4,
+}
+
+const ERROR_TYPES: [&str; 5] = ["connect", "timeout", "status_5xx", "closed", "bad_response"];
+
+pub struct PairMetrics {
+    model: Arc<str>,
+    prefill: String,
+    decode: String,
+    pub prefill_duration: Histogram,
+    pub kv_transfer: Histogram,
+    pub decode_duration: Histogram,
+    pub ttft: Histogram,
+    pub tpot: Histogram,
+    pub e2e: Histogram,
+}
+
+pub struct InstanceMetrics {
+    instance: String,
+    role: &'static str,
+    model: Arc<str>,
+    requests: AtomicU64,
+    errors: [AtomicU64; ERROR_TYPES.len()],
+}
+
+impl InstanceMetrics {
+    #[inline]
+    pub fn request(&self) {
+        bump(&self.requests, 1);
+    }
+    #[inline]
+    pub fn error(&self, t: ErrorType) {
+        bump(&self.errors[t as usize], 1);
+    }
+}
+
+/// One worker's metrics; written only by that worker.
+#[derive(Default)]
+pub struct WorkerMetrics {
+    requests: [[AtomicU64; STATUSES.len()]; ENDPOINTS.len()],
+    durations: [Histogram; ENDPOINTS.len()],
+    retries: AtomicU64,
+    pairs: ArcSwap<Vec<Arc<PairMetrics>>>,
+    instances: ArcSwap<Vec<Arc<InstanceMetrics>>>,
+}
+
+impl WorkerMetrics {
+    #[inline]
+    pub fn request(&self, endpoint: usize, status: u16, took: Duration) {
+        bump(&self.requests[endpoint][status_index(status)], 1);
+        self.durations[endpoint].observe(took);
+    }
+
+    #[inline]
+    pub fn retry(&self) {
+        bump(&self.retries, 1);
+    }
+}
+
+/// The worker-local index over its published series (no synchronisation needed).
+#[derive(Default)]
+pub struct LocalIndex {
+    pairs: RefCell<HashMap<(u64, u64), Arc<PairMetrics>>>,
+    instances: RefCell<HashMap<u64, Arc<InstanceMetrics>>>,
+}
+
+impl LocalIndex {
+    pub fn pair(
+        &self,
+        m: &WorkerMetrics,
+        prefill: Option<&Instance>,
+        decode: &Instance,
+    ) -> Arc<PairMetrics> {
+        let key = (prefill.map_or(0, |p| p.id), decode.id);
+        if let Some(p) = self.pairs.borrow().get(&key) {
+            return p.clone();
+        }
+        let p = Arc::new(PairMetrics {
+            model: decode.model.clone(),
+            prefill: prefill.map(|p| p.address.clone()).unwrap_or_default(),
+            decode: decode.address.clone(),
+            prefill_duration: Histogram::default(),
+            kv_transfer: Histogram::default(),
+            decode_duration: Histogram::default(),
+            ttft: Histogram::default(),
+            tpot: Histogram::default(),
+            e2e: Histogram::default(),
+        });
+        self.pairs.borrow_mut().insert(key, p.clone());
+        m.pairs.rcu(|list| {
+            let mut l = Vec::clone(list);
+            l.push(p.clone());
+            l
+        });
+        p
+    }
+
+    pub fn instance(&self, m: &WorkerMetrics, inst: &Instance) -> Arc<InstanceMetrics> {
+        if let Some(i) = self.instances.borrow().get(&inst.id) {
+            return i.clone();
+        }
+        let i = Arc::new(InstanceMetrics {
+            instance: inst.address.clone(),
+            role: inst.role.as_str(),
+            model: inst.model.clone(),
+            requests: AtomicU64::new(0),
+            errors: Default::default(),
+        });
+        self.instances.borrow_mut().insert(inst.id, i.clone());
+        m.instances.rcu(|list| {
+            let mut l = Vec::clone(list);
+            l.push(i.clone());
+            l
+        });
+        i
+    }
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The whole exposition, summed over workers.
+pub fn render(shared: &Shared) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let workers = &shared.metrics;
+
+    header(
+        &mut out,
+        "proxy_requests_total",
+        "counter",
+        "Requests answered, by endpoint and status.",
+    );
+    for (e, ep) in ENDPOINTS.iter().enumerate() {
+        for (s, st) in STATUSES.iter().enumerate() {
+            let n: u64 = workers
+                .iter()
+                .map(|w| w.requests[e][s].load(Ordering::Relaxed))
+                .sum();
+            if n > 0 {
+                let st = if *st == 0 {
+                    "other".to_string()
+                } else {
+                    st.to_string()
+                };
+                let _ = writeln!(
+                    out,
+                    "proxy_requests_total{{endpoint=\"{ep}\",status=\"{st}\"}} {n}"
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "proxy_request_duration_seconds",
+        "histogram",
+        "Time from request received to response complete, by endpoint.",
+    );
+    for (e, ep) in ENDPOINTS.iter().enumerate() {
+        let mut acc = HistAcc::default();
+        for w in workers {
+            w.durations[e].add_to(&mut acc);
+        }
+        if acc.counts.iter().any(|&c| c > 0) {
+            acc.render(
+                &mut out,
+                "proxy_request_duration_seconds",
+                &format!("endpoint=\"{ep}\""),
+            );
+        }
+    }
+    header(
+        &mut out,
+        "proxy_active_requests",
+        "gauge",
+        "Requests in flight.",
+    );
+    let _ = writeln!(out, "proxy_active_requests {}", shared.active_requests());
+
+    // P/D histograms, merged by label set across workers.
+    let mut pairs: Vec<(String, [HistAcc; 6])> = Vec::new();
+    let mut pos: HashMap<String, usize> = HashMap::new();
+    for w in workers {
+        for p in w.pairs.load().iter() {
+            let labels = format!(
+                "model=\"{}\",prefill_instance=\"{}\",decode_instance=\"{}\"",
+                esc(&p.model),
+                esc(&p.prefill),
+                esc(&p.decode)
+            );
+            let i = *pos.entry(labels.clone()).or_insert_with(|| {
+                pairs.push((labels, Default::default()));
+                pairs.len() - 1
+            });
+            let acc = &mut pairs[i].1;
+            for (k, h) in [
+                &p.prefill_duration,
+                &p.kv_transfer,
+                &p.decode_duration,
+                &p.ttft,
+                &p.tpot,
+                &p.e2e,
+            ]
+            .iter()
+            .enumerate()
+            {
+                h.add_to(&mut acc[k]);
+            }
+        }
+    }
+    let names = [
+        (
+            "proxy_prefill_duration_seconds",
+            "Prefill leg: request sent to prefill response read.",
+        ),
+        (
+            "proxy_kv_transfer_duration_seconds",
+            "Prefill end to the first byte of the decode response.",
+        ),
+        (
+            "proxy_decode_duration_seconds",
+            "Decode (or dual) leg: request sent to last byte relayed.",
+        ),
+        (
+            "proxy_ttft_seconds",
+            "Time to first token: request received to first content byte written to the client.",
+        ),
+        (
+            "proxy_tpot_seconds",
+            "Time per output token of streamed responses (mean gap between events).",
+        ),
+        (
+            "proxy_e2e_latency_seconds",
+            "Request received to response complete, successful inference requests.",
+        ),
+    ];
+    for (k, (name, help)) in names.iter().enumerate() {
+        header(&mut out, name, "histogram", help);
+        for (labels, accs) in &pairs {
+            if accs[k].counts.iter().any(|&c| c > 0) {
+                accs[k].render(&mut out, name, labels);
+            }
+        }
+    }
+
+    let topo = shared.topology.load();
+    header(
+        &mut out,
+        "proxy_prefill_active",
+        "gauge",
+        "Prefill legs in flight per instance.",
+    );
+    for i in topo
+        .instances()
+        .filter(|i| i.role == crate::config::Role::Prefill)
+    {
+        let _ = writeln!(
+            out,
+            "proxy_prefill_active{{instance=\"{}\",model=\"{}\"}} {}",
+            esc(&i.address),
+            esc(&i.model),
+            i.in_flight()
+        );
+    }
+    header(
+        &mut out,
+        "proxy_decode_active",
+        "gauge",
+        "Decode (and dual) legs in flight per instance.",
+    );
+    for i in topo
+        .instances()
+        .filter(|i| i.role != crate::config::Role::Prefill)
+    {
+        let _ = writeln!(
+            out,
+            "proxy_decode_active{{instance=\"{}\",model=\"{}\"}} {}",
+            esc(&i.address),
+            esc(&i.model),
+            i.in_flight()
+        );
+    }
+    header(
+        &mut out,
+        "proxy_circuit_state",
+        "gauge",
+        "Circuit breaker state per instance: 0 closed, 1 open, 2 half-open.",
+    );
+    for i in topo.instances() {
+        let v = match i.circuit.load(Ordering::Relaxed) {
+            CIRCUIT_OPEN => 1,
+            CIRCUIT_HALF_OPEN => 2,
+            _ => 0,
+        };
+        let _ = writeln!(
+            out,
+            "proxy_circuit_state{{instance=\"{}\"}} {v}",
+            esc(&i.address)
+        );
+    }
+
+    // Per-instance counters, merged by instance across workers.
+    let mut inst: Vec<(
+        String,
+        &'static str,
+        Arc<str>,
+        u64,
+        [u64; ERROR_TYPES.len()],
+    )> = Vec::new();
+    for w in workers {
+        for m in w.instances.load().iter() {
+            let idx = match inst.iter().position(|x| x.0 == m.instance && x.1 == m.role) {
+                Some(i) => i,
+                None => {
+                    inst.push((
+                        m.instance.clone(),
+                        m.role,
+                        m.model.clone(),
+                        0,
+                        [0; ERROR_TYPES.len()],
+                    ));
+                    inst.len() - 1
+                }
+            };
+            inst[idx].3 += m.requests.load(Ordering::Relaxed);
+            for (a, e) in inst[idx].4.iter_mut().zip(&m.errors) {
+                *a += e.load(Ordering::Relaxed);
+            }
+        }
+    }
+    header(
+        &mut out,
+        "proxy_instance_requests_total",
+        "counter",
+        "Legs sent to each instance (retries included).",
+    );
+    for (addr, role, _, n, _) in &inst {
+        let _ = writeln!(
+            out,
+            "proxy_instance_requests_total{{instance=\"{}\",role=\"{role}\"}} {n}",
+            esc(addr)
+        );
+    }
+    header(
+        &mut out,
+        "proxy_instance_errors_total",
+        "counter",
+        "Failed legs per instance, by error type.",
+    );
+    for (addr, _, model, _, errs) in &inst {
+        for (k, n) in errs.iter().enumerate() {
+            if *n > 0 {
+                let _ = writeln!(
+                    out,
+                    "proxy_instance_errors_total{{instance=\"{}\",error_type=\"{}\",model=\"{}\"}} {n}",
+                    esc(addr),
+                    ERROR_TYPES[k],
+                    esc(model)
+                );
+            }
+        }
+    }
+    header(
+        &mut out,
+        "proxy_retries_total",
+        "counter",
+        "Legs retried on another instance.",
+    );
+    let retries: u64 = workers
+        .iter()
+        .map(|w| w.retries.load(Ordering::Relaxed))
+        .sum();
+    let _ = writeln!(out, "proxy_retries_total {retries}");
+    out
+}

@@ -1,0 +1,400 @@
+//! Metrics, status and logs: a known mix of requests, then `/metrics` parsed by the real
+//! Prometheus text parser (`prometheus_client`, in the test virtualenv) must count exactly.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// Parses exposition text with prometheus_client; fails on invalid exposition.
+fn parse_exposition(text: &str) -> Vec<Value> {
+    let venv = python_venv(&[("prometheus_client", "prometheus-client")]);
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append({"family": fam.name, "type": fam.type, "name": s.name, "labels": s.labels, "value": s.value})
+print(json.dumps(out))
+"#;
+    let mut child = Command::new(venv.join("bin/python"))
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "invalid exposition: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+}
+
+fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s["name"] == name)
+        .find(|s| labels.iter().all(|(k, v)| s["labels"][*k] == *v))
+        .and_then(|s| s["value"].as_f64())
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+}
+
+fn scrape(proxy: &Proc) -> (String, Vec<Value>) {
+    let resp = ureq::get(&proxy.url("/metrics")).call().unwrap();
+    assert!(resp.content_type().starts_with("text/plain"));
+    let text = resp.into_string().unwrap();
+    let parsed = parse_exposition(&text);
+    (text, parsed)
+}
+
+#[test]
+fn metrics_count_exactly_and_parse_as_prometheus() {
+    let p = dummy("prefill", &[]);
+    let d = dummy("decode", &["--decode-delay-per-token", "0.002"]);
+    let mut dual_cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
+    dual_cmd
+        .args([
+            "--port",
+            "0",
+            "--mode",
+            "dual",
+            "--model",
+            "dual-model",
+            "--workers",
+            "1",
+        ])
+        .env("PREFILL_DELAY_PER_TOKEN", "0")
+        .env("DECODE_DELAY_PER_TOKEN", "0.002");
+    let dual = spawn_listening(dual_cmd);
+    let proxy = proxy_with(
+        &format!("{}admin_api_key: k\n", pd_yaml(&[&p], &[&d])),
+        true,
+    );
+    let a = agent();
+    // A second model served by a dual node, added at run time.
+    a.post(&proxy.url("/instances/add"))
+        .set("X-API-Key", "k")
+        .send_json(json!({"address": dual.addr.to_string(), "role": "dual", "model": "dual-model"}))
+        .unwrap();
+    let url = proxy.url("/v1/completions");
+    let req = |model: &str, stream_it: bool| json!({"model": model, "prompt": "a b c", "max_tokens": 5, "stream": stream_it});
+    for _ in 0..3 {
+        assert_eq!(post(&a, &url, &req(MODEL, false)).0, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(stream(&a, &url, &req(MODEL, true)).status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(post(&a, &url, &req("dual-model", false)).0, 200);
+    }
+    assert_eq!(stream(&a, &url, &req("dual-model", true)).status, 200);
+    assert_eq!(post(&a, &url, &json!({"model": MODEL})).0, 400);
+    assert_eq!(
+        post(&a, &url, &json!({"model": "nope", "prompt": "x"})).0,
+        404
+    );
+    let chat =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2});
+    assert_eq!(post(&a, &proxy.url("/v1/chat/completions"), &chat).0, 200);
+
+    let (text, s) = scrape(&proxy);
+    for family in [
+        "proxy_requests_total",
+        "proxy_request_duration_seconds",
+        "proxy_active_requests",
+        "proxy_prefill_duration_seconds",
+        "proxy_kv_transfer_duration_seconds",
+        "proxy_decode_duration_seconds",
+        "proxy_ttft_seconds",
+        "proxy_tpot_seconds",
+        "proxy_e2e_latency_seconds",
+        "proxy_prefill_active",
+        "proxy_decode_active",
+        "proxy_instance_requests_total",
+        "proxy_instance_errors_total",
+        "proxy_retries_total",
+        "proxy_circuit_state",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "missing TYPE for {family}"
+        );
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "missing HELP for {family}"
+        );
+    }
+    let ep = "/v1/completions";
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_requests_total",
+            &[("endpoint", ep), ("status", "200")]
+        ),
+        8.0
+    );
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_requests_total",
+            &[("endpoint", ep), ("status", "400")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_requests_total",
+            &[("endpoint", ep), ("status", "404")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_requests_total",
+            &[("endpoint", "/v1/chat/completions"), ("status", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_request_duration_seconds_count",
+            &[("endpoint", ep)]
+        ),
+        10.0
+    );
+    let (pa, da, dd) = (
+        p.addr.to_string(),
+        d.addr.to_string(),
+        dual.addr.to_string(),
+    );
+    let pd = [
+        ("model", MODEL),
+        ("prefill_instance", pa.as_str()),
+        ("decode_instance", da.as_str()),
+    ];
+    let du = [
+        ("model", "dual-model"),
+        ("prefill_instance", ""),
+        ("decode_instance", dd.as_str()),
+    ];
+    // 5 completions + 1 chat through P/D, 3 through dual.
+    assert_eq!(sample(&s, "proxy_ttft_seconds_count", &pd), 6.0);
+    assert_eq!(sample(&s, "proxy_e2e_latency_seconds_count", &pd), 6.0);
+    assert_eq!(sample(&s, "proxy_prefill_duration_seconds_count", &pd), 6.0);
+    assert_eq!(
+        sample(&s, "proxy_kv_transfer_duration_seconds_count", &pd),
+        6.0
+    );
+    assert_eq!(
+        sample(&s, "proxy_tpot_seconds_count", &pd),
+        2.0,
+        "TPOT from the 2 streams"
+    );
+    assert_eq!(sample(&s, "proxy_ttft_seconds_count", &du), 3.0);
+    assert_eq!(sample(&s, "proxy_tpot_seconds_count", &du), 1.0);
+    // +Inf bucket equals the count.
+    let mut inf = pd.to_vec();
+    inf.push(("le", "+Inf"));
+    assert_eq!(sample(&s, "proxy_ttft_seconds_bucket", &inf), 6.0);
+    // TPOT ~ the decode node's 2 ms per token.
+    let tpot = sample(&s, "proxy_tpot_seconds_sum", &pd) / 2.0;
+    assert!((0.0015..0.02).contains(&tpot), "tpot {tpot}");
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_instance_requests_total",
+            &[("instance", pa.as_str()), ("role", "prefill")]
+        ),
+        6.0
+    );
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_instance_requests_total",
+            &[("instance", da.as_str()), ("role", "decode")]
+        ),
+        6.0
+    );
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_instance_requests_total",
+            &[("instance", dd.as_str()), ("role", "dual")]
+        ),
+        3.0
+    );
+    assert_eq!(sample(&s, "proxy_retries_total", &[]), 0.0);
+    assert_eq!(
+        sample(&s, "proxy_circuit_state", &[("instance", da.as_str())]),
+        0.0
+    );
+    assert_eq!(
+        sample(&s, "proxy_decode_active", &[("instance", da.as_str())]),
+        0.0
+    );
+}
+
+#[test]
+fn errors_and_retries_are_counted_per_instance() {
+    let p = dummy("prefill", &[]);
+    let bad = dummy("decode", &["--fail-rate", "1.0"]);
+    let good = dummy("decode", &[]);
+    let yaml = format!(
+        "{}scheduling: roundrobin\nretry:\n  initial_backoff_ms: 1\ncircuit_breaker:\n  enabled: false\n",
+        pd_yaml(&[&p], &[&bad, &good])
+    );
+    let proxy = proxy_with(&yaml, true);
+    let a = agent();
+    for _ in 0..6 {
+        assert_eq!(
+            post(
+                &a,
+                &proxy.url("/v1/completions"),
+                &json!({"model": MODEL, "prompt": "x", "max_tokens": 2})
+            )
+            .0,
+            200
+        );
+    }
+    let (_, s) = scrape(&proxy);
+    let ba = bad.addr.to_string();
+    // The shared round-robin cursor advances on the retry's pick too, so with two decode
+    // nodes every first attempt lands on the bad one and every retry on the good one.
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_instance_errors_total",
+            &[
+                ("instance", ba.as_str()),
+                ("error_type", "status_5xx"),
+                ("model", MODEL)
+            ]
+        ),
+        6.0
+    );
+    assert_eq!(sample(&s, "proxy_retries_total", &[]), 6.0);
+    let ga = good.addr.to_string();
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_instance_requests_total",
+            &[("instance", ga.as_str()), ("role", "decode")]
+        ),
+        6.0
+    );
+    assert_eq!(
+        sample(
+            &s,
+            "proxy_requests_total",
+            &[("endpoint", "/v1/completions"), ("status", "200")]
+        ),
+        6.0
+    );
+}
+
+#[test]
+fn status_instances_reflects_a_node_going_down() {
+    let p = dummy("prefill", &[]);
+    let d = dummy("decode", &[]);
+    let proxy = proxy_with(
+        &format!(
+            "{}circuit_breaker:\n  failure_threshold: 2\n",
+            pd_yaml(&[&p], &[&d])
+        ),
+        true,
+    );
+    let da = d.addr.to_string();
+    let find = || {
+        let (_, v) = get_json(&proxy.url("/status/instances"));
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["address"] == da.as_str())
+            .cloned()
+            .unwrap()
+    };
+    let before = find();
+    for key in [
+        "address",
+        "role",
+        "model",
+        "status",
+        "circuit",
+        "active_requests",
+        "last_check",
+        "max_model_len",
+    ] {
+        assert!(before.get(key).is_some(), "missing {key}: {before}");
+    }
+    assert_eq!(before["status"], "healthy");
+    assert_eq!(before["max_model_len"], 131072);
+    drop(d);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = find();
+        if now["status"] == "unhealthy" && now["circuit"] == "open" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{now}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (_, s) = scrape(&proxy);
+    assert_eq!(
+        sample(&s, "proxy_circuit_state", &[("instance", da.as_str())]),
+        1.0
+    );
+    let (status, st) = get_json(&proxy.url("/status"));
+    assert_eq!(status, 200);
+    assert_eq!(st["models"][0]["decode"]["healthy"], 0);
+    assert_eq!(st["models"][0]["scheduler"], "loadbalanced");
+}
+
+#[test]
+fn every_operational_endpoint_answers_while_gated() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = proxy_with(&format!("model: {MODEL}\ndual: [\"{dead}\"]\n"), false);
+    assert_eq!(get_json(&proxy.url("/health")).0, 503);
+    for path in [
+        "/ping",
+        "/status",
+        "/status/instances",
+        "/version",
+        "/v1/models",
+    ] {
+        assert_eq!(get_json(&proxy.url(path)).0, 200, "{path}");
+    }
+    let (_, s) = scrape(&proxy);
+    assert_eq!(
+        sample(&s, "proxy_active_requests", &[]),
+        1.0,
+        "the scrape itself"
+    );
+    assert_eq!(
+        post(
+            &agent(),
+            &proxy.url("/v1/completions"),
+            &json!({"prompt": "x"})
+        )
+        .0,
+        503
+    );
+}
