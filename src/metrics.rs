@@ -256,6 +256,15 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// One instance's counters summed over workers: address, role, model, requests, errors.
+type InstanceSum = (
+    String,
+    &'static str,
+    Arc<str>,
+    u64,
+    [u64; ERROR_TYPES.len()],
+);
+
 /// The whole exposition, summed over workers.
 pub fn render(shared: &Shared) -> String {
     let mut out = String::with_capacity(16 * 1024);
@@ -436,13 +445,7 @@ pub fn render(shared: &Shared) -> String {
     }
 
     // Per-instance counters, merged by instance across workers.
-    let mut inst: Vec<(
-        String,
-        &'static str,
-        Arc<str>,
-        u64,
-        [u64; ERROR_TYPES.len()],
-    )> = Vec::new();
+    let mut inst: Vec<InstanceSum> = Vec::new();
     for w in workers {
         for m in w.instances.load().iter() {
             let idx = match inst.iter().position(|x| x.0 == m.instance && x.1 == m.role) {
