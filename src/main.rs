@@ -25,6 +25,19 @@ enum Command {
     /// Start simulated prefill and decode nodes and the proxy in front of them, send a real
     /// request through, and keep serving until Ctrl-C.
     Demo(DemoArgs),
+    /// Find common mistakes in a config file and print the fixes as a diff.
+    FixConfig(FixArgs),
+}
+
+#[derive(Args)]
+struct FixArgs {
+    path: PathBuf,
+    /// Apply the fixes (after copying the file to PATH.<timestamp>.bak).
+    #[arg(long)]
+    write: bool,
+    /// Ask on stdin before each ambiguous fix.
+    #[arg(long)]
+    interactive: bool,
 }
 
 #[derive(Args)]
@@ -32,6 +45,15 @@ struct ProxyArgs {
     /// Config file (else $XPYD_CONFIG, else ./xpyd.yaml).
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
+    /// Validate PATH, print every problem (or a summary of the topology) and exit.
+    #[arg(long, value_name = "PATH")]
+    validate_config: Option<PathBuf>,
+    /// Write a commented template config (default ./xpyd.yaml) and exit.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "xpyd.yaml")]
+    init_config: Option<PathBuf>,
+    /// With --init-config: overwrite an existing file.
+    #[arg(long)]
+    force: bool,
     /// Listen port (overrides the file).
     #[arg(long)]
     port: Option<u16>,
@@ -78,10 +100,31 @@ fn resolve_config_path(flag: Option<PathBuf>) -> Result<PathBuf, String> {
     Err("no configuration found: looked at -c/--config, the XPYD_CONFIG environment variable, and ./xpyd.yaml".into())
 }
 
+/// The template `--init-config` writes: the documented example config.
+const TEMPLATE: &str = include_str!("../examples/xpyd.yaml");
+
 fn run_proxy(args: ProxyArgs) -> Result<(), String> {
+    if let Some(path) = args.init_config {
+        if path.exists() && !args.force {
+            return Err(format!(
+                "{} exists; use --force to overwrite it",
+                path.display()
+            ));
+        }
+        std::fs::write(&path, TEMPLATE)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
+    if let Some(path) = args.validate_config {
+        let cfg =
+            Config::load(&path).map_err(|e| format!("{} is invalid:\n{e}", path.display()))?;
+        println!("{} is valid\n{}", path.display(), cfg.summary());
+        return Ok(());
+    }
     let path = resolve_config_path(args.config)?;
-    let mut cfg = Config::load(&path)
-        .map_err(|e| format!("invalid configuration {}:\n{e}", path.display()))?;
+    let mut cfg =
+        Config::load(&path).map_err(|e| format!("{} is invalid:\n{e}", path.display()))?;
     if let Some(p) = args.port {
         cfg.port = p;
     }
@@ -119,11 +162,83 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn fix_config(a: FixArgs) -> Result<(), String> {
+    use std::io::{BufRead, Write};
+    use xpyd::config::fix;
+    let text = std::fs::read_to_string(&a.path)
+        .map_err(|e| format!("cannot read {}: {e}", a.path.display()))?;
+    let mut fixes = fix::find_fixes(&text);
+    if fixes.is_empty() {
+        println!("{}: nothing to fix", a.path.display());
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    let mut answers = stdin.lock().lines();
+    for f in fixes.iter_mut() {
+        println!("line {}: {}", f.line, f.reason);
+        println!("- {}", f.before);
+        match &f.after {
+            Some(after) => println!("+ {after}"),
+            None if a.interactive => {
+                // Ambiguous: an address without a port gets one; anything else stays manual.
+                if f.reason.contains("no port") {
+                    print!("  port to add (empty: leave the line as it is): ");
+                    let _ = std::io::stdout().flush();
+                    let answer = answers.next().and_then(Result::ok).unwrap_or_default();
+                    let port = answer.trim();
+                    if !port.is_empty() && port.parse::<u16>().is_ok() {
+                        let after = add_port(&f.before, port);
+                        println!("+ {after}");
+                        f.after = Some(after);
+                    } else {
+                        println!("  (left as it is)");
+                    }
+                } else {
+                    println!("  (fix by hand)");
+                }
+            }
+            None => println!("  (ambiguous: fix by hand, or run with --interactive)"),
+        }
+    }
+    if a.write {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let backup = PathBuf::from(format!("{}.{stamp}.bak", a.path.display()));
+        std::fs::copy(&a.path, &backup)
+            .map_err(|e| format!("cannot back up to {}: {e}", backup.display()))?;
+        std::fs::write(&a.path, fix::apply(&text, &fixes))
+            .map_err(|e| format!("cannot write {}: {e}", a.path.display()))?;
+        println!("wrote {} (backup: {})", a.path.display(), backup.display());
+    }
+    Ok(())
+}
+
+/// Adds `:port` to every quoted address without one on `line`.
+fn add_port(line: &str, port: &str) -> String {
+    let mut out = String::new();
+    let mut parts = line.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, p) in parts.enumerate() {
+        out.push('"');
+        if i % 2 == 0 && !p.contains(':') && !p.is_empty() {
+            out.push_str(&format!("{p}:{port}"));
+        } else {
+            out.push_str(p);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Proxy(a) => run_proxy(a),
         Command::Demo(a) => Driver::resolve(a.driver).and_then(|d| xpyd::demo::run(a.port, d)),
+        Command::FixConfig(a) => fix_config(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

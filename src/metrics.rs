@@ -103,7 +103,7 @@ pub fn endpoint_index(path: &str) -> usize {
         "/ping" => 4,
         "/status" | "/status/instances" | "/version" => 5,
         "/metrics" => 6,
-        "/instances/add" | "/instances/remove" => 7,
+        "/instances/add" | "/instances/remove" | "/admin/reload" => 7,
         _ => 8,
     }
 }

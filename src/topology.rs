@@ -342,6 +342,58 @@ impl Topology {
         }
     }
 
+    /// The snapshot for a reloaded config: instances that stay (same model, role and
+    /// address) keep their state; the ones that left are returned to be drained.
+    pub fn reloaded(&self, cfg: &Config) -> (Topology, Vec<Arc<Instance>>) {
+        let mut kept: Vec<Arc<Instance>> = Vec::new();
+        let models = cfg
+            .models
+            .iter()
+            .map(|m| {
+                let name: Arc<str> = Arc::from(m.name.as_str());
+                let list = m
+                    .instances
+                    .iter()
+                    .map(|i| {
+                        let old = self.instances().find(|o| {
+                            o.socket_addr == i.socket_addr
+                                && o.role == i.role
+                                && *o.model == *m.name
+                        });
+                        match old {
+                            Some(o) => {
+                                kept.push(o.clone());
+                                o.clone()
+                            }
+                            None => Arc::new(Instance::new(
+                                i.address.clone(),
+                                i.socket_addr,
+                                i.role,
+                                name.clone(),
+                            )),
+                        }
+                    })
+                    .collect();
+                ModelRoute::build(&m.name, m.scheduler, m.scheduling.clone(), list)
+            })
+            .collect();
+        let gone = self
+            .instances()
+            .filter(|o| !kept.iter().any(|k| Arc::ptr_eq(k, o)))
+            .cloned()
+            .collect();
+        let first = cfg.models.first();
+        let next = Topology {
+            models,
+            generation: self.generation + 1,
+            default_kind: first.map(|m| m.scheduler).unwrap_or(self.default_kind),
+            default_options: first
+                .map(|m| m.scheduling.clone())
+                .unwrap_or_else(|| self.default_options.clone()),
+        };
+        (next, gone)
+    }
+
     /// A new snapshot with `inst` added (to a new model if its model is unknown).
     pub fn with_added(&self, inst: Arc<Instance>) -> Result<Topology, String> {
         if self.find(inst.socket_addr).is_some() {

@@ -383,11 +383,10 @@ fn every_operational_endpoint_answers_while_gated() {
         assert_eq!(get_json(&proxy.url(path)).0, 200, "{path}");
     }
     let (_, s) = scrape(&proxy);
-    assert_eq!(
-        sample(&s, "proxy_active_requests", &[]),
-        1.0,
-        "the scrape itself"
-    );
+    // The scrape counts itself (a request just answered on another connection may still
+    // be finishing its bookkeeping on the other worker).
+    let active = sample(&s, "proxy_active_requests", &[]);
+    assert!((1.0..=2.0).contains(&active), "{active}");
     assert_eq!(
         post(
             &agent(),

@@ -52,8 +52,12 @@ fn field<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, ApiError> {
 }
 
 pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+    let v: Value = if body.is_empty() && path == "/admin/reload" {
+        Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     let cmd = match path {
         "/instances/add" => {
@@ -83,6 +87,7 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
                 reply: tx,
             }
         }
+        "/admin/reload" => Command::Reload { reply: Some(tx) },
         _ => Command::Remove {
             address: field(&v, "address")?.to_string(),
             reply: tx,

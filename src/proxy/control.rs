@@ -24,6 +24,10 @@ pub enum Command {
         address: String,
         reply: Sender<Result<Value, String>>,
     },
+    /// Re-read the config file; on success swap in its models and instances.
+    Reload {
+        reply: Option<Sender<Result<Value, String>>>,
+    },
 }
 
 struct Control {
@@ -34,6 +38,7 @@ struct Control {
     /// Removed instances still finishing requests.
     draining: Vec<Arc<Instance>>,
     startup_reported: bool,
+    source: Option<std::path::PathBuf>,
 }
 
 pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Command>> {
@@ -45,6 +50,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Comman
         startup: cfg.startup.clone(),
         draining: Vec::new(),
         startup_reported: false,
+        source: cfg.source.clone(),
     };
     std::thread::Builder::new()
         .name("xpyd-control".into())
@@ -139,7 +145,54 @@ impl Control {
                 let res = self.remove(&address);
                 let _ = reply.send(res);
             }
+            Command::Reload { reply } => {
+                let res = self.reload();
+                match &res {
+                    Ok(_) => crate::warn!("configuration reloaded"),
+                    Err(e) => {
+                        crate::error!("reload failed; keeping the running configuration:\n{e}")
+                    }
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(res);
+                }
+            }
         }
+    }
+
+    /// Validates the file again; only a valid one replaces the topology. Requests in flight
+    /// finish on the instances they chose (they hold their snapshot); instances that left
+    /// are drained. Listener, workers and timeouts need a restart.
+    fn reload(&mut self) -> Result<Value, String> {
+        let Some(path) = self.source.clone() else {
+            return Err("the configuration was not read from a file".into());
+        };
+        let cfg =
+            Config::load(&path).map_err(|e| format!("{} is invalid:\n{e}", path.display()))?;
+        let (next, gone) = self.shared.topology.load().reloaded(&cfg);
+        let added: Vec<Arc<Instance>> = next
+            .instances()
+            .filter(|i| i.health() == Health::Unknown)
+            .cloned()
+            .collect();
+        // Probe the newcomers first so they are usable the moment workers see them.
+        std::thread::scope(|s| {
+            for inst in &added {
+                s.spawn(|| probe(inst, &self.health, &self.circuit));
+            }
+        });
+        self.shared.topology.store(Arc::new(next));
+        for g in &gone {
+            g.draining.store(true, Ordering::Relaxed);
+            if g.in_flight() > 0 {
+                self.draining.push(g.clone());
+            }
+        }
+        Ok(json!({
+            "status": "reloaded",
+            "added": added.iter().map(|i| i.address.clone()).collect::<Vec<_>>(),
+            "removed": gone.iter().map(|i| i.address.clone()).collect::<Vec<_>>(),
+        }))
     }
 
     fn add(&mut self, address: &str, role: Role, model: &str) -> Result<Value, String> {

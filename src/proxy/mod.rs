@@ -51,33 +51,46 @@ pub struct ProxyHandle {
     pub shared: Arc<Shared>,
     listener_fds: Vec<i32>,
     grace: Duration,
+    control: Sender<control::Command>,
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread and every thread it starts afterwards,
-/// so that `ProxyHandle::wait_for_shutdown` can take them with `sigwait`. Call it first.
-pub fn block_shutdown_signals() {
-    // SAFETY: plain libc signal-mask calls on a local set.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set calls on a local set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
     }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts
+/// afterwards, so that `ProxyHandle::wait_for_shutdown` takes them with `sigwait`. Call it
+/// first.
+pub fn block_shutdown_signals() {
+    let set = signal_set();
+    // SAFETY: set is a valid, initialised signal set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
 impl ProxyHandle {
     /// Waits for SIGINT/SIGTERM, then shuts down gracefully: stop accepting, let requests
     /// in flight finish (up to `shutdown_grace_seconds`), return.
+    /// SIGHUP reloads the configuration file meanwhile.
     pub fn wait_for_shutdown(self) {
-        let sig = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
+        let set = signal_set();
+        let sig = loop {
             let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            sig
+            // SAFETY: set is valid; sig is written by sigwait.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            if sig == libc::SIGHUP {
+                crate::warn!("SIGHUP: reloading the configuration");
+                let _ = self.control.send(control::Command::Reload { reply: None });
+                continue;
+            }
+            break sig;
         };
         crate::warn!("signal {sig} received: no new connections, finishing requests in flight");
         self.shared.shutting_down.store(true, Ordering::Release);
@@ -107,6 +120,7 @@ impl ProxyHandle {
 pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     let shared = Shared::new(cfg, opts.workers);
     let control = control::spawn(shared.clone(), cfg)?;
+    let control_for_handle = control.clone();
     let listeners = runtime::bind_listeners(&cfg.host, cfg.port, opts.workers)?;
     let addr = listeners[0].local_addr()?;
     let listener_fds = listeners.iter().map(|l| l.as_raw_fd()).collect();
@@ -155,5 +169,6 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
         shared,
         listener_fds,
         grace,
+        control: control_for_handle,
     })
 }

@@ -133,7 +133,7 @@ async fn route(
         }
         return flow::serve(start, w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
     }
-    if path == "/instances/add" || path == "/instances/remove" {
+    if path == "/instances/add" || path == "/instances/remove" || path == "/admin/reload" {
         if method != Method::POST {
             let e = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

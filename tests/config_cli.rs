@@ -1,0 +1,393 @@
+//! Configuration and CLI: the table of config files under tests/configs (each with its
+//! exact expected problems), --init-config, resolution order, fix-config, multi-model
+//! routing and reload without restart — all through the real `xpyd` binary.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn xpyd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xpyd"))
+}
+
+fn configs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs")
+}
+
+#[test]
+fn every_config_file_gives_exactly_its_expected_report() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(configs_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 40, "only {} config cases", files.len());
+    let mut failures = Vec::new();
+    for f in &files {
+        let expected = std::fs::read_to_string(f.with_extension("expected")).unwrap();
+        let mut lines = expected.lines();
+        let out = xpyd()
+            .args(["proxy", "--validate-config"])
+            .arg(f)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let name = f.file_name().unwrap().to_string_lossy();
+        if expected.starts_with("OK") {
+            lines.next();
+            if !out.status.success() {
+                failures.push(format!("{name}: expected valid, got:\n{stderr}"));
+            }
+            for l in lines {
+                if !stdout.lines().any(|s| s == l) {
+                    failures.push(format!("{name}: summary lacks `{l}`:\n{stdout}"));
+                }
+            }
+        } else {
+            let got: Vec<&str> = stderr
+                .lines()
+                .filter_map(|l| l.strip_prefix("  - "))
+                .collect();
+            let want: Vec<&str> = lines.collect();
+            if out.status.success() || got != want {
+                failures.push(format!("{name}:\n  want {want:#?}\n  got  {got:#?}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn init_config_writes_a_valid_template_and_will_not_overwrite() {
+    let dir = std::env::temp_dir().join(format!("xpyd-init-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("xpyd.yaml");
+    let _ = std::fs::remove_file(&path);
+    assert!(xpyd()
+        .args(["proxy", "--init-config"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success());
+    let template = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        template,
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/xpyd.yaml"))
+            .unwrap()
+    );
+    assert!(xpyd()
+        .args(["proxy", "--validate-config"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success());
+    let out = xpyd()
+        .args(["proxy", "--init-config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert!(xpyd()
+        .args(["proxy", "--force", "--init-config"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success());
+    // Without a path it writes ./xpyd.yaml.
+    let _ = std::fs::remove_file(dir.join("xpyd.yaml"));
+    assert!(xpyd()
+        .current_dir(&dir)
+        .args(["proxy", "--init-config"])
+        .status()
+        .unwrap()
+        .success());
+    assert!(dir.join("xpyd.yaml").exists());
+}
+
+#[test]
+fn config_resolution_order_and_the_missing_config_error() {
+    let dir = std::env::temp_dir().join(format!("xpyd-resolve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("xpyd.yaml"));
+    let out = xpyd()
+        .current_dir(&dir)
+        .env_remove("XPYD_CONFIG")
+        .arg("proxy")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for place in ["-c/--config", "XPYD_CONFIG", "./xpyd.yaml"] {
+        assert!(err.contains(place), "{err}");
+    }
+    // XPYD_CONFIG is used when -c is absent: an invalid file there is what gets reported.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "prefil: x\n").unwrap();
+    let out = xpyd()
+        .current_dir(&dir)
+        .env("XPYD_CONFIG", &bad)
+        .arg("proxy")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.yaml"));
+    // ./xpyd.yaml is used last.
+    std::fs::write(dir.join("xpyd.yaml"), "flux: 1\n").unwrap();
+    let out = xpyd()
+        .current_dir(&dir)
+        .env_remove("XPYD_CONFIG")
+        .arg("proxy")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("xpyd.yaml is invalid"));
+    // -c wins over both.
+    let out = xpyd()
+        .current_dir(&dir)
+        .env("XPYD_CONFIG", &bad)
+        .args(["proxy", "-c", "/nonexistent/x.yaml"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.yaml"));
+}
+
+#[test]
+fn fix_config_repairs_typos_with_a_backup() {
+    let dir = std::env::temp_dir().join(format!("xpyd-fix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("typos.yaml");
+    let original = "model: m\nprefil: [\"127.0.0.1:8100\"]\ndecodes:\n  - \"127.0.0.1 :8200\"  \nschedulling: round-robin\n";
+    std::fs::write(&path, original).unwrap();
+    assert!(!xpyd()
+        .args(["proxy", "--validate-config"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success());
+    let out = xpyd().args(["fix-config"]).arg(&path).output().unwrap();
+    let diff = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        diff.contains("- prefil:") && diff.contains("+ prefill:"),
+        "{diff}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        original,
+        "no --write: file untouched"
+    );
+    assert!(xpyd()
+        .args(["fix-config", "--write"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success());
+    assert!(xpyd()
+        .args(["proxy", "--validate-config"])
+        .arg(&path)
+        .status()
+        .unwrap()
+        .success());
+    let backups: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.to_string_lossy().contains("typos.yaml.") && p.to_string_lossy().ends_with(".bak")
+        })
+        .collect();
+    assert_eq!(backups.len(), 1);
+    assert_eq!(std::fs::read_to_string(&backups[0]).unwrap(), original);
+    // Interactive: the ambiguous missing port is asked for on stdin.
+    let path2 = dir.join("noport.yaml");
+    std::fs::write(&path2, "model: m\ndual: [\"127.0.0.1\"]\n").unwrap();
+    let mut child = xpyd()
+        .args(["fix-config", "--write", "--interactive"])
+        .arg(&path2)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"8300\n").unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    assert_eq!(
+        std::fs::read_to_string(&path2).unwrap(),
+        "model: m\ndual: [\"127.0.0.1:8300\"]\n"
+    );
+}
+
+#[test]
+fn two_models_routed_by_name() {
+    let p = dummy("prefill", &[]);
+    let d = dummy("decode", &[]);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
+    cmd.args([
+        "--port",
+        "0",
+        "--mode",
+        "dual",
+        "--model",
+        "other-model",
+        "--workers",
+        "1",
+        "--max-model-len",
+        "4096",
+    ])
+    .env("PREFILL_DELAY_PER_TOKEN", "0")
+    .env("DECODE_DELAY_PER_TOKEN", "0");
+    let dual = spawn_listening(cmd);
+    let yaml = format!(
+        "scheduling: loadbalanced\nmodels:\n  - name: {MODEL}\n    prefill: [\"{}\"]\n    decode: [\"{}\"]\n    scheduler: roundrobin\n  - name: other-model\n    dual: [\"{}\"]\n",
+        p.addr, d.addr, dual.addr
+    );
+    let proxy = proxy_with(&yaml, true);
+    let a = agent();
+    let url = proxy.url("/v1/completions");
+    assert_eq!(
+        post(
+            &a,
+            &url,
+            &json!({"model": MODEL, "prompt": "x", "max_tokens": 2})
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        post(
+            &a,
+            &url,
+            &json!({"model": "other-model", "prompt": "x", "max_tokens": 2})
+        )
+        .0,
+        200
+    );
+    let (st, _, v) = post(&a, &url, &json!({"model": "third", "prompt": "x"}));
+    assert_eq!(st, 404, "{v}");
+    let (st, _, v) = post(&a, &url, &json!({"prompt": "x"}));
+    assert_eq!(st, 400, "several models: `model` is required: {v}");
+    assert_eq!(dummy_stats(&d)["requests"], 1);
+    assert_eq!(dummy_stats(&dual)["requests"], 1);
+    let (_, models) = get_json(&proxy.url("/v1/models"));
+    let data = models["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[1]["id"], "other-model");
+    assert_eq!(data[1]["max_model_len"], 4096);
+    let (_, status) = get_json(&proxy.url("/status"));
+    assert_eq!(
+        status["models"][0]["scheduler"], "roundrobin",
+        "per-model scheduler honoured"
+    );
+    assert_eq!(status["models"][1]["scheduler"], "loadbalanced");
+}
+
+#[test]
+fn reload_swaps_the_decode_list_under_load_without_failures() {
+    let p = dummy("prefill", &[]);
+    let d1 = dummy("decode", &["--decode-delay-per-token", "0.002"]);
+    let d2 = dummy("decode", &["--decode-delay-per-token", "0.002"]);
+    let path = write_config(&format!(
+        "{}{FAST_PROBES}admin_api_key: k\n",
+        pd_yaml(&[&p], &[&d1])
+    ));
+    let mut cmd = xpyd();
+    cmd.args(["proxy", "-c"])
+        .arg(&path)
+        .args(["--port", "0", "--workers", "2"]);
+    let proxy = spawn_listening(cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get_json(&proxy.url("/health")).0 != 200 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let url = proxy.url("/v1/completions");
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(AtomicBool::new(true));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, done, failed) = (url.clone(), done.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let a = agent();
+                for _ in 0..25 {
+                    let (st, _, _) = post(
+                        &a,
+                        &url,
+                        &json!({"model": MODEL, "prompt": "x", "max_tokens": 8}),
+                    );
+                    if st != 200 {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    while done.load(Ordering::Relaxed) < 20 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Swap d1 for d2 in the file, then SIGHUP.
+    std::fs::write(
+        &path,
+        format!("{}{FAST_PROBES}admin_api_key: k\n", pd_yaml(&[&p], &[&d2])),
+    )
+    .unwrap();
+    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGHUP) };
+    for h in load {
+        h.join().unwrap();
+    }
+    go.store(false, Ordering::Relaxed);
+    assert_eq!(done.load(Ordering::Relaxed), 100);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request fails across a reload"
+    );
+    let before = dummy_stats(&d1)["requests"].as_u64().unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            post(
+                &agent(),
+                &url,
+                &json!({"model": MODEL, "prompt": "x", "max_tokens": 2})
+            )
+            .0,
+            200
+        );
+    }
+    assert_eq!(
+        dummy_stats(&d1)["requests"].as_u64().unwrap(),
+        before,
+        "the removed node gets nothing new"
+    );
+    assert!(
+        dummy_stats(&d2)["requests"].as_u64().unwrap() >= 5,
+        "new requests reach the new node"
+    );
+    // An invalid file is reported and the running config stays.
+    std::fs::write(&path, "prefil: nope\n").unwrap();
+    let r = agent()
+        .post(&proxy.url("/admin/reload"))
+        .set("X-API-Key", "k")
+        .call();
+    match r {
+        Err(ureq::Error::Status(400, resp)) => {
+            assert!(resp.into_string().unwrap().contains("prefil"))
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+    assert_eq!(
+        post(
+            &agent(),
+            &url,
+            &json!({"model": MODEL, "prompt": "x", "max_tokens": 2})
+        )
+        .0,
+        200
+    );
+}
