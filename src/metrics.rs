@@ -82,7 +82,7 @@ impl HistAcc {
 }
 
 /// Endpoints counted in `proxy_requests_total` / `proxy_request_duration_seconds`.
-pub const ENDPOINTS: [&str; 9] = [
+pub const ENDPOINTS: [&str; 10] = [
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models",
@@ -91,6 +91,7 @@ pub const ENDPOINTS: [&str; 9] = [
     "/status",
     "/metrics",
     "/instances",
+    "forwarded",
     "other",
 ];
 
@@ -104,7 +105,8 @@ pub fn endpoint_index(path: &str) -> usize {
         "/status" | "/status/instances" | "/version" => 5,
         "/metrics" => 6,
         "/instances/add" | "/instances/remove" | "/admin/reload" => 7,
-        _ => 8,
+        "/tokenize" | "/detokenize" | "/v1/embeddings" => 8,
+        _ => 9,
     }
 }
 

@@ -2,7 +2,7 @@
 //! swapped whole through `arc-swap`, plus per-instance cache-padded atomics that workers
 //! update without locks.
 
-use crate::config::{Config, ModelConfig, Role, SchedulerKind, SchedulingOptions};
+use crate::config::{Config, DisaggMode, ModelConfig, Role, SchedulerKind, SchedulingOptions};
 use crate::scheduler::{self, Scheduler};
 use arc_swap::ArcSwap;
 use crossbeam_utils::CachePadded;
@@ -226,6 +226,7 @@ pub struct ModelRoute {
     pub kind: SchedulerKind,
     pub options: SchedulingOptions,
     pub scheduler_name: &'static str,
+    pub mode: DisaggMode,
     pub prefill: RoleSet,
     pub decode: RoleSet,
     pub dual: RoleSet,
@@ -238,6 +239,7 @@ impl ModelRoute {
         name: &str,
         kind: SchedulerKind,
         options: SchedulingOptions,
+        mode: DisaggMode,
         instances: Vec<Arc<Instance>>,
     ) -> Self {
         let of = |role: Role| -> Vec<Arc<Instance>> {
@@ -250,6 +252,7 @@ impl ModelRoute {
         ModelRoute {
             name: name.to_string(),
             scheduler_name: kind.as_str(),
+            mode,
             prefill: RoleSet::new(of(Role::Prefill), Role::Prefill, kind, &options),
             decode: RoleSet::new(of(Role::Decode), Role::Decode, kind, &options),
             dual: RoleSet::new(of(Role::Dual), Role::Dual, kind, &options),
@@ -272,7 +275,13 @@ impl ModelRoute {
                 ))
             })
             .collect();
-        Self::build(&m.name, m.scheduler, m.scheduling.clone(), instances)
+        Self::build(
+            &m.name,
+            m.scheduler,
+            m.scheduling.clone(),
+            m.mode,
+            instances,
+        )
     }
 
     pub fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
@@ -374,7 +383,7 @@ impl Topology {
                         }
                     })
                     .collect();
-                ModelRoute::build(&m.name, m.scheduler, m.scheduling.clone(), list)
+                ModelRoute::build(&m.name, m.scheduler, m.scheduling.clone(), m.mode, list)
             })
             .collect();
         let gone = self
@@ -407,7 +416,13 @@ impl Topology {
                 list.push(inst.clone());
                 placed = true;
             }
-            models.push(ModelRoute::build(&m.name, m.kind, m.options.clone(), list));
+            models.push(ModelRoute::build(
+                &m.name,
+                m.kind,
+                m.options.clone(),
+                m.mode,
+                list,
+            ));
         }
         if !placed {
             let name = inst.model.clone();
@@ -415,6 +430,7 @@ impl Topology {
                 &name,
                 self.default_kind,
                 self.default_options.clone(),
+                DisaggMode::Direct,
                 vec![inst],
             ));
         }
@@ -436,7 +452,7 @@ impl Topology {
                     .filter(|i| !Arc::ptr_eq(i, &gone))
                     .cloned()
                     .collect();
-                ModelRoute::build(&m.name, m.kind, m.options.clone(), list)
+                ModelRoute::build(&m.name, m.kind, m.options.clone(), m.mode, list)
             })
             .collect();
         Ok((self.next(models), gone))

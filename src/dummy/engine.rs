@@ -84,7 +84,12 @@ pub enum Kind {
     Chat,
 }
 
+/// A prefill node's first token, so tests can see where a token came from.
+pub const PREFILL_MARKER: &str = " [prefill]";
+
 pub struct Job {
+    /// Prefill nodes mark their first token with `PREFILL_MARKER`.
+    pub prefill_marker: bool,
     pub kind: Kind,
     pub stream: bool,
     pub include_usage: bool,
@@ -153,6 +158,7 @@ impl Job {
             .unwrap_or(served_model)
             .to_string();
         Ok(Job {
+            prefill_marker: false,
             kind,
             stream,
             include_usage,
@@ -160,6 +166,15 @@ impl Job {
             max_tokens,
             model,
         })
+    }
+
+    /// The i-th generated token of this job.
+    pub fn token(&self, i: usize) -> &'static str {
+        if i == 0 && self.prefill_marker {
+            PREFILL_MARKER
+        } else {
+            token_text(i)
+        }
     }
 
     pub fn usage(&self) -> Value {
@@ -258,7 +273,7 @@ pub const DONE_EVENT: &str = "data: [DONE]\n\n";
 
 /// The non-streamed body.
 pub fn full_body(job: &Job, id: &str, created: u64, kv: Option<&Value>) -> Value {
-    let text: String = (0..job.max_tokens).map(token_text).collect();
+    let text: String = (0..job.max_tokens).map(|i| job.token(i)).collect();
     let mut v = match job.kind {
         Kind::Completion => json!({
             "id": id,

@@ -238,6 +238,44 @@ async fn handle(
             }]});
             send_json(stream, StatusCode::OK, &v, keep).await
         }
+        (&Method::POST, "/v1/embeddings") => {
+            let v: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            let inputs: Vec<String> = match &v["input"] {
+                Value::String(s) => vec![s.clone()],
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect(),
+                _ => {
+                    let e = ApiError::bad_request("`input` is required").with_param("input");
+                    return send_error(stream, e, keep).await;
+                }
+            };
+            let data: Vec<Value> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let ids = engine::tokenize(t);
+                    let emb: Vec<f64> = (0..8)
+                        .map(|k| {
+                            ids.iter()
+                                .map(|&x| ((x as u64 * 31 + k) % 1000) as f64 / 1000.0)
+                                .sum::<f64>()
+                                / ids.len().max(1) as f64
+                        })
+                        .collect();
+                    json!({"object": "embedding", "index": i, "embedding": emb})
+                })
+                .collect();
+            let tokens: usize = inputs.iter().map(|t| engine::count_text_tokens(t)).sum();
+            let v = json!({"object": "list", "data": data, "model": node.opts.model,
+                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
+            send_json(stream, StatusCode::OK, &v, keep).await
+        }
         (&Method::POST, "/tokenize") => {
             let v: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
             let text = v["prompt"].as_str().map(str::to_string).or_else(|| {
@@ -317,6 +355,7 @@ async fn handle(
                 "aborted": s.aborted.load(Ordering::Relaxed),
                 "last_abort_unix_us": s.last_abort_unix_us.load(Ordering::Relaxed),
                 "failures_injected": s.failures_injected.load(Ordering::Relaxed),
+                "prompt_tokens": s.prompt_tokens.load(Ordering::Relaxed),
             });
             send_json(stream, StatusCode::OK, &v, keep).await
         }
@@ -392,6 +431,7 @@ async fn inference(
             r.push_back(json!({
                 "path": req.head.route(),
                 "request_id": req.head.request_id,
+                "authorization": req.head.authorization,
                 "body": body,
             }));
         }
@@ -404,7 +444,10 @@ async fn inference(
         }
     }
     let job = match Job::from_request(kind, &body, &opts.model, opts.max_model_len) {
-        Ok(j) => j,
+        Ok(j) => Job {
+            prefill_marker: opts.mode == Mode::Prefill,
+            ..j
+        },
         Err(e) => return send_error(stream, ApiError::bad_request(e.0), keep).await,
     };
     let kv_in = body.get("kv_transfer_params").filter(|v| v.is_object());
@@ -525,13 +568,20 @@ async fn generate(
     }
     // Headers (and chat's role event) go out at once, like vLLM's.
     out = write_flush(stream, out).await?;
+    // Pace against absolute deadlines, so that timer rounding never accumulates: the mean
+    // gap between tokens is the configured delay.
+    let mut due = monoio::time::Instant::now();
     for i in 0..job.max_tokens {
-        sleep(node.timing.before_token(i, job.prompt_tokens)).await;
+        let gap = node.timing.before_token(i, job.prompt_tokens);
+        if !gap.is_zero() {
+            due += gap;
+            monoio::time::sleep_until(due).await;
+        }
         if opts.drop_mid_stream == Some(i) {
             return Err(());
         }
         let last = i + 1 == job.max_tokens;
-        let ev = frames.token_event(job.kind, engine::token_text(i), last);
+        let ev = frames.token_event(job.kind, job.token(i), last);
         crate::http::chunked::encode_chunk(&mut out, ev.as_bytes());
         if last {
             if job.include_usage {

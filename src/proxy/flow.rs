@@ -4,10 +4,12 @@
 //! the flow future is dropped, which closes any upstream connection it holds (never
 //! pooled) and releases its in-flight counters.
 
+use super::first_token::{self, FirstToken};
 use super::openai::{self, Endpoint};
 use super::relay::{relay, Outcome, RelayParams, Timeline};
 use super::upstream::{UpstreamConn, UpstreamError};
 use super::Worker;
+use crate::config::DisaggMode;
 use crate::config::Role;
 use crate::http::head::ResponseHead;
 use crate::http::watch::DisconnectWatch;
@@ -21,6 +23,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
+use std::borrow::Cow;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,23 +109,16 @@ pub async fn serve(
         w,
         path: &req.head.path,
         request_id: &request_id,
-        authorization: req.head.authorization.as_deref(),
+        authorization: backend_authorization(w, &req),
     };
     let work = async {
         let mut tl = Timeline::new(start);
         let result = if route.prefill.any_available() && route.decode.any_available() {
-            let prefill_body = Bytes::from(openai::prefill_body(&inspected.obj));
-            disaggregated(
-                &leg,
-                route,
-                &ctx,
-                prefill_body,
-                &req.body,
-                client,
-                &req,
-                &mut tl,
-            )
-            .await
+            let job = Job {
+                inspected: &inspected,
+                chat: endpoint == Endpoint::ChatCompletions,
+            };
+            disaggregated(&leg, route, &ctx, &job, client, &req, &mut tl).await
         } else {
             forward(
                 &leg,
@@ -161,6 +157,71 @@ pub async fn serve(
                 }
             }
         }
+        None => work.await,
+    }
+}
+
+/// `/tokenize`, `/detokenize`, `/v1/embeddings`: forwarded as they are to one instance of
+/// the model that can answer them alone (dual, else decode).
+pub async fn serve_forwarded(
+    start: Instant,
+    w: &Worker,
+    req: Request,
+    client: &mut TcpStream,
+    watch: Option<&DisconnectWatch>,
+) -> Outcome {
+    let keep_alive = req.head.keep_alive;
+    let request_id = req
+        .head
+        .request_id
+        .clone()
+        .unwrap_or_else(crate::ids::uuid_v4);
+    let model: Option<String> = serde_json::from_slice::<openai::RawObject<'_>>(&req.body)
+        .ok()
+        .and_then(|o| {
+            o.get("model")
+                .and_then(|v| serde_json::from_str(v.get()).ok())
+        });
+    if !w.shared.is_ready() {
+        let e = ApiError::unavailable("waiting for backend nodes");
+        return answer_error(client, &e, Some(&request_id), keep_alive).await;
+    }
+    let topo = w.shared.topology.load_full();
+    w.pool.sync(&topo);
+    let Some(route) = topo.route(model.as_deref()) else {
+        let e = match model {
+            Some(m) => ApiError::not_found(format!("The model `{m}` does not exist."))
+                .with_code("model_not_found"),
+            None => ApiError::bad_request("`model` is required when several models are served")
+                .with_param("model"),
+        };
+        return answer_error(client, &e, Some(&request_id), keep_alive).await;
+    };
+    let (set, role) = if route.dual.any_available() || route.decode.instances.is_empty() {
+        (&route.dual, Role::Dual)
+    } else {
+        (&route.decode, Role::Decode)
+    };
+    let leg = Leg {
+        w,
+        path: &req.head.path,
+        request_id: &request_id,
+        authorization: backend_authorization(w, &req),
+    };
+    let ctx = PickContext::default();
+    let work = async {
+        let mut tl = Timeline::new(start);
+        match forward(&leg, set, &ctx, role, &req.body, client, &req, &mut tl).await {
+            Ok(o) => o,
+            Err(e) => answer_error(client, &e, Some(&request_id), keep_alive).await,
+        }
+    };
+    match watch {
+        Some(watch) => monoio::select! {
+            biased;
+            outcome = work => outcome,
+            _ = watch.closed() => Outcome::close(499),
+        },
         None => work.await,
     }
 }
@@ -208,7 +269,7 @@ struct Leg<'a> {
     w: &'a Worker,
     path: &'a str,
     request_id: &'a str,
-    authorization: Option<&'a str>,
+    authorization: Option<Cow<'a, str>>,
 }
 
 /// A leg whose response head arrived: the instance (still counted), the connection, the head.
@@ -226,7 +287,7 @@ impl Leg<'_> {
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\n",
             self.path, inst.address, body_len, self.request_id
         );
-        if let Some(a) = self.authorization {
+        if let Some(a) = &self.authorization {
             let _ = write!(h, "Authorization: {a}\r\n");
         }
         h.extend_from_slice(b"\r\n");
@@ -419,19 +480,33 @@ impl Leg<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `Authorization` for the backends: the configured `openai_api_key`, else the client's.
+fn backend_authorization<'a>(w: &'a Worker, req: &'a Request) -> Option<Cow<'a, str>> {
+    match &w.openai_api_key {
+        Some(k) => Some(Cow::Owned(format!("Bearer {k}"))),
+        None => req.head.authorization.as_deref().map(Cow::Borrowed),
+    }
+}
+
+/// What the P/D flow needs to know about the request beyond its bytes.
+struct Job<'a, 'b> {
+    inspected: &'a openai::Inspected<'b>,
+    chat: bool,
+}
+
 async fn disaggregated(
     leg: &Leg<'_>,
     route: &ModelRoute,
     ctx: &PickContext<'_>,
-    prefill_body: Bytes,
-    body: &Bytes,
+    job: &Job<'_, '_>,
     client: &mut TcpStream,
     req: &Request,
     tl: &mut Timeline,
 ) -> Result<Outcome, ApiError> {
     let w = leg.w;
-    {
+    let nixl = route.mode == DisaggMode::Nixl;
+    let prefill_body = Bytes::from(openai::prefill_body_for(&job.inspected.obj, nixl));
+    let resp = {
         let Answered {
             guard,
             mut conn,
@@ -483,8 +558,80 @@ async fn disaggregated(
             let (res, _) = client.write_all(out).await;
             return Ok(Outcome::new(head.status.as_u16(), res.is_ok() && keep));
         }
+        resp
+    };
+    // NIXL: the decode leg carries exactly what the prefill node returned.
+    let decode_body = match nixl.then(|| openai::kv_params_of(&resp)).flatten() {
+        Some(kv) => Bytes::from(openai::with_kv_params(&job.inspected.obj, &kv)),
+        None => {
+            if nixl {
+                crate::debug!(
+                    "request {}: prefill response has no kv_transfer_params; decode leg sent without",
+                    leg.request_id
+                );
+            }
+            req.body.clone()
+        }
+    };
+    if w.generator_on_p_node && job.inspected.stream {
+        if let Some(first) = FirstToken::from_prefill(&resp, job.chat) {
+            return Ok(first_from_prefill(leg, route, ctx, &decode_body, client, tl, &first).await);
+        }
     }
-    forward(leg, &route.decode, ctx, Role::Decode, body, client, req, tl).await
+    forward(
+        leg,
+        &route.decode,
+        ctx,
+        Role::Decode,
+        &decode_body,
+        client,
+        req,
+        tl,
+    )
+    .await
+}
+
+/// The prefill token goes out at once; the decode stream follows it (`first_token.rs`).
+async fn first_from_prefill(
+    leg: &Leg<'_>,
+    route: &ModelRoute,
+    ctx: &PickContext<'_>,
+    body: &Bytes,
+    client: &mut TcpStream,
+    tl: &mut Timeline,
+    first: &FirstToken,
+) -> Outcome {
+    if first_token::send_first(client, first, leg.request_id, tl)
+        .await
+        .is_err()
+    {
+        return Outcome::close(499);
+    }
+    match leg.run(&route.decode, ctx, Role::Decode, body, tl).await {
+        Ok(Answered { guard, conn, head }) if head.status.is_success() => {
+            first_token::relay_rest(leg.w, guard.instance(), conn, head, client, first, tl).await
+        }
+        Ok(Answered { guard, head, .. }) => {
+            let msg = format!(
+                "decode instance {} answered {}",
+                guard.instance().address,
+                head.status
+            );
+            crate::error!(
+                "request {}: {msg} after the first token was sent",
+                leg.request_id
+            );
+            first_token::fail_stream(client, &msg).await
+        }
+        Err(e) => {
+            crate::error!(
+                "request {}: {} after the first token was sent",
+                leg.request_id,
+                e.message
+            );
+            first_token::fail_stream(client, &e.message).await
+        }
+    }
 }
 
 /// Runs the leg that answers the client (decode, or dual) and relays its response.

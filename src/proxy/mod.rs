@@ -2,6 +2,7 @@
 
 mod admin;
 pub mod control;
+mod first_token;
 mod flow;
 mod openai;
 mod relay;
@@ -38,6 +39,10 @@ pub struct Worker {
     pub metrics: Arc<crate::metrics::WorkerMetrics>,
     pub metric_index: crate::metrics::LocalIndex,
     pub metrics_enabled: bool,
+    pub openai_api_key: Option<String>,
+    pub api_keys: Vec<String>,
+    pub protect_status: bool,
+    pub generator_on_p_node: bool,
 }
 
 pub struct RunOptions {
@@ -150,6 +155,10 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                     metrics: shared.metrics[id % shared.metrics.len()].clone(),
                     metric_index: Default::default(),
                     metrics_enabled: cfg.metrics_enabled,
+                    openai_api_key: cfg.openai_api_key.clone(),
+                    api_keys: cfg.api_keys.clone(),
+                    protect_status: cfg.protect_status,
+                    generator_on_p_node: cfg.generator_on_p_node,
                     shared,
                     pool: upstream::Pool::new(cfg.timeouts.connect, cfg.timeouts.pool_idle),
                     limits: cfg.limits.clone(),

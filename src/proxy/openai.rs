@@ -94,6 +94,8 @@ pub struct Inspected<'a> {
     pub max_tokens: Option<u64>,
     /// The body's `user`, a consistent-hash key.
     pub user: Option<String>,
+    /// `stream: true`.
+    pub stream: bool,
 }
 
 impl Inspected<'_> {
@@ -153,19 +155,29 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
     let user = obj
         .get("user")
         .and_then(|v| serde_json::from_str::<String>(v.get()).ok());
+    let stream = obj.get("stream").is_some_and(|v| v.get() == "true");
     Ok(Inspected {
         obj,
         model,
         prompt,
         max_tokens,
         user,
+        stream,
     })
 }
 
+/// What the prefill leg of a NIXL request asks for: keep the KV cache for a remote decode.
+const NIXL_PREFILL_PARAMS: &str = r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
+
 /// The prefill leg's body (SPEC 4.2): the client's request with `max_tokens: 1`
 /// (and `max_completion_tokens: 1` where the client used it), `stream: false`, and no
-/// `stream_options` / `min_tokens`.
+/// `stream_options` / `min_tokens`; in NIXL mode with `kv_transfer_params` asking for a
+/// remote decode.
 pub fn prefill_body(obj: &RawObject<'_>) -> Vec<u8> {
+    prefill_body_for(obj, false)
+}
+
+pub fn prefill_body_for(obj: &RawObject<'_>, nixl: bool) -> Vec<u8> {
     let cap = obj
         .fields
         .iter()
@@ -182,6 +194,7 @@ pub fn prefill_body(obj: &RawObject<'_>) -> Vec<u8> {
                 continue;
             }
             "max_tokens" | "stream" | "stream_options" | "min_tokens" => continue,
+            "kv_transfer_params" if nixl => continue,
             _ => {}
         }
         // Keys are re-escaped by serde_json; values are copied verbatim.
@@ -194,6 +207,42 @@ pub fn prefill_body(obj: &RawObject<'_>) -> Vec<u8> {
     if used_mct {
         out.extend_from_slice(b",\"max_completion_tokens\":1");
     }
+    if nixl {
+        out.extend_from_slice(b",\"kv_transfer_params\":");
+        out.extend_from_slice(NIXL_PREFILL_PARAMS.as_bytes());
+    }
+    out.push(b'}');
+    out
+}
+
+/// The `kv_transfer_params` object of a prefill response, as raw JSON (None when absent or
+/// not an object).
+pub fn kv_params_of(prefill_response: &[u8]) -> Option<String> {
+    let obj: RawObject<'_> = serde_json::from_slice(prefill_response).ok()?;
+    let v = obj.get("kv_transfer_params")?;
+    v.get().starts_with('{').then(|| v.get().to_string())
+}
+
+/// The client's body with `kv_transfer_params` set to `kv` (raw JSON), for the decode leg
+/// of a NIXL request; every other member is copied verbatim, in order.
+pub fn with_kv_params(obj: &RawObject<'_>, kv: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        obj.fields
+            .iter()
+            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .sum::<usize>()
+            + kv.len()
+            + 32,
+    );
+    out.push(b'{');
+    for (k, v) in obj.fields.iter().filter(|(k, _)| k != "kv_transfer_params") {
+        let _ = serde_json::to_writer(&mut out, k.as_ref());
+        out.push(b':');
+        out.extend_from_slice(v.get().as_bytes());
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"kv_transfer_params\":");
+    out.extend_from_slice(kv.as_bytes());
     out.push(b'}');
     out
 }
@@ -217,6 +266,23 @@ mod tests {
         assert_eq!(p["temperature"], 0.5);
         assert_eq!(p["prompt"], "hi \"there\"");
         assert_eq!(p["weird"], 1);
+    }
+
+    #[test]
+    fn nixl_bodies() {
+        let body = br#"{"prompt":"x","kv_transfer_params":{"old":1},"n":2}"#;
+        let i = inspect(Endpoint::Completions, body).unwrap();
+        let p: Value = serde_json::from_slice(&prefill_body_for(&i.obj, true)).unwrap();
+        assert_eq!(p["kv_transfer_params"]["do_remote_decode"], true);
+        assert_eq!(p["kv_transfer_params"]["remote_host"], Value::Null);
+        let kv = kv_params_of(
+            br#"{"id":"x","kv_transfer_params":{"remote_engine_id":"e","remote_block_ids":[1,2]}}"#,
+        )
+        .unwrap();
+        let d: Value = serde_json::from_slice(&with_kv_params(&i.obj, &kv)).unwrap();
+        assert_eq!(d["kv_transfer_params"]["remote_block_ids"][1], 2);
+        assert_eq!(d["n"], 2);
+        assert!(kv_params_of(br#"{"kv_transfer_params":null}"#).is_none());
     }
 
     #[test]

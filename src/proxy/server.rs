@@ -108,6 +108,43 @@ async fn route(
     let keep_alive = req.head.keep_alive;
     let method = &req.head.method;
     let path = req.head.route().to_string();
+    let operational = matches!(
+        path.as_str(),
+        "/ping" | "/health" | "/status" | "/status/instances" | "/version" | "/metrics"
+    );
+    let admin = matches!(
+        path.as_str(),
+        "/instances/add" | "/instances/remove" | "/admin/reload"
+    );
+    if !admin
+        && (!operational || w.protect_status)
+        && !client_authorized(w, req.head.authorization.as_deref())
+    {
+        let e = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "missing or invalid API key: send `Authorization: Bearer <key>`",
+        )
+        .with_code("invalid_api_key");
+        return answer_error(stream, &e, None, keep_alive).await;
+    }
+    if matches!(
+        path.as_str(),
+        "/tokenize" | "/detokenize" | "/v1/embeddings"
+    ) {
+        if method != Method::POST {
+            let e = ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "use POST",
+            );
+            return answer_error(stream, &e, None, keep_alive).await;
+        }
+        if watch.is_none() {
+            *watch = DisconnectWatch::new(stream).ok();
+        }
+        return flow::serve_forwarded(start, w, req, stream, watch.as_ref()).await;
+    }
     if let Some(endpoint) = Endpoint::from_path(&path) {
         if method != Method::POST {
             let e = ApiError::new(
@@ -186,6 +223,23 @@ async fn route(
         }
     };
     write_json(stream, status, &body, keep_alive).await
+}
+
+/// With `api_keys` configured, the request must carry `Authorization: Bearer <one of them>`
+/// (each compared in constant time).
+fn client_authorized(w: &Worker, authorization: Option<&str>) -> bool {
+    if w.api_keys.is_empty() {
+        return true;
+    }
+    let Some(key) = authorization
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::trim)
+    else {
+        return false;
+    };
+    w.api_keys.iter().fold(false, |ok, k| {
+        admin::constant_time_eq(key.as_bytes(), k.as_bytes()) | ok
+    })
 }
 
 async fn write_json(
