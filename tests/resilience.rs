@@ -33,25 +33,6 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn dummy_on_port(mode: &str, port: u16, extra: &[&str]) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--mode",
-        mode,
-        "--model",
-        MODEL,
-        "--workers",
-        "1",
-    ])
-    .args(["--record-requests", "1000"])
-    .env("PREFILL_DELAY_PER_TOKEN", "0")
-    .env("DECODE_DELAY_PER_TOKEN", "0")
-    .args(extra);
-    spawn_listening(cmd)
-}
-
 #[test]
 fn gated_until_nodes_come_up_and_operational_endpoints_always_answer() {
     let port_p = std::net::TcpListener::bind("127.0.0.1:0")
@@ -79,8 +60,8 @@ fn gated_until_nodes_come_up_and_operational_endpoints_always_answer() {
     for path in ["/ping", "/status", "/status/instances", "/version"] {
         assert_eq!(get_json(&proxy.url(path)).0, 200, "{path}");
     }
-    let _p = dummy_on_port("prefill", port_p, &[]);
-    let _d = dummy_on_port("decode", port_d, &[]);
+    let _p = dummy_at(port_p, "prefill", &[]);
+    let _d = dummy_at(port_d, "decode", &[]);
     wait_for("the proxy to open", Duration::from_secs(5), || {
         get_json(&proxy.url("/health")).0 == 200
     });
@@ -160,7 +141,7 @@ fn killed_decode_node_fails_over_and_comes_back() {
     let st = instance_status(&proxy, &d2_addr);
     assert_eq!(st["circuit"], "open", "{st}");
     // Restart it on the same port: probes close the circuit again.
-    let d2b = dummy_on_port("decode", d2_port, &[]);
+    let d2b = dummy_at(d2_port, "decode", &[]);
     wait_for("the node to come back", Duration::from_secs(8), || {
         let s = instance_status(&proxy, &d2_addr);
         s["circuit"] == "closed" && s["status"] == "healthy"

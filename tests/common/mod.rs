@@ -73,20 +73,23 @@ pub fn spawn_listening(mut cmd: Command) -> Proc {
 pub const MODEL: &str = "test-model";
 
 pub fn dummy(mode: &str, extra: &[&str]) -> Proc {
+    dummy_at(0, mode, extra)
+}
+
+/// A zero-delay node of `MODEL` recording its requests, on `port` (0: any free port).
+pub fn dummy_at(port: u16, mode: &str, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
     cmd.args([
         "--port",
-        "0",
+        &port.to_string(),
         "--mode",
         mode,
         "--model",
         MODEL,
-        "--workers",
-        "1",
     ])
+    .args(["--workers", "1", "--record-requests", "1000"])
     .env("PREFILL_DELAY_PER_TOKEN", "0")
     .env("DECODE_DELAY_PER_TOKEN", "0")
-    .args(["--record-requests", "1000"])
     .args(extra);
     spawn_listening(cmd)
 }

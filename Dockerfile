@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# xpyd: multi-stage build — compile in the Rust image, run from a small Debian image as a
+# non-root user. The proxy listens on 8868 and reads /app/xpyd.yaml.
+#
+# io_uring and containers: some runtimes' default seccomp profiles block the io_uring
+# syscalls (io_uring_setup, io_uring_enter, io_uring_register) — Docker's since 25.0.
+# xpyd then falls back to its epoll driver by itself ("driver: epoll" in the start-up
+# line), at some cost in throughput. To keep io_uring, run with a seccomp profile that
+# allows those three syscalls (or `--security-opt seccomp=unconfined` where acceptable).
+# `--driver epoll` / XPYD_DRIVER=epoll forces the fallback explicitly.
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY tools ./tools
+COPY benches ./benches
+COPY examples ./examples
+RUN cargo build --release --locked --bin xpyd --bin xpyd-dummy
+
+FROM debian:bookworm-slim
+# curl serves the HEALTHCHECK; versions follow the bookworm point release (not pinned, so
+# security updates land on rebuild).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin xpyd \
+    && mkdir -p /app \
+    && chown xpyd /app
+WORKDIR /app
+COPY --from=build /src/target/release/xpyd /src/target/release/xpyd-dummy /usr/local/bin/
+COPY --chown=xpyd examples/xpyd.yaml /app/xpyd.yaml
+USER 10001
+ENV XPYD_CONFIG=/app/xpyd.yaml
+EXPOSE 8868
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["curl", "-fsS", "http://127.0.0.1:8868/ping"]
+ENTRYPOINT ["xpyd", "proxy", "-c", "/app/xpyd.yaml", "--port", "8868"]
