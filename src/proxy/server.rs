@@ -53,9 +53,11 @@ async fn accept_until_shutdown(w: &Rc<Worker>, listener: TcpListener) {
                     drop(stream);
                     continue;
                 }
+                // Counted here, not in the task: accepts can complete back to back without
+                // the spawned tasks running in between.
+                w.connections.set(w.connections.get() + 1);
                 let w = w.clone();
                 monoio::spawn(async move {
-                    w.connections.set(w.connections.get() + 1);
                     serve_connection(&w, stream, peer.ip().to_string()).await;
                     w.connections.set(w.connections.get() - 1);
                 });
