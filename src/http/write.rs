@@ -3,8 +3,7 @@
 
 use super::error::ApiError;
 use http::StatusCode;
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
-use std::io::{self, Write};
+use std::io::Write;
 
 /// How the body of a message we write is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,9 +73,3 @@ pub fn error_response(err: &ApiError, extra: &[(&str, &str)], keep_alive: bool) 
 }
 
 pub const JSON: (&str, &str) = ("Content-Type", "application/json");
-
-/// Writes all of `buf`, handing the buffer back for reuse.
-pub async fn write_all<W: AsyncWriteRent>(w: &mut W, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-    let (res, buf) = w.write_all(buf).await;
-    (res.map(|_| ()), buf)
-}

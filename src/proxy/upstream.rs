@@ -83,10 +83,6 @@ impl Pool {
         idle.retain(|_, l| !l.is_empty());
     }
 
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
-    }
-
     /// On a new topology generation, closes idle connections to instances that left it
     /// (removed and drained). One integer compare per request otherwise.
     pub fn sync(&self, topo: &Topology) {
