@@ -37,17 +37,26 @@ def wait_listening(proc):
     return int(m.group(2))
 
 
-def start(args, env=None):
+# --isolate: CPU sets (taskset) for the proxy and for everything else (nodes, load).
+PROXY_CPUS = None
+OTHER_CPUS = None
+
+
+def pinned(args, cpus):
+    return ["taskset", "-c", cpus] + args if cpus else args
+
+
+def start(args, env=None, cpus=None):
     e = dict(os.environ)
     e.update(env or {})
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=e)
+    p = subprocess.Popen(pinned(args, cpus), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=e)
     return p, wait_listening(p)
 
 
 def dummy(mode, workers):
     return start([os.path.join(REL, "xpyd-dummy"), "--port", "0", "--mode", mode, "--model", MODEL,
                   "--workers", str(workers), "--prefill-delay-per-token", "0",
-                  "--decode-delay-per-token", "0"])
+                  "--decode-delay-per-token", "0"], cpus=OTHER_CPUS)
 
 
 def wait_ready(port, timeout=10):
@@ -71,8 +80,8 @@ def to_ms(v, unit):
 def wrk(port, conns, duration):
     threads = 1 if conns == 1 else 2
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{duration}s", "--latency",
-         "--timeout", "10s", "-s", LUA, f"http://127.0.0.1:{port}/v1/completions"],
+        pinned(["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{duration}s", "--latency",
+                "--timeout", "10s", "-s", LUA, f"http://127.0.0.1:{port}/v1/completions"], OTHER_CPUS),
         capture_output=True, text=True, timeout=duration + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {}
@@ -100,7 +109,12 @@ def main():
     ap.add_argument("--proxy-workers", type=int, default=1)
     ap.add_argument("--dummy-workers", type=int, default=1)
     ap.add_argument("--conns", default="1,64,512")
+    ap.add_argument("--isolate", metavar="PROXY_CPUS:OTHER_CPUS",
+                    help="pin the proxies to one CPU set and nodes + wrk to another, e.g. 0:1")
     a = ap.parse_args()
+    global PROXY_CPUS, OTHER_CPUS
+    if a.isolate:
+        PROXY_CPUS, OTHER_CPUS = a.isolate.split(":")
     conns = [int(c) for c in a.conns.split(",")]
 
     procs = []
@@ -114,7 +128,7 @@ def main():
             f.write(f"model: {MODEL}\nhost: 127.0.0.1\nprefill: [\"127.0.0.1:{pre_port}\"]\n"
                     f"decode: [\"127.0.0.1:{dec_port}\"]\nstartup:\n  probe_interval_seconds: 0.1\n")
         proxy, proxy_port = start([os.path.join(REL, "xpyd"), "proxy", "-c", cfg, "--port", "0",
-                                   "--workers", str(a.proxy_workers), "--no-pin"])
+                                   "--workers", str(a.proxy_workers), "--no-pin"], cpus=PROXY_CPUS)
         procs.append(proxy)
         wait_ready(proxy_port)
         cfg2 = f"/tmp/xpyd-bench-dual-{os.getpid()}.yaml"
@@ -122,7 +136,7 @@ def main():
             f.write(f"model: {MODEL}\nhost: 127.0.0.1\ndual: [\"127.0.0.1:{dual_port}\"]\n"
                     f"startup:\n  probe_interval_seconds: 0.1\n")
         proxy2, proxy2_port = start([os.path.join(REL, "xpyd"), "proxy", "-c", cfg2, "--port", "0",
-                                     "--workers", str(a.proxy_workers), "--no-pin"])
+                                     "--workers", str(a.proxy_workers), "--no-pin"], cpus=PROXY_CPUS)
         procs.append(proxy2)
         wait_ready(proxy2_port)
         targets = [("direct (dual dummy)", dual_port, dual.pid), ("xpyd dual", proxy2_port, proxy2.pid),
