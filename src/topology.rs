@@ -344,9 +344,13 @@ impl Topology {
     /// The model a request names; with a single configured model, a request without
     /// `model` goes to it.
     pub fn route(&self, model: Option<&str>) -> Option<&ModelRoute> {
+        self.route_index(model).map(|i| &self.models[i])
+    }
+
+    pub fn route_index(&self, model: Option<&str>) -> Option<usize> {
         match model {
-            Some(name) => self.models.iter().find(|m| m.name == name),
-            None if self.models.len() == 1 => self.models.first(),
+            Some(name) => self.models.iter().position(|m| m.name == name),
+            None if self.models.len() == 1 => Some(0),
             None => None,
         }
     }

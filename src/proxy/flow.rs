@@ -18,7 +18,7 @@ use crate::http::{ApiError, Request};
 use crate::metrics::ErrorType;
 use crate::resilience;
 use crate::scheduler::PickContext;
-use crate::topology::{InFlight, Instance, ModelRoute, RoleSet};
+use crate::topology::{InFlight, Instance, ModelRoute, RoleSet, Topology};
 use bytes::Bytes;
 use http::StatusCode;
 use monoio::io::AsyncWriteRentExt;
@@ -51,6 +51,52 @@ pub async fn answer_error(
     Outcome::new(err.status.as_u16(), res.is_ok() && keep)
 }
 
+/// The topology snapshot for a request, or the error to answer: 503 while gated, 404 for
+/// an unknown model, 400 when several models are served and none is named.
+fn open_route(w: &Worker, model: Option<&str>) -> Result<(Arc<Topology>, usize), ApiError> {
+    if !w.shared.is_ready() {
+        return Err(ApiError::unavailable(
+            "waiting for backend nodes: every model needs a healthy prefill and decode instance, or a healthy dual instance",
+        ));
+    }
+    let topo = w.shared.topology.load_full();
+    w.pool.sync(&topo);
+    match topo.route_index(model) {
+        Some(i) => Ok((topo, i)),
+        None => Err(match model {
+            Some(m) => ApiError::not_found(format!("The model `{m}` does not exist."))
+                .with_param("model")
+                .with_code("model_not_found"),
+            None => ApiError::bad_request("`model` is required when several models are served")
+                .with_param("model"),
+        }),
+    }
+}
+
+/// Runs `work` unless the client goes away first; then the work is dropped, which closes
+/// its upstream connections and releases its counters.
+async fn unless_client_leaves(
+    work: impl std::future::Future<Output = Outcome>,
+    watch: Option<&DisconnectWatch>,
+    request_id: &str,
+) -> Outcome {
+    match watch {
+        Some(watch) => {
+            monoio::select! {
+                // Work first: when the response completes in the same wakeup as the client's
+                // next request arrives, return without probing the socket.
+                biased;
+                outcome = work => outcome,
+                _ = watch.closed() => {
+                    crate::info!("request {request_id}: client disconnected; abandoning its legs");
+                    Outcome::close(499)
+                }
+            }
+        }
+        None => work.await,
+    }
+}
+
 /// Tokens assumed for a request without `max_tokens`, for decode load accounting.
 const DEFAULT_DECODE_TOKENS: u64 = 256;
 
@@ -74,24 +120,11 @@ pub async fn serve(
         .request_id
         .clone()
         .unwrap_or_else(crate::ids::uuid_v4);
-    if !w.shared.is_ready() {
-        let e = ApiError::unavailable(
-            "waiting for backend nodes: every model needs a healthy prefill and decode instance, or a healthy dual instance",
-        );
-        return answer_error(client, &e, Some(&request_id), keep_alive).await;
-    }
-    let topo = w.shared.topology.load_full();
-    w.pool.sync(&topo);
-    let Some(route) = topo.route(inspected.model.as_deref()) else {
-        let e = match &inspected.model {
-            Some(m) => ApiError::not_found(format!("The model `{m}` does not exist."))
-                .with_param("model")
-                .with_code("model_not_found"),
-            None => ApiError::bad_request("`model` is required when several models are served")
-                .with_param("model"),
-        };
-        return answer_error(client, &e, Some(&request_id), keep_alive).await;
+    let (topo, model_index) = match open_route(w, inspected.model.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,
     };
+    let route = &topo.models[model_index];
     let key = req
         .head
         .session_id
@@ -144,21 +177,7 @@ pub async fn serve(
         finish(w, &route.name, &request_id, &tl, outcome.status);
         outcome
     };
-    match watch {
-        Some(watch) => {
-            monoio::select! {
-                // Work first: when the response completes in the same wakeup as the client's
-                // next request arrives, return without probing the socket.
-                biased;
-                outcome = work => outcome,
-                _ = watch.closed() => {
-                    crate::info!("request {request_id}: client disconnected; abandoning its legs");
-                    Outcome::close(499)
-                }
-            }
-        }
-        None => work.await,
-    }
+    unless_client_leaves(work, watch, &request_id).await
 }
 
 /// `/tokenize`, `/detokenize`, `/v1/embeddings`: forwarded as they are to one instance of
@@ -182,21 +201,11 @@ pub async fn serve_forwarded(
             o.get("model")
                 .and_then(|v| serde_json::from_str(v.get()).ok())
         });
-    if !w.shared.is_ready() {
-        let e = ApiError::unavailable("waiting for backend nodes");
-        return answer_error(client, &e, Some(&request_id), keep_alive).await;
-    }
-    let topo = w.shared.topology.load_full();
-    w.pool.sync(&topo);
-    let Some(route) = topo.route(model.as_deref()) else {
-        let e = match model {
-            Some(m) => ApiError::not_found(format!("The model `{m}` does not exist."))
-                .with_code("model_not_found"),
-            None => ApiError::bad_request("`model` is required when several models are served")
-                .with_param("model"),
-        };
-        return answer_error(client, &e, Some(&request_id), keep_alive).await;
+    let (topo, model_index) = match open_route(w, model.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,
     };
+    let route = &topo.models[model_index];
     let (set, role) = if route.dual.any_available() || route.decode.instances.is_empty() {
         (&route.dual, Role::Dual)
     } else {
@@ -216,14 +225,7 @@ pub async fn serve_forwarded(
             Err(e) => answer_error(client, &e, Some(&request_id), keep_alive).await,
         }
     };
-    match watch {
-        Some(watch) => monoio::select! {
-            biased;
-            outcome = work => outcome,
-            _ = watch.closed() => Outcome::close(499),
-        },
-        None => work.await,
-    }
+    unless_client_leaves(work, watch, &request_id).await
 }
 
 /// Records the request's P/D metrics and writes its log line.
