@@ -134,26 +134,14 @@ async fn route(
         path.as_str(),
         "/tokenize" | "/detokenize" | "/v1/embeddings"
     ) {
-        if method != Method::POST {
-            let e = ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                "use POST",
-            );
+        if let Some(e) = post_only(method, &path) {
             return answer_error(stream, &e, None, keep_alive).await;
         }
-        if watch.is_none() {
-            *watch = DisconnectWatch::new(stream).ok();
-        }
+        ensure_watch(watch, stream);
         return flow::serve_forwarded(start, w, req, stream, watch.as_ref()).await;
     }
     if let Some(endpoint) = Endpoint::from_path(&path) {
-        if method != Method::POST {
-            let e = ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                format!("{method} is not allowed on {path}; use POST"),
-            );
+        if let Some(e) = post_only(method, &path) {
             return answer_error(stream, &e, None, keep_alive).await;
         }
         if !crate::http::is_json_content_type(req.head.content_type.as_deref()) {
@@ -164,21 +152,11 @@ async fn route(
             );
             return answer_error(stream, &e, None, keep_alive).await;
         }
-        if watch.is_none() {
-            match DisconnectWatch::new(stream) {
-                Ok(wt) => *watch = Some(wt),
-                Err(e) => crate::warn!("cannot watch client connection for disconnects: {e}"),
-            }
-        }
+        ensure_watch(watch, stream);
         return flow::serve(start, w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
     }
-    if path == "/instances/add" || path == "/instances/remove" || path == "/admin/reload" {
-        if method != Method::POST {
-            let e = ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                "use POST",
-            );
+    if admin {
+        if let Some(e) = post_only(method, &path) {
             return answer_error(stream, &e, None, keep_alive).await;
         }
         let result = match admin::authorize(w, req.head.api_key.as_deref()) {
@@ -225,6 +203,26 @@ async fn route(
         }
     };
     write_json(stream, status, &body, keep_alive).await
+}
+
+fn post_only(method: &Method, path: &str) -> Option<ApiError> {
+    (method != Method::POST).then(|| {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("{method} is not allowed on {path}; use POST"),
+        )
+    })
+}
+
+/// Starts watching the connection for the client leaving (once per connection).
+fn ensure_watch(watch: &mut Option<DisconnectWatch>, stream: &TcpStream) {
+    if watch.is_none() {
+        match DisconnectWatch::new(stream) {
+            Ok(wt) => *watch = Some(wt),
+            Err(e) => crate::warn!("cannot watch client connection for disconnects: {e}"),
+        }
+    }
 }
 
 /// With `api_keys` configured, the request must carry `Authorization: Bearer <one of them>`
