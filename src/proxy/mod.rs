@@ -39,6 +39,8 @@ pub struct Worker {
     pub metrics: Arc<crate::metrics::WorkerMetrics>,
     pub metric_index: crate::metrics::LocalIndex,
     pub metrics_enabled: bool,
+    /// Reused output buffers for relaying.
+    pub scratch: relay::Scratch,
     pub openai_api_key: Option<String>,
     pub api_keys: Vec<String>,
     pub protect_status: bool,
@@ -155,6 +157,7 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                     metrics: shared.metrics[id % shared.metrics.len()].clone(),
                     metric_index: Default::default(),
                     metrics_enabled: cfg.metrics_enabled,
+                    scratch: Default::default(),
                     openai_api_key: cfg.openai_api_key.clone(),
                     api_keys: cfg.api_keys.clone(),
                     protect_status: cfg.protect_status,

@@ -167,7 +167,7 @@ pub async fn relay(
         (Framing::UntilClose, true) => (BodyLen::Close, Mode::RawUntilClose),
     };
     let keep_alive = p.client_keep_alive && client_len != BodyLen::Close;
-    let mut out = Vec::with_capacity(4096);
+    let mut out = w.scratch.take();
     let mut headers: Vec<(&str, &str)> = Vec::with_capacity(2);
     if let Some(ct) = head.content_type.as_deref() {
         headers.push(("Content-Type", ct));
@@ -268,8 +268,33 @@ pub async fn relay(
             }
         }
     }
+    w.scratch.give(out);
     if head.keep_alive {
         w.pool.put_back(conn, inst);
     }
     Outcome::new(status, keep_alive)
+}
+
+/// Per-worker free list of output buffers, so relaying allocates nothing in steady state.
+#[derive(Default)]
+pub struct Scratch(std::cell::RefCell<Vec<Vec<u8>>>);
+
+impl Scratch {
+    const KEEP: usize = 256;
+    const MAX_CAPACITY: usize = 64 * 1024;
+
+    pub fn take(&self) -> Vec<u8> {
+        self.0
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(4096))
+    }
+
+    pub fn give(&self, mut buf: Vec<u8>) {
+        let mut list = self.0.borrow_mut();
+        if buf.capacity() <= Self::MAX_CAPACITY && list.len() < Self::KEEP {
+            buf.clear();
+            list.push(buf);
+        }
+    }
 }

@@ -49,9 +49,19 @@ pub struct UpstreamConn {
     reused: bool,
 }
 
+/// A pooled connection keeps its read buffer, so a reused connection allocates nothing.
+struct Idle {
+    stream: TcpStream,
+    buf: ReadBuf,
+    since: Instant,
+}
+
+/// First capacity of a new connection's read buffer (it grows when a response needs it).
+const UPSTREAM_BUF: usize = 8 * 1024;
+
 pub struct Pool {
-    /// Per backend, oldest first; each with the moment it went idle.
-    idle: RefCell<HashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    /// Per backend, oldest first.
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
     connect_timeout: Duration,
     /// Idle connections older than this are closed, not reused: servers close theirs
     /// (uvicorn, which vLLM runs on, after 5 s), and a reuse would then fail.
@@ -76,8 +86,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.borrow_mut();
         for list in idle.values_mut() {
-            let fresh =
-                list.partition_point(|(_, since)| now.duration_since(*since) > self.idle_timeout);
+            let fresh = list.partition_point(|i| now.duration_since(i.since) > self.idle_timeout);
             list.drain(..fresh);
         }
         idle.retain(|_, l| !l.is_empty());
@@ -109,7 +118,7 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         Ok(UpstreamConn {
             stream,
-            buf: ReadBuf::with_capacity(16 * 1024),
+            buf: ReadBuf::with_capacity(UPSTREAM_BUF),
             addr,
             reused: false,
         })
@@ -119,14 +128,14 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         // Newest first; if it is too old, so is everything before it.
-        let (stream, since) = list.pop()?;
-        if since.elapsed() > self.idle_timeout {
+        let idle = list.pop()?;
+        if idle.since.elapsed() > self.idle_timeout {
             list.clear();
             return None;
         }
         Some(UpstreamConn {
-            stream,
-            buf: ReadBuf::with_capacity(16 * 1024),
+            stream: idle.stream,
+            buf: idle.buf,
             addr,
             reused: true,
         })
@@ -141,7 +150,11 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(conn.addr).or_default();
         if list.len() < MAX_IDLE_PER_BACKEND {
-            list.push((conn.stream, Instant::now()));
+            list.push(Idle {
+                stream: conn.stream,
+                buf: conn.buf,
+                since: Instant::now(),
+            });
         }
     }
 
