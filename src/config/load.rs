@@ -256,20 +256,30 @@ impl<'a> Reader<'a> {
         self.mapping(v, name, section_keys(name))
     }
 
-    fn f64(&mut self, m: Option<&Map<String, Value>>, path: &str, key: &str, default: f64) -> f64 {
-        match m.and_then(|m| m.get(key)) {
-            None | Some(Value::Null) => default,
-            Some(v) => match v.as_f64() {
-                Some(x) => x,
-                None => {
-                    self.problem(
-                        &join(path, key),
-                        format!("expected a number, found {}", type_name(v)),
-                    );
-                    default
-                }
-            },
+    /// The value at `key`: None when absent or null; `convert` decides the type, and a
+    /// value it rejects is reported as "expected {expected}" (and also gives None).
+    fn field<T>(
+        &mut self,
+        m: Option<&Map<String, Value>>,
+        path: &str,
+        key: &str,
+        expected: &str,
+        convert: impl Fn(&Value) -> Option<T>,
+    ) -> Option<T> {
+        let v = m.and_then(|m| m.get(key)).filter(|v| !v.is_null())?;
+        let out = convert(v);
+        if out.is_none() {
+            self.problem(
+                &join(path, key),
+                format!("expected {expected}, found {}", type_name(v)),
+            );
         }
+        out
+    }
+
+    fn f64(&mut self, m: Option<&Map<String, Value>>, path: &str, key: &str, default: f64) -> f64 {
+        self.field(m, path, key, "a number", Value::as_f64)
+            .unwrap_or(default)
     }
 
     fn seconds(
@@ -298,22 +308,13 @@ impl<'a> Reader<'a> {
         default: u64,
         min: u64,
     ) -> u64 {
-        match m.and_then(|m| m.get(key)) {
-            None | Some(Value::Null) => default,
-            Some(v) => match v.as_i64() {
-                Some(x) if x >= min as i64 => x as u64,
-                Some(x) => {
-                    self.problem(&join(path, key), format!("must be at least {min}, got {x}"));
-                    default
-                }
-                None => {
-                    self.problem(
-                        &join(path, key),
-                        format!("expected an integer, found {}", type_name(v)),
-                    );
-                    default
-                }
-            },
+        match self.field(m, path, key, "an integer", Value::as_i64) {
+            None => default,
+            Some(x) if x >= min as i64 => x as u64,
+            Some(x) => {
+                self.problem(&join(path, key), format!("must be at least {min}, got {x}"));
+                default
+            }
         }
     }
 
@@ -324,32 +325,17 @@ impl<'a> Reader<'a> {
         key: &str,
         default: bool,
     ) -> bool {
-        match m.and_then(|m| m.get(key)) {
-            None | Some(Value::Null) => default,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => {
-                self.problem(
-                    &join(path, key),
-                    format!("expected true or false, found {}", type_name(v)),
-                );
-                default
-            }
-        }
+        self.field(m, path, key, "true or false", Value::as_bool)
+            .unwrap_or(default)
     }
 
+    /// A string (numbers are taken as their text, e.g. a model named 7).
     fn string(&mut self, m: Option<&Map<String, Value>>, path: &str, key: &str) -> Option<String> {
-        match m.and_then(|m| m.get(key)) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.trim().to_string()),
-            Some(v @ Value::Number(_)) => Some(v.to_string()),
-            Some(v) => {
-                self.problem(
-                    &join(path, key),
-                    format!("expected a string, found {}", type_name(v)),
-                );
-                None
-            }
-        }
+        self.field(m, path, key, "a string", |v| match v {
+            Value::String(s) => Some(s.trim().to_string()),
+            Value::Number(_) => Some(v.to_string()),
+            _ => None,
+        })
     }
 
     fn scheduler(&mut self, name: Option<String>, path: &str) -> SchedulerKind {
