@@ -9,10 +9,10 @@
 //! temperature > 0 the text may be inconsistent at the seam.
 
 use super::relay::{Outcome, Timeline};
-use super::upstream::UpstreamConn;
+use super::upstream::{BodyDecoder, UpstreamConn};
 use super::Worker;
-use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
-use crate::http::head::{Framing, ResponseHead};
+use crate::http::chunked::{encode_chunk, LAST_CHUNK};
+use crate::http::head::ResponseHead;
 use crate::http::write::{response_head, BodyLen};
 use crate::topology::Instance;
 use http::StatusCode;
@@ -147,32 +147,15 @@ pub async fn relay_rest(
         first,
         dropped_first: false,
     };
-    let mut dec = ChunkedDecoder::new();
-    let mut remaining = match head.framing {
-        Framing::Length(n) => n,
-        _ => u64::MAX,
-    };
+    let mut dec = BodyDecoder::new(head.framing);
     let mut sse: Vec<u8> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
+    let mut eof = false;
     loop {
-        // Move decoded body bytes into `sse`.
-        let data = conn.buf.data();
-        let done = match head.framing {
-            Framing::Chunked => match dec.feed(data, |d| sse.extend_from_slice(d)) {
-                Ok(n) => {
-                    conn.buf.consume(n);
-                    dec.is_done()
-                }
-                Err(_) => return Outcome::close(200),
-            },
-            Framing::None => true,
-            _ => {
-                let take = (remaining.min(data.len() as u64)) as usize;
-                sse.extend_from_slice(&data[..take]);
-                conn.buf.consume(take);
-                remaining -= take as u64;
-                remaining == 0
-            }
+        // Move decoded body bytes into `sse`; the peer closing ends a close-delimited body.
+        let done = match dec.decode(&mut conn.buf, &mut sse) {
+            Ok(d) => d || eof,
+            Err(_) => return Outcome::close(200),
         };
         // Complete events.
         while let Some(end) = sse.windows(2).position(|w| w == b"\n\n") {
@@ -207,15 +190,11 @@ pub async fn relay_rest(
         }
         match monoio::time::timeout(w.timeouts.idle, conn.buf.fill(&mut conn.stream)).await {
             Ok(Ok(n)) if n > 0 => {}
-            Ok(Ok(_)) if head.framing == Framing::UntilClose => remaining = 0,
+            Ok(Ok(_)) if dec.ends_at_eof() => eof = true,
             _ => {
                 crate::warn!("decode instance {} ended the stream early", inst.address);
                 return Outcome::close(200);
             }
-        }
-        if remaining == 0 {
-            let _ = client.write_all(LAST_CHUNK).await;
-            return Outcome::close(200);
         }
     }
 }

@@ -5,7 +5,7 @@
 //! (so the upstream connection can be pooled); close-delimited bodies are re-framed as
 //! chunked for HTTP/1.1 clients; HTTP/1.0 clients get the decoded body and a close.
 
-use super::upstream::UpstreamConn;
+use super::upstream::{BodyDecoder, UpstreamConn};
 use super::Worker;
 use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
 use crate::http::head::{Framing, ResponseHead};
@@ -84,52 +84,32 @@ fn count_events(bytes: &[u8]) -> u64 {
 }
 
 enum Mode {
-    Length(u64),
+    /// The client gets the decoded body: fixed length, or HTTP/1.0 (delimited by close).
+    Decode(BodyDecoder),
+    /// Upstream chunks forwarded byte for byte; the decoder only finds the end.
     ChunkedPass(ChunkedDecoder),
-    ChunkedDecode(ChunkedDecoder),
     /// Upstream delimits by close; the client gets chunks.
     WrapUntilClose,
-    /// Upstream delimits by close and so does the client.
-    RawUntilClose,
-    Empty,
 }
 
 /// Appends to `out` what the client must receive from the unconsumed upstream bytes.
 /// Returns true once the upstream body is complete.
 fn process(mode: &mut Mode, conn: &mut UpstreamConn, out: &mut Vec<u8>) -> Result<bool, ()> {
-    let data = conn.buf.data();
     match mode {
-        Mode::Empty => Ok(true),
-        Mode::Length(rem) => {
-            let take = (*rem).min(data.len() as u64) as usize;
-            out.extend_from_slice(&data[..take]);
-            conn.buf.consume(take);
-            *rem -= take as u64;
-            Ok(*rem == 0)
-        }
+        Mode::Decode(dec) => dec.decode(&mut conn.buf, out).map_err(|_| ()),
         Mode::ChunkedPass(dec) => {
+            let data = conn.buf.data();
             let used = dec.feed(data, |_| {}).map_err(|_| ())?;
             out.extend_from_slice(&data[..used]);
             conn.buf.consume(used);
             Ok(dec.is_done())
         }
-        Mode::ChunkedDecode(dec) => {
-            let used = dec
-                .feed(data, |d| out.extend_from_slice(d))
-                .map_err(|_| ())?;
-            conn.buf.consume(used);
-            Ok(dec.is_done())
-        }
         Mode::WrapUntilClose => {
+            let data = conn.buf.data();
             if !data.is_empty() {
                 encode_chunk(out, data);
                 conn.buf.clear();
             }
-            Ok(false)
-        }
-        Mode::RawUntilClose => {
-            out.extend_from_slice(data);
-            conn.buf.clear();
             Ok(false)
         }
     }
@@ -159,12 +139,19 @@ pub async fn relay(
         .as_deref()
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     let (client_len, mut mode) = match (head.framing, p.http10) {
-        (Framing::None, _) => (BodyLen::Length(0), Mode::Empty),
-        (Framing::Length(n), _) => (BodyLen::Length(n as usize), Mode::Length(n)),
+        (Framing::None, _) => (
+            BodyLen::Length(0),
+            Mode::Decode(BodyDecoder::new(Framing::None)),
+        ),
+        (Framing::Length(n), _) => (
+            BodyLen::Length(n as usize),
+            Mode::Decode(BodyDecoder::new(head.framing)),
+        ),
         (Framing::Chunked, false) => (BodyLen::Chunked, Mode::ChunkedPass(ChunkedDecoder::new())),
-        (Framing::Chunked, true) => (BodyLen::Close, Mode::ChunkedDecode(ChunkedDecoder::new())),
+        (Framing::Chunked, true) | (Framing::UntilClose, true) => {
+            (BodyLen::Close, Mode::Decode(BodyDecoder::new(head.framing)))
+        }
         (Framing::UntilClose, false) => (BodyLen::Chunked, Mode::WrapUntilClose),
-        (Framing::UntilClose, true) => (BodyLen::Close, Mode::RawUntilClose),
     };
     let keep_alive = p.client_keep_alive && client_len != BodyLen::Close;
     let mut out = w.scratch.take();
@@ -245,7 +232,7 @@ pub async fn relay(
                     let _ = client.write_all(LAST_CHUNK).await;
                     return Outcome::new(status, keep_alive);
                 }
-                Mode::RawUntilClose => return Outcome::close(status),
+                Mode::Decode(ref dec) if dec.ends_at_eof() => return Outcome::close(status),
                 _ => {
                     resilience::record_failure(inst, &w.circuit);
                     crate::warn!(

@@ -257,63 +257,89 @@ pub async fn read_head(conn: &mut UpstreamConn) -> Result<ResponseHead, Upstream
     }
 }
 
+/// Turns a response's framing into its decoded body bytes, piece by piece as they arrive.
+pub struct BodyDecoder(BodyState);
+
+enum BodyState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+impl BodyDecoder {
+    pub fn new(framing: Framing) -> Self {
+        BodyDecoder(match framing {
+            Framing::None | Framing::Length(0) => BodyState::Done,
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(ChunkedDecoder::new()),
+            Framing::UntilClose => BodyState::UntilClose,
+        })
+    }
+
+    /// Moves the decoded bytes buffered in `buf` to `out`; true once the body is complete.
+    /// Bytes after the body stay in `buf`.
+    pub fn decode(&mut self, buf: &mut ReadBuf, out: &mut Vec<u8>) -> Result<bool, UpstreamError> {
+        let data = buf.data();
+        match &mut self.0 {
+            BodyState::Done => return Ok(true),
+            BodyState::Length(rem) => {
+                let take = (*rem).min(data.len() as u64) as usize;
+                out.extend_from_slice(&data[..take]);
+                buf.consume(take);
+                *rem -= take as u64;
+                if *rem > 0 {
+                    return Ok(false);
+                }
+            }
+            BodyState::Chunked(dec) => {
+                let used = dec
+                    .feed(data, |d| out.extend_from_slice(d))
+                    .map_err(|_| UpstreamError::BadResponse("bad chunked encoding"))?;
+                buf.consume(used);
+                if !dec.is_done() {
+                    return Ok(false);
+                }
+            }
+            BodyState::UntilClose => {
+                out.extend_from_slice(data);
+                buf.clear();
+                return Ok(false);
+            }
+        }
+        self.0 = BodyState::Done;
+        Ok(true)
+    }
+
+    /// Whether the peer closing the connection ends the body cleanly.
+    pub fn ends_at_eof(&self) -> bool {
+        matches!(self.0, BodyState::UntilClose | BodyState::Done)
+    }
+}
+
 /// Reads a whole response body (the prefill leg's, an error's). `max` bounds memory.
 pub async fn read_body(
     conn: &mut UpstreamConn,
     head: &ResponseHead,
     max: usize,
 ) -> Result<Vec<u8>, UpstreamError> {
-    let mut body = Vec::new();
-    match head.framing {
-        Framing::None => {}
-        Framing::Length(n) => {
-            let n = n as usize;
-            if n > max {
-                return Err(UpstreamError::BadResponse("response body too large"));
-            }
-            while conn.buf.len() < n {
-                let want = n - conn.buf.len();
-                match conn.buf.fill_at_least(&mut conn.stream, want).await {
-                    Ok(0) => return Err(UpstreamError::Closed),
-                    Ok(_) => {}
-                    Err(e) => return Err(UpstreamError::Io(e)),
-                }
-            }
-            body.extend_from_slice(&conn.buf.data()[..n]);
-            conn.buf.consume(n);
-        }
-        Framing::Chunked => {
-            let mut dec = ChunkedDecoder::new();
-            loop {
-                let used = dec
-                    .feed(conn.buf.data(), |d| body.extend_from_slice(d))
-                    .map_err(|_| UpstreamError::BadResponse("bad chunked encoding"))?;
-                conn.buf.consume(used);
-                if dec.is_done() {
-                    break;
-                }
-                if body.len() > max {
-                    return Err(UpstreamError::BadResponse("response body too large"));
-                }
-                match conn.buf.fill(&mut conn.stream).await {
-                    Ok(0) => return Err(UpstreamError::Closed),
-                    Ok(_) => {}
-                    Err(e) => return Err(UpstreamError::Io(e)),
-                }
-            }
-        }
-        Framing::UntilClose => loop {
-            body.extend_from_slice(conn.buf.data());
-            conn.buf.clear();
-            if body.len() > max {
-                return Err(UpstreamError::BadResponse("response body too large"));
-            }
-            match conn.buf.fill(&mut conn.stream).await {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => return Err(UpstreamError::Io(e)),
-            }
-        },
+    if matches!(head.framing, Framing::Length(n) if n > max as u64) {
+        return Err(UpstreamError::BadResponse("response body too large"));
     }
-    Ok(body)
+    let mut dec = BodyDecoder::new(head.framing);
+    let mut body = Vec::new();
+    loop {
+        if dec.decode(&mut conn.buf, &mut body)? {
+            return Ok(body);
+        }
+        if body.len() > max {
+            return Err(UpstreamError::BadResponse("response body too large"));
+        }
+        match conn.buf.fill(&mut conn.stream).await {
+            Ok(0) if dec.ends_at_eof() => return Ok(body),
+            Ok(0) => return Err(UpstreamError::Closed),
+            Ok(_) => {}
+            Err(e) => return Err(UpstreamError::Io(e)),
+        }
+    }
 }
