@@ -577,6 +577,11 @@ async fn generate(
             due += gap;
             monoio::time::sleep_until(due).await;
         }
+        if i == 0 {
+            // Later tokens are paced from when the first one really went out, so a late
+            // first token (timer rounding) never shortens the gaps after it.
+            due = monoio::time::Instant::now();
+        }
         if opts.drop_mid_stream == Some(i) {
             return Err(());
         }
