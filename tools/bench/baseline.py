@@ -73,6 +73,17 @@ def wait_ready(port, timeout=10):
     raise SystemExit("proxy not ready")
 
 
+def start_proxy(roles_yaml, workers):
+    """An xpyd (config: `roles_yaml` plus fast start-up probes) ready to serve."""
+    cfg = f"/tmp/xpyd-bench-{os.getpid()}-{abs(hash(roles_yaml))}.yaml"
+    with open(cfg, "w") as f:
+        f.write(f"model: {MODEL}\nhost: 127.0.0.1\n{roles_yaml}startup:\n  probe_interval_seconds: 0.1\n")
+    proc, port = start([os.path.join(REL, "xpyd"), "proxy", "-c", cfg, "--port", "0",
+                        "--workers", str(workers), "--no-pin"], cpus=PROXY_CPUS)
+    wait_ready(port)
+    return proc, port
+
+
 def to_ms(v, unit):
     return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
@@ -123,22 +134,11 @@ def main():
         pre, pre_port = dummy("prefill", a.dummy_workers)
         dec, dec_port = dummy("decode", a.dummy_workers)
         procs += [dual, pre, dec]
-        cfg = f"/tmp/xpyd-bench-{os.getpid()}.yaml"
-        with open(cfg, "w") as f:
-            f.write(f"model: {MODEL}\nhost: 127.0.0.1\nprefill: [\"127.0.0.1:{pre_port}\"]\n"
-                    f"decode: [\"127.0.0.1:{dec_port}\"]\nstartup:\n  probe_interval_seconds: 0.1\n")
-        proxy, proxy_port = start([os.path.join(REL, "xpyd"), "proxy", "-c", cfg, "--port", "0",
-                                   "--workers", str(a.proxy_workers), "--no-pin"], cpus=PROXY_CPUS)
+        proxy, proxy_port = start_proxy(
+            f"prefill: [\"127.0.0.1:{pre_port}\"]\ndecode: [\"127.0.0.1:{dec_port}\"]\n", a.proxy_workers)
         procs.append(proxy)
-        wait_ready(proxy_port)
-        cfg2 = f"/tmp/xpyd-bench-dual-{os.getpid()}.yaml"
-        with open(cfg2, "w") as f:
-            f.write(f"model: {MODEL}\nhost: 127.0.0.1\ndual: [\"127.0.0.1:{dual_port}\"]\n"
-                    f"startup:\n  probe_interval_seconds: 0.1\n")
-        proxy2, proxy2_port = start([os.path.join(REL, "xpyd"), "proxy", "-c", cfg2, "--port", "0",
-                                     "--workers", str(a.proxy_workers), "--no-pin"], cpus=PROXY_CPUS)
+        proxy2, proxy2_port = start_proxy(f"dual: [\"127.0.0.1:{dual_port}\"]\n", a.proxy_workers)
         procs.append(proxy2)
-        wait_ready(proxy2_port)
         targets = [("direct (dual dummy)", dual_port, dual.pid), ("xpyd dual", proxy2_port, proxy2.pid),
                    ("xpyd 1P+1D", proxy_port, proxy.pid)]
         results = {}

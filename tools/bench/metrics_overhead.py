@@ -26,14 +26,9 @@ def main():
         procs.append(dual)
         targets = []
         for enabled in ("true", "false"):
-            cfg = f"/tmp/xpyd-metrics-{enabled}-{os.getpid()}.yaml"
-            with open(cfg, "w") as f:
-                f.write(f"model: {b.MODEL}\nhost: 127.0.0.1\ndual: [\"127.0.0.1:{dual_port}\"]\n"
-                        f"startup:\n  probe_interval_seconds: 0.1\nmetrics:\n  enabled: {enabled}\n")
-            p, port = b.start([os.path.join(b.REL, "xpyd"), "proxy", "-c", cfg, "--port", "0",
-                               "--workers", "1", "--no-pin"])
+            p, port = b.start_proxy(
+                f"dual: [\"127.0.0.1:{dual_port}\"]\nmetrics:\n  enabled: {enabled}\n", 1)
             procs.append(p)
-            b.wait_ready(port)
             targets.append((f"metrics {'on' if enabled == 'true' else 'off'}", port))
         res = {}
         for rep in range(a.repeats):
