@@ -62,7 +62,7 @@ fn scrape(proxy: &Proc) -> (String, Vec<Value>) {
 #[test]
 fn metrics_count_exactly_and_parse_as_prometheus() {
     let p = dummy("prefill", &[]);
-    let d = dummy("decode", &["--decode-delay-per-token", "0.002"]);
+    let d = dummy("decode", &["--decode-delay-per-token", "0.01"]);
     let mut dual_cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
     dual_cmd
         .args([
@@ -211,9 +211,11 @@ fn metrics_count_exactly_and_parse_as_prometheus() {
     let mut inf = pd.to_vec();
     inf.push(("le", "+Inf"));
     assert_eq!(sample(&s, "proxy_ttft_seconds_bucket", &inf), 6.0);
-    // TPOT ~ the decode node's 2 ms per token.
+    // TPOT ~ the decode node's 10 ms per token. The proxy times tokens as it reads them, so
+    // on a loaded machine a late first read shortens the measured span: keep a wide band
+    // (half to five times the pace) that still catches a unit or divisor mistake.
     let tpot = sample(&s, "proxy_tpot_seconds_sum", &pd) / 2.0;
-    assert!((0.0015..0.02).contains(&tpot), "tpot {tpot}");
+    assert!((0.005..0.05).contains(&tpot), "tpot {tpot}");
     assert_eq!(
         sample(
             &s,
