@@ -167,40 +167,68 @@ fn fix_config(a: FixArgs) -> Result<(), String> {
     use xpyd::config::fix;
     let text = std::fs::read_to_string(&a.path)
         .map_err(|e| format!("cannot read {}: {e}", a.path.display()))?;
+    let stdin = std::io::stdin();
+    let mut answers = stdin.lock().lines();
+    let mut ask = |prompt: &str| {
+        print!("  {prompt}: ");
+        let _ = std::io::stdout().flush();
+        let answer = answers.next().and_then(Result::ok).unwrap_or_default();
+        answer.trim().to_string()
+    };
+    let show = |f: &fix::Fix| {
+        println!("line {}: {}", f.line, f.reason);
+        match &f.after {
+            Some(after) => {
+                for l in fix::diff_lines(&f.before, after) {
+                    println!("{l}");
+                }
+            }
+            None => {
+                for l in &f.before {
+                    println!("- {l}");
+                }
+            }
+        }
+    };
+    // Line fixes first; the format merge works on their result.
     let mut fixes = fix::find_fixes(&text);
-    if fixes.is_empty() {
+    for f in fixes.iter_mut() {
+        show(f);
+        if f.after.is_some() {
+            continue;
+        }
+        // Ambiguous: an address without a port gets one when asked; the rest stays manual.
+        if !a.interactive {
+            println!("  (ambiguous: fix by hand, or run with --interactive)");
+        } else if f.reason.contains("no port") {
+            let port = ask("port to add (empty: leave the line as it is)");
+            if port.parse::<u16>().is_ok() {
+                let after: Vec<String> = f.before.iter().map(|l| add_port(l, &port)).collect();
+                for l in &after {
+                    println!("+ {l}");
+                }
+                f.after = Some(after);
+            } else {
+                println!("  (left as it is)");
+            }
+        } else {
+            println!("  (fix by hand)");
+        }
+    }
+    let mut fixed = fix::apply(&text, &fixes);
+    let merge = fix::merge_formats(&fixed);
+    if let Some(m) = &merge {
+        show(m);
+        if m.after.is_none() {
+            println!("  (fix by hand)");
+        }
+        fixed = fix::apply(&fixed, std::slice::from_ref(m));
+    }
+    if fixes.is_empty() && merge.is_none() {
         println!("{}: nothing to fix", a.path.display());
         return Ok(());
     }
-    let stdin = std::io::stdin();
-    let mut answers = stdin.lock().lines();
-    for f in fixes.iter_mut() {
-        println!("line {}: {}", f.line, f.reason);
-        println!("- {}", f.before);
-        match &f.after {
-            Some(after) => println!("+ {after}"),
-            None if a.interactive => {
-                // Ambiguous: an address without a port gets one; anything else stays manual.
-                if f.reason.contains("no port") {
-                    print!("  port to add (empty: leave the line as it is): ");
-                    let _ = std::io::stdout().flush();
-                    let answer = answers.next().and_then(Result::ok).unwrap_or_default();
-                    let port = answer.trim();
-                    if !port.is_empty() && port.parse::<u16>().is_ok() {
-                        let after = add_port(&f.before, port);
-                        println!("+ {after}");
-                        f.after = Some(after);
-                    } else {
-                        println!("  (left as it is)");
-                    }
-                } else {
-                    println!("  (fix by hand)");
-                }
-            }
-            None => println!("  (ambiguous: fix by hand, or run with --interactive)"),
-        }
-    }
-    if a.write {
+    if a.write && fixed != text {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -208,7 +236,7 @@ fn fix_config(a: FixArgs) -> Result<(), String> {
         let backup = PathBuf::from(format!("{}.{stamp}.bak", a.path.display()));
         std::fs::copy(&a.path, &backup)
             .map_err(|e| format!("cannot back up to {}: {e}", backup.display()))?;
-        std::fs::write(&a.path, fix::apply(&text, &fixes))
+        std::fs::write(&a.path, fixed)
             .map_err(|e| format!("cannot write {}: {e}", a.path.display()))?;
         println!("wrote {} (backup: {})", a.path.display(), backup.display());
     }

@@ -220,6 +220,30 @@ fn fix_config_repairs_typos_with_a_backup() {
         std::fs::read_to_string(&path2).unwrap(),
         "model: m\ndual: [\"127.0.0.1:8300\"]\n"
     );
+    // Legacy lists mixed with `models:` are refused by the loader; fix-config moves them in.
+    let path3 = dir.join("mixed.yaml");
+    std::fs::write(&path3, "model: legacy-m\nprefill: [\"127.0.0.1:8100\"]\ndecode: [\"127.0.0.1:8200\"]\nmodels:\n  - name: other\n    dual: [\"127.0.0.1:8300\"]\n").unwrap();
+    let validate = |p: &PathBuf| {
+        xpyd()
+            .args(["proxy", "--validate-config"])
+            .arg(p)
+            .output()
+            .unwrap()
+    };
+    assert!(!validate(&path3).status.success());
+    assert!(xpyd()
+        .args(["fix-config", "--write"])
+        .arg(&path3)
+        .status()
+        .unwrap()
+        .success());
+    let out = validate(&path3);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{summary}");
+    assert!(
+        summary.contains("legacy-m") && summary.contains("127.0.0.1:8100"),
+        "{summary}"
+    );
 }
 
 #[test]

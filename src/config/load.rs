@@ -606,6 +606,44 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// What `fix-config` needs to move legacy lists into a newer format: the top-level `model`
+/// and the instances of the top-level `prefill`/`decode`/`dual` lists (topology forms
+/// expanded), plus the names under `models:`. None when the text does not parse or a list
+/// does not load.
+pub(super) struct LegacyPart {
+    pub model: Option<String>,
+    pub instances: Vec<InstanceConfig>,
+    pub listed_models: Vec<String>,
+}
+
+pub(super) fn legacy_part(text: &str) -> Option<LegacyPart> {
+    let (doc, loc) = yaml::parse(text).ok()?;
+    let Value::Object(top) = &doc else {
+        return None;
+    };
+    let mut r = Reader {
+        loc: &loc,
+        problems: Vec::new(),
+    };
+    let instances = r.model_roles(top, "");
+    let listed_models = match top.get("models") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|m| m.get("name")?.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let model = match top.get("model") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    r.problems.is_empty().then_some(LegacyPart {
+        model,
+        instances,
+        listed_models,
+    })
+}
+
 pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let (doc, loc) = if text.trim().is_empty() {
         (Value::Object(Map::new()), Locator::default())
@@ -664,7 +702,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         r.problem(
             legacy[0],
             format!(
-                "the legacy `{}` keys cannot be combined with `{other}`: use one format",
+                "the legacy `{}` keys cannot be combined with `{other}`: use one format (`xpyd fix-config` moves them)",
                 legacy.join("`/`")
             ),
         );
