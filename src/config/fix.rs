@@ -321,9 +321,9 @@ pub fn merge_formats(text: &str) -> Option<Fix> {
     };
     let in_legacy = |i: usize| legacy.iter().any(|b| (b.start..=b.end).contains(&i));
     let mut after = Vec::new();
-    for i in first..=last {
+    for (i, line) in lines.iter().enumerate().take(last + 1).skip(first) {
         if !in_legacy(i) {
-            after.push(lines[i].to_string());
+            after.push(line.to_string());
         }
         if i == new.end {
             after.extend(entries.iter().cloned());
