@@ -123,26 +123,24 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         return Ok(());
     }
     let path = resolve_config_path(args.config)?;
-    let mut cfg =
-        Config::load(&path).map_err(|e| format!("{} is invalid:\n{e}", path.display()))?;
-    if let Some(p) = args.port {
-        cfg.port = p;
-    }
-    if let Some(l) = args.log_level {
-        cfg.log_level = l.parse::<Level>()?;
-    }
-    if let Some(f) = args.log_format {
-        cfg.log_format = f.parse::<xpyd::log::Format>()?;
-    }
+    let overrides = xpyd::config::Overrides {
+        port: args.port,
+        log_level: args.log_level.map(|l| l.parse::<Level>()).transpose()?,
+        log_format: args
+            .log_format
+            .map(|f| f.parse::<xpyd::log::Format>())
+            .transpose()?,
+        workers: args.workers,
+    };
+    let cfg = Config::load(&path)
+        .map_err(|e| format!("{} is invalid:\n{e}", path.display()))?
+        .with_overrides(overrides);
     xpyd::log::set_level(cfg.log_level);
     xpyd::log::set_format(cfg.log_format);
     // Before any thread starts, so that every thread inherits the mask.
     xpyd::proxy::block_shutdown_signals();
     let driver = Driver::resolve(args.driver)?;
-    let workers = args
-        .workers
-        .or(cfg.workers)
-        .unwrap_or_else(runtime::default_workers);
+    let workers = cfg.workers.unwrap_or_else(runtime::default_workers);
     let handle = xpyd::proxy::start(
         &cfg,
         xpyd::proxy::RunOptions {

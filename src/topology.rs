@@ -475,6 +475,8 @@ impl Topology {
 /// Everything workers share: the swappable snapshot and process-wide flags.
 pub struct Shared {
     pub topology: ArcSwap<Topology>,
+    /// Timeouts, retries, keys and limits; replaced whole on reload.
+    pub policy: ArcSwap<crate::config::Policy>,
     /// Set once every model can serve (startup gating); stays set.
     pub ready: AtomicBool,
     /// SIGTERM/SIGINT received: finish what is in flight, take nothing new.
@@ -491,6 +493,7 @@ impl Shared {
     pub fn new(cfg: &Config, workers: usize) -> Arc<Self> {
         Arc::new(Shared {
             topology: ArcSwap::from_pointee(Topology::from_config(cfg)),
+            policy: ArcSwap::from_pointee(cfg.policy()),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             active: (0..workers.max(1))

@@ -415,3 +415,78 @@ fn reload_swaps_the_decode_list_under_load_without_failures() {
         200
     );
 }
+
+#[test]
+fn reload_applies_keys_and_timeouts_and_reports_what_needs_a_restart() {
+    let d = dummy("dual", &["--decode-delay-per-token", "0.3"]);
+    let base = format!("{}{FAST_PROBES}", dual_yaml(&[&d]));
+    let path = write_config(&format!("{base}admin_api_key: k\n"));
+    let mut cmd = xpyd();
+    cmd.args(["proxy", "-c"])
+        .arg(&path)
+        .args(["--port", "0", "--workers", "2"]);
+    let proxy = spawn_listening(cmd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get_json(&proxy.url("/health")).0 != 200 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let url = proxy.url("/v1/completions");
+    let slow = json!({"model": MODEL, "prompt": "x", "max_tokens": 3, "stream": true});
+    assert_eq!(
+        stream(&agent(), &url, &slow).status,
+        200,
+        "no idle timeout yet"
+    );
+    // New client keys, a new admin key, a short idle timeout; a new host and metrics switch
+    // (listener and worker settings) only take effect on restart. --port and --workers on
+    // the command line still win over the file.
+    std::fs::write(
+        &path,
+        format!("{base}admin_api_key: k2\napi_keys: [secret]\ntimeouts:\n  idle_seconds: 0.1\nhost: 127.0.0.2\nport: 1\nworkers: 1\nmetrics:\n  enabled: false\n"),
+    )
+    .unwrap();
+    let reloaded: serde_json::Value = agent()
+        .post(&proxy.url("/admin/reload"))
+        .set("X-API-Key", "k")
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(reloaded["status"], "reloaded");
+    assert_eq!(
+        reloaded["restart_needed"],
+        json!(["host", "metrics.enabled"]),
+        "{reloaded}"
+    );
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 1});
+    assert_eq!(post(&agent(), &url, &body).0, 401, "the new api_keys apply");
+    let keyed = |b: &serde_json::Value| {
+        agent()
+            .post(&url)
+            .set("Authorization", "Bearer secret")
+            .send_json(b.clone())
+    };
+    assert_eq!(keyed(&body).unwrap().status(), 200);
+    // 0.3 s between tokens now exceeds the 0.1 s idle timeout: the stream is cut.
+    // (The cut stream ends without a last chunk, so the reader errs at the end.)
+    let mut cut = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut keyed(&slow).unwrap().into_reader(), &mut cut);
+    let cut = String::from_utf8_lossy(&cut);
+    assert!(cut.contains("stalled mid-stream"), "{cut}");
+    // The old admin key no longer works; the new one does.
+    let old = agent()
+        .post(&proxy.url("/admin/reload"))
+        .set("X-API-Key", "k")
+        .call();
+    assert!(
+        matches!(old, Err(ureq::Error::Status(401 | 403, _))),
+        "{old:?}"
+    );
+    let again = agent()
+        .post(&proxy.url("/admin/reload"))
+        .set("X-API-Key", "k2")
+        .call()
+        .unwrap();
+    assert_eq!(again.status(), 200);
+}

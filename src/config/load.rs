@@ -924,6 +924,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         api_keys,
         protect_status,
         source: None,
+        overrides: Overrides::default(),
     })
 }
 

@@ -214,6 +214,34 @@ pub struct Config {
     /// Operational endpoints need a client key too.
     pub protect_status: bool,
     pub source: Option<PathBuf>,
+    /// Command-line values over the file's; kept so that a reload keeps them too.
+    pub overrides: Overrides,
+}
+
+/// Command-line flags that take precedence over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub port: Option<u16>,
+    pub log_level: Option<Level>,
+    pub log_format: Option<crate::log::Format>,
+    pub workers: Option<usize>,
+}
+
+/// The settings requests read while they run. Published whole (like the topology) so that
+/// a reload changes them for the next request without a lock; a request in flight may see
+/// the new values from its next step on.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub timeouts: TimeoutConfig,
+    pub retry: RetryConfig,
+    pub circuit: CircuitConfig,
+    pub limits: ServerLimits,
+    pub admin_api_key: Option<String>,
+    pub openai_api_key: Option<String>,
+    pub api_keys: Vec<String>,
+    pub protect_status: bool,
+    pub generator_on_p_node: bool,
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug)]
@@ -243,6 +271,69 @@ impl Config {
 
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         load::from_yaml(text)
+    }
+
+    pub fn with_overrides(mut self, o: Overrides) -> Config {
+        if let Some(p) = o.port {
+            self.port = p;
+        }
+        if let Some(l) = o.log_level {
+            self.log_level = l;
+        }
+        if let Some(f) = o.log_format {
+            self.log_format = f;
+        }
+        if o.workers.is_some() {
+            self.workers = o.workers;
+        }
+        self.overrides = o;
+        self
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            timeouts: self.timeouts.clone(),
+            retry: self.retry.clone(),
+            circuit: self.circuit.clone(),
+            limits: self.limits.clone(),
+            admin_api_key: self.admin_api_key.clone(),
+            openai_api_key: self.openai_api_key.clone(),
+            api_keys: self.api_keys.clone(),
+            protect_status: self.protect_status,
+            generator_on_p_node: self.generator_on_p_node,
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+
+    /// The settings read once at start that differ in `next`: a reload reports them and
+    /// keeps the running values (the listeners, threads and pools were built with them).
+    pub fn restart_needed(&self, next: &Config) -> Vec<&'static str> {
+        let d = |v: &dyn std::fmt::Debug| format!("{v:?}");
+        [
+            ("host", d(&self.host), d(&next.host)),
+            ("port", d(&self.port), d(&next.port)),
+            ("workers", d(&self.workers), d(&next.workers)),
+            ("log_format", d(&self.log_format), d(&next.log_format)),
+            (
+                "metrics.enabled",
+                d(&self.metrics_enabled),
+                d(&next.metrics_enabled),
+            ),
+            (
+                "timeouts.connect_ms",
+                d(&self.timeouts.connect),
+                d(&next.timeouts.connect),
+            ),
+            (
+                "timeouts.pool_idle_seconds",
+                d(&self.timeouts.pool_idle),
+                d(&next.timeouts.pool_idle),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(name, _, _)| name)
+        .collect()
     }
 
     /// A one-screen summary of the resolved topology (`--validate-config`).

@@ -21,7 +21,8 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 pub fn authorize(w: &Worker, key: Option<&str>) -> Result<(), ApiError> {
-    let Some(expected) = w.admin_api_key.as_deref() else {
+    let policy = w.policy();
+    let Some(expected) = policy.admin_api_key.as_deref() else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "permission_error",

@@ -38,7 +38,9 @@ struct Control {
     /// Removed instances still finishing requests.
     draining: Vec<Arc<Instance>>,
     startup_reported: bool,
-    source: Option<std::path::PathBuf>,
+    /// The configuration the proxy started with: its listener, thread and pool settings stay
+    /// in force until a restart, and its command-line overrides outlive reloads.
+    at_start: Config,
 }
 
 pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Command>> {
@@ -50,7 +52,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Comman
         startup: cfg.startup.clone(),
         draining: Vec::new(),
         startup_reported: false,
-        source: cfg.source.clone(),
+        at_start: cfg.clone(),
     };
     std::thread::Builder::new()
         .name("xpyd-control".into())
@@ -160,38 +162,54 @@ impl Control {
         }
     }
 
-    /// Validates the file again; only a valid one replaces the topology. Requests in flight
-    /// finish on the instances they chose (they hold their snapshot); instances that left
-    /// are drained. Listener, workers and timeouts need a restart.
+    /// Validates the file again; only a valid one replaces anything. Models, instances and
+    /// schedulers are swapped in as a new topology (requests in flight finish on the
+    /// instances they chose; instances that left are drained); timeouts, retries, circuit
+    /// and health settings, keys, limits and the log level as a new policy. Settings the
+    /// listeners, threads and pools were built with are reported as needing a restart.
     fn reload(&mut self) -> Result<Value, String> {
-        let Some(path) = self.source.clone() else {
+        let Some(path) = self.at_start.source.clone() else {
             return Err("the configuration was not read from a file".into());
         };
-        let cfg =
-            Config::load(&path).map_err(|e| format!("{} is invalid:\n{e}", path.display()))?;
+        let cfg = Config::load(&path)
+            .map_err(|e| format!("{} is invalid:\n{e}", path.display()))?
+            .with_overrides(self.at_start.overrides.clone());
+        let restart_needed = self.at_start.restart_needed(&cfg);
         let (next, gone) = self.shared.topology.load().reloaded(&cfg);
         let added: Vec<Arc<Instance>> = next
             .instances()
             .filter(|i| i.health() == Health::Unknown)
             .cloned()
             .collect();
+        // The new breaker and probe settings first: the newcomers' probes use them.
+        self.health = cfg.health.clone();
+        self.circuit = cfg.circuit.clone();
         // Probe the newcomers first so they are usable the moment workers see them.
         std::thread::scope(|s| {
             for inst in &added {
                 s.spawn(|| probe(inst, &self.health, &self.circuit));
             }
         });
+        self.shared.policy.store(Arc::new(cfg.policy()));
         self.shared.topology.store(Arc::new(next));
+        crate::log::set_level(cfg.log_level);
         for g in &gone {
             g.draining.store(true, Ordering::Relaxed);
             if g.in_flight() > 0 {
                 self.draining.push(g.clone());
             }
         }
+        if !restart_needed.is_empty() {
+            crate::warn!(
+                "reload: {} changed; the running values stay until a restart",
+                restart_needed.join(", ")
+            );
+        }
         Ok(json!({
             "status": "reloaded",
             "added": added.iter().map(|i| i.address.clone()).collect::<Vec<_>>(),
             "removed": gone.iter().map(|i| i.address.clone()).collect::<Vec<_>>(),
+            "restart_needed": restart_needed,
         }))
     }
 

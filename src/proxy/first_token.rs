@@ -188,7 +188,8 @@ pub async fn relay_rest(
             }
             return Outcome::new(200, true);
         }
-        match monoio::time::timeout(w.timeouts.idle, conn.buf.fill(&mut conn.stream)).await {
+        let idle = w.policy().timeouts.idle;
+        match monoio::time::timeout(idle, conn.buf.fill(&mut conn.stream)).await {
             Ok(Ok(n)) if n > 0 => {}
             Ok(Ok(_)) if dec.ends_at_eof() => eof = true,
             _ => {

@@ -360,7 +360,9 @@ impl Leg<'_> {
             Role::Prefill => tl.prefill_sent = Some(sent),
             _ => tl.decode_sent = Some(sent),
         }
-        let retry = &w.retry;
+        // One policy for the whole leg, retries included (a reload applies to the next).
+        let policy = w.shared.policy.load_full();
+        let retry = &policy.retry;
         let max_retries = if retry.enabled { retry.max_retries } else { 0 };
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0u32;
@@ -390,7 +392,7 @@ impl Leg<'_> {
                 _ => tl.decode = Some(inst.clone()),
             }
             let sent = monoio::time::timeout(
-                w.timeouts.first_byte,
+                policy.timeouts.first_byte,
                 w.pool
                     .send(inst.socket_addr, self.head(&inst, body.len()), body),
             )
@@ -403,9 +405,9 @@ impl Leg<'_> {
                     }
                     if head.status.is_server_error() {
                         count_error(ErrorType::Status5xx);
-                        resilience::record_failure(&inst, &w.circuit);
+                        resilience::record_failure(&inst, &policy.circuit);
                     } else {
-                        resilience::record_success(&inst, &w.circuit);
+                        resilience::record_success(&inst, &policy.circuit);
                     }
                     if attempt >= max_retries || !retry.retryable_status.contains(&status) {
                         return Ok(Answered { guard, conn, head });
@@ -421,7 +423,7 @@ impl Leg<'_> {
                         UpstreamError::BadResponse(_) => ErrorType::BadResponse,
                         UpstreamError::Io(_) | UpstreamError::Closed => ErrorType::Closed,
                     });
-                    resilience::record_failure(&inst, &w.circuit);
+                    resilience::record_failure(&inst, &policy.circuit);
                     w.pool.forget(inst.socket_addr);
                     if attempt >= max_retries {
                         return Err(self.upstream_failed(&inst, role, &e));
@@ -430,13 +432,13 @@ impl Leg<'_> {
                 }
                 Err(_) => {
                     count_error(ErrorType::Timeout);
-                    resilience::record_failure(&inst, &w.circuit);
+                    resilience::record_failure(&inst, &policy.circuit);
                     crate::warn!(
                         "request {}: {} instance {} sent no response within {:?}",
                         self.request_id,
                         role.as_str(),
                         inst.address,
-                        w.timeouts.first_byte
+                        policy.timeouts.first_byte
                     );
                     return Err(ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -445,7 +447,7 @@ impl Leg<'_> {
                             "{} instance {} did not answer within {:?}",
                             role.as_str(),
                             inst.address,
-                            w.timeouts.first_byte
+                            policy.timeouts.first_byte
                         ),
                     ));
                 }
@@ -484,7 +486,7 @@ impl Leg<'_> {
 
 /// `Authorization` for the backends: the configured `openai_api_key`, else the client's.
 fn backend_authorization<'a>(w: &'a Worker, req: &'a Request) -> Option<Cow<'a, str>> {
-    match &w.openai_api_key {
+    match &w.policy().openai_api_key {
         Some(k) => Some(Cow::Owned(format!("Bearer {k}"))),
         None => req.head.authorization.as_deref().map(Cow::Borrowed),
     }
@@ -517,19 +519,20 @@ async fn disaggregated(
             .run(&route.prefill, ctx, Role::Prefill, &prefill_body, tl)
             .await?;
         let inst = guard.instance();
+        let policy = w.shared.policy.load_full();
         let resp = match monoio::time::timeout(
-            w.timeouts.idle,
+            policy.timeouts.idle,
             super::upstream::read_body(&mut conn, &head, MAX_PREFILL_RESPONSE),
         )
         .await
         {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                resilience::record_failure(inst, &w.circuit);
+                resilience::record_failure(inst, &policy.circuit);
                 return Err(leg.upstream_failed(inst, Role::Prefill, &e));
             }
             Err(_) => {
-                resilience::record_failure(inst, &w.circuit);
+                resilience::record_failure(inst, &policy.circuit);
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout_error",
@@ -575,7 +578,7 @@ async fn disaggregated(
             req.body.clone()
         }
     };
-    if w.generator_on_p_node && job.inspected.stream {
+    if w.policy().generator_on_p_node && job.inspected.stream {
         if let Some(first) = FirstToken::from_prefill(&resp, job.chat) {
             return Ok(first_from_prefill(leg, route, ctx, &decode_body, client, tl, &first).await);
         }

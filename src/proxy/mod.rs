@@ -9,7 +9,7 @@ mod relay;
 mod server;
 mod upstream;
 
-use crate::config::{CircuitConfig, Config, RetryConfig, ServerLimits, TimeoutConfig};
+use crate::config::{Config, Policy};
 use crate::runtime::{self, Driver};
 use crate::topology::Shared;
 use std::cell::Cell;
@@ -28,11 +28,6 @@ pub struct Worker {
     pub id: usize,
     pub shared: Arc<Shared>,
     pub pool: upstream::Pool,
-    pub limits: ServerLimits,
-    pub timeouts: TimeoutConfig,
-    pub retry: RetryConfig,
-    pub circuit: CircuitConfig,
-    pub admin_api_key: Option<String>,
     pub control: Sender<control::Command>,
     /// Open client connections on this worker.
     pub connections: Cell<usize>,
@@ -41,10 +36,15 @@ pub struct Worker {
     pub metrics_enabled: bool,
     /// Reused output buffers for relaying.
     pub scratch: relay::Scratch,
-    pub openai_api_key: Option<String>,
-    pub api_keys: Vec<String>,
-    pub protect_status: bool,
-    pub generator_on_p_node: bool,
+}
+
+impl Worker {
+    /// The settings in force now (a reload may replace them between two calls). Cheap: no
+    /// reference count is touched; do not hold the guard across a long wait.
+    #[inline]
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.shared.policy.load()
+    }
 }
 
 pub struct RunOptions {
@@ -57,7 +57,6 @@ pub struct ProxyHandle {
     pub addr: SocketAddr,
     pub shared: Arc<Shared>,
     listener_fds: Vec<i32>,
-    grace: Duration,
     control: Sender<control::Command>,
 }
 
@@ -105,7 +104,7 @@ impl ProxyHandle {
             // Wakes the workers' pending accepts; the listeners stay open until exit.
             unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
         }
-        let deadline = Instant::now() + self.grace;
+        let deadline = Instant::now() + self.shared.policy.load().shutdown_grace;
         loop {
             let active = self.shared.active_requests();
             if active == 0 {
@@ -131,7 +130,6 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     let listeners = runtime::bind_listeners(&cfg.host, cfg.port, opts.workers)?;
     let addr = listeners[0].local_addr()?;
     let listener_fds = listeners.iter().map(|l| l.as_raw_fd()).collect();
-    let grace = cfg.shutdown_grace;
     let cfg = cfg.clone();
     let sh = shared.clone();
     runtime::spawn_workers(
@@ -158,17 +156,8 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                     metric_index: Default::default(),
                     metrics_enabled: cfg.metrics_enabled,
                     scratch: Default::default(),
-                    openai_api_key: cfg.openai_api_key.clone(),
-                    api_keys: cfg.api_keys.clone(),
-                    protect_status: cfg.protect_status,
-                    generator_on_p_node: cfg.generator_on_p_node,
                     shared,
                     pool: upstream::Pool::new(cfg.timeouts.connect, cfg.timeouts.pool_idle),
-                    limits: cfg.limits.clone(),
-                    timeouts: cfg.timeouts.clone(),
-                    retry: cfg.retry.clone(),
-                    circuit: cfg.circuit.clone(),
-                    admin_api_key: cfg.admin_api_key.clone(),
                     control,
                     connections: Cell::new(0),
                 });
@@ -180,7 +169,6 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
         addr,
         shared,
         listener_fds,
-        grace,
         control: control_for_handle,
     })
 }

@@ -134,6 +134,7 @@ pub async fn relay(
     p: RelayParams<'_>,
 ) -> Outcome {
     let status = head.status.as_u16();
+    let idle = w.policy().timeouts.idle;
     let sse = head
         .content_type
         .as_deref()
@@ -202,17 +203,15 @@ pub async fn relay(
         if done {
             break;
         }
-        let read = match monoio::time::timeout(w.timeouts.idle, conn.buf.fill(&mut conn.stream))
-            .await
-        {
+        let read = match monoio::time::timeout(idle, conn.buf.fill(&mut conn.stream)).await {
             Ok(r) => r,
             Err(_) => {
-                resilience::record_failure(inst, &w.circuit);
+                resilience::record_failure(inst, &w.policy().circuit);
                 crate::warn!(
                     "request {}: upstream {} sent nothing for {:?} mid-response; ending it",
                     p.request_id,
                     conn.addr,
-                    w.timeouts.idle
+                    idle
                 );
                 if sse && client_len == BodyLen::Chunked {
                     let msg = format!(
@@ -234,7 +233,7 @@ pub async fn relay(
                 }
                 Mode::Decode(ref dec) if dec.ends_at_eof() => return Outcome::close(status),
                 _ => {
-                    resilience::record_failure(inst, &w.circuit);
+                    resilience::record_failure(inst, &w.policy().circuit);
                     crate::warn!(
                         "request {}: upstream {} closed mid-response; closing the client connection",
                         p.request_id,
@@ -245,7 +244,7 @@ pub async fn relay(
             },
             Ok(_) => {}
             Err(e) => {
-                resilience::record_failure(inst, &w.circuit);
+                resilience::record_failure(inst, &w.policy().circuit);
                 crate::warn!(
                     "request {}: reading from upstream {} failed mid-response: {e}",
                     p.request_id,

@@ -42,7 +42,7 @@ async fn accept_until_shutdown(w: &Rc<Worker>, listener: TcpListener) {
                 if w.shared.shutting_down.load(Ordering::Relaxed) {
                     return;
                 }
-                if w.connections.get() >= w.limits.max_connections {
+                if w.connections.get() >= w.policy().limits.max_connections {
                     // Refuse by closing at once: cheaper than an answer, and the client's
                     // connection error is clear.
                     crate::warn!(
@@ -77,7 +77,8 @@ async fn serve_connection(w: &Worker, mut stream: TcpStream, peer_ip: String) {
     let mut buf = ReadBuf::with_capacity(8 * 1024);
     let mut watch: Option<DisconnectWatch> = None;
     loop {
-        let req = match read_request(&mut stream, &mut buf, &w.limits.http).await {
+        let limits = w.policy().limits.http;
+        let req = match read_request(&mut stream, &mut buf, &limits).await {
             Ok(r) => r,
             Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {
@@ -119,7 +120,7 @@ async fn route(
         "/instances/add" | "/instances/remove" | "/admin/reload"
     );
     if !admin
-        && (!operational || w.protect_status)
+        && (!operational || w.policy().protect_status)
         && !client_authorized(w, req.head.authorization.as_deref())
     {
         let e = ApiError::new(
@@ -228,7 +229,8 @@ fn ensure_watch(watch: &mut Option<DisconnectWatch>, stream: &TcpStream) {
 /// With `api_keys` configured, the request must carry `Authorization: Bearer <one of them>`
 /// (each compared in constant time).
 fn client_authorized(w: &Worker, authorization: Option<&str>) -> bool {
-    if w.api_keys.is_empty() {
+    let policy = w.policy();
+    if policy.api_keys.is_empty() {
         return true;
     }
     let Some(key) = authorization
@@ -237,7 +239,7 @@ fn client_authorized(w: &Worker, authorization: Option<&str>) -> bool {
     else {
         return false;
     };
-    w.api_keys.iter().fold(false, |ok, k| {
+    policy.api_keys.iter().fold(false, |ok, k| {
         admin::constant_time_eq(key.as_bytes(), k.as_bytes()) | ok
     })
 }
