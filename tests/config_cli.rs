@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn xpyd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_xpyd"))
@@ -319,16 +319,7 @@ fn reload_swaps_the_decode_list_under_load_without_failures() {
         "{}{FAST_PROBES}admin_api_key: k\n",
         pd_yaml(&[&p], &[&d1])
     ));
-    let mut cmd = xpyd();
-    cmd.args(["proxy", "-c"])
-        .arg(&path)
-        .args(["--port", "0", "--workers", "2"]);
-    let proxy = spawn_listening(cmd);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get_json(&proxy.url("/health")).0 != 200 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(30));
-    }
+    let proxy = proxy_on(&path, true);
     let url = proxy.url("/v1/completions");
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
@@ -421,16 +412,7 @@ fn reload_applies_keys_and_timeouts_and_reports_what_needs_a_restart() {
     let d = dummy("dual", &["--decode-delay-per-token", "0.3"]);
     let base = format!("{}{FAST_PROBES}", dual_yaml(&[&d]));
     let path = write_config(&format!("{base}admin_api_key: k\n"));
-    let mut cmd = xpyd();
-    cmd.args(["proxy", "-c"])
-        .arg(&path)
-        .args(["--port", "0", "--workers", "2"]);
-    let proxy = spawn_listening(cmd);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get_json(&proxy.url("/health")).0 != 200 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(30));
-    }
+    let proxy = proxy_on(&path, true);
     let url = proxy.url("/v1/completions");
     let slow = json!({"model": MODEL, "prompt": "x", "max_tokens": 3, "stream": true});
     assert_eq!(

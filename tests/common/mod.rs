@@ -113,9 +113,13 @@ pub const FAST_PROBES: &str =
 
 /// Starts the proxy on a free port and waits until it reports ready (unless `wait_ready`).
 pub fn proxy_with(yaml: &str, wait_ready: bool) -> Proc {
-    let path = write_config(&format!("{yaml}\n{FAST_PROBES}"));
+    proxy_on(&write_config(&format!("{yaml}\n{FAST_PROBES}")), wait_ready)
+}
+
+/// The proxy on the config file at `path` (which a test may rewrite and reload).
+pub fn proxy_on(path: &std::path::Path, wait_ready: bool) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd"));
-    cmd.args(["proxy", "-c"]).arg(&path).args([
+    cmd.args(["proxy", "-c"]).arg(path).args([
         "--port",
         "0",
         "--workers",
