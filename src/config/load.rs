@@ -676,10 +676,12 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     };
 
     let scheduler_name = r.string(Some(top), "", "scheduling");
-    let scheduler = r.scheduler(scheduler_name, "scheduling");
-    let scheduling = scheduling_options(&mut r, top);
     let mode_name = r.string(Some(top), "", "disaggregated_mode");
-    let default_mode = r.mode(mode_name, "disaggregated_mode", DisaggMode::Direct);
+    let defaults = ModelDefaults {
+        scheduler: r.scheduler(scheduler_name, "scheduling"),
+        scheduling: scheduling_options(&mut r, top),
+        mode: r.mode(mode_name, "disaggregated_mode", DisaggMode::Direct),
+    };
 
     // The three shapes are mutually exclusive.
     let has = |k: &str| top.get(k).is_some_and(|v| !v.is_null());
@@ -707,28 +709,16 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
             ),
         );
     } else if has("models") {
-        models = format3(&mut r, &top["models"], scheduler, &scheduling, default_mode);
+        models = format3(&mut r, &top["models"], &defaults);
     } else if has("instances") {
-        models = format2(
-            &mut r,
-            &top["instances"],
-            scheduler,
-            &scheduling,
-            default_mode,
-        );
+        models = format2(&mut r, &top["instances"], &defaults);
     } else {
         let name = r
             .string(Some(top), "", "model")
             .unwrap_or_else(|| "default".to_string());
         r.check_roles(top, "", &name);
         let instances = r.model_roles(top, "");
-        models.push(ModelConfig {
-            name,
-            instances,
-            scheduler,
-            scheduling: scheduling.clone(),
-            mode: default_mode,
-        });
+        models.push(defaults.model(name, instances));
     }
     // Addresses are unique across models and roles.
     let mut seen = HashSet::new();
@@ -958,15 +948,28 @@ fn scheduling_options(r: &mut Reader<'_>, top: &Map<String, Value>) -> Schedulin
     o
 }
 
+/// What a model takes from the top level unless it says otherwise.
+struct ModelDefaults {
+    scheduler: SchedulerKind,
+    scheduling: SchedulingOptions,
+    mode: DisaggMode,
+}
+
+impl ModelDefaults {
+    fn model(&self, name: String, instances: Vec<InstanceConfig>) -> ModelConfig {
+        ModelConfig {
+            name,
+            instances,
+            scheduler: self.scheduler,
+            scheduling: self.scheduling.clone(),
+            mode: self.mode,
+        }
+    }
+}
+
 /// Format 2: `instances: [{address, role, model}]`, grouped into models in order of first
 /// appearance.
-fn format2(
-    r: &mut Reader<'_>,
-    v: &Value,
-    scheduler: SchedulerKind,
-    opts: &SchedulingOptions,
-    mode: DisaggMode,
-) -> Vec<ModelConfig> {
+fn format2(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<ModelConfig> {
     let Value::Array(items) = v else {
         r.problem(
             "instances",
@@ -1013,13 +1016,7 @@ fn format2(
         let idx = match models.iter().position(|x| x.name == model) {
             Some(k) => k,
             None => {
-                models.push(ModelConfig {
-                    name: model.clone(),
-                    instances: Vec::new(),
-                    scheduler,
-                    scheduling: opts.clone(),
-                    mode,
-                });
+                models.push(defaults.model(model.clone(), Vec::new()));
                 models.len() - 1
             }
         };
@@ -1053,13 +1050,7 @@ fn format2(
 }
 
 /// Format 3: `models: [{name, prefill, decode, dual, scheduler, disaggregated_mode}]`.
-fn format3(
-    r: &mut Reader<'_>,
-    v: &Value,
-    scheduler: SchedulerKind,
-    opts: &SchedulingOptions,
-    mode: DisaggMode,
-) -> Vec<ModelConfig> {
+fn format3(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<ModelConfig> {
     let Value::Array(items) = v else {
         r.problem(
             "models",
@@ -1084,21 +1075,15 @@ fn format3(
                 format!("model `{name}` is listed twice"),
             );
         }
-        let sched = match r.string(Some(m), &path, "scheduler") {
-            None => scheduler,
-            Some(s) => r.scheduler(Some(s), &join(&path, "scheduler")),
-        };
+        let mut model = defaults.model(name, Vec::new());
+        if let Some(s) = r.string(Some(m), &path, "scheduler") {
+            model.scheduler = r.scheduler(Some(s), &join(&path, "scheduler"));
+        }
         let mode_name = r.string(Some(m), &path, "disaggregated_mode");
-        let mode = r.mode(mode_name, &join(&path, "disaggregated_mode"), mode);
-        r.check_roles(m, &path, &name);
-        let instances = r.model_roles(m, &path);
-        models.push(ModelConfig {
-            name,
-            instances,
-            scheduler: sched,
-            scheduling: opts.clone(),
-            mode,
-        });
+        model.mode = r.mode(mode_name, &join(&path, "disaggregated_mode"), model.mode);
+        r.check_roles(m, &path, &model.name);
+        model.instances = r.model_roles(m, &path);
+        models.push(model);
     }
     if items.is_empty() {
         r.problem("models", "no models listed");
