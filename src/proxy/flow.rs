@@ -519,20 +519,20 @@ async fn disaggregated(
             .run(&route.prefill, ctx, Role::Prefill, &prefill_body, tl)
             .await?;
         let inst = guard.instance();
-        let policy = w.shared.policy.load_full();
+        let idle = w.policy().timeouts.idle;
         let resp = match monoio::time::timeout(
-            policy.timeouts.idle,
+            idle,
             super::upstream::read_body(&mut conn, &head, MAX_PREFILL_RESPONSE),
         )
         .await
         {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                resilience::record_failure(inst, &policy.circuit);
+                resilience::record_failure(inst, &w.policy().circuit);
                 return Err(leg.upstream_failed(inst, Role::Prefill, &e));
             }
             Err(_) => {
-                resilience::record_failure(inst, &policy.circuit);
+                resilience::record_failure(inst, &w.policy().circuit);
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout_error",
