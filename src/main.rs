@@ -214,13 +214,24 @@ fn fix_config(a: FixArgs) -> Result<(), String> {
         }
     }
     let mut fixed = fix::apply(&text, &fixes);
-    let merge = fix::merge_formats(&fixed);
+    let mut merge = fix::merge_formats(&fixed, None);
     if let Some(m) = &merge {
         show(m);
-        if m.after.is_none() {
-            println!("  (fix by hand)");
+        if m.after.is_none() && a.interactive && m.reason.contains("no `model`") {
+            // Ambiguous: which model the legacy lists serve.
+            let name = ask("model name for the legacy instances (empty: leave them)");
+            if !name.is_empty() {
+                merge = fix::merge_formats(&fixed, Some(&name));
+                if let Some(named) = &merge {
+                    show(named);
+                }
+            }
         }
-        fixed = fix::apply(&fixed, std::slice::from_ref(m));
+    }
+    match &merge {
+        Some(m) if m.after.is_some() => fixed = fix::apply(&fixed, std::slice::from_ref(m)),
+        Some(_) => println!("  (fix by hand)"),
+        None => {}
     }
     if fixes.is_empty() && merge.is_none() {
         println!("{}: nothing to fix", a.path.display());

@@ -244,6 +244,25 @@ fn fix_config_repairs_typos_with_a_backup() {
         summary.contains("legacy-m") && summary.contains("127.0.0.1:8100"),
         "{summary}"
     );
+    // Without a `model:` the merge is ambiguous: --interactive asks for the name.
+    let path4 = dir.join("mixed-unnamed.yaml");
+    std::fs::write(&path4, "dual: [\"127.0.0.1:8400\"]\ninstances:\n  - {address: \"127.0.0.1:8500\", role: dual, model: b}\n").unwrap();
+    let mut child = xpyd()
+        .args(["fix-config", "--write", "--interactive"])
+        .arg(&path4)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"a\n").unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let out = validate(&path4);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{summary}");
+    assert!(
+        summary.contains("model a") && summary.contains("127.0.0.1:8400"),
+        "{summary}"
+    );
 }
 
 #[test]

@@ -231,8 +231,9 @@ const LEGACY_KEYS: &[&str] = &["model", "prefill", "decode", "dual"];
 /// Legacy `model`/`prefill`/`decode`/`dual` keys next to `instances:` or `models:` (which the
 /// loader refuses): one fix that moves the legacy instances into the newer format — a new
 /// `models` entry with the lists as written, or one `instances` entry per address with
-/// topology forms expanded. Run it on the text after the line fixes.
-pub fn merge_formats(text: &str) -> Option<Fix> {
+/// topology forms expanded. Run it on the text after the line fixes. `model` names the
+/// legacy instances' model when the file has no `model:` (an answer to `--interactive`).
+pub fn merge_formats(text: &str, model: Option<&str>) -> Option<Fix> {
     let lines: Vec<&str> = text.lines().collect();
     let blocks = top_level_blocks(&lines);
     let legacy: Vec<&Block> = blocks
@@ -268,7 +269,7 @@ pub fn merge_formats(text: &str) -> Option<Fix> {
     let entries: Vec<String> = if lists.is_empty() {
         Vec::new() // a lone `model:` line: the newer formats name models per entry
     } else {
-        let Some(model) = &part.model else {
+        let Some(model) = part.model.as_deref().or(model) else {
             return ambiguous(
                 "the legacy lists name no `model`: add one, then run fix-config again",
             );
@@ -353,7 +354,7 @@ mod tests {
     /// The line fixes, then the format merge, as `xpyd fix-config --write` does.
     fn fix_all(text: &str) -> String {
         let once = apply(text, &find_fixes(text));
-        match merge_formats(&once) {
+        match merge_formats(&once, None) {
             Some(m) => apply(&once, &[m]),
             None => once,
         }
@@ -375,7 +376,7 @@ mod tests {
     #[test]
     fn legacy_topology_expands_into_instances() {
         let text = "instances:\n- {address: \"127.0.0.1:9000\", role: dual, model: b}\nmodel: a\nprefill:\n  nodes: [\"127.0.0.1:8100\"]\n  tp_size: 4\n  dp_size: 2\n  world_size_per_node: 8\ndecode: [\"127.0.0.1:8200\"]\n";
-        let m = merge_formats(text).expect("a merge");
+        let m = merge_formats(text, None).expect("a merge");
         assert!(m.after.is_some(), "{}", m.reason);
         let fixed = apply(text, &[m]);
         assert_eq!(
@@ -389,20 +390,24 @@ mod tests {
     #[test]
     fn merge_is_ambiguous_without_a_model_or_on_a_name_clash() {
         let no_name = "decode: [\"127.0.0.1:8200\"]\nprefill: [\"127.0.0.1:8100\"]\ninstances:\n  - {address: \"127.0.0.1:9000\", role: dual, model: b}\n";
-        let m = merge_formats(no_name).expect("flagged");
+        let m = merge_formats(no_name, None).expect("flagged");
         assert!(
             m.after.is_none() && m.reason.contains("no `model`"),
             "{}",
             m.reason
         );
         let clash = "model: b\ndual: [\"127.0.0.1:8200\"]\nmodels:\n  - name: b\n    dual: [\"127.0.0.1:9000\"]\n";
-        let m = merge_formats(clash).expect("flagged");
+        let m = merge_formats(clash, None).expect("flagged");
         assert!(
             m.after.is_none() && m.reason.contains("already"),
             "{}",
             m.reason
         );
-        assert!(merge_formats("model: m\ndual: [\"127.0.0.1:1\"]\n").is_none());
+        assert!(merge_formats("model: m\ndual: [\"127.0.0.1:1\"]\n", None).is_none());
+        // The name an --interactive answer gives.
+        let named = merge_formats(no_name, Some("m")).expect("a merge");
+        let fixed = apply(no_name, &[named]);
+        assert!(fixed.contains("role: prefill, model: \"m\"}"), "{fixed}");
     }
 
     #[test]
