@@ -149,10 +149,19 @@ fn counters_return_to_zero_after_client_disconnects() {
     // Abandon every stream mid-way.
     drop(open);
     assert_counters_zero(&proxy);
-    let aborted: u64 = ds
-        .iter()
-        .map(|d| dummy_stats(d)["aborted"].as_u64().unwrap())
-        .sum();
+    // The nodes see the abandoned streams when their next token write fails (a write or
+    // two after the proxy closed the connection): wait for all ten, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let aborted = loop {
+        let aborted: u64 = ds
+            .iter()
+            .map(|d| dummy_stats(d)["aborted"].as_u64().unwrap())
+            .sum();
+        if aborted >= 10 || std::time::Instant::now() > deadline {
+            break aborted;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     assert_eq!(aborted, 10);
     // Loadbalanced spread the ten streams: no decode node had more than 3.
     for d in &ds {
