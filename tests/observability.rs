@@ -7,6 +7,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Parses exposition text with prometheus_client; fails on invalid exposition.
 fn parse_exposition(text: &str) -> Vec<Value> {
@@ -49,6 +50,31 @@ fn sample(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> f64 {
         .find(|s| labels.iter().all(|(k, v)| s["labels"][*k] == *v))
         .and_then(|s| s["value"].as_f64())
         .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+}
+
+/// Scrapes until the business endpoints have counted `requests` requests (bounded): a
+/// worker records a request's metrics just after writing its last byte, so a scrape on
+/// another connection can come microseconds early.
+fn scrape_settled(proxy: &Proc, requests: f64) -> (String, Vec<Value>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let (text, s) = scrape(proxy);
+        let counted: f64 = s
+            .iter()
+            .filter(|x| x["name"] == "proxy_requests_total")
+            .filter(|x| {
+                x["labels"]["endpoint"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("/v1/")
+            })
+            .filter_map(|x| x["value"].as_f64())
+            .sum();
+        if counted >= requests || std::time::Instant::now() > deadline {
+            return (text, s);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn scrape(proxy: &Proc) -> (String, Vec<Value>) {
@@ -109,7 +135,8 @@ fn metrics_count_exactly_and_parse_as_prometheus() {
         json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2});
     assert_eq!(post(&a, &proxy.url("/v1/chat/completions"), &chat).0, 200);
 
-    let (text, s) = scrape(&proxy);
+    // 10 on /v1/completions (8 answered, one 400, one 404) and 1 chat.
+    let (text, s) = scrape_settled(&proxy, 11.0);
     for family in [
         "proxy_requests_total",
         "proxy_request_duration_seconds",
@@ -273,7 +300,7 @@ fn errors_and_retries_are_counted_per_instance() {
             200
         );
     }
-    let (_, s) = scrape(&proxy);
+    let (_, s) = scrape_settled(&proxy, 6.0);
     let ba = bad.addr.to_string();
     // The shared round-robin cursor advances on the retry's pick too, so with two decode
     // nodes every first attempt lands on the bad one and every retry on the good one.
@@ -347,14 +374,14 @@ fn status_instances_reflects_a_node_going_down() {
     assert_eq!(before["status"], "healthy");
     assert_eq!(before["max_model_len"], 131072);
     drop(d);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let now = find();
         if now["status"] == "unhealthy" && now["circuit"] == "open" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{now}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
     }
     let (_, s) = scrape(&proxy);
     assert_eq!(

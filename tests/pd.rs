@@ -193,11 +193,13 @@ fn concurrent_streams_and_requests_all_succeed_with_unique_ids() {
     let ids: HashSet<&String> = results.iter().map(|r| &r.1).collect();
     assert_eq!(rids.len(), 250, "request ids must be unique");
     assert_eq!(ids.len(), 250, "completion ids must be unique");
-    // The default (load balanced) policy spread the decode legs over both nodes.
+    // The default (load balanced) policy spread the decode legs over both nodes. It follows
+    // load, not turns: a node starved of CPU on a busy machine rightly gets fewer, so the
+    // bound only rules out one node taking (nearly) everything.
     let n1 = dummy_stats(&d1)["requests"].as_u64().unwrap();
     let n2 = dummy_stats(&d2)["requests"].as_u64().unwrap();
     assert_eq!(n1 + n2, 250);
-    assert!(n1 >= 100 && n2 >= 100, "uneven round robin: {n1} / {n2}");
+    assert!(n1 >= 50 && n2 >= 50, "uneven spread: {n1} / {n2}");
 }
 
 #[test]
