@@ -73,6 +73,23 @@ fn tuned_ring() -> io_uring::Builder {
     b
 }
 
+/// Builds a ring-backed runtime of driver `$driver` (timers on) with the tuned ring, or a
+/// plain ring where the kernel refuses the flags, and runs `$fut` on it. A macro because
+/// the io_uring and fusion runtimes are different types with the same builder calls.
+macro_rules! run_on_ring {
+    ($driver:ty, $fut:expr) => {{
+        let build = |ring: io_uring::Builder| {
+            monoio::RuntimeBuilder::<$driver>::new()
+                .with_entries(URING_ENTRIES)
+                .uring_builder(ring)
+                .enable_timer()
+                .build()
+        };
+        let mut rt = build(tuned_ring()).or_else(|_| build(io_uring::IoUring::builder()))?;
+        Ok(rt.block_on($fut))
+    }};
+}
+
 /// Runs `fut` to completion on a fresh monoio runtime of the chosen driver (timers enabled).
 pub fn block_on<F: Future>(driver: Driver, fut: F) -> io::Result<F::Output> {
     match driver {
@@ -80,28 +97,8 @@ pub fn block_on<F: Future>(driver: Driver, fut: F) -> io::Result<F::Output> {
             .enable_timer()
             .build()?
             .block_on(fut)),
-        Driver::IoUring => {
-            let build = |ring: io_uring::Builder| {
-                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                    .with_entries(URING_ENTRIES)
-                    .uring_builder(ring)
-                    .enable_timer()
-                    .build()
-            };
-            let mut rt = build(tuned_ring()).or_else(|_| build(io_uring::IoUring::builder()))?;
-            Ok(rt.block_on(fut))
-        }
-        Driver::Auto => {
-            let build = |ring: io_uring::Builder| {
-                monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                    .with_entries(URING_ENTRIES)
-                    .uring_builder(ring)
-                    .enable_timer()
-                    .build()
-            };
-            let mut rt = build(tuned_ring()).or_else(|_| build(io_uring::IoUring::builder()))?;
-            Ok(rt.block_on(fut))
-        }
+        Driver::IoUring => run_on_ring!(monoio::IoUringDriver, fut),
+        Driver::Auto => run_on_ring!(monoio::FusionDriver, fut),
     }
 }
 
