@@ -192,33 +192,33 @@ fn fix_config(a: FixArgs) -> Result<(), String> {
     let mut fixes = fix::find_fixes(&text);
     for f in fixes.iter_mut() {
         show(f);
-        if f.after.is_some() {
-            continue;
-        }
-        // Ambiguous: an address without a port gets one when asked; the rest stays manual.
-        if !a.interactive {
-            println!("  (ambiguous: fix by hand, or run with --interactive)");
-        } else if f.reason.contains("no port") {
-            let port = ask("port to add (empty: leave the line as it is)");
-            if port.parse::<u16>().is_ok() {
-                let after: Vec<String> = f.before.iter().map(|l| add_port(l, &port)).collect();
-                for l in &after {
-                    println!("+ {l}");
-                }
-                f.after = Some(after);
-            } else {
-                println!("  (left as it is)");
+        match (f.after.is_some(), f.question) {
+            (true, _) => {}
+            (false, Some(_)) if !a.interactive => {
+                println!("  (ambiguous: fix by hand, or run with --interactive)")
             }
-        } else {
-            println!("  (fix by hand)");
+            (false, Some(fix::Question::Port)) => {
+                let answer = ask("port to add (empty: leave the line as it is)");
+                match answer.parse::<u16>() {
+                    Ok(port) => {
+                        let after: Vec<String> =
+                            f.before.iter().map(|l| fix::with_port(l, port)).collect();
+                        for l in &after {
+                            println!("+ {l}");
+                        }
+                        f.after = Some(after);
+                    }
+                    Err(_) => println!("  (left as it is)"),
+                }
+            }
+            (false, _) => println!("  (fix by hand)"),
         }
     }
     let mut fixed = fix::apply(&text, &fixes);
     let mut merge = fix::merge_formats(&fixed, None);
     if let Some(m) = &merge {
         show(m);
-        if m.after.is_none() && a.interactive && m.reason.contains("no `model`") {
-            // Ambiguous: which model the legacy lists serve.
+        if m.question == Some(fix::Question::ModelName) && a.interactive {
             let name = ask("model name for the legacy instances (empty: leave them)");
             if !name.is_empty() {
                 merge = fix::merge_formats(&fixed, Some(&name));
@@ -230,6 +230,9 @@ fn fix_config(a: FixArgs) -> Result<(), String> {
     }
     match &merge {
         Some(m) if m.after.is_some() => fixed = fix::apply(&fixed, std::slice::from_ref(m)),
+        Some(m) if m.question.is_some() && !a.interactive => {
+            println!("  (ambiguous: fix by hand, or run with --interactive)")
+        }
         Some(_) => println!("  (fix by hand)"),
         None => {}
     }
@@ -250,24 +253,6 @@ fn fix_config(a: FixArgs) -> Result<(), String> {
         println!("wrote {} (backup: {})", a.path.display(), backup.display());
     }
     Ok(())
-}
-
-/// Adds `:port` to every quoted address without one on `line`.
-fn add_port(line: &str, port: &str) -> String {
-    let mut out = String::new();
-    let mut parts = line.split('"');
-    if let Some(first) = parts.next() {
-        out.push_str(first);
-    }
-    for (i, p) in parts.enumerate() {
-        out.push('"');
-        if i % 2 == 0 && !p.contains(':') && !p.is_empty() {
-            out.push_str(&format!("{p}:{port}"));
-        } else {
-            out.push_str(p);
-        }
-    }
-    out
 }
 
 fn main() -> ExitCode {

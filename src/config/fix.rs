@@ -16,6 +16,17 @@ pub struct Fix {
     /// None: needs a decision (ambiguous).
     pub after: Option<Vec<String>>,
     pub reason: String,
+    /// For an ambiguous fix: what `--interactive` can ask to settle it.
+    pub question: Option<Question>,
+}
+
+/// The answer that settles an ambiguous fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Question {
+    /// The port for addresses written without one (`with_port`).
+    Port,
+    /// The model that legacy lists without `model:` serve (`merge_formats`).
+    ModelName,
 }
 
 impl Fix {
@@ -25,6 +36,7 @@ impl Fix {
             before: vec![before.to_string()],
             after: after.map(|a| vec![a]),
             reason,
+            question: None,
         }
     }
 }
@@ -136,7 +148,9 @@ pub fn find_fixes(text: &str) -> Vec<Fix> {
             line = out;
         }
         if let Some(why) = ambiguous {
-            fixes.push(Fix::one_line(line_no, raw, None, why));
+            let mut f = Fix::one_line(line_no, raw, None, why);
+            f.question = Some(Question::Port);
+            fixes.push(f);
         } else if !reasons.is_empty() && line != raw {
             fixes.push(Fix::one_line(line_no, raw, Some(line), reasons.join("; ")));
         }
@@ -159,6 +173,25 @@ pub fn apply(text: &str, fixes: &[Fix]) -> String {
     let mut out = lines.join("\n");
     if text.ends_with('\n') {
         out.push('\n');
+    }
+    out
+}
+
+/// `line` with `:port` added to every quoted address that has none.
+pub fn with_port(line: &str, port: u16) -> String {
+    let mut out = String::new();
+    let mut parts = line.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    // After the first piece, every other one (i = 0, 2, ...) is inside quotes.
+    for (i, p) in parts.enumerate() {
+        out.push('"');
+        if i % 2 == 0 && !p.contains(':') && !p.is_empty() {
+            out.push_str(&format!("{p}:{port}"));
+        } else {
+            out.push_str(p);
+        }
     }
     out
 }
@@ -254,14 +287,16 @@ pub fn merge_formats(text: &str, model: Option<&str>) -> Option<Fix> {
         new.key,
         new.start + 1
     );
-    let ambiguous = |why: &str| {
+    let ambiguous_asking = |why: &str, question: Option<Question>| {
         Some(Fix {
             line: first + 1,
             before: before.clone(),
             after: None,
             reason: format!("{reason}; {why}"),
+            question,
         })
     };
+    let ambiguous = |why: &str| ambiguous_asking(why, None);
     let Some(part) = legacy_part(text) else {
         return ambiguous("the legacy lists do not load yet: fix them, then run fix-config again");
     };
@@ -270,12 +305,13 @@ pub fn merge_formats(text: &str, model: Option<&str>) -> Option<Fix> {
         Vec::new() // a lone `model:` line: the newer formats name models per entry
     } else {
         let Some(model) = part.model.as_deref().or(model) else {
-            return ambiguous(
+            return ambiguous_asking(
                 "the legacy lists name no `model`: add one, then run fix-config again",
+                Some(Question::ModelName),
             );
         };
         // The new entries take the indentation of the list they join (2 when it is empty).
-        let item = lines[new.start + 1..=new.end.max(new.start)]
+        let item = lines[new.start + 1..=new.end]
             .iter()
             .find(|l| l.trim_start().starts_with('-'));
         let inline = lines[new.start]
@@ -335,6 +371,7 @@ pub fn merge_formats(text: &str, model: Option<&str>) -> Option<Fix> {
         before,
         after: Some(after),
         reason: format!("{reason}: moved into `{}`", new.key),
+        question: None,
     })
 }
 
@@ -391,6 +428,7 @@ mod tests {
     fn merge_is_ambiguous_without_a_model_or_on_a_name_clash() {
         let no_name = "decode: [\"127.0.0.1:8200\"]\nprefill: [\"127.0.0.1:8100\"]\ninstances:\n  - {address: \"127.0.0.1:9000\", role: dual, model: b}\n";
         let m = merge_formats(no_name, None).expect("flagged");
+        assert_eq!(m.question, Some(Question::ModelName));
         assert!(
             m.after.is_none() && m.reason.contains("no `model`"),
             "{}",
@@ -425,5 +463,10 @@ mod tests {
         assert_eq!(fixes.len(), 1);
         assert!(fixes[0].after.is_none());
         assert!(fixes[0].reason.contains("no port"));
+        assert_eq!(fixes[0].question, Some(Question::Port));
+        assert_eq!(
+            with_port(&fixes[0].before[0], 8300),
+            "dual: [\"10.0.0.1:8300\"]"
+        );
     }
 }
