@@ -158,6 +158,22 @@ fn config_resolution_order_and_the_missing_config_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.yaml"));
 }
 
+/// `xpyd fix-config --write --interactive PATH` with `answers` on stdin; must succeed.
+fn fix_interactively(path: &Path, answers: &str) {
+    use std::io::Write;
+    let mut child = xpyd()
+        .args(["fix-config", "--write", "--interactive"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(answers.as_bytes()).unwrap();
+    drop(stdin);
+    assert!(child.wait_with_output().unwrap().status.success());
+}
+
 #[test]
 fn fix_config_repairs_typos_with_a_backup() {
     let dir = std::env::temp_dir().join(format!("xpyd-fix-{}", std::process::id()));
@@ -206,16 +222,7 @@ fn fix_config_repairs_typos_with_a_backup() {
     // Interactive: the ambiguous missing port is asked for on stdin.
     let path2 = dir.join("noport.yaml");
     std::fs::write(&path2, "model: m\ndual: [\"127.0.0.1\"]\n").unwrap();
-    let mut child = xpyd()
-        .args(["fix-config", "--write", "--interactive"])
-        .arg(&path2)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"8300\n").unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    fix_interactively(&path2, "8300\n");
     assert_eq!(
         std::fs::read_to_string(&path2).unwrap(),
         "model: m\ndual: [\"127.0.0.1:8300\"]\n"
@@ -247,15 +254,7 @@ fn fix_config_repairs_typos_with_a_backup() {
     // Without a `model:` the merge is ambiguous: --interactive asks for the name.
     let path4 = dir.join("mixed-unnamed.yaml");
     std::fs::write(&path4, "dual: [\"127.0.0.1:8400\"]\ninstances:\n  - {address: \"127.0.0.1:8500\", role: dual, model: b}\n").unwrap();
-    let mut child = xpyd()
-        .args(["fix-config", "--write", "--interactive"])
-        .arg(&path4)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"a\n").unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    fix_interactively(&path4, "a\n");
     let out = validate(&path4);
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{summary}");
