@@ -268,22 +268,7 @@ fn fix_config_repairs_typos_with_a_backup() {
 fn two_models_routed_by_name() {
     let p = dummy("prefill", &[]);
     let d = dummy("decode", &[]);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
-    cmd.args([
-        "--port",
-        "0",
-        "--mode",
-        "dual",
-        "--model",
-        "other-model",
-        "--workers",
-        "1",
-        "--max-model-len",
-        "4096",
-    ])
-    .env("PREFILL_DELAY_PER_TOKEN", "0")
-    .env("DECODE_DELAY_PER_TOKEN", "0");
-    let dual = spawn_listening(cmd);
+    let dual = dummy_of("other-model", "dual", &["--max-model-len", "4096"]);
     let yaml = format!(
         "scheduling: loadbalanced\nmodels:\n  - name: {MODEL}\n    prefill: [\"{}\"]\n    decode: [\"{}\"]\n    scheduler: roundrobin\n  - name: other-model\n    dual: [\"{}\"]\n",
         p.addr, d.addr, dual.addr

@@ -89,21 +89,7 @@ fn scrape(proxy: &Proc) -> (String, Vec<Value>) {
 fn metrics_count_exactly_and_parse_as_prometheus() {
     let p = dummy("prefill", &[]);
     let d = dummy("decode", &["--decode-delay-per-token", "0.01"]);
-    let mut dual_cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
-    dual_cmd
-        .args([
-            "--port",
-            "0",
-            "--mode",
-            "dual",
-            "--model",
-            "dual-model",
-            "--workers",
-            "1",
-        ])
-        .env("PREFILL_DELAY_PER_TOKEN", "0")
-        .env("DECODE_DELAY_PER_TOKEN", "0.002");
-    let dual = spawn_listening(dual_cmd);
+    let dual = dummy_of("dual-model", "dual", &["--decode-delay-per-token", "0.002"]);
     let proxy = proxy_with(
         &format!("{}admin_api_key: k\n", pd_yaml(&[&p], &[&d])),
         true,

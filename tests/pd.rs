@@ -446,18 +446,7 @@ fn gated_until_every_instance_answered() {
         .contains("waiting for backend nodes"));
     assert_eq!(get_json(&proxy.url("/ping")).0, 200);
     // The prefill node comes up on that port: the proxy opens.
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
-    cmd.args([
-        "--port",
-        &dead_addr.port().to_string(),
-        "--mode",
-        "prefill",
-        "--model",
-        MODEL,
-        "--workers",
-        "1",
-    ]);
-    let _p = spawn_listening(cmd);
+    let _p = dummy_at(dead_addr.port(), "prefill", &[]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while get_json(&proxy.url("/health")).0 != 200 {
         assert!(

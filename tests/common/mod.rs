@@ -78,6 +78,15 @@ pub fn dummy(mode: &str, extra: &[&str]) -> Proc {
 
 /// A zero-delay node of `MODEL` recording its requests, on `port` (0: any free port).
 pub fn dummy_at(port: u16, mode: &str, extra: &[&str]) -> Proc {
+    node(port, MODEL, mode, extra)
+}
+
+/// A zero-delay node serving another model than `MODEL`, on any free port.
+pub fn dummy_of(model: &str, mode: &str, extra: &[&str]) -> Proc {
+    node(0, model, mode, extra)
+}
+
+fn node(port: u16, model: &str, mode: &str, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
     cmd.args([
         "--port",
@@ -85,7 +94,7 @@ pub fn dummy_at(port: u16, mode: &str, extra: &[&str]) -> Proc {
         "--mode",
         mode,
         "--model",
-        MODEL,
+        model,
     ])
     .args(["--workers", "1", "--record-requests", "1000"])
     .env("PREFILL_DELAY_PER_TOKEN", "0")
