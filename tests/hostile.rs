@@ -147,3 +147,27 @@ fn connections_over_the_limit_are_refused_without_harm() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(get_json(&proxy.url("/ping")).0, 200);
 }
+
+#[test]
+fn oversized_body_sent_in_full_still_gets_its_413() {
+    // The proxy rejects after the head; the client keeps sending the body it announced.
+    // Closing on unread input would reset the connection and lose the answer.
+    let d = dummy("dual", &[]);
+    let proxy = proxy_with(
+        &format!("{}limits:\n  max_body_bytes: 65536\n", dual_yaml(&[&d])),
+        true,
+    );
+    let body = "a".repeat(4 << 20);
+    for _ in 0..5 {
+        let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let req = post_with(&format!("Content-Length: {}\r\n", body.len()), &body);
+        s.write_all(req.as_bytes())
+            .expect("the proxy reads what it will not serve instead of resetting");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    }
+    assert_eq!(dummy_stats(&d)["requests"], 0);
+}

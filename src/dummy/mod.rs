@@ -6,7 +6,7 @@ pub mod engine;
 
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{error_response, full_response, response_head, BodyLen, JSON};
-use crate::http::{read_request, ApiError, Limits, ReadBuf, ReadError, Request};
+use crate::http::{lingering_close, read_request, ApiError, Limits, ReadBuf, ReadError, Request};
 use crate::runtime::{self, Driver};
 use engine::{Job, Kind, StreamFrames, Timing, DONE_EVENT};
 use http::{Method, StatusCode};
@@ -166,6 +166,7 @@ async fn serve_connection(node: Arc<Node>, mut stream: TcpStream) {
             Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {
                 let _ = stream.write_all(error_response(&e, &[], false)).await;
+                lingering_close(stream, buf).await;
                 return;
             }
         };

@@ -14,7 +14,7 @@ pub mod write;
 pub use buf::ReadBuf;
 pub use error::ApiError;
 pub use head::{Framing, RequestHead, ResponseHead};
-pub use request::{read_request, Limits, ReadError, Request};
+pub use request::{lingering_close, read_request, Limits, ReadError, Request};
 
 /// True when a Content-Type names JSON (`application/json`, `application/x+json`, params ok).
 pub fn is_json_content_type(ct: Option<&str>) -> bool {

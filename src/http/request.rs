@@ -200,3 +200,27 @@ async fn read_chunked<S: AsyncReadRent>(
         };
     }
 }
+
+/// How long and how much a rejected connection is drained before it is closed.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024 * 1024;
+
+/// Ends a connection whose request was rejected before it was read to its end (an oversized
+/// body, a malformed head). Closing a socket with unread input makes the kernel send a
+/// reset, which can destroy the error response before the client has read it; so the write
+/// side is shut down first and what the client still sends is read and discarded, bounded
+/// in time and bytes, before the socket closes.
+pub async fn lingering_close<S: AsyncReadRent + AsyncWriteRent>(mut stream: S, mut buf: ReadBuf) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        buf.clear();
+        match fill_by(&mut stream, &mut buf, 64 * 1024, deadline).await {
+            Ok(n) if n > 0 => discarded += n,
+            _ => return,
+        }
+    }
+}

@@ -7,7 +7,7 @@ use super::relay::Outcome;
 use super::{admin, Worker};
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{full_response, JSON};
-use crate::http::{read_request, ApiError, ReadBuf, ReadError, Request};
+use crate::http::{lingering_close, read_request, ApiError, ReadBuf, ReadError, Request};
 use crate::metrics;
 use crate::topology::ActiveRequest;
 use http::{Method, StatusCode};
@@ -84,6 +84,7 @@ async fn serve_connection(w: &Worker, mut stream: TcpStream, peer_ip: String) {
             Err(ReadError::Reject(e)) => {
                 crate::info!("rejecting request from {peer_ip}: {}", e.message);
                 answer_error(&mut stream, &e, None, false).await;
+                lingering_close(stream, buf).await;
                 return;
             }
         };
