@@ -2,7 +2,7 @@
 //! one decode node killed and restarted in the middle. No request that started after the
 //! failure was detected may fail; file descriptors and RSS return to their warmed-up
 //! baseline. Ignored by default (it is a load test); `.ci/run` runs it with a small count:
-//! `SOAK_REQUESTS=2000 SOAK_CONNS=200 cargo test --release --test soak -- --ignored`.
+//! `SOAK_REQUESTS=4000 SOAK_CONNS=200 cargo test --release --test soak -- --ignored`.
 
 mod common;
 
@@ -44,23 +44,69 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `total` requests over `conns` client threads; returns (start offset µs, ok) each.
-fn load(url: &str, total: usize, conns: usize, t0: Instant) -> Vec<(u64, bool)> {
+/// When the load may stop: after `total` requests, and — with a failure to wait for — only
+/// once a quarter of that many started after the failure was detected (a fast machine
+/// could otherwise finish before detection and test nothing), within `LOAD_LIMIT`.
+struct StopRule {
+    total: usize,
+    detected_us: Option<Arc<AtomicU64>>,
+    started_after: AtomicUsize,
+}
+
+const LOAD_LIMIT: Duration = Duration::from_secs(30);
+
+impl StopRule {
+    fn until(total: usize, detected_us: Option<Arc<AtomicU64>>) -> Self {
+        StopRule {
+            total,
+            detected_us,
+            started_after: AtomicUsize::new(0),
+        }
+    }
+
+    fn done(&self, i: usize, t0: Instant) -> bool {
+        if i < self.total {
+            return false;
+        }
+        match &self.detected_us {
+            None => true,
+            Some(_) => {
+                self.started_after.load(Ordering::Relaxed) >= self.total / 4
+                    || t0.elapsed() > LOAD_LIMIT
+            }
+        }
+    }
+
+    fn record_start(&self, started_us: u64) {
+        if let Some(d) = &self.detected_us {
+            if started_us > d.load(Ordering::Relaxed) {
+                self.started_after.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Runs requests over `conns` client threads until `stop` says so; returns (start offset
+/// µs, ok) for each.
+fn load(url: &str, stop: StopRule, conns: usize, t0: Instant) -> Vec<(u64, bool)> {
     let next = Arc::new(AtomicUsize::new(0));
-    let results = Arc::new(Mutex::new(Vec::with_capacity(total)));
+    let results = Arc::new(Mutex::new(Vec::with_capacity(stop.total)));
+    let stop = Arc::new(stop);
     let handles: Vec<_> = (0..conns)
         .map(|c| {
-            let (url, next, results) = (url.to_string(), next.clone(), results.clone());
+            let (url, next, results, stop) =
+                (url.to_string(), next.clone(), results.clone(), stop.clone());
             std::thread::Builder::new()
                 .stack_size(256 * 1024)
                 .spawn(move || {
                     let a = agent();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= total {
+                        if stop.done(i, t0) {
                             break;
                         }
                         let started = t0.elapsed().as_micros() as u64;
+                        stop.record_start(started);
                         let stream_it = (i + c) % 3 == 0;
                         let body = json!({"model": MODEL, "prompt": format!("soak {i}"), "max_tokens": 8, "stream": stream_it});
                         let ok = match a.post(&url).set("Content-Type", "application/json").send_json(body) {
@@ -100,7 +146,7 @@ fn soak_with_a_node_killed_and_restarted() {
     let url = proxy.url("/v1/completions");
 
     // Warm up with the same load so that pools and buffers reach their working size.
-    let warm = load(&url, total, conns, Instant::now());
+    let warm = load(&url, StopRule::until(total, None), conns, Instant::now());
     assert!(warm.iter().all(|r| r.1), "warm-up failures");
     // Idle upstream connections expire after 0.5 s (swept every second): what is left is
     // the proxy's own baseline.
@@ -149,7 +195,12 @@ fn soak_with_a_node_killed_and_restarted() {
             spawn_listening(cmd)
         })
     };
-    let results = load(&url, total, conns, t0);
+    let results = load(
+        &url,
+        StopRule::until(total, Some(detected_us.clone())),
+        conns,
+        t0,
+    );
     let _restarted = chaos.join().unwrap();
     let detected = detected_us.load(Ordering::Relaxed);
     let failed_after: Vec<_> = results
@@ -168,7 +219,7 @@ fn soak_with_a_node_killed_and_restarted() {
         failed_after.len(),
         results.iter().filter(|(s, _)| *s > detected).count()
     );
-    assert_eq!(results.len(), total);
+    assert!(results.len() >= total);
     assert!(detected != u64::MAX, "the killed node was never detected");
     assert!(
         failed_after.is_empty(),
@@ -178,7 +229,7 @@ fn soak_with_a_node_killed_and_restarted() {
     let after = results.iter().filter(|(s, _)| *s > detected).count();
     assert!(
         after > 0,
-        "no request ran after detection; raise SOAK_REQUESTS"
+        "no request ran after detection within the load's time limit"
     );
 
     // Client connections are gone and idle upstream ones expire: back to the baseline.
