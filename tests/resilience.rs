@@ -375,3 +375,35 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let status = proxy.child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[test]
+fn a_down_role_is_named_and_costs_no_prefill() {
+    let p = dummy("prefill", &[]);
+    let d = dummy("decode", &[]);
+    let proxy = proxy_with(&pd_yaml(&[&p], &[&d]), true);
+    let a = agent();
+    let url = proxy.url("/v1/completions");
+    assert_eq!(post(&a, &url, &body(2, false)).0, 200);
+    let d_addr = d.addr.to_string();
+    drop(d); // kill -9
+    wait_for(
+        "the decode node to be marked down",
+        Duration::from_secs(10),
+        || {
+            let s = instance_status(&proxy, &d_addr);
+            s["status"] == "unhealthy" || s["circuit"] == "open"
+        },
+    );
+    let before = dummy_stats(&p)["requests"].as_u64().unwrap();
+    let (status, _, v) = post(&a, &url, &body(2, false));
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(
+        v["error"]["message"], "no healthy decode instance available",
+        "{v}"
+    );
+    assert_eq!(
+        dummy_stats(&p)["requests"].as_u64().unwrap(),
+        before,
+        "no prefill is run for a request no decode node can finish"
+    );
+}

@@ -146,12 +146,24 @@ pub async fn serve(
     };
     let work = async {
         let mut tl = Timeline::new(start);
-        let result = if route.prefill.any_available() && route.decode.any_available() {
+        let (prefill_up, decode_up) = (route.prefill.any_available(), route.decode.any_available());
+        let result = if prefill_up && decode_up {
             let job = Job {
                 inspected: &inspected,
                 chat: endpoint == Endpoint::ChatCompletions,
             };
             disaggregated(&leg, route, &ctx, &job, client, &req, &mut tl).await
+        } else if route.dual.instances.is_empty() {
+            // A P/D-only model with one role down: say which, and spend no prefill on it.
+            let missing = if prefill_up {
+                Role::Decode
+            } else {
+                Role::Prefill
+            };
+            Err(ApiError::unavailable(format!(
+                "no healthy {} instance available",
+                missing.as_str()
+            )))
         } else {
             forward(
                 &leg,
