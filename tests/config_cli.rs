@@ -8,12 +8,17 @@ use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 fn xpyd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_xpyd"))
+}
+
+/// Runs `xpyd ARGS PATH`; true when it exits 0.
+fn succeeds(args: &[&str], path: &Path) -> bool {
+    xpyd().args(args).arg(path).status().unwrap().success()
 }
 
 fn configs_dir() -> PathBuf {
@@ -71,24 +76,14 @@ fn init_config_writes_a_valid_template_and_will_not_overwrite() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("xpyd.yaml");
     let _ = std::fs::remove_file(&path);
-    assert!(xpyd()
-        .args(["proxy", "--init-config"])
-        .arg(&path)
-        .status()
-        .unwrap()
-        .success());
+    assert!(succeeds(&["proxy", "--init-config"], &path));
     let template = std::fs::read_to_string(&path).unwrap();
     assert_eq!(
         template,
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/xpyd.yaml"))
             .unwrap()
     );
-    assert!(xpyd()
-        .args(["proxy", "--validate-config"])
-        .arg(&path)
-        .status()
-        .unwrap()
-        .success());
+    assert!(succeeds(&["proxy", "--validate-config"], &path));
     let out = xpyd()
         .args(["proxy", "--init-config"])
         .arg(&path)
@@ -96,12 +91,7 @@ fn init_config_writes_a_valid_template_and_will_not_overwrite() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
-    assert!(xpyd()
-        .args(["proxy", "--force", "--init-config"])
-        .arg(&path)
-        .status()
-        .unwrap()
-        .success());
+    assert!(succeeds(&["proxy", "--force", "--init-config"], &path));
     // Without a path it writes ./xpyd.yaml.
     let _ = std::fs::remove_file(dir.join("xpyd.yaml"));
     assert!(xpyd()
@@ -198,18 +188,8 @@ fn fix_config_repairs_typos_with_a_backup() {
         original,
         "no --write: file untouched"
     );
-    assert!(xpyd()
-        .args(["fix-config", "--write"])
-        .arg(&path)
-        .status()
-        .unwrap()
-        .success());
-    assert!(xpyd()
-        .args(["proxy", "--validate-config"])
-        .arg(&path)
-        .status()
-        .unwrap()
-        .success());
+    assert!(succeeds(&["fix-config", "--write"], &path));
+    assert!(succeeds(&["proxy", "--validate-config"], &path));
     let backups: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -326,7 +306,6 @@ fn reload_swaps_the_decode_list_under_load_without_failures() {
     let url = proxy.url("/v1/completions");
     let done = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
-    let go = Arc::new(AtomicBool::new(true));
     let load: Vec<_> = (0..4)
         .map(|_| {
             let (url, done, failed) = (url.clone(), done.clone(), failed.clone());
@@ -359,7 +338,6 @@ fn reload_swaps_the_decode_list_under_load_without_failures() {
     for h in load {
         h.join().unwrap();
     }
-    go.store(false, Ordering::Relaxed);
     assert_eq!(done.load(Ordering::Relaxed), 100);
     assert_eq!(
         failed.load(Ordering::Relaxed),
@@ -367,16 +345,16 @@ fn reload_swaps_the_decode_list_under_load_without_failures() {
         "no request fails across a reload"
     );
     let before = dummy_stats(&d1)["requests"].as_u64().unwrap();
+    let small_request = || {
+        post(
+            &agent(),
+            &url,
+            &json!({"model": MODEL, "prompt": "x", "max_tokens": 2}),
+        )
+        .0
+    };
     for _ in 0..5 {
-        assert_eq!(
-            post(
-                &agent(),
-                &url,
-                &json!({"model": MODEL, "prompt": "x", "max_tokens": 2})
-            )
-            .0,
-            200
-        );
+        assert_eq!(small_request(), 200);
     }
     assert_eq!(
         dummy_stats(&d1)["requests"].as_u64().unwrap(),
@@ -399,15 +377,7 @@ fn reload_swaps_the_decode_list_under_load_without_failures() {
         }
         other => panic!("expected 400, got {other:?}"),
     }
-    assert_eq!(
-        post(
-            &agent(),
-            &url,
-            &json!({"model": MODEL, "prompt": "x", "max_tokens": 2})
-        )
-        .0,
-        200
-    );
+    assert_eq!(small_request(), 200, "the running config stays");
 }
 
 #[test]
