@@ -9,6 +9,7 @@ Prints a markdown table (medians, with min-max spread) for docs/benchmarks.md.
 import argparse
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -88,6 +89,11 @@ def to_ms(v, unit):
     return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
+def require_wrk():
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is needed for the load: install it first (Debian/Ubuntu: apt-get install wrk)")
+
+
 def wrk(port, conns, duration):
     threads = 1 if conns == 1 else 2
     out = subprocess.run(
@@ -114,6 +120,7 @@ def cpu_seconds(pid):
 
 
 def main():
+    require_wrk()
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
