@@ -386,3 +386,55 @@ fn xpyd_bench_sonnet_like_run_matches_the_dummy_delays() {
         "TPOT {tpot} vs {want_tpot}"
     );
 }
+
+/// A streaming completion request over raw TCP in HTTP/1.`minor`; everything until close.
+fn raw_stream(proxy: &Proc, minor: u8, max_tokens: u32) -> String {
+    let b = json!({"model": MODEL, "prompt": "hi", "max_tokens": max_tokens, "stream": true})
+        .to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.{minor}\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+        b.len()
+    );
+    raw_exchange(
+        proxy.addr,
+        req.as_bytes(),
+        std::time::Duration::from_secs(10),
+    )
+}
+
+#[test]
+fn first_token_path_frames_http10_and_reports_a_stalled_decode() {
+    // HTTP/1.0 cannot take chunked framing: the stream comes delimited by close.
+    let p = dummy("prefill", &[]);
+    let d = dummy("decode", &[]);
+    let proxy = proxy_with(
+        &format!("{}generator_on_p_node: true\n", pd_yaml(&[&p], &[&d])),
+        true,
+    );
+    let resp = raw_stream(&proxy, 0, 4);
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("chunked"), "{head}");
+    assert!(body.starts_with("data: "), "unframed SSE: {body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+
+    // A decode node that goes silent after the first token was sent: the client gets an
+    // SSE error event within the idle timeout, as on the plain relay.
+    let slow = dummy("decode", &["--decode-delay-per-token", "3"]);
+    let proxy = proxy_with(
+        &format!(
+            "{}generator_on_p_node: true\ntimeouts:\n  idle_seconds: 0.5\n",
+            pd_yaml(&[&p], &[&slow])
+        ),
+        true,
+    );
+    let start = std::time::Instant::now();
+    let resp = raw_stream(&proxy, 1, 4);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.contains("[prefill]"),
+        "the first token went out: {resp}"
+    );
+    assert!(resp.contains("stalled mid-stream"), "{resp}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(3));
+}

@@ -14,6 +14,7 @@ use super::Worker;
 use crate::http::chunked::{encode_chunk, LAST_CHUNK};
 use crate::http::head::ResponseHead;
 use crate::http::write::{response_head, BodyLen};
+use crate::resilience;
 use crate::topology::Instance;
 use http::StatusCode;
 use monoio::io::AsyncWriteRentExt;
@@ -68,6 +69,7 @@ pub async fn send_first(
     client: &mut TcpStream,
     first: &FirstToken,
     request_id: &str,
+    keep_alive: bool,
     tl: &mut Timeline,
 ) -> Result<(), ()> {
     let mut out = Vec::with_capacity(512);
@@ -79,7 +81,7 @@ pub async fn send_first(
             ("X-Request-Id", request_id),
         ],
         BodyLen::Chunked,
-        true,
+        keep_alive,
     );
     sse_chunk(&mut out, &first.first_event().to_string());
     let (res, _) = client.write_all(out).await;
@@ -134,6 +136,7 @@ impl Rewriter<'_> {
 }
 
 /// Relays the decode stream after the first event, rewritten event by event.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay_rest(
     w: &Worker,
     inst: &Instance,
@@ -141,6 +144,7 @@ pub async fn relay_rest(
     head: ResponseHead,
     client: &mut TcpStream,
     first: &FirstToken,
+    keep_alive: bool,
     tl: &mut Timeline,
 ) -> Outcome {
     let mut rw = Rewriter {
@@ -186,13 +190,24 @@ pub async fn relay_rest(
             if head.keep_alive {
                 w.pool.put_back(conn, inst);
             }
-            return Outcome::new(200, true);
+            return Outcome::new(200, keep_alive);
         }
         let idle = w.policy().timeouts.idle;
         match monoio::time::timeout(idle, conn.buf.fill(&mut conn.stream)).await {
             Ok(Ok(n)) if n > 0 => {}
             Ok(Ok(_)) if dec.ends_at_eof() => eof = true,
-            _ => {
+            Err(_) => {
+                // Same as the plain relay: the client learns why its stream stops.
+                resilience::record_failure(inst, &w.policy().circuit);
+                crate::warn!(
+                    "decode instance {} sent nothing for {idle:?} mid-stream; ending it",
+                    inst.address
+                );
+                let msg = format!("upstream {} stalled mid-stream", inst.address);
+                return fail_stream(client, &msg, "timeout_error", 504).await;
+            }
+            Ok(_) => {
+                resilience::record_failure(inst, &w.policy().circuit);
                 crate::warn!("decode instance {} ended the stream early", inst.address);
                 return Outcome::close(200);
             }
@@ -201,9 +216,9 @@ pub async fn relay_rest(
 }
 
 /// The decode leg failed after the first event went out: an SSE error event, then close.
-pub async fn fail_stream(client: &mut TcpStream, message: &str) -> Outcome {
+pub async fn fail_stream(client: &mut TcpStream, message: &str, kind: &str, code: u16) -> Outcome {
     let mut out = Vec::new();
-    let err = json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": 502}});
+    let err = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     sse_chunk(&mut out, &err.to_string());
     let _ = client.write_all(out).await;
     Outcome::close(200)

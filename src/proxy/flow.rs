@@ -590,9 +590,22 @@ async fn disaggregated(
             req.body.clone()
         }
     };
-    if w.policy().generator_on_p_node && job.inspected.stream {
+    // HTTP/1.0 clients cannot take the chunked stream this path writes; they get the
+    // plain relay, which frames by close.
+    if w.policy().generator_on_p_node && job.inspected.stream && req.head.minor_version >= 1 {
         if let Some(first) = FirstToken::from_prefill(&resp, job.chat) {
-            return Ok(first_from_prefill(leg, route, ctx, &decode_body, client, tl, &first).await);
+            let keep_alive = req.head.keep_alive;
+            return Ok(first_from_prefill(
+                leg,
+                route,
+                ctx,
+                &decode_body,
+                client,
+                keep_alive,
+                tl,
+                &first,
+            )
+            .await);
         }
     }
     forward(
@@ -609,16 +622,18 @@ async fn disaggregated(
 }
 
 /// The prefill token goes out at once; the decode stream follows it (`first_token.rs`).
+#[allow(clippy::too_many_arguments)]
 async fn first_from_prefill(
     leg: &Leg<'_>,
     route: &ModelRoute,
     ctx: &PickContext<'_>,
     body: &Bytes,
     client: &mut TcpStream,
+    keep_alive: bool,
     tl: &mut Timeline,
     first: &FirstToken,
 ) -> Outcome {
-    if first_token::send_first(client, first, leg.request_id, tl)
+    if first_token::send_first(client, first, leg.request_id, keep_alive, tl)
         .await
         .is_err()
     {
@@ -626,7 +641,17 @@ async fn first_from_prefill(
     }
     match leg.run(&route.decode, ctx, Role::Decode, body, tl).await {
         Ok(Answered { guard, conn, head }) if head.status.is_success() => {
-            first_token::relay_rest(leg.w, guard.instance(), conn, head, client, first, tl).await
+            first_token::relay_rest(
+                leg.w,
+                guard.instance(),
+                conn,
+                head,
+                client,
+                first,
+                keep_alive,
+                tl,
+            )
+            .await
         }
         Ok(Answered { guard, head, .. }) => {
             let msg = format!(
@@ -638,7 +663,7 @@ async fn first_from_prefill(
                 "request {}: {msg} after the first token was sent",
                 leg.request_id
             );
-            first_token::fail_stream(client, &msg).await
+            first_token::fail_stream(client, &msg, "upstream_error", 502).await
         }
         Err(e) => {
             crate::error!(
@@ -646,7 +671,7 @@ async fn first_from_prefill(
                 leg.request_id,
                 e.message
             );
-            first_token::fail_stream(client, &e.message).await
+            first_token::fail_stream(client, &e.message, e.kind, e.status.as_u16()).await
         }
     }
 }
