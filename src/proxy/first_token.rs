@@ -8,7 +8,7 @@
 //! from the prefill node's (which it never sees). With greedy sampling both agree; with
 //! temperature > 0 the text may be inconsistent at the seam.
 
-use super::relay::{Outcome, Timeline};
+use super::relay::{sse_error_chunk, Outcome, Timeline};
 use super::upstream::{BodyDecoder, UpstreamConn};
 use super::Worker;
 use crate::http::chunked::{encode_chunk, LAST_CHUNK};
@@ -218,8 +218,7 @@ pub async fn relay_rest(
 /// The decode leg failed after the first event went out: an SSE error event, then close.
 pub async fn fail_stream(client: &mut TcpStream, message: &str, kind: &str, code: u16) -> Outcome {
     let mut out = Vec::new();
-    let err = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    sse_chunk(&mut out, &err.to_string());
+    sse_error_chunk(&mut out, message, kind, code);
     let _ = client.write_all(out).await;
     Outcome::close(200)
 }

@@ -214,12 +214,9 @@ pub async fn relay(
                     idle
                 );
                 if sse && client_len == BodyLen::Chunked {
-                    let msg = format!(
-                        "data: {{\"error\":{{\"message\":\"upstream {} stalled mid-stream\",\"type\":\"timeout_error\",\"param\":null,\"code\":504}}}}\n\n",
-                        inst.address
-                    );
                     let mut out = Vec::new();
-                    encode_chunk(&mut out, msg.as_bytes());
+                    let msg = format!("upstream {} stalled mid-stream", inst.address);
+                    sse_error_chunk(&mut out, &msg, "timeout_error", 504);
                     let _ = client.write_all(out).await;
                 }
                 return Outcome::close(status);
@@ -259,6 +256,13 @@ pub async fn relay(
         w.pool.put_back(conn, inst);
     }
     Outcome::new(status, keep_alive)
+}
+
+/// Appends one chunk holding an SSE `error` event in OpenAI shape: how a stream that already
+/// started tells the client why it ends early.
+pub fn sse_error_chunk(out: &mut Vec<u8>, message: &str, kind: &str, code: u16) {
+    let err = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    encode_chunk(out, format!("data: {err}\n\n").as_bytes());
 }
 
 /// Per-worker free list of output buffers, so relaying allocates nothing in steady state.
