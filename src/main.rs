@@ -120,6 +120,9 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         let cfg =
             Config::load(&path).map_err(|e| format!("{} is invalid:\n{e}", path.display()))?;
         println!("{} is valid\n{}", path.display(), cfg.summary());
+        for w in &cfg.warnings {
+            println!("warning: {w}");
+        }
         return Ok(());
     }
     let path = resolve_config_path(args.config)?;
@@ -137,6 +140,9 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         .with_overrides(overrides);
     xpyd::log::set_level(cfg.log_level);
     xpyd::log::set_format(cfg.log_format);
+    for w in &cfg.warnings {
+        xpyd::warn!("{}: {w}", path.display());
+    }
     // Before any thread starts, so that every thread inherits the mask.
     xpyd::proxy::block_shutdown_signals();
     let driver = Driver::resolve(args.driver)?;

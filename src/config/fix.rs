@@ -4,8 +4,10 @@
 //! them, `merge_formats`). Certain fixes are applied with `--write`; ambiguous ones only
 //! when `--interactive` gets an answer. Works on the text, so comments and layout survive.
 
-use super::load::{all_keys, did_you_mean, legacy_part};
-use super::SCHEDULER_NAMES;
+use super::formats::legacy_part;
+use super::schema::all_keys;
+use super::suggest::did_you_mean;
+use super::SchedulerKind;
 
 /// Replace the lines `line .. line + before.len()` by `after`.
 #[derive(Debug, Clone)]
@@ -47,10 +49,11 @@ fn scheduler_fix(v: &str) -> Option<&'static str> {
         .trim_matches(['"', '\''])
         .to_ascii_lowercase()
         .replace(['-', ' '], "_");
-    if let Some(n) = SCHEDULER_NAMES.iter().find(|n| **n == norm) {
+    let names = SchedulerKind::names();
+    if let Some(n) = names.iter().find(|n| **n == norm) {
         return Some(n);
     }
-    did_you_mean(&norm, SCHEDULER_NAMES)
+    did_you_mean(&norm, &names)
 }
 
 /// Keys whose values (or list items) are addresses.
@@ -110,7 +113,7 @@ pub fn find_fixes(text: &str) -> Vec<Fix> {
             if (k_now == "scheduling" || k_now == "scheduler") && !value.is_empty() {
                 let v = value.split('#').next().unwrap_or("").trim();
                 let bare = v.trim_matches(['"', '\'']);
-                if !SCHEDULER_NAMES.contains(&bare) {
+                if !SchedulerKind::names().contains(&bare) {
                     if let Some(good) = scheduler_fix(v) {
                         line = line.replacen(v, good, 1);
                         reasons.push(format!("unknown scheduler `{bare}` → `{good}`"));

@@ -1,37 +1,33 @@
 //! Configuration: the three YAML shapes (legacy role lists with their topology form,
 //! `instances:`, `models:`) resolved into one internal model — models, each with its
 //! instances and their roles — that the rest of the proxy reads. `load.rs` reads and
-//! validates (every problem at once, each with its path and line:column); `yaml.rs` is the
-//! only user of the YAML library; `fix.rs` repairs common mistakes in the text.
+//! validates (every problem at once, each a typed `Problem` with its path and line:column;
+//! the pieces are listed in docs/architecture.md); `yaml.rs` is the only user of the YAML
+//! library; `fix.rs` repairs common mistakes in the text.
 
+mod address;
 pub mod fix;
+mod formats;
 mod load;
+mod problem;
+mod reader;
+mod role;
+mod roles;
+mod schema;
+mod sections;
+mod suggest;
 mod yaml;
 
 use crate::log::Level;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use load::{did_you_mean, levenshtein, parse_address};
+pub use address::{parse_address, AddressError};
+pub use problem::{ConfigError, Kind as ProblemKind, Problem};
+pub use role::{Role, UnknownRole};
+pub use suggest::{did_you_mean, levenshtein};
 pub use yaml::YamlError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Prefill,
-    Decode,
-    Dual,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-            Role::Dual => "dual",
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct InstanceConfig {
@@ -50,39 +46,47 @@ pub enum SchedulerKind {
     CacheAware,
 }
 
-pub const SCHEDULER_NAMES: &[&str] = &[
-    "loadbalanced",
-    "load_balanced",
-    "roundrobin",
-    "round_robin",
-    "consistent_hash",
-    "power_of_two",
-    "cache_aware",
+/// Every spelling of every scheduler: the one table that parsing, the "expected one of"
+/// list and `fix-config` read.
+const SCHEDULERS: &[(&str, SchedulerKind)] = &[
+    ("loadbalanced", SchedulerKind::LoadBalanced),
+    ("load_balanced", SchedulerKind::LoadBalanced),
+    ("roundrobin", SchedulerKind::RoundRobin),
+    ("round_robin", SchedulerKind::RoundRobin),
+    ("consistent_hash", SchedulerKind::ConsistentHash),
+    ("power_of_two", SchedulerKind::PowerOfTwo),
+    ("cache_aware", SchedulerKind::CacheAware),
 ];
 
 impl SchedulerKind {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "loadbalanced" | "load_balanced" => Ok(SchedulerKind::LoadBalanced),
-            "roundrobin" | "round_robin" => Ok(SchedulerKind::RoundRobin),
-            "consistent_hash" => Ok(SchedulerKind::ConsistentHash),
-            "power_of_two" => Ok(SchedulerKind::PowerOfTwo),
-            "cache_aware" => Ok(SchedulerKind::CacheAware),
-            other => Err(format!(
-                "unknown scheduler `{other}` (expected one of: {})",
-                SCHEDULER_NAMES.join(", ")
-            )),
-        }
+    /// Every accepted spelling.
+    pub fn names() -> Vec<&'static str> {
+        SCHEDULERS.iter().map(|(n, _)| *n).collect()
     }
 
+    /// The canonical name (the first spelling in the table).
     pub fn as_str(self) -> &'static str {
-        match self {
-            SchedulerKind::LoadBalanced => "loadbalanced",
-            SchedulerKind::RoundRobin => "roundrobin",
-            SchedulerKind::ConsistentHash => "consistent_hash",
-            SchedulerKind::PowerOfTwo => "power_of_two",
-            SchedulerKind::CacheAware => "cache_aware",
-        }
+        SCHEDULERS
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map_or("", |(n, _)| n)
+    }
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        SCHEDULERS
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, k)| *k)
+            .ok_or_else(|| {
+                format!(
+                    "unknown scheduler `{s}` (expected one of: {})",
+                    SchedulerKind::names().join(", ")
+                )
+            })
     }
 }
 
@@ -214,6 +218,9 @@ pub struct Config {
     /// Operational endpoints need a client key too.
     pub protect_status: bool,
     pub source: Option<PathBuf>,
+    /// Accepted but worth saying (an older spelling, a key with no effect in xpyd): printed
+    /// by `--validate-config` and logged at start.
+    pub warnings: Vec<Problem>,
     /// Command-line values over the file's; kept so that a reload keeps them too.
     pub overrides: Overrides,
 }
@@ -244,25 +251,13 @@ pub struct Policy {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug)]
-pub struct ConfigError {
-    /// One line per problem: `path (line L, column C): message`.
-    pub problems: Vec<String>,
-}
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for p in &self.problems {
-            writeln!(f, "  - {p}")?;
-        }
-        Ok(())
-    }
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            problems: vec![format!("cannot read {}: {e}", path.display())],
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::one(ProblemKind::Unreadable(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
         })?;
         let mut cfg = Self::from_yaml(&text)?;
         cfg.source = Some(path.to_path_buf());
@@ -308,31 +303,27 @@ impl Config {
     /// The settings read once at start that differ in `next`: a reload reports them and
     /// keeps the running values (the listeners, threads and pools were built with them).
     pub fn restart_needed(&self, next: &Config) -> Vec<&'static str> {
-        let d = |v: &dyn std::fmt::Debug| format!("{v:?}");
         [
-            ("host", d(&self.host), d(&next.host)),
-            ("port", d(&self.port), d(&next.port)),
-            ("workers", d(&self.workers), d(&next.workers)),
-            ("log_format", d(&self.log_format), d(&next.log_format)),
+            ("host", self.host != next.host),
+            ("port", self.port != next.port),
+            ("workers", self.workers != next.workers),
+            ("log_format", self.log_format != next.log_format),
             (
                 "metrics.enabled",
-                d(&self.metrics_enabled),
-                d(&next.metrics_enabled),
+                self.metrics_enabled != next.metrics_enabled,
             ),
             (
                 "timeouts.connect_ms",
-                d(&self.timeouts.connect),
-                d(&next.timeouts.connect),
+                self.timeouts.connect != next.timeouts.connect,
             ),
             (
                 "timeouts.pool_idle_seconds",
-                d(&self.timeouts.pool_idle),
-                d(&next.timeouts.pool_idle),
+                self.timeouts.pool_idle != next.timeouts.pool_idle,
             ),
         ]
         .into_iter()
-        .filter(|(_, a, b)| a != b)
-        .map(|(name, _, _)| name)
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| name)
         .collect()
     }
 
@@ -357,7 +348,7 @@ impl Config {
                     "direct"
                 }
             );
-            for role in [Role::Prefill, Role::Decode, Role::Dual] {
+            for role in Role::ALL {
                 let list: Vec<&str> = m
                     .instances
                     .iter()
@@ -392,14 +383,14 @@ mod tests {
     #[test]
     fn reports_problems_with_location() {
         let e = Config::from_yaml("model: m\nprefil: [\"a:1\"]\n").unwrap_err();
-        assert!(e.problems[0].contains("line 2"), "{e}");
-        assert!(e.problems[0].contains("prefil"), "{e}");
+        assert_eq!(e.problems[0].location, Some((2, 1)), "{e}");
+        assert!(e.problems[0].to_string().contains("prefil"), "{e}");
         let e = Config::from_yaml(
             "prefill: [\"nohost\"]\ndecode: [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n",
         )
         .unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
         let e = Config::from_yaml("prefill: [\"127.0.0.1:5\"]\n").unwrap_err();
-        assert!(e.problems[0].contains("decode"), "{e}");
+        assert!(e.problems[0].to_string().contains("decode"), "{e}");
     }
 }

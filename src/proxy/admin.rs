@@ -62,17 +62,12 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
     let (tx, rx) = std::sync::mpsc::channel();
     let cmd = match path {
         "/instances/add" => {
-            let role = match field(&v, "role")? {
-                "prefill" => Role::Prefill,
-                "decode" => Role::Decode,
-                "dual" => Role::Dual,
-                other => {
-                    return Err(ApiError::bad_request(format!(
-                        "unknown role `{other}` (expected prefill, decode or dual)"
-                    ))
-                    .with_param("role"))
-                }
-            };
+            let role: Role =
+                field(&v, "role")?
+                    .parse()
+                    .map_err(|e: crate::config::UnknownRole| {
+                        ApiError::bad_request(e.to_string()).with_param("role")
+                    })?;
             let topo = w.shared.topology.load();
             let model = match v.get("model").and_then(Value::as_str) {
                 Some(m) => m.to_string(),

@@ -1,0 +1,131 @@
+//! The keys a config file may contain, level by level: the one list that validation
+//! ("unknown key", "did you mean") and `fix-config` both read.
+
+pub const TOP: &[&str] = &[
+    "model",
+    "prefill",
+    "decode",
+    "dual",
+    "instances",
+    "models",
+    "host",
+    "port",
+    "workers",
+    "log_level",
+    "log_format",
+    "scheduling",
+    "scheduling_config",
+    "generator_on_p_node",
+    "disaggregated_mode",
+    "admin_api_key",
+    "openai_api_key",
+    "api_keys",
+    "protect_status",
+    "startup",
+    "health_check",
+    "circuit_breaker",
+    "retry",
+    "timeouts",
+    "limits",
+    "metrics",
+    "shutdown_grace_seconds",
+];
+pub const MODEL_KEYS: &[&str] = &[
+    "name",
+    "prefill",
+    "decode",
+    "dual",
+    "scheduler",
+    "disaggregated_mode",
+];
+pub const INSTANCE_KEYS: &[&str] = &["address", "role", "model"];
+pub const TOPOLOGY_KEYS: &[&str] = &["nodes", "tp_size", "dp_size", "world_size_per_node"];
+
+pub const STARTUP: &[&str] = &[
+    "probe_interval_seconds",
+    "wait_timeout_seconds",
+    "exit_on_timeout",
+];
+pub const HEALTH_CHECK: &[&str] = &["enabled", "interval_seconds", "timeout_seconds"];
+pub const CIRCUIT_BREAKER: &[&str] = &[
+    "enabled",
+    "failure_threshold",
+    "success_threshold",
+    "timeout_duration_seconds",
+    "window_duration_seconds",
+];
+pub const RETRY: &[&str] = &[
+    "enabled",
+    "max_retries",
+    "initial_backoff_ms",
+    "max_backoff_ms",
+    "backoff_multiplier",
+    "jitter_factor",
+    "retryable_status_codes",
+];
+pub const TIMEOUTS: &[&str] = &[
+    "connect_ms",
+    "first_byte_seconds",
+    "idle_seconds",
+    "pool_idle_seconds",
+];
+pub const LIMITS: &[&str] = &[
+    "max_body_bytes",
+    "max_header_bytes",
+    "max_connections",
+    "header_timeout_seconds",
+    "keepalive_timeout_seconds",
+];
+pub const METRICS: &[&str] = &["enabled"];
+pub const SCHEDULING_CONFIG: &[&str] = &[
+    "cache_threshold",
+    "balance_abs_threshold",
+    "balance_rel_threshold",
+    "max_tree_size",
+    "virtual_nodes",
+    "hash_load_factor",
+];
+
+/// Every key list, for `all_keys`.
+const LEVELS: &[&[&str]] = &[
+    TOP,
+    MODEL_KEYS,
+    INSTANCE_KEYS,
+    TOPOLOGY_KEYS,
+    STARTUP,
+    HEALTH_CHECK,
+    CIRCUIT_BREAKER,
+    RETRY,
+    TIMEOUTS,
+    LIMITS,
+    METRICS,
+    SCHEDULING_CONFIG,
+];
+
+/// Every key the file may contain, at any level (for `fix-config`).
+pub fn all_keys() -> Vec<&'static str> {
+    let mut v: Vec<&str> = LEVELS.iter().flat_map(|l| l.iter().copied()).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_keys_is_sorted_unique_and_complete() {
+        let k = all_keys();
+        assert!(k.windows(2).all(|w| w[0] < w[1]));
+        for key in [
+            "prefill",
+            "tp_size",
+            "jitter_factor",
+            "virtual_nodes",
+            "exit_on_timeout",
+        ] {
+            assert!(k.contains(&key), "{key}");
+        }
+    }
+}

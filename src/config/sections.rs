@@ -1,0 +1,152 @@
+//! The settings sections (`startup`, `health_check`, `circuit_breaker`, `retry`,
+//! `timeouts`, `limits`, `metrics`, `scheduling_config`): one function each, reading its
+//! fields with their defaults and checking their ranges.
+
+use super::reader::{type_name, Reader};
+use super::schema;
+use super::{
+    CircuitConfig, HealthConfig, RetryConfig, SchedulingOptions, ServerLimits, StartupConfig,
+    TimeoutConfig,
+};
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+type Top = Map<String, Value>;
+
+pub fn health_and_startup(r: &mut Reader<'_>, top: &Top) -> (HealthConfig, StartupConfig) {
+    let st = r.section(top, "startup", schema::STARTUP);
+    let hc = r.section(top, "health_check", schema::HEALTH_CHECK);
+    if !r.boolean(hc, "health_check", "enabled", true) {
+        r.problem(
+            "health_check.enabled",
+            "health checks gate startup and cannot be disabled",
+        );
+    }
+    let health = HealthConfig {
+        interval: r.seconds(hc, "health_check", "interval_seconds", 10.0),
+        timeout: r.seconds(hc, "health_check", "timeout_seconds", 3.0),
+        startup_probe_interval: r.seconds(st, "startup", "probe_interval_seconds", 10.0),
+    };
+    let startup = StartupConfig {
+        wait_timeout: r.seconds(st, "startup", "wait_timeout_seconds", 600.0),
+        exit_on_timeout: r.boolean(st, "startup", "exit_on_timeout", false),
+    };
+    (health, startup)
+}
+
+pub fn circuit_breaker(r: &mut Reader<'_>, top: &Top) -> CircuitConfig {
+    let p = "circuit_breaker";
+    let cb = r.section(top, p, schema::CIRCUIT_BREAKER);
+    CircuitConfig {
+        enabled: r.boolean(cb, p, "enabled", true),
+        failure_threshold: r.uint(cb, p, "failure_threshold", 5, 1) as u32,
+        success_threshold: r.uint(cb, p, "success_threshold", 2, 1) as u32,
+        timeout: r.seconds(cb, p, "timeout_duration_seconds", 30.0),
+        window: r.seconds(cb, p, "window_duration_seconds", 60.0),
+    }
+}
+
+pub fn retry(r: &mut Reader<'_>, top: &Top) -> RetryConfig {
+    let p = "retry";
+    let rt = r.section(top, p, schema::RETRY);
+    let mut retry = RetryConfig {
+        enabled: r.boolean(rt, p, "enabled", true),
+        max_retries: r.uint(rt, p, "max_retries", 2, 0) as u32,
+        initial_backoff: Duration::from_millis(r.uint(rt, p, "initial_backoff_ms", 100, 0)),
+        max_backoff: Duration::from_millis(r.uint(rt, p, "max_backoff_ms", 10_000, 0)),
+        multiplier: r.f64(rt, p, "backoff_multiplier", 2.0),
+        jitter: r.f64(rt, p, "jitter_factor", 0.1),
+        retryable_status: vec![408, 429, 500, 502, 503, 504],
+    };
+    if !(retry.multiplier >= 1.0 && retry.multiplier.is_finite()) {
+        r.problem("retry.backoff_multiplier", "must be at least 1.0");
+    }
+    if !(0.0..=1.0).contains(&retry.jitter) {
+        r.problem("retry.jitter_factor", "must be between 0 and 1");
+    }
+    match rt.and_then(|m| m.get("retryable_status_codes")) {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => {
+            retry.retryable_status = Vec::new();
+            for (i, c) in a.iter().enumerate() {
+                match c.as_u64() {
+                    Some(c) if (100..=599).contains(&c) => retry.retryable_status.push(c as u16),
+                    _ => r.problem(
+                        &format!("retry.retryable_status_codes[{i}]"),
+                        format!("{c} is not an HTTP status"),
+                    ),
+                }
+            }
+        }
+        Some(other) => r.problem(
+            "retry.retryable_status_codes",
+            format!(
+                "expected a list of status codes, found {}",
+                type_name(other)
+            ),
+        ),
+    }
+    retry
+}
+
+pub fn timeouts(r: &mut Reader<'_>, top: &Top) -> TimeoutConfig {
+    let p = "timeouts";
+    let to = r.section(top, p, schema::TIMEOUTS);
+    TimeoutConfig {
+        connect: Duration::from_millis(r.uint(to, p, "connect_ms", 3000, 1)),
+        first_byte: r.seconds(to, p, "first_byte_seconds", 600.0),
+        idle: r.seconds(to, p, "idle_seconds", 600.0),
+        pool_idle: r.seconds(to, p, "pool_idle_seconds", 4.0),
+    }
+}
+
+pub fn limits(r: &mut Reader<'_>, top: &Top) -> ServerLimits {
+    let p = "limits";
+    let lim = r.section(top, p, schema::LIMITS);
+    let d = crate::http::Limits::default();
+    ServerLimits {
+        http: crate::http::Limits {
+            max_body_bytes: r.uint(lim, p, "max_body_bytes", d.max_body_bytes as u64, 1) as usize,
+            max_header_bytes: r.uint(lim, p, "max_header_bytes", d.max_header_bytes as u64, 1024)
+                as usize,
+            header_timeout: r.seconds(lim, p, "header_timeout_seconds", 30.0),
+            keepalive_timeout: r.seconds(lim, p, "keepalive_timeout_seconds", 75.0),
+        },
+        max_connections: r.uint(lim, p, "max_connections", 10_000, 1) as usize,
+    }
+}
+
+pub fn metrics_enabled(r: &mut Reader<'_>, top: &Top) -> bool {
+    let mt = r.section(top, "metrics", schema::METRICS);
+    r.boolean(mt, "metrics", "enabled", true)
+}
+
+pub fn scheduling_options(r: &mut Reader<'_>, top: &Top) -> SchedulingOptions {
+    let p = "scheduling_config";
+    let c = r.section(top, p, schema::SCHEDULING_CONFIG);
+    let d = SchedulingOptions::default();
+    let o = SchedulingOptions {
+        cache_threshold: r.f64(c, p, "cache_threshold", d.cache_threshold),
+        balance_abs_threshold: r.uint(c, p, "balance_abs_threshold", d.balance_abs_threshold, 0),
+        balance_rel_threshold: r.f64(c, p, "balance_rel_threshold", d.balance_rel_threshold),
+        max_tree_size: r.uint(c, p, "max_tree_size", d.max_tree_size as u64, 1) as usize,
+        virtual_nodes: r.uint(c, p, "virtual_nodes", d.virtual_nodes as u64, 1) as usize,
+        hash_load_factor: r.f64(c, p, "hash_load_factor", d.hash_load_factor),
+    };
+    if !(0.0..=1.0).contains(&o.cache_threshold) {
+        r.problem(
+            "scheduling_config.cache_threshold",
+            "must be between 0 and 1",
+        );
+    }
+    if o.balance_rel_threshold < 1.0 {
+        r.problem(
+            "scheduling_config.balance_rel_threshold",
+            "must be at least 1.0",
+        );
+    }
+    if !(o.hash_load_factor > 0.0 && o.hash_load_factor.is_finite()) {
+        r.problem("scheduling_config.hash_load_factor", "must be positive");
+    }
+    o
+}
