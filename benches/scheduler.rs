@@ -4,8 +4,8 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::sync::Arc;
 use xpyd::config::{Role, SchedulerKind, SchedulingOptions};
+use xpyd::instance::{Health, InFlight, Instance};
 use xpyd::scheduler::{self, PickContext};
-use xpyd::topology::{Health, InFlight, Instance};
 
 fn instances(n: usize) -> Vec<Arc<Instance>> {
     (0..n)

@@ -2,8 +2,8 @@
 //!
 //! Layers, outermost first: `runtime` (threads, event loops, listeners) → `proxy` (connection
 //! loop, routing, the P/D flow, relaying, upstream pool) → `http` (parsing and framing) —
-//! with `topology` + `scheduler` as the state shared between workers, `config` as its
-//! source, and `dummy` as the simulated vLLM node used by tests, benchmarks and the demo.
+//! with `shared` (→ `topology` → `scheduler` → `instance` → `resilience`) as the state
+//! shared between workers, `config` as its source, and `dummy` as the simulated vLLM node used by tests, benchmarks and the demo.
 
 pub mod log;
 
@@ -12,11 +12,13 @@ pub mod demo;
 pub mod dummy;
 pub mod http;
 pub mod ids;
+pub mod instance;
 pub mod metrics;
 pub mod proxy;
 pub mod resilience;
 pub mod runtime;
 pub mod scheduler;
+pub mod shared;
 pub mod topology;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,10 +1,11 @@
-//! Prometheus metrics (SPEC 6) recorded per worker without locks and without atomics shared
+//! Prometheus metrics (docs/metrics.md) recorded per worker without locks and without atomics shared
 //! between cores: each worker owns a `WorkerMetrics` and is its only writer (plain
 //! load + store on its own cache lines); a scrape reads every worker's values and sums them.
 //! Labelled series (instance pairs, instances) are created by their worker on first use
 //! and published through an `ArcSwap` list, so the scraper can find them.
 
-use crate::topology::{Instance, Shared, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN};
+use crate::config::Role;
+use crate::instance::Instance;
 use arc_swap::ArcSwap;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -267,10 +268,18 @@ type InstanceSum = (
     [u64; ERROR_TYPES.len()],
 );
 
+/// What a scrape renders: every worker's metrics, the requests in flight and the instances
+/// of the current topology (for the per-instance gauges).
+pub struct Scrape<'a> {
+    pub workers: &'a [Arc<WorkerMetrics>],
+    pub active_requests: u64,
+    pub instances: Vec<&'a Instance>,
+}
+
 /// The whole exposition, summed over workers.
-pub fn render(shared: &Shared) -> String {
+pub fn render(scrape: &Scrape<'_>) -> String {
     let mut out = String::with_capacity(16 * 1024);
-    let workers = &shared.metrics;
+    let workers = scrape.workers;
 
     header(
         &mut out,
@@ -322,7 +331,7 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Requests in flight.",
     );
-    let _ = writeln!(out, "proxy_active_requests {}", shared.active_requests());
+    let _ = writeln!(out, "proxy_active_requests {}", scrape.active_requests);
 
     // P/D histograms, merged by label set across workers.
     let mut pairs: Vec<(String, [HistAcc; 6])> = Vec::new();
@@ -390,17 +399,13 @@ pub fn render(shared: &Shared) -> String {
         }
     }
 
-    let topo = shared.topology.load();
     header(
         &mut out,
         "proxy_prefill_active",
         "gauge",
         "Prefill legs in flight per instance.",
     );
-    for i in topo
-        .instances()
-        .filter(|i| i.role == crate::config::Role::Prefill)
-    {
+    for i in scrape.instances.iter().filter(|i| i.role == Role::Prefill) {
         let _ = writeln!(
             out,
             "proxy_prefill_active{{instance=\"{}\",model=\"{}\"}} {}",
@@ -415,10 +420,7 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Decode (and dual) legs in flight per instance.",
     );
-    for i in topo
-        .instances()
-        .filter(|i| i.role != crate::config::Role::Prefill)
-    {
+    for i in scrape.instances.iter().filter(|i| i.role != Role::Prefill) {
         let _ = writeln!(
             out,
             "proxy_decode_active{{instance=\"{}\",model=\"{}\"}} {}",
@@ -433,16 +435,26 @@ pub fn render(shared: &Shared) -> String {
         "gauge",
         "Circuit breaker state per instance: 0 closed, 1 open, 2 half-open.",
     );
-    for i in topo.instances() {
-        let v = match i.circuit.load(Ordering::Relaxed) {
-            CIRCUIT_OPEN => 1,
-            CIRCUIT_HALF_OPEN => 2,
-            _ => 0,
-        };
+    for i in &scrape.instances {
         let _ = writeln!(
             out,
-            "proxy_circuit_state{{instance=\"{}\"}} {v}",
-            esc(&i.address)
+            "proxy_circuit_state{{instance=\"{}\"}} {}",
+            esc(&i.address),
+            i.circuit().gauge()
+        );
+    }
+    header(
+        &mut out,
+        "proxy_circuit_opened_total",
+        "counter",
+        "Times each instance's circuit opened.",
+    );
+    for i in &scrape.instances {
+        let _ = writeln!(
+            out,
+            "proxy_circuit_opened_total{{instance=\"{}\"}} {}",
+            esc(&i.address),
+            i.breaker.opened_total()
         );
     }
 
@@ -513,4 +525,121 @@ pub fn render(shared: &Shared) -> String {
         .sum();
     let _ = writeln!(out, "proxy_retries_total {retries}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CircuitConfig, Role};
+
+    fn instance(addr: &str, role: Role) -> Instance {
+        Instance::new(addr.into(), addr.parse().unwrap(), role, Arc::from("m"))
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn endpoints_and_statuses_fold_into_their_series() {
+        assert_eq!(
+            ENDPOINTS[endpoint_index("/v1/completions")],
+            "/v1/completions"
+        );
+        assert_eq!(ENDPOINTS[endpoint_index("/status/instances")], "/status");
+        assert_eq!(ENDPOINTS[endpoint_index("/admin/reload")], "/instances");
+        assert_eq!(ENDPOINTS[endpoint_index("/tokenize")], "forwarded");
+        assert_eq!(ENDPOINTS[endpoint_index("/nope")], "other");
+        assert_eq!(STATUSES[status_index(404)], 404);
+        assert_eq!(
+            STATUSES[status_index(418)],
+            0,
+            "unlisted statuses are `other`"
+        );
+    }
+
+    #[test]
+    fn a_histogram_is_cumulative_and_its_count_is_its_last_bucket() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(1000));
+        let mut acc = HistAcc::default();
+        h.add_to(&mut acc);
+        let mut out = String::new();
+        acc.render(&mut out, "x", "");
+        assert!(out.contains("x_bucket{le=\"0.001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"600\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+        assert!(out.contains("x_sum 1000.0035\n"), "{out}");
+    }
+
+    #[test]
+    fn render_sums_workers_and_shows_each_instance() {
+        let workers: Vec<Arc<WorkerMetrics>> = (0..2).map(|_| Arc::default()).collect();
+        let p = instance("127.0.0.1:1", Role::Prefill);
+        let d = instance("127.0.0.1:2", Role::Decode);
+        for w in &workers {
+            w.request(
+                endpoint_index("/v1/completions"),
+                200,
+                Duration::from_millis(2),
+            );
+            w.retry();
+            let idx = LocalIndex::default();
+            idx.instance(w, &d).error(ErrorType::Timeout);
+            idx.instance(w, &d).request();
+            idx.pair(w, Some(&p), &d)
+                .ttft
+                .observe(Duration::from_millis(1));
+        }
+        workers[1].request(endpoint_index("/nope"), 418, Duration::from_millis(1));
+        let cfg = CircuitConfig {
+            enabled: true,
+            failure_threshold: 1,
+            success_threshold: 1,
+            timeout: Duration::from_secs(60),
+            window: Duration::from_secs(60),
+        };
+        d.record_failure(&cfg);
+        let text = render(&Scrape {
+            workers: &workers,
+            active_requests: 3,
+            instances: vec![&p, &d],
+        });
+        let has = |l: &str| assert!(text.lines().any(|x| x == l), "no `{l}` in\n{text}");
+        has("proxy_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 2");
+        has("proxy_requests_total{endpoint=\"other\",status=\"other\"} 1");
+        has("proxy_active_requests 3");
+        has("proxy_retries_total 2");
+        has("proxy_circuit_state{instance=\"127.0.0.1:1\"} 0");
+        has("proxy_circuit_state{instance=\"127.0.0.1:2\"} 1");
+        has("proxy_circuit_opened_total{instance=\"127.0.0.1:2\"} 1");
+        has("proxy_prefill_active{instance=\"127.0.0.1:1\",model=\"m\"} 0");
+        has("proxy_decode_active{instance=\"127.0.0.1:2\",model=\"m\"} 0");
+        has("proxy_instance_requests_total{instance=\"127.0.0.1:2\",role=\"decode\"} 2");
+        has("proxy_instance_errors_total{instance=\"127.0.0.1:2\",error_type=\"timeout\",model=\"m\"} 2");
+        has("proxy_ttft_seconds_count{model=\"m\",prefill_instance=\"127.0.0.1:1\",decode_instance=\"127.0.0.1:2\"} 2");
+        assert!(line(&text, "proxy_requests_total{endpoint=\"/health\"").is_none());
+        // Every series has its HELP and TYPE.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {base} "))
+                    || text.contains(&format!("# TYPE {name} ")),
+                "{l}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

@@ -1,202 +1,13 @@
-//! The shared scheduler state: an immutable topology snapshot (models → instances by role),
-//! swapped whole through `arc-swap`, plus per-instance cache-padded atomics that workers
-//! update without locks.
+//! The topology snapshot: models → instances by role, each role with its scheduler. It is
+//! immutable and swapped whole (`Shared::topology`); a change builds the next snapshot from
+//! the current one, carrying over the instances that stay (their health, load and circuit).
 
 use crate::config::{Config, DisaggMode, ModelConfig, Role, SchedulerKind, SchedulingOptions};
+use crate::instance::Instance;
 use crate::scheduler::{self, Scheduler};
-use arc_swap::ArcSwap;
-use crossbeam_utils::CachePadded;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Health {
-    Unknown = 0,
-    Healthy = 1,
-    Unhealthy = 2,
-}
-
-impl Health {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Unknown => "unknown",
-            Health::Healthy => "healthy",
-            Health::Unhealthy => "unhealthy",
-        }
-    }
-}
-
-pub struct Instance {
-    /// Process-unique, stable for the instance's life (metrics key on it).
-    pub id: u64,
-    pub address: String,
-    pub socket_addr: SocketAddr,
-    pub role: Role,
-    pub model: Arc<str>,
-    health: AtomicU8,
-    /// Set once the instance answered its first health probe.
-    pub answered: AtomicBool,
-    /// Removed by an operator: finishes what it has, gets nothing new.
-    pub draining: AtomicBool,
-    /// Circuit breaker state (see `resilience`); only `Open` blocks picks.
-    pub circuit: AtomicU8,
-    pub breaker: crate::resilience::Breaker,
-    pub load: Load,
-    /// 0 until read from the instance's /v1/models.
-    pub max_model_len: AtomicU64,
-    pub root: OnceLock<String>,
-    /// Unix seconds of the last health probe (0: never).
-    pub last_check: AtomicU64,
-}
-
-impl Instance {
-    pub fn new(address: String, socket_addr: SocketAddr, role: Role, model: Arc<str>) -> Self {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        Instance {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            address,
-            socket_addr,
-            role,
-            model,
-            health: AtomicU8::new(Health::Unknown as u8),
-            answered: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            circuit: AtomicU8::new(CIRCUIT_CLOSED),
-            breaker: Default::default(),
-            load: Load::default(),
-            max_model_len: AtomicU64::new(0),
-            root: OnceLock::new(),
-            last_check: AtomicU64::new(0),
-        }
-    }
-
-    pub fn health(&self) -> Health {
-        match self.health.load(Ordering::Relaxed) {
-            1 => Health::Healthy,
-            2 => Health::Unhealthy,
-            _ => Health::Unknown,
-        }
-    }
-
-    pub fn set_health(&self, h: Health) {
-        self.health.store(h as u8, Ordering::Relaxed);
-        if h == Health::Healthy {
-            self.answered.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether the scheduler may send new requests here: healthy, not draining, circuit
-    /// not open.
-    #[inline]
-    pub fn is_available(&self) -> bool {
-        self.health() == Health::Healthy
-            && !self.draining.load(Ordering::Relaxed)
-            && self.breaker.allows(&self.circuit)
-    }
-
-    /// Whether a prompt of `prompt_tokens` (estimated) fits this instance's context.
-    #[inline]
-    pub fn fits(&self, prompt_tokens: u64) -> bool {
-        let max = self.max_model_len.load(Ordering::Relaxed);
-        max == 0 || prompt_tokens < max
-    }
-
-    pub fn in_flight(&self) -> u64 {
-        self.load.requests.load(Ordering::Relaxed)
-    }
-
-    pub fn circuit_str(&self) -> &'static str {
-        match self.circuit.load(Ordering::Relaxed) {
-            CIRCUIT_OPEN => "open",
-            CIRCUIT_HALF_OPEN => "half_open",
-            _ => "closed",
-        }
-    }
-
-    /// One entry of `/status/instances` and `/health`.
-    pub fn status_json(&self) -> serde_json::Value {
-        let (req, prompt, decode) = self.load.snapshot();
-        let max = self.max_model_len.load(Ordering::Relaxed);
-        serde_json::json!({
-            "address": self.address,
-            "role": self.role.as_str(),
-            "model": &*self.model,
-            "status": self.health().as_str(),
-            "circuit": self.circuit_str(),
-            "draining": self.draining.load(Ordering::Relaxed),
-            "active_requests": req,
-            "in_flight_prompt_tokens": prompt,
-            "in_flight_decode_tokens": decode,
-            "last_check": self.last_check.load(Ordering::Relaxed),
-            "max_model_len": (max > 0).then_some(max),
-        })
-    }
-}
-
-pub const CIRCUIT_CLOSED: u8 = 0;
-pub const CIRCUIT_OPEN: u8 = 1;
-pub const CIRCUIT_HALF_OPEN: u8 = 2;
-
-/// In-flight load of one instance; each counter on its own cache line because every worker
-/// writes them.
-#[derive(Default)]
-pub struct Load {
-    pub requests: CachePadded<AtomicU64>,
-    pub prompt_tokens: CachePadded<AtomicU64>,
-    pub decode_tokens: CachePadded<AtomicU64>,
-}
-
-impl Load {
-    pub fn snapshot(&self) -> (u64, u64, u64) {
-        (
-            self.requests.load(Ordering::Relaxed),
-            self.prompt_tokens.load(Ordering::Relaxed),
-            self.decode_tokens.load(Ordering::Relaxed),
-        )
-    }
-}
-
-/// Counts a request against an instance for as long as it lives; every exit path (success,
-/// error, client disconnect, unwinding) releases it.
-pub struct InFlight {
-    inst: Arc<Instance>,
-    prompt_tokens: u64,
-    decode_tokens: u64,
-}
-
-impl InFlight {
-    pub fn new(inst: Arc<Instance>, prompt_tokens: u64, decode_tokens: u64) -> Self {
-        inst.load.requests.fetch_add(1, Ordering::Relaxed);
-        inst.load
-            .prompt_tokens
-            .fetch_add(prompt_tokens, Ordering::Relaxed);
-        inst.load
-            .decode_tokens
-            .fetch_add(decode_tokens, Ordering::Relaxed);
-        InFlight {
-            inst,
-            prompt_tokens,
-            decode_tokens,
-        }
-    }
-    pub fn instance(&self) -> &Arc<Instance> {
-        &self.inst
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let l = &self.inst.load;
-        l.requests.fetch_sub(1, Ordering::Relaxed);
-        l.prompt_tokens
-            .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
-        l.decode_tokens
-            .fetch_sub(self.decode_tokens, Ordering::Relaxed);
-    }
-}
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 pub struct RoleSet {
     pub instances: Vec<Arc<Instance>>,
@@ -225,7 +36,6 @@ pub struct ModelRoute {
     pub name: String,
     pub kind: SchedulerKind,
     pub options: SchedulingOptions,
-    pub scheduler_name: &'static str,
     pub mode: DisaggMode,
     pub prefill: RoleSet,
     pub decode: RoleSet,
@@ -251,7 +61,6 @@ impl ModelRoute {
         };
         ModelRoute {
             name: name.to_string(),
-            scheduler_name: kind.as_str(),
             mode,
             prefill: RoleSet::new(of(Role::Prefill), Role::Prefill, kind, &options),
             decode: RoleSet::new(of(Role::Decode), Role::Decode, kind, &options),
@@ -343,10 +152,6 @@ impl Topology {
 
     /// The model a request names; with a single configured model, a request without
     /// `model` goes to it.
-    pub fn route(&self, model: Option<&str>) -> Option<&ModelRoute> {
-        self.route_index(model).map(|i| &self.models[i])
-    }
-
     pub fn route_index(&self, model: Option<&str>) -> Option<usize> {
         match model {
             Some(name) => self.models.iter().position(|m| m.name == name),
@@ -472,62 +277,95 @@ impl Topology {
     }
 }
 
-/// Everything workers share: the swappable snapshot and process-wide flags.
-pub struct Shared {
-    pub topology: ArcSwap<Topology>,
-    /// Timeouts, retries, keys and limits; replaced whole on reload.
-    pub policy: ArcSwap<crate::config::Policy>,
-    /// Set once every model can serve (startup gating); stays set.
-    pub ready: AtomicBool,
-    /// SIGTERM/SIGINT received: finish what is in flight, take nothing new.
-    pub shutting_down: AtomicBool,
-    /// Requests in flight, one slot per worker (each worker writes only its own).
-    pub active: Vec<CachePadded<AtomicU64>>,
-    /// Metrics, one set per worker (each worker writes only its own).
-    pub metrics: Vec<Arc<crate::metrics::WorkerMetrics>>,
-    pub started: Instant,
-    pub created_unix: u64,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::Health;
 
-impl Shared {
-    pub fn new(cfg: &Config, workers: usize) -> Arc<Self> {
-        Arc::new(Shared {
-            topology: ArcSwap::from_pointee(Topology::from_config(cfg)),
-            policy: ArcSwap::from_pointee(cfg.policy()),
-            ready: AtomicBool::new(false),
-            shutting_down: AtomicBool::new(false),
-            active: (0..workers.max(1))
-                .map(|_| CachePadded::new(AtomicU64::new(0)))
-                .collect(),
-            metrics: (0..workers.max(1)).map(|_| Arc::default()).collect(),
-            started: Instant::now(),
-            created_unix: crate::ids::unix_seconds(),
-        })
+    fn config(yaml: &str) -> Config {
+        Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    #[inline]
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+    fn addrs(t: &Topology) -> Vec<String> {
+        t.instances().map(|i| i.address.clone()).collect()
     }
 
-    pub fn active_requests(&self) -> u64 {
-        self.active.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    #[test]
+    fn a_reload_keeps_the_instances_that_stay_and_returns_the_ones_that_left() {
+        let before = Topology::from_config(&config(
+            "model: m\nprefill: [\"127.0.0.1:1001\"]\ndecode: [\"127.0.0.1:1002\", \"127.0.0.1:1003\"]\n",
+        ));
+        let kept = before
+            .find("127.0.0.1:1002".parse().unwrap())
+            .unwrap()
+            .clone();
+        kept.set_health(Health::Healthy);
+        let (after, gone) = before.reloaded(&config(
+            "model: m\nprefill: [\"127.0.0.1:1001\"]\ndecode: [\"127.0.0.1:1002\", \"127.0.0.1:1004\"]\n",
+        ));
+        assert_eq!(after.generation, before.generation + 1);
+        assert_eq!(
+            addrs(&after),
+            ["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1004"]
+        );
+        let same = after.find(kept.socket_addr).unwrap();
+        assert!(Arc::ptr_eq(same, &kept), "state carries over");
+        assert_eq!(same.health(), Health::Healthy);
+        let new = after.find("127.0.0.1:1004".parse().unwrap()).unwrap();
+        assert_eq!(new.health(), Health::Unknown);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].address, "127.0.0.1:1003");
     }
-}
 
-/// Counts a request in its worker's slot of `Shared::active` while it lives.
-pub struct ActiveRequest<'a>(&'a AtomicU64);
-
-impl<'a> ActiveRequest<'a> {
-    pub fn new(shared: &'a Shared, worker: usize) -> Self {
-        let slot = &shared.active[worker % shared.active.len()];
-        slot.fetch_add(1, Ordering::Relaxed);
-        ActiveRequest(slot)
+    #[test]
+    fn a_changed_role_or_model_is_a_new_instance() {
+        let before = Topology::from_config(&config(
+            "model: m\nprefill: [\"127.0.0.1:1001\"]\ndecode: [\"127.0.0.1:1002\"]\n",
+        ));
+        // 1001 turns decode, 1002 prefill: both old instances leave, two new ones come.
+        let (after, gone) = before.reloaded(&config(
+            "model: m\nprefill: [\"127.0.0.1:1002\"]\ndecode: [\"127.0.0.1:1001\"]\n",
+        ));
+        assert_eq!(gone.len(), 2);
+        assert!(after
+            .instances()
+            .all(|i| before.instances().all(|o| !Arc::ptr_eq(i, o))));
+        let (renamed, gone) = after.reloaded(&config(
+            "model: other\nprefill: [\"127.0.0.1:1002\"]\ndecode: [\"127.0.0.1:1001\"]\n",
+        ));
+        assert_eq!(gone.len(), 2);
+        assert_eq!(renamed.models[0].name, "other");
+        assert_eq!(renamed.route_index(None), Some(0));
+        assert_eq!(renamed.route_index(Some("m")), None);
     }
-}
 
-impl Drop for ActiveRequest<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+    #[test]
+    fn added_and_removed_instances() {
+        let t = Topology::from_config(&config("model: m\ndual: [\"127.0.0.1:1001\"]\n"));
+        let dup = Arc::new(Instance::new(
+            "127.0.0.1:1001".into(),
+            "127.0.0.1:1001".parse().unwrap(),
+            Role::Dual,
+            Arc::from("m"),
+        ));
+        assert!(t.with_added(dup).is_err(), "an address is configured once");
+        let other = Arc::new(Instance::new(
+            "127.0.0.1:1002".into(),
+            "127.0.0.1:1002".parse().unwrap(),
+            Role::Dual,
+            Arc::from("n"),
+        ));
+        let t2 = t.with_added(other).unwrap();
+        assert_eq!(t2.models.len(), 2, "an unknown model is created");
+        assert_eq!(
+            t2.route_index(None),
+            None,
+            "two models: `model` is required"
+        );
+        let (t3, gone) = t2.with_removed("127.0.0.1:1001".parse().unwrap()).unwrap();
+        assert_eq!(gone.address, "127.0.0.1:1001");
+        assert_eq!(addrs(&t3), ["127.0.0.1:1002"]);
+        assert_eq!(t3.generation, 2);
+        assert!(t3.with_removed("127.0.0.1:1001".parse().unwrap()).is_err());
     }
 }

@@ -25,14 +25,6 @@ fn instance_status(proxy: &Proc, addr: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 #[test]
 fn gated_until_nodes_come_up_and_operational_endpoints_always_answer() {
     let port_p = std::net::TcpListener::bind("127.0.0.1:0")
@@ -163,6 +155,36 @@ fn killed_decode_node_fails_over_and_comes_back() {
         total.load(Ordering::Relaxed)
     );
     assert!(total.load(Ordering::Relaxed) > 100);
+}
+
+#[test]
+fn an_open_circuit_closes_on_passing_probes_with_no_traffic_at_all() {
+    // Failed probes open the circuit; once the node is back and the open time is over,
+    // passing probes alone close it: no request is sent, and only /status/instances looks.
+    let d = dummy("dual", &[]);
+    let addr = d.addr.to_string();
+    let port = d.addr.port();
+    let yaml = format!(
+        "{}circuit_breaker:\n  failure_threshold: 2\n  timeout_duration_seconds: 1\n  success_threshold: 2\n",
+        dual_yaml(&[&d])
+    );
+    let proxy = proxy_with(&yaml, true);
+    drop(d);
+    wait_for(
+        "failed probes to open the circuit",
+        Duration::from_secs(10),
+        || instance_status(&proxy, &addr)["circuit"] == "open",
+    );
+    let back = dummy_at(port, "dual", &[]);
+    wait_for(
+        "passing probes to close the circuit",
+        Duration::from_secs(15),
+        || {
+            let s = instance_status(&proxy, &addr);
+            s["circuit"] == "closed" && s["status"] == "healthy"
+        },
+    );
+    assert_eq!(dummy_stats(&back)["requests"], 0, "no traffic was sent");
 }
 
 #[test]

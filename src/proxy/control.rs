@@ -5,8 +5,9 @@
 
 use crate::config::{CircuitConfig, Config, HealthConfig, Role, StartupConfig};
 use crate::http::blocking;
-use crate::resilience;
-use crate::topology::{Health, Instance, Shared, Topology};
+use crate::instance::{Health, Instance};
+use crate::shared::Shared;
+use crate::topology::Topology;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -272,9 +273,9 @@ fn probe(inst: &Instance, cfg: &HealthConfig, circuit: &CircuitConfig) {
         Health::Unhealthy
     });
     if ok {
-        resilience::record_success(inst, circuit);
+        inst.record_success(circuit);
     } else {
-        resilience::record_failure(inst, circuit);
+        inst.record_failure(circuit);
     }
     if ok != (before == Health::Healthy) && before != Health::Unknown {
         if ok {

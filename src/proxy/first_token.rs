@@ -14,8 +14,7 @@ use super::Worker;
 use crate::http::chunked::{encode_chunk, LAST_CHUNK};
 use crate::http::head::ResponseHead;
 use crate::http::write::{response_head, BodyLen};
-use crate::resilience;
-use crate::topology::Instance;
+use crate::instance::Instance;
 use http::StatusCode;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -198,7 +197,7 @@ pub async fn relay_rest(
             Ok(Ok(_)) if dec.ends_at_eof() => eof = true,
             Err(_) => {
                 // Same as the plain relay: the client learns why its stream stops.
-                resilience::record_failure(inst, &w.policy().circuit);
+                inst.record_failure(&w.policy().circuit);
                 crate::warn!(
                     "decode instance {} sent nothing for {idle:?} mid-stream; ending it",
                     inst.address
@@ -207,7 +206,7 @@ pub async fn relay_rest(
                 return fail_stream(client, &msg, "timeout_error", 504).await;
             }
             Ok(_) => {
-                resilience::record_failure(inst, &w.policy().circuit);
+                inst.record_failure(&w.policy().circuit);
                 crate::warn!("decode instance {} ended the stream early", inst.address);
                 return Outcome::close(200);
             }

@@ -15,10 +15,11 @@ use crate::http::head::ResponseHead;
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{error_response, full_response};
 use crate::http::{ApiError, Request};
+use crate::instance::{InFlight, Instance};
 use crate::metrics::ErrorType;
 use crate::resilience;
 use crate::scheduler::PickContext;
-use crate::topology::{InFlight, Instance, ModelRoute, RoleSet, Topology};
+use crate::topology::{ModelRoute, RoleSet, Topology};
 use bytes::Bytes;
 use http::StatusCode;
 use monoio::io::AsyncWriteRentExt;
@@ -417,9 +418,9 @@ impl Leg<'_> {
                     }
                     if head.status.is_server_error() {
                         count_error(ErrorType::Status5xx);
-                        resilience::record_failure(&inst, &policy.circuit);
+                        inst.record_failure(&policy.circuit);
                     } else {
-                        resilience::record_success(&inst, &policy.circuit);
+                        inst.record_success(&policy.circuit);
                     }
                     if attempt >= max_retries || !retry.retryable_status.contains(&status) {
                         return Ok(Answered { guard, conn, head });
@@ -435,7 +436,7 @@ impl Leg<'_> {
                         UpstreamError::BadResponse(_) => ErrorType::BadResponse,
                         UpstreamError::Io(_) | UpstreamError::Closed => ErrorType::Closed,
                     });
-                    resilience::record_failure(&inst, &policy.circuit);
+                    inst.record_failure(&policy.circuit);
                     w.pool.forget(inst.socket_addr);
                     if attempt >= max_retries {
                         return Err(self.upstream_failed(&inst, role, &e));
@@ -444,7 +445,7 @@ impl Leg<'_> {
                 }
                 Err(_) => {
                     count_error(ErrorType::Timeout);
-                    resilience::record_failure(&inst, &policy.circuit);
+                    inst.record_failure(&policy.circuit);
                     crate::warn!(
                         "request {}: {} instance {} sent no response within {:?}",
                         self.request_id,
@@ -540,11 +541,11 @@ async fn disaggregated(
         {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                resilience::record_failure(inst, &w.policy().circuit);
+                inst.record_failure(&w.policy().circuit);
                 return Err(leg.upstream_failed(inst, Role::Prefill, &e));
             }
             Err(_) => {
-                resilience::record_failure(inst, &w.policy().circuit);
+                inst.record_failure(&w.policy().circuit);
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout_error",

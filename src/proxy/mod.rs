@@ -11,7 +11,7 @@ mod upstream;
 
 use crate::config::{Config, Policy};
 use crate::runtime::{self, Driver};
-use crate::topology::Shared;
+use crate::shared::Shared;
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;

@@ -10,8 +10,7 @@ use super::Worker;
 use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
 use crate::http::head::{Framing, ResponseHead};
 use crate::http::write::{response_head, BodyLen};
-use crate::resilience;
-use crate::topology::Instance;
+use crate::instance::Instance;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use std::sync::Arc;
@@ -206,7 +205,7 @@ pub async fn relay(
         let read = match monoio::time::timeout(idle, conn.buf.fill(&mut conn.stream)).await {
             Ok(r) => r,
             Err(_) => {
-                resilience::record_failure(inst, &w.policy().circuit);
+                inst.record_failure(&w.policy().circuit);
                 crate::warn!(
                     "request {}: upstream {} sent nothing for {:?} mid-response; ending it",
                     p.request_id,
@@ -230,7 +229,7 @@ pub async fn relay(
                 }
                 Mode::Decode(ref dec) if dec.ends_at_eof() => return Outcome::close(status),
                 _ => {
-                    resilience::record_failure(inst, &w.policy().circuit);
+                    inst.record_failure(&w.policy().circuit);
                     crate::warn!(
                         "request {}: upstream {} closed mid-response; closing the client connection",
                         p.request_id,
@@ -241,7 +240,7 @@ pub async fn relay(
             },
             Ok(_) => {}
             Err(e) => {
-                resilience::record_failure(inst, &w.policy().circuit);
+                inst.record_failure(&w.policy().circuit);
                 crate::warn!(
                     "request {}: reading from upstream {} failed mid-response: {e}",
                     p.request_id,

@@ -9,7 +9,7 @@ use crate::http::watch::DisconnectWatch;
 use crate::http::write::{full_response, JSON};
 use crate::http::{lingering_close, read_request, ApiError, ReadBuf, ReadError, Request};
 use crate::metrics;
-use crate::topology::ActiveRequest;
+use crate::shared::ActiveRequest;
 use http::{Method, StatusCode};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{TcpListener, TcpStream};
@@ -171,7 +171,12 @@ async fn route(
         };
     }
     if method == Method::GET && path == "/metrics" {
-        let body = metrics::render(&w.shared);
+        let topo = w.shared.topology.load();
+        let body = metrics::render(&metrics::Scrape {
+            workers: &w.shared.metrics,
+            active_requests: w.shared.active_requests(),
+            instances: topo.instances().map(|i| &**i).collect(),
+        });
         let (res, _) = stream
             .write_all(full_response(
                 StatusCode::OK,
@@ -288,7 +293,7 @@ fn status(w: &Worker) -> serde_json::Value {
             };
             json!({
                 "name": m.name,
-                "scheduler": m.scheduler_name,
+                "scheduler": m.kind.as_str(),
                 "prefill": count(&m.prefill),
                 "decode": count(&m.decode),
                 "dual": count(&m.dual),

@@ -7,7 +7,8 @@
 use crate::http::buf::ReadBuf;
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
-use crate::topology::{Instance, Topology};
+use crate::instance::Instance;
+use crate::topology::Topology;
 use bytes::Bytes;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;

@@ -10,7 +10,7 @@
 
 use super::{hash64, least_loaded, load_key, PickContext, Scheduler};
 use crate::config::{Role, SchedulingOptions};
-use crate::topology::Instance;
+use crate::instance::Instance;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -139,10 +139,6 @@ pub(crate) fn block_hashes(text: &[u8]) -> Vec<u64> {
 }
 
 impl Scheduler for CacheAware {
-    fn name(&self) -> &'static str {
-        "cache_aware"
-    }
-
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         let (mut min, mut max, mut any) = (u64::MAX, 0u64, false);
         for i in candidates.iter().filter(|i| ctx.eligible(i)) {
@@ -199,8 +195,8 @@ impl Scheduler for CacheAware {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instance::InFlight;
     use crate::scheduler::testing::instances;
-    use crate::topology::InFlight;
 
     fn pick(ca: &CacheAware, c: &[Arc<Instance>], text: &str) -> Arc<Instance> {
         let ctx = PickContext {

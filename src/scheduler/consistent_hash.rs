@@ -1,6 +1,6 @@
 use super::{hash64, least_loaded, PickContext, Scheduler};
 use crate::config::{Role, SchedulingOptions};
-use crate::topology::Instance;
+use crate::instance::Instance;
 use std::sync::Arc;
 
 /// Sticky routing by key (`X-Session-ID`, else `user`, else client IP) on a hash ring with
@@ -34,10 +34,6 @@ impl ConsistentHash {
 }
 
 impl Scheduler for ConsistentHash {
-    fn name(&self) -> &'static str {
-        "consistent_hash"
-    }
-
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         let Some(key) = ctx.key else {
             return least_loaded(Role::Decode, candidates, ctx);
@@ -82,8 +78,8 @@ impl Scheduler for ConsistentHash {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instance::InFlight;
     use crate::scheduler::testing::instances;
-    use crate::topology::InFlight;
 
     fn owner(ch: &ConsistentHash, c: &[Arc<Instance>], key: &str) -> String {
         let ctx = PickContext {

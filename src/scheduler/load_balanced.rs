@@ -1,6 +1,6 @@
 use super::{least_loaded, PickContext, Scheduler};
 use crate::config::Role;
-use crate::topology::Instance;
+use crate::instance::Instance;
 use std::sync::Arc;
 
 /// The default: prefill goes to the instance with the fewest prompt tokens in flight
@@ -17,10 +17,6 @@ impl LoadBalanced {
 }
 
 impl Scheduler for LoadBalanced {
-    fn name(&self) -> &'static str {
-        "loadbalanced"
-    }
-
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         least_loaded(self.role, candidates, ctx)
     }
@@ -29,8 +25,8 @@ impl Scheduler for LoadBalanced {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instance::InFlight;
     use crate::scheduler::testing::instances;
-    use crate::topology::InFlight;
 
     #[test]
     fn prefill_follows_token_weight() {

@@ -10,7 +10,7 @@ mod power_of_two;
 mod round_robin;
 
 use crate::config::{Role, SchedulerKind, SchedulingOptions};
-use crate::topology::Instance;
+use crate::instance::Instance;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -45,7 +45,6 @@ impl PickContext<'_> {
 }
 
 pub trait Scheduler: Send + Sync {
-    fn name(&self) -> &'static str;
     /// Picks one of `candidates` for which `ctx.eligible` holds, or None.
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>>;
 }
@@ -119,7 +118,7 @@ pub(crate) fn hash64(seed: u64, data: &[u8]) -> u64 {
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
-    use crate::topology::Health;
+    use crate::instance::Health;
 
     pub fn instances(n: usize, role: Role) -> Vec<Arc<Instance>> {
         (0..n)

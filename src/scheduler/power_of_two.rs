@@ -1,6 +1,6 @@
 use super::{load_key, PickContext, Scheduler};
 use crate::config::Role;
-use crate::topology::Instance;
+use crate::instance::Instance;
 use std::sync::Arc;
 
 /// Two random eligible instances, the less loaded wins: nearly the balance of
@@ -16,10 +16,6 @@ impl PowerOfTwo {
 }
 
 impl Scheduler for PowerOfTwo {
-    fn name(&self) -> &'static str {
-        "power_of_two"
-    }
-
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         let n = candidates.len();
         if n == 0 {
@@ -50,8 +46,8 @@ impl Scheduler for PowerOfTwo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instance::InFlight;
     use crate::scheduler::testing::instances;
-    use crate::topology::InFlight;
 
     /// Places 10,000 long-lived requests; reports the most loaded instance's count.
     fn max_load(pick: impl Fn(&[Arc<Instance>]) -> Arc<Instance>) -> u64 {

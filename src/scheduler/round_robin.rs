@@ -1,5 +1,5 @@
 use super::{PickContext, Scheduler};
-use crate::topology::Instance;
+use crate::instance::Instance;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -11,10 +11,6 @@ pub struct RoundRobin {
 }
 
 impl Scheduler for RoundRobin {
-    fn name(&self) -> &'static str {
-        "roundrobin"
-    }
-
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         let n = candidates.len();
         if n == 0 {
@@ -32,8 +28,8 @@ impl Scheduler for RoundRobin {
 mod tests {
     use super::*;
     use crate::config::Role;
+    use crate::instance::Health;
     use crate::scheduler::testing::instances;
-    use crate::topology::Health;
 
     #[test]
     fn cycles_and_skips_unhealthy() {

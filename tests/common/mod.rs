@@ -70,6 +70,19 @@ pub fn spawn_listening(mut cmd: Command) -> Proc {
     }
 }
 
+/// Polls `f` until it holds; fails the test naming `what` once `timeout` has passed. Tests
+/// wait for events this way, never by sleeping a guessed time.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub const MODEL: &str = "test-model";
 
 pub fn dummy(mode: &str, extra: &[&str]) -> Proc {

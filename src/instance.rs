@@ -1,0 +1,205 @@
+//! One backend instance as every worker sees it: its address and role, its health and
+//! circuit, and its in-flight load in cache-padded atomics that workers update without
+//! locks.
+
+use crate::config::{CircuitConfig, Role};
+use crate::resilience::{Breaker, Circuit, Transition};
+use crossbeam_utils::CachePadded;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+pub struct Instance {
+    /// Process-unique, stable for the instance's life (metrics key on it).
+    pub id: u64,
+    pub address: String,
+    pub socket_addr: SocketAddr,
+    pub role: Role,
+    pub model: Arc<str>,
+    health: AtomicU8,
+    /// Removed by an operator: finishes what it has, gets nothing new.
+    pub draining: AtomicBool,
+    /// Circuit breaker (see `resilience`); only an open circuit blocks picks.
+    pub breaker: Breaker,
+    pub load: Load,
+    /// 0 until read from the instance's /v1/models.
+    pub max_model_len: AtomicU64,
+    pub root: OnceLock<String>,
+    /// Unix seconds of the last health probe (0: never).
+    pub last_check: AtomicU64,
+}
+
+impl Instance {
+    pub fn new(address: String, socket_addr: SocketAddr, role: Role, model: Arc<str>) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Instance {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            address,
+            socket_addr,
+            role,
+            model,
+            health: AtomicU8::new(Health::Unknown as u8),
+            draining: AtomicBool::new(false),
+            breaker: Default::default(),
+            load: Load::default(),
+            max_model_len: AtomicU64::new(0),
+            root: OnceLock::new(),
+            last_check: AtomicU64::new(0),
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Relaxed) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    pub fn set_health(&self, h: Health) {
+        self.health.store(h as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the scheduler may send new requests here: healthy, not draining, circuit
+    /// not open.
+    #[inline]
+    pub fn is_available(&self) -> bool {
+        self.health() == Health::Healthy
+            && !self.draining.load(Ordering::Relaxed)
+            && self.breaker.allows()
+    }
+
+    /// Whether a prompt of `prompt_tokens` (estimated) fits this instance's context.
+    #[inline]
+    pub fn fits(&self, prompt_tokens: u64) -> bool {
+        let max = self.max_model_len.load(Ordering::Relaxed);
+        max == 0 || prompt_tokens < max
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.load.requests.load(Ordering::Relaxed)
+    }
+
+    /// The circuit's state now (time-driven: see `Breaker::state`).
+    pub fn circuit(&self) -> Circuit {
+        self.breaker.state()
+    }
+
+    /// Records a failed request or probe against the circuit.
+    pub fn record_failure(&self, cfg: &CircuitConfig) {
+        if self.breaker.record_failure(cfg) == Some(Transition::Opened) {
+            crate::warn!(
+                "circuit of {} ({}) opened for {:?}",
+                self.address,
+                self.role.as_str(),
+                cfg.timeout
+            );
+        }
+    }
+
+    /// Records a successful request or probe.
+    pub fn record_success(&self, cfg: &CircuitConfig) {
+        if self.breaker.record_success(cfg) == Some(Transition::Closed) {
+            crate::warn!(
+                "circuit of {} ({}) closed again",
+                self.address,
+                self.role.as_str()
+            );
+        }
+    }
+
+    /// One entry of `/status/instances` and `/health`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let (req, prompt, decode) = self.load.snapshot();
+        let max = self.max_model_len.load(Ordering::Relaxed);
+        serde_json::json!({
+            "address": self.address,
+            "role": self.role.as_str(),
+            "model": &*self.model,
+            "status": self.health().as_str(),
+            "circuit": self.circuit().as_str(),
+            "draining": self.draining.load(Ordering::Relaxed),
+            "active_requests": req,
+            "in_flight_prompt_tokens": prompt,
+            "in_flight_decode_tokens": decode,
+            "last_check": self.last_check.load(Ordering::Relaxed),
+            "max_model_len": (max > 0).then_some(max),
+        })
+    }
+}
+
+/// In-flight load of one instance; each counter on its own cache line because every worker
+/// writes them.
+#[derive(Default)]
+pub struct Load {
+    pub requests: CachePadded<AtomicU64>,
+    pub prompt_tokens: CachePadded<AtomicU64>,
+    pub decode_tokens: CachePadded<AtomicU64>,
+}
+
+impl Load {
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.prompt_tokens.load(Ordering::Relaxed),
+            self.decode_tokens.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Counts a request against an instance for as long as it lives; every exit path (success,
+/// error, client disconnect, unwinding) releases it.
+pub struct InFlight {
+    inst: Arc<Instance>,
+    prompt_tokens: u64,
+    decode_tokens: u64,
+}
+
+impl InFlight {
+    pub fn new(inst: Arc<Instance>, prompt_tokens: u64, decode_tokens: u64) -> Self {
+        inst.load.requests.fetch_add(1, Ordering::Relaxed);
+        inst.load
+            .prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        inst.load
+            .decode_tokens
+            .fetch_add(decode_tokens, Ordering::Relaxed);
+        InFlight {
+            inst,
+            prompt_tokens,
+            decode_tokens,
+        }
+    }
+    pub fn instance(&self) -> &Arc<Instance> {
+        &self.inst
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let l = &self.inst.load;
+        l.requests.fetch_sub(1, Ordering::Relaxed);
+        l.prompt_tokens
+            .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
+        l.decode_tokens
+            .fetch_sub(self.decode_tokens, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,71 @@
+//! Everything workers share: the swappable topology snapshot and policy, process-wide
+//! flags, and each worker's slot of counters.
+
+use crate::config::Config;
+use crate::metrics::WorkerMetrics;
+use crate::topology::Topology;
+use arc_swap::ArcSwap;
+use crossbeam_utils::CachePadded;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything workers share: the swappable snapshot and process-wide flags.
+pub struct Shared {
+    pub topology: ArcSwap<Topology>,
+    /// Timeouts, retries, keys and limits; replaced whole on reload.
+    pub policy: ArcSwap<crate::config::Policy>,
+    /// Set once every model can serve (startup gating); stays set.
+    pub ready: AtomicBool,
+    /// SIGTERM/SIGINT received: finish what is in flight, take nothing new.
+    pub shutting_down: AtomicBool,
+    /// Requests in flight, one slot per worker (each worker writes only its own).
+    pub active: Vec<CachePadded<AtomicU64>>,
+    /// Metrics, one set per worker (each worker writes only its own).
+    pub metrics: Vec<Arc<WorkerMetrics>>,
+    pub started: Instant,
+    pub created_unix: u64,
+}
+
+impl Shared {
+    pub fn new(cfg: &Config, workers: usize) -> Arc<Self> {
+        Arc::new(Shared {
+            topology: ArcSwap::from_pointee(Topology::from_config(cfg)),
+            policy: ArcSwap::from_pointee(cfg.policy()),
+            ready: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            active: (0..workers.max(1))
+                .map(|_| CachePadded::new(AtomicU64::new(0)))
+                .collect(),
+            metrics: (0..workers.max(1)).map(|_| Arc::default()).collect(),
+            started: Instant::now(),
+            created_unix: crate::ids::unix_seconds(),
+        })
+    }
+
+    #[inline]
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn active_requests(&self) -> u64 {
+        self.active.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Counts a request in its worker's slot of `Shared::active` while it lives.
+pub struct ActiveRequest<'a>(&'a AtomicU64);
+
+impl<'a> ActiveRequest<'a> {
+    pub fn new(shared: &'a Shared, worker: usize) -> Self {
+        let slot = &shared.active[worker % shared.active.len()];
+        slot.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(slot)
+    }
+}
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
