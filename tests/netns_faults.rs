@@ -69,7 +69,13 @@ fn in_netns(test: &str, scenario: impl FnOnce()) {
     let out = Command::new("unshare")
         .args(["--net", "--"])
         .arg(exe)
-        .args([test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(IN_NETNS, "1")
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -116,7 +122,9 @@ impl Faults {
     fn rule(&self, rule: &str) {
         cmd_out(
             "nft",
-            &[&format!("add rule inet xpyd_faults out {rule} counter drop")],
+            &[&format!(
+                "add rule inet xpyd_faults out {rule} counter drop"
+            )],
         );
     }
 
@@ -138,8 +146,12 @@ impl Faults {
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        self.rule(&format!("tcp dport {{ {set} }} numgen random mod 100 < {percent}"));
-        self.rule(&format!("tcp sport {{ {set} }} numgen random mod 100 < {percent}"));
+        self.rule(&format!(
+            "tcp dport {{ {set} }} numgen random mod 100 < {percent}"
+        ));
+        self.rule(&format!(
+            "tcp sport {{ {set} }} numgen random mod 100 < {percent}"
+        ));
     }
 
     /// Packets dropped so far by the current rules.
@@ -315,11 +327,7 @@ fn load(
     for h in handles {
         h.join().unwrap();
     }
-    Arc::try_unwrap(results)
-        .ok()
-        .unwrap()
-        .into_inner()
-        .unwrap()
+    Arc::try_unwrap(results).ok().unwrap().into_inner().unwrap()
 }
 
 /// `(status, circuit)` of the instance at `addr` as `/status/instances` shows it.
@@ -442,9 +450,11 @@ fn blackholed_decode_node_under_load() {
                 })
             })
         };
-        wait_for("a fifth of the load started", Duration::from_secs(60), || {
-            started.load(Ordering::Relaxed) >= total / 5
-        });
+        wait_for(
+            "a fifth of the load started",
+            Duration::from_secs(60),
+            || started.load(Ordering::Relaxed) >= total / 5,
+        );
         let fault_at = t0.elapsed();
         faults.blackhole(victim.addr.port());
         let detection = wait_for(
@@ -452,10 +462,7 @@ fn blackholed_decode_node_under_load() {
             Duration::from_secs(20),
             || taken_out(&instance_state(&proxy, victim.addr)),
         );
-        detected_us.store(
-            (fault_at + detection).as_micros() as u64,
-            Ordering::Relaxed,
-        );
+        detected_us.store((fault_at + detection).as_micros() as u64, Ordering::Relaxed);
         let results = runner.join().unwrap();
         let dropped = faults.dropped();
 
@@ -697,7 +704,10 @@ fn one_percent_packet_loss() {
                 i < total
             });
             let wall = t0.elapsed();
-            let bad: Vec<&Done> = results.iter().filter(|d| d.outcome != Outcome::Ok).collect();
+            let bad: Vec<&Done> = results
+                .iter()
+                .filter(|d| d.outcome != Outcome::Ok)
+                .collect();
             assert!(
                 bad.is_empty(),
                 "{} of {} requests failed with {loss} % loss: {:?}",
@@ -811,7 +821,13 @@ fn blackholed_node_at_startup() {
             other => panic!("expected 503 while gated, got {other:?}"),
         }
         let mut slowest = Duration::ZERO;
-        for path in ["/health", "/ping", "/status", "/status/instances", "/v1/models"] {
+        for path in [
+            "/health",
+            "/ping",
+            "/status",
+            "/status/instances",
+            "/v1/models",
+        ] {
             let (code, took) = quick(&proxy.url(path));
             let want = if path == "/health" { 503 } else { 200 };
             assert_eq!(code, want, "{path} while gated");
