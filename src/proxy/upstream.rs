@@ -16,6 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 const MAX_IDLE_PER_BACKEND: usize = 1024;
@@ -125,21 +126,33 @@ impl Pool {
         })
     }
 
+    /// The newest idle connection to `addr` that is still clean. One that received anything
+    /// while idle (a stray or late response, a FIN, an RST) is closed, never reused: those
+    /// bytes would be read as the answer to the next request, which may be another
+    /// client's.
     fn take_idle(&self, addr: SocketAddr) -> Option<UpstreamConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         // Newest first; if it is too old, so is everything before it.
-        let idle = list.pop()?;
-        if idle.since.elapsed() > self.idle_timeout {
-            list.clear();
-            return None;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() > self.idle_timeout {
+                list.clear();
+                return None;
+            }
+            if !is_quiet(&idle.stream) {
+                crate::debug!(
+                    "upstream {addr}: idle connection received data or closed; discarding it"
+                );
+                continue; // dropping it closes it
+            }
+            return Some(UpstreamConn {
+                stream: idle.stream,
+                buf: idle.buf,
+                addr,
+                reused: true,
+            });
         }
-        Some(UpstreamConn {
-            stream: idle.stream,
-            buf: idle.buf,
-            addr,
-            reused: true,
-        })
+        None
     }
 
     /// Returns a connection whose last response was read to its exact end. Connections to
@@ -186,6 +199,33 @@ impl Pool {
                 Err(e) if conn.reused && conn.buf.is_empty() && is_stale(&e) => continue,
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// Whether nothing at all arrived on an idle connection: a non-blocking peek (one syscall,
+/// consumes nothing) finds no byte and no end of stream. Nothing is pending on a pooled
+/// socket, so this works alike under io_uring and epoll.
+fn is_quiet(stream: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: the descriptor is open (we own `stream`) and the buffer is one valid,
+        // writable byte on the stack.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return false; // a byte (stray data) or 0 (the peer closed)
+        }
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock => return true,
+            io::ErrorKind::Interrupted => continue,
+            _ => return false, // reset, or any other error: not reusable
         }
     }
 }

@@ -1,0 +1,363 @@
+//! Pooled upstream connections are proven clean before reuse: a backend that writes on an
+//! idle keep-alive connection (a stray response) or closes it must never make a client
+//! receive another request's answer, nor fail a request.
+//!
+//! The backend here is a small raw-TCP HTTP/1.1 server in the test process, so that the test
+//! decides exactly when it misbehaves.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// On command, writes one unsolicited complete response on every idle connection that
+    /// answered a completion.
+    StrayResponse,
+    /// Closes a connection idle for this long (with an RST instead of a FIN if `reset`).
+    CloseIdle { after: Duration, reset: bool },
+}
+
+#[derive(Default)]
+struct NodeState {
+    /// Bumped by `poison_idle`; each connection writes one stray response per bump.
+    poison_gen: AtomicU64,
+    /// Open connections that answered a completion → the last generation they poisoned.
+    poisoned: Mutex<HashMap<u64, u64>>,
+    completion_conns: AtomicU64,
+    completions: AtomicU64,
+    strays: AtomicU64,
+    idle_closes: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// A dual node answering `/health`, `/v1/models` and completions whose `text` echoes the
+/// request's `prompt` (the marker the test checks), misbehaving as told.
+struct RawNode {
+    addr: SocketAddr,
+    state: Arc<NodeState>,
+}
+
+impl Drop for RawNode {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
+impl RawNode {
+    fn start(how: Misbehaviour) -> RawNode {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(NodeState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for (id, conn) in listener.incoming().enumerate() {
+                if st.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || serve_conn(id as u64, conn, how, &st));
+            }
+        });
+        RawNode { addr, state }
+    }
+
+    /// Makes every idle connection that answered a completion write a stray response, and
+    /// waits until all of them did (nothing is in flight between two rounds).
+    fn poison_idle(&self) {
+        let gen = self.state.poison_gen.fetch_add(1, Ordering::SeqCst) + 1;
+        wait_until("every idle connection got its stray response", || {
+            self.state
+                .poisoned
+                .lock()
+                .unwrap()
+                .values()
+                .all(|&g| g >= gen)
+        });
+    }
+
+    fn count(&self, c: &AtomicU64) -> u64 {
+        c.load(Ordering::SeqCst)
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A complete, well-formed response that no request asked for.
+fn stray() -> Vec<u8> {
+    let body = r#"{"id":"stray","object":"text_completion","choices":[{"index":0,"text":"STRAY RESPONSE"}]}"#;
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn serve_conn(id: u64, mut s: TcpStream, how: Misbehaviour, st: &NodeState) {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(5)));
+    let _ = s.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut last_activity = Instant::now();
+    let mut answered_completion = false;
+    let mut my_gen = st.poison_gen.load(Ordering::SeqCst);
+    let done = |answered: bool| {
+        if answered {
+            st.poisoned.lock().unwrap().remove(&id);
+        }
+    };
+    loop {
+        if st.stop.load(Ordering::Relaxed) {
+            return done(answered_completion);
+        }
+        if let Some((req_len, method, path, body, close)) = parse_request(&buf) {
+            buf.drain(..req_len);
+            let (status, payload) = answer(&method, &path, &body);
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{payload}",
+                payload.len(),
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            if s.write_all(resp.as_bytes()).is_err() || close {
+                return done(answered_completion);
+            }
+            if method == "POST" {
+                st.completions.fetch_add(1, Ordering::SeqCst);
+                if !answered_completion {
+                    answered_completion = true;
+                    st.completion_conns.fetch_add(1, Ordering::SeqCst);
+                    my_gen = st.poison_gen.load(Ordering::SeqCst);
+                    st.poisoned.lock().unwrap().insert(id, my_gen);
+                }
+            }
+            last_activity = Instant::now();
+            continue;
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return done(answered_completion),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                last_activity = Instant::now();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !buf.is_empty() {
+                    continue;
+                }
+                match how {
+                    Misbehaviour::StrayResponse => {
+                        let gen = st.poison_gen.load(Ordering::SeqCst);
+                        if answered_completion && my_gen < gen {
+                            if s.write_all(&stray()).is_err() {
+                                return done(true);
+                            }
+                            my_gen = gen;
+                            st.strays.fetch_add(1, Ordering::SeqCst);
+                            st.poisoned.lock().unwrap().insert(id, gen);
+                        }
+                    }
+                    Misbehaviour::CloseIdle { after, reset } => {
+                        if last_activity.elapsed() >= after {
+                            if reset {
+                                set_linger_zero(&s);
+                            }
+                            st.idle_closes.fetch_add(1, Ordering::SeqCst);
+                            return done(answered_completion);
+                        }
+                    }
+                }
+            }
+            Err(_) => return done(answered_completion),
+        }
+    }
+}
+
+/// Closing the socket then sends an RST instead of a FIN.
+fn set_linger_zero(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket descriptor and a correctly sized, initialised option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// A complete request at the start of `buf`: (its length, method, path, body, wants close).
+fn parse_request(buf: &[u8]) -> Option<(usize, String, String, Vec<u8>, bool)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_string();
+    let path = first.next()?.to_string();
+    let mut len = 0usize;
+    let mut close = false;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            let v = v.trim();
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.parse().ok()?;
+            } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
+                close = true;
+            }
+        }
+    }
+    if buf.len() < end + len {
+        return None;
+    }
+    Some((end + len, method, path, buf[end..end + len].to_vec(), close))
+}
+
+fn answer(method: &str, path: &str, body: &[u8]) -> (&'static str, String) {
+    match (method, path) {
+        ("GET", "/health") => ("200 OK", "{}".into()),
+        ("GET", "/v1/models") => (
+            "200 OK",
+            json!({"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 4096}]})
+                .to_string(),
+        ),
+        ("POST", _) => {
+            let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let marker = req["prompt"].as_str().unwrap_or("<no prompt>");
+            (
+                "200 OK",
+                json!({"id": "cmpl-raw", "object": "text_completion", "created": 0, "model": MODEL,
+                       "choices": [{"index": 0, "text": marker, "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+                .to_string(),
+            )
+        }
+        _ => ("404 Not Found", "{}".into()),
+    }
+}
+
+fn proxy_for(node: &RawNode) -> Proc {
+    proxy_with(
+        &format!("model: {MODEL}\ndual: [\"{}\"]\n", node.addr),
+        true,
+    )
+}
+
+/// One request whose answer must echo its own marker.
+fn check_echo(agent: &ureq::Agent, proxy: &Proc, marker: &str) {
+    let (status, _, v) = post(
+        agent,
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": marker, "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "request {marker} failed: {v}");
+    assert_eq!(
+        v["choices"][0]["text"], marker,
+        "request {marker} received another answer: {v}"
+    );
+}
+
+#[test]
+fn stray_bytes_on_an_idle_upstream_connection_never_reach_a_client() {
+    let node = RawNode::start(Misbehaviour::StrayResponse);
+    let proxy = proxy_for(&node);
+    // Four keep-alive client connections, three requests each per round, concurrently;
+    // between rounds every idle upstream connection receives a stray response.
+    let agents: Vec<ureq::Agent> = (0..4).map(|_| agent()).collect();
+    for round in 0..5 {
+        std::thread::scope(|s| {
+            for (c, a) in agents.iter().enumerate() {
+                let proxy = &proxy;
+                s.spawn(move || {
+                    for i in 0..3 {
+                        check_echo(a, proxy, &format!("round{round}-client{c}-req{i}"));
+                    }
+                });
+            }
+        });
+        node.poison_idle();
+    }
+    // And one client connection alone, a stray before each request.
+    let a = agent();
+    for i in 0..5 {
+        check_echo(&a, &proxy, &format!("single-{i}"));
+        node.poison_idle();
+    }
+    let (conns, completions) = (
+        node.count(&node.state.completion_conns),
+        node.count(&node.state.completions),
+    );
+    assert!(
+        node.count(&node.state.strays) > 0,
+        "the node never wrote a stray response: the test tested nothing"
+    );
+    assert!(
+        conns < completions,
+        "no upstream connection was reused ({conns} connections for {completions} completions): the pool was not exercised"
+    );
+}
+
+fn closing_node_never_fails_a_request(reset: bool) {
+    let node = RawNode::start(Misbehaviour::CloseIdle {
+        after: Duration::from_millis(300),
+        reset,
+    });
+    let proxy = proxy_for(&node);
+    // Each request after the node closed the pooled connection it would reuse.
+    let a = agent();
+    for i in 0..3 {
+        let closes = node.count(&node.state.idle_closes);
+        check_echo(&a, &proxy, &format!("after-close-{i}"));
+        wait_until("the node closed its idle connection", || {
+            node.count(&node.state.idle_closes) > closes
+        });
+    }
+    // Light concurrent load with pauses around the node's idle limit, so that requests
+    // also meet connections just as they are being closed.
+    std::thread::scope(|s| {
+        for c in 0..3u64 {
+            let proxy = &proxy;
+            s.spawn(move || {
+                let a = agent();
+                for i in 0..6u64 {
+                    check_echo(&a, proxy, &format!("client{c}-req{i}"));
+                    // Being idle is the scenario here, not a synchronisation.
+                    std::thread::sleep(Duration::from_millis(260 + (i * 37 + c * 13) % 80));
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_node_closing_idle_connections_fails_no_request() {
+    closing_node_never_fails_a_request(false);
+}
+
+#[test]
+fn a_node_resetting_idle_connections_fails_no_request() {
+    closing_node_never_fails_a_request(true);
+}
