@@ -39,7 +39,7 @@ fn picks(c: &mut Criterion) {
             SchedulerKind::ConsistentHash,
             SchedulerKind::PowerOfTwo,
         ] {
-            let s = scheduler::build(kind, Role::Decode, &opts, &inst);
+            let s = scheduler::build(kind, "m", Role::Decode, &opts, &inst);
             let mut k = 0u64;
             c.bench_function(&format!("pick/{}/{n}", kind.as_str()), |b| {
                 b.iter(|| {
@@ -55,7 +55,7 @@ fn picks(c: &mut Criterion) {
             });
         }
         // cache_aware: 4 KiB prompts, index filled to max_tree_size first.
-        let s = scheduler::build(SchedulerKind::CacheAware, Role::Decode, &opts, &inst);
+        let s = scheduler::build(SchedulerKind::CacheAware, "m", Role::Decode, &opts, &inst);
         let prompts: Vec<Vec<u8>> = (0..4096)
             .map(|p| {
                 format!("{p:05} {}", "lorem ipsum dolor sit amet ".repeat(160)).as_bytes()[..4096]

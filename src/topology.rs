@@ -16,13 +16,14 @@ pub struct RoleSet {
 
 impl RoleSet {
     fn new(
+        model: &str,
         instances: Vec<Arc<Instance>>,
         role: Role,
         kind: SchedulerKind,
         opts: &SchedulingOptions,
     ) -> Self {
         RoleSet {
-            scheduler: scheduler::build(kind, role, opts, &instances),
+            scheduler: scheduler::build(kind, model, role, opts, &instances),
             instances,
         }
     }
@@ -62,9 +63,9 @@ impl ModelRoute {
         ModelRoute {
             name: name.to_string(),
             mode,
-            prefill: RoleSet::new(of(Role::Prefill), Role::Prefill, kind, &options),
-            decode: RoleSet::new(of(Role::Decode), Role::Decode, kind, &options),
-            dual: RoleSet::new(of(Role::Dual), Role::Dual, kind, &options),
+            prefill: RoleSet::new(name, of(Role::Prefill), Role::Prefill, kind, &options),
+            decode: RoleSet::new(name, of(Role::Decode), Role::Decode, kind, &options),
+            dual: RoleSet::new(name, of(Role::Dual), Role::Dual, kind, &options),
             kind,
             options,
         }

@@ -219,3 +219,59 @@ fn long_prompts_only_go_to_instances_that_can_take_them() {
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     assert_eq!(dummy_stats(&p)["requests"], 10);
 }
+
+/// The prefix index is shared by the proxy's workers: requests of one prefix group, each on
+/// its own connection (so spread over both workers by SO_REUSEPORT), land on one node.
+#[test]
+fn cache_aware_prefix_groups_stay_on_one_node_across_workers() {
+    let (_p, ds, proxy) = setup("cache_aware", "0");
+    const GROUPS: usize = 12;
+    const PER_GROUP: usize = 8;
+    let url = proxy.url("/v1/completions");
+    let prompt = |g: usize, q: usize| {
+        let system = format!("Group {g}: you answer questions about topic {g}. ").repeat(60);
+        format!("{}... question {q}?", &system[..2400])
+    };
+    let send = |g: usize, q: usize| {
+        // A fresh agent per request: a new connection, accepted by either worker.
+        let resp = agent()
+            .post(&url)
+            .set("X-Request-Id", &format!("g{g}-q{q}"))
+            .send_json(json!({"model": MODEL, "prompt": prompt(g, q), "max_tokens": 2}))
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+    };
+    // Each group's first request alone, then the rest from four client threads at once.
+    for g in 0..GROUPS {
+        send(g, 0);
+    }
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let send = &send;
+            s.spawn(move || {
+                for k in (t..GROUPS * (PER_GROUP - 1)).step_by(4) {
+                    send(k % GROUPS, 1 + k / GROUPS);
+                }
+            });
+        }
+    });
+    let mut by_group: HashMap<usize, HashMap<usize, usize>> = HashMap::new();
+    for (n, d) in ds.iter().enumerate() {
+        for r in received(d) {
+            let rid = r["request_id"].as_str().unwrap();
+            let g: usize = rid[1..rid.find('-').unwrap()].parse().unwrap();
+            *by_group.entry(g).or_default().entry(n).or_default() += 1;
+        }
+    }
+    let total: usize = by_group.values().flat_map(|m| m.values()).sum();
+    assert_eq!(total, GROUPS * PER_GROUP);
+    let on_main: usize = by_group.values().map(|m| *m.values().max().unwrap()).sum();
+    let affinity = on_main as f64 / total as f64;
+    let nodes_used = (0..ds.len())
+        .filter(|n| by_group.values().any(|m| m.contains_key(n)))
+        .count();
+    eprintln!("prefix affinity across workers: {affinity}, nodes used {nodes_used}");
+    assert!(affinity >= 0.95, "affinity {affinity}: {by_group:?}");
+    assert!(nodes_used >= 3, "groups piled up: {by_group:?}");
+    assert_counters_zero(&proxy);
+}

@@ -1,128 +1,36 @@
 //! Prefix-cache-aware routing. The "approximate radix tree" is a block-hash chain, the
 //! scheme vLLM's own prefix cache uses: the prompt text is cut into fixed blocks and block k
-//! is keyed by a hash of blocks 0..=k, so one map lookup per block finds the longest
-//! prefix routed before and to which instance. Memory is bounded (`max_tree_size` entries)
-//! with least-recently-used eviction.
+//! is keyed by a hash of blocks 0..=k, so one lookup per block finds whether a prefix was
+//! routed before and to which instance.
 //!
-//! Each worker keeps its own index (thread-local): lookups and inserts take no lock and
-//! touch no shared cache line. Workers learn independently; a session that keeps its
-//! keep-alive connection stays on one worker, and all workers agree whenever load decides.
+//! The index is one `PrefixTable` per model and role, shared by every worker (fixed size,
+//! atomics, no lock): a prefix seen on one worker steers the picks of all of them.
 
+use super::prefix_index::{shared_table, PrefixTable};
 use super::{hash64, least_loaded, load_key, PickContext, Scheduler};
 use crate::config::{Role, SchedulingOptions};
 use crate::instance::Instance;
-use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Bytes per prefix block.
 pub const BLOCK: usize = 64;
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-thread_local! {
-    static INDEXES: RefCell<HashMap<u64, PrefixIndex>> = RefCell::new(HashMap::new());
-}
-
 pub struct CacheAware {
-    id: u64,
     role: Role,
     threshold: f64,
     abs: u64,
     rel: f64,
-    max_entries: usize,
+    table: Arc<PrefixTable>,
 }
 
 impl CacheAware {
-    pub fn new(role: Role, o: &SchedulingOptions) -> Self {
+    pub fn new(model: &str, role: Role, o: &SchedulingOptions) -> Self {
         CacheAware {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             role,
             threshold: o.cache_threshold,
             abs: o.balance_abs_threshold,
             rel: o.balance_rel_threshold,
-            max_entries: o.max_tree_size,
-        }
-    }
-}
-
-impl Drop for CacheAware {
-    fn drop(&mut self) {
-        // Only this thread's index can be reached from here; others age out (bounded).
-        let _ = INDEXES.try_with(|m| m.borrow_mut().remove(&self.id));
-    }
-}
-
-/// Keys are already 64-bit hashes: hash them by passing them through.
-#[derive(Default, Clone, Copy)]
-struct PassThrough(u64);
-
-impl std::hash::Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ b as u64;
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-type HashIndex<V> = HashMap<u64, V, std::hash::BuildHasherDefault<PassThrough>>;
-
-struct Entry {
-    addr: SocketAddr,
-    stamp: u64,
-}
-
-#[derive(Default)]
-struct PrefixIndex {
-    map: HashIndex<Entry>,
-    /// (key, stamp) in touch order; stale pairs (older stamp than the entry's) are skipped.
-    lru: VecDeque<(u64, u64)>,
-    clock: u64,
-}
-
-impl PrefixIndex {
-    /// Deepest block whose chain hash is known with an instance `ok` accepts.
-    fn longest(
-        &self,
-        hashes: &[u64],
-        ok: impl Fn(SocketAddr) -> bool,
-    ) -> Option<(usize, SocketAddr)> {
-        hashes.iter().enumerate().rev().find_map(|(k, h)| {
-            self.map
-                .get(h)
-                .filter(|e| ok(e.addr))
-                .map(|e| (k + 1, e.addr))
-        })
-    }
-
-    fn insert(&mut self, hashes: &[u64], addr: SocketAddr, max: usize) {
-        for &h in hashes {
-            self.clock += 1;
-            let stamp = self.clock;
-            self.map.insert(h, Entry { addr, stamp });
-            self.lru.push_back((h, stamp));
-        }
-        while self.map.len() > max {
-            let Some((h, stamp)) = self.lru.pop_front() else {
-                break;
-            };
-            if self.map.get(&h).is_some_and(|e| e.stamp == stamp) {
-                self.map.remove(&h);
-            }
-        }
-        if self.lru.len() > 2 * max + 1024 {
-            // Drop stale pairs so the queue stays proportional to the map.
-            let map = &self.map;
-            self.lru
-                .retain(|(h, s)| map.get(h).is_some_and(|e| e.stamp == *s));
+            table: shared_table(model, role, o.max_tree_size),
         }
     }
 }
@@ -136,6 +44,34 @@ pub(crate) fn block_hashes(text: &[u8]) -> Vec<u64> {
         out.push(h);
     }
     out
+}
+
+/// The number of leading blocks of `hashes` the table knows with an instance `ok` accepts,
+/// and that instance. Blocks are inserted as chains, so "block k known" implies (up to
+/// eviction) "blocks 0..k known": a binary search needs log2(blocks) lookups instead of one
+/// per block.
+fn longest<'a>(
+    table: &PrefixTable,
+    hashes: &[u64],
+    find: impl Fn(u64) -> Option<&'a Arc<Instance>>,
+) -> Option<(usize, &'a Arc<Instance>)> {
+    let probe = |k: usize| table.get(hashes[k - 1]).and_then(&find);
+    // The whole prompt seen before is the common case for retries and repeated prompts.
+    if let Some(i) = (!hashes.is_empty()).then(|| probe(hashes.len())).flatten() {
+        return Some((hashes.len(), i));
+    }
+    let (mut lo, mut hi, mut best) = (0usize, hashes.len().saturating_sub(1), None);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        match probe(mid) {
+            Some(i) => {
+                lo = mid;
+                best = Some((mid, i));
+            }
+            None => hi = mid - 1,
+        }
+    }
+    best
 }
 
 impl Scheduler for CacheAware {
@@ -156,37 +92,26 @@ impl Scheduler for CacheAware {
         let chosen = if imbalanced || hashes.is_empty() {
             least_loaded(self.role, candidates, ctx)
         } else {
-            let find = |addr: SocketAddr| {
+            let find = |sid: u64| {
                 candidates
                     .iter()
-                    .find(|i| i.socket_addr == addr && ctx.eligible(i))
+                    .find(|i| PrefixTable::slot_id(i.id) == sid && ctx.eligible(i))
             };
-            let hit = INDEXES.with(|m| {
-                m.borrow()
-                    .get(&self.id)
-                    .and_then(|idx| idx.longest(&hashes, |a| find(a).is_some()))
-            });
-            match hit {
-                Some((blocks, addr))
+            match longest(&self.table, &hashes, find) {
+                Some((blocks, inst))
                     if (blocks * BLOCK) as f64 >= self.threshold * ctx.prompt_text.len() as f64 =>
                 {
                     matched = blocks;
-                    find(addr).cloned()
+                    Some(inst.clone())
                 }
                 _ => least_loaded(self.role, candidates, ctx),
             }
         }?;
-        if !hashes.is_empty() {
-            // Blocks up to the match already point at `chosen`: refresh the deepest one and
-            // add the new tail, instead of rewriting the whole chain on every request.
-            let from = matched.saturating_sub(1);
-            INDEXES.with(|m| {
-                m.borrow_mut().entry(self.id).or_default().insert(
-                    &hashes[from..],
-                    chosen.socket_addr,
-                    self.max_entries,
-                )
-            });
+        // Blocks up to the match already point at `chosen` (or a racing worker's pick):
+        // refresh the deepest one and add the new tail.
+        let sid = PrefixTable::slot_id(chosen.id);
+        for &h in &hashes[matched.saturating_sub(1)..] {
+            self.table.insert(h, sid);
         }
         Some(chosen)
     }
@@ -195,8 +120,8 @@ impl Scheduler for CacheAware {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance::InFlight;
     use crate::scheduler::testing::instances;
+    use crate::instance::InFlight;
 
     fn pick(ca: &CacheAware, c: &[Arc<Instance>], text: &str) -> Arc<Instance> {
         let ctx = PickContext {
@@ -209,7 +134,7 @@ mod tests {
     #[test]
     fn repeated_prefix_returns_to_the_same_instance() {
         let c = instances(4, Role::Decode);
-        let ca = CacheAware::new(Role::Decode, &SchedulingOptions::default());
+        let ca = CacheAware::new("t-repeat", Role::Decode, &SchedulingOptions::default());
         let mut guards = Vec::new();
         let doc = "You are a helpful assistant. ".repeat(20);
         let mut owners = std::collections::HashMap::new();
@@ -231,7 +156,7 @@ mod tests {
     fn still_balances_when_every_request_shares_the_prefix() {
         let c = instances(4, Role::Decode);
         let opts = SchedulingOptions::default();
-        let ca = CacheAware::new(Role::Decode, &opts);
+        let ca = CacheAware::new("t-balance", Role::Decode, &opts);
         let text = "the same very long shared system prompt ".repeat(30);
         let guards: Vec<_> = (0..1000)
             .map(|_| InFlight::new(pick(&ca, &c, &text), 0, 0))
@@ -253,15 +178,31 @@ mod tests {
             max_tree_size: 100,
             ..Default::default()
         };
-        let ca = CacheAware::new(Role::Decode, &opts);
+        let ca = CacheAware::new("t-bounded", Role::Decode, &opts);
         for k in 0..200 {
             pick(&ca, &c, &format!("{k} {}", "x".repeat(1024)));
         }
-        INDEXES.with(|m| {
-            let m = m.borrow();
-            let idx = m.get(&ca.id).unwrap();
-            assert!(idx.map.len() <= 100);
-            assert!(idx.lru.len() <= 2 * 100 + 1024 + 16);
-        });
+        assert!(ca.table.capacity() <= 128);
+        assert!(ca.table.len() <= ca.table.capacity());
+    }
+
+    #[test]
+    fn a_prefix_learned_on_one_thread_steers_the_others() {
+        let c = instances(4, Role::Decode);
+        let ca = Arc::new(CacheAware::new(
+            "t-threads",
+            Role::Decode,
+            &SchedulingOptions::default(),
+        ));
+        let system = "A long shared system prompt for every thread. ".repeat(20);
+        let first = pick(&ca, &c, &format!("{system} q0")).address.clone();
+        let others: Vec<String> = (1..8)
+            .map(|t| {
+                let (ca, c, text) = (ca.clone(), c.clone(), format!("{system} q{t}"));
+                std::thread::spawn(move || pick(&ca, &c, &text).address.clone())
+            })
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert!(others.iter().all(|a| *a == first), "{first} vs {others:?}");
     }
 }

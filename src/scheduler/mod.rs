@@ -7,6 +7,7 @@ mod cache_aware;
 mod consistent_hash;
 mod load_balanced;
 mod power_of_two;
+pub mod prefix_index;
 mod round_robin;
 
 use crate::config::{Role, SchedulerKind, SchedulingOptions};
@@ -51,6 +52,7 @@ pub trait Scheduler: Send + Sync {
 
 pub fn build(
     kind: SchedulerKind,
+    model: &str,
     role: Role,
     opts: &SchedulingOptions,
     instances: &[Arc<Instance>],
@@ -60,7 +62,7 @@ pub fn build(
         SchedulerKind::LoadBalanced => Box::new(LoadBalanced::new(role)),
         SchedulerKind::PowerOfTwo => Box::new(PowerOfTwo::new(role)),
         SchedulerKind::ConsistentHash => Box::new(ConsistentHash::new(instances, opts)),
-        SchedulerKind::CacheAware => Box::new(CacheAware::new(role, opts)),
+        SchedulerKind::CacheAware => Box::new(CacheAware::new(model, role, opts)),
     }
 }
 
