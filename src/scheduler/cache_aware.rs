@@ -120,8 +120,8 @@ impl Scheduler for CacheAware {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::testing::instances;
     use crate::instance::InFlight;
+    use crate::scheduler::testing::instances;
 
     fn pick(ca: &CacheAware, c: &[Arc<Instance>], text: &str) -> Arc<Instance> {
         let ctx = PickContext {
