@@ -41,6 +41,7 @@ struct FixArgs {
 }
 
 #[derive(Args)]
+#[command(version, display_name = "xpyd")]
 struct ProxyArgs {
     /// Config file (else $XPYD_CONFIG, else ./xpyd.yaml).
     #[arg(short = 'c', long = "config")]
@@ -119,6 +120,8 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     if let Some(path) = args.validate_config {
         let cfg =
             Config::load(&path).map_err(|e| format!("{} is invalid:\n{e}", path.display()))?;
+        // 1.2's line first: scripts written for the Python proxy grep it.
+        println!("Config is valid: {}", path.display());
         println!("{} is valid\n{}", path.display(), cfg.summary());
         for w in &cfg.warnings {
             println!("warning: {w}");

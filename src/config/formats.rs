@@ -2,7 +2,9 @@
 //! Format 1, legacy top-level `model` + `prefill`/`decode`/`dual`; Format 2, `instances:
 //! [{address, role, model}]`; Format 3, `models: [{name, prefill, decode, dual, ...}]`.
 
+use super::problem::Kind;
 use super::reader::{join, Reader};
+use super::roles::listed;
 use super::role::{Role, RoleGap};
 use super::schema::{INSTANCE_KEYS, MODEL_KEYS};
 use super::suggest::hint;
@@ -83,8 +85,24 @@ fn format1(
     let name = r
         .string(Some(top), "", "model")
         .unwrap_or_else(|| "default".to_string());
-    r.check_roles(top, "", &name);
-    let instances = r.model_roles(top, "");
+    let decode_only = listed(top, "decode") && !listed(top, "prefill") && !listed(top, "dual");
+    if !decode_only {
+        r.check_roles(top, "", &name);
+        let instances = r.model_roles(top, "");
+        return vec![defaults.model(name, instances)];
+    }
+    // xpyd-proxy 1.2 loads this file (it then waits for a prefill node forever): here the
+    // decode nodes serve requests whole, which is what such a file can mean.
+    r.warn(
+        "decode",
+        Kind::Note(format!(
+            "model `{name}` has no prefill instances: its decode instances serve requests whole, as `dual` (list them under `dual` to say so)"
+        )),
+    );
+    let mut instances = r.model_roles(top, "");
+    for i in &mut instances {
+        i.role = Role::Dual;
+    }
     vec![defaults.model(name, instances)]
 }
 

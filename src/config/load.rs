@@ -5,13 +5,14 @@
 use super::formats::{self, ModelDefaults};
 use super::problem::{ConfigError, Kind};
 use super::reader::{Reader, Section};
-use super::schema::TOP;
+use super::schema::{self, TOP};
 use super::sections;
 use super::suggest::hint;
 use super::yaml::{self, Locator};
 use super::{Config, DisaggMode, Overrides, SchedulerKind};
 use crate::log::Level;
 use serde_json::{Map, Value};
+use std::path::PathBuf;
 
 pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let (doc, loc) = if text.trim().is_empty() {
@@ -59,7 +60,8 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let limits = sections::limits(&mut r, top);
     let metrics_enabled = sections::metrics_enabled(&mut r, top);
     let shutdown_grace = r.seconds(t, "", "shutdown_grace_seconds", 30.0);
-    let generator_on_p_node = r.boolean(t, "", "generator_on_p_node", false);
+    let generator_on_p_node = first_token_source(&mut r, t);
+    let tokenizer_path = r.string(t, "", "tokenizer_path").map(PathBuf::from);
     let auth = auth(&mut r, t);
     let host = r
         .string(t, "", "host")
@@ -90,6 +92,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         openai_api_key: auth.openai_api_key,
         api_keys: auth.api_keys,
         protect_status: auth.protect_status,
+        tokenizer_path,
         source: None,
         warnings: r.warnings,
         overrides: Overrides::default(),
@@ -98,12 +101,65 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
 
 /// `scheduling`, `scheduling_config` and `disaggregated_mode` at the top level.
 fn model_defaults(r: &mut Reader<'_>, top: &Map<String, Value>) -> ModelDefaults {
-    let scheduler_name = r.string(Some(top), "", "scheduling");
-    let mode_name = r.string(Some(top), "", "disaggregated_mode");
+    let t = Some(top);
+    let mut scheduler_name = r.string(t, "", "scheduling");
+    // 1.2's switch, read when `scheduling` does not say.
+    if r.boolean(t, "", "roundrobin", false) {
+        r.warn(
+            "roundrobin",
+            Kind::Renamed {
+                old: "roundrobin: true".into(),
+                new: "scheduling: roundrobin".into(),
+            },
+        );
+        scheduler_name.get_or_insert_with(|| "roundrobin".into());
+    }
+    let mode_name = r.string(t, "", "disaggregated_mode");
+    if top.get("zmq").is_some_and(|v| !v.is_null()) && mode_name.as_deref() != Some("zmq") {
+        r.mapping(&top["zmq"], "zmq", schema::ZMQ);
+        r.report("zmq", zmq_unsupported());
+    }
     ModelDefaults {
         scheduler: r.scheduler(scheduler_name, "scheduling"),
         scheduling: sections::scheduling_options(r, top),
         mode: r.mode(mode_name, "disaggregated_mode", DisaggMode::Direct),
+    }
+}
+
+fn zmq_unsupported() -> Kind {
+    Kind::Unsupported {
+        feature: "the LMCache ZeroMQ notification protocol (`disaggregated_mode: zmq`, `zmq:`)"
+            .into(),
+        instead: "use `disaggregated_mode: nixl` (the prefill response's kv_transfer_params go to the decode leg) or `direct` (the engines pair up on their own)".into(),
+    }
+}
+
+/// Where a streamed request's first token comes from: 1.8's `first_token_source`
+/// (`prefill` | `decode`), or xpyd's and 1.2's `generator_on_p_node`.
+fn first_token_source(r: &mut Reader<'_>, t: Section<'_>) -> bool {
+    let legacy = r.field(t, "", "generator_on_p_node", "true or false", Value::as_bool);
+    let source = match r.string(t, "", "first_token_source").as_deref() {
+        None => None,
+        Some("prefill") => Some(true),
+        Some("decode") => Some(false),
+        Some(other) => {
+            r.problem(
+                "first_token_source",
+                format!("unknown first_token_source `{other}` (expected prefill or decode)"),
+            );
+            None
+        }
+    };
+    match (source, legacy) {
+        (Some(a), Some(b)) if a != b => {
+            r.problem(
+                "first_token_source",
+                "disagrees with generator_on_p_node (they name one setting: keep first_token_source)",
+            );
+            a
+        }
+        (Some(a), _) => a,
+        (None, b) => b.unwrap_or(false),
     }
 }
 
@@ -169,6 +225,10 @@ impl Reader<'_> {
             None => default,
             Some("direct") => DisaggMode::Direct,
             Some("nixl") => DisaggMode::Nixl,
+            Some("zmq") => {
+                self.report(path, zmq_unsupported());
+                default
+            }
             Some(other) => {
                 self.problem(
                     path,

@@ -147,8 +147,13 @@ pub struct HealthConfig {
 
 #[derive(Debug, Clone)]
 pub struct StartupConfig {
+    /// How long to wait for a serving path before saying so (zero: ready at once, 1.2's
+    /// "skip discovery").
     pub wait_timeout: Duration,
     pub exit_on_timeout: bool,
+    /// While not ready, how often to log which instances are up (1.8's
+    /// `heartbeat_interval_seconds`).
+    pub heartbeat_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -217,6 +222,9 @@ pub struct Config {
     pub api_keys: Vec<String>,
     /// Operational endpoints need a client key too.
     pub protect_status: bool,
+    /// Root of local tokenizers, one directory per model name (1.8's `tokenizer_path`:
+    /// model `org/name` is read from `<tokenizer_path>/org/name/`).
+    pub tokenizer_path: Option<PathBuf>,
     pub source: Option<PathBuf>,
     /// Accepted but worth saying (an older spelling, a key with no effect in xpyd): printed
     /// by `--validate-config` and logged at start.

@@ -34,6 +34,8 @@ pub enum Kind {
     Renamed { old: String, new: String },
     /// A value the field does not accept; the text says why.
     Invalid(String),
+    /// Accepted, with something to know (a warning): the text says what.
+    Note(String),
 }
 
 impl Problem {
@@ -62,7 +64,7 @@ impl fmt::Display for Problem {
         }
         f.write_str(": ")?;
         match &self.kind {
-            Kind::Unreadable(m) | Kind::Invalid(m) => f.write_str(m),
+            Kind::Unreadable(m) | Kind::Invalid(m) | Kind::Note(m) => f.write_str(m),
             Kind::InvalidYaml(m) => write!(f, "invalid YAML: {m}"),
             Kind::UnknownKey { key, suggestion } => {
                 write!(f, "unknown key `{key}`")?;

@@ -67,6 +67,12 @@ impl<'a> Reader<'a> {
         self.report(path, Kind::Invalid(msg.to_string()));
     }
 
+    /// Accepted, but worth saying (printed by `--validate-config`, logged at start).
+    pub fn warn(&mut self, path: &str, kind: Kind) {
+        let p = self.locate(path, kind);
+        self.warnings.push(p);
+    }
+
     pub fn wrong_type(&mut self, path: &str, expected: impl Into<String>, found: &Value) {
         self.report(
             path,
@@ -148,6 +154,19 @@ impl<'a> Reader<'a> {
             return Duration::from_secs_f64(default);
         }
         Duration::from_secs_f64(v)
+    }
+
+    /// A number of seconds that may be zero (None when absent).
+    pub fn seconds_or_zero(&mut self, m: Section<'_>, path: &str, key: &str) -> Option<Duration> {
+        let v = self.field(m, path, key, "a number", Value::as_f64)?;
+        if !(v.is_finite() && v >= 0.0) {
+            self.problem(
+                &join(path, key),
+                format!("must be zero or a positive number of seconds, got {v}"),
+            );
+            return None;
+        }
+        Some(Duration::from_secs_f64(v))
     }
 
     /// An integer of at least `min`.

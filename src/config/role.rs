@@ -23,6 +23,9 @@ impl Role {
     }
 }
 
+/// 1.8's spelling of `dual`, accepted wherever a role is named.
+pub const AGGREGATED: &str = "aggregated";
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -48,10 +51,14 @@ impl std::error::Error for UnknownRole {}
 impl FromStr for Role {
     type Err = UnknownRole;
     fn from_str(s: &str) -> Result<Role, UnknownRole> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s.trim())
-            .ok_or_else(|| UnknownRole(s.to_string()))
+        match s.trim() {
+            // xpyd-proxy 1.8's name for a node that serves requests whole.
+            AGGREGATED => Ok(Role::Dual),
+            t => Role::ALL
+                .into_iter()
+                .find(|r| r.as_str() == t)
+                .ok_or_else(|| UnknownRole(s.to_string())),
+        }
     }
 }
 
@@ -109,6 +116,7 @@ mod tests {
             assert_eq!(r.to_string(), r.as_str());
         }
         assert_eq!(" dual ".parse::<Role>(), Ok(Role::Dual));
+        assert_eq!("aggregated".parse::<Role>(), Ok(Role::Dual));
         assert_eq!(
             "Prefill".parse::<Role>().unwrap_err().to_string(),
             "unknown role `Prefill` (expected prefill, decode or dual)"

@@ -4,7 +4,7 @@
 
 use super::address::parse_address;
 use super::reader::{join, Reader};
-use super::role::{Role, RoleGap};
+use super::role::{Role, RoleGap, AGGREGATED};
 use super::schema::TOPOLOGY_KEYS;
 use super::InstanceConfig;
 use serde_json::{Map, Value};
@@ -47,6 +47,16 @@ pub fn tp_dp_layout(
     }
 }
 
+/// Whether the mapping lists instances under `key`; anything written counts (a wrong type
+/// is reported on its own).
+pub fn listed(m: &Map<String, Value>, key: &str) -> bool {
+    match m.get(key) {
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Null) | None => false,
+        Some(_) => true,
+    }
+}
+
 impl Reader<'_> {
     /// The instances of a mapping's `prefill` / `decode` / `dual` keys.
     pub fn model_roles(&mut self, m: &Map<String, Value>, path: &str) -> Vec<InstanceConfig> {
@@ -56,22 +66,20 @@ impl Reader<'_> {
                 self.role_list(v, &join(path, role.as_str()), role, &mut out);
             }
         }
+        if let Some(v) = m.get(AGGREGATED) {
+            self.role_list(v, &join(path, AGGREGATED), Role::Dual, &mut out);
+        }
         out
     }
 
     /// A model needs prefill + decode, or dual; judged by what was written so that a bad
     /// address is not also reported as a missing role.
     pub fn check_roles(&mut self, m: &Map<String, Value>, path: &str, name: &str) {
-        // Anything written counts (a wrong type is reported on its own).
-        let listed = |r: Role| match m.get(r.as_str()) {
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(Value::Null) | None => false,
-            Some(_) => true,
-        };
+        let listed = |key: &str| listed(m, key);
         let gap = RoleGap::of(
-            listed(Role::Prefill),
-            listed(Role::Decode),
-            listed(Role::Dual),
+            listed("prefill"),
+            listed("decode"),
+            listed("dual") || listed(AGGREGATED),
         );
         if let Some(gap) = gap {
             let at = match gap.at() {

@@ -29,6 +29,20 @@ pub const TOP: &[&str] = &[
     "limits",
     "metrics",
     "shutdown_grace_seconds",
+    // Spellings of xpyd-proxy (Python) 1.2 and 1.8, read with their meaning (docs/migration.md).
+    "wait_timeout_seconds",
+    "probe_interval_seconds",
+    "heartbeat_interval_seconds",
+    "roundrobin",
+    "first_token_source",
+    "tokenizer_path",
+    "zmq",
+    "consistent_hash",
+    "power_of_two",
+    "cache_aware",
+    "loadbalanced",
+    "load_balanced",
+    "round_robin",
 ];
 pub const MODEL_KEYS: &[&str] = &[
     "name",
@@ -37,6 +51,8 @@ pub const MODEL_KEYS: &[&str] = &[
     "dual",
     "scheduler",
     "disaggregated_mode",
+    // 1.8's name for `dual`.
+    "aggregated",
 ];
 pub const INSTANCE_KEYS: &[&str] = &["address", "role", "model"];
 pub const TOPOLOGY_KEYS: &[&str] = &["nodes", "tp_size", "dp_size", "world_size_per_node"];
@@ -45,6 +61,7 @@ pub const STARTUP: &[&str] = &[
     "probe_interval_seconds",
     "wait_timeout_seconds",
     "exit_on_timeout",
+    "heartbeat_interval_seconds",
 ];
 pub const HEALTH_CHECK: &[&str] = &["enabled", "interval_seconds", "timeout_seconds"];
 pub const CIRCUIT_BREAKER: &[&str] = &[
@@ -84,7 +101,40 @@ pub const SCHEDULING_CONFIG: &[&str] = &[
     "max_tree_size",
     "virtual_nodes",
     "hash_load_factor",
+    "prefix_length",
+    // The per-policy form (1.2): `scheduling_config: {consistent_hash: {...}}`.
+    "consistent_hash",
+    "power_of_two",
+    "cache_aware",
+    "loadbalanced",
+    "load_balanced",
+    "roundrobin",
+    "round_robin",
 ];
+
+/// The options each policy reads, in its own section (`consistent_hash:` at the top level
+/// or under `scheduling_config`, as 1.2 wrote them).
+pub const POLICY_OPTIONS: &[(&str, &[&str])] = &[
+    ("consistent_hash", &["virtual_nodes", "hash_load_factor"]),
+    (
+        "cache_aware",
+        &[
+            "prefix_length",
+            "cache_threshold",
+            "balance_abs_threshold",
+            "balance_rel_threshold",
+            "max_tree_size",
+        ],
+    ),
+    ("power_of_two", &[]),
+    ("loadbalanced", &[]),
+    ("load_balanced", &[]),
+    ("roundrobin", &[]),
+    ("round_robin", &[]),
+];
+
+/// 1.2's `zmq:` section (LMCache notifications; refused with a reason, never "unknown").
+pub const ZMQ: &[&str] = &["host", "port", "notification_timeout_seconds", "receivers"];
 
 /// Every key list, for `all_keys`.
 const LEVELS: &[&[&str]] = &[
@@ -100,6 +150,7 @@ const LEVELS: &[&[&str]] = &[
     LIMITS,
     METRICS,
     SCHEDULING_CONFIG,
+    ZMQ,
 ];
 
 /// Every key the file may contain, at any level (for `fix-config`).

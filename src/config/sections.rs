@@ -2,7 +2,8 @@
 //! `timeouts`, `limits`, `metrics`, `scheduling_config`): one function each, reading its
 //! fields with their defaults and checking their ranges.
 
-use super::reader::{type_name, Reader};
+use super::problem::Kind;
+use super::reader::{join, type_name, Reader, Section};
 use super::schema;
 use super::{
     CircuitConfig, HealthConfig, RetryConfig, SchedulingOptions, ServerLimits, StartupConfig,
@@ -17,21 +18,62 @@ pub fn health_and_startup(r: &mut Reader<'_>, top: &Top) -> (HealthConfig, Start
     let st = r.section(top, "startup", schema::STARTUP);
     let hc = r.section(top, "health_check", schema::HEALTH_CHECK);
     if !r.boolean(hc, "health_check", "enabled", true) {
-        r.problem(
+        r.warn(
             "health_check.enabled",
-            "health checks gate startup and cannot be disabled",
+            Kind::Note(
+                "health checks stay on in xpyd: they gate startup and take failing instances out of routing (docs/migration.md)".into(),
+            ),
         );
     }
     let health = HealthConfig {
         interval: r.seconds(hc, "health_check", "interval_seconds", 10.0),
         timeout: r.seconds(hc, "health_check", "timeout_seconds", 3.0),
-        startup_probe_interval: r.seconds(st, "startup", "probe_interval_seconds", 10.0),
+        startup_probe_interval: startup_seconds(r, st, top, "probe_interval_seconds", false)
+            .unwrap_or(Duration::from_secs(10)),
     };
     let startup = StartupConfig {
-        wait_timeout: r.seconds(st, "startup", "wait_timeout_seconds", 600.0),
+        wait_timeout: startup_seconds(r, st, top, "wait_timeout_seconds", true)
+            .unwrap_or(Duration::from_secs(600)),
         exit_on_timeout: r.boolean(st, "startup", "exit_on_timeout", false),
+        heartbeat_interval: startup_seconds(r, st, top, "heartbeat_interval_seconds", false)
+            .unwrap_or(Duration::from_secs(30)),
     };
     (health, startup)
+}
+
+/// A `startup` setting, also read at the top level where 1.2 and 1.8 wrote it (the
+/// `startup` section wins, as in 1.2); zero allowed only where it means something.
+fn startup_seconds(
+    r: &mut Reader<'_>,
+    st: Section<'_>,
+    top: &Top,
+    key: &str,
+    zero_ok: bool,
+) -> Option<Duration> {
+    let written = |m: Section<'_>| m.and_then(|m| m.get(key)).is_some_and(|v| !v.is_null());
+    let (m, path) = if written(st) {
+        (st, "startup")
+    } else if written(Some(top)) {
+        r.warn(
+            key,
+            Kind::Renamed {
+                old: key.to_string(),
+                new: format!("startup.{key}"),
+            },
+        );
+        (Some(top), "")
+    } else {
+        return None;
+    };
+    let d = r.seconds_or_zero(m, path, key)?;
+    if d.is_zero() && !zero_ok {
+        r.problem(
+            &join(path, key),
+            "must be a positive number of seconds, got 0",
+        );
+        return None;
+    }
+    Some(d)
 }
 
 pub fn circuit_breaker(r: &mut Reader<'_>, top: &Top) -> CircuitConfig {
@@ -121,18 +163,26 @@ pub fn metrics_enabled(r: &mut Reader<'_>, top: &Top) -> bool {
     r.boolean(mt, "metrics", "enabled", true)
 }
 
+/// `scheduling_config`, flat (xpyd) or per policy (1.2: `scheduling_config:
+/// {consistent_hash: {virtual_nodes: 100}}`), and the per-policy sections at the top level
+/// (1.2: `consistent_hash: {...}`). Each policy reads its own options.
 pub fn scheduling_options(r: &mut Reader<'_>, top: &Top) -> SchedulingOptions {
     let p = "scheduling_config";
     let c = r.section(top, p, schema::SCHEDULING_CONFIG);
-    let d = SchedulingOptions::default();
-    let o = SchedulingOptions {
-        cache_threshold: r.f64(c, p, "cache_threshold", d.cache_threshold),
-        balance_abs_threshold: r.uint(c, p, "balance_abs_threshold", d.balance_abs_threshold, 0),
-        balance_rel_threshold: r.f64(c, p, "balance_rel_threshold", d.balance_rel_threshold),
-        max_tree_size: r.uint(c, p, "max_tree_size", d.max_tree_size as u64, 1) as usize,
-        virtual_nodes: r.uint(c, p, "virtual_nodes", d.virtual_nodes as u64, 1) as usize,
-        hash_load_factor: r.f64(c, p, "hash_load_factor", d.hash_load_factor),
-    };
+    let mut o = SchedulingOptions::default();
+    read_options(r, c, p, &mut o);
+    for (policy, keys) in schema::POLICY_OPTIONS {
+        if let Some(v) = c.and_then(|c| c.get(*policy)).filter(|v| !v.is_null()) {
+            let path = join(p, policy);
+            let m = r.mapping(v, &path, keys);
+            read_options(r, m, &path, &mut o);
+        }
+        // At the top level `roundrobin` is 1.2's boolean switch, not a section.
+        if *policy != "roundrobin" {
+            let m = r.section(top, policy, keys);
+            read_options(r, m, policy, &mut o);
+        }
+    }
     if !(0.0..=1.0).contains(&o.cache_threshold) {
         r.problem(
             "scheduling_config.cache_threshold",
@@ -149,4 +199,26 @@ pub fn scheduling_options(r: &mut Reader<'_>, top: &Top) -> SchedulingOptions {
         r.problem("scheduling_config.hash_load_factor", "must be positive");
     }
     o
+}
+
+/// The options written in one mapping, over those read so far.
+fn read_options(r: &mut Reader<'_>, c: Section<'_>, p: &str, o: &mut SchedulingOptions) {
+    if c.is_none() {
+        return;
+    }
+    o.cache_threshold = r.f64(c, p, "cache_threshold", o.cache_threshold);
+    o.balance_abs_threshold = r.uint(c, p, "balance_abs_threshold", o.balance_abs_threshold, 0);
+    o.balance_rel_threshold = r.f64(c, p, "balance_rel_threshold", o.balance_rel_threshold);
+    o.max_tree_size = r.uint(c, p, "max_tree_size", o.max_tree_size as u64, 1) as usize;
+    o.virtual_nodes = r.uint(c, p, "virtual_nodes", o.virtual_nodes as u64, 1) as usize;
+    o.hash_load_factor = r.f64(c, p, "hash_load_factor", o.hash_load_factor);
+    if c.is_some_and(|c| c.contains_key("prefix_length")) {
+        r.uint(c, p, "prefix_length", 256, 1);
+        r.warn(
+            &join(p, "prefix_length"),
+            Kind::Note(
+                "has no effect in xpyd: cache_aware matches the longest prefix routed before, block by block; tune scheduling_config.cache_threshold instead".into(),
+            ),
+        );
+    }
 }

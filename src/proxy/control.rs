@@ -39,6 +39,8 @@ struct Control {
     /// Removed instances still finishing requests.
     draining: Vec<Arc<Instance>>,
     startup_reported: bool,
+    /// When the last "waiting for instances" line was logged.
+    last_heartbeat: Option<Instant>,
     /// The configuration the proxy started with: its listener, thread and pool settings stay
     /// in force until a restart, and its command-line overrides outlive reloads.
     at_start: Config,
@@ -53,6 +55,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Comman
         startup: cfg.startup.clone(),
         draining: Vec::new(),
         startup_reported: false,
+        last_heartbeat: None,
         at_start: cfg.clone(),
     };
     std::thread::Builder::new()
@@ -108,11 +111,18 @@ impl Control {
         if self.shared.is_ready() {
             return;
         }
+        if self.startup.wait_timeout.is_zero() {
+            // 1.2's "skip discovery": serve at once; instances join routing as probes pass.
+            self.shared.ready.store(true, Ordering::Release);
+            crate::info!("startup.wait_timeout_seconds is 0: serving without waiting");
+            return;
+        }
         if topo.models.iter().all(|m| m.can_serve()) {
             self.shared.ready.store(true, Ordering::Release);
             crate::info!("every model has healthy instances; serving requests");
             return;
         }
+        self.heartbeat(topo);
         let waited = self.shared.started.elapsed();
         if waited >= self.startup.wait_timeout && !self.startup_reported {
             self.startup_reported = true;
@@ -131,6 +141,27 @@ impl Control {
                 std::process::exit(3);
             }
         }
+    }
+
+    /// While waiting for a serving path: how many instances of each role are up, every
+    /// `startup.heartbeat_interval_seconds`.
+    fn heartbeat(&mut self, topo: &Topology) {
+        let due = self
+            .last_heartbeat
+            .is_none_or(|t| t.elapsed() >= self.startup.heartbeat_interval);
+        if !due {
+            return;
+        }
+        self.last_heartbeat = Some(Instant::now());
+        let counts: Vec<String> = Role::ALL
+            .into_iter()
+            .filter_map(|role| {
+                let of_role = topo.instances().filter(|i| i.role == role);
+                let (up, all) = of_role.fold((0, 0), |(u, a), i| (u + usize::from(i.is_available()), a + 1));
+                (all > 0).then(|| format!("{role} {up}/{all}"))
+            })
+            .collect();
+        crate::info!("waiting for instances: {} up", counts.join(", "));
     }
 
     fn apply(&mut self, cmd: Command) {
