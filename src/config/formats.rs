@@ -4,8 +4,8 @@
 
 use super::problem::Kind;
 use super::reader::{join, Reader};
-use super::roles::listed;
 use super::role::{Role, RoleGap};
+use super::roles::listed;
 use super::schema::{INSTANCE_KEYS, MODEL_KEYS};
 use super::suggest::hint;
 use super::yaml;

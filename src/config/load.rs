@@ -137,7 +137,13 @@ fn zmq_unsupported() -> Kind {
 /// Where a streamed request's first token comes from: 1.8's `first_token_source`
 /// (`prefill` | `decode`), or xpyd's and 1.2's `generator_on_p_node`.
 fn first_token_source(r: &mut Reader<'_>, t: Section<'_>) -> bool {
-    let legacy = r.field(t, "", "generator_on_p_node", "true or false", Value::as_bool);
+    let legacy = r.field(
+        t,
+        "",
+        "generator_on_p_node",
+        "true or false",
+        Value::as_bool,
+    );
     let source = match r.string(t, "", "first_token_source").as_deref() {
         None => None,
         Some("prefill") => Some(true),

@@ -157,7 +157,9 @@ impl Control {
             .into_iter()
             .filter_map(|role| {
                 let of_role = topo.instances().filter(|i| i.role == role);
-                let (up, all) = of_role.fold((0, 0), |(u, a), i| (u + usize::from(i.is_available()), a + 1));
+                let (up, all) = of_role.fold((0, 0), |(u, a), i| {
+                    (u + usize::from(i.is_available()), a + 1)
+                });
                 (all > 0).then(|| format!("{role} {up}/{all}"))
             })
             .collect();
