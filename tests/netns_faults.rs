@@ -758,14 +758,26 @@ fn blackholed_node_at_startup() {
             (code, t.elapsed())
         };
 
-        // 1. One of two decode nodes blackholed: the gate opens on the others; /health is
-        // 200 and lists it unhealthy; requests avoid it.
+        // 1. One of two decode nodes blackholed: the gate opens on the others, without
+        // waiting for the blackholed node's probe to time out (6 s here); /health is 200
+        // and lists it unhealthy; requests avoid it.
         faults.blackhole(ds[1].addr.port());
         let yaml = pd_yaml(&[&p], &ds.iter().collect::<Vec<_>>());
-        let proxy = proxy_with(&yaml, false);
+        let proxy = proxy_on(
+            &write_config(&format!(
+                "{yaml}startup:\n  probe_interval_seconds: 0.1\nhealth_check:\n  \
+                 interval_seconds: 0.5\n  timeout_seconds: 6\n"
+            )),
+            false,
+        );
         let opened = wait_for("the gate opens", Duration::from_secs(20), || {
             quick(&proxy.url("/health")).0 == 200
         });
+        assert!(
+            opened < Duration::from_secs(4),
+            "the gate opened after {opened:?}: it waited for the blackholed node's probe to \
+             time out (6 s)"
+        );
         wait_for(
             "the blackholed node is shown unhealthy",
             Duration::from_secs(20),
@@ -791,7 +803,8 @@ fn blackholed_node_at_startup() {
             || admitted(&instance_state(&proxy, ds[1].addr)),
         );
         eprintln!(
-            "netns: startup: gate opened {:.0} ms after start with a decode node blackholed",
+            "netns: startup: gate opened {:.0} ms after the proxy listened, a decode node blackholed \
+             (its probe's timeout: 6 s)",
             ms(opened)
         );
         drop(proxy);

@@ -91,10 +91,22 @@ impl Control {
     fn probe_round(&mut self) {
         let topo = self.shared.topology.load_full();
         let instances: Vec<Arc<Instance>> = topo.instances().cloned().collect();
-        // In parallel, so that one slow instance does not delay the others.
+        // In parallel, so that one slow instance does not delay the others; the gate opens
+        // as soon as the answers so far allow it, not when the slowest probe (a node that
+        // never answers holds its probe for the whole timeout) gives up.
+        let (health, circuit, shared) = (&self.health, &self.circuit, &self.shared);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
             for inst in &instances {
-                s.spawn(|| probe(inst, &self.health, &self.circuit));
+                let done = done_tx.clone();
+                s.spawn(move || {
+                    probe(inst, health, circuit);
+                    let _ = done.send(());
+                });
+            }
+            drop(done_tx);
+            for () in done_rx.iter() {
+                open_gate_if_ready(shared, &topo);
             }
         });
         self.update_readiness(&topo);
@@ -117,9 +129,7 @@ impl Control {
             crate::info!("startup.wait_timeout_seconds is 0: serving without waiting");
             return;
         }
-        if topo.models.iter().all(|m| m.can_serve()) {
-            self.shared.ready.store(true, Ordering::Release);
-            crate::info!("every model has healthy instances; serving requests");
+        if open_gate_if_ready(&self.shared, topo) {
             return;
         }
         self.heartbeat(topo);
@@ -282,6 +292,19 @@ impl Control {
             json!({"status": "removed", "draining_requests": in_flight, "instance": gone.status_json()}),
         )
     }
+}
+
+/// Opens the startup gate once every model has a serving path; whether it is open.
+fn open_gate_if_ready(shared: &Shared, topo: &Topology) -> bool {
+    if shared.is_ready() {
+        return true;
+    }
+    if !topo.models.iter().all(|m| m.can_serve()) {
+        return false;
+    }
+    shared.ready.store(true, Ordering::Release);
+    crate::info!("every model has healthy instances; serving requests");
+    true
 }
 
 fn probe(inst: &Instance, cfg: &HealthConfig, circuit: &CircuitConfig) {
