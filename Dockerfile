@@ -1,6 +1,9 @@
 # syntax=docker/dockerfile:1
 # xpyd: multi-stage build — compile in the Rust image, run from a small Debian image as a
-# non-root user. The proxy listens on 8868 and reads /app/xpyd.yaml.
+# non-root user. The proxy reads /app/xpyd.yaml and listens on the port that file names: the
+# image's own copy of examples/xpyd.yaml says 8868; a file mounted over it must say
+# `port: 8868` too (or publish and health-check the port it names). No `--port` on the
+# command line, which would silently override the file.
 #
 # io_uring and containers: some runtimes' default seccomp profiles block the io_uring
 # syscalls (io_uring_setup, io_uring_enter, io_uring_register) — Docker's since 25.0.
@@ -16,7 +19,9 @@ COPY src ./src
 COPY tools ./tools
 COPY benches ./benches
 COPY examples ./examples
-RUN cargo build --release --locked --bin xpyd --bin xpyd-dummy
+RUN cargo build --release --locked --bin xpyd --bin xpyd-dummy \
+    && sed 's/^port: 8000 /port: 8868 /' examples/xpyd.yaml > xpyd.yaml \
+    && grep -q '^port: 8868 ' xpyd.yaml
 
 FROM debian:bookworm-slim
 # curl serves the HEALTHCHECK; versions follow the bookworm point release (not pinned, so
@@ -30,10 +35,10 @@ RUN apt-get update \
     && chown xpyd /app
 WORKDIR /app
 COPY --from=build /src/target/release/xpyd /src/target/release/xpyd-dummy /usr/local/bin/
-COPY --chown=xpyd examples/xpyd.yaml /app/xpyd.yaml
+COPY --from=build --chown=xpyd /src/xpyd.yaml /app/xpyd.yaml
 USER 10001
 ENV XPYD_CONFIG=/app/xpyd.yaml
 EXPOSE 8868
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["curl", "-fsS", "http://127.0.0.1:8868/ping"]
-ENTRYPOINT ["xpyd", "proxy", "-c", "/app/xpyd.yaml", "--port", "8868"]
+ENTRYPOINT ["xpyd", "proxy", "-c", "/app/xpyd.yaml"]

@@ -43,6 +43,10 @@ pub struct Instance {
     /// 0 until read from the instance's /v1/models.
     pub max_model_len: AtomicU64,
     pub root: OnceLock<String>,
+    /// Set by the control thread when the instance's /v1/models does not list the model it
+    /// is configured for (its requests would come back 404 `model_not_found`): what it
+    /// lists instead. Never read on the request path.
+    pub model_mismatch: std::sync::Mutex<Option<String>>,
     /// Unix seconds of the last health probe (0: never).
     pub last_check: AtomicU64,
 }
@@ -62,6 +66,7 @@ impl Instance {
             load: Load::default(),
             max_model_len: AtomicU64::new(0),
             root: OnceLock::new(),
+            model_mismatch: Default::default(),
             last_check: AtomicU64::new(0),
         }
     }

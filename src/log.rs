@@ -123,3 +123,21 @@ static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(
 pub fn set_format(f: Format) {
     JSON.store(f == Format::Json, Ordering::Relaxed);
 }
+
+/// The start-up line as printed on stdout: the message itself, or under the JSON format one
+/// object shaped like every other log line.
+pub fn startup_line(msg: &str) -> String {
+    if !JSON.load(Ordering::Relaxed) {
+        return msg.to_string();
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    serde_json::json!({
+        "ts": now.as_secs_f64(),
+        "level": Level::Info.as_str(),
+        "target": "xpyd",
+        "msg": msg,
+    })
+    .to_string()
+}

@@ -64,8 +64,8 @@ struct ProxyArgs {
     /// text or json (overrides the file).
     #[arg(long)]
     log_format: Option<String>,
-    /// Worker threads (default: one per core).
-    #[arg(long)]
+    /// Worker threads, at least 1 (default: one per core).
+    #[arg(long, value_parser = at_least_one)]
     workers: Option<usize>,
     /// Event loop driver: auto (io_uring, falling back to epoll), io_uring or epoll.
     /// Default from $XPYD_DRIVER, else auto.
@@ -85,6 +85,14 @@ struct DemoArgs {
     driver: Option<Driver>,
 }
 
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn resolve_config_path(flag: Option<PathBuf>) -> Result<PathBuf, String> {
     if let Some(p) = flag {
         return Ok(p);
@@ -98,7 +106,7 @@ fn resolve_config_path(flag: Option<PathBuf>) -> Result<PathBuf, String> {
     if local.exists() {
         return Ok(local);
     }
-    Err("no configuration found: looked at -c/--config, the XPYD_CONFIG environment variable, and ./xpyd.yaml".into())
+    Err("no configuration found: looked at -c/--config, the XPYD_CONFIG environment variable, and ./xpyd.yaml; `xpyd proxy --init-config` writes a commented template to ./xpyd.yaml".into())
 }
 
 /// The template `--init-config` writes: the documented example config.
@@ -117,18 +125,6 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         println!("wrote {}", path.display());
         return Ok(());
     }
-    if let Some(path) = args.validate_config {
-        let cfg =
-            Config::load(&path).map_err(|e| format!("{} is invalid:\n{e}", path.display()))?;
-        // 1.2's line first: scripts written for the Python proxy grep it.
-        println!("Config is valid: {}", path.display());
-        println!("{} is valid\n{}", path.display(), cfg.summary());
-        for w in &cfg.warnings {
-            println!("warning: {w}");
-        }
-        return Ok(());
-    }
-    let path = resolve_config_path(args.config)?;
     let overrides = xpyd::config::Overrides {
         port: args.port,
         log_level: args.log_level.map(|l| l.parse::<Level>()).transpose()?,
@@ -138,6 +134,20 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
             .transpose()?,
         workers: args.workers,
     };
+    if let Some(path) = args.validate_config {
+        // With the command line's overrides: the summary says what `proxy` would run.
+        let cfg = Config::load(&path)
+            .map_err(|e| format!("{} is invalid:\n{e}", path.display()))?
+            .with_overrides(overrides);
+        // 1.2's line first: scripts written for the Python proxy grep it.
+        println!("Config is valid: {}", path.display());
+        println!("{} is valid\n{}", path.display(), cfg.summary());
+        for w in &cfg.warnings {
+            println!("warning: {w}");
+        }
+        return Ok(());
+    }
+    let path = resolve_config_path(args.config)?;
     let cfg = Config::load(&path)
         .map_err(|e| format!("{} is invalid:\n{e}", path.display()))?
         .with_overrides(overrides);
@@ -159,12 +169,14 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("cannot start the proxy on {}:{}: {e}", cfg.host, cfg.port))?;
-    println!(
+    let line = format!(
         "xpyd {} listening on http://{} (workers: {workers}, driver: {})",
         xpyd::VERSION,
         handle.addr,
         driver.effective()
     );
+    // On stdout (scripts and tests read the address from it), in the log's format.
+    println!("{}", xpyd::log::startup_line(&line));
     handle.wait_for_shutdown();
     Ok(())
 }

@@ -15,7 +15,8 @@ pub struct Shared {
     pub topology: ArcSwap<Topology>,
     /// Timeouts, retries, keys and limits; replaced whole on reload.
     pub policy: ArcSwap<crate::config::Policy>,
-    /// Set once every model can serve (startup gating); stays set.
+    /// Set once start-up gating is met — a first model can serve — and stays set: the
+    /// proxy's own readiness (`/health`). Each model is gated on its own (`ModelRoute::open`).
     pub ready: AtomicBool,
     /// SIGTERM/SIGINT received: finish what is in flight, take nothing new.
     pub shutting_down: AtomicBool,

@@ -6,7 +6,7 @@ use crate::config::{Config, DisaggMode, ModelConfig, Role, SchedulerKind, Schedu
 use crate::instance::Instance;
 use crate::scheduler::{self, Scheduler};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub struct RoleSet {
@@ -41,6 +41,10 @@ pub struct ModelRoute {
     pub prefill: RoleSet,
     pub decode: RoleSet,
     pub dual: RoleSet,
+    /// Start-up gating, per model: set once the model could serve for the first time, and
+    /// shared by every later snapshot of the same model. Until then its requests get 503;
+    /// other models are never held back by it.
+    pub open: Arc<AtomicBool>,
 }
 
 impl ModelRoute {
@@ -52,6 +56,7 @@ impl ModelRoute {
         options: SchedulingOptions,
         mode: DisaggMode,
         instances: Vec<Arc<Instance>>,
+        open: Arc<AtomicBool>,
     ) -> Self {
         let of = |role: Role| -> Vec<Arc<Instance>> {
             instances
@@ -68,6 +73,7 @@ impl ModelRoute {
             dual: RoleSet::new(name, of(Role::Dual), Role::Dual, kind, &options),
             kind,
             options,
+            open,
         }
     }
 
@@ -91,7 +97,24 @@ impl ModelRoute {
             m.scheduling.clone(),
             m.mode,
             instances,
+            Arc::default(),
         )
+    }
+
+    /// Whether start-up gating let this model through (see `open`).
+    #[inline]
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Instances whose /v1/models does not list this model, with what they list instead.
+    pub fn model_mismatches(&self) -> Vec<(String, String)> {
+        self.instances()
+            .filter_map(|i| {
+                let reported = i.model_mismatch.lock().ok()?.clone()?;
+                Some((i.address.clone(), reported))
+            })
+            .collect()
     }
 
     pub fn instances(&self) -> impl Iterator<Item = &Arc<Instance>> {
@@ -147,6 +170,15 @@ impl Topology {
         self.models.iter().flat_map(|m| m.instances())
     }
 
+    /// The gating flag of model `name` in this snapshot, or a new (closed) one.
+    fn gate_of(&self, name: &str) -> Arc<AtomicBool> {
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.open.clone())
+            .unwrap_or_default()
+    }
+
     pub fn find(&self, addr: SocketAddr) -> Option<&Arc<Instance>> {
         self.instances().find(|i| i.socket_addr == addr)
     }
@@ -193,7 +225,14 @@ impl Topology {
                         }
                     })
                     .collect();
-                ModelRoute::build(&m.name, m.scheduler, m.scheduling.clone(), m.mode, list)
+                ModelRoute::build(
+                    &m.name,
+                    m.scheduler,
+                    m.scheduling.clone(),
+                    m.mode,
+                    list,
+                    self.gate_of(&m.name),
+                )
             })
             .collect();
         let gone = self
@@ -232,6 +271,7 @@ impl Topology {
                 m.options.clone(),
                 m.mode,
                 list,
+                m.open.clone(),
             ));
         }
         if !placed {
@@ -242,6 +282,7 @@ impl Topology {
                 self.default_options.clone(),
                 DisaggMode::Direct,
                 vec![inst],
+                Arc::default(),
             ));
         }
         Ok(self.next(models))
@@ -262,7 +303,14 @@ impl Topology {
                     .filter(|i| !Arc::ptr_eq(i, &gone))
                     .cloned()
                     .collect();
-                ModelRoute::build(&m.name, m.kind, m.options.clone(), m.mode, list)
+                ModelRoute::build(
+                    &m.name,
+                    m.kind,
+                    m.options.clone(),
+                    m.mode,
+                    list,
+                    m.open.clone(),
+                )
             })
             .collect();
         Ok((self.next(models), gone))

@@ -98,7 +98,7 @@ fn metrics_count_exactly_and_parse_as_prometheus() {
     // A second model served by a dual node, added at run time.
     a.post(&proxy.url("/instances/add"))
         .set("X-API-Key", "k")
-        .send_json(json!({"address": dual.addr.to_string(), "role": "dual", "model": "dual-model"}))
+        .send_json(json!({"address": dual.addr.to_string(), "role": "dual", "model": "dual-model", "create_model": true}))
         .unwrap();
     let url = proxy.url("/v1/completions");
     let req = |model: &str, stream_it: bool| json!({"model": model, "prompt": "a b c", "max_tokens": 5, "stream": stream_it});

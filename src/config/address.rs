@@ -9,9 +9,21 @@ use std::net::{SocketAddr, ToSocketAddrs};
 pub enum AddressError {
     NoPort(String),
     NoHost(String),
-    BadPort { address: String, port: String },
+    /// `http://host:port`: a URL where an address is expected.
+    Scheme {
+        address: String,
+        scheme: String,
+        rest: String,
+    },
+    BadPort {
+        address: String,
+        port: String,
+    },
     PortZero(String),
-    Unresolved { address: String, host: String },
+    Unresolved {
+        address: String,
+        host: String,
+    },
 }
 
 impl fmt::Display for AddressError {
@@ -19,6 +31,14 @@ impl fmt::Display for AddressError {
         match self {
             AddressError::NoPort(s) => write!(f, "address `{s}` has no port (expected host:port)"),
             AddressError::NoHost(s) => write!(f, "address `{s}` has no host (expected host:port)"),
+            AddressError::Scheme {
+                address,
+                scheme,
+                rest,
+            } => write!(
+                f,
+                "address `{address}` has a scheme: drop `{scheme}://` and write `{rest}` (host:port)"
+            ),
             AddressError::BadPort { address, port } => {
                 write!(f, "address `{address}` has an invalid port `{port}`")
             }
@@ -41,6 +61,13 @@ impl From<AddressError> for String {
 /// Splits `host:port` (IPv6 hosts in brackets) and checks the port, without resolving.
 pub fn split_address(s: &str) -> Result<(&str, u16), AddressError> {
     let s = s.trim();
+    if let Some((scheme, rest)) = s.split_once("://") {
+        return Err(AddressError::Scheme {
+            address: s.to_string(),
+            scheme: scheme.to_string(),
+            rest: rest.trim_end_matches('/').to_string(),
+        });
+    }
     let Some((host, port)) = s.rsplit_once(':') else {
         return Err(AddressError::NoPort(s.to_string()));
     };
@@ -93,6 +120,10 @@ mod tests {
         assert_eq!(
             parse_address("10.0.0.1"),
             Err(AddressError::NoPort("10.0.0.1".into()))
+        );
+        assert_eq!(
+            parse_address("http://127.0.0.1:8100/").unwrap_err().to_string(),
+            "address `http://127.0.0.1:8100/` has a scheme: drop `http://` and write `127.0.0.1:8100` (host:port)"
         );
         assert_eq!(
             parse_address(":80"),

@@ -1,7 +1,7 @@
 //! `/instances/add` and `/instances/remove`: authenticated with `X-API-Key` (compared in
 //! constant time), carried out by the control thread, which publishes the new snapshot.
 
-use super::control::Command;
+use super::control::{Command, ControlError};
 use super::Worker;
 use crate::config::Role;
 use crate::http::ApiError;
@@ -76,10 +76,19 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
                     return Err(ApiError::bad_request("`model` is required").with_param("model"))
                 }
             };
+            let create_model = match v.get("create_model") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ApiError::bad_request("`create_model` must be a boolean")
+                        .with_param("create_model"))
+                }
+            };
             Command::Add {
                 address: field(&v, "address")?.to_string(),
                 role,
                 model,
+                create_model,
                 reply: tx,
             }
         }
@@ -97,7 +106,7 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
     loop {
         match rx.try_recv() {
             Ok(Ok(v)) => return Ok(v),
-            Ok(Err(msg)) => return Err(ApiError::bad_request(msg)),
+            Ok(Err(e)) => return Err(refusal(e)),
             Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                 return Err(ApiError::unavailable(
                     "the control thread dropped the request",
@@ -112,6 +121,17 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
                 monoio::time::sleep(Duration::from_millis(2)).await;
             }
         }
+    }
+}
+
+/// The HTTP answer for a refused admin command.
+fn refusal(e: ControlError) -> ApiError {
+    match e {
+        ControlError::NotFound(m) => ApiError::not_found(m),
+        ControlError::Conflict(m) => {
+            ApiError::new(StatusCode::CONFLICT, "invalid_request_error", m).with_code("conflict")
+        }
+        ControlError::Invalid(m) | ControlError::Reload(m) => ApiError::bad_request(m),
     }
 }
 

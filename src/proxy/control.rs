@@ -14,21 +14,49 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// What the control thread answers an admin command with.
+pub type Reply = Result<Value, ControlError>;
+
+/// Why an admin command was refused; the admin API maps each kind to its HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlError {
+    /// No instance at that address, or a model that is not configured (404).
+    NotFound(String),
+    /// The change conflicts with what is configured: a duplicate address (409).
+    Conflict(String),
+    /// The change would not pass config validation: a bad address, a role the model
+    /// cannot take (400).
+    Invalid(String),
+    /// `/admin/reload`: the file is invalid, or there is none (400).
+    Reload(String),
+}
+
+impl ControlError {
+    pub fn message(&self) -> &str {
+        match self {
+            ControlError::NotFound(m)
+            | ControlError::Conflict(m)
+            | ControlError::Invalid(m)
+            | ControlError::Reload(m) => m,
+        }
+    }
+}
+
 pub enum Command {
     Add {
         address: String,
         role: Role,
         model: String,
-        reply: Sender<Result<Value, String>>,
+        /// Create the model when it is not configured (else an unknown model is refused).
+        create_model: bool,
+        reply: Sender<Reply>,
     },
     Remove {
         address: String,
-        reply: Sender<Result<Value, String>>,
+        reply: Sender<Reply>,
     },
     /// Re-read the config file; on success swap in its models and instances.
-    Reload {
-        reply: Option<Sender<Result<Value, String>>>,
-    },
+    Reload { reply: Option<Sender<Reply>> },
 }
 
 struct Control {
@@ -41,6 +69,8 @@ struct Control {
     startup_reported: bool,
     /// When the last "waiting for instances" line was logged.
     last_heartbeat: Option<Instant>,
+    /// Every model has passed start-up gating once: probe at the steady-state interval.
+    gating_done: bool,
     /// The configuration the proxy started with: its listener, thread and pool settings stay
     /// in force until a restart, and its command-line overrides outlive reloads.
     at_start: Config,
@@ -56,6 +86,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Comman
         draining: Vec::new(),
         startup_reported: false,
         last_heartbeat: None,
+        gating_done: false,
         at_start: cfg.clone(),
     };
     std::thread::Builder::new()
@@ -77,7 +108,7 @@ impl Control {
                         continue;
                     }
                     self.probe_round();
-                    let every = if self.shared.is_ready() {
+                    let every = if self.gating_done {
                         self.health.interval
                     } else {
                         self.health.startup_probe_interval
@@ -106,7 +137,7 @@ impl Control {
             }
             drop(done_tx);
             for () in done_rx.iter() {
-                open_gate_if_ready(shared, &topo);
+                open_gates(shared, &topo, false);
             }
         });
         self.update_readiness(&topo);
@@ -119,37 +150,45 @@ impl Control {
         });
     }
 
+    /// Start-up gating, per model: a model serves from the first moment it has a serving
+    /// path; the proxy is ready (`/health` 200) once a first model does. A model without
+    /// nodes holds back only its own requests. `startup.wait_timeout_seconds: 0` (1.2's "skip
+    /// discovery") opens every model at once; instances join routing as probes pass.
     fn update_readiness(&mut self, topo: &Topology) {
-        if self.shared.is_ready() {
-            return;
-        }
-        if self.startup.wait_timeout.is_zero() {
-            // 1.2's "skip discovery": serve at once; instances join routing as probes pass.
-            self.shared.ready.store(true, Ordering::Release);
-            crate::info!("startup.wait_timeout_seconds is 0: serving without waiting");
-            return;
-        }
-        if open_gate_if_ready(&self.shared, topo) {
+        open_gates(&self.shared, topo, self.startup.wait_timeout.is_zero());
+        let waiting: Vec<&str> = topo
+            .models
+            .iter()
+            .filter(|m| !m.is_open())
+            .map(|m| m.name.as_str())
+            .collect();
+        self.gating_done = waiting.is_empty();
+        if self.gating_done {
             return;
         }
         self.heartbeat(topo);
         let waited = self.shared.started.elapsed();
-        if waited >= self.startup.wait_timeout && !self.startup_reported {
-            self.startup_reported = true;
-            let missing: Vec<String> = topo
-                .instances()
-                .filter(|i| !i.is_available())
-                .map(|i| format!("{} ({}, {})", i.address, i.role.as_str(), i.model))
-                .collect();
-            crate::error!(
-                "no healthy serving path after {:?}; not answering: {}",
-                waited,
-                missing.join(", ")
-            );
-            if self.startup.exit_on_timeout {
-                crate::error!("startup.exit_on_timeout is set: exiting");
-                std::process::exit(3);
-            }
+        if waited < self.startup.wait_timeout || self.startup_reported {
+            return;
+        }
+        self.startup_reported = true;
+        let missing: Vec<String> = topo
+            .models
+            .iter()
+            .filter(|m| !m.is_open())
+            .flat_map(|m| m.instances())
+            .filter(|i| !i.is_available())
+            .map(|i| format!("{} ({}, {})", i.address, i.role.as_str(), i.model))
+            .collect();
+        crate::error!(
+            "no serving path after {:?} for model(s) {}; their requests get 503; unavailable: {}",
+            waited,
+            waiting.join(", "),
+            missing.join(", ")
+        );
+        if self.startup.exit_on_timeout && !self.shared.is_ready() {
+            crate::error!("startup.exit_on_timeout is set and no model can serve: exiting");
+            std::process::exit(3);
         }
     }
 
@@ -182,9 +221,10 @@ impl Control {
                 address,
                 role,
                 model,
+                create_model,
                 reply,
             } => {
-                let res = self.add(&address, role, &model);
+                let res = self.add(&address, role, &model, create_model);
                 let _ = reply.send(res);
             }
             Command::Remove { address, reply } => {
@@ -195,9 +235,10 @@ impl Control {
                 let res = self.reload();
                 match &res {
                     Ok(_) => crate::warn!("configuration reloaded"),
-                    Err(e) => {
-                        crate::error!("reload failed; keeping the running configuration:\n{e}")
-                    }
+                    Err(e) => crate::error!(
+                        "reload failed; keeping the running configuration:\n{}",
+                        e.message()
+                    ),
                 }
                 if let Some(r) = reply {
                     let _ = r.send(res);
@@ -211,12 +252,14 @@ impl Control {
     /// instances they chose; instances that left are drained); timeouts, retries, circuit
     /// and health settings, keys, limits and the log level as a new policy. Settings the
     /// listeners, threads and pools were built with are reported as needing a restart.
-    fn reload(&mut self) -> Result<Value, String> {
+    fn reload(&mut self) -> Reply {
         let Some(path) = self.at_start.source.clone() else {
-            return Err("the configuration was not read from a file".into());
+            return Err(ControlError::Reload(
+                "the configuration was not read from a file".into(),
+            ));
         };
         let cfg = Config::load(&path)
-            .map_err(|e| format!("{} is invalid:\n{e}", path.display()))?
+            .map_err(|e| ControlError::Reload(format!("{} is invalid:\n{e}", path.display())))?
             .with_overrides(self.at_start.overrides.clone());
         let restart_needed = self.at_start.restart_needed(&cfg);
         let (next, gone) = self.shared.topology.load().reloaded(&cfg);
@@ -236,6 +279,7 @@ impl Control {
         });
         self.shared.policy.store(Arc::new(cfg.policy()));
         self.shared.topology.store(Arc::new(next));
+        self.update_readiness(&self.shared.topology.load_full());
         crate::log::set_level(cfg.log_level);
         for g in &gone {
             g.draining.store(true, Ordering::Relaxed);
@@ -257,18 +301,47 @@ impl Control {
         }))
     }
 
-    fn add(&mut self, address: &str, role: Role, model: &str) -> Result<Value, String> {
-        let sa = crate::config::parse_address(address)?;
+    /// Adds an instance after the checks the config file's validation makes: the address,
+    /// no duplicate, a configured model (unless its creation is asked for), and a role the
+    /// model can take (see `role_problem`).
+    fn add(&mut self, address: &str, role: Role, model: &str, create_model: bool) -> Reply {
+        let sa = crate::config::parse_address(address)
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let topo = self.shared.topology.load_full();
+        if let Some(i) = topo.find(sa) {
+            return Err(ControlError::Conflict(format!(
+                "instance {} is already configured ({}, model {})",
+                i.address,
+                i.role.as_str(),
+                i.model
+            )));
+        }
+        match topo.models.iter().find(|m| m.name == model) {
+            Some(m) => {
+                if let Some(problem) = role_problem(m, role) {
+                    return Err(ControlError::Invalid(problem));
+                }
+            }
+            None if !create_model => {
+                return Err(ControlError::NotFound(format!(
+                    "model `{model}` is not configured: send \"create_model\": true to create it"
+                )))
+            }
+            None => {}
+        }
         let inst = Arc::new(Instance::new(
             address.trim().to_string(),
             sa,
             role,
             Arc::from(model),
         ));
-        let next = self.shared.topology.load().with_added(inst.clone())?;
+        let next = topo
+            .with_added(inst.clone())
+            .map_err(ControlError::Conflict)?;
         // Probe before publishing so that it is usable the moment workers see it.
         probe(&inst, &self.health, &self.circuit);
         self.shared.topology.store(Arc::new(next));
+        self.update_readiness(&self.shared.topology.load_full());
         crate::warn!(
             "instance {address} added ({}, model {model})",
             role.as_str()
@@ -276,9 +349,17 @@ impl Control {
         Ok(json!({"status": "added", "instance": inst.status_json()}))
     }
 
-    fn remove(&mut self, address: &str) -> Result<Value, String> {
-        let sa = crate::config::parse_address(address)?;
-        let (next, gone) = self.shared.topology.load().with_removed(sa)?;
+    /// Removes an instance; its model stays configured even without instances (its
+    /// requests then get 503).
+    fn remove(&mut self, address: &str) -> Reply {
+        let sa = crate::config::parse_address(address)
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let (next, gone) = self
+            .shared
+            .topology
+            .load()
+            .with_removed(sa)
+            .map_err(ControlError::NotFound)?;
         // Draining: no new picks from this moment, in-flight requests finish on their own
         // snapshot; workers close their idle connections when they see the new generation.
         gone.draining.store(true, Ordering::Relaxed);
@@ -294,17 +375,52 @@ impl Control {
     }
 }
 
-/// Opens the startup gate once every model has a serving path; whether it is open.
-fn open_gate_if_ready(shared: &Shared, topo: &Topology) -> bool {
-    if shared.is_ready() {
-        return true;
+/// Opens the gate of every model that has a serving path now (of every model when
+/// `skip`: `startup.wait_timeout_seconds: 0`), and the proxy's once a first model is open.
+fn open_gates(shared: &Shared, topo: &Topology, skip: bool) {
+    for m in topo.models.iter().filter(|m| !m.is_open()) {
+        if skip || m.can_serve() {
+            m.open.store(true, Ordering::Release);
+            crate::info!("model {} is served", m.name);
+        }
     }
-    if !topo.models.iter().all(|m| m.can_serve()) {
-        return false;
+    if !shared.is_ready() && (skip || topo.models.iter().any(|m| m.is_open())) {
+        shared.ready.store(true, Ordering::Release);
+        if skip {
+            crate::info!("startup.wait_timeout_seconds is 0: serving without waiting");
+        } else {
+            crate::info!("start-up gating met: ready");
+        }
     }
-    shared.ready.store(true, Ordering::Release);
-    crate::info!("every model has healthy instances; serving requests");
-    true
+}
+
+/// Why `model` cannot take an instance of `role`, judged like the config file's role rule
+/// (prefill needs decode instances; decode needs prefill or dual instances) on the model
+/// after the change. A model without instances takes any first one: it is being built up
+/// and answers 503 until it has a serving path.
+fn role_problem(m: &crate::topology::ModelRoute, role: Role) -> Option<String> {
+    let has = |r: Role| {
+        let set = match r {
+            Role::Prefill => &m.prefill,
+            Role::Decode => &m.decode,
+            Role::Dual => &m.dual,
+        };
+        !set.instances.is_empty() || r == role
+    };
+    // A model without instances takes any first one.
+    m.instances().next()?;
+    let name = &m.name;
+    if has(Role::Prefill) && !has(Role::Decode) {
+        Some(format!(
+            "model `{name}` has no decode instances: a prefill instance would have no decode instance to pair with (add decode instances first)"
+        ))
+    } else if has(Role::Decode) && !has(Role::Prefill) && !has(Role::Dual) {
+        Some(format!(
+            "model `{name}` has no prefill instances: a decode instance would never be used (add prefill instances first)"
+        ))
+    } else {
+        None
+    }
 }
 
 fn probe(inst: &Instance, cfg: &HealthConfig, circuit: &CircuitConfig) {
@@ -340,7 +456,12 @@ fn probe(inst: &Instance, cfg: &HealthConfig, circuit: &CircuitConfig) {
             crate::warn!("instance {addr} ({}) is unhealthy", inst.role.as_str());
         }
     }
-    if ok && inst.max_model_len.load(Ordering::Relaxed) == 0 {
+    let mismatch = inst
+        .model_mismatch
+        .lock()
+        .map(|m| m.is_some())
+        .unwrap_or(false);
+    if ok && (inst.max_model_len.load(Ordering::Relaxed) == 0 || mismatch) {
         read_model_info(inst, cfg.timeout);
     }
 }
@@ -352,7 +473,11 @@ fn read_model_info(inst: &Instance, timeout: Duration) {
     let Ok(v) = serde_json::from_slice::<Value>(&r.body) else {
         return;
     };
-    let Some(entry) = v["data"].as_array().and_then(|d| d.first()) else {
+    let Some(data) = v["data"].as_array() else {
+        return;
+    };
+    check_served_model(inst, data);
+    let Some(entry) = data.first() else {
         return;
     };
     if let Some(n) = entry["max_model_len"].as_u64() {
@@ -360,5 +485,35 @@ fn read_model_info(inst: &Instance, timeout: Duration) {
     }
     if let Some(root) = entry["root"].as_str().or(entry["id"].as_str()) {
         let _ = inst.root.set(root.to_string());
+    }
+}
+
+/// Records (and logs once) an instance whose /v1/models does not list the model it is
+/// configured for: the proxy would relay its 404 `model_not_found` for every request,
+/// indistinguishable from the proxy's own. Cleared when the instance lists it again.
+fn check_served_model(inst: &Instance, data: &[Value]) {
+    let ids: Vec<&str> = data.iter().filter_map(|e| e["id"].as_str()).collect();
+    let Ok(mut slot) = inst.model_mismatch.lock() else {
+        return;
+    };
+    if ids.is_empty() || ids.contains(&&*inst.model) {
+        if slot.take().is_some() {
+            crate::warn!(
+                "instance {} now serves model `{}`",
+                inst.address,
+                inst.model
+            );
+        }
+        return;
+    }
+    let reported = ids.join(", ");
+    if slot.as_deref() != Some(reported.as_str()) {
+        crate::warn!(
+            "instance {} serves model `{reported}`, not the configured `{}`: requests for `{}` sent there fail with 404 model_not_found (fix the config's model name or the engine's --served-model-name)",
+            inst.address,
+            inst.model,
+            inst.model
+        );
+        *slot = Some(reported);
     }
 }

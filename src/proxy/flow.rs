@@ -52,17 +52,17 @@ pub async fn answer_error(
     Outcome::new(err.status.as_u16(), res.is_ok() && keep)
 }
 
-/// The topology snapshot for a request, or the error to answer: 503 while gated, 404 for
-/// an unknown model, 400 when several models are served and none is named.
+/// The topology snapshot for a request, or the error to answer: 404 for an unknown model,
+/// 400 when several models are served and none is named, 503 while the model is gated
+/// (each model on its own: one model's absence never holds back another's requests).
 fn open_route(w: &Worker, model: Option<&str>) -> Result<(Arc<Topology>, usize), ApiError> {
-    if !w.shared.is_ready() {
-        return Err(ApiError::unavailable(
-            "waiting for backend nodes: every model needs a healthy prefill and decode instance, or a healthy dual instance",
-        ));
-    }
     let topo = w.shared.topology.load_full();
     w.pool.sync(&topo);
     match topo.route_index(model) {
+        Some(i) if !topo.models[i].is_open() => Err(ApiError::unavailable(format!(
+            "model `{}` is waiting for backend nodes: it needs a healthy prefill and decode instance, or a healthy dual instance",
+            topo.models[i].name
+        ))),
         Some(i) => Ok((topo, i)),
         None => Err(match model {
             Some(m) => ApiError::not_found(format!("The model `{m}` does not exist."))
@@ -112,15 +112,15 @@ pub async fn serve(
     watch: Option<&DisconnectWatch>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let inspected = match openai::inspect(endpoint, &req.body) {
-        Ok(i) => i,
-        Err(e) => return answer_error(client, &e, None, keep_alive).await,
-    };
     let request_id = req
         .head
         .request_id
         .clone()
         .unwrap_or_else(crate::ids::uuid_v4);
+    let inspected = match openai::inspect(endpoint, &req.body) {
+        Ok(i) => i,
+        Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,
+    };
     let (topo, model_index) = match open_route(w, inspected.model.as_deref()) {
         Ok(t) => t,
         Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,

@@ -120,7 +120,10 @@ async fn route(
         path.as_str(),
         "/instances/add" | "/instances/remove" | "/admin/reload"
     );
+    // Liveness and readiness probes stay open whatever `protect_status` says.
+    let probe = matches!(path.as_str(), "/ping" | "/health");
     if !admin
+        && !probe
         && (!operational || w.policy().protect_status)
         && !client_authorized(w, req.head.authorization.as_deref())
     {
@@ -137,14 +140,14 @@ async fn route(
         "/tokenize" | "/detokenize" | "/v1/embeddings"
     ) {
         if let Some(e) = post_only(method, &path) {
-            return answer_error(stream, &e, None, keep_alive).await;
+            return answer_error(stream, &e, Some(&request_id(&req)), keep_alive).await;
         }
         ensure_watch(watch, stream);
         return flow::serve_forwarded(start, w, req, stream, watch.as_ref()).await;
     }
     if let Some(endpoint) = Endpoint::from_path(&path) {
         if let Some(e) = post_only(method, &path) {
-            return answer_error(stream, &e, None, keep_alive).await;
+            return answer_error(stream, &e, Some(&request_id(&req)), keep_alive).await;
         }
         if !crate::http::is_json_content_type(req.head.content_type.as_deref()) {
             let e = ApiError::new(
@@ -152,7 +155,7 @@ async fn route(
                 "invalid_request_error",
                 "Content-Type must be application/json",
             );
-            return answer_error(stream, &e, None, keep_alive).await;
+            return answer_error(stream, &e, Some(&request_id(&req)), keep_alive).await;
         }
         ensure_watch(watch, stream);
         return flow::serve(start, w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
@@ -212,6 +215,14 @@ async fn route(
     write_json(stream, status, &body, keep_alive).await
 }
 
+/// The client's `X-Request-Id`, or a new one: every answer on a business endpoint has one.
+fn request_id(req: &Request) -> String {
+    req.head
+        .request_id
+        .clone()
+        .unwrap_or_else(crate::ids::uuid_v4)
+}
+
 fn post_only(method: &Method, path: &str) -> Option<ApiError> {
     (method != Method::POST).then(|| {
         ApiError::new(
@@ -263,21 +274,28 @@ async fn write_json(
     Outcome::new(status.as_u16(), res.is_ok() && keep_alive)
 }
 
+/// Readiness of the proxy itself (docs/deployment.md): 200 once start-up gating is met (a
+/// first model can serve) until shutdown. A model that cannot serve is reported in the body
+/// and answers 503 on its own requests; it does not take the proxy out of service, since no
+/// replica could serve it either.
 fn health(w: &Worker) -> (StatusCode, serde_json::Value) {
     let topo = w.shared.topology.load();
-    let ready = w.shared.is_ready() && topo.models.iter().all(|m| m.can_serve());
-    let instances: Vec<_> = topo.instances().map(|i| i.status_json()).collect();
-    let status = if ready {
-        StatusCode::OK
+    let (status, word) = if w.shared.shutting_down.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if w.shared.is_ready() {
+        (StatusCode::OK, "ready")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::SERVICE_UNAVAILABLE, "waiting for backend nodes")
     };
+    let models: Vec<_> = topo
+        .models
+        .iter()
+        .map(|m| json!({"name": m.name, "ready": m.is_open(), "can_serve": m.can_serve()}))
+        .collect();
+    let instances: Vec<_> = topo.instances().map(|i| i.status_json()).collect();
     (
         status,
-        json!({
-            "status": if ready { "ready" } else { "waiting for backend nodes" },
-            "instances": instances,
-        }),
+        json!({"status": word, "models": models, "instances": instances}),
     )
 }
 
@@ -297,7 +315,12 @@ fn status(w: &Worker) -> serde_json::Value {
                 "prefill": count(&m.prefill),
                 "decode": count(&m.decode),
                 "dual": count(&m.dual),
+                "ready": m.is_open(),
                 "can_serve": m.can_serve(),
+                "warnings": m.model_mismatches().iter().map(|(addr, reported)| format!(
+                    "instance {addr} serves `{reported}`, not `{}`: its requests fail with 404 model_not_found",
+                    m.name
+                )).collect::<Vec<_>>(),
             })
         })
         .collect();
