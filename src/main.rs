@@ -81,6 +81,8 @@ struct DemoArgs {
     /// Port of the proxy.
     #[arg(long, default_value_t = 8000)]
     port: u16,
+    /// Event loop driver: auto (io_uring, falling back to epoll), io_uring or epoll.
+    /// Default from $XPYD_DRIVER, else auto.
     #[arg(long)]
     driver: Option<Driver>,
 }

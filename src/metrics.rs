@@ -111,7 +111,7 @@ pub fn endpoint_index(path: &str) -> usize {
     }
 }
 
-/// Status codes with their own series; anything else is counted under its class ("5xx").
+/// Status codes with their own series; anything else is counted as `status="other"`.
 const STATUSES: [u16; 19] = [
     200, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 431, 499, 500, 501, 502, 503, 504, 0,
 ];

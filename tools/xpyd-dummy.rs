@@ -1,4 +1,4 @@
-//! `xpyd-dummy`: a simulated vLLM node for tests, load tests and the demo (SPEC 7).
+//! `xpyd-dummy`: a simulated vLLM node for tests, load tests and the demo (docs/cli.md).
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -18,6 +18,7 @@ struct Args {
     mode: Mode,
     #[arg(long)]
     model: String,
+    /// Listen address (loopback by default; 0.0.0.0 to be reachable from other hosts).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     #[arg(long, default_value_t = 131072)]
@@ -31,6 +32,8 @@ struct Args {
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// Event loop driver: auto (io_uring, falling back to epoll), io_uring or epoll.
+    /// Default from $XPYD_DRIVER, else auto.
     #[arg(long)]
     driver: Option<Driver>,
     /// Fraction (0..1) of inference requests answered with HTTP 500.

@@ -214,7 +214,7 @@ pub struct Config {
     /// Record Prometheus metrics (`metrics.enabled`); off only to measure their cost.
     pub metrics_enabled: bool,
     pub log_format: crate::log::Format,
-    /// Streaming requests take their first token from the prefill node (SPEC 4.3).
+    /// Streaming requests take their first token from the prefill node (docs/api.md).
     pub generator_on_p_node: bool,
     /// Sent to backends as `Authorization: Bearer` (env `OPENAI_API_KEY` overrides).
     pub openai_api_key: Option<String>,

@@ -1,4 +1,4 @@
-//! `xpyd-dummy`: a simulated vLLM node (SPEC 7) on the same runtime and HTTP code as the
+//! `xpyd-dummy`: a simulated vLLM node (docs/cli.md) on the same runtime and HTTP code as the
 //! proxy. It answers with vLLM's JSON, paces tokens like an engine, can inject faults, and
 //! can record what it received so that tests can check what the proxy sent.
 

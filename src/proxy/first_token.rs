@@ -1,4 +1,4 @@
-//! `generator_on_p_node` (SPEC 4.3): a streaming request's first token comes from the
+//! `generator_on_p_node` (docs/api.md): a streaming request's first token comes from the
 //! prefill node and reaches the client the moment the prefill leg ends; the decode stream
 //! follows without its own first content token. Every event carries the first chunk's `id`,
 //! `created` and `model`, so the client sees one consistent stream; usage is the decode

@@ -1,4 +1,4 @@
-//! One inference request end to end (SPEC 4.2): validate, pick the instances, run the
+//! One inference request end to end (docs/api.md): validate, pick the instances, run the
 //! prefill leg (`max_tokens: 1`, not streamed), then relay the decode leg — or one pass on a
 //! dual instance. The whole flow races the client's disconnect: if the client goes away,
 //! the flow future is dropped, which closes any upstream connection it holds (never
@@ -356,7 +356,7 @@ impl Leg<'_> {
     }
 
     /// Sends `body` to an instance of `set` and waits for its response head, retrying
-    /// connection failures and retryable statuses on other instances with backoff (SPEC 5).
+    /// connection failures and retryable statuses on other instances with backoff (docs/resilience.md).
     /// Nothing has reached the client yet, so every retry is safe. A first-byte timeout is
     /// not retried: the client would wait a multiple of it.
     async fn run(

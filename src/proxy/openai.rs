@@ -169,7 +169,7 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
 /// What the prefill leg of a NIXL request asks for: keep the KV cache for a remote decode.
 const NIXL_PREFILL_PARAMS: &str = r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
 
-/// The prefill leg's body (SPEC 4.2): the client's request with `max_tokens: 1`
+/// The prefill leg's body (docs/api.md): the client's request with `max_tokens: 1`
 /// (and `max_completion_tokens: 1` where the client used it), `stream: false`, and no
 /// `stream_options` / `min_tokens`; in NIXL mode with `kv_transfer_params` asking for a
 /// remote decode.
