@@ -14,6 +14,7 @@ pub mod http;
 pub mod ids;
 pub mod instance;
 pub mod metrics;
+pub mod metrics_python;
 pub mod proxy;
 pub mod resilience;
 pub mod runtime;

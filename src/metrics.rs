@@ -524,6 +524,18 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         .map(|w| w.retries.load(Ordering::Relaxed))
         .sum();
     let _ = writeln!(out, "proxy_retries_total {retries}");
+    let sent: Vec<crate::metrics_python::Sent> = inst
+        .iter()
+        .filter_map(|(address, role, model, requests, _)| {
+            Some(crate::metrics_python::Sent {
+                address,
+                role: role.parse().ok()?,
+                model,
+                requests: *requests,
+            })
+        })
+        .collect();
+    crate::metrics_python::render(&mut out, &scrape.instances, &sent, esc, header);
     out
 }
 

@@ -52,6 +52,30 @@ fn field<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, ApiError> {
     })
 }
 
+/// `name`, or the field xpyd-proxy 1.2 called it (`instance` for `address`, `type` for
+/// `role`): 1.2's admin scripts keep working.
+fn field_or<'a>(
+    v: &'a Value,
+    name: &'static str,
+    python: &'static str,
+) -> Result<&'a str, ApiError> {
+    match v.get(python).and_then(Value::as_str) {
+        Some(s) if v.get(name).is_none() => Ok(s),
+        _ => field(v, name),
+    }
+}
+
+/// 1.2's answer line, kept beside ours: `Added 10.0.0.1:8200 to decode_instances.`
+fn python_message(path: &str, address: &str, role: &str) -> Option<String> {
+    match path {
+        "/instances/add" => Some(format!("Added {address} to {role}_instances.")),
+        "/instances/remove" if !role.is_empty() => {
+            Some(format!("Removed {address} from {role}_instances."))
+        }
+        _ => None,
+    }
+}
+
 pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiError> {
     let v: Value = if body.is_empty() && path == "/admin/reload" {
         Value::Null
@@ -60,14 +84,15 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
             .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?
     };
     let (tx, rx) = std::sync::mpsc::channel();
+    let mut message = None;
     let cmd = match path {
         "/instances/add" => {
-            let role: Role =
-                field(&v, "role")?
-                    .parse()
-                    .map_err(|e: crate::config::UnknownRole| {
-                        ApiError::bad_request(e.to_string()).with_param("role")
-                    })?;
+            let role_name = field_or(&v, "role", "type")?.trim();
+            let role: Role = role_name.parse().map_err(|e: crate::config::UnknownRole| {
+                ApiError::bad_request(e.to_string()).with_param("role")
+            })?;
+            let address = field_or(&v, "address", "instance")?;
+            message = python_message(path, address, role_name);
             let topo = w.shared.topology.load();
             let model = match v.get("model").and_then(Value::as_str) {
                 Some(m) => m.to_string(),
@@ -85,7 +110,7 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
                 }
             };
             Command::Add {
-                address: field(&v, "address")?.to_string(),
+                address: address.to_string(),
                 role,
                 model,
                 create_model,
@@ -93,10 +118,15 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
             }
         }
         "/admin/reload" => Command::Reload { reply: Some(tx) },
-        _ => Command::Remove {
-            address: field(&v, "address")?.to_string(),
-            reply: tx,
-        },
+        _ => {
+            let address = field_or(&v, "address", "instance")?;
+            let role = v.get("type").and_then(Value::as_str).unwrap_or("");
+            message = python_message(path, address, role);
+            Command::Remove {
+                address: address.to_string(),
+                reply: tx,
+            }
+        }
     };
     w.control
         .send(cmd)
@@ -105,7 +135,12 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match rx.try_recv() {
-            Ok(Ok(v)) => return Ok(v),
+            Ok(Ok(mut v)) => {
+                if let (Some(m), Some(obj)) = (message, v.as_object_mut()) {
+                    obj.insert("message".into(), Value::String(m));
+                }
+                return Ok(v);
+            }
             Ok(Err(e)) => return Err(refusal(e)),
             Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                 return Err(ApiError::unavailable(

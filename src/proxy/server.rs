@@ -197,11 +197,7 @@ async fn route(
         (&Method::GET, "/health") => health(w),
         (&Method::GET, "/v1/models") => (StatusCode::OK, models(w)),
         (&Method::GET, "/status") => (StatusCode::OK, status(w)),
-        (&Method::GET, "/status/instances") => {
-            let topo = w.shared.topology.load();
-            let list: Vec<_> = topo.instances().map(|i| i.status_json()).collect();
-            (StatusCode::OK, json!({ "instances": list }))
-        }
+        (&Method::GET, "/status/instances") => (StatusCode::OK, status_instances(w)),
         (&Method::GET, "/version") => (
             StatusCode::OK,
             json!({"name": "xpyd", "version": crate::VERSION}),
@@ -324,11 +320,46 @@ fn status(w: &Worker) -> serde_json::Value {
             })
         })
         .collect();
+    // xpyd-proxy 1.2's fields (configured prefill and decode addresses), beside ours.
+    let addresses = |role: crate::config::Role| -> Vec<&str> {
+        topo.instances()
+            .filter(|i| i.role == role)
+            .map(|i| i.address.as_str())
+            .collect()
+    };
+    let (prefill, decode) = (
+        addresses(crate::config::Role::Prefill),
+        addresses(crate::config::Role::Decode),
+    );
     json!({
         "version": crate::VERSION,
         "ready": w.shared.is_ready(),
         "uptime_seconds": w.shared.started.elapsed().as_secs_f64(),
         "models": models,
+        "prefill_node_count": prefill.len(),
+        "decode_node_count": decode.len(),
+        "prefill_nodes": prefill,
+        "decode_nodes": decode,
+    })
+}
+
+/// Every instance, and (as xpyd-proxy 1.2 answered) the same grouped by role.
+fn status_instances(w: &Worker) -> serde_json::Value {
+    let topo = w.shared.topology.load();
+    let of = |role: crate::config::Role| -> Vec<_> {
+        topo.instances()
+            .filter(|i| i.role == role)
+            .map(|i| i.status_json())
+            .collect()
+    };
+    let all: Vec<_> = topo.instances().map(|i| i.status_json()).collect();
+    json!({
+        "instances": all,
+        "prefill_instances": of(crate::config::Role::Prefill),
+        "decode_instances": of(crate::config::Role::Decode),
+        "dual_instances": of(crate::config::Role::Dual),
+        // 1.8 calls dual instances aggregated.
+        "aggregated_instances": of(crate::config::Role::Dual),
     })
 }
 
