@@ -30,7 +30,12 @@ fn labels(address: &str, role: Role, model: &str, esc: fn(&str) -> String) -> St
 }
 
 /// Name, help, which instances it covers, its value for one.
-type Gauge = (&'static str, &'static str, fn(Role) -> bool, fn(&Instance) -> u64);
+type Gauge = (
+    &'static str,
+    &'static str,
+    fn(Role) -> bool,
+    fn(&Instance) -> u64,
+);
 
 pub fn render(
     out: &mut String,
