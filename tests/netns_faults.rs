@@ -348,8 +348,10 @@ fn instance_state_at(status_url: &str, addr: SocketAddr) -> (String, String) {
     )
 }
 
+/// Its health probe failed: no picks until a probe passes again. (An open circuit alone is
+/// not enough: it lets trial requests through again after its open time.)
 fn taken_out(state: &(String, String)) -> bool {
-    state.0 == "unhealthy" || state.1 == "open"
+    state.0 == "unhealthy"
 }
 
 fn admitted(state: &(String, String)) -> bool {
