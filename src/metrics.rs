@@ -82,32 +82,49 @@ impl HistAcc {
     }
 }
 
-/// Endpoints counted in `proxy_requests_total` / `proxy_request_duration_seconds`.
-pub const ENDPOINTS: [&str; 10] = [
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/models",
-    "/health",
-    "/ping",
-    "/status",
-    "/metrics",
-    "/instances",
-    "forwarded",
-    "other",
-];
+/// The `endpoint` label of `proxy_requests_total` / `proxy_request_duration_seconds`
+/// (which routes count in which: `proxy::route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Series {
+    Completions,
+    ChatCompletions,
+    Models,
+    Health,
+    Ping,
+    Status,
+    Metrics,
+    Instances,
+    Forwarded,
+    Other,
+}
 
-pub fn endpoint_index(path: &str) -> usize {
-    match path {
-        "/v1/completions" => 0,
-        "/v1/chat/completions" => 1,
-        "/v1/models" => 2,
-        "/health" => 3,
-        "/ping" => 4,
-        "/status" | "/status/instances" | "/version" => 5,
-        "/metrics" => 6,
-        "/instances/add" | "/instances/remove" | "/admin/reload" => 7,
-        "/tokenize" | "/detokenize" | "/v1/embeddings" => 8,
-        _ => 9,
+impl Series {
+    const ALL: [Series; 10] = [
+        Series::Completions,
+        Series::ChatCompletions,
+        Series::Models,
+        Series::Health,
+        Series::Ping,
+        Series::Status,
+        Series::Metrics,
+        Series::Instances,
+        Series::Forwarded,
+        Series::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Series::Completions => "/v1/completions",
+            Series::ChatCompletions => "/v1/chat/completions",
+            Series::Models => "/v1/models",
+            Series::Health => "/health",
+            Series::Ping => "/ping",
+            Series::Status => "/status",
+            Series::Metrics => "/metrics",
+            Series::Instances => "/instances",
+            Series::Forwarded => "forwarded",
+            Series::Other => "other",
+        }
     }
 }
 
@@ -169,8 +186,8 @@ impl InstanceMetrics {
 /// One worker's metrics; written only by that worker.
 #[derive(Default)]
 pub struct WorkerMetrics {
-    requests: [[AtomicU64; STATUSES.len()]; ENDPOINTS.len()],
-    durations: [Histogram; ENDPOINTS.len()],
+    requests: [[AtomicU64; STATUSES.len()]; Series::ALL.len()],
+    durations: [Histogram; Series::ALL.len()],
     retries: AtomicU64,
     pairs: ArcSwap<Vec<Arc<PairMetrics>>>,
     instances: ArcSwap<Vec<Arc<InstanceMetrics>>>,
@@ -178,9 +195,9 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     #[inline]
-    pub fn request(&self, endpoint: usize, status: u16, took: Duration) {
-        bump(&self.requests[endpoint][status_index(status)], 1);
-        self.durations[endpoint].observe(took);
+    pub fn request(&self, series: Series, status: u16, took: Duration) {
+        bump(&self.requests[series as usize][status_index(status)], 1);
+        self.durations[series as usize].observe(took);
     }
 
     #[inline]
@@ -287,7 +304,7 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         "counter",
         "Requests answered, by endpoint and status.",
     );
-    for (e, ep) in ENDPOINTS.iter().enumerate() {
+    for (e, ep) in Series::ALL.iter().map(|s| s.label()).enumerate() {
         for (s, st) in STATUSES.iter().enumerate() {
             let n: u64 = workers
                 .iter()
@@ -312,7 +329,7 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         "histogram",
         "Time from request received to response complete, by endpoint.",
     );
-    for (e, ep) in ENDPOINTS.iter().enumerate() {
+    for (e, ep) in Series::ALL.iter().map(|s| s.label()).enumerate() {
         let mut acc = HistAcc::default();
         for w in workers {
             w.durations[e].add_to(&mut acc);
@@ -553,15 +570,10 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_and_statuses_fold_into_their_series() {
-        assert_eq!(
-            ENDPOINTS[endpoint_index("/v1/completions")],
-            "/v1/completions"
-        );
-        assert_eq!(ENDPOINTS[endpoint_index("/status/instances")], "/status");
-        assert_eq!(ENDPOINTS[endpoint_index("/admin/reload")], "/instances");
-        assert_eq!(ENDPOINTS[endpoint_index("/tokenize")], "forwarded");
-        assert_eq!(ENDPOINTS[endpoint_index("/nope")], "other");
+    fn series_and_statuses_index_their_arrays() {
+        for (k, s) in Series::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, k, "ALL is in declaration order");
+        }
         assert_eq!(STATUSES[status_index(404)], 404);
         assert_eq!(
             STATUSES[status_index(418)],
@@ -594,11 +606,7 @@ mod tests {
         let p = instance("127.0.0.1:1", Role::Prefill);
         let d = instance("127.0.0.1:2", Role::Decode);
         for w in &workers {
-            w.request(
-                endpoint_index("/v1/completions"),
-                200,
-                Duration::from_millis(2),
-            );
+            w.request(Series::Completions, 200, Duration::from_millis(2));
             w.retry();
             let idx = LocalIndex::default();
             idx.instance(w, &d).error(ErrorType::Timeout);
@@ -607,7 +615,7 @@ mod tests {
                 .ttft
                 .observe(Duration::from_millis(1));
         }
-        workers[1].request(endpoint_index("/nope"), 418, Duration::from_millis(1));
+        workers[1].request(Series::Other, 418, Duration::from_millis(1));
         let cfg = CircuitConfig {
             enabled: true,
             failure_threshold: 1,

@@ -87,6 +87,7 @@ pub const TIMEOUTS: &[&str] = &[
     "pool_idle_seconds",
 ];
 pub const LIMITS: &[&str] = &[
+    "max_uri_bytes",
     "max_body_bytes",
     "max_header_bytes",
     "max_connections",

@@ -148,6 +148,7 @@ pub fn limits(r: &mut Reader<'_>, top: &Top) -> ServerLimits {
     let d = crate::http::Limits::default();
     ServerLimits {
         http: crate::http::Limits {
+            max_uri_bytes: r.uint(lim, p, "max_uri_bytes", d.max_uri_bytes as u64, 256) as usize,
             max_body_bytes: r.uint(lim, p, "max_body_bytes", d.max_body_bytes as u64, 1) as usize,
             max_header_bytes: r.uint(lim, p, "max_header_bytes", d.max_header_bytes as u64, 1024)
                 as usize,

@@ -154,10 +154,10 @@ async fn serve_connection(node: Arc<Node>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut buf = ReadBuf::with_capacity(8 * 1024);
     let limits = Limits {
-        max_header_bytes: 64 * 1024,
         max_body_bytes: 256 * 1024 * 1024,
         header_timeout: Duration::from_secs(60),
         keepalive_timeout: Duration::from_secs(600),
+        ..Limits::default()
     };
     let mut watch: Option<Rc<DisconnectWatch>> = None;
     loop {

@@ -195,6 +195,10 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
             host_seen = true;
         }
     }
+    if minor_version == 1 && !host_seen {
+        // RFC 9112 §3.2: an HTTP/1.1 request must carry Host.
+        return Err(HeadError::Malformed("missing Host header"));
+    }
     if fh.content_length.is_some() && (fh.chunked || fh.other_te) {
         return Err(HeadError::Malformed(
             "both Content-Length and Transfer-Encoding are present",
@@ -301,6 +305,19 @@ mod tests {
         assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
         let raw = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
         assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
+    }
+
+    #[test]
+    fn host_is_required_in_http11_only() {
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\n\r\n").unwrap_err(),
+            HeadError::Malformed("missing Host header")
+        );
+        assert!(parse_request(b"GET / HTTP/1.0\r\n\r\n").is_ok());
+        assert_eq!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").unwrap_err(),
+            HeadError::Malformed("duplicate Host header")
+        );
     }
 
     #[test]

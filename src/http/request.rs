@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Longest request-target (path and query); longer: 414.
+    pub max_uri_bytes: usize,
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
     /// From the first byte of a request to its last (slow senders are cut: 408).
@@ -23,6 +25,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            max_uri_bytes: 8 * 1024,
             max_header_bytes: 64 * 1024,
             max_body_bytes: 32 * 1024 * 1024,
             header_timeout: Duration::from_secs(30),
@@ -87,6 +90,9 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
         match parse_request(buf.data()) {
             Ok(h) => break h,
             Err(HeadError::Partial) => {
+                if request_line_too_long(buf.data(), limits.max_uri_bytes) {
+                    return Err(uri_too_long(limits));
+                }
                 if buf.len() >= limits.max_header_bytes {
                     return Err(reject(
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -119,6 +125,9 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
             Err(HeadError::Malformed(m)) => return Err(reject(StatusCode::BAD_REQUEST, m)),
         }
     };
+    if head.path.len() > limits.max_uri_bytes {
+        return Err(uri_too_long(limits));
+    }
     if head.len > limits.max_header_bytes {
         return Err(reject(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -162,6 +171,23 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
         Framing::Chunked => read_chunked(stream, buf, limits.max_body_bytes, deadline).await?,
     };
     Ok(Request { head, body })
+}
+
+/// The request line is still incomplete although it already holds more than a target of
+/// `max_uri` bytes plus the longest method and version could take.
+fn request_line_too_long(data: &[u8], max_uri: usize) -> bool {
+    const METHOD_AND_VERSION: usize = 32;
+    data.len() > max_uri + METHOD_AND_VERSION && !data.contains(&b'\n')
+}
+
+fn uri_too_long(limits: &Limits) -> ReadError {
+    reject(
+        StatusCode::URI_TOO_LONG,
+        format!(
+            "request target longer than {} bytes (limits.max_uri_bytes)",
+            limits.max_uri_bytes
+        ),
+    )
 }
 
 fn timed_out() -> ReadError {
@@ -222,5 +248,23 @@ pub async fn lingering_close<S: AsyncReadRent + AsyncWriteRent>(mut stream: S, m
             Ok(n) if n > 0 => discarded += n,
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_line_too_long as too_long;
+
+    #[test]
+    fn a_request_line_is_too_long_only_while_it_has_not_ended() {
+        let line = |n: usize| format!("GET /{} HTTP/1.1", "a".repeat(n));
+        assert!(!too_long(line(60).as_bytes(), 64));
+        assert!(too_long(line(100).as_bytes(), 32));
+        // Ended: the parsed target's length decides, not this.
+        assert!(!too_long(
+            format!("{}\r\nHost: x", line(100)).as_bytes(),
+            32
+        ));
+        assert!(!too_long(b"", 0));
     }
 }

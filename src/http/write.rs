@@ -40,8 +40,12 @@ pub fn response_head(
         BodyLen::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         BodyLen::Close => {}
     }
+    // Said in both cases: HTTP/1.0 clients (ApacheBench -k, old balancers) keep a
+    // connection open only when the answer says keep-alive.
     if !keep_alive || body == BodyLen::Close {
         out.extend_from_slice(b"Connection: close\r\n");
+    } else {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
 }

@@ -2,6 +2,7 @@
 //! constant time), carried out by the control thread, which publishes the new snapshot.
 
 use super::control::{Command, ControlError};
+use super::route::AdminAction;
 use super::Worker;
 use crate::config::Role;
 use crate::http::ApiError;
@@ -66,18 +67,18 @@ fn field_or<'a>(
 }
 
 /// 1.2's answer line, kept beside ours: `Added 10.0.0.1:8200 to decode_instances.`
-fn python_message(path: &str, address: &str, role: &str) -> Option<String> {
-    match path {
-        "/instances/add" => Some(format!("Added {address} to {role}_instances.")),
-        "/instances/remove" if !role.is_empty() => {
+fn python_message(action: AdminAction, address: &str, role: &str) -> Option<String> {
+    match action {
+        AdminAction::AddInstance => Some(format!("Added {address} to {role}_instances.")),
+        AdminAction::RemoveInstance if !role.is_empty() => {
             Some(format!("Removed {address} from {role}_instances."))
         }
         _ => None,
     }
 }
 
-pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiError> {
-    let v: Value = if body.is_empty() && path == "/admin/reload" {
+pub async fn handle(w: &Worker, action: AdminAction, body: &[u8]) -> Result<Value, ApiError> {
+    let v: Value = if body.is_empty() && action == AdminAction::Reload {
         Value::Null
     } else {
         serde_json::from_slice(body)
@@ -85,14 +86,14 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let mut message = None;
-    let cmd = match path {
-        "/instances/add" => {
+    let cmd = match action {
+        AdminAction::AddInstance => {
             let role_name = field_or(&v, "role", "type")?.trim();
             let role: Role = role_name.parse().map_err(|e: crate::config::UnknownRole| {
                 ApiError::bad_request(e.to_string()).with_param("role")
             })?;
             let address = field_or(&v, "address", "instance")?;
-            message = python_message(path, address, role_name);
+            message = python_message(action, address, role_name);
             let topo = w.shared.topology.load();
             let model = match v.get("model").and_then(Value::as_str) {
                 Some(m) => m.to_string(),
@@ -117,11 +118,11 @@ pub async fn handle(w: &Worker, path: &str, body: &[u8]) -> Result<Value, ApiErr
                 reply: tx,
             }
         }
-        "/admin/reload" => Command::Reload { reply: Some(tx) },
-        _ => {
+        AdminAction::Reload => Command::Reload { reply: Some(tx) },
+        AdminAction::RemoveInstance => {
             let address = field_or(&v, "address", "instance")?;
             let role = v.get("type").and_then(Value::as_str).unwrap_or("");
-            message = python_message(path, address, role);
+            message = python_message(action, address, role);
             Command::Remove {
                 address: address.to_string(),
                 reply: tx,

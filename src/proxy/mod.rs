@@ -6,6 +6,7 @@ mod first_token;
 mod flow;
 mod openai;
 mod relay;
+mod route;
 mod server;
 mod upstream;
 

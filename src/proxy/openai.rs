@@ -15,16 +15,6 @@ pub enum Endpoint {
     ChatCompletions,
 }
 
-impl Endpoint {
-    pub fn from_path(path: &str) -> Option<Self> {
-        match path {
-            "/v1/completions" => Some(Endpoint::Completions),
-            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
-            _ => None,
-        }
-    }
-}
-
 struct Key<'a>(Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Key<'de> {

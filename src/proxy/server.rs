@@ -2,11 +2,11 @@
 //! the routing of each request to an operational or business handler.
 
 use super::flow::{self, answer_error};
-use super::openai::Endpoint;
 use super::relay::Outcome;
+use super::route::{Access, Route};
 use super::{admin, Worker};
 use crate::http::watch::DisconnectWatch;
-use crate::http::write::{full_response, JSON};
+use crate::http::write::{error_response, full_response, response_head, BodyLen, JSON};
 use crate::http::{lingering_close, read_request, ApiError, ReadBuf, ReadError, Request};
 use crate::metrics;
 use crate::shared::ActiveRequest;
@@ -90,10 +90,11 @@ async fn serve_connection(w: &Worker, mut stream: TcpStream, peer_ip: String) {
         };
         let _active = ActiveRequest::new(&w.shared, w.id);
         let start = Instant::now();
-        let endpoint = metrics::endpoint_index(req.head.route());
-        let outcome = route(w, start, &peer_ip, req, &mut stream, &mut watch).await;
+        let route = Route::from_path(req.head.route());
+        let outcome = dispatch(w, route, start, &peer_ip, req, &mut stream, &mut watch).await;
         if w.metrics_enabled {
-            w.metrics.request(endpoint, outcome.status, start.elapsed());
+            w.metrics
+                .request(route.series(), outcome.status, start.elapsed());
         }
         if !outcome.keep_alive || w.shared.shutting_down.load(Ordering::Relaxed) {
             return;
@@ -101,8 +102,11 @@ async fn serve_connection(w: &Worker, mut stream: TcpStream, peer_ip: String) {
     }
 }
 
-async fn route(
+/// Answers one request according to its route: who may call it, which methods it takes,
+/// which handler serves it.
+async fn dispatch(
     w: &Worker,
+    route: Route,
     start: Instant,
     peer_ip: &str,
     req: Request,
@@ -111,22 +115,13 @@ async fn route(
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
     let method = &req.head.method;
-    let path = req.head.route().to_string();
-    let operational = matches!(
-        path.as_str(),
-        "/ping" | "/health" | "/status" | "/status/instances" | "/version" | "/metrics"
-    );
-    let admin = matches!(
-        path.as_str(),
-        "/instances/add" | "/instances/remove" | "/admin/reload"
-    );
-    // Liveness and readiness probes stay open whatever `protect_status` says.
-    let probe = matches!(path.as_str(), "/ping" | "/health");
-    if !admin
-        && !probe
-        && (!operational || w.policy().protect_status)
-        && !client_authorized(w, req.head.authorization.as_deref())
-    {
+    let authorized = match route.access() {
+        Access::Admin => true, // the admin key is checked by the handler, after the method
+        Access::Probe => true,
+        Access::Status if !w.policy().protect_status => true,
+        Access::Status | Access::Client => client_authorized(w, req.head.authorization.as_deref()),
+    };
+    if !authorized {
         let e = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
@@ -135,80 +130,112 @@ async fn route(
         .with_code("invalid_api_key");
         return answer_error(stream, &e, None, keep_alive).await;
     }
-    if matches!(
-        path.as_str(),
-        "/tokenize" | "/detokenize" | "/v1/embeddings"
-    ) {
-        if let Some(e) = post_only(method, &path) {
-            return answer_error(stream, &e, Some(&request_id(&req)), keep_alive).await;
+    let methods = route.methods();
+    if !methods.allows(method) {
+        let allow = methods.allow_header();
+        let e = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!(
+                "{method} is not allowed on {}; use {allow}",
+                req.head.route()
+            ),
+        );
+        let rid = route.is_business().then(|| request_id(&req));
+        let mut headers = vec![("Allow", allow)];
+        if let Some(id) = rid.as_deref() {
+            headers.push(("X-Request-Id", id));
         }
-        ensure_watch(watch, stream);
-        return flow::serve_forwarded(start, w, req, stream, watch.as_ref()).await;
-    }
-    if let Some(endpoint) = Endpoint::from_path(&path) {
-        if let Some(e) = post_only(method, &path) {
-            return answer_error(stream, &e, Some(&request_id(&req)), keep_alive).await;
-        }
-        if !crate::http::is_json_content_type(req.head.content_type.as_deref()) {
-            let e = ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "invalid_request_error",
-                "Content-Type must be application/json",
-            );
-            return answer_error(stream, &e, Some(&request_id(&req)), keep_alive).await;
-        }
-        ensure_watch(watch, stream);
-        return flow::serve(start, w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
-    }
-    if admin {
-        if let Some(e) = post_only(method, &path) {
-            return answer_error(stream, &e, None, keep_alive).await;
-        }
-        let result = match admin::authorize(w, req.head.api_key.as_deref()) {
-            Ok(()) => admin::handle(w, &path, &req.body).await,
-            Err(e) => Err(e),
-        };
-        return match result {
-            Ok(v) => write_json(stream, StatusCode::OK, &v, keep_alive).await,
-            Err(e) => answer_error(stream, &e, None, keep_alive).await,
-        };
-    }
-    if method == Method::GET && path == "/metrics" {
-        let topo = w.shared.topology.load();
-        let body = metrics::render(&metrics::Scrape {
-            workers: &w.shared.metrics,
-            active_requests: w.shared.active_requests(),
-            instances: topo.instances().map(|i| &**i).collect(),
-        });
         let (res, _) = stream
-            .write_all(full_response(
-                StatusCode::OK,
-                &[("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                body.as_bytes(),
-                keep_alive,
-            ))
+            .write_all(error_response(&e, &headers, keep_alive))
             .await;
-        return Outcome::new(200, res.is_ok() && keep_alive);
+        return Outcome::new(405, res.is_ok() && keep_alive);
     }
-    let (status, body) = match (method, path.as_str()) {
-        (&Method::GET, "/ping") | (&Method::POST, "/ping") => {
-            (StatusCode::OK, json!({"status": "ok", "message": "pong"}))
+    let head_only = method == Method::HEAD;
+    let (status, body) = match route {
+        Route::Inference(endpoint) => {
+            if !crate::http::is_json_content_type(req.head.content_type.as_deref()) {
+                let e = ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_request_error",
+                    "Content-Type must be application/json",
+                );
+                return answer_error(stream, &e, Some(&request_id(&req)), keep_alive).await;
+            }
+            ensure_watch(watch, stream);
+            return flow::serve(start, w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
         }
-        (&Method::GET, "/health") => health(w),
-        (&Method::GET, "/v1/models") => (StatusCode::OK, models(w)),
-        (&Method::GET, "/status") => (StatusCode::OK, status(w)),
-        (&Method::GET, "/status/instances") => (StatusCode::OK, status_instances(w)),
-        (&Method::GET, "/version") => (
+        Route::Forwarded => {
+            ensure_watch(watch, stream);
+            return flow::serve_forwarded(start, w, req, stream, watch.as_ref()).await;
+        }
+        Route::Admin(action) => {
+            let result = match admin::authorize(w, req.head.api_key.as_deref()) {
+                Ok(()) => admin::handle(w, action, &req.body).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => (StatusCode::OK, v),
+                Err(e) => return answer_error(stream, &e, None, keep_alive).await,
+            }
+        }
+        Route::Metrics => {
+            let topo = w.shared.topology.load();
+            let body = metrics::render(&metrics::Scrape {
+                workers: &w.shared.metrics,
+                active_requests: w.shared.active_requests(),
+                instances: topo.instances().map(|i| &**i).collect(),
+            });
+            let headers = [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")];
+            let b = body.as_bytes();
+            return respond(stream, StatusCode::OK, &headers, b, keep_alive, head_only).await;
+        }
+        Route::Ping => (StatusCode::OK, json!({"status": "ok", "message": "pong"})),
+        Route::Health => health(w),
+        Route::Models => (StatusCode::OK, models(w)),
+        Route::Status => (StatusCode::OK, status(w)),
+        Route::StatusInstances => (StatusCode::OK, status_instances(w)),
+        Route::Version => (
             StatusCode::OK,
             json!({"name": "xpyd", "version": crate::VERSION}),
         ),
-        _ => {
-            let e =
-                ApiError::not_found(format!("{method} {path} is not an endpoint of this proxy"));
+        Route::Unknown => {
+            let e = ApiError::not_found(format!(
+                "{method} {} is not an endpoint of this proxy",
+                req.head.route()
+            ));
             return answer_error(stream, &e, None, keep_alive).await;
         }
     };
-    write_json(stream, status, &body, keep_alive).await
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    respond(stream, status, &[JSON], &body, keep_alive, head_only).await
+}
+
+/// Writes a complete response; to a HEAD request, its head alone (the same
+/// `Content-Length`, no body: a body would be read as the start of the next response).
+async fn respond(
+    stream: &mut TcpStream,
+    status: StatusCode,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    keep_alive: bool,
+    head_only: bool,
+) -> Outcome {
+    let out = if head_only {
+        let mut out = Vec::with_capacity(160);
+        response_head(
+            &mut out,
+            status,
+            headers,
+            BodyLen::Length(body.len()),
+            keep_alive,
+        );
+        out
+    } else {
+        full_response(status, headers, body, keep_alive)
+    };
+    let (res, _) = stream.write_all(out).await;
+    Outcome::new(status.as_u16(), res.is_ok() && keep_alive)
 }
 
 /// The client's `X-Request-Id`, or a new one: every answer on a business endpoint has one.
@@ -217,16 +244,6 @@ fn request_id(req: &Request) -> String {
         .request_id
         .clone()
         .unwrap_or_else(crate::ids::uuid_v4)
-}
-
-fn post_only(method: &Method, path: &str) -> Option<ApiError> {
-    (method != Method::POST).then(|| {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            format!("{method} is not allowed on {path}; use POST"),
-        )
-    })
 }
 
 /// Starts watching the connection for the client leaving (once per connection).
@@ -255,19 +272,6 @@ fn client_authorized(w: &Worker, authorization: Option<&str>) -> bool {
     policy.api_keys.iter().fold(false, |ok, k| {
         admin::constant_time_eq(key.as_bytes(), k.as_bytes()) | ok
     })
-}
-
-async fn write_json(
-    stream: &mut TcpStream,
-    status: StatusCode,
-    v: &serde_json::Value,
-    keep_alive: bool,
-) -> Outcome {
-    let body = serde_json::to_vec(v).unwrap_or_default();
-    let (res, _) = stream
-        .write_all(full_response(status, &[JSON], &body, keep_alive))
-        .await;
-    Outcome::new(status.as_u16(), res.is_ok() && keep_alive)
 }
 
 /// Readiness of the proxy itself (docs/deployment.md): 200 once start-up gating is met (a
