@@ -198,7 +198,7 @@ fn fix_config(a: FixArgs) -> Result<(), String> {
     };
     let show = |f: &fix::Fix| {
         println!("line {}: {}", f.line, f.reason);
-        match &f.after {
+        match f.after.as_ref().or(f.certain.as_ref()) {
             Some(after) => {
                 for l in fix::diff_lines(&f.before, after) {
                     println!("{l}");
@@ -218,20 +218,30 @@ fn fix_config(a: FixArgs) -> Result<(), String> {
         match (f.after.is_some(), f.question) {
             (true, _) => {}
             (false, Some(_)) if !a.interactive => {
-                println!("  (ambiguous: fix by hand, or run with --interactive)")
+                f.after = f.certain.clone();
+                let what = if f.after.is_some() {
+                    "the ambiguous part"
+                } else {
+                    "ambiguous"
+                };
+                println!("  ({what}: fix by hand, or run with --interactive)")
             }
             (false, Some(fix::Question::Port)) => {
-                let answer = ask("port to add (empty: leave the line as it is)");
+                let answer = ask("port to add (empty: leave the addresses as they are)");
+                let base = f.certain.clone().unwrap_or_else(|| f.before.clone());
                 match answer.parse::<u16>() {
                     Ok(port) => {
                         let after: Vec<String> =
-                            f.before.iter().map(|l| fix::with_port(l, port)).collect();
+                            base.iter().map(|l| fix::with_port(l, port)).collect();
                         for l in &after {
                             println!("+ {l}");
                         }
                         f.after = Some(after);
                     }
-                    Err(_) => println!("  (left as it is)"),
+                    Err(_) => {
+                        f.after = f.certain.clone();
+                        println!("  (addresses left as they are)")
+                    }
                 }
             }
             (false, _) => println!("  (fix by hand)"),

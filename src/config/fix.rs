@@ -17,6 +17,9 @@ pub struct Fix {
     pub before: Vec<String>,
     /// None: needs a decision (ambiguous).
     pub after: Option<Vec<String>>,
+    /// For an ambiguous fix: the lines with only its certain parts applied (a misspelled
+    /// key, whitespace), which `--write` applies without an answer; None when there are none.
+    pub certain: Option<Vec<String>>,
     pub reason: String,
     /// For an ambiguous fix: what `--interactive` can ask to settle it.
     pub question: Option<Question>,
@@ -39,6 +42,7 @@ impl Fix {
             after: after.map(|a| vec![a]),
             reason,
             question: None,
+            certain: None,
         }
     }
 }
@@ -151,8 +155,12 @@ pub fn find_fixes(text: &str) -> Vec<Fix> {
             line = out;
         }
         if let Some(why) = ambiguous {
-            let mut f = Fix::one_line(line_no, raw, None, why);
+            // The certain fixes on the line survive the ambiguous one.
+            let certain = (line != raw).then(|| vec![line.clone()]);
+            reasons.push(why);
+            let mut f = Fix::one_line(line_no, raw, None, reasons.join("; "));
             f.question = Some(Question::Port);
+            f.certain = certain;
             fixes.push(f);
         } else if !reasons.is_empty() && line != raw {
             fixes.push(Fix::one_line(line_no, raw, Some(line), reasons.join("; ")));
@@ -297,6 +305,7 @@ pub fn merge_formats(text: &str, model: Option<&str>) -> Option<Fix> {
             after: None,
             reason: format!("{reason}; {why}"),
             question,
+            certain: None,
         })
     };
     let ambiguous = |why: &str| ambiguous_asking(why, None);
@@ -375,12 +384,34 @@ pub fn merge_formats(text: &str, model: Option<&str>) -> Option<Fix> {
         after: Some(after),
         reason: format!("{reason}: moved into `{}`", new.key),
         question: None,
+        certain: None,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ambiguous_address_keeps_the_certain_fixes_of_its_line() {
+        let text = "model: m\nprefill: [\"127.0.0.1:8100\"]\ndecodes: [ \"127.0.0.1 :8200\", \"127.0.0.1\"]\n";
+        let fixes = find_fixes(text);
+        assert_eq!(fixes.len(), 1, "{fixes:?}");
+        let f = &fixes[0];
+        assert_eq!(f.line, 3);
+        assert!(f.after.is_none());
+        assert_eq!(f.question, Some(Question::Port));
+        assert!(
+            f.reason.contains("misspelled key `decodes`"),
+            "{}",
+            f.reason
+        );
+        assert!(f.reason.contains("has no port"), "{}", f.reason);
+        assert_eq!(
+            f.certain.as_deref(),
+            Some(&["decode: [ \"127.0.0.1:8200\", \"127.0.0.1\"]".to_string()][..])
+        );
+    }
 
     #[test]
     fn fixes_typos_and_whitespace() {
