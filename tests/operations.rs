@@ -225,3 +225,78 @@ fn refused_business_requests_carry_a_request_id() {
     };
     assert_eq!(r.header("x-request-id"), Some("mine"));
 }
+
+fn xpyd(args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_xpyd"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("XPYD_CONFIG")
+        .output()
+        .expect("run xpyd")
+}
+
+#[test]
+fn command_line_mistakes_get_errors_that_say_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("xpyd-ops-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // No configuration anywhere: the error points at --init-config.
+    let out = xpyd(&["proxy"], &dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no configuration found") && err.contains("--init-config"),
+        "{err}"
+    );
+    // --workers 0 is refused on the command line as in the file.
+    let path = write_config(&format!("model: {MODEL}\ndual: [\"127.0.0.1:8100\"]\n"));
+    let p = path.to_str().unwrap();
+    let out = xpyd(&["proxy", "-c", p, "--workers", "0"], &dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 1"), "{err}");
+    // --validate-config reports what the overrides make of the file.
+    let out = xpyd(&["proxy", "--validate-config", p, "--port", "9123"], &dir);
+    assert!(out.status.success());
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("listen 0.0.0.0:9123"), "{summary}");
+    // A URL where an address belongs: drop the scheme.
+    let bad = write_config(&format!(
+        "model: {MODEL}\ndual: [\"http://127.0.0.1:8100\"]\n"
+    ));
+    let out = xpyd(&["proxy", "--validate-config", bad.to_str().unwrap()], &dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("drop `http://`"), "{err}");
+}
+
+#[test]
+fn the_start_up_line_follows_the_json_log_format() {
+    use std::io::BufRead;
+    let d = dummy("dual", &[]);
+    let path = write_config(&dual_yaml(&[&d]));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_xpyd"))
+        .args(["proxy", "-c"])
+        .arg(&path)
+        .args(["--port", "0", "--workers", "1", "--log-format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("xpyd");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("no start-up line");
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["level"], "INFO", "{v}");
+    assert!(
+        v["msg"].as_str().unwrap().contains("listening on http://"),
+        "{v}"
+    );
+}
