@@ -34,11 +34,13 @@ const EXAMPLES: &[&str] = &[
     "admin",
     "bench",
     "dummy-nodes",
+    "errors",
     "fix-config-ambiguous",
     "fix-config-mixed",
     "init-validate",
     "quickstart",
     "readiness",
+    "reload",
     "validation-errors",
 ];
 
@@ -474,6 +476,16 @@ fn deployment_readiness_per_model() {
 #[test]
 fn resilience_admin_api() {
     run_example("admin");
+}
+
+#[test]
+fn config_reload() {
+    run_example("reload");
+}
+
+#[test]
+fn api_error_answers() {
+    run_example("errors");
 }
 
 #[test]
