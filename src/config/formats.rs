@@ -154,10 +154,15 @@ fn format2(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
     }
     for m in &models {
         // Judged by what was written, so that a bad address is not also a missing role.
+        let text = |v: &Value| match v {
+            Value::String(s) => s.trim().to_string(),
+            other => other.to_string(),
+        };
         let has = |role: Role| {
-            items
-                .iter()
-                .any(|it| it["model"] == m.name.as_str() && it["role"] == role.as_str())
+            items.iter().any(|it| {
+                text(&it["model"]) == m.name
+                    && it["role"].as_str().and_then(|r| r.parse().ok()) == Some(role)
+            })
         };
         if let Some(gap) = RoleGap::of(has(Role::Prefill), has(Role::Decode), has(Role::Dual)) {
             r.problem("instances", gap.message(&m.name));
@@ -194,7 +199,19 @@ fn format3(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
         }
         let mut model = defaults.model(name, Vec::new());
         if let Some(s) = r.string(Some(m), &path, "scheduler") {
-            model.scheduler = r.scheduler(Some(s), &join(&path, "scheduler"));
+            // As in xpyd-proxy 1.2, an unknown per-model scheduler falls back to the
+            // top-level one; said, with the closest name.
+            match s.parse() {
+                Ok(kind) => model.scheduler = kind,
+                Err(e) => r.warn(
+                    &join(&path, "scheduler"),
+                    Kind::Note(format!(
+                        "{e}{}; using `{}`",
+                        hint(&s, &SchedulerKind::names()),
+                        model.scheduler.as_str()
+                    )),
+                ),
+            }
         }
         let mode_name = r.string(Some(m), &path, "disaggregated_mode");
         model.mode = r.mode(mode_name, &join(&path, "disaggregated_mode"), model.mode);
@@ -208,21 +225,34 @@ fn format3(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
     models
 }
 
-/// An instance serves one role of one model: each address once in the whole file.
+/// An instance serves one role of one model. The same engine listed for two models (one
+/// vLLM serving several names) is accepted, as 1.2 did, and said: each model tracks its
+/// load and health on its own.
 fn check_unique_addresses(r: &mut Reader<'_>, doc: &Value, models: &[ModelConfig]) {
     let mut seen = HashSet::new();
-    let dups: Vec<String> = models
-        .iter()
-        .flat_map(|m| m.instances.iter())
-        .filter(|i| !seen.insert(i.socket_addr))
-        .map(|i| i.address.clone())
-        .collect();
-    for d in dups {
-        let path = find_path(doc, &d).unwrap_or_default();
-        r.problem(
-            &path,
-            format!("duplicate address `{d}` (an instance can serve one role of one model)"),
-        );
+    let mut across = HashSet::new();
+    for (k, m) in models.iter().enumerate() {
+        for i in &m.instances {
+            if !seen.insert((k, i.socket_addr)) {
+                let path = find_path(doc, &i.address).unwrap_or_default();
+                r.problem(
+                    &path,
+                    format!(
+                        "duplicate address `{}` (an instance can serve one role of one model)",
+                        i.address
+                    ),
+                );
+            } else if !across.insert(i.socket_addr) {
+                let path = find_path(doc, &i.address).unwrap_or_default();
+                r.warn(
+                    &path,
+                    Kind::Note(format!(
+                        "`{}` also serves another model: each model counts its load and health separately",
+                        i.address
+                    )),
+                );
+            }
+        }
     }
 }
 
