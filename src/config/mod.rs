@@ -25,7 +25,7 @@ use std::time::Duration;
 
 pub use address::{parse_address, AddressError};
 pub use problem::{ConfigError, Kind as ProblemKind, Problem};
-pub use role::{Role, UnknownRole};
+pub use role::{Role, RoleGap, UnknownRole};
 pub use suggest::{did_you_mean, levenshtein};
 pub use yaml::YamlError;
 

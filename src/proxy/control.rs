@@ -3,7 +3,7 @@
 //! and applies admin changes by publishing whole new topology snapshots. Workers never wait
 //! on it, except an admin request waiting for its own answer.
 
-use crate::config::{CircuitConfig, Config, HealthConfig, Role, StartupConfig};
+use crate::config::{CircuitConfig, Config, HealthConfig, Role, RoleGap, StartupConfig};
 use crate::http::blocking;
 use crate::instance::{Health, Instance};
 use crate::shared::Shared;
@@ -394,33 +394,21 @@ fn open_gates(shared: &Shared, topo: &Topology, skip: bool) {
     }
 }
 
-/// Why `model` cannot take an instance of `role`, judged like the config file's role rule
-/// (prefill needs decode instances; decode needs prefill or dual instances) on the model
-/// after the change. A model without instances takes any first one: it is being built up
-/// and answers 503 until it has a serving path.
+/// Why `model` cannot take an instance of `role`: the config file's role rule (`RoleGap`)
+/// applied to the model after the change. A model without instances takes any first one:
+/// it is being built up and answers 503 until it has a serving path.
 fn role_problem(m: &crate::topology::ModelRoute, role: Role) -> Option<String> {
-    let has = |r: Role| {
-        let set = match r {
-            Role::Prefill => &m.prefill,
-            Role::Decode => &m.decode,
-            Role::Dual => &m.dual,
-        };
-        !set.instances.is_empty() || r == role
-    };
-    // A model without instances takes any first one.
     m.instances().next()?;
-    let name = &m.name;
-    if has(Role::Prefill) && !has(Role::Decode) {
-        Some(format!(
-            "model `{name}` has no decode instances: a prefill instance would have no decode instance to pair with (add decode instances first)"
-        ))
-    } else if has(Role::Decode) && !has(Role::Prefill) && !has(Role::Dual) {
-        Some(format!(
-            "model `{name}` has no prefill instances: a decode instance would never be used (add prefill instances first)"
-        ))
-    } else {
-        None
-    }
+    let has = |r: Role, set: &crate::topology::RoleSet| !set.instances.is_empty() || r == role;
+    let gap = RoleGap::of(
+        has(Role::Prefill, &m.prefill),
+        has(Role::Decode, &m.decode),
+        has(Role::Dual, &m.dual),
+    )?;
+    Some(format!(
+        "adding this {role} instance would leave a model the config file refuses: {}",
+        gap.message(&m.name)
+    ))
 }
 
 fn probe(inst: &Instance, cfg: &HealthConfig, circuit: &CircuitConfig) {
