@@ -325,9 +325,11 @@ fn reload_swaps_the_decode_list_under_load_without_failures() {
             })
         })
         .collect();
-    while done.load(Ordering::Relaxed) < 20 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(
+        "20 requests before the reload",
+        Duration::from_secs(30),
+        || done.load(Ordering::Relaxed) >= 20,
+    );
     // Swap d1 for d2 in the file, then SIGHUP.
     std::fs::write(
         &path,

@@ -360,15 +360,14 @@ fn status_instances_reflects_a_node_going_down() {
     assert_eq!(before["status"], "healthy");
     assert_eq!(before["max_model_len"], 131072);
     drop(d);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = find();
-        if now["status"] == "unhealthy" && now["circuit"] == "open" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{now}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "the node to be unhealthy with its circuit open",
+        Duration::from_secs(10),
+        || {
+            let now = find();
+            now["status"] == "unhealthy" && now["circuit"] == "open"
+        },
+    );
     let (_, s) = scrape(&proxy);
     assert_eq!(
         sample(&s, "proxy_circuit_state", &[("instance", da.as_str())]),

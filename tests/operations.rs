@@ -5,15 +5,7 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(30));
-    }
-}
+use std::time::Duration;
 
 fn completion(model: &str) -> Value {
     json!({"model": model, "prompt": "a b c", "max_tokens": 3})

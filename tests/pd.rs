@@ -147,7 +147,6 @@ fn streaming_events_arrive_one_by_one() {
         first_at - start,
         last_content_at - start
     );
-    assert!(first_at.duration_since(start) < Duration::from_millis(500));
 
     // Chat streaming: role first, finish_reason on the last content event.
     let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
@@ -260,25 +259,13 @@ fn client_disconnect_cancels_the_decode_leg() {
         got.extend_from_slice(&buf[..n]);
     }
     assert_eq!(dummy_stats(&d)["running"], 1);
-    let closed_at = now_unix_us();
     drop(s);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let stats = loop {
-        let st = dummy_stats(&d);
-        if st["aborted"] == 1 {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "decode node never saw the cancel: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let seen_at = stats["last_abort_unix_us"].as_u64().unwrap();
-    let lag_ms = seen_at.saturating_sub(closed_at) as f64 / 1000.0;
-    assert!(
-        lag_ms < 100.0,
-        "decode node saw the close after {lag_ms} ms"
+    // 200 tokens 50 ms apart: the stream would run 10 s by itself; the node sees the cancel
+    // long before.
+    wait_for(
+        "the decode node to see the cancel",
+        Duration::from_secs(8),
+        || dummy_stats(&d)["aborted"] == 1,
     );
     assert_eq!(dummy_stats(&d)["running"], 0);
     // The proxy keeps serving.
@@ -292,8 +279,8 @@ fn client_disconnect_cancels_the_decode_leg() {
 
 #[test]
 fn client_disconnect_during_prefill_cancels_the_prefill_leg() {
-    // Prefill takes 1 s (1000 prompt words × 1 ms); the client leaves after 100 ms.
-    let p = dummy("prefill", &["--prefill-delay-per-token", "0.001"]);
+    // Prefill would take 30 s (1000 prompt words × 30 ms); the client leaves while it runs.
+    let p = dummy("prefill", &["--prefill-delay-per-token", "0.03"]);
     let d = dummy("decode", &[]);
     let proxy = proxy_with(&pd_yaml(&[&p], &[&d]), true);
     use std::io::Write;
@@ -308,14 +295,26 @@ fn client_disconnect_during_prefill_cancels_the_prefill_leg() {
     )
     .unwrap();
     s.write_all(&body).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    wait_for("the prefill to start", Duration::from_secs(10), || {
+        dummy_stats(&p)["running"] == 1
+    });
     drop(s);
-    let deadline = Instant::now() + Duration::from_millis(600);
-    while dummy_stats(&p)["aborted"] != 1 {
-        assert!(Instant::now() < deadline, "prefill leg was not abandoned");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(1200));
+    wait_for(
+        "the prefill leg to be abandoned",
+        Duration::from_secs(15),
+        || dummy_stats(&p)["aborted"] == 1,
+    );
+    // The request is over once the proxy counted it (499: the client left).
+    wait_for(
+        "the proxy to count the request",
+        Duration::from_secs(10),
+        || {
+            metric(
+                &proxy,
+                "proxy_requests_total{endpoint=\"/v1/completions\",status=\"499\"}",
+            ) == 1.0
+        },
+    );
     assert_eq!(
         dummy_stats(&d)["requests"],
         0,
@@ -433,7 +432,15 @@ fn gated_until_every_instance_answered() {
     );
     let proxy = proxy_with(&yaml, false);
     let a = agent();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for(
+        "the dead node's probe to fail",
+        Duration::from_secs(10),
+        || {
+            get_json(&proxy.url("/status/instances")).1["instances"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|i| i["status"] == "unhealthy"))
+        },
+    );
     let (status, body) = get_json(&proxy.url("/health"));
     assert_eq!(status, 503);
     let inst = body["instances"].as_array().unwrap();
@@ -447,14 +454,11 @@ fn gated_until_every_instance_answered() {
     assert_eq!(get_json(&proxy.url("/ping")).0, 200);
     // The prefill node comes up on that port: the proxy opens.
     let _p = dummy_at(dead_addr.port(), "prefill", &[]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while get_json(&proxy.url("/health")).0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "proxy did not open after the node came up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        "the proxy to open after the node came up",
+        Duration::from_secs(10),
+        || get_json(&proxy.url("/health")).0 == 200,
+    );
     let (status, _, _) = post(&a, &proxy.url("/v1/completions"), &completion_body(false));
     assert_eq!(status, 200);
 }

@@ -75,26 +75,22 @@ impl RawNode {
     /// waits until all of them did (nothing is in flight between two rounds).
     fn poison_idle(&self) {
         let gen = self.state.poison_gen.fetch_add(1, Ordering::SeqCst) + 1;
-        wait_until("every idle connection got its stray response", || {
-            self.state
-                .poisoned
-                .lock()
-                .unwrap()
-                .values()
-                .all(|&g| g >= gen)
-        });
+        wait_for(
+            "every idle connection got its stray response",
+            Duration::from_secs(20),
+            || {
+                self.state
+                    .poisoned
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .all(|&g| g >= gen)
+            },
+        );
     }
 
     fn count(&self, c: &AtomicU64) -> u64 {
         c.load(Ordering::SeqCst)
-    }
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -331,9 +327,11 @@ fn closing_node_never_fails_a_request(reset: bool) {
     for i in 0..3 {
         let closes = node.count(&node.state.idle_closes);
         check_echo(&a, &proxy, &format!("after-close-{i}"));
-        wait_until("the node closed its idle connection", || {
-            node.count(&node.state.idle_closes) > closes
-        });
+        wait_for(
+            "the node closed its idle connection",
+            Duration::from_secs(20),
+            || node.count(&node.state.idle_closes) > closes,
+        );
     }
     // Light concurrent load with pauses around the node's idle limit, so that requests
     // also meet connections just as they are being closed.

@@ -11,7 +11,7 @@ use serde_json::json;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn sim_bin() -> PathBuf {
     python_venv(&[("xpyd_sim", "xpyd-sim")]).join("bin/xpyd-sim")
@@ -71,14 +71,11 @@ fn sim(mode: &str, decode_ms: &str) -> Sim {
         child,
         addr: format!("127.0.0.1:{port}"),
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ureq::get(&format!("http://{}/health", s.addr))
-        .call()
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "xpyd-sim did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("xpyd-sim to start", Duration::from_secs(30), || {
+        ureq::get(&format!("http://{}/health", s.addr))
+            .call()
+            .is_ok()
+    });
     s
 }
 

@@ -72,13 +72,23 @@ pub fn spawn_listening(mut cmd: Command) -> Proc {
 
 /// Polls `f` until it holds; fails the test naming `what` once `timeout` has passed. Tests
 /// wait for events this way, never by sleeping a guessed time.
-pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    assert!(
+        poll_until(timeout, f),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Polls `f` until it holds (true) or `timeout` has passed (false).
+pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -235,6 +245,21 @@ pub fn get_json(url: &str) -> (u16, Value) {
     };
     let status = resp.status();
     (status, resp.into_json().unwrap_or(Value::Null))
+}
+
+/// The value of one series of the proxy's `/metrics` (name with its labels as written,
+/// e.g. `proxy_retries_total` or `x{a="b"}`); 0 while it is absent.
+pub fn metric(proxy: &Proc, series: &str) -> f64 {
+    let text = agent()
+        .get(&proxy.url("/metrics"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// What a dummy node received (its request log).
