@@ -40,6 +40,8 @@ pub struct Instance {
     /// Circuit breaker (see `resilience`); only an open circuit blocks picks.
     pub breaker: Breaker,
     pub load: Load,
+    /// The engine's own numbers from its /metrics (control side writes, schedulers read).
+    pub engine: crate::engine_load::EngineLoad,
     /// 0 until read from the instance's /v1/models.
     pub max_model_len: AtomicU64,
     pub root: OnceLock<String>,
@@ -64,6 +66,7 @@ impl Instance {
             draining: AtomicBool::new(false),
             breaker: Default::default(),
             load: Load::default(),
+            engine: Default::default(),
             max_model_len: AtomicU64::new(0),
             root: OnceLock::new(),
             model_mismatch: Default::default(),
@@ -147,6 +150,7 @@ impl Instance {
             "in_flight_decode_tokens": decode,
             "last_check": self.last_check.load(Ordering::Relaxed),
             "max_model_len": (max > 0).then_some(max),
+            "engine": self.engine.status_json(),
         })
     }
 }

@@ -10,6 +10,7 @@ pub mod log;
 pub mod config;
 pub mod demo;
 pub mod dummy;
+pub mod engine_load;
 pub mod http;
 pub mod ids;
 pub mod instance;

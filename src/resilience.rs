@@ -72,7 +72,12 @@ impl Breaker {
     /// letting trial traffic and probes through.
     #[inline]
     pub fn state(&self) -> Circuit {
-        self.state_at(now_ms())
+        // Only an open circuit depends on the time: the clock is read for it alone, not on
+        // every eligibility check of every pick.
+        match Circuit::from_u8(self.state.load(Ordering::Relaxed)) {
+            Circuit::Open => self.state_at(now_ms()),
+            s => s,
+        }
     }
 
     /// Whether the circuit lets a request through now.

@@ -54,6 +54,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         .filter(|v| !v.is_null())
         .map(|_| r.uint(t, "", "workers", 1, 1) as usize);
     let (health, startup) = sections::health_and_startup(&mut r, top);
+    let engine_metrics = sections::engine_metrics(&mut r, top);
     let circuit = sections::circuit_breaker(&mut r, top);
     let retry = sections::retry(&mut r, top);
     let timeouts = sections::timeouts(&mut r, top);
@@ -79,6 +80,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         log_level,
         models,
         health,
+        engine_metrics,
         startup,
         circuit,
         retry,

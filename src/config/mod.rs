@@ -204,6 +204,7 @@ pub struct Config {
     pub log_level: Level,
     pub models: Vec<ModelConfig>,
     pub health: HealthConfig,
+    pub engine_metrics: EngineMetricsConfig,
     pub startup: StartupConfig,
     pub circuit: CircuitConfig,
     pub retry: RetryConfig,
@@ -233,6 +234,25 @@ pub struct Config {
     pub overrides: Overrides,
 }
 
+/// `engine_metrics`: scraping each instance's `/metrics` for vLLM's queue and KV-cache
+/// numbers (docs/scheduling.md, "Engine load").
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineMetricsConfig {
+    pub enabled: bool,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for EngineMetricsConfig {
+    fn default() -> Self {
+        EngineMetricsConfig {
+            enabled: true,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
 /// Command-line flags that take precedence over the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -247,6 +267,7 @@ pub struct Overrides {
 /// the new values from its next step on.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    pub engine_metrics: EngineMetricsConfig,
     pub timeouts: TimeoutConfig,
     pub retry: RetryConfig,
     pub circuit: CircuitConfig,
@@ -295,6 +316,7 @@ impl Config {
 
     pub fn policy(&self) -> Policy {
         Policy {
+            engine_metrics: self.engine_metrics.clone(),
             timeouts: self.timeouts.clone(),
             retry: self.retry.clone(),
             circuit: self.circuit.clone(),

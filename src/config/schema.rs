@@ -28,6 +28,7 @@ pub const TOP: &[&str] = &[
     "timeouts",
     "limits",
     "metrics",
+    "engine_metrics",
     "shutdown_grace_seconds",
     // Spellings of xpyd-proxy (Python) 1.2 and 1.8, read with their meaning (docs/migration.md).
     "wait_timeout_seconds",
@@ -95,6 +96,7 @@ pub const LIMITS: &[&str] = &[
     "keepalive_timeout_seconds",
 ];
 pub const METRICS: &[&str] = &["enabled"];
+pub const ENGINE_METRICS: &[&str] = &["enabled", "interval_seconds", "timeout_seconds"];
 pub const SCHEDULING_CONFIG: &[&str] = &[
     "cache_threshold",
     "balance_abs_threshold",

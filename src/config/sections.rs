@@ -6,8 +6,8 @@ use super::problem::Kind;
 use super::reader::{join, type_name, Reader, Section};
 use super::schema;
 use super::{
-    CircuitConfig, HealthConfig, RetryConfig, SchedulingOptions, ServerLimits, StartupConfig,
-    TimeoutConfig,
+    CircuitConfig, EngineMetricsConfig, HealthConfig, RetryConfig, SchedulingOptions, ServerLimits,
+    StartupConfig, TimeoutConfig,
 };
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -157,6 +157,25 @@ pub fn limits(r: &mut Reader<'_>, top: &Top) -> ServerLimits {
         },
         max_connections: r.uint(lim, p, "max_connections", 10_000, 1) as usize,
     }
+}
+
+/// `engine_metrics`: how often and how patiently the instances' `/metrics` are scraped.
+pub fn engine_metrics(r: &mut Reader<'_>, top: &Top) -> EngineMetricsConfig {
+    let p = "engine_metrics";
+    let em = r.section(top, p, schema::ENGINE_METRICS);
+    let d = EngineMetricsConfig::default();
+    let cfg = EngineMetricsConfig {
+        enabled: r.boolean(em, p, "enabled", d.enabled),
+        interval: r.seconds(em, p, "interval_seconds", d.interval.as_secs_f64()),
+        timeout: r.seconds(em, p, "timeout_seconds", d.timeout.as_secs_f64()),
+    };
+    if cfg.interval < Duration::from_millis(50) {
+        r.problem(
+            "engine_metrics.interval_seconds",
+            "must be at least 0.05 (every instance is scraped each interval)",
+        );
+    }
+    cfg
 }
 
 pub fn metrics_enabled(r: &mut Reader<'_>, top: &Top) -> bool {

@@ -7,6 +7,7 @@ mod flow;
 mod openai;
 mod relay;
 mod route;
+mod scrape;
 mod server;
 mod upstream;
 
@@ -127,6 +128,7 @@ impl ProxyHandle {
 pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     let shared = Shared::new(cfg, opts.workers);
     let control = control::spawn(shared.clone(), cfg)?;
+    scrape::spawn(shared.clone())?;
     let control_for_handle = control.clone();
     let listeners = runtime::bind_listeners(&cfg.host, cfg.port, opts.workers)?;
     let addr = listeners[0].local_addr()?;

@@ -66,15 +66,11 @@ pub fn build(
     }
 }
 
-/// Load as the role sees it, lower is better: prefill is bound by prompt tokens in flight,
-/// decode by requests in flight (ties by decode tokens).
+/// Load as the role sees it, lower is better: the local in-flight counts, plus what the
+/// engine reports beyond them when its /metrics were scraped (see `engine_load::load_key`).
 #[inline]
 pub(crate) fn load_key(role: Role, i: &Instance) -> (u64, u64) {
-    let (req, prompt, decode) = i.load.snapshot();
-    match role {
-        Role::Prefill => (prompt, req),
-        Role::Decode | Role::Dual => (req, decode),
-    }
+    crate::engine_load::load_key(role, i.load.snapshot(), i.engine.last().as_ref())
 }
 
 /// The least loaded eligible instance. The scan starts at a random offset so that ties
