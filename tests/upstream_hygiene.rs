@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::raw::{parse_request, probe_answer, response, set_linger_zero};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -76,7 +77,7 @@ impl RawNode {
     fn poison_idle(&self) {
         let gen = self.state.poison_gen.fetch_add(1, Ordering::SeqCst) + 1;
         wait_for(
-            "every idle connection got its stray response",
+            "every idle connection to get its stray response",
             Duration::from_secs(20),
             || {
                 self.state
@@ -97,11 +98,7 @@ impl RawNode {
 /// A complete, well-formed response that no request asked for.
 fn stray() -> Vec<u8> {
     let body = r#"{"id":"stray","object":"text_completion","choices":[{"index":0,"text":"STRAY RESPONSE"}]}"#;
-    format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+    response("200 OK", "application/json", body, false)
 }
 
 fn serve_conn(id: u64, mut s: TcpStream, how: Misbehaviour, st: &NodeState) {
@@ -121,18 +118,13 @@ fn serve_conn(id: u64, mut s: TcpStream, how: Misbehaviour, st: &NodeState) {
         if st.stop.load(Ordering::Relaxed) {
             return done(answered_completion);
         }
-        if let Some((req_len, method, path, body, close)) = parse_request(&buf) {
+        if let Some((req_len, req)) = parse_request(&buf) {
             buf.drain(..req_len);
-            let (status, payload) = answer(&method, &path, &body);
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{payload}",
-                payload.len(),
-                if close { "Connection: close\r\n" } else { "" }
-            );
-            if s.write_all(resp.as_bytes()).is_err() || close {
+            let resp = probe_answer(&req).unwrap_or_else(|| completion(&req.body));
+            if s.write_all(&resp).is_err() || req.close {
                 return done(answered_completion);
             }
-            if method == "POST" {
+            if req.method == "POST" {
                 st.completions.fetch_add(1, Ordering::SeqCst);
                 if !answered_completion {
                     answered_completion = true;
@@ -187,72 +179,14 @@ fn serve_conn(id: u64, mut s: TcpStream, how: Misbehaviour, st: &NodeState) {
     }
 }
 
-/// Closing the socket then sends an RST instead of a FIN.
-fn set_linger_zero(s: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket descriptor and a correctly sized, initialised option value.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
-/// A complete request at the start of `buf`: (its length, method, path, body, wants close).
-fn parse_request(buf: &[u8]) -> Option<(usize, String, String, Vec<u8>, bool)> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_string();
-    let path = first.next()?.to_string();
-    let mut len = 0usize;
-    let mut close = false;
-    for line in lines {
-        if let Some((k, v)) = line.split_once(':') {
-            let v = v.trim();
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.parse().ok()?;
-            } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
-                close = true;
-            }
-        }
-    }
-    if buf.len() < end + len {
-        return None;
-    }
-    Some((end + len, method, path, buf[end..end + len].to_vec(), close))
-}
-
-fn answer(method: &str, path: &str, body: &[u8]) -> (&'static str, String) {
-    match (method, path) {
-        ("GET", "/health") => ("200 OK", "{}".into()),
-        ("GET", "/v1/models") => (
-            "200 OK",
-            json!({"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 4096}]})
-                .to_string(),
-        ),
-        ("POST", _) => {
-            let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            let marker = req["prompt"].as_str().unwrap_or("<no prompt>");
-            (
-                "200 OK",
-                json!({"id": "cmpl-raw", "object": "text_completion", "created": 0, "model": MODEL,
-                       "choices": [{"index": 0, "text": marker, "finish_reason": "length"}],
-                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-                .to_string(),
-            )
-        }
-        _ => ("404 Not Found", "{}".into()),
-    }
+/// A completion whose `text` echoes the request's `prompt`: the marker the test checks.
+fn completion(body: &[u8]) -> Vec<u8> {
+    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let marker = req["prompt"].as_str().unwrap_or("<no prompt>");
+    let body = json!({"id": "cmpl-raw", "object": "text_completion", "created": 0, "model": MODEL,
+                      "choices": [{"index": 0, "text": marker, "finish_reason": "length"}],
+                      "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
+    response("200 OK", "application/json", &body.to_string(), false)
 }
 
 fn proxy_for(node: &RawNode) -> Proc {
@@ -328,7 +262,7 @@ fn closing_node_never_fails_a_request(reset: bool) {
         let closes = node.count(&node.state.idle_closes);
         check_echo(&a, &proxy, &format!("after-close-{i}"));
         wait_for(
-            "the node closed its idle connection",
+            "the node to close its idle connection",
             Duration::from_secs(20),
             || node.count(&node.state.idle_closes) > closes,
         );

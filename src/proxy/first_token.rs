@@ -8,18 +8,18 @@
 //! from the prefill node's (which it never sees). With greedy sampling both agree; with
 //! temperature > 0 the text may be inconsistent at the seam.
 
-use super::relay::{sse_error_chunk, Outcome, Timeline};
+use super::context::RequestCtx;
+use super::failure::{self, BodyFailure, RelayError};
+use super::outcome::Outcome;
+use super::sse;
 use super::upstream::{BodyDecoder, UpstreamConn};
-use super::Worker;
-use crate::http::chunked::{encode_chunk, LAST_CHUNK};
+use crate::http::chunked::LAST_CHUNK;
 use crate::http::head::ResponseHead;
 use crate::http::write::{response_head, BodyLen};
+use crate::http::ApiError;
 use crate::instance::Instance;
 use http::StatusCode;
-use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 use serde_json::{json, Value};
-use std::time::Instant;
 
 pub struct FirstToken {
     id: Value,
@@ -59,36 +59,23 @@ impl FirstToken {
     }
 }
 
-fn sse_chunk(out: &mut Vec<u8>, payload: &str) {
-    encode_chunk(out, format!("data: {payload}\n\n").as_bytes());
-}
-
 /// Writes the response head and the prefill node's token as the first event.
-pub async fn send_first(
-    client: &mut TcpStream,
-    first: &FirstToken,
-    request_id: &str,
-    keep_alive: bool,
-    tl: &mut Timeline,
-) -> Result<(), ()> {
+pub async fn send_first(ctx: &mut RequestCtx<'_>, first: &FirstToken) -> Result<(), RelayError> {
     let mut out = Vec::with_capacity(512);
     response_head(
         &mut out,
         StatusCode::OK,
         &[
             ("Content-Type", "text/event-stream; charset=utf-8"),
-            ("X-Request-Id", request_id),
+            ("X-Request-Id", ctx.request_id),
         ],
         BodyLen::Chunked,
-        keep_alive,
+        ctx.keep_alive,
     );
-    sse_chunk(&mut out, &first.first_event().to_string());
-    let (res, _) = client.write_all(out).await;
-    let now = Instant::now();
-    tl.first_byte = Some(now);
-    tl.last_event = Some(now);
-    tl.events = 1;
-    res.map(|_| ()).map_err(|_| ())
+    sse::chunk(&mut out, first.first_event().to_string().as_bytes());
+    let res = ctx.write(out).await;
+    ctx.tl.wrote_body(1);
+    res.map(|_| ())
 }
 
 /// What to do with one decode event.
@@ -135,41 +122,56 @@ impl Rewriter<'_> {
 }
 
 /// Relays the decode stream after the first event, rewritten event by event.
-#[allow(clippy::too_many_arguments)]
 pub async fn relay_rest(
-    w: &Worker,
+    ctx: &mut RequestCtx<'_>,
     inst: &Instance,
     mut conn: UpstreamConn,
     head: ResponseHead,
-    client: &mut TcpStream,
     first: &FirstToken,
-    keep_alive: bool,
-    tl: &mut Timeline,
 ) -> Outcome {
+    match pump_rest(ctx, &mut conn, &head, first).await {
+        Ok(()) => {
+            if head.keep_alive {
+                ctx.w.pool.put_back(conn, inst);
+            }
+            Outcome::new(200, ctx.keep_alive)
+        }
+        Err(RelayError::ClientGone) => Outcome::client_gone(),
+        Err(RelayError::Upstream(f)) => {
+            f.record(ctx.w, inst, ctx.request_id);
+            fail_stream(ctx, &f.api_error(inst)).await
+        }
+    }
+}
+
+async fn pump_rest(
+    ctx: &mut RequestCtx<'_>,
+    conn: &mut UpstreamConn,
+    head: &ResponseHead,
+    first: &FirstToken,
+) -> Result<(), RelayError> {
+    let idle = ctx.w.policy().timeouts.idle;
     let mut rw = Rewriter {
         first,
         dropped_first: false,
     };
     let mut dec = BodyDecoder::new(head.framing);
-    let mut sse: Vec<u8> = Vec::new();
+    let mut events = sse::Splitter::default();
     let mut out: Vec<u8> = Vec::new();
     let mut eof = false;
     loop {
-        // Move decoded body bytes into `sse`; the peer closing ends a close-delimited body.
-        let done = match dec.decode(&mut conn.buf, &mut sse) {
-            Ok(d) => d || eof,
-            Err(_) => return Outcome::close(200),
-        };
-        // Complete events.
-        while let Some(end) = sse.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = sse.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&event);
-            for line in text.lines() {
-                if let Some(payload) = line.strip_prefix("data:") {
-                    if let Some(p) = rw.rewrite(payload.trim_start()) {
-                        sse_chunk(&mut out, &p);
-                        tl.events += 1;
-                    }
+        // Move decoded body bytes into the splitter; the peer closing ends a close-delimited
+        // body.
+        let done = dec
+            .decode(&mut conn.buf, events.input())
+            .map_err(|_| BodyFailure::Framing)?
+            || eof;
+        let mut sent = 0;
+        while let Some(event) = events.next_event() {
+            for payload in sse::data_values(&event) {
+                if let Some(p) = rw.rewrite(&payload) {
+                    sse::chunk(&mut out, p.as_bytes());
+                    sent += 1;
                 }
             }
         }
@@ -177,49 +179,28 @@ pub async fn relay_rest(
             out.extend_from_slice(LAST_CHUNK);
         }
         if !out.is_empty() {
-            let (res, buf) = client.write_all(out).await;
-            out = buf;
-            out.clear();
-            if res.is_err() {
-                return Outcome::close(499);
-            }
-            tl.last_event = Some(Instant::now());
+            out = ctx.write(out).await?;
+            ctx.tl.wrote_body(sent);
         }
         if done {
-            if head.keep_alive {
-                w.pool.put_back(conn, inst);
-            }
-            return Outcome::new(200, keep_alive);
+            return Ok(());
         }
-        let idle = w.policy().timeouts.idle;
-        match monoio::time::timeout(idle, conn.buf.fill(&mut conn.stream)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(Ok(_)) if dec.ends_at_eof() => eof = true,
-            Err(_) => {
-                // Same as the plain relay: the client learns why its stream stops.
-                inst.record_failure(&w.policy().circuit);
-                crate::warn!(
-                    "decode instance {} sent nothing for {idle:?} mid-stream; ending it",
-                    inst.address
-                );
-                let msg = format!("upstream {} stalled mid-stream", inst.address);
-                return fail_stream(client, &msg, "timeout_error", 504).await;
+        if failure::read_more(conn, idle).await? == 0 {
+            if !dec.ends_at_eof() {
+                return Err(BodyFailure::Closed.into());
             }
-            Ok(_) => {
-                inst.record_failure(&w.policy().circuit);
-                crate::warn!("decode instance {} ended the stream early", inst.address);
-                return Outcome::close(200);
-            }
+            eof = true;
         }
     }
 }
 
 /// The decode leg failed after the first event went out: an SSE error event, then close.
-pub async fn fail_stream(client: &mut TcpStream, message: &str, kind: &str, code: u16) -> Outcome {
+/// Recorded with the error's status, not the 200 the head said.
+pub async fn fail_stream(ctx: &mut RequestCtx<'_>, err: &ApiError) -> Outcome {
     let mut out = Vec::new();
-    sse_error_chunk(&mut out, message, kind, code);
-    let _ = client.write_all(out).await;
-    Outcome::close(200)
+    sse::error_event(&mut out, err, true);
+    let _ = ctx.write(out).await;
+    Outcome::close(err.status.as_u16())
 }
 
 #[cfg(test)]

@@ -1,14 +1,20 @@
 //! The proxy: worker threads serving clients, plus the control thread.
 
 mod admin;
+mod context;
 pub mod control;
+mod failure;
 mod first_token;
 mod flow;
+mod leg;
 mod openai;
+mod outcome;
 mod relay;
 mod route;
 mod scrape;
 mod server;
+mod sse;
+mod timeline;
 mod upstream;
 
 use crate::config::{Config, Policy};

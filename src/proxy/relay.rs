@@ -4,264 +4,210 @@
 //! Upstream chunked bodies are forwarded byte for byte while a decoder tracks where they end
 //! (so the upstream connection can be pooled); close-delimited bodies are re-framed as
 //! chunked for HTTP/1.1 clients; HTTP/1.0 clients get the decoded body and a close.
+//!
+//! A response failing after its head arrived never looks finished: before anything reached
+//! the client it is answered 502/504 instead; after, an event stream ends with an SSE error
+//! event and no `[DONE]`, a chunked body without its last chunk, and the connection closes.
 
+use super::context::RequestCtx;
+use super::failure::{self, BodyFailure, RelayError};
+use super::outcome::Outcome;
+use super::sse;
 use super::upstream::{BodyDecoder, UpstreamConn};
-use super::Worker;
 use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
 use crate::http::head::{Framing, ResponseHead};
 use crate::http::write::{response_head, BodyLen};
 use crate::instance::Instance;
-use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
-use std::sync::Arc;
-use std::time::Instant;
 
-/// How a request ended: the status the client got (499: the client left first) and
-/// whether its connection can serve another request.
+/// What is done with the upstream body bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
-    pub status: u16,
-    pub keep_alive: bool,
-}
-
-impl Outcome {
-    pub fn new(status: u16, keep_alive: bool) -> Self {
-        Outcome { status, keep_alive }
-    }
-    pub fn close(status: u16) -> Self {
-        Outcome {
-            status,
-            keep_alive: false,
-        }
-    }
-}
-
-/// When the parts of a request happened, for metrics and the request log line.
-pub struct Timeline {
-    pub start: Instant,
-    pub prefill: Option<Arc<Instance>>,
-    pub prefill_sent: Option<Instant>,
-    pub prefill_done: Option<Instant>,
-    pub decode: Option<Arc<Instance>>,
-    pub decode_sent: Option<Instant>,
-    pub decode_head: Option<Instant>,
-    /// First body byte written to the client.
-    pub first_byte: Option<Instant>,
-    pub last_event: Option<Instant>,
-    /// SSE events relayed.
-    pub events: u64,
-}
-
-impl Timeline {
-    pub fn new(start: Instant) -> Self {
-        Timeline {
-            start,
-            prefill: None,
-            prefill_sent: None,
-            prefill_done: None,
-            decode: None,
-            decode_sent: None,
-            decode_head: None,
-            first_byte: None,
-            last_event: None,
-            events: 0,
-        }
-    }
-}
-
-/// SSE events that start in `bytes` (each begins with `data:` at a line start).
-fn count_events(bytes: &[u8]) -> u64 {
-    let mut n = 0;
-    let mut at_line_start = true;
-    for (i, &b) in bytes.iter().enumerate() {
-        if at_line_start && b == b'd' && bytes[i..].starts_with(b"data:") {
-            n += 1;
-        }
-        at_line_start = b == b'\n';
-    }
-    n
-}
-
-enum Mode {
+enum Pass {
     /// The client gets the decoded body: fixed length, or HTTP/1.0 (delimited by close).
-    Decode(BodyDecoder),
-    /// Upstream chunks forwarded byte for byte; the decoder only finds the end.
-    ChunkedPass(ChunkedDecoder),
+    Decode,
+    /// Upstream chunks forwarded byte for byte; a decoder only finds the end.
+    Chunks,
     /// Upstream delimits by close; the client gets chunks.
     WrapUntilClose,
 }
 
-/// Appends to `out` what the client must receive from the unconsumed upstream bytes.
-/// Returns true once the upstream body is complete.
-fn process(mode: &mut Mode, conn: &mut UpstreamConn, out: &mut Vec<u8>) -> Result<bool, ()> {
-    match mode {
-        Mode::Decode(dec) => dec.decode(&mut conn.buf, out).map_err(|_| ()),
-        Mode::ChunkedPass(dec) => {
-            let data = conn.buf.data();
-            let used = dec.feed(data, |_| {}).map_err(|_| ())?;
-            out.extend_from_slice(&data[..used]);
-            conn.buf.consume(used);
-            Ok(dec.is_done())
+/// The client's framing and the pass for an upstream framing.
+fn plan(upstream: Framing, http10: bool) -> (BodyLen, Pass) {
+    match (upstream, http10) {
+        (Framing::None, _) => (BodyLen::Length(0), Pass::Decode),
+        (Framing::Length(n), _) => (BodyLen::Length(n as usize), Pass::Decode),
+        (Framing::Chunked, false) => (BodyLen::Chunked, Pass::Chunks),
+        (Framing::Chunked, true) | (Framing::UntilClose, true) => (BodyLen::Close, Pass::Decode),
+        (Framing::UntilClose, false) => (BodyLen::Chunked, Pass::WrapUntilClose),
+    }
+}
+
+/// How a response that failed is ended for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Nothing was sent yet: an error response.
+    Answer,
+    /// An SSE error event (a chunk, or raw in a close-delimited body), then close.
+    ErrorEvent { chunked: bool },
+    /// Close: a chunked body lacks its last chunk, a fixed-length one its last bytes.
+    Close,
+}
+
+fn ending(started: bool, sse: bool, client: BodyLen) -> Ending {
+    match (started, sse, client) {
+        (false, _, _) => Ending::Answer,
+        (true, true, BodyLen::Chunked) => Ending::ErrorEvent { chunked: true },
+        (true, true, BodyLen::Close) => Ending::ErrorEvent { chunked: false },
+        (true, _, _) => Ending::Close,
+    }
+}
+
+enum Mode {
+    Decode(BodyDecoder),
+    Chunks(ChunkedDecoder),
+    WrapUntilClose,
+}
+
+impl Mode {
+    fn new(pass: Pass, upstream: Framing) -> Self {
+        match pass {
+            Pass::Decode => Mode::Decode(BodyDecoder::new(upstream)),
+            Pass::Chunks => Mode::Chunks(ChunkedDecoder::new()),
+            Pass::WrapUntilClose => Mode::WrapUntilClose,
         }
-        Mode::WrapUntilClose => {
-            let data = conn.buf.data();
-            if !data.is_empty() {
-                encode_chunk(out, data);
-                conn.buf.clear();
+    }
+
+    /// Appends to `out` what the client must receive from the unconsumed upstream bytes.
+    /// Returns true once the upstream body is complete.
+    fn process(&mut self, conn: &mut UpstreamConn, out: &mut Vec<u8>) -> Result<bool, BodyFailure> {
+        match self {
+            Mode::Decode(dec) => dec
+                .decode(&mut conn.buf, out)
+                .map_err(|_| BodyFailure::Framing),
+            Mode::Chunks(dec) => {
+                let data = conn.buf.data();
+                let used = dec.feed(data, |_| {}).map_err(|_| BodyFailure::Framing)?;
+                out.extend_from_slice(&data[..used]);
+                conn.buf.consume(used);
+                Ok(dec.is_done())
             }
-            Ok(false)
+            Mode::WrapUntilClose => {
+                let data = conn.buf.data();
+                if !data.is_empty() {
+                    encode_chunk(out, data);
+                    conn.buf.clear();
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// What the upstream closing means: the body's end (`Some`, with what to send to end it
+    /// for the client) or a failure (`None`).
+    fn at_eof(&self) -> Option<&'static [u8]> {
+        match self {
+            Mode::WrapUntilClose => Some(LAST_CHUNK),
+            Mode::Decode(dec) if dec.ends_at_eof() => Some(b""),
+            _ => None,
         }
     }
 }
 
-pub struct RelayParams<'a> {
-    pub request_id: &'a str,
-    pub http10: bool,
-    pub client_keep_alive: bool,
-    pub timeline: &'a mut Timeline,
+/// How the body ended well.
+enum Finished {
+    /// At its framing's end: the upstream connection may be pooled.
+    AtEnd,
+    /// By the upstream closing.
+    AtClose,
 }
 
-/// Streams `head` and the rest of `conn`'s response to the client. A read that waits longer
-/// than `timeouts.idle` ends the response: with an SSE error event when the body is a
-/// stream the client can parse, then a close.
+/// Streams `head` and the rest of `conn`'s response to the client.
 pub async fn relay(
-    w: &Worker,
+    ctx: &mut RequestCtx<'_>,
     inst: &Instance,
     mut conn: UpstreamConn,
     head: ResponseHead,
-    client: &mut TcpStream,
-    p: RelayParams<'_>,
 ) -> Outcome {
     let status = head.status.as_u16();
-    let idle = w.policy().timeouts.idle;
     let sse = head
         .content_type
         .as_deref()
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let (client_len, mut mode) = match (head.framing, p.http10) {
-        (Framing::None, _) => (
-            BodyLen::Length(0),
-            Mode::Decode(BodyDecoder::new(Framing::None)),
-        ),
-        (Framing::Length(n), _) => (
-            BodyLen::Length(n as usize),
-            Mode::Decode(BodyDecoder::new(head.framing)),
-        ),
-        (Framing::Chunked, false) => (BodyLen::Chunked, Mode::ChunkedPass(ChunkedDecoder::new())),
-        (Framing::Chunked, true) | (Framing::UntilClose, true) => {
-            (BodyLen::Close, Mode::Decode(BodyDecoder::new(head.framing)))
-        }
-        (Framing::UntilClose, false) => (BodyLen::Chunked, Mode::WrapUntilClose),
-    };
-    let keep_alive = p.client_keep_alive && client_len != BodyLen::Close;
-    let mut out = w.scratch.take();
+    let (client_len, pass) = plan(head.framing, ctx.http10);
+    let keep_alive = ctx.keep_alive && client_len != BodyLen::Close;
+    let mut mode = Mode::new(pass, head.framing);
+    let mut out = ctx.w.scratch.take();
     let mut headers: Vec<(&str, &str)> = Vec::with_capacity(2);
     if let Some(ct) = head.content_type.as_deref() {
         headers.push(("Content-Type", ct));
     }
-    headers.push(("X-Request-Id", p.request_id));
+    headers.push(("X-Request-Id", ctx.request_id));
     response_head(&mut out, head.status, &headers, client_len, keep_alive);
-    let mut head_len = out.len();
-
-    loop {
-        let done = match process(&mut mode, &mut conn, &mut out) {
-            Ok(d) => d,
-            Err(()) => {
-                crate::warn!(
-                    "request {}: upstream {} sent invalid chunked encoding; closing",
-                    p.request_id,
-                    conn.addr
-                );
-                return Outcome::close(status);
+    let mut started = false;
+    match pump(ctx, &mut conn, &mut mode, out, sse, &mut started).await {
+        Ok((finished, out)) => {
+            ctx.w.scratch.give(out);
+            if matches!(finished, Finished::AtEnd) && head.keep_alive {
+                ctx.w.pool.put_back(conn, inst);
             }
-        };
-        if !out.is_empty() {
-            let body_bytes = out.len() > head_len;
-            let events = if sse {
-                count_events(&out[head_len..])
-            } else {
-                0
-            };
-            let (res, buf) = client.write_all(out).await;
-            out = buf;
-            out.clear();
-            head_len = 0;
-            if res.is_err() {
-                return Outcome::close(499);
-            }
-            let tl = &mut *p.timeline;
-            if body_bytes {
-                let now = Instant::now();
-                tl.first_byte.get_or_insert(now);
-                if events > 0 {
-                    tl.events += events;
-                    tl.last_event = Some(now);
+            Outcome::new(status, keep_alive)
+        }
+        Err(RelayError::ClientGone) => Outcome::client_gone(),
+        Err(RelayError::Upstream(f)) => {
+            f.record(ctx.w, inst, ctx.request_id);
+            let err = f.api_error(inst);
+            match ending(started, sse, client_len) {
+                Ending::Answer => ctx.answer_error(&err).await,
+                Ending::ErrorEvent { chunked } => {
+                    let mut out = Vec::new();
+                    sse::error_event(&mut out, &err, chunked);
+                    let _ = ctx.write(out).await;
+                    Outcome::close(err.status.as_u16())
                 }
+                Ending::Close => Outcome::close(err.status.as_u16()),
+            }
+        }
+    }
+}
+
+/// Moves the body from `conn` to the client until it ends. `out` starts with the response
+/// head; `started` says whether it went out.
+async fn pump(
+    ctx: &mut RequestCtx<'_>,
+    conn: &mut UpstreamConn,
+    mode: &mut Mode,
+    mut out: Vec<u8>,
+    sse: bool,
+    started: &mut bool,
+) -> Result<(Finished, Vec<u8>), RelayError> {
+    let idle = ctx.w.policy().timeouts.idle;
+    let mut head_len = out.len();
+    loop {
+        let done = mode.process(conn, &mut out)?;
+        if !out.is_empty() {
+            let body = &out[head_len..];
+            let (has_body, events) = (
+                !body.is_empty(),
+                if sse { sse::count_events(body) } else { 0 },
+            );
+            out = ctx.write(out).await?;
+            *started = true;
+            head_len = 0;
+            if has_body {
+                ctx.tl.wrote_body(events);
             }
         }
         if done {
-            break;
+            return Ok((Finished::AtEnd, out));
         }
-        let read = match monoio::time::timeout(idle, conn.buf.fill(&mut conn.stream)).await {
-            Ok(r) => r,
-            Err(_) => {
-                inst.record_failure(&w.policy().circuit);
-                crate::warn!(
-                    "request {}: upstream {} sent nothing for {:?} mid-response; ending it",
-                    p.request_id,
-                    conn.addr,
-                    idle
-                );
-                if sse && client_len == BodyLen::Chunked {
-                    let mut out = Vec::new();
-                    let msg = format!("upstream {} stalled mid-stream", inst.address);
-                    sse_error_chunk(&mut out, &msg, "timeout_error", 504);
-                    let _ = client.write_all(out).await;
-                }
-                return Outcome::close(status);
+        if failure::read_more(conn, idle).await? == 0 {
+            let end = mode.at_eof().ok_or(BodyFailure::Closed)?;
+            if !end.is_empty() {
+                out.extend_from_slice(end);
+                out = ctx.write(out).await?;
             }
-        };
-        match read {
-            Ok(0) => match mode {
-                Mode::WrapUntilClose => {
-                    let _ = client.write_all(LAST_CHUNK).await;
-                    return Outcome::new(status, keep_alive);
-                }
-                Mode::Decode(ref dec) if dec.ends_at_eof() => return Outcome::close(status),
-                _ => {
-                    inst.record_failure(&w.policy().circuit);
-                    crate::warn!(
-                        "request {}: upstream {} closed mid-response; closing the client connection",
-                        p.request_id,
-                        conn.addr
-                    );
-                    return Outcome::close(status);
-                }
-            },
-            Ok(_) => {}
-            Err(e) => {
-                inst.record_failure(&w.policy().circuit);
-                crate::warn!(
-                    "request {}: reading from upstream {} failed mid-response: {e}",
-                    p.request_id,
-                    conn.addr
-                );
-                return Outcome::close(status);
-            }
+            return Ok((Finished::AtClose, out));
         }
     }
-    w.scratch.give(out);
-    if head.keep_alive {
-        w.pool.put_back(conn, inst);
-    }
-    Outcome::new(status, keep_alive)
-}
-
-/// Appends one chunk holding an SSE `error` event in OpenAI shape: how a stream that already
-/// started tells the client why it ends early.
-pub fn sse_error_chunk(out: &mut Vec<u8>, message: &str, kind: &str, code: u16) {
-    let err = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-    encode_chunk(out, format!("data: {err}\n\n").as_bytes());
 }
 
 /// Per-worker free list of output buffers, so relaying allocates nothing in steady state.
@@ -285,5 +231,53 @@ impl Scratch {
             buf.clear();
             list.push(buf);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_decision_table() {
+        use BodyLen as C;
+        use Framing as U;
+        let cases = [
+            (U::None, false, C::Length(0), Pass::Decode),
+            (U::None, true, C::Length(0), Pass::Decode),
+            (U::Length(7), false, C::Length(7), Pass::Decode),
+            (U::Length(7), true, C::Length(7), Pass::Decode),
+            (U::Chunked, false, C::Chunked, Pass::Chunks),
+            (U::Chunked, true, C::Close, Pass::Decode),
+            (U::UntilClose, false, C::Chunked, Pass::WrapUntilClose),
+            (U::UntilClose, true, C::Close, Pass::Decode),
+        ];
+        for (upstream, http10, client, pass) in cases {
+            assert_eq!(
+                plan(upstream, http10),
+                (client, pass),
+                "{upstream:?} http10={http10}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_response_never_ends_like_a_finished_one() {
+        for sse in [false, true] {
+            for client in [BodyLen::Length(5), BodyLen::Chunked, BodyLen::Close] {
+                assert_eq!(ending(false, sse, client), Ending::Answer);
+            }
+        }
+        assert_eq!(
+            ending(true, true, BodyLen::Chunked),
+            Ending::ErrorEvent { chunked: true }
+        );
+        assert_eq!(
+            ending(true, true, BodyLen::Close),
+            Ending::ErrorEvent { chunked: false }
+        );
+        assert_eq!(ending(true, true, BodyLen::Length(5)), Ending::Close);
+        assert_eq!(ending(true, false, BodyLen::Chunked), Ending::Close);
+        assert_eq!(ending(true, false, BodyLen::Close), Ending::Close);
     }
 }

@@ -1,8 +1,8 @@
 //! The per-worker accept loop and per-connection request loop (keep-alive, pipelining), and
 //! the routing of each request to an operational or business handler.
 
-use super::flow::{self, answer_error};
-use super::relay::Outcome;
+use super::flow;
+use super::outcome::{answer_error, Outcome};
 use super::route::{Access, Route};
 use super::{admin, Worker};
 use crate::http::watch::DisconnectWatch;

@@ -1,6 +1,8 @@
 //! Test harness: real `xpyd-dummy` and `xpyd` processes on loopback, a real HTTP client.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,41 @@
+//! What one request carries through its legs and relays: the worker, the client and how it
+//! is answered, what the backends are sent, and when things happened.
+
+use super::failure::RelayError;
+use super::outcome::{self, Outcome};
+use super::timeline::Timeline;
+use super::Worker;
+use crate::http::ApiError;
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+use std::borrow::Cow;
+
+pub struct RequestCtx<'a> {
+    pub w: &'a Worker,
+    pub request_id: &'a str,
+    /// The client's connection, written only by this request.
+    pub client: &'a mut TcpStream,
+    /// The client's connection may serve another request after this one.
+    pub keep_alive: bool,
+    /// The client speaks HTTP/1.0: no chunked bodies, a close ends the body.
+    pub http10: bool,
+    /// The path the backends are sent (the client's).
+    pub path: &'a str,
+    /// `Authorization` for the backends.
+    pub authorization: Option<Cow<'a, str>>,
+    pub tl: Timeline,
+}
+
+impl RequestCtx<'_> {
+    /// Answers with `err`; nothing was sent to the client yet.
+    pub async fn answer_error(&mut self, err: &ApiError) -> Outcome {
+        outcome::answer_error(self.client, err, Some(self.request_id), self.keep_alive).await
+    }
+
+    /// Writes `out` whole to the client and hands the buffer back (cleared).
+    pub async fn write(&mut self, out: Vec<u8>) -> Result<Vec<u8>, RelayError> {
+        let (res, mut buf) = self.client.write_all(out).await;
+        buf.clear();
+        res.map(|_| buf).map_err(|_| RelayError::ClientGone)
+    }
+}

@@ -1,0 +1,107 @@
+//! An instance's failures — counted once, in `proxy_instance_errors_total` and against its
+//! circuit — and the ways a response body fails after its head arrived, shared by the
+//! relays: the idle timeout, an early close, a read error, bad framing.
+
+use super::upstream::{UpstreamConn, UpstreamError};
+use super::Worker;
+use crate::http::ApiError;
+use crate::instance::Instance;
+use crate::metrics::ErrorType;
+use http::StatusCode;
+use std::io;
+use std::time::Duration;
+
+/// Counts one failure of `inst`: its error counter and its circuit.
+pub fn count(w: &Worker, inst: &Instance, t: ErrorType) {
+    if w.metrics_enabled {
+        w.metric_index.instance(&w.metrics, inst).error(t);
+    }
+    inst.record_failure(&w.policy().circuit);
+}
+
+/// The counter label of a failure to get a response head.
+pub fn error_type(e: &UpstreamError) -> ErrorType {
+    match e {
+        UpstreamError::Connect(_) | UpstreamError::ConnectTimeout => ErrorType::Connect,
+        UpstreamError::BadResponse(_) => ErrorType::BadResponse,
+        UpstreamError::Io(_) | UpstreamError::Closed => ErrorType::Closed,
+    }
+}
+
+/// How a response body failed after its head arrived.
+#[derive(Debug)]
+pub enum BodyFailure {
+    /// Nothing arrived for the idle timeout.
+    Stalled(Duration),
+    /// The backend closed before the body's end.
+    Closed,
+    Io(io::Error),
+    /// The body's framing is invalid (bad chunked encoding).
+    Framing,
+}
+
+impl std::fmt::Display for BodyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyFailure::Stalled(d) => write!(f, "stalled mid-stream: nothing for {d:?}"),
+            BodyFailure::Closed => f.write_str("closed the connection mid-response"),
+            BodyFailure::Io(e) => write!(f, "failed mid-response: {e}"),
+            BodyFailure::Framing => f.write_str("sent invalid chunked encoding"),
+        }
+    }
+}
+
+impl BodyFailure {
+    fn error_type(&self) -> ErrorType {
+        match self {
+            BodyFailure::Stalled(_) => ErrorType::Timeout,
+            BodyFailure::Closed | BodyFailure::Io(_) => ErrorType::Closed,
+            BodyFailure::Framing => ErrorType::BadResponse,
+        }
+    }
+
+    /// What the client is told: 504 for a stall, 502 otherwise.
+    pub fn api_error(&self, inst: &Instance) -> ApiError {
+        let message = format!("{} instance {} {self}", inst.role.as_str(), inst.address);
+        match self {
+            BodyFailure::Stalled(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message)
+            }
+            _ => ApiError::bad_gateway(message),
+        }
+    }
+
+    /// Counts the failure against `inst` and logs it.
+    pub fn record(&self, w: &Worker, inst: &Instance, request_id: &str) {
+        count(w, inst, self.error_type());
+        crate::warn!(
+            "request {request_id}: {} instance {} {self}; ending the response",
+            inst.role.as_str(),
+            inst.address
+        );
+    }
+}
+
+/// Reads more of a response body, waiting at most `idle` for it. `Ok(0)`: the backend
+/// closed (whether that ends the body is the caller's framing to decide).
+pub async fn read_more(conn: &mut UpstreamConn, idle: Duration) -> Result<usize, BodyFailure> {
+    match monoio::time::timeout(idle, conn.buf.fill(&mut conn.stream)).await {
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(e)) => Err(BodyFailure::Io(e)),
+        Err(_) => Err(BodyFailure::Stalled(idle)),
+    }
+}
+
+/// Why relaying a response stopped early.
+#[derive(Debug)]
+pub enum RelayError {
+    /// Writing to the client failed: it left.
+    ClientGone,
+    Upstream(BodyFailure),
+}
+
+impl From<BodyFailure> for RelayError {
+    fn from(f: BodyFailure) -> Self {
+        RelayError::Upstream(f)
+    }
+}

@@ -1,0 +1,221 @@
+//! One leg of a request: picking an instance of a role, sending it the request and waiting
+//! for its response head, with retries on other instances while nothing reached the client.
+
+use super::context::RequestCtx;
+use super::failure;
+use super::upstream::{UpstreamConn, UpstreamError};
+use crate::config::Role;
+use crate::http::head::ResponseHead;
+use crate::http::ApiError;
+use crate::instance::{InFlight, Instance};
+use crate::metrics::ErrorType;
+use crate::resilience;
+use crate::scheduler::PickContext;
+use crate::topology::RoleSet;
+use bytes::Bytes;
+use http::StatusCode;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A leg whose response head arrived: the instance (still counted), the connection, the head.
+pub struct Answered {
+    pub guard: InFlight,
+    pub conn: UpstreamConn,
+    pub head: ResponseHead,
+}
+
+impl RequestCtx<'_> {
+    fn backend_head(&self, inst: &Instance, body_len: usize) -> Vec<u8> {
+        let mut h = Vec::with_capacity(256);
+        let _ = write!(
+            h,
+            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\n",
+            self.path, inst.address, body_len, self.request_id
+        );
+        if let Some(a) = &self.authorization {
+            let _ = write!(h, "Authorization: {a}\r\n");
+        }
+        h.extend_from_slice(b"\r\n");
+        h
+    }
+
+    /// Sends `body` to an instance of `set` and waits for its response head, retrying
+    /// connection failures and retryable statuses on other instances with backoff
+    /// (docs/resilience.md).
+    /// Nothing has reached the client yet, so every retry is safe. A first-byte timeout is
+    /// not retried: the client would wait a multiple of it.
+    pub async fn run(
+        &mut self,
+        set: &RoleSet,
+        pick: &PickContext<'_>,
+        role: Role,
+        body: &Bytes,
+    ) -> Result<Answered, ApiError> {
+        let w = self.w;
+        let sent = Instant::now();
+        match role {
+            Role::Prefill => self.tl.prefill_sent = Some(sent),
+            _ => self.tl.decode_sent = Some(sent),
+        }
+        // One policy for the whole leg, retries included (a reload applies to the next).
+        let policy = w.shared.policy.load_full();
+        let retry = &policy.retry;
+        let max_retries = if retry.enabled { retry.max_retries } else { 0 };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let guard = pick_instance(
+                set,
+                &PickContext {
+                    exclude: &tried,
+                    ..*pick
+                },
+                role,
+            )?;
+            let inst = guard.instance().clone();
+            let counters = w
+                .metrics_enabled
+                .then(|| w.metric_index.instance(&w.metrics, &inst));
+            if let Some(c) = &counters {
+                c.request();
+            }
+            let count_error = |t: ErrorType| {
+                if let Some(c) = &counters {
+                    c.error(t);
+                }
+            };
+            match role {
+                Role::Prefill => self.tl.prefill = Some(inst.clone()),
+                _ => self.tl.decode = Some(inst.clone()),
+            }
+            let sent = monoio::time::timeout(
+                policy.timeouts.first_byte,
+                w.pool
+                    .send(inst.socket_addr, self.backend_head(&inst, body.len()), body),
+            )
+            .await;
+            let failure = match sent {
+                Ok(Ok((conn, head))) => {
+                    let status = head.status.as_u16();
+                    if role != Role::Prefill {
+                        self.tl.decode_head = Some(Instant::now());
+                    }
+                    if head.status.is_server_error() {
+                        count_error(ErrorType::Status5xx);
+                        inst.record_failure(&policy.circuit);
+                    } else {
+                        inst.record_success(&policy.circuit);
+                    }
+                    if attempt >= max_retries || !retry.retryable_status.contains(&status) {
+                        return Ok(Answered { guard, conn, head });
+                    }
+                    // Dropping `conn` closes it: its body is not worth reading.
+                    format!("answered {status}")
+                }
+                Ok(Err(e)) => {
+                    count_error(failure::error_type(&e));
+                    inst.record_failure(&policy.circuit);
+                    w.pool.forget(inst.socket_addr);
+                    if attempt >= max_retries {
+                        return Err(self.upstream_failed(&inst, &e));
+                    }
+                    e.to_string()
+                }
+                Err(_) => {
+                    count_error(ErrorType::Timeout);
+                    inst.record_failure(&policy.circuit);
+                    crate::warn!(
+                        "request {}: {} instance {} sent no response within {:?}",
+                        self.request_id,
+                        role.as_str(),
+                        inst.address,
+                        policy.timeouts.first_byte
+                    );
+                    return Err(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout_error",
+                        format!(
+                            "{} instance {} did not answer within {:?}",
+                            role.as_str(),
+                            inst.address,
+                            policy.timeouts.first_byte
+                        ),
+                    ));
+                }
+            };
+            attempt += 1;
+            if w.metrics_enabled {
+                w.metrics.retry();
+            }
+            tried.push(inst.socket_addr);
+            drop(guard);
+            let delay = resilience::backoff(retry, attempt);
+            crate::info!(
+                "request {}: {} instance {} {failure}; retry {attempt}/{max_retries} in {delay:?}",
+                self.request_id,
+                role.as_str(),
+                inst.address
+            );
+            monoio::time::sleep(delay).await;
+        }
+    }
+
+    /// Logs a leg that got no usable response and says so as a 502.
+    pub fn upstream_failed(&self, inst: &Arc<Instance>, e: &UpstreamError) -> ApiError {
+        let role = inst.role.as_str();
+        crate::warn!(
+            "request {}: {role} instance {} failed: {e}",
+            self.request_id,
+            inst.address
+        );
+        ApiError::bad_gateway(format!("{role} instance {} failed: {e}", inst.address))
+    }
+}
+
+/// Picks an instance for one leg and counts the leg against it. Prefill legs carry the
+/// prompt tokens; decode and dual legs the request and its decode tokens.
+fn pick_instance(set: &RoleSet, pick: &PickContext<'_>, role: Role) -> Result<InFlight, ApiError> {
+    let picked = set.scheduler.pick(&set.instances, pick).or_else(|| {
+        // Every other instance failed this request already: the same one beats none.
+        (!pick.exclude.is_empty())
+            .then(|| {
+                set.scheduler.pick(
+                    &set.instances,
+                    &PickContext {
+                        exclude: &[],
+                        ..*pick
+                    },
+                )
+            })
+            .flatten()
+    });
+    if let Some(inst) = picked {
+        let (p, d) = match role {
+            Role::Prefill => (pick.prompt_tokens, 0),
+            Role::Decode => (0, pick.decode_tokens),
+            Role::Dual => (pick.prompt_tokens, pick.decode_tokens),
+        };
+        return Ok(InFlight::new(inst, p, d));
+    }
+    let available: Vec<&Arc<Instance>> =
+        set.instances.iter().filter(|i| i.is_available()).collect();
+    if available.is_empty() {
+        return Err(ApiError::unavailable(format!(
+            "no healthy {} instance available",
+            role.as_str()
+        )));
+    }
+    let largest = available
+        .iter()
+        .map(|i| i.max_model_len.load(std::sync::atomic::Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    Err(ApiError::bad_request(format!(
+        "the prompt (about {} tokens) is longer than the maximum context length of every {} instance of this model ({largest} tokens)",
+        pick.prompt_tokens,
+        role.as_str()
+    ))
+    .with_code("context_length_exceeded"))
+}
