@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # xpyd: multi-stage build — compile in the Rust image, run from a small Debian image as a
 # non-root user. The proxy reads /app/xpyd.yaml and listens on the port that file names: the
-# image's own copy of examples/xpyd.yaml says 8868; a file mounted over it must say
+# image's own copy of examples/proxy.yaml says 8868; a file mounted over it must say
 # `port: 8868` too (or publish and health-check the port it names). No `--port` on the
 # command line, which would silently override the file.
 #
@@ -20,7 +20,7 @@ COPY tools ./tools
 COPY benches ./benches
 COPY examples ./examples
 RUN cargo build --release --locked --bin xpyd --bin xpyd-dummy \
-    && sed 's/^port: 8000 /port: 8868 /' examples/xpyd.yaml > xpyd.yaml \
+    && sed 's/^port: 8000 /port: 8868 /' examples/proxy.yaml > xpyd.yaml \
     && grep -q '^port: 8868 ' xpyd.yaml
 
 FROM debian:bookworm-slim

@@ -112,7 +112,7 @@ fn resolve_config_path(flag: Option<PathBuf>) -> Result<PathBuf, String> {
 }
 
 /// The template `--init-config` writes: the documented example config.
-const TEMPLATE: &str = include_str!("../examples/xpyd.yaml");
+const TEMPLATE: &str = include_str!("../examples/proxy.yaml");
 
 fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     if let Some(path) = args.init_config {

@@ -80,7 +80,7 @@ fn init_config_writes_a_valid_template_and_will_not_overwrite() {
     let template = std::fs::read_to_string(&path).unwrap();
     assert_eq!(
         template,
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/xpyd.yaml"))
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/proxy.yaml"))
             .unwrap()
     );
     assert!(succeeds(&["proxy", "--validate-config"], &path));

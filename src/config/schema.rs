@@ -169,6 +169,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_config_shows_every_field() {
+        let example = include_str!("../../examples/proxy.yaml");
+        // Other formats' keys and the Python proxy's spellings (docs/migration.md).
+        let elsewhere = [
+            "instances",
+            "models",
+            "address",
+            "role",
+            "name",
+            "scheduler",
+            "aggregated",
+            "roundrobin",
+            "round_robin",
+            "loadbalanced",
+            "load_balanced",
+            "consistent_hash",
+            "power_of_two",
+            "cache_aware",
+            "prefix_length",
+            "zmq",
+            "receivers",
+            "notification_timeout_seconds",
+        ];
+        let missing: Vec<_> = all_keys()
+            .into_iter()
+            .filter(|k| !elsewhere.contains(k) && !example.contains(&format!("{k}:")))
+            .collect();
+        assert!(missing.is_empty(), "examples/proxy.yaml lacks {missing:?}");
+    }
+
+    #[test]
     fn all_keys_is_sorted_unique_and_complete() {
         let k = all_keys();
         assert!(k.windows(2).all(|w| w[0] < w[1]));
