@@ -416,35 +416,30 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         }
     }
 
-    header(
-        &mut out,
-        "proxy_prefill_active",
-        "gauge",
-        "Prefill legs in flight per instance.",
-    );
-    for i in scrape.instances.iter().filter(|i| i.role == Role::Prefill) {
-        let _ = writeln!(
-            out,
-            "proxy_prefill_active{{instance=\"{}\",model=\"{}\"}} {}",
-            esc(&i.address),
-            esc(&i.model),
-            i.in_flight()
-        );
-    }
-    header(
-        &mut out,
-        "proxy_decode_active",
-        "gauge",
-        "Decode (and dual) legs in flight per instance.",
-    );
-    for i in scrape.instances.iter().filter(|i| i.role != Role::Prefill) {
-        let _ = writeln!(
-            out,
-            "proxy_decode_active{{instance=\"{}\",model=\"{}\"}} {}",
-            esc(&i.address),
-            esc(&i.model),
-            i.in_flight()
-        );
+    for (name, help, prefill) in [
+        (
+            "proxy_prefill_active",
+            "Prefill legs in flight per instance.",
+            true,
+        ),
+        (
+            "proxy_decode_active",
+            "Decode (and dual) legs in flight per instance.",
+            false,
+        ),
+    ] {
+        header(&mut out, name, "gauge", help);
+        for i in scrape.instances.iter() {
+            if (i.role == Role::Prefill) == prefill {
+                let _ = writeln!(
+                    out,
+                    "{name}{{instance=\"{}\",model=\"{}\"}} {}",
+                    esc(&i.address),
+                    esc(&i.model),
+                    i.in_flight()
+                );
+            }
+        }
     }
     header(
         &mut out,

@@ -48,6 +48,18 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
+    /// This model's route (scheduler, mode, gate) over another list of instances.
+    fn with_instances(&self, list: Vec<Arc<Instance>>) -> Self {
+        Self::build(
+            &self.name,
+            self.kind,
+            self.options.clone(),
+            self.mode,
+            list,
+            self.open.clone(),
+        )
+    }
+
     /// Builds a route from instances that may already exist (their health, load and
     /// breaker state carry over into the new snapshot).
     pub fn build(
@@ -265,14 +277,7 @@ impl Topology {
                 list.push(inst.clone());
                 placed = true;
             }
-            models.push(ModelRoute::build(
-                &m.name,
-                m.kind,
-                m.options.clone(),
-                m.mode,
-                list,
-                m.open.clone(),
-            ));
+            models.push(m.with_instances(list));
         }
         if !placed {
             let name = inst.model.clone();
@@ -303,14 +308,7 @@ impl Topology {
                     .filter(|i| !Arc::ptr_eq(i, &gone))
                     .cloned()
                     .collect();
-                ModelRoute::build(
-                    &m.name,
-                    m.kind,
-                    m.options.clone(),
-                    m.mode,
-                    list,
-                    m.open.clone(),
-                )
+                m.with_instances(list)
             })
             .collect();
         Ok((self.next(models), gone))

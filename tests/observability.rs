@@ -381,10 +381,7 @@ fn status_instances_reflects_a_node_going_down() {
 
 #[test]
 fn every_operational_endpoint_answers_while_gated() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_address();
     let proxy = proxy_with(&format!("model: {MODEL}\ndual: [\"{dead}\"]\n"), false);
     assert_eq!(get_json(&proxy.url("/health")).0, 503);
     for path in [

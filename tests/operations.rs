@@ -11,12 +11,6 @@ fn completion(model: &str) -> Value {
     json!({"model": model, "prompt": "a b c", "max_tokens": 3})
 }
 
-/// An address with nothing listening.
-fn dead_address() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 fn model_entry(v: &Value, name: &str) -> Value {
     v["models"]
         .as_array()

@@ -421,10 +421,7 @@ fn errors_are_openai_shaped() {
 
 #[test]
 fn gated_until_every_instance_answered() {
-    // Reserve a port with nothing listening.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let dead_addr = dead_address();
     let d = dummy("decode", &[]);
     let yaml = format!(
         "model: {MODEL}\nprefill: [\"{dead_addr}\"]\ndecode: [\"{}\"]\n",

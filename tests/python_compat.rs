@@ -325,14 +325,6 @@ impl PythonProxy {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One request of the suite.
 struct Case {
     name: &'static str,

@@ -27,16 +27,7 @@ fn instance_status(proxy: &Proc, addr: &str) -> Value {
 
 #[test]
 fn gated_until_nodes_come_up_and_operational_endpoints_always_answer() {
-    let port_p = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let port_d = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (port_p, port_d) = (free_port(), free_port());
     let yaml = format!(
         "model: {MODEL}\nprefill: [\"127.0.0.1:{port_p}\"]\ndecode: [\"127.0.0.1:{port_d}\"]\n"
     );
@@ -65,10 +56,7 @@ fn gated_until_nodes_come_up_and_operational_endpoints_always_answer() {
 
 #[test]
 fn startup_timeout_can_exit_the_process() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_address();
     let path = write_config(&format!(
         "model: {MODEL}\ndual: [\"{dead}\"]\nstartup:\n  probe_interval_seconds: 0.1\n  wait_timeout_seconds: 0.5\n  exit_on_timeout: true\n"
     ));

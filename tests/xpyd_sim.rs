@@ -29,14 +29,6 @@ impl Drop for Sim {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sim(mode: &str, decode_ms: &str) -> Sim {
     let port = free_port();
     let child = Command::new(sim_bin())

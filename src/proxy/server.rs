@@ -6,7 +6,7 @@ use super::outcome::{answer_error, Outcome};
 use super::route::{Access, Route};
 use super::{admin, Worker};
 use crate::http::watch::DisconnectWatch;
-use crate::http::write::{error_response, full_response, response_head, BodyLen, JSON};
+use crate::http::write::{error_response, full_response, JSON};
 use crate::http::{lingering_close, read_request, ApiError, ReadBuf, ReadError, Request};
 use crate::metrics;
 use crate::shared::ActiveRequest;
@@ -221,19 +221,10 @@ async fn respond(
     keep_alive: bool,
     head_only: bool,
 ) -> Outcome {
-    let out = if head_only {
-        let mut out = Vec::with_capacity(160);
-        response_head(
-            &mut out,
-            status,
-            headers,
-            BodyLen::Length(body.len()),
-            keep_alive,
-        );
-        out
-    } else {
-        full_response(status, headers, body, keep_alive)
-    };
+    let mut out = full_response(status, headers, body, keep_alive);
+    if head_only {
+        out.truncate(out.len() - body.len());
+    }
     let (res, _) = stream.write_all(out).await;
     Outcome::new(status.as_u16(), res.is_ok() && keep_alive)
 }

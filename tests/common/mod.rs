@@ -95,6 +95,18 @@ pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A loopback address with nothing listening (bound, then released): for a node that is
+/// down, or one a test starts later on that port.
+pub fn dead_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+pub fn free_port() -> u16 {
+    dead_address().port()
+}
+
 pub const MODEL: &str = "test-model";
 
 pub fn dummy(mode: &str, extra: &[&str]) -> Proc {
