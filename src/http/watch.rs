@@ -7,7 +7,7 @@
 
 use monoio::net::TcpStream;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 pub struct DisconnectWatch {
     dup: TcpStream,
@@ -15,14 +15,13 @@ pub struct DisconnectWatch {
 
 impl DisconnectWatch {
     pub fn new(stream: &TcpStream) -> io::Result<Self> {
-        // SAFETY: dup returns a new descriptor we exclusively own (or -1, checked).
-        let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        // SAFETY: `stream` is borrowed for this whole call, so its descriptor stays open
+        // while it is borrowed here.
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        // A new descriptor we own, close-on-exec (F_DUPFD_CLOEXEC).
+        let dup = std::net::TcpStream::from(fd.try_clone_to_owned()?);
         Ok(DisconnectWatch {
-            dup: TcpStream::from_std(std_stream)?,
+            dup: TcpStream::from_std(dup)?,
         })
     }
 
@@ -35,7 +34,8 @@ impl DisconnectWatch {
                 return;
             }
             let mut byte = 0u8;
-            // SAFETY: one-byte buffer on the stack, fd valid while self lives.
+            // SAFETY: the buffer is one writable byte on the stack; the descriptor is our own
+            // dup, open as long as `self`.
             let n = unsafe {
                 libc::recv(
                     self.dup.as_raw_fd(),

@@ -10,15 +10,12 @@ use http::StatusCode;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
-/// Equal-length-independent comparison whose time does not depend on where bytes differ.
+/// Whether a presented key equals a configured one (admin key, client API keys), in time
+/// that does not depend on where they differ (`subtle`). Keys of different lengths are
+/// unequal whatever their bytes.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 pub fn authorize(w: &Worker, key: Option<&str>) -> Result<(), ApiError> {
@@ -177,9 +174,26 @@ mod tests {
     fn constant_time_eq_is_eq() {
         use super::constant_time_eq as eq;
         assert!(eq(b"secret", b"secret"));
-        assert!(!eq(b"secret", b"secreT"));
-        assert!(!eq(b"secret", b"secret1"));
-        assert!(!eq(b"", b"x"));
         assert!(eq(b"", b""));
+        assert!(!eq(b"secret", b"secreT"), "last byte differs");
+        assert!(!eq(b"secret", b"Secret"), "first byte differs");
+    }
+
+    #[test]
+    fn keys_of_different_lengths_never_match() {
+        use super::constant_time_eq as eq;
+        assert!(!eq(b"secret", b"secret1"), "a longer key");
+        assert!(!eq(b"secret1", b"secret"), "a shorter key");
+        assert!(!eq(b"", b"x"));
+        assert!(!eq(b"x", b""));
+        // Lengths differing by multiples of 256 and 65,536, the extra bytes NUL: a
+        // comparison that folds the length difference into a few bits, and pads the shorter
+        // key with zeros, takes these for equal.
+        for extra in [256usize, 65_536, 131_072] {
+            let mut long = b"secret".to_vec();
+            long.resize(6 + extra, 0);
+            assert!(!eq(b"secret", &long), "+{extra} NUL bytes");
+            assert!(!eq(&long, b"secret"), "-{extra} NUL bytes");
+        }
     }
 }

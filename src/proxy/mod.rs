@@ -22,7 +22,6 @@ use crate::runtime::{self, Driver};
 use crate::shared::Shared;
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
@@ -64,12 +63,15 @@ pub struct RunOptions {
 pub struct ProxyHandle {
     pub addr: SocketAddr,
     pub shared: Arc<Shared>,
-    listener_fds: Vec<i32>,
+    /// Duplicates of the workers' listeners, owned here: a worker closes its own when its
+    /// accept loop ends, and a bare descriptor number could by then name another socket.
+    listeners: Vec<std::net::TcpListener>,
     control: Sender<control::Command>,
 }
 
 fn signal_set() -> libc::sigset_t {
-    // SAFETY: plain libc signal-set calls on a local set.
+    // SAFETY: sigset_t is plain data (zeroed is a valid starting value), sigemptyset
+    // initialises the local set and sigaddset adds valid signal numbers to it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -97,7 +99,8 @@ impl ProxyHandle {
         let set = signal_set();
         let sig = loop {
             let mut sig = 0;
-            // SAFETY: set is valid; sig is written by sigwait.
+            // SAFETY: set is an initialised signal set and sig a valid place for sigwait to
+            // write the signal number.
             unsafe { libc::sigwait(&set, &mut sig) };
             if sig == libc::SIGHUP {
                 crate::warn!("SIGHUP: reloading the configuration");
@@ -108,9 +111,10 @@ impl ProxyHandle {
         };
         crate::warn!("signal {sig} received: no new connections, finishing requests in flight");
         self.shared.shutting_down.store(true, Ordering::Release);
-        for fd in &self.listener_fds {
-            // Wakes the workers' pending accepts; the listeners stay open until exit.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        for l in &self.listeners {
+            // Shuts the listening socket (shared with the worker's descriptor) down: wakes
+            // the worker's pending accept and refuses new connections.
+            let _ = socket2::SockRef::from(l).shutdown(std::net::Shutdown::Both);
         }
         let deadline = Instant::now() + self.shared.policy.load().shutdown_grace;
         loop {
@@ -138,7 +142,10 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     let control_for_handle = control.clone();
     let listeners = runtime::bind_listeners(&cfg.host, cfg.port, opts.workers)?;
     let addr = listeners[0].local_addr()?;
-    let listener_fds = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let owned = listeners
+        .iter()
+        .map(|l| l.try_clone()) // F_DUPFD_CLOEXEC
+        .collect::<std::io::Result<Vec<_>>>()?;
     let cfg = cfg.clone();
     let sh = shared.clone();
     runtime::spawn_workers(
@@ -177,7 +184,7 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     Ok(ProxyHandle {
         addr,
         shared,
-        listener_fds,
+        listeners: owned,
         control: control_for_handle,
     })
 }

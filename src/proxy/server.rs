@@ -39,6 +39,7 @@ async fn accept_until_shutdown(w: &Rc<Worker>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                crate::runtime::close_on_exec(std::os::fd::AsRawFd::as_raw_fd(&stream));
                 if w.shared.shutting_down.load(Ordering::Relaxed) {
                     return;
                 }
