@@ -2,7 +2,9 @@
 //! immutable and swapped whole (`Shared::topology`); a change builds the next snapshot from
 //! the current one, carrying over the instances that stay (their health, load and circuit).
 
-use crate::config::{Config, DisaggMode, ModelConfig, Role, SchedulerKind, SchedulingOptions};
+use crate::config::{
+    Config, DisaggMode, ModelConfig, Role, RoleSchedulers, SchedulerKind, SchedulingOptions,
+};
 use crate::instance::Instance;
 use crate::scheduler::{self, Scheduler};
 use std::net::SocketAddr;
@@ -35,7 +37,9 @@ impl RoleSet {
 
 pub struct ModelRoute {
     pub name: String,
+    /// The model's `scheduling`; `roles` may give prefill and decode their own.
     pub kind: SchedulerKind,
+    pub roles: RoleSchedulers,
     pub options: SchedulingOptions,
     pub mode: DisaggMode,
     pub prefill: RoleSet,
@@ -53,6 +57,7 @@ impl ModelRoute {
         Self::build(
             &self.name,
             self.kind,
+            self.roles,
             self.options.clone(),
             self.mode,
             list,
@@ -65,6 +70,7 @@ impl ModelRoute {
     pub fn build(
         name: &str,
         kind: SchedulerKind,
+        roles: RoleSchedulers,
         options: SchedulingOptions,
         mode: DisaggMode,
         instances: Vec<Arc<Instance>>,
@@ -80,10 +86,29 @@ impl ModelRoute {
         ModelRoute {
             name: name.to_string(),
             mode,
-            prefill: RoleSet::new(name, of(Role::Prefill), Role::Prefill, kind, &options),
-            decode: RoleSet::new(name, of(Role::Decode), Role::Decode, kind, &options),
-            dual: RoleSet::new(name, of(Role::Dual), Role::Dual, kind, &options),
+            prefill: RoleSet::new(
+                name,
+                of(Role::Prefill),
+                Role::Prefill,
+                roles.for_role(Role::Prefill, kind),
+                &options,
+            ),
+            decode: RoleSet::new(
+                name,
+                of(Role::Decode),
+                Role::Decode,
+                roles.for_role(Role::Decode, kind),
+                &options,
+            ),
+            dual: RoleSet::new(
+                name,
+                of(Role::Dual),
+                Role::Dual,
+                roles.for_role(Role::Dual, kind),
+                &options,
+            ),
             kind,
+            roles,
             options,
             open,
         }
@@ -106,6 +131,7 @@ impl ModelRoute {
         Self::build(
             &m.name,
             m.scheduler,
+            m.role_schedulers,
             m.scheduling.clone(),
             m.mode,
             instances,
@@ -162,6 +188,7 @@ pub struct Topology {
     pub generation: u64,
     /// Scheduler for models created at run time (`/instances/add` with a new model name).
     pub default_kind: SchedulerKind,
+    pub default_roles: RoleSchedulers,
     pub default_options: SchedulingOptions,
 }
 
@@ -174,6 +201,7 @@ impl Topology {
             default_kind: first
                 .map(|m| m.scheduler)
                 .unwrap_or(SchedulerKind::LoadBalanced),
+            default_roles: first.map(|m| m.role_schedulers).unwrap_or_default(),
             default_options: first.map(|m| m.scheduling.clone()).unwrap_or_default(),
         }
     }
@@ -240,6 +268,7 @@ impl Topology {
                 ModelRoute::build(
                     &m.name,
                     m.scheduler,
+                    m.role_schedulers,
                     m.scheduling.clone(),
                     m.mode,
                     list,
@@ -257,6 +286,9 @@ impl Topology {
             models,
             generation: self.generation + 1,
             default_kind: first.map(|m| m.scheduler).unwrap_or(self.default_kind),
+            default_roles: first
+                .map(|m| m.role_schedulers)
+                .unwrap_or(self.default_roles),
             default_options: first
                 .map(|m| m.scheduling.clone())
                 .unwrap_or_else(|| self.default_options.clone()),
@@ -284,6 +316,7 @@ impl Topology {
             models.push(ModelRoute::build(
                 &name,
                 self.default_kind,
+                self.default_roles,
                 self.default_options.clone(),
                 DisaggMode::Direct,
                 vec![inst],
@@ -319,6 +352,7 @@ impl Topology {
             models,
             generation: self.generation + 1,
             default_kind: self.default_kind,
+            default_roles: self.default_roles,
             default_options: self.default_options.clone(),
         }
     }

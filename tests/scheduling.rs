@@ -275,3 +275,40 @@ fn cache_aware_prefix_groups_stay_on_one_node_across_workers() {
     assert!(nodes_used >= 3, "groups piled up: {by_group:?}");
     assert_counters_zero(&proxy);
 }
+
+/// Per-role policies: the prefill leg follows the prefix (cache_aware), the decode leg the
+/// model's `scheduling` (round robin) — one request's legs pick differently.
+#[test]
+fn prefill_and_decode_legs_use_their_own_policies() {
+    let ps: Vec<Proc> = (0..2).map(|_| dummy("prefill", &[])).collect();
+    let ds: Vec<Proc> = (0..2).map(|_| dummy("decode", &[])).collect();
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: roundrobin\nprefill_scheduling: cache_aware\n",
+            pd_yaml(&[&ps[0], &ps[1]], &[&ds[0], &ds[1]])
+        ),
+        true,
+    );
+    let a = agent();
+    let system = "One long system prompt that every request shares. ".repeat(20);
+    for q in 0..10 {
+        let (status, _, _) = post(
+            &a,
+            &proxy.url("/v1/completions"),
+            &json!({"model": MODEL, "prompt": format!("{system} question {q}"), "max_tokens": 2}),
+        );
+        assert_eq!(status, 200);
+    }
+    let count = |n: &Proc| dummy_stats(n)["requests"].as_u64().unwrap();
+    let prefill: Vec<u64> = ps.iter().map(count).collect();
+    let decode: Vec<u64> = ds.iter().map(count).collect();
+    assert!(
+        prefill.contains(&10),
+        "prefill followed the prefix: {prefill:?}"
+    );
+    assert_eq!(decode, vec![5, 5], "decode went round robin");
+    let (_, v) = get_json(&proxy.url("/status"));
+    let m = &v["models"][0];
+    assert_eq!(m["prefill_scheduler"], "cache_aware", "{m}");
+    assert_eq!(m["decode_scheduler"], "roundrobin", "{m}");
+}

@@ -47,6 +47,19 @@ impl Fix {
     }
 }
 
+/// The keys whose value is a scheduler name.
+fn is_scheduler_key(k: &str) -> bool {
+    matches!(
+        k,
+        "scheduling"
+            | "scheduler"
+            | "prefill_scheduling"
+            | "decode_scheduling"
+            | "prefill_scheduler"
+            | "decode_scheduler"
+    )
+}
+
 fn scheduler_fix(v: &str) -> Option<&'static str> {
     let norm = v
         .trim()
@@ -114,7 +127,7 @@ pub fn find_fixes(text: &str) -> Vec<Fix> {
                         .unwrap_or(k)
                 })
                 .unwrap_or(k);
-            if (k_now == "scheduling" || k_now == "scheduler") && !value.is_empty() {
+            if is_scheduler_key(k_now) && !value.is_empty() {
                 let v = value.split('#').next().unwrap_or("").trim();
                 let bare = v.trim_matches(['"', '\'']);
                 if !SchedulerKind::names().contains(&bare) {

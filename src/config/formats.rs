@@ -9,13 +9,16 @@ use super::roles::listed;
 use super::schema::{INSTANCE_KEYS, MODEL_KEYS};
 use super::suggest::hint;
 use super::yaml;
-use super::{DisaggMode, InstanceConfig, ModelConfig, SchedulerKind, SchedulingOptions};
+use super::{
+    DisaggMode, InstanceConfig, ModelConfig, RoleSchedulers, SchedulerKind, SchedulingOptions,
+};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 
 /// What a model takes from the top level unless it says otherwise.
 pub struct ModelDefaults {
     pub scheduler: SchedulerKind,
+    pub role_schedulers: RoleSchedulers,
     pub scheduling: SchedulingOptions,
     pub mode: DisaggMode,
 }
@@ -26,6 +29,7 @@ impl ModelDefaults {
             name,
             instances,
             scheduler: self.scheduler,
+            role_schedulers: self.role_schedulers,
             scheduling: self.scheduling.clone(),
             mode: self.mode,
         }
@@ -174,7 +178,8 @@ fn format2(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
     models
 }
 
-/// Format 3: `models: [{name, prefill, decode, dual, scheduler, disaggregated_mode}]`.
+/// Format 3: `models: [{name, prefill, decode, dual, scheduler, prefill_scheduler,
+/// decode_scheduler, disaggregated_mode}]`.
 fn format3(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<ModelConfig> {
     let Value::Array(items) = v else {
         r.wrong_type("models", "a list of models", v);
@@ -211,6 +216,14 @@ fn format3(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
                         model.scheduler.as_str()
                     )),
                 ),
+            }
+        }
+        for (key, slot) in [
+            ("prefill_scheduler", &mut model.role_schedulers.prefill),
+            ("decode_scheduler", &mut model.role_schedulers.decode),
+        ] {
+            if let Some(s) = r.string(Some(m), &path, key) {
+                *slot = Some(r.scheduler(Some(s), &join(&path, key)));
             }
         }
         let mode_name = r.string(Some(m), &path, "disaggregated_mode");

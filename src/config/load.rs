@@ -9,7 +9,7 @@ use super::schema::{self, TOP};
 use super::sections;
 use super::suggest::hint;
 use super::yaml::{self, Locator};
-use super::{Config, DisaggMode, Overrides, SchedulerKind};
+use super::{Config, DisaggMode, Overrides, RoleSchedulers, SchedulerKind};
 use crate::log::Level;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
@@ -121,7 +121,17 @@ fn model_defaults(r: &mut Reader<'_>, top: &Map<String, Value>) -> ModelDefaults
         r.mapping(&top["zmq"], "zmq", schema::ZMQ);
         r.report("zmq", zmq_unsupported());
     }
+    let mut role_schedulers = RoleSchedulers::default();
+    for (key, slot) in [
+        ("prefill_scheduling", &mut role_schedulers.prefill),
+        ("decode_scheduling", &mut role_schedulers.decode),
+    ] {
+        if let Some(s) = r.string(t, "", key) {
+            *slot = Some(r.scheduler(Some(s), key));
+        }
+    }
     ModelDefaults {
+        role_schedulers,
         scheduler: r.scheduler(scheduler_name, "scheduling"),
         scheduling: sections::scheduling_options(r, top),
         mode: r.mode(mode_name, "disaggregated_mode", DisaggMode::Direct),

@@ -129,11 +129,31 @@ pub enum DisaggMode {
     Nixl,
 }
 
+/// A policy for one leg of P/D over the model's `scheduling`: the prefill pick may follow
+/// the cache while the decode pick follows the load (docs/scheduling.md, "Per-role policies").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoleSchedulers {
+    pub prefill: Option<SchedulerKind>,
+    pub decode: Option<SchedulerKind>,
+}
+
+impl RoleSchedulers {
+    /// The policy of `role`'s instances when `all` is the model's `scheduling`.
+    pub fn for_role(&self, role: Role, all: SchedulerKind) -> SchedulerKind {
+        match role {
+            Role::Prefill => self.prefill.unwrap_or(all),
+            Role::Decode => self.decode.unwrap_or(all),
+            Role::Dual => all,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub name: String,
     pub instances: Vec<InstanceConfig>,
     pub scheduler: SchedulerKind,
+    pub role_schedulers: RoleSchedulers,
     pub scheduling: SchedulingOptions,
     pub mode: DisaggMode,
 }
@@ -369,9 +389,21 @@ impl Config {
         for m in &self.models {
             let _ = writeln!(
                 s,
-                "model {} (scheduler {}, {} mode)",
+                "model {} (scheduler {}{}, {} mode)",
                 m.name,
                 m.scheduler.as_str(),
+                match (m.role_schedulers.prefill, m.role_schedulers.decode) {
+                    (None, None) => String::new(),
+                    _ => format!(
+                        "; prefill {}, decode {}",
+                        m.role_schedulers
+                            .for_role(Role::Prefill, m.scheduler)
+                            .as_str(),
+                        m.role_schedulers
+                            .for_role(Role::Decode, m.scheduler)
+                            .as_str()
+                    ),
+                },
                 if m.mode == DisaggMode::Nixl {
                     "nixl"
                 } else {
@@ -397,6 +429,44 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_role_policies_global_and_per_model() {
+        let c = Config::from_yaml(
+            "scheduling: roundrobin\nprefill_scheduling: cache_aware\ndecode_scheduling: power_of_two\nmodels:\n  - name: a\n    prefill: [\"127.0.0.1:8100\"]\n    decode: [\"127.0.0.1:8200\"]\n  - name: b\n    decode_scheduler: loadbalanced\n    prefill: [\"127.0.0.1:8101\"]\n    decode: [\"127.0.0.1:8201\"]\n    dual: [\"127.0.0.1:8301\"]\n",
+        )
+        .unwrap();
+        let (a, b) = (&c.models[0], &c.models[1]);
+        let of = |m: &ModelConfig, r| m.role_schedulers.for_role(r, m.scheduler);
+        assert_eq!(of(a, Role::Prefill), SchedulerKind::CacheAware);
+        assert_eq!(of(a, Role::Decode), SchedulerKind::PowerOfTwo);
+        assert_eq!(of(a, Role::Dual), SchedulerKind::RoundRobin);
+        assert_eq!(of(b, Role::Prefill), SchedulerKind::CacheAware);
+        assert_eq!(of(b, Role::Decode), SchedulerKind::LoadBalanced);
+        assert_eq!(of(b, Role::Dual), SchedulerKind::RoundRobin);
+        // Without them every role follows `scheduling`.
+        let c = Config::from_yaml("model: m\nprefill: [\"127.0.0.1:8100\"]\ndecode: [\"127.0.0.1:8200\"]\nscheduling: cache_aware\n").unwrap();
+        assert_eq!(c.models[0].role_schedulers, RoleSchedulers::default());
+    }
+
+    #[test]
+    fn per_role_policies_are_validated() {
+        let e = Config::from_yaml(
+            "model: m\nprefill: [\"127.0.0.1:8100\"]\ndecode: [\"127.0.0.1:8200\"]\nprefill_scheduling: cache_awre\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("prefill_scheduling") && e.contains("cache_aware"),
+            "{e}"
+        );
+        let e = Config::from_yaml(
+            "models:\n  - name: m\n    decode_scheduler: fastest\n    prefill: [\"127.0.0.1:8100\"]\n    decode: [\"127.0.0.1:8200\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("models[0].decode_scheduler"), "{e}");
+    }
 
     #[test]
     fn format1_loads() {

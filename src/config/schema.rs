@@ -14,6 +14,8 @@ pub const TOP: &[&str] = &[
     "log_level",
     "log_format",
     "scheduling",
+    "prefill_scheduling",
+    "decode_scheduling",
     "scheduling_config",
     "generator_on_p_node",
     "disaggregated_mode",
@@ -51,6 +53,8 @@ pub const MODEL_KEYS: &[&str] = &[
     "decode",
     "dual",
     "scheduler",
+    "prefill_scheduler",
+    "decode_scheduler",
     "disaggregated_mode",
     // 1.8's name for `dual`.
     "aggregated",

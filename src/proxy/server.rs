@@ -304,6 +304,8 @@ fn status(w: &Worker) -> serde_json::Value {
             json!({
                 "name": m.name,
                 "scheduler": m.kind.as_str(),
+                "prefill_scheduler": m.roles.for_role(crate::config::Role::Prefill, m.kind).as_str(),
+                "decode_scheduler": m.roles.for_role(crate::config::Role::Decode, m.kind).as_str(),
                 "prefill": count(&m.prefill),
                 "decode": count(&m.decode),
                 "dual": count(&m.dual),
