@@ -9,6 +9,7 @@ pub mod log;
 
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod dummy;
 pub mod engine_load;
 pub mod http;

@@ -291,6 +291,8 @@ pub struct Scrape<'a> {
     pub workers: &'a [Arc<WorkerMetrics>],
     pub active_requests: u64,
     pub instances: Vec<&'a Instance>,
+    /// DNS discovery's names.
+    pub discovery: &'a [Arc<crate::discovery::TargetStats>],
 }
 
 /// The whole exposition, summed over workers.
@@ -548,7 +550,65 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         })
         .collect();
     crate::metrics_python::render(&mut out, &scrape.instances, &sent, esc, header);
+    render_discovery(&mut out, scrape.discovery);
     out
+}
+
+/// DNS discovery's names: resolutions by result, addresses in use, whether the set is stale.
+fn render_discovery(out: &mut String, names: &[Arc<crate::discovery::TargetStats>]) {
+    if names.is_empty() {
+        return;
+    }
+    header(
+        out,
+        "proxy_discovery_resolutions_total",
+        "counter",
+        "Resolutions of each dns:// name, by result (ok, empty, failed).",
+    );
+    for n in names {
+        let name = esc(&n.label);
+        for (result, c) in [
+            ("ok", &n.resolved),
+            ("empty", &n.empty),
+            ("failed", &n.failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "proxy_discovery_resolutions_total{{name=\"{name}\",model=\"{}\",role=\"{}\",result=\"{result}\"}} {}",
+                esc(&n.target.model),
+                n.target.role().as_str(),
+                c.load(Ordering::Relaxed)
+            );
+        }
+    }
+    header(
+        out,
+        "proxy_discovery_addresses",
+        "gauge",
+        "Instances currently taken from each dns:// name.",
+    );
+    for n in names {
+        let _ = writeln!(
+            out,
+            "proxy_discovery_addresses{{name=\"{}\"}} {}",
+            esc(&n.label),
+            n.addresses.load(Ordering::Relaxed)
+        );
+    }
+    header(
+        out,
+        "proxy_discovery_stale",
+        "gauge",
+        "1 when the last resolution of a dns:// name failed or was empty and its last good set is kept.",
+    );
+    for n in names {
+        let _ = writeln!(
+            out,
+            "proxy_discovery_stale{{name=\"{}\"}} {}",
+            esc(&n.label),
+            u8::from(n.stale.load(Ordering::Relaxed))
+        );
+    }
 }
 
 #[cfg(test)]
@@ -623,6 +683,7 @@ mod tests {
             workers: &workers,
             active_requests: 3,
             instances: vec![&p, &d],
+            discovery: &[],
         });
         let has = |l: &str| assert!(text.lines().any(|x| x == l), "no `{l}` in\n{text}");
         has("proxy_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 2");

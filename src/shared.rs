@@ -15,6 +15,8 @@ pub struct Shared {
     pub topology: ArcSwap<Topology>,
     /// Timeouts, retries, keys and limits; replaced whole on reload.
     pub policy: ArcSwap<crate::config::Policy>,
+    /// DNS discovery's names and their counters (metrics); replaced when the names change.
+    pub discovery: ArcSwap<Vec<Arc<crate::discovery::TargetStats>>>,
     /// Set once start-up gating is met — a first model can serve — and stays set: the
     /// proxy's own readiness (`/health`). Each model is gated on its own (`ModelRoute::open`).
     pub ready: AtomicBool,
@@ -33,6 +35,7 @@ impl Shared {
         Arc::new(Shared {
             topology: ArcSwap::from_pointee(Topology::from_config(cfg)),
             policy: ArcSwap::from_pointee(cfg.policy()),
+            discovery: ArcSwap::from_pointee(Vec::new()),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             active: (0..workers.max(1))

@@ -347,6 +347,40 @@ impl Topology {
         Ok((self.next(models), gone))
     }
 
+    /// A new snapshot with `added` in (each to its model, created if unknown) and `removed`
+    /// out, published as one change (DNS discovery applies a whole answer at once).
+    pub fn with_changes(&self, added: &[Arc<Instance>], removed: &[Arc<Instance>]) -> Topology {
+        let keep = |i: &&Arc<Instance>| !removed.iter().any(|r| Arc::ptr_eq(r, i));
+        let mut models: Vec<ModelRoute> = self
+            .models
+            .iter()
+            .map(|m| {
+                let mut list: Vec<Arc<Instance>> = m.instances().filter(keep).cloned().collect();
+                list.extend(added.iter().filter(|a| *a.model == *m.name).cloned());
+                m.with_instances(list)
+            })
+            .collect();
+        for a in added {
+            if !models.iter().any(|m| *m.name == *a.model) {
+                let list = added
+                    .iter()
+                    .filter(|o| o.model == a.model)
+                    .cloned()
+                    .collect();
+                models.push(ModelRoute::build(
+                    &a.model,
+                    self.default_kind,
+                    self.default_roles,
+                    self.default_options.clone(),
+                    DisaggMode::Direct,
+                    list,
+                    Arc::default(),
+                ));
+            }
+        }
+        self.next(models)
+    }
+
     fn next(&self, models: Vec<ModelRoute>) -> Topology {
         Topology {
             models,

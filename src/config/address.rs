@@ -20,6 +20,8 @@ pub enum AddressError {
         port: String,
     },
     PortZero(String),
+    /// `dns://host:port` where one address is expected (the admin API, a topology node).
+    Discovery(String),
     Unresolved {
         address: String,
         host: String,
@@ -43,6 +45,10 @@ impl fmt::Display for AddressError {
                 write!(f, "address `{address}` has an invalid port `{port}`")
             }
             AddressError::PortZero(s) => write!(f, "address `{s}`: port 0 is not a reachable port"),
+            AddressError::Discovery(s) => write!(
+                f,
+                "`{s}` names a set of instances followed through DNS: write it in a role list or an `instances` address of the config file (docs/config.md), not here"
+            ),
             AddressError::Unresolved { address, host } => {
                 write!(f, "address `{address}`: host `{host}` does not resolve")
             }
@@ -61,6 +67,9 @@ impl From<AddressError> for String {
 /// Splits `host:port` (IPv6 hosts in brackets) and checks the port, without resolving.
 pub fn split_address(s: &str) -> Result<(&str, u16), AddressError> {
     let s = s.trim();
+    if s.starts_with(super::DNS_SCHEME) {
+        return Err(AddressError::Discovery(s.to_string()));
+    }
     if let Some((scheme, rest)) = s.split_once("://") {
         return Err(AddressError::Scheme {
             address: s.to_string(),

@@ -28,6 +28,7 @@ impl ModelDefaults {
         ModelConfig {
             name,
             instances,
+            discovered: Vec::new(),
             scheduler: self.scheduler,
             role_schedulers: self.role_schedulers,
             scheduling: self.scheduling.clone(),
@@ -45,17 +46,10 @@ pub fn models(
     defaults: &ModelDefaults,
 ) -> Vec<ModelConfig> {
     let has = |k: &str| top.get(k).is_some_and(|v| !v.is_null());
-    // `model` beside `instances` names the model of entries without one (as in 1.2).
-    let legacy: Vec<&str> = ["prefill", "decode", "dual"]
+    let legacy: Vec<&str> = ["model", "prefill", "decode", "dual"]
         .into_iter()
         .filter(|k| has(k))
         .collect();
-    if has("model") && has("models") {
-        r.warn(
-            "model",
-            Kind::Note("not used: with `models`, each model is named by its `name`".into()),
-        );
-    }
     let models = if has("instances") && has("models") {
         r.problem(
             "models",
@@ -79,12 +73,12 @@ pub fn models(
     } else if has("models") {
         format3(r, &top["models"], defaults)
     } else if has("instances") {
-        let model = r.string(Some(top), "", "model");
-        format2(r, &top["instances"], defaults, model.as_deref())
+        format2(r, &top["instances"], defaults)
     } else {
         format1(r, top, defaults)
     };
     check_unique_addresses(r, doc, &models);
+    r.check_unique_names();
     models
 }
 
@@ -101,7 +95,9 @@ fn format1(
     if !decode_only {
         r.check_roles(top, "", &name);
         let instances = r.model_roles(top, "");
-        return vec![defaults.model(name, instances)];
+        let mut model = defaults.model(name, instances);
+        model.discovered = r.take_discovered();
+        return vec![model];
     }
     // xpyd-proxy 1.2 loads this file (it then waits for a prefill node forever): here the
     // decode nodes serve requests whole, which is what such a file can mean.
@@ -115,17 +111,17 @@ fn format1(
     for i in &mut instances {
         i.role = Role::Dual;
     }
-    vec![defaults.model(name, instances)]
+    let mut model = defaults.model(name, instances);
+    model.discovered = r.take_discovered();
+    for n in &mut model.discovered {
+        n.role = Role::Dual;
+    }
+    vec![model]
 }
 
 /// Format 2: `instances: [{address, role, model}]`, grouped into models in order of first
 /// appearance.
-fn format2(
-    r: &mut Reader<'_>,
-    v: &Value,
-    defaults: &ModelDefaults,
-    top_model: Option<&str>,
-) -> Vec<ModelConfig> {
+fn format2(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<ModelConfig> {
     let Value::Array(items) = v else {
         r.wrong_type("instances", "a list of {address, role, model}", v);
         return Vec::new();
@@ -150,17 +146,8 @@ fn format2(
                 continue;
             }
         };
-        let Some(model) = r
-            .string(Some(m), &path, "model")
-            .or_else(|| top_model.map(str::to_string))
-        else {
-            r.report(
-                &path,
-                Kind::Unsupported {
-                    feature: "an instance without `model` (the Python proxy asked the node)".into(),
-                    instead: "write its `model`, or a top-level `model:` for every entry".into(),
-                },
-            );
+        let Some(model) = r.string(Some(m), &path, "model") else {
+            r.problem(&path, "missing `model`");
             continue;
         };
         let Some(addr) = r.string(Some(m), &path, "address") else {
@@ -177,6 +164,8 @@ fn format2(
         let mut out = Vec::new();
         r.address(&addr, &join(&path, "address"), role, &mut out);
         models[idx].instances.extend(out);
+        let names = r.take_discovered();
+        models[idx].discovered.extend(names);
     }
     for m in &models {
         // Judged by what was written, so that a bad address is not also a missing role.
@@ -186,11 +175,8 @@ fn format2(
         };
         let has = |role: Role| {
             items.iter().any(|it| {
-                let model = match &it["model"] {
-                    Value::Null => top_model.unwrap_or_default().to_string(),
-                    v => text(v),
-                };
-                model == m.name && it["role"].as_str().and_then(|r| r.parse().ok()) == Some(role)
+                text(&it["model"]) == m.name
+                    && it["role"].as_str().and_then(|r| r.parse().ok()) == Some(role)
             })
         };
         if let Some(gap) = RoleGap::of(has(Role::Prefill), has(Role::Decode), has(Role::Dual)) {
@@ -255,6 +241,7 @@ fn format3(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
         model.mode = r.mode(mode_name, &join(&path, "disaggregated_mode"), model.mode);
         r.check_roles(m, &path, &model.name);
         model.instances = r.model_roles(m, &path);
+        model.discovered = r.take_discovered();
         models.push(model);
     }
     if items.is_empty() {
@@ -345,7 +332,8 @@ pub(super) fn legacy_part(text: &str) -> Option<LegacyPart> {
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
     };
-    r.problems.is_empty().then_some(LegacyPart {
+    // fix-config moves addresses, not `dns://` names: it leaves such files alone.
+    (r.problems.is_empty() && r.take_discovered().is_empty()).then_some(LegacyPart {
         model,
         instances,
         listed_models,

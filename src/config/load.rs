@@ -60,6 +60,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let timeouts = sections::timeouts(&mut r, top);
     let limits = sections::limits(&mut r, top);
     let metrics_enabled = sections::metrics_enabled(&mut r, top);
+    let discovery = r.discovery_section(top);
     let shutdown_grace = r.seconds(t, "", "shutdown_grace_seconds", 30.0);
     let generator_on_p_node = first_token_source(&mut r, t);
     let tokenizer_path = r.string(t, "", "tokenizer_path").map(PathBuf::from);
@@ -86,6 +87,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         retry,
         timeouts,
         limits,
+        discovery,
         admin_api_key: auth.admin_api_key,
         shutdown_grace,
         metrics_enabled,

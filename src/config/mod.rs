@@ -6,6 +6,7 @@
 //! library; `fix.rs` repairs common mistakes in the text.
 
 mod address;
+mod discovery;
 pub mod fix;
 mod formats;
 mod load;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use address::{parse_address, AddressError};
+pub use discovery::{DiscoveryConfig, DnsName, DNS_SCHEME};
 pub use problem::{ConfigError, Kind as ProblemKind, Problem};
 pub use role::{Role, RoleGap, UnknownRole};
 pub use suggest::{did_you_mean, levenshtein};
@@ -152,6 +154,8 @@ impl RoleSchedulers {
 pub struct ModelConfig {
     pub name: String,
     pub instances: Vec<InstanceConfig>,
+    /// `dns://` entries: their instances come and go with the name's records.
+    pub discovered: Vec<DnsName>,
     pub scheduler: SchedulerKind,
     pub role_schedulers: RoleSchedulers,
     pub scheduling: SchedulingOptions,
@@ -230,6 +234,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub timeouts: TimeoutConfig,
     pub limits: ServerLimits,
+    pub discovery: DiscoveryConfig,
     pub admin_api_key: Option<String>,
     pub shutdown_grace: Duration,
     /// Record Prometheus metrics (`metrics.enabled`); off only to measure their cost.
@@ -411,11 +416,17 @@ impl Config {
                 }
             );
             for role in Role::ALL {
-                let list: Vec<&str> = m
+                let list: Vec<String> = m
                     .instances
                     .iter()
                     .filter(|i| i.role == role)
-                    .map(|i| i.address.as_str())
+                    .map(|i| i.address.clone())
+                    .chain(
+                        m.discovered
+                            .iter()
+                            .filter(|n| n.role == role)
+                            .map(|n| format!("{} (DNS discovery)", n.label())),
+                    )
                     .collect();
                 if !list.is_empty() {
                     let _ = writeln!(s, "  {:<8} {}", role.as_str(), list.join(", "));

@@ -17,6 +17,10 @@ pub struct Reader<'a> {
     pub problems: Vec<Problem>,
     /// Accepted, but worth saying (an older spelling, a setting with no effect).
     pub warnings: Vec<Problem>,
+    /// `dns://` entries read since the caller last took them (for the model being read),
+    /// then every one taken, with its path (`discovery.rs`).
+    pub discovered: Vec<(super::DnsName, String)>,
+    pub all_discovered: Vec<(super::DnsName, String)>,
 }
 
 /// `path.key`, or `key` at the top.
@@ -46,6 +50,8 @@ impl<'a> Reader<'a> {
             loc,
             problems: Vec::new(),
             warnings: Vec::new(),
+            discovered: Vec::new(),
+            all_discovered: Vec::new(),
         }
     }
 

@@ -113,6 +113,9 @@ impl Reader<'_> {
     }
 
     pub fn address(&mut self, s: &str, path: &str, role: Role, out: &mut Vec<InstanceConfig>) {
+        if self.dns_name(s, path, role) {
+            return;
+        }
         match parse_address(s) {
             Ok(sa) => out.push(InstanceConfig {
                 address: s.trim().to_string(),

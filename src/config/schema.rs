@@ -32,6 +32,7 @@ pub const TOP: &[&str] = &[
     "metrics",
     "engine_metrics",
     "shutdown_grace_seconds",
+    "discovery",
     // Spellings of xpyd-proxy (Python) 1.2 and 1.8, read with their meaning (docs/migration.md).
     "wait_timeout_seconds",
     "probe_interval_seconds",
@@ -101,6 +102,7 @@ pub const LIMITS: &[&str] = &[
 ];
 pub const METRICS: &[&str] = &["enabled"];
 pub const ENGINE_METRICS: &[&str] = &["enabled", "interval_seconds", "timeout_seconds"];
+pub const DISCOVERY: &[&str] = &["interval_seconds", "timeout_seconds", "nameservers"];
 pub const SCHEDULING_CONFIG: &[&str] = &[
     "cache_threshold",
     "balance_abs_threshold",
@@ -156,6 +158,7 @@ const LEVELS: &[&[&str]] = &[
     TIMEOUTS,
     LIMITS,
     METRICS,
+    DISCOVERY,
     SCHEDULING_CONFIG,
     ZMQ,
 ];

@@ -1,9 +1,11 @@
 //! The control thread: the one writer of the shared state. It probes every instance's
 //! `/health` on its own schedule (feeding health and the circuit breakers), gates startup,
-//! and applies admin changes by publishing whole new topology snapshots. Workers never wait
-//! on it, except an admin request waiting for its own answer.
+//! follows `dns://` names (`discovery.rs`), and applies admin changes by publishing whole new
+//! topology snapshots. Workers never wait on it, except an admin request waiting for its own
+//! answer.
 
 use crate::config::{CircuitConfig, Config, HealthConfig, Role, RoleGap, StartupConfig};
+use crate::discovery::{Discovery, Resolved};
 use crate::http::blocking;
 use crate::instance::{Health, Instance};
 use crate::shared::Shared;
@@ -57,6 +59,8 @@ pub enum Command {
     },
     /// Re-read the config file; on success swap in its models and instances.
     Reload { reply: Option<Sender<Reply>> },
+    /// Answers of DNS lookups (from discovery's resolver thread).
+    Resolved(Resolved),
 }
 
 struct Control {
@@ -66,6 +70,7 @@ struct Control {
     startup: StartupConfig,
     /// Removed instances still finishing requests.
     draining: Vec<Arc<Instance>>,
+    discovery: Discovery,
     startup_reported: bool,
     /// When the last "waiting for instances" line was logged.
     last_heartbeat: Option<Instant>,
@@ -78,12 +83,21 @@ struct Control {
 
 pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Command>> {
     let (tx, rx) = std::sync::mpsc::channel();
+    let answers = tx.clone();
+    let discovery = Discovery::new(
+        cfg,
+        Arc::new(move |r| {
+            let _ = answers.send(Command::Resolved(r));
+        }),
+    );
+    shared.discovery.store(Arc::new(discovery.stats()));
     let mut c = Control {
         shared,
         health: cfg.health.clone(),
         circuit: cfg.circuit.clone(),
         startup: cfg.startup.clone(),
         draining: Vec::new(),
+        discovery,
         startup_reported: false,
         last_heartbeat: None,
         gating_done: false,
@@ -99,22 +113,57 @@ impl Control {
     fn run(&mut self, rx: Receiver<Command>) {
         let mut next_probe = Instant::now();
         loop {
-            let wait = next_probe.saturating_duration_since(Instant::now());
+            // DNS lookups run on discovery's own thread; their answers come back as commands.
+            if self
+                .discovery
+                .next_due()
+                .is_some_and(|d| d <= Instant::now())
+            {
+                self.discovery.start_due();
+            }
+            if next_probe <= Instant::now() {
+                self.probe_round();
+                let every = if self.gating_done {
+                    self.health.interval
+                } else {
+                    self.health.startup_probe_interval
+                };
+                next_probe = Instant::now() + every;
+            }
+            let due = self
+                .discovery
+                .next_due()
+                .map_or(next_probe, |d| d.min(next_probe));
+            let wait = due.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(cmd) => self.apply(cmd),
-                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                    if Instant::now() < next_probe {
-                        std::thread::sleep(wait); // channel gone: keep probing on schedule
-                        continue;
-                    }
-                    self.probe_round();
-                    let every = if self.gating_done {
-                        self.health.interval
-                    } else {
-                        self.health.startup_probe_interval
-                    };
-                    next_probe = Instant::now() + every;
-                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // Channel gone: keep probing on schedule.
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
+            }
+        }
+    }
+
+    /// Applies DNS answers: newcomers are probed before workers see them (they take
+    /// traffic once healthy), addresses that left are drained.
+    fn discovered(&mut self, resolved: Resolved) {
+        let topo = self.shared.topology.load_full();
+        let changes = self.discovery.apply(resolved, &topo);
+        if changes.is_empty() {
+            return;
+        }
+        std::thread::scope(|s| {
+            for inst in &changes.added {
+                s.spawn(|| probe(inst, &self.health, &self.circuit));
+            }
+        });
+        let next = topo.with_changes(&changes.added, &changes.removed);
+        self.shared.topology.store(Arc::new(next));
+        self.update_readiness(&self.shared.topology.load_full());
+        for g in &changes.removed {
+            g.draining.store(true, Ordering::Relaxed);
+            if g.in_flight() > 0 {
+                self.draining.push(g.clone());
             }
         }
     }
@@ -244,6 +293,7 @@ impl Control {
                     let _ = r.send(res);
                 }
             }
+            Command::Resolved(r) => self.discovered(r),
         }
     }
 
@@ -258,11 +308,14 @@ impl Control {
                 "the configuration was not read from a file".into(),
             ));
         };
-        let cfg = Config::load(&path)
+        let mut cfg = Config::load(&path)
             .map_err(|e| ControlError::Reload(format!("{} is invalid:\n{e}", path.display())))?
             .with_overrides(self.at_start.overrides.clone());
         let restart_needed = self.at_start.restart_needed(&cfg);
-        let (next, gone) = self.shared.topology.load().reloaded(&cfg);
+        let topo = self.shared.topology.load_full();
+        // `dns://` names that stay keep their instances; new names are resolved right after.
+        self.discovery.reload(&mut cfg, &topo);
+        let (next, gone) = topo.reloaded(&cfg);
         let added: Vec<Arc<Instance>> = next
             .instances()
             .filter(|i| i.health() == Health::Unknown)
@@ -279,6 +332,9 @@ impl Control {
         });
         self.shared.policy.store(Arc::new(cfg.policy()));
         self.shared.topology.store(Arc::new(next));
+        self.shared
+            .discovery
+            .store(Arc::new(self.discovery.stats()));
         self.update_readiness(&self.shared.topology.load_full());
         crate::log::set_level(cfg.log_level);
         for g in &gone {

@@ -186,6 +186,7 @@ async fn dispatch(
                 workers: &w.shared.metrics,
                 active_requests: w.shared.active_requests(),
                 instances: topo.instances().map(|i| &**i).collect(),
+                discovery: &w.shared.discovery.load(),
             });
             let headers = [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")];
             let b = body.as_bytes();
