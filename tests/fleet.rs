@@ -246,8 +246,9 @@ struct LoadResult {
     ok: u64,
     failures: Vec<String>,
     /// Connection-level failures that were retried (the client's own retry, as the OpenAI
-    /// SDK does on connection errors).
+    /// SDK does on connection errors), by the request id of the failed attempt.
     conn_retries: u64,
+    failed_attempts: Vec<String>,
 }
 
 impl Load {
@@ -271,9 +272,8 @@ impl Load {
                         let mut attempt = 0;
                         loop {
                             attempt += 1;
-                            let mut req = agent
-                                .post(&url)
-                                .set("X-Request-Id", &format!("load-{t}-{k}-{attempt}"));
+                            let id = format!("load-{t}-{k}-{attempt}");
+                            let mut req = agent.post(&url).set("X-Request-Id", &id);
                             if sessions {
                                 req = req.set("X-Session-ID", &format!("session-{t}-{}", k % 7));
                             }
@@ -289,6 +289,7 @@ impl Load {
                                 )),
                                 Err(ureq::Error::Transport(e)) if attempt < 4 => {
                                     r.conn_retries += 1;
+                                    r.failed_attempts.push(id);
                                     eprintln!("connection-level failure, retrying: {e}");
                                     continue;
                                 }
@@ -324,6 +325,7 @@ impl Load {
             let r = t.join().expect("load thread");
             all.ok += r.ok;
             all.conn_retries += r.conn_retries;
+            all.failed_attempts.extend(r.failed_attempts);
             all.failures.extend(r.failures);
         }
         all
@@ -670,9 +672,19 @@ fn replicas_behind_an_l4_balancer() {
         "{} connection-level failures for {THREADS} clients",
         result.conn_retries
     );
+    // Which failed attempts had reached a node through the killed replica (in flight on it)
+    // and which died on a kept-alive connection to it before reaching anything.
+    let by = served_by(&nodes);
+    let in_flight = result
+        .failed_attempts
+        .iter()
+        .filter(|id| by.contains_key(*id))
+        .count();
     eprintln!(
-        "{} requests answered, 0 lost, {} retried after connection-level failures",
-        result.ok, result.conn_retries
+        "{} requests answered, 0 lost; {} connection-level failures retried: {in_flight} in flight on the killed replica (had reached a node), {} on a kept-alive connection to it",
+        result.ok,
+        result.conn_retries,
+        result.conn_retries as usize - in_flight
     );
     // Everything after the kill went through the surviving replica.
     let (status, _) = get_json(&r2.url("/health"));
