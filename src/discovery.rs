@@ -611,6 +611,29 @@ mod tests {
     }
 
     #[test]
+    fn the_system_resolver_is_the_default() {
+        // Builds from /etc/resolv.conf (no lookup is sent anywhere).
+        if std::path::Path::new("/etc/resolv.conf").exists() {
+            let dns = Dns::new(&DiscoveryConfig::default());
+            assert!(dns.is_ok(), "{:?}", dns.err());
+        }
+        // An IP "name" answers itself without asking any server.
+        let cfg = DiscoveryConfig {
+            nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+            timeout: Duration::from_secs(2),
+            ..DiscoveryConfig::default()
+        };
+        let dns = Dns::new(&cfg).unwrap();
+        let (_, d, _) = setup();
+        let mut t = d.followed[0].stats.target.clone();
+        t.name.host = "127.0.0.7".into();
+        match &dns.lookup_all(&[t])[..] {
+            [Answer::Found(ips, _)] => assert_eq!(ips, &["127.0.0.7".parse::<IpAddr>().unwrap()]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_reload_keeps_the_names_instances() {
         let (_, mut d, topo) = setup();
         let c = answer(&mut d, &topo, found(&["10.0.0.2"]));
