@@ -327,7 +327,7 @@ impl PythonProxy {
 
 /// One request of the suite.
 struct Case {
-    name: &'static str,
+    name: String,
     method: &'static str,
     path: &'static str,
     headers: Vec<(&'static str, &'static str)>,
@@ -497,15 +497,15 @@ fn cases(model: &str, extra: &str) -> Vec<Case> {
     let extra: &'static str = Box::leak(extra.to_string().into_boxed_str());
     let completion = |stream: bool| json!({"model": model, "prompt": "hello world", "max_tokens": 4, "stream": stream});
     let chat = |stream: bool| json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream});
-    let post = |name, path, headers: &Vec<(&'static str, &'static str)>, body| Case {
-        name,
+    let post = |name: &str, path, headers: &Vec<(&'static str, &'static str)>, body| Case {
+        name: name.to_string(),
         method: "POST",
         path,
         headers: headers.clone(),
         body,
     };
-    let get = |name, path| Case {
-        name,
+    let get = |name: &str, path| Case {
+        name: name.to_string(),
         method: "GET",
         path,
         headers: Vec::new(),
@@ -609,31 +609,71 @@ fn cases(model: &str, extra: &str) -> Vec<Case> {
     ]
 }
 
-fn differential(version: &str) {
-    let venv = python_proxy(version);
+/// Inference requests when a backend answers 500 to every inference request.
+fn failing_cases(model: &str, prefix: &str) -> Vec<Case> {
+    let ct = vec![("Content-Type", "application/json")];
+    [
+        ("completion", "/v1/completions", false),
+        ("completion-stream", "/v1/completions", true),
+        ("chat", "/v1/chat/completions", false),
+        ("chat-stream", "/v1/chat/completions", true),
+    ]
+    .into_iter()
+    .map(|(name, path, stream)| {
+        let body = if path == "/v1/completions" {
+            json!({"model": model, "prompt": "hello", "max_tokens": 4, "stream": stream})
+        } else {
+            json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream})
+        };
+        Case {
+            name: format!("{prefix}-{name}"),
+            method: "POST",
+            path,
+            headers: ct.clone(),
+            body: json_body(body),
+        }
+    })
+    .collect()
+}
+
+/// Differences seen, and those docs/migration.md does not list.
+#[derive(Default)]
+struct Report {
+    seen: Vec<String>,
+    unexpected: Vec<String>,
+}
+
+/// Both proxies in front of the same prefill and decode nodes (started with the given
+/// extra `xpyd-dummy` flags), the same requests to each.
+fn scenario(
+    venv: &Path,
+    prefill_args: &[&str],
+    decode_args: &[&str],
+    extra_yaml: &str,
+    cases: impl FnOnce(&str, &str) -> Vec<Case>,
+    report: &mut Report,
+) {
     let model = tokenizer_model();
-    let p = dummy_of(&model, "prefill", &[]);
-    let d = dummy_of(&model, "decode", &[]);
+    let p = dummy_of(&model, "prefill", prefill_args);
+    let d = dummy_of(&model, "decode", decode_args);
     let extra = dummy_of(&model, "decode", &[]);
     let port = free_port();
     let yaml = format!(
-        "model: {model}\nprefill: [\"{}\"]\ndecode: [\"{}\"]\nport: {port}\nadmin_api_key: k\nstartup:\n  probe_interval_seconds: 1\n",
+        "model: {model}\nprefill: [\"{}\"]\ndecode: [\"{}\"]\nport: {port}\nadmin_api_key: k\nstartup:\n  probe_interval_seconds: 1\n{extra_yaml}",
         p.addr, d.addr
     );
     let config = write_config(&yaml);
-    let python = PythonProxy::start(&venv, &config, port);
+    let python = PythonProxy::start(venv, &config, port);
     let ours = proxy_on(&config, true);
     let allowed = allowed();
-    let mut unexpected = Vec::new();
-    let mut seen = Vec::new();
     for c in cases(&model, &extra.addr.to_string()) {
         let a = send(&python.url(""), &c);
         let b = send(&ours.url(""), &c);
         for (aspect, what) in compare(&c, &a, &b) {
             let row = format!("| `{}` | {aspect} | {what} |", c.name);
-            seen.push(row.clone());
-            if !allowed.contains(&(c.name.to_string(), aspect.clone(), what.clone())) {
-                unexpected.push(format!(
+            report.seen.push(row.clone());
+            if !allowed.contains(&(c.name.clone(), aspect.clone(), what.clone())) {
+                report.unexpected.push(format!(
                     "{row}\n    python {}: {}\n    xpyd   {}: {}",
                     a.status,
                     a.body.chars().take(300).collect::<String>(),
@@ -643,14 +683,42 @@ fn differential(version: &str) {
             }
         }
     }
+}
+
+fn differential(version: &str) {
+    let venv = python_proxy(version);
+    let mut report = Report::default();
+    scenario(&venv, &[], &[], "", cases, &mut report);
+    // A node answering 500: each request on its own, as the Python proxy's defaults have
+    // it (xpyd's would retry and then open the circuit).
+    let fail = ["--fail-rate", "1"];
+    let python_defaults = "retry:\n  enabled: false\ncircuit_breaker:\n  enabled: false\n";
+    let decode_fails = |m: &str, _: &str| failing_cases(m, "decode-500");
+    let prefill_fails = |m: &str, _: &str| failing_cases(m, "prefill-500");
+    scenario(
+        &venv,
+        &[],
+        &fail,
+        python_defaults,
+        decode_fails,
+        &mut report,
+    );
+    scenario(
+        &venv,
+        &fail,
+        &[],
+        python_defaults,
+        prefill_fails,
+        &mut report,
+    );
     eprintln!(
         "differences with xpyd-proxy {version}:\n{}",
-        seen.join("\n")
+        report.seen.join("\n")
     );
     assert!(
-        unexpected.is_empty(),
+        report.unexpected.is_empty(),
         "differences with xpyd-proxy {version} not listed in docs/migration.md:\n{}",
-        unexpected.join("\n")
+        report.unexpected.join("\n")
     );
 }
 
