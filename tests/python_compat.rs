@@ -236,6 +236,41 @@ fn python_1_2_admin_body_and_status_shapes() {
     );
 }
 
+#[test]
+fn startup_keys_of_the_python_proxy_keep_their_meaning() {
+    // 1.8's heartbeat while waiting, written at the top level as 1.8 does; 1.2's top-level
+    // probe interval.
+    let p = dummy("prefill", &[]);
+    let dead = dead_address();
+    let yaml = format!(
+        "model: {MODEL}\nprefill: [\"{}\"]\ndecode: [\"{dead}\"]\nprobe_interval_seconds: 0.1\nheartbeat_interval_seconds: 0.2\nlog_level: info\n",
+        p.addr
+    );
+    let path = write_config(&yaml);
+    let log = path.with_extension("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xpyd"))
+        .args(["proxy", "--port", "0", "--workers", "1", "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let heartbeats = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("waiting for instances: prefill 1/1, decode 0/1 up")
+            .count()
+    };
+    let waited = poll_until(Duration::from_secs(20), || heartbeats() >= 2);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        waited,
+        "no repeated heartbeat:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // The differential suite: the real Python package beside xpyd.
 
