@@ -336,6 +336,7 @@ fn reload_swaps_the_decode_list_under_load_without_failures() {
         format!("{}{FAST_PROBES}admin_api_key: k\n", pd_yaml(&[&p], &[&d2])),
     )
     .unwrap();
+    // SAFETY: signalling our own child process.
     unsafe { libc::kill(proxy.child.id() as i32, libc::SIGHUP) };
     for h in load {
         h.join().unwrap();

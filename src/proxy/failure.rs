@@ -61,14 +61,17 @@ impl BodyFailure {
     }
 
     /// What the client is told: 504 for a stall, 502 otherwise.
-    pub fn api_error(&self, inst: &Instance) -> ApiError {
-        let message = format!("{} instance {} {self}", inst.role.as_str(), inst.address);
+    fn status(&self) -> (StatusCode, &'static str) {
         match self {
-            BodyFailure::Stalled(_) => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message)
-            }
-            _ => ApiError::bad_gateway(message),
+            BodyFailure::Stalled(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
+            _ => (StatusCode::BAD_GATEWAY, "upstream_error"),
         }
+    }
+
+    pub fn api_error(&self, inst: &Instance) -> ApiError {
+        let (status, kind) = self.status();
+        let message = format!("{} instance {} {self}", inst.role.as_str(), inst.address);
+        ApiError::new(status, kind, message)
     }
 
     /// Counts the failure against `inst` and logs it.
@@ -103,5 +106,48 @@ pub enum RelayError {
 impl From<BodyFailure> for RelayError {
     fn from(f: BodyFailure) -> Self {
         RelayError::Upstream(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_has_its_status_and_counter() {
+        let cases = [
+            (
+                BodyFailure::Stalled(Duration::from_secs(1)),
+                504,
+                "timeout_error",
+                ErrorType::Timeout,
+            ),
+            (
+                BodyFailure::Closed,
+                502,
+                "upstream_error",
+                ErrorType::Closed,
+            ),
+            (
+                BodyFailure::Io(io::ErrorKind::ConnectionReset.into()),
+                502,
+                "upstream_error",
+                ErrorType::Closed,
+            ),
+            (
+                BodyFailure::Framing,
+                502,
+                "upstream_error",
+                ErrorType::BadResponse,
+            ),
+        ];
+        for (f, status, kind, counter) in cases {
+            assert_eq!(
+                f.status(),
+                (StatusCode::from_u16(status).unwrap(), kind),
+                "{f}"
+            );
+            assert_eq!(f.error_type() as usize, counter as usize, "{f}");
+        }
     }
 }
