@@ -1,5 +1,6 @@
 """Collects the config files of xpyd-proxy 1.2's repository: every YAML document written in
-its tests that its own `ProxyConfig.from_yaml` accepts, plus its examples. Run with the 1.2
+its tests that its own `ProxyConfig.from_yaml` accepts (the examples, the ```yaml blocks of
+its docs that it accepts, and its --init-config template were copied the same way). Run with the 1.2
 package's Python:
 
     target/compat-venvs/1.2.0/bin/python tests/python_compat/extract_configs.py \
