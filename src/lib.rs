@@ -23,5 +23,6 @@ pub mod runtime;
 pub mod scheduler;
 pub mod shared;
 pub mod topology;
+pub mod trace;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -28,6 +28,8 @@ pub struct Shared {
     pub metrics: Vec<Arc<WorkerMetrics>>,
     pub started: Instant,
     pub created_unix: u64,
+    /// The span exporter when `tracing.otlp_endpoint` is set (docs/tracing.md).
+    pub exporter: Option<crate::trace::Exporter>,
 }
 
 impl Shared {
@@ -44,6 +46,11 @@ impl Shared {
             metrics: (0..workers.max(1)).map(|_| Arc::default()).collect(),
             started: Instant::now(),
             created_unix: crate::ids::unix_seconds(),
+            exporter: cfg.tracing.otlp_endpoint.clone().and_then(|e| {
+                crate::trace::Exporter::spawn(e, cfg.tracing.service_name.clone())
+                    .map_err(|err| crate::error!("tracing: cannot start the exporter: {err}"))
+                    .ok()
+            }),
         })
     }
 

@@ -197,10 +197,11 @@ fn backend_and_client_auth() {
         200,
         "operational endpoints stay open"
     );
-    // protect_status closes them too; without openai_api_key the client's header passes through.
+    // protect_status closes them too. Without openai_api_key the client's key to the proxy
+    // stays here by default; taken off the deny list, it passes through.
     let proxy2 = proxy_with(
         &format!(
-            "{}api_keys: [\"k\"]\nprotect_status: true\n",
+            "{}api_keys: [\"k\"]\nprotect_status: true\nforward_headers: {{deny: [cookie]}}\n",
             pd_yaml(&[&p], &[&d])
         ),
         false,

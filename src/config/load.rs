@@ -65,6 +65,8 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let generator_on_p_node = first_token_source(&mut r, t);
     let tokenizer_path = r.string(t, "", "tokenizer_path").map(PathBuf::from);
     let auth = auth(&mut r, t);
+    let tracing = super::tracing::tracing(&mut r, top);
+    let deny_headers = super::tracing::deny_list(&mut r, top);
     let host = r
         .string(t, "", "host")
         .unwrap_or_else(|| "0.0.0.0".to_string());
@@ -97,6 +99,8 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         api_keys: auth.api_keys,
         protect_status: auth.protect_status,
         tokenizer_path,
+        tracing,
+        deny_headers,
         source: None,
         warnings: r.warnings,
         overrides: Overrides::default(),

@@ -17,6 +17,7 @@ mod roles;
 mod schema;
 mod sections;
 mod suggest;
+mod tracing;
 mod yaml;
 
 use crate::log::Level;
@@ -29,6 +30,7 @@ pub use discovery::{DiscoveryConfig, DnsName, DNS_SCHEME};
 pub use problem::{ConfigError, Kind as ProblemKind, Problem};
 pub use role::{Role, RoleGap, UnknownRole};
 pub use suggest::{did_you_mean, levenshtein};
+pub use tracing::{OtlpEndpoint, TracingConfig};
 pub use yaml::YamlError;
 
 #[derive(Debug, Clone)]
@@ -251,6 +253,10 @@ pub struct Config {
     /// Root of local tokenizers, one directory per model name (1.8's `tokenizer_path`:
     /// model `org/name` is read from `<tokenizer_path>/org/name/`).
     pub tokenizer_path: Option<PathBuf>,
+    /// OTLP span export (`tracing`); off by default.
+    pub tracing: TracingConfig,
+    /// Client headers never forwarded to backends (`forward_headers.deny`), lower case.
+    pub deny_headers: Vec<String>,
     pub source: Option<PathBuf>,
     /// Accepted but worth saying (an older spelling, a key with no effect in xpyd): printed
     /// by `--validate-config` and logged at start.
@@ -303,6 +309,9 @@ pub struct Policy {
     pub protect_status: bool,
     pub generator_on_p_node: bool,
     pub shutdown_grace: Duration,
+    pub deny_headers: Vec<String>,
+    /// `tracing.sample_ratio` (the exporter itself is set up at start).
+    pub trace_sample_ratio: f64,
 }
 
 impl Config {
@@ -352,6 +361,8 @@ impl Config {
             protect_status: self.protect_status,
             generator_on_p_node: self.generator_on_p_node,
             shutdown_grace: self.shutdown_grace,
+            deny_headers: self.deny_headers.clone(),
+            trace_sample_ratio: self.tracing.sample_ratio,
         }
     }
 
@@ -374,6 +385,14 @@ impl Config {
             (
                 "timeouts.pool_idle_seconds",
                 self.timeouts.pool_idle != next.timeouts.pool_idle,
+            ),
+            (
+                "tracing.otlp_endpoint",
+                self.tracing.otlp_endpoint != next.tracing.otlp_endpoint,
+            ),
+            (
+                "tracing.service_name",
+                self.tracing.service_name != next.tracing.service_name,
             ),
         ]
         .into_iter()

@@ -33,6 +33,8 @@ pub const TOP: &[&str] = &[
     "engine_metrics",
     "shutdown_grace_seconds",
     "discovery",
+    "tracing",
+    "forward_headers",
     // Spellings of xpyd-proxy (Python) 1.2 and 1.8, read with their meaning (docs/migration.md).
     "wait_timeout_seconds",
     "probe_interval_seconds",
@@ -142,6 +144,9 @@ pub const POLICY_OPTIONS: &[(&str, &[&str])] = &[
     ("round_robin", &[]),
 ];
 
+pub const TRACING: &[&str] = &["otlp_endpoint", "sample_ratio", "service_name"];
+pub const FORWARD_HEADERS: &[&str] = &["deny"];
+
 /// 1.2's `zmq:` section (LMCache notifications; refused with a reason, never "unknown").
 pub const ZMQ: &[&str] = &["host", "port", "notification_timeout_seconds", "receivers"];
 
@@ -160,6 +165,8 @@ const LEVELS: &[&[&str]] = &[
     METRICS,
     DISCOVERY,
     SCHEDULING_CONFIG,
+    TRACING,
+    FORWARD_HEADERS,
     ZMQ,
 ];
 

@@ -433,6 +433,7 @@ async fn inference(
                 "path": req.head.route(),
                 "request_id": req.head.request_id,
                 "authorization": req.head.authorization,
+                "headers": String::from_utf8_lossy(&req.head.headers),
                 "body": body,
             }));
         }
@@ -489,7 +490,18 @@ async fn inference(
     if needs_watch && watch.is_none() {
         *watch = DisconnectWatch::new(stream).ok().map(Rc::new);
     }
-    let work = generate(node, &job, kv_out.as_ref(), stream, keep);
+    // Like an engine that joins the caller's trace: its id comes back in `X-Trace-Id`.
+    let trace_id = crate::proxy::client_header(&req.head.headers, "traceparent")
+        .and_then(crate::trace::context::parse)
+        .map(|tp| crate::trace::context::hex(&tp.trace_id));
+    let work = generate(
+        node,
+        &job,
+        kv_out.as_ref(),
+        stream,
+        keep,
+        trace_id.as_deref(),
+    );
     let result = match watch.clone().filter(|_| needs_watch) {
         Some(w) => monoio::select! {
             // Work first: a peer that closes right after the last byte is not an abort.
@@ -524,8 +536,10 @@ async fn generate(
     kv: Option<&Value>,
     stream: &mut TcpStream,
     keep: bool,
+    trace_id: Option<&str>,
 ) -> Result<(), ()> {
     let opts = &node.opts;
+    let echo = trace_id.map(|t| ("X-Trace-Id", t));
     sleep(Duration::from_millis(opts.stall_ms)).await;
     let created = crate::ids::unix_seconds();
     let id = match job.kind {
@@ -550,7 +564,8 @@ async fn generate(
             let _ = send(stream, out).await;
             return Err(());
         }
-        return send(stream, full_response(StatusCode::OK, &[JSON], &body, keep)).await;
+        let headers: Vec<_> = std::iter::once(JSON).chain(echo).collect();
+        return send(stream, full_response(StatusCode::OK, &headers, &body, keep)).await;
     }
     let frames = StreamFrames::new(job, &id, created);
     let mut out = Vec::with_capacity(512);
@@ -560,7 +575,10 @@ async fn generate(
         &[
             ("Content-Type", "text/event-stream; charset=utf-8"),
             ("Cache-Control", "no-cache"),
-        ],
+        ]
+        .into_iter()
+        .chain(echo)
+        .collect::<Vec<_>>(),
         BodyLen::Chunked,
         keep,
     );

@@ -39,6 +39,13 @@ pub struct RequestHead {
     pub api_key: Option<String>,
     pub authorization: Option<String>,
     pub expect_continue: bool,
+    /// The headers this layer does not act on (framing, Host, Content-Type, X-Request-Id
+    /// and Expect excepted), as received: `Name: value\r\n` lines. The proxy decides which
+    /// reach the backends (docs/api.md, forwarding).
+    pub headers: Vec<u8>,
+    /// `Connection` values naming other headers than close/keep-alive (those are
+    /// hop-by-hop too); `None` in the usual case.
+    pub connection: Option<String>,
     /// Bytes of the head including the blank line.
     pub len: usize,
 }
@@ -56,6 +63,9 @@ pub struct ResponseHead {
     pub framing: Framing,
     pub keep_alive: bool,
     pub content_type: Option<String>,
+    /// A compressed body (the client's `Accept-Encoding` reached the backend): relayed
+    /// with it.
+    pub content_encoding: Option<String>,
     pub len: usize,
 }
 
@@ -130,6 +140,26 @@ impl FramingHeaders {
     }
 }
 
+/// Request headers this layer acts on and that are never passed on as they are.
+const CONSUMED: &[&str] = &["host", "content-type", "x-request-id", "expect"];
+
+/// Keeps the tokens of a `Connection` value other than close and keep-alive.
+fn note_connection(named: &mut Option<String>, value: &[u8]) {
+    let Ok(v) = std::str::from_utf8(value) else {
+        return;
+    };
+    for tok in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        if tok.eq_ignore_ascii_case("close") || tok.eq_ignore_ascii_case("keep-alive") {
+            continue;
+        }
+        let s = named.get_or_insert_with(String::new);
+        if !s.is_empty() {
+            s.push(',');
+        }
+        s.push_str(tok);
+    }
+}
+
 pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -161,14 +191,29 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
         api_key: None,
         authorization: None,
         expect_continue: false,
+        headers: Vec::new(),
+        connection: None,
         len,
     };
     let mut host_seen = false;
     for h in req.headers.iter() {
         if fh.observe(h.name, h.value)? {
+            if h.name.eq_ignore_ascii_case("connection") {
+                note_connection(&mut head.connection, h.value);
+            }
             continue;
         }
         let name = h.name;
+        if !CONSUMED.iter().any(|c| name.eq_ignore_ascii_case(c)) {
+            if head.headers.is_empty() {
+                // One allocation, sized for the whole head.
+                head.headers.reserve(len);
+            }
+            head.headers.extend_from_slice(name.as_bytes());
+            head.headers.extend_from_slice(b": ");
+            head.headers.extend_from_slice(h.value);
+            head.headers.extend_from_slice(b"\r\n");
+        }
         if name.eq_ignore_ascii_case("content-type") {
             head.content_type = Some(value_str(h.value, "invalid Content-Type")?.to_string());
         } else if name.eq_ignore_ascii_case("x-request-id") {
@@ -239,12 +284,18 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, He
     let minor_version = resp.version.unwrap_or(1);
     let mut fh = FramingHeaders::default();
     let mut content_type = None;
+    let mut content_encoding = None;
     for h in resp.headers.iter() {
         if fh.observe(h.name, h.value)? {
             continue;
         }
         if h.name.eq_ignore_ascii_case("content-type") {
             content_type = Some(value_str(h.value, "invalid Content-Type")?.to_string());
+        } else if h.name.eq_ignore_ascii_case("content-encoding") {
+            let v = value_str(h.value, "invalid Content-Encoding")?;
+            if !v.eq_ignore_ascii_case("identity") {
+                content_encoding = Some(v.to_string());
+            }
         }
     }
     if fh.content_length.is_some() && fh.chunked {
@@ -275,6 +326,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, He
         framing,
         keep_alive,
         content_type,
+        content_encoding,
         len,
     })
 }
@@ -282,6 +334,20 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, He
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keeps_the_headers_it_does_not_act_on() {
+        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nUser-Agent: u\r\nConnection: keep-alive, X-Hop\r\nContent-Length: 0\r\nX-Hop: 1\r\nAuthorization: Bearer k\r\n\r\n";
+        let h = parse_request(raw).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&h.headers).unwrap(),
+            "User-Agent: u\r\nX-Hop: 1\r\nAuthorization: Bearer k\r\n"
+        );
+        assert_eq!(h.connection.as_deref(), Some("X-Hop"));
+        assert_eq!(h.authorization.as_deref(), Some("Bearer k"));
+        let h = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
+        assert!(h.headers.is_empty() && h.connection.is_none());
+    }
 
     #[test]
     fn parses_request() {

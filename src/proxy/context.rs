@@ -2,6 +2,7 @@
 //! is answered, what the backends are sent, and when things happened.
 
 use super::failure::RelayError;
+use super::forward_headers::Forwarding;
 use super::outcome::{self, Outcome};
 use super::timeline::Timeline;
 use super::Worker;
@@ -23,6 +24,8 @@ pub struct RequestCtx<'a> {
     pub path: &'a str,
     /// `Authorization` for the backends.
     pub authorization: Option<Cow<'a, str>>,
+    /// The client's headers and the trace context the legs carry.
+    pub forward: Forwarding<'a>,
     pub tl: Timeline,
 }
 

@@ -7,10 +7,12 @@
 use super::context::RequestCtx;
 use super::failure;
 use super::first_token::{self, FirstToken};
+use super::forward_headers::{self, Forwarding};
 use super::leg::Answered;
 use super::openai::{self, Endpoint};
 use super::outcome::{answer_error, Outcome};
 use super::relay::relay;
+use super::spans;
 use super::timeline::Timeline;
 use super::Worker;
 use crate::config::DisaggMode;
@@ -21,6 +23,7 @@ use crate::http::{ApiError, Request};
 use crate::metrics::ErrorType;
 use crate::scheduler::PickContext;
 use crate::topology::{ModelRoute, RoleSet, Topology};
+use crate::trace::RequestTrace;
 use bytes::Bytes;
 use http::StatusCode;
 use monoio::net::TcpStream;
@@ -117,7 +120,13 @@ pub async fn serve(
         prompt_text: inspected.prompt,
         exclude: &[],
     };
-    let mut ctx = request_ctx(w, &req, &request_id, client, start);
+    let trace = w.shared.exporter.as_ref().and_then(|_| {
+        let client = forward_headers::find(&req.head.headers, "traceparent");
+        RequestTrace::begin(client, w.policy().trace_sample_ratio, start)
+    });
+    let mut ctx = request_ctx(w, &req, &request_id, client, start, trace.as_ref());
+    // The first token from prefill rewrites the decode stream: it must come uncompressed.
+    ctx.forward.decode_identity = w.policy().generator_on_p_node && inspected.stream;
     let work = async {
         let (prefill_up, decode_up) = (route.prefill.any_available(), route.decode.any_available());
         let result = if prefill_up && decode_up {
@@ -150,7 +159,20 @@ pub async fn serve(
                 ctx.answer_error(&e).await
             }
         };
-        ctx.tl.finish(w, &route.name, &request_id, outcome.status);
+        let end = ctx.tl.finish(w, &route.name, &request_id, outcome.status);
+        if let (Some(t), Some(exporter)) = (&trace, &w.shared.exporter) {
+            let info = spans::RequestInfo {
+                path: req.head.route(),
+                model: &route.name,
+                policy: route.kind.as_str(),
+                request_id: &request_id,
+                prompt_tokens: inspected.prompt_tokens(),
+                max_tokens: inspected.max_tokens,
+                stream: inspected.stream,
+                dual: ctx.tl.prefill_sent.is_none(),
+            };
+            spans::emit(exporter, t, &info, &ctx.tl, outcome.status, end);
+        }
         outcome
     };
     unless_client_leaves(work, watch, &request_id).await
@@ -187,7 +209,7 @@ pub async fn serve_forwarded(
     } else {
         (&route.decode, Role::Decode)
     };
-    let mut ctx = request_ctx(w, &req, &request_id, client, start);
+    let mut ctx = request_ctx(w, &req, &request_id, client, start, None);
     let work = async {
         match forward(&mut ctx, set, &PickContext::default(), role, &req.body).await {
             Ok(o) => o,
@@ -203,6 +225,7 @@ fn request_ctx<'a>(
     request_id: &'a str,
     client: &'a mut TcpStream,
     start: Instant,
+    trace: Option<&'a RequestTrace>,
 ) -> RequestCtx<'a> {
     RequestCtx {
         w,
@@ -212,14 +235,23 @@ fn request_ctx<'a>(
         http10: req.head.minor_version == 0,
         path: &req.head.path,
         authorization: backend_authorization(w, req),
+        forward: Forwarding {
+            client: &req.head.headers,
+            connection: req.head.connection.as_deref(),
+            trace,
+            decode_identity: false,
+        },
         tl: Timeline::new(start),
     }
 }
 
-/// `Authorization` for the backends: the configured `openai_api_key`, else the client's.
+/// `Authorization` for the backends: the configured `openai_api_key`, else the client's
+/// unless the deny list keeps it (by default it does: it is the client's key to the proxy).
 fn backend_authorization<'a>(w: &'a Worker, req: &'a Request) -> Option<Cow<'a, str>> {
-    match &w.policy().openai_api_key {
+    let policy = w.policy();
+    match &policy.openai_api_key {
         Some(k) => Some(Cow::Owned(format!("Bearer {k}"))),
+        None if policy.deny_headers.iter().any(|h| h == "authorization") => None,
         None => req.head.authorization.as_deref().map(Cow::Borrowed),
     }
 }

@@ -27,8 +27,14 @@ pub struct Answered {
 }
 
 impl RequestCtx<'_> {
-    fn backend_head(&self, inst: &Instance, body_len: usize) -> Vec<u8> {
-        let mut h = Vec::with_capacity(256);
+    fn backend_head(
+        &self,
+        inst: &Instance,
+        body_len: usize,
+        role: Role,
+        deny: &[String],
+    ) -> Vec<u8> {
+        let mut h = Vec::with_capacity(256 + self.forward.client.len());
         let _ = write!(
             h,
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\n",
@@ -37,6 +43,7 @@ impl RequestCtx<'_> {
         if let Some(a) = &self.authorization {
             let _ = write!(h, "Authorization: {a}\r\n");
         }
+        self.forward.write(&mut h, role, deny);
         h.extend_from_slice(b"\r\n");
         h
     }
@@ -92,8 +99,11 @@ impl RequestCtx<'_> {
             }
             let sent = monoio::time::timeout(
                 policy.timeouts.first_byte,
-                w.pool
-                    .send(inst.socket_addr, self.backend_head(&inst, body.len()), body),
+                w.pool.send(
+                    inst.socket_addr,
+                    self.backend_head(&inst, body.len(), role, &policy.deny_headers),
+                    body,
+                ),
             )
             .await;
             let failure = match sent {
@@ -119,6 +129,8 @@ impl RequestCtx<'_> {
                     inst.record_failure(&policy.circuit);
                     w.pool.forget(inst.socket_addr);
                     if attempt >= max_retries {
+                        self.forward
+                            .event(role, "failed", &inst.address, || e.to_string());
                         return Err(self.upstream_failed(&inst, &e));
                     }
                     e.to_string()
@@ -126,6 +138,9 @@ impl RequestCtx<'_> {
                 Err(_) => {
                     count_error(ErrorType::Timeout);
                     inst.record_failure(&policy.circuit);
+                    self.forward.event(role, "failed", &inst.address, || {
+                        "first-byte timeout".into()
+                    });
                     crate::warn!(
                         "request {}: {} instance {} sent no response within {:?}",
                         self.request_id,
@@ -149,6 +164,8 @@ impl RequestCtx<'_> {
             if w.metrics_enabled {
                 w.metrics.retry();
             }
+            self.forward
+                .event(role, "retry", &inst.address, || failure.clone());
             tried.push(inst.socket_addr);
             drop(guard);
             let delay = resilience::backoff(retry, attempt);

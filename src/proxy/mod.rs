@@ -6,6 +6,7 @@ pub mod control;
 mod failure;
 mod first_token;
 mod flow;
+mod forward_headers;
 mod leg;
 mod openai;
 mod outcome;
@@ -13,6 +14,7 @@ mod relay;
 mod route;
 mod scrape;
 mod server;
+mod spans;
 mod sse;
 mod timeline;
 mod upstream;
@@ -28,6 +30,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use forward_headers::{find as client_header, DEFAULT_DENY as DEFAULT_DENY_HEADERS};
 pub use openai::{inspect, prefill_body, Endpoint};
 
 /// Per-worker state: owned by one thread, never shared.

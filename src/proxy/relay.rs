@@ -136,9 +136,12 @@ pub async fn relay(
     let keep_alive = ctx.keep_alive && client_len != BodyLen::Close;
     let mut mode = Mode::new(pass, head.framing);
     let mut out = ctx.w.scratch.take();
-    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(2);
+    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(3);
     if let Some(ct) = head.content_type.as_deref() {
         headers.push(("Content-Type", ct));
+    }
+    if let Some(ce) = head.content_encoding.as_deref() {
+        headers.push(("Content-Encoding", ce));
     }
     headers.push(("X-Request-Id", ctx.request_id));
     response_head(&mut out, head.status, &headers, client_len, keep_alive);

@@ -182,12 +182,15 @@ async fn dispatch(
         }
         Route::Metrics => {
             let topo = w.shared.topology.load();
-            let body = metrics::render(&metrics::Scrape {
+            let mut body = metrics::render(&metrics::Scrape {
                 workers: &w.shared.metrics,
                 active_requests: w.shared.active_requests(),
                 instances: topo.instances().map(|i| &**i).collect(),
                 discovery: &w.shared.discovery.load(),
             });
+            if let Some(exporter) = &w.shared.exporter {
+                exporter.stats.render(&mut body);
+            }
             let headers = [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")];
             let b = body.as_bytes();
             return respond(stream, StatusCode::OK, &headers, b, keep_alive, head_only).await;

@@ -47,8 +47,9 @@ impl Timeline {
         }
     }
 
-    /// Records the request's P/D metrics (successful requests only) and writes its log line.
-    pub fn finish(&self, w: &Worker, model: &str, request_id: &str, status: u16) {
+    /// Records the request's P/D metrics (successful requests only) and writes its log line;
+    /// returns when the request ended.
+    pub fn finish(&self, w: &Worker, model: &str, request_id: &str, status: u16) -> Instant {
         let end = Instant::now();
         let ms = |d: Option<Duration>| d.map_or(-1.0, |d| d.as_secs_f64() * 1e3);
         let ttft = self.first_byte.map(|t| t - self.start);
@@ -84,5 +85,6 @@ impl Timeline {
             ms(ttft),
             ms(Some(end - self.start)),
         );
+        end
     }
 }

@@ -1,0 +1,271 @@
+//! Which of the client's headers reach the backends (RFC 9110 §7.6.1, docs/api.md):
+//! end-to-end headers pass unchanged on every leg; hop-by-hop ones — the fixed list and
+//! whatever the client's `Connection` names — stop here; the headers the proxy sets itself
+//! (Host, Content-Type, Content-Length, X-Request-Id, Authorization, and `traceparent` when
+//! it traces the request) are never copied; the configured deny list (`forward_headers.deny`)
+//! keeps secrets in; `Accept-Encoding` does not go to the prefill leg, whose body the proxy
+//! parses (nor to a decode leg whose stream it rewrites). Filtering happens while the leg's head is written: no allocation of its own.
+
+use crate::config::Role;
+use crate::trace::RequestTrace;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, RFC 9112 §7.1–7.2) and the `Proxy-*` family.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers the proxy writes itself on every leg (or consumes: `Expect` is answered here).
+const PROXY_SET: &[&str] = &[
+    "host",
+    "content-type",
+    "content-length",
+    "x-request-id",
+    "authorization",
+    "expect",
+];
+
+/// The deny list when the config does not give one: the proxy's own credentials and the
+/// client's cookies.
+pub const DEFAULT_DENY: &[&str] = &["authorization", "x-api-key", "cookie"];
+
+/// What one leg's head takes from the client's headers.
+pub struct Rules<'a> {
+    /// Lower-case header names never forwarded (`forward_headers.deny`).
+    pub deny: &'a [String],
+    /// The client's `Connection` value(s): the headers it names are hop-by-hop.
+    pub connection: Option<&'a str>,
+    /// The proxy reads or rewrites this leg's response (the prefill leg; the decode leg
+    /// behind a first token from prefill): it must not come compressed.
+    pub identity: bool,
+    /// The proxy writes its own `traceparent` (the request is traced).
+    pub own_traceparent: bool,
+    /// The client's `tracestate` goes with its `traceparent` only; dropped when the proxy
+    /// started a new trace.
+    pub drop_tracestate: bool,
+}
+
+impl Rules<'_> {
+    /// Whether the client's header `name` reaches this leg.
+    pub fn forwards(&self, name: &str) -> bool {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if HOP_BY_HOP.iter().any(|h| is(h))
+            || name.len() >= 6 && name.as_bytes()[..6].eq_ignore_ascii_case(b"proxy-")
+            || PROXY_SET.iter().any(|h| is(h))
+            || self.deny.iter().any(|h| is(h))
+            || (self.identity && is("accept-encoding"))
+            || (self.own_traceparent && is("traceparent"))
+            || (self.drop_tracestate && is("tracestate"))
+        {
+            return false;
+        }
+        match self.connection {
+            Some(c) => !c.split(',').any(|t| is(t.trim())),
+            None => true,
+        }
+    }
+}
+
+/// What a request's legs carry beyond the proxy's own headers: the client's headers, the
+/// request's trace (its legs' `traceparent`) and whether the decode stream is rewritten.
+pub struct Forwarding<'a> {
+    /// The client's headers as `Name: value\r\n` lines (`RequestHead::headers`).
+    pub client: &'a [u8],
+    pub connection: Option<&'a str>,
+    pub trace: Option<&'a RequestTrace>,
+    /// The first token comes from prefill: the decode stream is rewritten here.
+    pub decode_identity: bool,
+}
+
+impl Forwarding<'_> {
+    /// Appends this leg's `traceparent` (when traced) and the client's forwarded headers.
+    pub fn write(&self, out: &mut Vec<u8>, role: Role, deny: &[String]) {
+        let prefill = role == Role::Prefill;
+        if let Some(t) = self.trace {
+            out.extend_from_slice(b"traceparent: ");
+            out.extend_from_slice(&t.traceparent(prefill));
+            out.extend_from_slice(b"\r\n");
+        }
+        let rules = Rules {
+            deny,
+            connection: self.connection,
+            identity: prefill || (role == Role::Decode && self.decode_identity),
+            own_traceparent: self.trace.is_some(),
+            drop_tracestate: self.trace.is_some_and(|t| !t.continued),
+        };
+        write(out, self.client, &rules);
+    }
+
+    /// Records a retry or a failure on the leg's span when the request is traced.
+    pub fn event(
+        &self,
+        role: Role,
+        name: &'static str,
+        instance: &str,
+        reason: impl FnOnce() -> String,
+    ) {
+        if let Some(t) = self.trace {
+            t.event(role == Role::Prefill, name, instance, reason());
+        }
+    }
+}
+
+/// The client's header `name`, first occurrence (`traceparent`, `tracestate`).
+pub fn find<'a>(client: &'a [u8], name: &str) -> Option<&'a str> {
+    lines(client).find_map(|(n, line)| {
+        n.eq_ignore_ascii_case(name)
+            .then(|| std::str::from_utf8(&line[n.len() + 1..]).ok())
+            .flatten()
+            .map(str::trim)
+    })
+}
+
+/// `(name, whole line)` of each `Name: value\r\n` line.
+fn lines(block: &[u8]) -> impl Iterator<Item = (&str, &[u8])> {
+    let mut rest = block;
+    std::iter::from_fn(move || loop {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(rest.len(), |i| i + 2);
+        let line = &rest[..end];
+        rest = &rest[end..];
+        let colon = line.iter().position(|&b| b == b':');
+        if let Some(name) = colon.and_then(|c| std::str::from_utf8(&line[..c]).ok()) {
+            return Some((name, line));
+        }
+    })
+}
+
+/// Appends the forwarded lines of `client` (the client's headers as `Name: value\r\n`
+/// lines, see `RequestHead::headers`) to `out`.
+pub fn write(out: &mut Vec<u8>, client: &[u8], rules: &Rules<'_>) {
+    for (name, line) in lines(client) {
+        if rules.forwards(name) {
+            out.extend_from_slice(line);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deny() -> Vec<String> {
+        DEFAULT_DENY.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn rules(deny: &[String]) -> Rules<'_> {
+        Rules {
+            deny,
+            connection: None,
+            identity: false,
+            own_traceparent: false,
+            drop_tracestate: false,
+        }
+    }
+
+    const CLIENT: &[u8] = b"User-Agent: t/1\r\nTraceparent: 00-x\r\ntracestate: a=b\r\nX-Custom: v\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Authorization: p\r\nCookie: c\r\nX-API-Key: k\r\nAccept-Encoding: gzip\r\nX-Hop: 1\r\n";
+
+    fn forwarded(r: &Rules<'_>) -> String {
+        let mut out = Vec::new();
+        write(&mut out, CLIENT, r);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn end_to_end_headers_pass_unchanged() {
+        let d = deny();
+        let out = forwarded(&rules(&d));
+        assert_eq!(
+            out,
+            "User-Agent: t/1\r\nTraceparent: 00-x\r\ntracestate: a=b\r\nX-Custom: v\r\nAccept-Encoding: gzip\r\nX-Hop: 1\r\n"
+        );
+    }
+
+    #[test]
+    fn headers_named_by_connection_are_hop_by_hop() {
+        let d = deny();
+        let r = Rules {
+            connection: Some("keep-alive, X-Hop ,x-custom"),
+            ..rules(&d)
+        };
+        let out = forwarded(&r);
+        assert!(!out.contains("X-Hop") && !out.contains("X-Custom"), "{out}");
+        assert!(out.contains("User-Agent"));
+    }
+
+    #[test]
+    fn prefill_leg_gets_no_accept_encoding() {
+        let d = deny();
+        let r = Rules {
+            identity: true,
+            ..rules(&d)
+        };
+        assert!(!forwarded(&r).contains("Accept-Encoding"));
+    }
+
+    #[test]
+    fn the_proxys_traceparent_replaces_the_clients() {
+        let d = deny();
+        let r = Rules {
+            own_traceparent: true,
+            ..rules(&d)
+        };
+        let out = forwarded(&r);
+        assert!(
+            !out.contains("Traceparent") && out.contains("tracestate"),
+            "{out}"
+        );
+        let r = Rules {
+            own_traceparent: true,
+            drop_tracestate: true,
+            ..rules(&d)
+        };
+        assert!(!forwarded(&r).contains("tracestate"));
+    }
+
+    #[test]
+    fn finds_a_header_by_name() {
+        assert_eq!(find(CLIENT, "traceparent"), Some("00-x"));
+        assert_eq!(find(CLIENT, "TraceState"), Some("a=b"));
+        assert_eq!(find(CLIENT, "missing"), None);
+    }
+
+    #[test]
+    fn the_deny_list_is_configurable() {
+        let none: Vec<String> = Vec::new();
+        let out = forwarded(&rules(&none));
+        assert!(
+            out.contains("Cookie: c") && out.contains("X-API-Key: k"),
+            "{out}"
+        );
+        let custom = vec!["x-custom".to_string()];
+        assert!(!forwarded(&rules(&custom)).contains("X-Custom"));
+    }
+
+    #[test]
+    fn proxy_set_headers_are_never_copied() {
+        let none: Vec<String> = Vec::new();
+        let r = rules(&none);
+        for h in [
+            "Host",
+            "content-length",
+            "Content-Type",
+            "X-Request-Id",
+            "Authorization",
+            "Expect",
+        ] {
+            assert!(!r.forwards(h), "{h}");
+        }
+        assert!(!r.forwards("Proxy-Connection"));
+        assert!(r.forwards("Proxy"));
+    }
+}
