@@ -12,15 +12,108 @@ pub fn count_text_tokens(text: &str) -> usize {
         .sum()
 }
 
+/// A tokenizer: the built-in stand-in, or (in the `xpyd-dummy` binary) a Hugging Face
+/// `tokenizer.json`.
+pub trait Tokenize: Send + Sync {
+    fn encode(&self, text: &str) -> Vec<u32>;
+
+    /// A chat request's prompt. Without the model's chat template this renders ChatML
+    /// (`<|im_start|>{role}\n{content}<|im_end|>\n` per message, then
+    /// `<|im_start|>assistant\n`) and encodes it; docs/cli.md says so.
+    fn encode_chat(&self, messages: &[Value]) -> Vec<u32> {
+        let mut text = String::new();
+        for m in messages {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+            let content = m.get("content").map(content_text).unwrap_or_default();
+            text.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+        }
+        text.push_str("<|im_start|>assistant\n");
+        self.encode(&text)
+    }
+}
+
+/// The built-in tokenizer (see `tokenize`); a chat message costs 4 template tokens plus its
+/// content's, as the counts always did.
+pub struct Builtin;
+
+impl Tokenize for Builtin {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        tokenize(text)
+    }
+
+    fn encode_chat(&self, messages: &[Value]) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for m in messages {
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+            ids.extend([50_000, piece_id(role.as_bytes()), 50_001, 50_002]);
+            if let Some(c) = m.get("content") {
+                ids.extend(value_token_ids(c, self));
+            }
+        }
+        ids
+    }
+}
+
+/// The text of a message's `content` (a string, or the `text` of its parts).
+pub fn content_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str).or_else(|| p.as_str()))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+fn piece_id(piece: &[u8]) -> u32 {
+    let h = piece
+        .iter()
+        .fold(2166136261u32, |h, &b| (h ^ b as u32).wrapping_mul(16777619));
+    h % 50_000
+}
+
+/// Token ids of a completion `prompt` (or a message part): strings are encoded, numbers are
+/// token ids already, lists are concatenated.
+fn value_token_ids(v: &Value, tok: &dyn Tokenize) -> Vec<u32> {
+    match v {
+        Value::String(s) => tok.encode(s),
+        Value::Array(items) => items
+            .iter()
+            .flat_map(|x| match x {
+                Value::Number(n) => vec![n.as_u64().unwrap_or(0) as u32],
+                other => value_token_ids(other, tok),
+            })
+            .collect(),
+        Value::Object(o) => o
+            .get("text")
+            .or_else(|| o.get("content"))
+            .map(|x| value_token_ids(x, tok))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// The prompt's token ids as the engine sees them (used when the KV-cache model or a real
+/// tokenizer is on; otherwise only `count_text_tokens` runs).
+pub fn prompt_token_ids(kind: Kind, body: &Value, tok: &dyn Tokenize) -> Vec<u32> {
+    match kind {
+        Kind::Completion => body.get("prompt").map(|p| value_token_ids(p, tok)),
+        Kind::Chat => body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map(|m| tok.encode_chat(m)),
+    }
+    .unwrap_or_default()
+}
+
 /// Token ids for `/tokenize`: one id per tokenizer piece (4-byte slices of words), hashed.
 pub fn tokenize(text: &str) -> Vec<u32> {
     let mut ids = Vec::new();
     for w in text.split_whitespace() {
         for piece in w.as_bytes().chunks(4) {
-            let h = piece
-                .iter()
-                .fold(2166136261u32, |h, &b| (h ^ b as u32).wrapping_mul(16777619));
-            ids.push(h % 50_000);
+            ids.push(piece_id(piece));
         }
     }
     ids
@@ -109,6 +202,7 @@ impl Job {
         body: &Value,
         served_model: &str,
         max_model_len: usize,
+        counted: Option<usize>,
     ) -> Result<Job, BadRequest> {
         let obj = body
             .as_object()
@@ -128,6 +222,7 @@ impl Job {
                 None => return Err(BadRequest("`messages` is a required field".into())),
             },
         };
+        let prompt_tokens = counted.unwrap_or(prompt_tokens);
         let max_tokens = obj
             .get("max_completion_tokens")
             .filter(|v| !v.is_null())
@@ -186,33 +281,41 @@ impl Job {
     }
 }
 
-/// Engine timing: when each generated token is ready, relative to the request's arrival.
+/// Engine timing (docs/cli.md, "Timing model"): a prefill costs its uncomputed prompt
+/// tokens × `prefill_per_token`; each decode step costs `decode_per_token` plus
+/// `decode_per_seq` for every other running sequence in the batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub prefill_per_token: Duration,
     pub decode_per_token: Duration,
-    /// A decode node does not recompute the prompt (its KV cache arrives from prefill).
-    pub skip_prefill: bool,
+    pub decode_per_seq: Duration,
 }
 
 impl Timing {
-    /// Delay before token `i` (0-based) may be sent, counted from the previous token.
-    pub fn before_token(&self, i: usize, prompt_tokens: usize) -> Duration {
-        if i == 0 {
-            if self.skip_prefill {
-                self.decode_per_token
-            } else {
-                self.prefill_per_token * prompt_tokens as u32
-            }
-        } else {
+    /// The decode step with `running` sequences in the batch.
+    #[inline]
+    pub fn decode_step(&self, running: u64) -> Duration {
+        if self.decode_per_seq.is_zero() {
             self.decode_per_token
+        } else {
+            self.decode_per_token + self.decode_per_seq * running.saturating_sub(1) as u32
         }
     }
 
-    pub fn total(&self, prompt_tokens: usize, tokens: usize) -> Duration {
-        (0..tokens)
-            .map(|i| self.before_token(i, prompt_tokens))
-            .sum()
+    /// Until the first token: the prefill of `prefill_tokens`, or one decode step when
+    /// nothing is left to compute (a decode node whose KV arrived).
+    pub fn first_token(&self, prefill_tokens: usize, running: u64) -> Duration {
+        if prefill_tokens == 0 {
+            self.decode_step(running)
+        } else {
+            self.prefill_per_token * prefill_tokens as u32
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.prefill_per_token.is_zero()
+            && self.decode_per_token.is_zero()
+            && self.decode_per_seq.is_zero()
     }
 }
 
@@ -321,16 +424,32 @@ mod tests {
         assert_eq!(count_text_tokens("hello world"), 4);
         assert_eq!(count_text_tokens("a b c"), 3);
         let body = json!({"prompt": [1, 2, 3], "max_tokens": 5});
-        let j = Job::from_request(Kind::Completion, &body, "m", 100).unwrap();
+        let j = Job::from_request(Kind::Completion, &body, "m", 100, None).unwrap();
         assert_eq!((j.prompt_tokens, j.max_tokens), (3, 5));
         let body = json!({"prompt": "x", "max_tokens": 500});
-        assert!(Job::from_request(Kind::Completion, &body, "m", 100).is_err());
+        assert!(Job::from_request(Kind::Completion, &body, "m", 100, None).is_err());
+    }
+
+    #[test]
+    fn builtin_ids_match_counts() {
+        let body = json!({"messages": [{"role": "user", "content": "hello wonderful world"}]});
+        let ids = prompt_token_ids(Kind::Chat, &body, &Builtin);
+        let j = Job::from_request(Kind::Chat, &body, "m", 100, None).unwrap();
+        assert_eq!(ids.len(), j.prompt_tokens);
+        let body = json!({"prompt": "hello wonderful world"});
+        let ids = prompt_token_ids(Kind::Completion, &body, &Builtin);
+        assert_eq!(ids.len(), count_text_tokens("hello wonderful world"));
+        let body = json!({"prompt": [5, 6, 7]});
+        assert_eq!(
+            prompt_token_ids(Kind::Completion, &body, &Builtin),
+            vec![5, 6, 7]
+        );
     }
 
     #[test]
     fn stream_event_is_valid_json() {
         let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true});
-        let j = Job::from_request(Kind::Chat, &body, "m\"x", 100).unwrap();
+        let j = Job::from_request(Kind::Chat, &body, "m\"x", 100, None).unwrap();
         let f = StreamFrames::new(&j, "chatcmpl-1", 5);
         for ev in [
             f.role_event(),

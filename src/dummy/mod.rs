@@ -2,23 +2,30 @@
 //! proxy. It answers with vLLM's JSON, paces tokens like an engine, can inject faults, and
 //! can record what it received so that tests can check what the proxy sent.
 
+pub mod block_hash;
 pub mod engine;
+pub mod kv_events;
+pub mod scheduler;
+pub mod stats;
 
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{error_response, full_response, response_head, BodyLen, JSON};
 use crate::http::{lingering_close, read_request, ApiError, Limits, ReadBuf, ReadError, Request};
 use crate::runtime::{self, Driver};
-use engine::{Job, Kind, StreamFrames, Timing, DONE_EVENT};
+use engine::{Job, Kind, StreamFrames, Timing, Tokenize, DONE_EVENT};
 use http::{Method, StatusCode};
+use kv_events::KvEventSink;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{TcpListener, TcpStream};
+use scheduler::{Preempted, Prompt, SchedConfig, Scheduler, Ticket};
 use serde_json::{json, Value};
+use stats::{Exposition, Stats};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -27,7 +34,7 @@ pub enum Mode {
     Dual,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DummyOptions {
     pub host: String,
     pub port: u16,
@@ -50,6 +57,22 @@ pub struct DummyOptions {
     pub record_requests: usize,
     /// Decode mode: reject requests without `kv_transfer_params`.
     pub require_kv_params: bool,
+    /// Seconds added to each decode step per other running sequence (0: batch-independent).
+    pub decode_delay_per_seq: f64,
+    /// Running requests at most (0: unlimited); the rest wait in FIFO order.
+    pub max_num_seqs: usize,
+    /// KV-cache blocks (0: no KV-cache model, no prefix caching, no KV events).
+    pub kv_cache_blocks: usize,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// Keep computed prompt blocks for reuse (with `kv_cache_blocks`).
+    pub prefix_caching: bool,
+    /// `NONE_HASH`'s seed (vLLM: `$PYTHONHASHSEED`, else "vllm-none-hash").
+    pub hash_seed: String,
+    /// A real tokenizer (the built-in stand-in otherwise).
+    pub tokenizer: Option<Arc<dyn Tokenize>>,
+    /// Where KV-cache events go (with `kv_cache_blocks`).
+    pub kv_events: Option<Arc<dyn KvEventSink>>,
 }
 
 impl DummyOptions {
@@ -69,19 +92,16 @@ impl DummyOptions {
             stall_ms: 0,
             record_requests: 0,
             require_kv_params: false,
+            decode_delay_per_seq: 0.0,
+            max_num_seqs: 0,
+            kv_cache_blocks: 0,
+            block_size: 16,
+            prefix_caching: true,
+            hash_seed: block_hash::DEFAULT_SEED.into(),
+            tokenizer: None,
+            kv_events: None,
         }
     }
-}
-
-#[derive(Default)]
-struct Stats {
-    requests: AtomicU64,
-    running: AtomicU64,
-    aborted: AtomicU64,
-    last_abort_unix_us: AtomicU64,
-    prompt_tokens: AtomicU64,
-    generation_tokens: AtomicU64,
-    failures_injected: AtomicU64,
 }
 
 struct Node {
@@ -89,6 +109,9 @@ struct Node {
     addr: SocketAddr,
     timing: Timing,
     stats: Stats,
+    sched: Scheduler,
+    tokenizer: Arc<dyn Tokenize>,
+    none_hash: block_hash::BlockHash,
     recorded: Mutex<VecDeque<Value>>,
     created: u64,
 }
@@ -109,17 +132,35 @@ impl DummyHandle {
 pub fn start(opts: DummyOptions) -> std::io::Result<DummyHandle> {
     let listeners = runtime::bind_listeners(&opts.host, opts.port, opts.workers)?;
     let addr = listeners[0].local_addr()?;
+    let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
     let timing = Timing {
-        prefill_per_token: Duration::from_secs_f64(opts.prefill_delay_per_token.max(0.0)),
-        decode_per_token: Duration::from_secs_f64(opts.decode_delay_per_token.max(0.0)),
-        skip_prefill: opts.mode == Mode::Decode,
+        prefill_per_token: secs(opts.prefill_delay_per_token),
+        decode_per_token: secs(opts.decode_delay_per_token),
+        decode_per_seq: secs(opts.decode_delay_per_seq),
     };
     let driver = opts.driver;
+    let sched = Scheduler::new(
+        SchedConfig {
+            max_num_seqs: opts.max_num_seqs,
+            kv_blocks: opts.kv_cache_blocks,
+            block_size: opts.block_size.max(1),
+            prefix_caching: opts.prefix_caching,
+        },
+        opts.kv_events.clone(),
+    );
+    let tokenizer = opts
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| Arc::new(engine::Builtin));
+    let none_hash = block_hash::none_hash(&opts.hash_seed);
     let node = Arc::new(Node {
         opts,
         addr,
         timing,
         stats: Stats::default(),
+        sched,
+        tokenizer,
+        none_hash,
         recorded: Mutex::new(VecDeque::new()),
         created: crate::ids::unix_seconds(),
     });
@@ -289,7 +330,7 @@ async fn handle(
             });
             match text {
                 Some(t) => {
-                    let tokens = engine::tokenize(&t);
+                    let tokens = node.tokenizer.encode(&t);
                     let v = json!({"count": tokens.len(), "max_model_len": node.opts.max_model_len, "tokens": tokens});
                     send_json(stream, StatusCode::OK, &v, keep).await
                 }
@@ -327,8 +368,25 @@ async fn handle(
                 }
             }
         }
+        (&Method::POST, "/reset_prefix_cache") => {
+            if node.sched.reset_prefix_cache() {
+                send(stream, full_response(StatusCode::OK, &[], b"", keep)).await
+            } else {
+                let e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableError",
+                    "cannot reset the prefix cache while requests hold KV-cache blocks",
+                );
+                send_error(stream, e, keep).await
+            }
+        }
         (&Method::GET, "/metrics") => {
-            let body = metrics(node);
+            let body = node.stats.render(&Exposition {
+                model: &node.opts.model,
+                kv_blocks: node.opts.kv_cache_blocks,
+                block_size: node.opts.block_size,
+                prefix_caching: node.opts.prefix_caching && node.opts.kv_cache_blocks > 0,
+            });
             send(
                 stream,
                 full_response(
@@ -353,6 +411,11 @@ async fn handle(
             let v = json!({
                 "requests": s.requests.load(Ordering::Relaxed),
                 "running": s.running.load(Ordering::Relaxed),
+                "waiting": s.waiting.load(Ordering::Relaxed),
+                "preemptions": s.preemptions.load(Ordering::Relaxed),
+                "prefix_cache_queries": s.prefix_queries.load(Ordering::Relaxed),
+                "prefix_cache_hits": s.prefix_hits.load(Ordering::Relaxed),
+                "kv_used_blocks": s.kv_used_blocks.load(Ordering::Relaxed),
                 "aborted": s.aborted.load(Ordering::Relaxed),
                 "last_abort_unix_us": s.last_abort_unix_us.load(Ordering::Relaxed),
                 "failures_injected": s.failures_injected.load(Ordering::Relaxed),
@@ -371,38 +434,6 @@ async fn handle(
     }
 }
 
-fn metrics(node: &Node) -> String {
-    let s = &node.stats;
-    let m = &node.opts.model;
-    format!(
-        "# HELP vllm:num_requests_running Number of requests currently running.\n# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"{m}\"}} {}\n\
-# HELP vllm:num_requests_waiting Number of requests waiting.\n# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"{m}\"}} 0\n\
-# HELP vllm:request_success_total Finished requests.\n# TYPE vllm:request_success_total counter\nvllm:request_success_total{{model_name=\"{m}\"}} {}\n\
-# HELP vllm:prompt_tokens_total Prompt tokens processed.\n# TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total{{model_name=\"{m}\"}} {}\n\
-# HELP vllm:generation_tokens_total Tokens generated.\n# TYPE vllm:generation_tokens_total counter\nvllm:generation_tokens_total{{model_name=\"{m}\"}} {}\n\
-# HELP dummy_aborted_requests_total Requests whose client went away before the end.\n# TYPE dummy_aborted_requests_total counter\ndummy_aborted_requests_total {}\n",
-        s.running.load(Ordering::Relaxed),
-        s.requests.load(Ordering::Relaxed),
-        s.prompt_tokens.load(Ordering::Relaxed),
-        s.generation_tokens.load(Ordering::Relaxed),
-        s.aborted.load(Ordering::Relaxed),
-    )
-}
-
-/// Decrements `running` however the request ends.
-struct Running<'a>(&'a Stats);
-impl<'a> Running<'a> {
-    fn new(s: &'a Stats) -> Self {
-        s.running.fetch_add(1, Ordering::Relaxed);
-        Running(s)
-    }
-}
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 async fn inference(
     node: &Node,
     kind: Kind,
@@ -410,6 +441,7 @@ async fn inference(
     stream: &mut TcpStream,
     watch: &mut Option<Rc<DisconnectWatch>>,
 ) -> Result<(), ()> {
+    let arrival = Instant::now();
     let keep = req.head.keep_alive;
     let opts = &node.opts;
     node.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -445,13 +477,25 @@ async fn inference(
             return send_error(stream, e, keep).await;
         }
     }
-    let job = match Job::from_request(kind, &body, &opts.model, opts.max_model_len) {
+    // Token ids only when something uses them: the zero-delay default just counts.
+    let ids = (node.sched.config().needs_token_ids() || opts.tokenizer.is_some())
+        .then(|| engine::prompt_token_ids(kind, &body, node.tokenizer.as_ref()));
+    let job = match Job::from_request(
+        kind,
+        &body,
+        &opts.model,
+        opts.max_model_len,
+        ids.as_ref().map(Vec::len),
+    ) {
         Ok(j) => Job {
             prefill_marker: opts.mode == Mode::Prefill,
             ..j
         },
         Err(e) => return send_error(stream, ApiError::bad_request(e.0), keep).await,
     };
+    if let Err(e) = node.sched.check_fits(job.prompt_tokens + job.max_tokens) {
+        return send_error(stream, ApiError::bad_request(e.0), keep).await;
+    }
     let kv_in = body.get("kv_transfer_params").filter(|v| v.is_object());
     if opts.mode == Mode::Decode && opts.require_kv_params && kv_in.is_none() {
         let e =
@@ -459,17 +503,6 @@ async fn inference(
                 .with_param("kv_transfer_params");
         return send_error(stream, e, keep).await;
     }
-    let kv_out = (opts.mode == Mode::Prefill && kv_in.is_some()).then(|| {
-        json!({
-            "do_remote_prefill": true,
-            "do_remote_decode": false,
-            "remote_engine_id": format!("dummy-{}", node.addr.port()),
-            "remote_block_ids": (0..job.prompt_tokens.div_ceil(16).max(1)).collect::<Vec<_>>(),
-            "remote_host": node.addr.ip().to_string(),
-            "remote_port": node.addr.port(),
-            "tp_size": 1,
-        })
-    });
     if opts.fail_rate > 0.0 && (crate::ids::next_u64() as f64 / u64::MAX as f64) < opts.fail_rate {
         node.stats.failures_injected.fetch_add(1, Ordering::Relaxed);
         let e = ApiError::new(
@@ -482,11 +515,31 @@ async fn inference(
     node.stats
         .prompt_tokens
         .fetch_add(job.prompt_tokens as u64, Ordering::Relaxed);
-    let _running = Running::new(&node.stats);
-
-    let needs_watch = job.stream
-        || node.timing.total(job.prompt_tokens, job.max_tokens) > Duration::ZERO
-        || opts.stall_ms > 0;
+    // A decode node's prompt KV arrives from the prefill node: the blocks it names (all of
+    // the prompt when it names none) cost no prefill here.
+    let arrived = match (opts.mode, kv_in) {
+        (Mode::Decode, Some(kv)) => match kv.get("remote_block_ids").and_then(Value::as_array) {
+            Some(ids) => job.prompt_tokens.min(ids.len() * opts.block_size.max(1)),
+            None => job.prompt_tokens,
+        },
+        (Mode::Decode, None) => job.prompt_tokens,
+        _ => 0,
+    };
+    let prompt = ids
+        .filter(|_| node.sched.config().needs_token_ids())
+        .map(|tokens| {
+            let hashes = block_hash::prompt_block_hashes(&node.none_hash, &tokens, opts.block_size);
+            Arc::new(Prompt { tokens, hashes })
+        });
+    let plan = Plan {
+        job: &job,
+        kv_wanted: opts.mode == Mode::Prefill && kv_in.is_some(),
+        prompt,
+        arrived,
+        arrival,
+    };
+    let limited = opts.max_num_seqs > 0 || opts.kv_cache_blocks > 0;
+    let needs_watch = job.stream || !node.timing.is_zero() || opts.stall_ms > 0 || limited;
     if needs_watch && watch.is_none() {
         *watch = DisconnectWatch::new(stream).ok().map(Rc::new);
     }
@@ -494,14 +547,7 @@ async fn inference(
     let trace_id = crate::proxy::client_header(&req.head.headers, "traceparent")
         .and_then(crate::trace::context::parse)
         .map(|tp| crate::trace::context::hex(&tp.trace_id));
-    let work = generate(
-        node,
-        &job,
-        kv_out.as_ref(),
-        stream,
-        keep,
-        trace_id.as_deref(),
-    );
+    let work = generate(node, plan, stream, keep, trace_id.as_deref());
     let result = match watch.clone().filter(|_| needs_watch) {
         Some(w) => monoio::select! {
             // Work first: a peer that closes right after the last byte is not an abort.
@@ -517,11 +563,24 @@ async fn inference(
         None => work.await,
     };
     if result.is_ok() {
-        node.stats
-            .generation_tokens
+        let s = &node.stats;
+        s.generation_tokens
             .fetch_add(job.max_tokens as u64, Ordering::Relaxed);
+        s.success.fetch_add(1, Ordering::Relaxed);
+        s.e2e.observe(arrival.elapsed());
     }
     result
+}
+
+/// What `generate` needs to run a request.
+struct Plan<'a> {
+    job: &'a Job,
+    /// A prefill node answers with `kv_transfer_params`.
+    kv_wanted: bool,
+    prompt: Option<Arc<Prompt>>,
+    /// Prompt tokens whose KV arrived from a prefill node.
+    arrived: usize,
+    arrival: Instant,
 }
 
 async fn sleep(d: Duration) {
@@ -530,26 +589,144 @@ async fn sleep(d: Duration) {
     }
 }
 
+/// Paces a running request's tokens: the engine's step times, KV-cache growth and
+/// preemption, and the per-token metrics.
+struct Pacer<'a> {
+    node: &'a Node,
+    ticket: Ticket<'a>,
+    prompt_tokens: usize,
+    prefill_tokens: usize,
+    arrived: usize,
+    arrival: Instant,
+    due: monoio::time::Instant,
+    last: Instant,
+    /// False in the zero-delay unlimited mode: no clocks, the engine's steps take no time.
+    clocked: bool,
+}
+
+impl Pacer<'_> {
+    /// Waits until token `i` (0-based) is ready.
+    async fn token(&mut self, i: usize) {
+        let node = self.node;
+        if !self.clocked {
+            if i == 0 {
+                node.stats.ttft.observe(self.arrival.elapsed());
+            } else {
+                node.stats.itl.observe(Duration::ZERO);
+            }
+            return;
+        }
+        let mut gap = Duration::ZERO;
+        if i > 0 {
+            // The sequence now holds the prompt and i tokens, and takes one more.
+            if let Err(Preempted) = self.ticket.grow(self.prompt_tokens + i + 1) {
+                let len = self.prompt_tokens + i;
+                let hits = self.ticket.readmit(len).await;
+                let recompute = len.saturating_sub(hits.max(self.arrived));
+                gap += node.timing.prefill_per_token * recompute as u32;
+                self.due = monoio::time::Instant::now();
+            }
+        }
+        let running = node.stats.running.load(Ordering::Relaxed);
+        gap += if i == 0 {
+            node.timing.first_token(self.prefill_tokens, running)
+        } else {
+            node.timing.decode_step(running)
+        };
+        if !gap.is_zero() {
+            self.due += gap;
+            monoio::time::sleep_until(self.due).await;
+        }
+        let now = Instant::now();
+        if i == 0 {
+            // Later tokens are paced from when the first one really went out, so a late
+            // first token (timer rounding) never shortens the gaps after it.
+            self.due = monoio::time::Instant::now();
+            self.ticket.prompt_computed();
+            node.stats.ttft.observe(now - self.arrival);
+        } else {
+            node.stats.itl.observe(now - self.last);
+        }
+        self.last = now;
+    }
+}
+
+fn kv_out(node: &Node, job: &Job, blocks: &[u32]) -> Value {
+    let ids: Vec<u32> = if blocks.is_empty() {
+        (0..job
+            .prompt_tokens
+            .div_ceil(node.opts.block_size.max(1))
+            .max(1) as u32)
+            .collect()
+    } else {
+        blocks.to_vec()
+    };
+    json!({
+        "do_remote_prefill": true,
+        "do_remote_decode": false,
+        "remote_engine_id": format!("dummy-{}", node.addr.port()),
+        "remote_block_ids": ids,
+        "remote_host": node.addr.ip().to_string(),
+        "remote_port": node.addr.port(),
+        "tp_size": 1,
+    })
+}
+
 async fn generate(
     node: &Node,
-    job: &Job,
-    kv: Option<&Value>,
+    plan: Plan<'_>,
     stream: &mut TcpStream,
     keep: bool,
     trace_id: Option<&str>,
 ) -> Result<(), ()> {
     let opts = &node.opts;
     let echo = trace_id.map(|t| ("X-Trace-Id", t));
+    let job = plan.job;
     sleep(Duration::from_millis(opts.stall_ms)).await;
+    let ticket = node
+        .sched
+        .enter(&node.stats, plan.prompt, job.prompt_tokens)
+        .await;
+    let limited = opts.max_num_seqs > 0 || opts.kv_cache_blocks > 0;
+    if limited {
+        node.stats.queue_time.observe(plan.arrival.elapsed());
+    } else {
+        node.stats.queue_time.observe(Duration::ZERO);
+    }
+    let computed = ticket.hit_tokens().max(plan.arrived);
+    let kv = plan
+        .kv_wanted
+        .then(|| kv_out(node, job, ticket.block_ids()));
+    let mut pace = Pacer {
+        node,
+        ticket,
+        prompt_tokens: job.prompt_tokens,
+        prefill_tokens: job.prompt_tokens.saturating_sub(computed),
+        arrived: plan.arrived,
+        arrival: plan.arrival,
+        due: monoio::time::Instant::now(),
+        last: plan.arrival,
+        clocked: limited || !node.timing.is_zero(),
+    };
     let created = crate::ids::unix_seconds();
     let id = match job.kind {
         Kind::Completion => format!("cmpl-{}", crate::ids::hex_id()),
         Kind::Chat => format!("chatcmpl-{}", crate::ids::hex_id()),
     };
     if !job.stream {
-        sleep(node.timing.total(job.prompt_tokens, job.max_tokens)).await;
-        let body =
-            serde_json::to_vec(&engine::full_body(job, &id, created, kv)).unwrap_or_default();
+        if pace.clocked {
+            for i in 0..job.max_tokens {
+                pace.token(i).await;
+            }
+        } else {
+            node.stats.ttft.observe(plan.arrival.elapsed());
+            node.stats
+                .itl
+                .observe_n(Duration::ZERO, job.max_tokens.saturating_sub(1) as u64);
+        }
+        drop(pace);
+        let body = serde_json::to_vec(&engine::full_body(job, &id, created, kv.as_ref()))
+            .unwrap_or_default();
         if opts.drop_mid_stream.is_some() {
             // Promise the whole body, deliver half, hang up.
             let mut out = Vec::new();
@@ -588,19 +765,10 @@ async fn generate(
     // Headers (and chat's role event) go out at once, like vLLM's.
     out = write_flush(stream, out).await?;
     // Pace against absolute deadlines, so that timer rounding never accumulates: the mean
-    // gap between tokens is the configured delay.
-    let mut due = monoio::time::Instant::now();
+    // gap between tokens is the configured step time.
+    pace.due = monoio::time::Instant::now();
     for i in 0..job.max_tokens {
-        let gap = node.timing.before_token(i, job.prompt_tokens);
-        if !gap.is_zero() {
-            due += gap;
-            monoio::time::sleep_until(due).await;
-        }
-        if i == 0 {
-            // Later tokens are paced from when the first one really went out, so a late
-            // first token (timer rounding) never shortens the gaps after it.
-            due = monoio::time::Instant::now();
-        }
+        pace.token(i).await;
         if opts.drop_mid_stream == Some(i) {
             return Err(());
         }
