@@ -17,14 +17,6 @@ fn engine(mode: &str, extra: &[&str]) -> Proc {
     dummy(mode, extra)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// vLLM's structs (vllm/distributed/kv_events.py, current main / 0.33), a strict typed
 /// msgspec decoder, and vLLM's block hash recomputed from each BlockStored's token ids.
 const SUBSCRIBER: &str = r#"
