@@ -142,11 +142,17 @@ fn run_proxy(args: ProxyArgs) -> Result<(), String> {
             .map_err(|e| format!("{} is invalid:\n{e}", path.display()))?
             .with_overrides(overrides);
         // 1.2's line first: scripts written for the Python proxy grep it.
-        println!("Config is valid: {}", path.display());
-        println!("{} is valid\n{}", path.display(), cfg.summary());
+        let mut report = format!(
+            "Config is valid: {p}\n{p} is valid\n{}",
+            cfg.summary(),
+            p = path.display()
+        );
         for w in &cfg.warnings {
-            println!("warning: {w}");
+            report.push_str(&format!("warning: {w}\n"));
         }
+        // A reader that stops early (`| head -1`, `| grep -q`) is not an error.
+        use std::io::Write;
+        let _ = std::io::stdout().lock().write_all(report.as_bytes());
         return Ok(());
     }
     let path = resolve_config_path(args.config)?;

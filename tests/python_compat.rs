@@ -30,9 +30,12 @@ fn tokenizer_model() -> String {
 }
 
 #[test]
-fn every_config_file_of_python_1_2_loads() {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(py12())
-        .unwrap()
+fn every_config_file_of_the_python_proxy_loads() {
+    // 1.2's repository (examples, test configs, docs, --init-config's template) and 1.8's
+    // --init-config template.
+    let mut files: Vec<PathBuf> = [py12(), root().join("tests/configs/python-1.8")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();

@@ -46,10 +46,17 @@ pub fn models(
     defaults: &ModelDefaults,
 ) -> Vec<ModelConfig> {
     let has = |k: &str| top.get(k).is_some_and(|v| !v.is_null());
-    let legacy: Vec<&str> = ["model", "prefill", "decode", "dual"]
+    // `model` beside `instances` names the model of entries without one (as in 1.2).
+    let legacy: Vec<&str> = ["prefill", "decode", "dual"]
         .into_iter()
         .filter(|k| has(k))
         .collect();
+    if has("model") && has("models") {
+        r.warn(
+            "model",
+            Kind::Note("not used: with `models`, each model is named by its `name`".into()),
+        );
+    }
     let models = if has("instances") && has("models") {
         r.problem(
             "models",
@@ -73,7 +80,8 @@ pub fn models(
     } else if has("models") {
         format3(r, &top["models"], defaults)
     } else if has("instances") {
-        format2(r, &top["instances"], defaults)
+        let model = r.string(Some(top), "", "model");
+        format2(r, &top["instances"], defaults, model.as_deref())
     } else {
         format1(r, top, defaults)
     };
@@ -121,7 +129,12 @@ fn format1(
 
 /// Format 2: `instances: [{address, role, model}]`, grouped into models in order of first
 /// appearance.
-fn format2(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<ModelConfig> {
+fn format2(
+    r: &mut Reader<'_>,
+    v: &Value,
+    defaults: &ModelDefaults,
+    top_model: Option<&str>,
+) -> Vec<ModelConfig> {
     let Value::Array(items) = v else {
         r.wrong_type("instances", "a list of {address, role, model}", v);
         return Vec::new();
@@ -146,8 +159,17 @@ fn format2(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
                 continue;
             }
         };
-        let Some(model) = r.string(Some(m), &path, "model") else {
-            r.problem(&path, "missing `model`");
+        let Some(model) = r
+            .string(Some(m), &path, "model")
+            .or_else(|| top_model.map(str::to_string))
+        else {
+            r.report(
+                &path,
+                Kind::Unsupported {
+                    feature: "an instance without `model` (the Python proxy asked the node)".into(),
+                    instead: "write its `model`, or a top-level `model:` for every entry".into(),
+                },
+            );
             continue;
         };
         let Some(addr) = r.string(Some(m), &path, "address") else {
@@ -175,8 +197,11 @@ fn format2(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
         };
         let has = |role: Role| {
             items.iter().any(|it| {
-                text(&it["model"]) == m.name
-                    && it["role"].as_str().and_then(|r| r.parse().ok()) == Some(role)
+                let model = match &it["model"] {
+                    Value::Null => top_model.unwrap_or_default().to_string(),
+                    v => text(v),
+                };
+                model == m.name && it["role"].as_str().and_then(|r| r.parse().ok()) == Some(role)
             })
         };
         if let Some(gap) = RoleGap::of(has(Role::Prefill), has(Role::Decode), has(Role::Dual)) {
