@@ -42,6 +42,9 @@ pub struct Instance {
     pub load: Load,
     /// The engine's own numbers from its /metrics (control side writes, schedulers read).
     pub engine: crate::engine_load::EngineLoad,
+    /// The instance's bit in the KV index + 1 (0: no KV events), set by the subscriber.
+    pub kv_bit: std::sync::atomic::AtomicU32,
+    pub kv_stats: crate::kv_index::KvStats,
     /// 0 until read from the instance's /v1/models.
     pub max_model_len: AtomicU64,
     pub root: OnceLock<String>,
@@ -67,6 +70,8 @@ impl Instance {
             breaker: Default::default(),
             load: Load::default(),
             engine: Default::default(),
+            kv_bit: Default::default(),
+            kv_stats: Default::default(),
             max_model_len: AtomicU64::new(0),
             root: OnceLock::new(),
             model_mismatch: Default::default(),
@@ -151,6 +156,7 @@ impl Instance {
             "last_check": self.last_check.load(Ordering::Relaxed),
             "max_model_len": (max > 0).then_some(max),
             "engine": self.engine.status_json(),
+            "kv_events": self.kv_stats.status_json(self.kv_bit.load(Ordering::Relaxed) > 0),
         })
     }
 }

@@ -15,6 +15,7 @@ pub mod engine_load;
 pub mod http;
 pub mod ids;
 pub mod instance;
+pub mod kv_index;
 pub mod metrics;
 pub mod metrics_python;
 pub mod proxy;

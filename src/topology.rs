@@ -139,6 +139,13 @@ impl ModelRoute {
         )
     }
 
+    /// Whether a policy of this model reads the prompt's token ids (`kv_aware`).
+    pub fn needs_tokens(&self) -> bool {
+        [Role::Prefill, Role::Decode, Role::Dual]
+            .iter()
+            .any(|&r| self.roles.for_role(r, self.kind) == SchedulerKind::KvAware)
+    }
+
     /// Whether start-up gating let this model through (see `open`).
     #[inline]
     pub fn is_open(&self) -> bool {

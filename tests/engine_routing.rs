@@ -115,3 +115,214 @@ fn without_engine_metrics_the_busy_node_takes_its_share() {
             > 0
     );
 }
+
+/// A real ZeroMQ publisher of vLLM's KV-event structures (pyzmq + msgspec).
+struct Publisher {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    endpoint: String,
+}
+
+impl Publisher {
+    fn start(endpoint: &str) -> Publisher {
+        use std::io::BufRead;
+        let venv = python_venv(&[("zmq", "pyzmq"), ("msgspec", "msgspec")]);
+        let mut child = Command::new(venv.join("bin/python"))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/engine/kv_publisher.py"
+            ))
+            .arg(endpoint)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the KV-event publisher");
+        let stdin = child.stdin.take().unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines
+            .next()
+            .expect("publisher output")
+            .expect("publisher line");
+        let endpoint = first
+            .strip_prefix("publishing on ")
+            .unwrap_or_else(|| panic!("unexpected: {first}"))
+            .to_string();
+        Publisher {
+            child,
+            stdin,
+            lines,
+            endpoint,
+        }
+    }
+
+    fn send(&mut self, cmd: Value) {
+        use std::io::Write;
+        writeln!(self.stdin, "{cmd}").unwrap();
+        let answer = self.lines.next().expect("publisher answer").unwrap();
+        assert!(
+            answer.starts_with("sent") || answer.starts_with("skipped"),
+            "{answer}"
+        );
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const BLOCK: usize = 16;
+
+/// 64 tokens (four blocks) the publisher says node 1 holds, and a prompt starting with them.
+fn cached_tokens() -> Vec<u32> {
+    (0..64).map(|t| 1000 + t * 7).collect()
+}
+
+fn stored_cmd() -> Value {
+    json!({"stored": [101, 102, 103, 104], "parent": null, "tokens": cached_tokens(), "block_size": BLOCK})
+}
+
+fn kv_status(proxy: &Proc, node: &Proc) -> Value {
+    let (_, v) = get_json(&proxy.url("/status/instances"));
+    instance(&v, node)["kv_events"].clone()
+}
+
+/// Publishes `cmd` until the proxy's view of `node` satisfies `done` (a SUB socket only
+/// receives once connected: early messages are lost, as with any ZeroMQ subscriber).
+fn publish_until(
+    pubr: &mut Publisher,
+    cmd: Value,
+    proxy: &Proc,
+    node: &Proc,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        pubr.send(cmd.clone());
+        let mut k = 0;
+        while k < 10 {
+            if done(&kv_status(proxy, node)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            k += 1;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            kv_status(proxy, node)
+        );
+    }
+}
+
+/// Sends `n` requests whose prompt starts with the cached tokens; how many reached `node`.
+fn requests_to(proxy: &Proc, node: &Proc, n: usize) -> u64 {
+    let before = dummy_stats(node)["requests"].as_u64().unwrap();
+    let a = agent();
+    for k in 0..n {
+        let mut prompt = cached_tokens();
+        prompt.extend([5, 6, 7, k as u32]);
+        let (status, _, body) = post(
+            &a,
+            &proxy.url("/v1/completions"),
+            &json!({"model": MODEL, "prompt": prompt, "max_tokens": 2}),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    dummy_stats(node)["requests"].as_u64().unwrap() - before
+}
+
+#[test]
+fn kv_aware_follows_the_blocks_an_engine_published() {
+    let nodes: Vec<Proc> = (0..3).map(|_| dummy("dual", &[])).collect();
+    let mut pubr = Publisher::start("tcp://127.0.0.1:*");
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: kv_aware\nkv_events:\n  endpoints:\n    \"{}\": \"{}\"\n",
+            dual_yaml(&[&nodes[0], &nodes[1], &nodes[2]]),
+            nodes[1].addr,
+            pubr.endpoint
+        ),
+        true,
+    );
+    let holder = &nodes[1];
+    // BlockStored: every request with that prefix goes to the node that holds it.
+    publish_until(
+        &mut pubr,
+        stored_cmd(),
+        &proxy,
+        holder,
+        "BlockStored",
+        |s| s["blocks"] == 4,
+    );
+    assert_eq!(requests_to(&proxy, holder, 12), 12);
+    // BlockRemoved of the first block: the prefix is gone, load decides (three idle nodes).
+    publish_until(
+        &mut pubr,
+        json!({"removed": [101, 102, 103, 104]}),
+        &proxy,
+        holder,
+        "BlockRemoved",
+        |s| s["blocks"] == 0,
+    );
+    assert!(requests_to(&proxy, holder, 12) < 12);
+    // Stored again, then AllBlocksCleared.
+    publish_until(
+        &mut pubr,
+        stored_cmd(),
+        &proxy,
+        holder,
+        "BlockStored again",
+        |s| s["blocks"] == 4,
+    );
+    assert_eq!(requests_to(&proxy, holder, 6), 6);
+    publish_until(
+        &mut pubr,
+        json!({"cleared": true}),
+        &proxy,
+        holder,
+        "AllBlocksCleared",
+        |s| s["blocks"] == 0,
+    );
+    assert!(requests_to(&proxy, holder, 12) < 12);
+    // A sequence gap without a replay socket: the instance's entries are dropped, relearned.
+    publish_until(
+        &mut pubr,
+        stored_cmd(),
+        &proxy,
+        holder,
+        "BlockStored before the gap",
+        |s| s["blocks"] == 4,
+    );
+    pubr.send(json!({"skip": 3}));
+    publish_until(
+        &mut pubr,
+        json!({"stored": [201], "parent": null, "tokens": (0..16).collect::<Vec<u32>>(), "block_size": BLOCK}),
+        &proxy,
+        holder,
+        "the gap",
+        |s| s["seq_gaps"] == 1 && s["blocks"] == 1,
+    );
+    assert!(requests_to(&proxy, holder, 12) < 12);
+    // The publisher restarts (its sequence starts at 0 again): the proxy relearns from it.
+    let endpoint = pubr.endpoint.clone();
+    drop(pubr);
+    let mut pubr = Publisher::start(&endpoint);
+    publish_until(
+        &mut pubr,
+        stored_cmd(),
+        &proxy,
+        holder,
+        "BlockStored after a restart",
+        |s| s["publisher_restarts"] == 1 && s["blocks"] == 4,
+    );
+    assert_eq!(requests_to(&proxy, holder, 12), 12);
+    // Serving never depended on the events: the other nodes served throughout.
+    for n in [&nodes[0], &nodes[2]] {
+        assert!(dummy_stats(n)["requests"].as_u64().unwrap() > 0);
+    }
+}

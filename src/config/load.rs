@@ -55,6 +55,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         .map(|_| r.uint(t, "", "workers", 1, 1) as usize);
     let (health, startup) = sections::health_and_startup(&mut r, top);
     let engine_metrics = sections::engine_metrics(&mut r, top);
+    let kv_events = sections::kv_events(&mut r, top);
     let circuit = sections::circuit_breaker(&mut r, top);
     let retry = sections::retry(&mut r, top);
     let timeouts = sections::timeouts(&mut r, top);
@@ -84,6 +85,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         models,
         health,
         engine_metrics,
+        kv_events,
         startup,
         circuit,
         retry,

@@ -48,6 +48,8 @@ pub enum SchedulerKind {
     ConsistentHash,
     PowerOfTwo,
     CacheAware,
+    /// Precise prefix routing on the engines' KV-cache events.
+    KvAware,
 }
 
 /// Every spelling of every scheduler: the one table that parsing, the "expected one of"
@@ -60,6 +62,7 @@ const SCHEDULERS: &[(&str, SchedulerKind)] = &[
     ("consistent_hash", SchedulerKind::ConsistentHash),
     ("power_of_two", SchedulerKind::PowerOfTwo),
     ("cache_aware", SchedulerKind::CacheAware),
+    ("kv_aware", SchedulerKind::KvAware),
 ];
 
 impl SchedulerKind {
@@ -231,6 +234,7 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub health: HealthConfig,
     pub engine_metrics: EngineMetricsConfig,
+    pub kv_events: KvEventsConfig,
     pub startup: StartupConfig,
     pub circuit: CircuitConfig,
     pub retry: RetryConfig,
@@ -284,6 +288,37 @@ impl Default for EngineMetricsConfig {
     }
 }
 
+/// `kv_events`: where each instance's engine publishes its KV-cache events (vLLM's
+/// `--kv-events-config`), for the `kv_aware` policy (docs/scheduling.md, "KV events").
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvEventsConfig {
+    /// `tcp://<instance host>:<port>` for every instance without an explicit endpoint.
+    pub port: Option<u16>,
+    pub replay_port: Option<u16>,
+    /// Instance address → endpoint, over `port`.
+    pub endpoints: Vec<(String, String)>,
+    pub replay_endpoints: Vec<(String, String)>,
+    /// Subscription prefix (vLLM's `topic`; empty: everything).
+    pub topic: String,
+}
+
+impl KvEventsConfig {
+    /// The publisher and replay endpoints of the instance at `address` (`host:port`).
+    pub fn endpoints_of(&self, address: &str) -> Option<(String, Option<String>)> {
+        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+        let explicit = |list: &[(String, String)]| {
+            list.iter()
+                .find(|(a, _)| a == address)
+                .map(|(_, e)| e.clone())
+        };
+        let publ =
+            explicit(&self.endpoints).or_else(|| self.port.map(|p| format!("tcp://{host}:{p}")))?;
+        let replay = explicit(&self.replay_endpoints)
+            .or_else(|| self.replay_port.map(|p| format!("tcp://{host}:{p}")));
+        Some((publ, replay))
+    }
+}
+
 /// Command-line flags that take precedence over the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -299,6 +334,7 @@ pub struct Overrides {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub engine_metrics: EngineMetricsConfig,
+    pub kv_events: KvEventsConfig,
     pub timeouts: TimeoutConfig,
     pub retry: RetryConfig,
     pub circuit: CircuitConfig,
@@ -351,6 +387,7 @@ impl Config {
     pub fn policy(&self) -> Policy {
         Policy {
             engine_metrics: self.engine_metrics.clone(),
+            kv_events: self.kv_events.clone(),
             timeouts: self.timeouts.clone(),
             retry: self.retry.clone(),
             circuit: self.circuit.clone(),

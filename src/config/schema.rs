@@ -31,6 +31,7 @@ pub const TOP: &[&str] = &[
     "limits",
     "metrics",
     "engine_metrics",
+    "kv_events",
     "shutdown_grace_seconds",
     "discovery",
     "tracing",
@@ -105,6 +106,13 @@ pub const LIMITS: &[&str] = &[
 pub const METRICS: &[&str] = &["enabled"];
 pub const ENGINE_METRICS: &[&str] = &["enabled", "interval_seconds", "timeout_seconds"];
 pub const DISCOVERY: &[&str] = &["interval_seconds", "timeout_seconds", "nameservers"];
+pub const KV_EVENTS: &[&str] = &[
+    "port",
+    "replay_port",
+    "endpoints",
+    "replay_endpoints",
+    "topic",
+];
 pub const SCHEDULING_CONFIG: &[&str] = &[
     "cache_threshold",
     "balance_abs_threshold",
@@ -164,6 +172,8 @@ const LEVELS: &[&[&str]] = &[
     LIMITS,
     METRICS,
     DISCOVERY,
+    ENGINE_METRICS,
+    KV_EVENTS,
     SCHEDULING_CONFIG,
     TRACING,
     FORWARD_HEADERS,

@@ -6,8 +6,8 @@ use super::problem::Kind;
 use super::reader::{join, type_name, Reader, Section};
 use super::schema;
 use super::{
-    CircuitConfig, EngineMetricsConfig, HealthConfig, RetryConfig, SchedulingOptions, ServerLimits,
-    StartupConfig, TimeoutConfig,
+    CircuitConfig, EngineMetricsConfig, HealthConfig, KvEventsConfig, RetryConfig,
+    SchedulingOptions, ServerLimits, StartupConfig, TimeoutConfig,
 };
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -176,6 +176,55 @@ pub fn engine_metrics(r: &mut Reader<'_>, top: &Top) -> EngineMetricsConfig {
         );
     }
     cfg
+}
+
+/// `kv_events`: the instances' KV-event publishers.
+pub fn kv_events(r: &mut Reader<'_>, top: &Top) -> KvEventsConfig {
+    let p = "kv_events";
+    let kv = r.section(top, p, schema::KV_EVENTS);
+    let port = |r: &mut Reader<'_>, key: &str| {
+        kv.and_then(|m| m.get(key))
+            .filter(|v| !v.is_null())
+            .map(|_| r.uint(kv, p, key, 0, 1))
+            .and_then(|v| match u16::try_from(v) {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    r.problem(&format!("{p}.{key}"), format!("{v} is not a TCP port"));
+                    None
+                }
+            })
+    };
+    let (publ, replay) = (port(r, "port"), port(r, "replay_port"));
+    let map = |r: &mut Reader<'_>, key: &str| -> Vec<(String, String)> {
+        let Some(v) = kv.and_then(|m| m.get(key)).filter(|v| !v.is_null()) else {
+            return Vec::new();
+        };
+        let path = format!("{p}.{key}");
+        let Value::Object(m) = v else {
+            r.wrong_type(&path, "a mapping of instance address to endpoint", v);
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (addr, e) in m {
+            match e.as_str() {
+                Some(e) if e.starts_with("tcp://") || e.starts_with("ipc://") => {
+                    out.push((addr.clone(), e.to_string()))
+                }
+                _ => r.problem(
+                    &format!("{path}.{addr}"),
+                    format!("expected a ZeroMQ endpoint like \"tcp://host:5557\", got {e}"),
+                ),
+            }
+        }
+        out
+    };
+    KvEventsConfig {
+        port: publ,
+        replay_port: replay,
+        endpoints: map(r, "endpoints"),
+        replay_endpoints: map(r, "replay_endpoints"),
+        topic: r.string(kv, p, "topic").unwrap_or_default(),
+    }
 }
 
 pub fn metrics_enabled(r: &mut Reader<'_>, top: &Top) -> bool {

@@ -113,7 +113,14 @@ pub async fn serve(
         .as_deref()
         .or(inspected.user.as_deref())
         .unwrap_or(peer_ip);
+    // Token ids only when a policy of this model uses them (parsing is not free).
+    let tokens = if route.needs_tokens() {
+        openai::token_ids(inspected.prompt)
+    } else {
+        None
+    };
     let pick = PickContext {
+        tokens: tokens.as_deref(),
         prompt_tokens: inspected.prompt_tokens(),
         decode_tokens: inspected.max_tokens.unwrap_or(DEFAULT_DECODE_TOKENS),
         key: Some(key),

@@ -7,6 +7,7 @@ mod failure;
 mod first_token;
 mod flow;
 mod forward_headers;
+pub mod kv_events;
 mod leg;
 mod openai;
 mod outcome;
@@ -142,6 +143,7 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     let shared = Shared::new(cfg, opts.workers);
     let control = control::spawn(shared.clone(), cfg)?;
     scrape::spawn(shared.clone())?;
+    kv_events::spawn(shared.clone())?;
     let control_for_handle = control.clone();
     let listeners = runtime::bind_listeners(&cfg.host, cfg.port, opts.workers)?;
     let addr = listeners[0].local_addr()?;

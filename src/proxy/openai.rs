@@ -94,6 +94,15 @@ impl Inspected<'_> {
     }
 }
 
+/// The token ids of a prompt given as a list of integers (`"prompt": [1, 2, 3]`), the form
+/// that needs no tokenizer; None for text, chat messages or a batch of prompts.
+pub fn token_ids(prompt: &[u8]) -> Option<Vec<u32>> {
+    if prompt.first() != Some(&b'[') {
+        return None;
+    }
+    serde_json::from_slice::<Vec<u32>>(prompt).ok()
+}
+
 fn first_byte(v: &RawValue) -> u8 {
     v.get().as_bytes().first().copied().unwrap_or(b' ')
 }

@@ -5,6 +5,7 @@
 
 mod cache_aware;
 mod consistent_hash;
+mod kv_aware;
 mod load_balanced;
 mod power_of_two;
 pub mod prefix_index;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 pub use cache_aware::CacheAware;
 pub use consistent_hash::ConsistentHash;
+pub use kv_aware::KvAware;
 pub use load_balanced::LoadBalanced;
 pub use power_of_two::PowerOfTwo;
 pub use round_robin::RoundRobin;
@@ -32,6 +34,9 @@ pub struct PickContext<'a> {
     pub key: Option<&'a str>,
     /// The prompt as raw JSON text (string, token-id list or messages), for prefix routing.
     pub prompt_text: &'a [u8],
+    /// The prompt's token ids when known (a token-id prompt, or a configured tokenizer),
+    /// for `kv_aware`.
+    pub tokens: Option<&'a [u32]>,
     /// Instances this request already failed on (retries go elsewhere).
     pub exclude: &'a [SocketAddr],
 }
@@ -63,6 +68,7 @@ pub fn build(
         SchedulerKind::PowerOfTwo => Box::new(PowerOfTwo::new(role)),
         SchedulerKind::ConsistentHash => Box::new(ConsistentHash::new(instances, opts)),
         SchedulerKind::CacheAware => Box::new(CacheAware::new(model, role, opts)),
+        SchedulerKind::KvAware => Box::new(KvAware::new(role)),
     }
 }
 
