@@ -326,3 +326,115 @@ fn kv_aware_follows_the_blocks_an_engine_published() {
         assert!(dummy_stats(n)["requests"].as_u64().unwrap() > 0);
     }
 }
+
+/// The same with xpyd-dummy as the engine: its prefix cache publishes `BlockStored` after
+/// serving a prompt, and the proxy sends every later request with that prefix to it.
+#[test]
+fn kv_aware_follows_a_simulated_engines_own_events() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let nodes: Vec<Proc> = ports
+        .iter()
+        .map(|p| {
+            // vLLM binds when the endpoint has `*` (its default, tcp://*:5557), else connects.
+            let ep = format!("tcp://*:{p}");
+            dummy(
+                "dual",
+                &[
+                    "--kv-cache-blocks",
+                    "400",
+                    "--block-size",
+                    "16",
+                    "--kv-events-endpoint",
+                    &ep,
+                ],
+            )
+        })
+        .collect();
+    let endpoints: String = nodes
+        .iter()
+        .zip(&ports)
+        .map(|(n, p)| format!("    \"{}\": \"tcp://127.0.0.1:{p}\"\n", n.addr))
+        .collect();
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: kv_aware\nkv_events:\n  endpoints:\n{endpoints}",
+            dual_yaml(&[&nodes[0], &nodes[1], &nodes[2]])
+        ),
+        true,
+    );
+    // Ten prefix groups of 96 tokens; a group's first request lands anywhere, its engine
+    // stores the blocks and says so, and the group's later requests follow.
+    let a = agent();
+    let group = |g: u32| -> Vec<u32> { (0..96).map(|t| 100 + g * 1000 + t).collect() };
+    let send = |prompt: &Vec<u32>| {
+        let (status, _, body) = post(
+            &a,
+            &proxy.url("/v1/completions"),
+            &json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}),
+        );
+        assert_eq!(status, 200, "{body}");
+    };
+    let total_blocks = || -> u64 {
+        let (_, v) = get_json(&proxy.url("/status/instances"));
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["kv_events"]["blocks"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // The SUB sockets connect in the background: warm up until events arrive.
+    // Distinct prompts: a repeated one would be a cache hit, with nothing new to publish.
+    let mut warm = 0u32;
+    wait_for("the first KV events", Duration::from_secs(20), || {
+        warm += 1;
+        send(&(0..32).map(|t| 900_000 + warm * 100 + t).collect());
+        let (_, v) = get_json(&proxy.url("/status/instances"));
+        let subscribed = v["instances"].as_array().unwrap().iter().all(|i| {
+            i["kv_events"]["batches"].as_u64().unwrap_or(0) > 0
+                || i["kv_events"]["subscribed"] == true
+        });
+        subscribed && total_blocks() > 0
+    });
+    for g in 0..10 {
+        send(&group(g));
+        let want = 6 * (g as u64 + 1);
+        wait_for("the group's blocks", Duration::from_secs(10), || {
+            total_blocks() >= want
+        });
+    }
+    let before: Vec<u64> = nodes
+        .iter()
+        .map(|n| dummy_stats(n)["requests"].as_u64().unwrap())
+        .collect();
+    let mut per_group_node: Vec<Vec<u64>> = Vec::new();
+    for g in 0..10 {
+        let prev: Vec<u64> = nodes
+            .iter()
+            .map(|n| dummy_stats(n)["requests"].as_u64().unwrap())
+            .collect();
+        for q in 0..4 {
+            let mut p = group(g);
+            p.extend([7, 7, q]);
+            send(&p);
+        }
+        per_group_node.push(
+            nodes
+                .iter()
+                .zip(&prev)
+                .map(|(n, b)| dummy_stats(n)["requests"].as_u64().unwrap() - b)
+                .collect(),
+        );
+    }
+    for (g, counts) in per_group_node.iter().enumerate() {
+        assert!(
+            counts.contains(&4),
+            "group {g} split over nodes: {counts:?}"
+        );
+    }
+    let after: Vec<u64> = nodes
+        .iter()
+        .map(|n| dummy_stats(n)["requests"].as_u64().unwrap())
+        .collect();
+    eprintln!("requests per node before {before:?} after {after:?}");
+}
