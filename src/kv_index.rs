@@ -165,6 +165,8 @@ pub struct KvStats {
     pub last_seq: AtomicU64,
     /// Blocks the index holds for the instance.
     pub blocks: AtomicU64,
+    /// Receive time minus the last batch's publish timestamp (`ts`), in ms.
+    pub lag_ms: AtomicU64,
     /// `resilience::now_ms()` of the last batch (0: none yet).
     pub last_event_ms: AtomicU64,
 }
@@ -179,6 +181,7 @@ impl KvStats {
             "batches": g(&self.batches),
             "last_seq": g(&self.last_seq),
             "seq_gaps": g(&self.gaps),
+            "lag_seconds": g(&self.lag_ms) as f64 / 1000.0,
             "publisher_restarts": g(&self.restarts),
             "undecodable": g(&self.bad),
             "orphan_chains": g(&self.orphans),

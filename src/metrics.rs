@@ -551,6 +551,7 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         .collect();
     crate::metrics_python::render(&mut out, &scrape.instances, &sent, esc, header);
     render_discovery(&mut out, scrape.discovery);
+    crate::scheduler::stats::render(&mut out, &scrape.instances);
     out
 }
 

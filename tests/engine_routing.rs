@@ -25,6 +25,14 @@ fn busy_node(running: u32, waiting: u32, kv: f64) -> Proc {
     spawn_listening(cmd)
 }
 
+fn metrics_text(proxy: &Proc) -> String {
+    ureq::get(&proxy.url("/metrics"))
+        .call()
+        .expect("/metrics")
+        .into_string()
+        .unwrap()
+}
+
 fn instance<'a>(status: &'a Value, node: &Proc) -> &'a Value {
     status["instances"]
         .as_array()
@@ -321,6 +329,25 @@ fn kv_aware_follows_the_blocks_an_engine_published() {
         |s| s["publisher_restarts"] == 1 && s["blocks"] == 4,
     );
     assert_eq!(requests_to(&proxy, holder, 12), 12);
+    // Observable: picks that followed a prefix, matched blocks, gaps and restarts.
+    let m = metrics_text(&proxy);
+    let value = |prefix: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+    };
+    assert!(value("proxy_routing_picks_total{policy=\"kv_aware\",outcome=\"prefix_hit\"}") >= 30.0);
+    assert!(value("proxy_routing_picks_total{policy=\"kv_aware\",outcome=\"no_match\"}") >= 1.0);
+    assert!(value("proxy_routing_matched_prefix_blocks_sum{policy=\"kv_aware\"}") >= 30.0 * 4.0);
+    let inst = format!("{{instance=\"{}\"}}", holder.addr);
+    assert_eq!(value(&format!("proxy_kv_events_seq_gaps_total{inst}")), 1.0);
+    assert_eq!(
+        value(&format!("proxy_kv_events_publisher_restarts_total{inst}")),
+        1.0
+    );
+    assert_eq!(value(&format!("proxy_kv_events_blocks{inst}")), 4.0);
     // Serving never depended on the events: the other nodes served throughout.
     for n in [&nodes[0], &nodes[2]] {
         assert!(dummy_stats(n)["requests"].as_u64().unwrap() > 0);

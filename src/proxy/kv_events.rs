@@ -69,7 +69,21 @@ fn fields<'v>(v: &'v Value, names: &[&str]) -> Option<(&'v str, Vec<Option<&'v V
 
 /// Decodes one `KVEventBatch` payload: `[ts, events, data_parallel_rank]` or its map form.
 pub fn decode(payload: &[u8]) -> Result<Vec<Event>, String> {
+    decode_batch(payload).map(|(_, e)| e)
+}
+
+/// The batch's publish time (`ts`, Unix seconds) and its events.
+pub fn decode_batch(payload: &[u8]) -> Result<(Option<f64>, Vec<Event>), String> {
     let v = rmpv::decode::read_value(&mut &payload[..]).map_err(|e| format!("msgpack: {e}"))?;
+    let ts = match &v {
+        Value::Array(a) => a.first(),
+        Value::Map(m) => m
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("ts"))
+            .map(|(_, v)| v),
+        _ => None,
+    }
+    .and_then(Value::as_f64);
     let events = match &v {
         Value::Array(a) => a.get(1),
         Value::Map(m) => m
@@ -115,7 +129,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Event>, String> {
             other => return Err(format!("unknown event {other}")),
         });
     }
-    Ok(out)
+    Ok((ts, out))
 }
 
 /// What the index knows of one instance: its bit, and its blocks by the engine's hash.
@@ -350,8 +364,15 @@ fn receive(ctx: &zmq::Context, idx: &KvIndex, s: &mut Sub, frames: &[Vec<u8>]) {
 
 fn apply(idx: &KvIndex, s: &mut Sub, seq: u64, payload: &[u8]) {
     let stats = &s.inst.kv_stats;
-    match decode(payload) {
-        Ok(events) => {
+    match decode_batch(payload) {
+        Ok((ts, events)) => {
+            if let Some(ts) = ts {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let lag = ((now - ts).max(0.0) * 1000.0) as u64;
+                stats.lag_ms.store(lag, Ordering::Relaxed);
+            }
             for e in &events {
                 if !s.learned.apply(idx, e) {
                     stats.orphans.fetch_add(1, Ordering::Relaxed);

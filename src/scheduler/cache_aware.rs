@@ -7,6 +7,7 @@
 //! atomics, no lock): a prefix seen on one worker steers the picks of all of them.
 
 use super::prefix_index::{shared_table, PrefixTable};
+use super::stats::{self, Outcome, Policy};
 use super::{hash64, least_loaded, load_key, PickContext, Scheduler};
 use crate::config::{Role, SchedulingOptions};
 use crate::instance::Instance;
@@ -90,6 +91,12 @@ impl Scheduler for CacheAware {
         let mut matched = 0;
         let imbalanced = max - min > self.abs && max as f64 > min as f64 * self.rel;
         let chosen = if imbalanced || hashes.is_empty() {
+            let why = if imbalanced {
+                Outcome::Imbalanced
+            } else {
+                Outcome::NoMatch
+            };
+            stats::record(Policy::CacheAware, why, 0);
             least_loaded(self.role, candidates, ctx)
         } else {
             let find = |sid: u64| {
@@ -102,9 +109,13 @@ impl Scheduler for CacheAware {
                     if (blocks * BLOCK) as f64 >= self.threshold * ctx.prompt_text.len() as f64 =>
                 {
                     matched = blocks;
+                    stats::record(Policy::CacheAware, Outcome::Hit, blocks as u64);
                     Some(inst.clone())
                 }
-                _ => least_loaded(self.role, candidates, ctx),
+                _ => {
+                    stats::record(Policy::CacheAware, Outcome::NoMatch, 0);
+                    least_loaded(self.role, candidates, ctx)
+                }
             }
         }?;
         // Blocks up to the match already point at `chosen` (or a racing worker's pick):

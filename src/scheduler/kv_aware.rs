@@ -8,6 +8,7 @@
 //! decode/dual: requests × `UNSEEN_PROMPT_TOKENS`). The lowest cost wins; without token
 //! ids or KV events it is the least-loaded pick (docs/scheduling.md, "KV aware").
 
+use super::stats::{self, Outcome, Policy};
 use super::{load_key, PickContext, Scheduler};
 use crate::config::Role;
 use crate::engine_load::UNSEEN_PROMPT_TOKENS;
@@ -60,7 +61,7 @@ impl Scheduler for KvAware {
             None => ctx.prompt_tokens,
         };
         let start = (crate::ids::next_u64() % n as u64) as usize;
-        (0..n)
+        let chosen = (0..n)
             .map(|k| &candidates[(start + k) % n])
             .filter(|i| ctx.eligible(i))
             .min_by_key(|i| {
@@ -70,7 +71,22 @@ impl Scheduler for KvAware {
                 };
                 prompt.saturating_sub(cached) + self.load_tokens(i)
             })
-            .cloned()
+            .cloned()?;
+        let blocks = match chosen.kv_bit.load(Ordering::Relaxed) {
+            0 => 0,
+            b => depth[b as usize - 1] as u64,
+        };
+        let outcome = if ctx.tokens.is_none() {
+            Outcome::NoTokens
+        } else if wanted == 0 {
+            Outcome::NoEvents
+        } else if blocks > 0 {
+            Outcome::Hit
+        } else {
+            Outcome::NoMatch
+        };
+        stats::record(Policy::KvAware, outcome, blocks);
+        Some(chosen)
     }
 }
 

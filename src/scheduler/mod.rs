@@ -10,6 +10,7 @@ mod load_balanced;
 mod power_of_two;
 pub mod prefix_index;
 mod round_robin;
+pub mod stats;
 
 use crate::config::{Role, SchedulerKind, SchedulingOptions};
 use crate::instance::Instance;
