@@ -91,12 +91,31 @@ fn picks(c: &mut Criterion) {
     }
 }
 
+/// Tokenizing a completion prompt with the test tokenizer (a 2,000-token byte-level BPE):
+/// the cost a worker pays when a policy or the context check needs exact tokens.
+fn tokenize(c: &mut Criterion) {
+    let root = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/engine/tokenizers"
+    ));
+    xpyd::tokenize::load(root, &["test-model".to_string()]);
+    let t = xpyd::tokenize::get("test-model").expect("test tokenizer");
+    for kib in [1usize, 4] {
+        let text: String = "The proxy routes each request to the instance that holds its prefix. "
+            .repeat(kib * 1024 / 70 + 1)[..kib * 1024]
+            .to_string();
+        c.bench_function(&format!("tokenize/{kib}KiB"), |b| {
+            b.iter(|| black_box(xpyd::tokenize::encode(&t, &text)))
+        });
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_secs(1));
-    targets = picks
+    targets = picks, tokenize
 }
 criterion_main!(benches);

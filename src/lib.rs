@@ -23,6 +23,7 @@ pub mod resilience;
 pub mod runtime;
 pub mod scheduler;
 pub mod shared;
+pub mod tokenize;
 pub mod topology;
 pub mod trace;
 

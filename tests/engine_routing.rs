@@ -465,3 +465,70 @@ fn kv_aware_follows_a_simulated_engines_own_events() {
         .collect();
     eprintln!("requests per node before {before:?} after {after:?}");
 }
+
+/// With `tokenizer_path`, prompt tokens are counted exactly: the proxy's count equals the
+/// Python `tokenizers` package's on the same tokenizer.json, to the token, as seen at the
+/// `max_model_len` boundary (bytes / 4 would refuse a prompt that fits).
+#[test]
+fn exact_token_counts_from_the_models_tokenizer() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
+    let file = format!("{root}/{MODEL}/tokenizer.json");
+    let text = "Hello world, the proxy routes requests; {\"json\": [1, 2, 3]} ".repeat(20);
+    let venv = python_venv(&[("tokenizers", "tokenizers")]);
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", "import sys; from tokenizers import Tokenizer; print(len(Tokenizer.from_file(sys.argv[1]).encode(sys.argv[2]).ids))", &file, &text])
+        .output()
+        .expect("python tokenizers");
+    let exact: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a count");
+    let estimate = (serde_json::to_string(&text).unwrap().len() / 4) as u64;
+    // bytes / 4 is off for this tokenizer (by 35 %), so only an exact count gets the
+    // boundary right.
+    assert!(estimate.abs_diff(exact) > 10, "{estimate} vs {exact}");
+    let a = agent();
+    for (max_len, want) in [
+        (exact + 1, 200), // fits, to the token
+        (exact, 400),     // one token short: the proxy refuses it itself
+    ] {
+        let node = dummy(
+            "dual",
+            &[
+                "--max-model-len",
+                &max_len.to_string(),
+                "--tokenizer",
+                &file,
+            ],
+        );
+        let proxy = proxy_with(
+            &format!("{}tokenizer_path: \"{root}\"\n", dual_yaml(&[&node])),
+            true,
+        );
+        wait_for(
+            "max_model_len from /v1/models",
+            Duration::from_secs(10),
+            || {
+                let (_, v) = get_json(&proxy.url("/status/instances"));
+                v["instances"][0]["max_model_len"] == max_len
+            },
+        );
+        let (status, _, body) = post(
+            &a,
+            &proxy.url("/v1/completions"),
+            &json!({"model": MODEL, "prompt": text, "max_tokens": 1}),
+        );
+        assert_eq!(
+            status, want,
+            "max_model_len {max_len}, exact {exact}: {body}"
+        );
+        if want == 400 {
+            assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+            assert_eq!(
+                dummy_stats(&node)["requests"],
+                0,
+                "the proxy answered, not the node"
+            );
+        }
+    }
+}

@@ -83,6 +83,27 @@ async fn unless_client_leaves(
 /// Tokens assumed for a request without `max_tokens`, for decode load accounting.
 const DEFAULT_DECODE_TOKENS: u64 = 256;
 
+/// The prompt's token ids, only when something needs them (they are not free): a policy of
+/// the model matches on them (`kv_aware`), or the byte estimate is near the model's context
+/// length, where bytes / 4 could refuse a prompt that fits. Token-id prompts are taken as
+/// they are; a text prompt is tokenized when the model has a tokenizer (on the worker:
+/// docs/scheduling.md gives the cost per KiB). Chat messages are not tokenized (the chat
+/// template is the engine's): they keep the estimate.
+fn prompt_token_ids(
+    route: &crate::topology::ModelRoute,
+    inspected: &openai::Inspected<'_>,
+) -> Option<Vec<u32>> {
+    let estimate = inspected.prompt_tokens();
+    let near_limit = route.max_model_len().is_some_and(|max| estimate * 2 >= max);
+    if !route.needs_tokens() && !near_limit {
+        return None;
+    }
+    openai::token_ids(inspected.prompt).or_else(|| {
+        let t = crate::tokenize::get(&route.name)?;
+        crate::tokenize::encode(&t, &openai::prompt_string(inspected.prompt)?)
+    })
+}
+
 pub async fn serve(
     start: Instant,
     w: &Worker,
@@ -113,15 +134,12 @@ pub async fn serve(
         .as_deref()
         .or(inspected.user.as_deref())
         .unwrap_or(peer_ip);
-    // Token ids only when a policy of this model uses them (parsing is not free).
-    let tokens = if route.needs_tokens() {
-        openai::token_ids(inspected.prompt)
-    } else {
-        None
-    };
+    let tokens = prompt_token_ids(route, &inspected);
     let pick = PickContext {
         tokens: tokens.as_deref(),
-        prompt_tokens: inspected.prompt_tokens(),
+        prompt_tokens: tokens
+            .as_ref()
+            .map_or(inspected.prompt_tokens(), |t| t.len() as u64),
         decode_tokens: inspected.max_tokens.unwrap_or(DEFAULT_DECODE_TOKENS),
         key: Some(key),
         prompt_text: inspected.prompt,

@@ -142,6 +142,10 @@ impl ProxyHandle {
 pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     let shared = Shared::new(cfg, opts.workers);
     let control = control::spawn(shared.clone(), cfg)?;
+    if let Some(root) = &cfg.tokenizer_path {
+        let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();
+        crate::tokenize::load(root, &names);
+    }
     scrape::spawn(shared.clone())?;
     kv_events::spawn(shared.clone())?;
     let control_for_handle = control.clone();
