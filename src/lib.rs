@@ -7,6 +7,7 @@
 
 pub mod log;
 
+pub mod admission;
 pub mod config;
 pub mod demo;
 pub mod discovery;

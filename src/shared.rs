@@ -26,6 +26,8 @@ pub struct Shared {
     pub active: Vec<CachePadded<AtomicU64>>,
     /// Metrics, one set per worker (each worker writes only its own).
     pub metrics: Vec<Arc<WorkerMetrics>>,
+    /// Admission counters per model (and API key), shared by every worker.
+    pub admission: crate::admission::Gates,
     pub started: Instant,
     pub created_unix: u64,
     /// The span exporter when `tracing.otlp_endpoint` is set (docs/tracing.md).
@@ -44,6 +46,7 @@ impl Shared {
                 .map(|_| CachePadded::new(AtomicU64::new(0)))
                 .collect(),
             metrics: (0..workers.max(1)).map(|_| Arc::default()).collect(),
+            admission: Default::default(),
             started: Instant::now(),
             created_unix: crate::ids::unix_seconds(),
             exporter: cfg.tracing.otlp_endpoint.clone().and_then(|e| {

@@ -2,6 +2,7 @@
 //! Format 1, legacy top-level `model` + `prefill`/`decode`/`dual`; Format 2, `instances:
 //! [{address, role, model}]`; Format 3, `models: [{name, prefill, decode, dual, ...}]`.
 
+use super::admission::{self, AdmissionConfig};
 use super::problem::Kind;
 use super::reader::{join, Reader};
 use super::role::{Role, RoleGap};
@@ -21,6 +22,7 @@ pub struct ModelDefaults {
     pub role_schedulers: RoleSchedulers,
     pub scheduling: SchedulingOptions,
     pub mode: DisaggMode,
+    pub admission: AdmissionConfig,
 }
 
 impl ModelDefaults {
@@ -33,6 +35,7 @@ impl ModelDefaults {
             role_schedulers: self.role_schedulers,
             scheduling: self.scheduling.clone(),
             mode: self.mode,
+            admission: self.admission.clone(),
         }
     }
 }
@@ -264,6 +267,7 @@ fn format3(r: &mut Reader<'_>, v: &Value, defaults: &ModelDefaults) -> Vec<Model
         }
         let mode_name = r.string(Some(m), &path, "disaggregated_mode");
         model.mode = r.mode(mode_name, &join(&path, "disaggregated_mode"), model.mode);
+        model.admission = admission::model(r, m, &path, &defaults.admission);
         r.check_roles(m, &path, &model.name);
         model.instances = r.model_roles(m, &path);
         model.discovered = r.take_discovered();

@@ -68,6 +68,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let auth = auth(&mut r, t);
     let tracing = super::tracing::tracing(&mut r, top);
     let deny_headers = super::tracing::deny_list(&mut r, top);
+    unknown_weighted_keys(&mut r, &models, &auth.api_keys);
     let host = r
         .string(t, "", "host")
         .unwrap_or_else(|| "0.0.0.0".to_string());
@@ -86,6 +87,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         health,
         engine_metrics,
         kv_events,
+        admission: defaults.admission,
         startup,
         circuit,
         retry,
@@ -143,6 +145,7 @@ fn model_defaults(r: &mut Reader<'_>, top: &Map<String, Value>) -> ModelDefaults
         scheduler: r.scheduler(scheduler_name, "scheduling"),
         scheduling: sections::scheduling_options(r, top),
         mode: r.mode(mode_name, "disaggregated_mode", DisaggMode::Direct),
+        admission: super::admission::top(r, top),
     }
 }
 
@@ -186,6 +189,24 @@ fn first_token_source(r: &mut Reader<'_>, t: Section<'_>) -> bool {
         }
         (Some(a), _) => a,
         (None, b) => b.unwrap_or(false),
+    }
+}
+
+/// A `key_weights` entry for a key not in `api_keys` weighs nothing: said, since the
+/// key's owner would otherwise get only the default share.
+fn unknown_weighted_keys(r: &mut Reader<'_>, models: &[super::ModelConfig], keys: &[String]) {
+    let mut said = false;
+    for m in models {
+        if said {
+            return;
+        }
+        if m.admission.key_weights.keys().any(|k| !keys.contains(k)) {
+            r.problem(
+                "admission.key_weights",
+                format!("model `{}` weighs a key that is not in api_keys", m.name),
+            );
+            said = true;
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! library; `fix.rs` repairs common mistakes in the text.
 
 mod address;
+mod admission;
 mod discovery;
 pub mod fix;
 mod formats;
@@ -26,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use address::{parse_address, AddressError};
+pub use admission::AdmissionConfig;
 pub use discovery::{DiscoveryConfig, DnsName, DNS_SCHEME};
 pub use problem::{ConfigError, Kind as ProblemKind, Problem};
 pub use role::{Role, RoleGap, UnknownRole};
@@ -165,6 +167,8 @@ pub struct ModelConfig {
     pub role_schedulers: RoleSchedulers,
     pub scheduling: SchedulingOptions,
     pub mode: DisaggMode,
+    /// Limits on the model's requests (the top level's `admission` unless it says).
+    pub admission: AdmissionConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +239,8 @@ pub struct Config {
     pub health: HealthConfig,
     pub engine_metrics: EngineMetricsConfig,
     pub kv_events: KvEventsConfig,
+    /// The top level's `admission` (each model's own is in its `ModelConfig`).
+    pub admission: AdmissionConfig,
     pub startup: StartupConfig,
     pub circuit: CircuitConfig,
     pub retry: RetryConfig,
@@ -348,6 +354,20 @@ pub struct Policy {
     pub deny_headers: Vec<String>,
     /// `tracing.sample_ratio` (the exporter itself is set up at start).
     pub trace_sample_ratio: f64,
+    /// Each configured model's admission limits, by name ...
+    pub admission: std::collections::HashMap<String, AdmissionConfig>,
+    /// ... and those of a model added by the admin API (the top level's).
+    pub admission_default: AdmissionConfig,
+}
+
+impl Policy {
+    /// The admission limits of `model`, None when it has none.
+    pub fn admission(&self, model: &str) -> Option<&AdmissionConfig> {
+        self.admission
+            .get(model)
+            .unwrap_or(&self.admission_default)
+            .is_on()
+    }
 }
 
 impl Config {
@@ -400,6 +420,12 @@ impl Config {
             shutdown_grace: self.shutdown_grace,
             deny_headers: self.deny_headers.clone(),
             trace_sample_ratio: self.tracing.sample_ratio,
+            admission: self
+                .models
+                .iter()
+                .map(|m| (m.name.clone(), m.admission.clone()))
+                .collect(),
+            admission_default: self.admission.clone(),
         }
     }
 

@@ -32,6 +32,7 @@ pub const TOP: &[&str] = &[
     "metrics",
     "engine_metrics",
     "kv_events",
+    "admission",
     "shutdown_grace_seconds",
     "discovery",
     "tracing",
@@ -60,6 +61,7 @@ pub const MODEL_KEYS: &[&str] = &[
     "prefill_scheduler",
     "decode_scheduler",
     "disaggregated_mode",
+    "admission",
     // 1.8's name for `dual`.
     "aggregated",
 ];
@@ -104,6 +106,15 @@ pub const LIMITS: &[&str] = &[
     "keepalive_timeout_seconds",
 ];
 pub const METRICS: &[&str] = &["enabled"];
+pub const ADMISSION: &[&str] = &[
+    "max_concurrent_requests",
+    "queue_size",
+    "queue_timeout_seconds",
+    "tokens_per_second",
+    "token_burst",
+    "engine_waiting_threshold",
+    "key_weights",
+];
 pub const ENGINE_METRICS: &[&str] = &["enabled", "interval_seconds", "timeout_seconds"];
 pub const DISCOVERY: &[&str] = &["interval_seconds", "timeout_seconds", "nameservers"];
 pub const KV_EVENTS: &[&str] = &[
@@ -174,6 +185,7 @@ const LEVELS: &[&[&str]] = &[
     DISCOVERY,
     ENGINE_METRICS,
     KV_EVENTS,
+    ADMISSION,
     SCHEDULING_CONFIG,
     TRACING,
     FORWARD_HEADERS,

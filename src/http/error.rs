@@ -13,6 +13,8 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Close the connection after answering (framing could not be trusted).
     pub close: bool,
+    /// `Retry-After` in seconds (a 503 without one says 1).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -24,6 +26,7 @@ impl ApiError {
             param: None,
             code: None,
             close: false,
+            retry_after: None,
         }
     }
 
@@ -54,6 +57,11 @@ impl ApiError {
 
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
+        self
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
         self
     }
 

@@ -153,8 +153,20 @@ pub async fn serve(
     // The first token from prefill rewrites the decode stream: it must come uncompressed.
     ctx.forward.decode_identity = w.policy().generator_on_p_node && inspected.stream;
     let work = async {
+        // Admission waits inside the work: a client that leaves is taken out of the queue.
+        let ask = crate::admission::Ask {
+            model: &route.name,
+            route,
+            authorization: req.head.authorization.as_deref(),
+            tokens: pick.prompt_tokens + pick.decode_tokens,
+        };
+        // Held (its slot in use) until the request is over.
+        let admitted = w.admission.admit(ask).await;
         let (prefill_up, decode_up) = (route.prefill.any_available(), route.decode.any_available());
-        let result = if prefill_up && decode_up {
+        let result = if let Err(rejected) = &admitted {
+            crate::info!("request {request_id}: {}", rejected.message);
+            Err(rejected.api_error())
+        } else if prefill_up && decode_up {
             let job = Job {
                 inspected: &inspected,
                 chat: endpoint == Endpoint::ChatCompletions,
@@ -197,6 +209,10 @@ pub async fn serve(
                 dual: ctx.tl.prefill_sent.is_none(),
             };
             spans::emit(exporter, t, &info, &ctx.tl, outcome.status, end);
+        }
+        if let Some(tokens) = ctx.tl.usage {
+            w.admission
+                .usage(&route.name, req.head.authorization.as_deref(), tokens);
         }
         outcome
     };

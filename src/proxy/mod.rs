@@ -47,6 +47,8 @@ pub struct Worker {
     pub metrics_enabled: bool,
     /// Reused output buffers for relaying.
     pub scratch: relay::Scratch,
+    /// This worker's admission queues.
+    pub admission: Rc<crate::admission::Local>,
 }
 
 impl Worker {
@@ -181,6 +183,7 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                     metric_index: Default::default(),
                     metrics_enabled: cfg.metrics_enabled,
                     scratch: Default::default(),
+                    admission: crate::admission::Local::new(shared.clone()),
                     shared,
                     pool: upstream::Pool::new(cfg.timeouts.connect, cfg.timeouts.pool_idle),
                     control,

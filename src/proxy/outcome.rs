@@ -45,7 +45,10 @@ pub async fn answer_error(
     if let Some(id) = request_id {
         extra.push(("X-Request-Id", id));
     }
-    if err.status == StatusCode::SERVICE_UNAVAILABLE {
+    let retry_after = err.retry_after.map(|s| s.to_string());
+    if let Some(s) = retry_after.as_deref() {
+        extra.push(("Retry-After", s));
+    } else if err.status == StatusCode::SERVICE_UNAVAILABLE {
         extra.push(("Retry-After", "1"));
     }
     let keep = keep_alive && !err.close;

@@ -192,6 +192,9 @@ async fn pump(
                 !body.is_empty(),
                 if sse { sse::count_events(body) } else { 0 },
             );
+            if let Some(u) = crate::admission::usage::scan(body) {
+                ctx.tl.usage = Some(u);
+            }
             out = ctx.write(out).await?;
             *started = true;
             head_len = 0;

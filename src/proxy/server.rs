@@ -191,6 +191,7 @@ async fn dispatch(
             if let Some(exporter) = &w.shared.exporter {
                 exporter.stats.render(&mut body);
             }
+            crate::admission::render(&w.shared.admission, &mut body);
             let headers = [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")];
             let b = body.as_bytes();
             return respond(stream, StatusCode::OK, &headers, b, keep_alive, head_only).await;
@@ -297,6 +298,7 @@ fn health(w: &Worker) -> (StatusCode, serde_json::Value) {
 
 fn status(w: &Worker) -> serde_json::Value {
     let topo = w.shared.topology.load();
+    let policy = w.policy();
     let models: Vec<_> = topo
         .models
         .iter()
@@ -315,6 +317,7 @@ fn status(w: &Worker) -> serde_json::Value {
                 "dual": count(&m.dual),
                 "ready": m.is_open(),
                 "can_serve": m.can_serve(),
+                "admission": crate::admission::status_json(&w.shared.admission, &policy, &m.name),
                 "warnings": m.model_mismatches().iter().map(|(addr, reported)| format!(
                     "instance {addr} serves `{reported}`, not `{}`: its requests fail with 404 model_not_found",
                     m.name

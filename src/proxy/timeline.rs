@@ -19,6 +19,8 @@ pub struct Timeline {
     pub last_event: Option<Instant>,
     /// SSE events relayed.
     pub events: u64,
+    /// `(prompt, completion)` tokens from the response's `usage`, when it had one.
+    pub usage: Option<(u64, u64)>,
 }
 
 impl Timeline {
@@ -34,6 +36,7 @@ impl Timeline {
             first_byte: None,
             last_event: None,
             events: 0,
+            usage: None,
         }
     }
 

@@ -1,0 +1,261 @@
+//! What every worker shares about one model's admission: the slots in use, the requests
+//! waiting (summed over the workers' queues), the token bucket, one such set per API key,
+//! and the counters `/metrics` and `/status` show. Atomics only, each hot one on its own
+//! cache line.
+
+use super::bucket::Bucket;
+use arc_swap::ArcSwap;
+use crossbeam_utils::CachePadded;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a request was answered 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Over `max_concurrent_requests` with no queue (`queue_size: 0`).
+    Concurrency,
+    /// The queue (or the key's share of it) was full.
+    QueueFull,
+    /// Waited `queue_timeout_seconds` without a slot.
+    QueueTimeout,
+    /// `tokens_per_second` (or the key's share of it) spent.
+    TokenRate,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 4] = [
+        Reason::Concurrency,
+        Reason::QueueFull,
+        Reason::QueueTimeout,
+        Reason::TokenRate,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Concurrency => "concurrency",
+            Reason::QueueFull => "queue_full",
+            Reason::QueueTimeout => "queue_timeout",
+            Reason::TokenRate => "token_rate",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the queue-time histogram's buckets.
+pub const QUEUE_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Slots, queue and bucket: one for the model, one per API key.
+#[derive(Default)]
+pub struct Counters {
+    pub in_flight: CachePadded<AtomicU64>,
+    pub queued: CachePadded<AtomicU64>,
+    pub bucket: CachePadded<Bucket>,
+    pub rejected: [AtomicU64; 4],
+    pub admitted: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+}
+
+impl Counters {
+    /// Takes a slot if fewer than `limit` are in use (0: no limit).
+    pub fn try_take(&self, limit: u64) -> bool {
+        if limit == 0 {
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.in_flight
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Release);
+    }
+
+    pub fn reject(&self, r: Reason) {
+        self.rejected[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected(&self, r: Reason) -> u64 {
+        self.rejected[r as usize].load(Ordering::Relaxed)
+    }
+
+    /// Token usage the engine reported for one request.
+    pub fn usage(&self, prompt: u64, completion: u64) {
+        self.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(completion, Ordering::Relaxed);
+    }
+}
+
+/// One API key's counters and its label in metrics (its position in `api_keys`: the key
+/// itself is a secret).
+pub struct KeyGate {
+    /// The key (weights are configured by key).
+    pub key: String,
+    pub label: String,
+    pub c: Counters,
+}
+
+pub struct ModelGate {
+    pub c: Counters,
+    /// Created on a key's first request, never removed (a key dropped by a reload keeps
+    /// its counters until restart).
+    keys: ArcSwap<HashMap<String, Arc<KeyGate>>>,
+    /// Time waited by requests that queued and were then admitted.
+    queue_time: [AtomicU64; QUEUE_BUCKETS.len() + 1],
+    queue_time_sum_us: AtomicU64,
+}
+
+impl Default for ModelGate {
+    fn default() -> Self {
+        ModelGate {
+            c: Counters::default(),
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            queue_time: Default::default(),
+            queue_time_sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ModelGate {
+    /// The counters of `key` (`label` names it in metrics), created on first use.
+    pub fn key(&self, key: &str, label: impl FnOnce() -> String) -> Arc<KeyGate> {
+        if let Some(k) = self.keys.load().get(key) {
+            return k.clone();
+        }
+        let fresh = Arc::new(KeyGate {
+            key: key.to_string(),
+            label: label(),
+            c: Counters::default(),
+        });
+        // Lock-free insert; a racing insert of the same key wins and is used.
+        let mut out = fresh.clone();
+        self.keys.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            out = m
+                .entry(key.to_string())
+                .or_insert_with(|| fresh.clone())
+                .clone();
+            m
+        });
+        out
+    }
+
+    pub fn keys(&self) -> Vec<Arc<KeyGate>> {
+        let mut v: Vec<_> = self.keys.load().values().cloned().collect();
+        v.sort_by(|a, b| a.label.cmp(&b.label));
+        v
+    }
+
+    pub fn observe_queue_time(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = QUEUE_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(QUEUE_BUCKETS.len());
+        self.queue_time[i].fetch_add(1, Ordering::Relaxed);
+        self.queue_time_sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Non-cumulative bucket counts (the last above the largest bound) and the sum in s.
+    pub fn queue_time(&self) -> (Vec<u64>, f64) {
+        (
+            self.queue_time
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            self.queue_time_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+/// Every model's gate, by name; a model's gate outlives reloads, so requests in flight
+/// keep counting against the limits the next config sets.
+pub struct Gates {
+    map: ArcSwap<HashMap<String, Arc<ModelGate>>>,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            map: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+}
+
+impl Gates {
+    /// `model`'s gate, created on its first request (lock-free).
+    pub fn get(&self, model: &str) -> Arc<ModelGate> {
+        if let Some(g) = self.map.load().get(model) {
+            return g.clone();
+        }
+        let fresh = Arc::new(ModelGate::default());
+        let mut out = fresh.clone();
+        self.map.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            out = m
+                .entry(model.to_string())
+                .or_insert_with(|| fresh.clone())
+                .clone();
+            m
+        });
+        out
+    }
+
+    /// Every gate, by model name.
+    pub fn all(&self) -> Vec<(String, Arc<ModelGate>)> {
+        let mut v: Vec<_> = self
+            .map
+            .load()
+            .iter()
+            .map(|(k, g)| (k.clone(), g.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn find(&self, model: &str) -> Option<Arc<ModelGate>> {
+        self.map.load().get(model).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_taken_only_under_the_limit() {
+        let c = Counters::default();
+        assert!(c.try_take(2));
+        assert!(c.try_take(2));
+        assert!(!c.try_take(2));
+        c.release();
+        assert!(c.try_take(2));
+        assert_eq!(c.in_flight(), 2);
+    }
+
+    #[test]
+    fn gates_and_key_gates_are_created_once() {
+        let g = Gates::default();
+        let a = g.get("m");
+        assert!(Arc::ptr_eq(&a, &g.get("m")));
+        let k = a.key("sk-1", || "api_keys[0]".into());
+        assert!(Arc::ptr_eq(&k, &a.key("sk-1", || unreachable!())));
+        assert_eq!(a.keys().len(), 1);
+    }
+}

@@ -1,0 +1,740 @@
+//! Admission control (docs/resilience.md, "Admission control"): before a request is sent,
+//! it passes its model's limits — a token bucket (prompt + max_tokens per second), a
+//! concurrency limit with a bounded FIFO queue and a queue timeout, the engines' own queues
+//! (engine-aware shedding), and with `api_keys` each key's share of all of these. Past a
+//! limit the answer is 429 with `Retry-After`, at once or when the queue time is up.
+//!
+//! Shared across workers (`gate.rs`): the per-model and per-key slot counters, queue depths
+//! and buckets, all atomics. Per worker (`Local`): the wait queues, plain `RefCell`s — a
+//! request waits on its own worker and is woken by that worker only, so nothing waits on
+//! another thread and no lock is taken. A slot freed on a worker goes to that worker's
+//! oldest waiter; a worker's waiters also look for slots freed elsewhere every `TICK`. The
+//! order is therefore FIFO within a worker and approximately FIFO across workers (a slot
+//! freed on worker A while only worker B has waiters is taken within one tick).
+
+mod bucket;
+mod gate;
+pub mod usage;
+
+pub use gate::{Gates, ModelGate, Reason};
+
+use crate::config::{AdmissionConfig, Policy};
+use crate::http::ApiError;
+use crate::shared::Shared;
+use crate::topology::{ModelRoute, RoleSet};
+use gate::{Counters, KeyGate};
+use http::StatusCode;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// How often a worker with waiters looks for slots freed on other workers (and for the
+/// engines' queues to drain).
+const TICK: Duration = Duration::from_millis(2);
+
+/// Why a request was not admitted, answered as 429.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub reason: Reason,
+    pub retry_after_secs: u64,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn api_error(&self) -> ApiError {
+        let kind = if self.reason == Reason::TokenRate {
+            "tokens"
+        } else {
+            "requests"
+        };
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, kind, self.message.clone())
+            .with_code("rate_limit_exceeded")
+            .with_retry_after(self.retry_after_secs)
+    }
+}
+
+/// What admission needs to know about a request.
+pub struct Ask<'a> {
+    pub model: &'a str,
+    pub route: &'a ModelRoute,
+    /// The client's `Authorization` header (its key picks the key's share).
+    pub authorization: Option<&'a str>,
+    /// prompt + max_tokens, for the token bucket.
+    pub tokens: u64,
+}
+
+/// One worker's wait queues, by model.
+pub struct Local {
+    shared: Arc<Shared>,
+    queues: RefCell<HashMap<String, Rc<Queue>>>,
+    ticking: Cell<bool>,
+}
+
+struct Queue {
+    model: String,
+    gate: Arc<ModelGate>,
+    waiters: RefCell<VecDeque<Rc<Waiter>>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    /// A slot was taken for it; the request has not picked it up yet.
+    Granted,
+    /// The request holds the slot (its `Permit` releases it).
+    Taken,
+}
+
+struct Waiter {
+    key: Option<Arc<KeyGate>>,
+    state: Cell<State>,
+    waker: Cell<Option<Waker>>,
+    since: Instant,
+}
+
+/// A slot of the model (and of the key): released, and handed to the worker's next
+/// waiter, when the request ends however it ends.
+pub struct Permit {
+    local: Rc<Local>,
+    q: Rc<Queue>,
+    key: Option<Arc<KeyGate>>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        release(&self.q, &self.key);
+        self.local.pump(&self.q);
+    }
+}
+
+fn release(q: &Queue, key: &Option<Arc<KeyGate>>) {
+    q.gate.c.release();
+    if let Some(k) = key {
+        k.c.release();
+    }
+}
+
+/// `limit` split by weight: a key's share (at least 1), 0 for no limit.
+fn share(limit: u64, weight: u64, total: u64) -> u64 {
+    if limit == 0 {
+        0
+    } else {
+        (limit * weight / total.max(1)).max(1)
+    }
+}
+
+/// A key's weight and the sum of all keys' weights.
+fn weights(policy: &Policy, cfg: &AdmissionConfig, key: &str) -> (u64, u64) {
+    let w = |k: &str| cfg.key_weights.get(k).copied().unwrap_or(1);
+    (w(key), policy.api_keys.iter().map(|k| w(k)).sum())
+}
+
+fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
+
+/// Every available instance of the role reports more than `threshold` waiting requests
+/// (an instance without a fresh sample counts as not saturated).
+fn role_saturated(set: &RoleSet, threshold: u64) -> bool {
+    let mut any = false;
+    for i in set.instances.iter().filter(|i| i.is_available()) {
+        match i.engine.last() {
+            Some(f) if f.sample.waiting > threshold => any = true,
+            _ => return false,
+        }
+    }
+    any
+}
+
+/// The engines that would take the model's next request are all saturated: both roles'
+/// of a P/D model (either one saturated is enough), else the dual instances.
+pub fn saturated(route: &ModelRoute, threshold: u64) -> bool {
+    if threshold == 0 {
+        return false;
+    }
+    if route.prefill.any_available() && route.decode.any_available() {
+        role_saturated(&route.prefill, threshold) || role_saturated(&route.decode, threshold)
+    } else {
+        role_saturated(&route.dual, threshold)
+    }
+}
+
+fn retry_after(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl Local {
+    pub fn new(shared: Arc<Shared>) -> Rc<Self> {
+        Rc::new(Local {
+            shared,
+            queues: RefCell::new(HashMap::new()),
+            ticking: Cell::new(false),
+        })
+    }
+
+    fn queue(&self, model: &str) -> Rc<Queue> {
+        if let Some(q) = self.queues.borrow().get(model) {
+            return q.clone();
+        }
+        let q = Rc::new(Queue {
+            model: model.to_string(),
+            gate: self.shared.admission.get(model),
+            waiters: RefCell::new(VecDeque::new()),
+        });
+        self.queues
+            .borrow_mut()
+            .insert(model.to_string(), q.clone());
+        q
+    }
+
+    /// Admits the request now, after a wait in the queue, or not (429). `None`: the model
+    /// has no admission limits. Dropping the future while it waits (the client left)
+    /// removes the request from the queue.
+    pub async fn admit(self: &Rc<Self>, ask: Ask<'_>) -> Result<Option<Permit>, Rejection> {
+        let policy = self.shared.policy.load_full();
+        let Some(cfg) = policy.admission(ask.model) else {
+            return Ok(None);
+        };
+        let q = self.queue(ask.model);
+        let gate = &q.gate;
+        let key = ask
+            .authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim)
+            .and_then(|k| policy.api_keys.iter().position(|x| x == k))
+            .map(|i| {
+                let k = &policy.api_keys[i];
+                (
+                    gate.key(k, || format!("api_keys[{i}]")),
+                    weights(&policy, cfg, k),
+                )
+            });
+        let reject = |reason: Reason, retry: u64, message: String| {
+            gate.c.reject(reason);
+            if let Some((k, _)) = &key {
+                k.c.reject(reason);
+            }
+            Err(Rejection {
+                reason,
+                retry_after_secs: retry.max(1),
+                message,
+            })
+        };
+
+        // Tokens: the model's bucket, then the key's share of it.
+        let now = now_ns();
+        let burst = cfg.burst();
+        if let Err(wait) = gate
+            .c
+            .bucket
+            .take(now, ask.tokens, cfg.tokens_per_second, burst)
+        {
+            return reject(
+                Reason::TokenRate,
+                retry_after(wait),
+                format!(
+                    "model `{}` is over its token rate ({} tokens/s, prompt + max_tokens); retry later",
+                    ask.model, cfg.tokens_per_second
+                ),
+            );
+        }
+        if let Some((k, (w, total))) = &key {
+            let rate = share(cfg.tokens_per_second, *w, *total);
+            if let Err(wait) =
+                k.c.bucket
+                    .take(now, ask.tokens, rate, share(burst, *w, *total))
+            {
+                return reject(
+                    Reason::TokenRate,
+                    retry_after(wait),
+                    format!("this API key is over its share of model `{}`'s token rate ({rate} tokens/s); retry later", ask.model),
+                );
+            }
+        }
+
+        // A slot at once, unless others are waiting or the engines are saturated.
+        let limit = cfg.max_concurrent_requests;
+        let key_limit = key.as_ref().map(|(_, (w, t))| share(limit, *w, *t));
+        if q.waiters.borrow().is_empty()
+            && gate.c.queued() == 0
+            && !saturated(ask.route, cfg.engine_waiting_threshold)
+            && take(&gate.c, limit, key.as_ref().map(|(k, _)| &k.c), key_limit)
+        {
+            return Ok(Some(Permit {
+                local: self.clone(),
+                q: q.clone(),
+                key: key.map(|(k, _)| k),
+            }));
+        }
+
+        // Wait in the queue, if there is room (the key's share of it too).
+        let full = |c: &Counters, cap: u64| {
+            c.queued
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < cap).then_some(n + 1)
+                })
+                .is_err()
+        };
+        if cfg.queue_size == 0 {
+            return reject(
+                Reason::Concurrency,
+                1,
+                format!(
+                    "model `{}` has {limit} requests in flight (admission.max_concurrent_requests); retry later",
+                    ask.model
+                ),
+            );
+        }
+        if full(&gate.c, cfg.queue_size) {
+            return reject(
+                Reason::QueueFull,
+                1,
+                format!(
+                    "model `{}` is at its limit and its queue is full ({} waiting); retry later",
+                    ask.model, cfg.queue_size
+                ),
+            );
+        }
+        if let Some((k, (w, t))) = &key {
+            let cap = share(cfg.queue_size, *w, *t);
+            if full(&k.c, cap) {
+                gate.c.queued.fetch_sub(1, Ordering::Relaxed);
+                return reject(
+                    Reason::QueueFull,
+                    1,
+                    format!("this API key has its share of model `{}`'s queue waiting ({cap}); retry later", ask.model),
+                );
+            }
+        }
+        let timeout = cfg.queue_timeout;
+        drop(policy);
+        let waiter = Rc::new(Waiter {
+            key: key.as_ref().map(|(k, _)| k.clone()),
+            state: Cell::new(State::Waiting),
+            waker: Cell::new(None),
+            since: Instant::now(),
+        });
+        q.waiters.borrow_mut().push_back(waiter.clone());
+        let ticket = Ticket {
+            local: self.clone(),
+            q: q.clone(),
+            w: waiter.clone(),
+        };
+        self.pump(&q);
+        self.ensure_ticking();
+        let _ = monoio::time::timeout(timeout, Granted(&waiter)).await;
+        if waiter.state.get() == State::Granted {
+            waiter.state.set(State::Taken);
+            drop(ticket);
+            return Ok(Some(Permit {
+                local: self.clone(),
+                q,
+                key: waiter.key.clone(),
+            }));
+        }
+        drop(ticket); // leaves the queue
+        gate.c.reject(Reason::QueueTimeout);
+        if let Some(k) = &waiter.key {
+            k.c.reject(Reason::QueueTimeout);
+        }
+        Err(Rejection {
+            reason: Reason::QueueTimeout,
+            retry_after_secs: 1,
+            message: format!(
+                "model `{}` had no free slot within {:.3} s (admission.queue_timeout_seconds); retry later",
+                ask.model,
+                timeout.as_secs_f64()
+            ),
+        })
+    }
+
+    /// Counts the token usage an engine reported for a request of `model` (and of the
+    /// client's API key), whether or not the model has admission limits.
+    pub fn usage(&self, model: &str, authorization: Option<&str>, tokens: (u64, u64)) {
+        let gate = self.shared.admission.get(model);
+        gate.c.usage(tokens.0, tokens.1);
+        let policy = self.shared.policy.load();
+        if let Some(i) = authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim)
+            .and_then(|k| policy.api_keys.iter().position(|x| x == k))
+        {
+            gate.key(&policy.api_keys[i], || format!("api_keys[{i}]"))
+                .c
+                .usage(tokens.0, tokens.1);
+        }
+    }
+
+    /// Hands free slots to this worker's waiters for `q`'s model, oldest first (a waiter
+    /// whose key is at its share is passed over, not blocking the ones behind it).
+    fn pump(&self, q: &Queue) {
+        if q.waiters.borrow().is_empty() {
+            return;
+        }
+        let policy = self.shared.policy.load();
+        let cfg = policy.admission(&q.model);
+        if let Some(cfg) = cfg {
+            if cfg.engine_waiting_threshold > 0 {
+                let topo = self.shared.topology.load();
+                let route = topo.route_index(Some(&q.model)).map(|i| &topo.models[i]);
+                if route.is_some_and(|r| saturated(r, cfg.engine_waiting_threshold)) {
+                    return;
+                }
+            }
+        }
+        let mut waiters = q.waiters.borrow_mut();
+        let mut i = 0;
+        while i < waiters.len() {
+            let w = &waiters[i];
+            let granted = match cfg {
+                // Limits lifted by a reload: everyone waiting goes.
+                None => {
+                    q.gate.c.try_take(0);
+                    if let Some(k) = &w.key {
+                        k.c.try_take(0);
+                    }
+                    true
+                }
+                Some(cfg) => {
+                    let limit = cfg.max_concurrent_requests;
+                    let key_limit = w.key.as_ref().map(|k| {
+                        let (wt, total) = weights(&policy, cfg, &k.key);
+                        share(limit, wt, total)
+                    });
+                    if take(&q.gate.c, limit, w.key.as_ref().map(|k| &k.c), key_limit) {
+                        true
+                    } else if q.gate.c.in_flight() >= limit && limit > 0 {
+                        break; // the model is full: nobody behind gets in either
+                    } else {
+                        false // this key is at its share; the next waiter may go
+                    }
+                }
+            };
+            if !granted {
+                i += 1;
+                continue;
+            }
+            let Some(w) = waiters.remove(i) else { break };
+            q.gate.c.queued.fetch_sub(1, Ordering::Relaxed);
+            if let Some(k) = &w.key {
+                k.c.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+            q.gate.observe_queue_time(w.since.elapsed());
+            w.state.set(State::Granted);
+            if let Some(waker) = w.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// While any queue of this worker has waiters, look for free slots every `TICK`.
+    fn ensure_ticking(self: &Rc<Self>) {
+        if self.ticking.replace(true) {
+            return;
+        }
+        let me = self.clone();
+        monoio::spawn(async move {
+            loop {
+                monoio::time::sleep(TICK).await;
+                let busy: Vec<Rc<Queue>> = me
+                    .queues
+                    .borrow()
+                    .values()
+                    .filter(|q| !q.waiters.borrow().is_empty())
+                    .cloned()
+                    .collect();
+                if busy.is_empty() {
+                    me.ticking.set(false);
+                    return;
+                }
+                for q in busy {
+                    me.pump(&q);
+                }
+            }
+        });
+    }
+}
+
+/// Takes the key's slot then the model's, or neither.
+fn take(model: &Counters, limit: u64, key: Option<&Counters>, key_limit: Option<u64>) -> bool {
+    if let Some(k) = key {
+        if !k.try_take(key_limit.unwrap_or(0)) {
+            return false;
+        }
+    }
+    if model.try_take(limit) {
+        return true;
+    }
+    if let Some(k) = key {
+        k.release();
+    }
+    false
+}
+
+/// A place in the queue: leaving it (timeout, the client gone) takes the request out, or
+/// gives back the slot it was granted meanwhile.
+struct Ticket {
+    local: Rc<Local>,
+    q: Rc<Queue>,
+    w: Rc<Waiter>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        match self.w.state.get() {
+            State::Waiting => {
+                let mut waiters = self.q.waiters.borrow_mut();
+                if let Some(i) = waiters.iter().position(|x| Rc::ptr_eq(x, &self.w)) {
+                    waiters.remove(i);
+                    self.q.gate.c.queued.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(k) = &self.w.key {
+                        k.c.queued.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            State::Granted => {
+                self.w.state.set(State::Taken);
+                release(&self.q, &self.w.key);
+                self.local.pump(&self.q);
+            }
+            State::Taken => {}
+        }
+    }
+}
+
+/// Resolves once the waiter was granted a slot.
+struct Granted<'a>(&'a Waiter);
+
+impl Future for Granted<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.state.get() != State::Waiting {
+            return Poll::Ready(());
+        }
+        self.0.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+/// The admission series of `/metrics`.
+pub fn render(gates: &Gates, out: &mut String) {
+    let all = gates.all();
+    if all.is_empty() {
+        return;
+    }
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    header(
+        out,
+        "proxy_admission_in_flight",
+        "gauge",
+        "Admitted requests in flight, by model.",
+    );
+    for (m, g) in &all {
+        let _ = writeln!(
+            out,
+            "proxy_admission_in_flight{{model=\"{m}\"}} {}",
+            g.c.in_flight()
+        );
+    }
+    header(
+        out,
+        "proxy_admission_queue_depth",
+        "gauge",
+        "Requests waiting in the admission queue, by model (all workers).",
+    );
+    for (m, g) in &all {
+        let _ = writeln!(
+            out,
+            "proxy_admission_queue_depth{{model=\"{m}\"}} {}",
+            g.c.queued()
+        );
+    }
+    header(
+        out,
+        "proxy_admission_queue_seconds",
+        "histogram",
+        "Time waited in the admission queue by requests then admitted.",
+    );
+    for (m, g) in &all {
+        let (counts, sum) = g.queue_time();
+        let mut cum = 0;
+        for (i, b) in gate::QUEUE_BUCKETS.iter().enumerate() {
+            cum += counts[i];
+            let _ = writeln!(
+                out,
+                "proxy_admission_queue_seconds_bucket{{model=\"{m}\",le=\"{b}\"}} {cum}"
+            );
+        }
+        cum += counts[gate::QUEUE_BUCKETS.len()];
+        let _ = writeln!(
+            out,
+            "proxy_admission_queue_seconds_bucket{{model=\"{m}\",le=\"+Inf\"}} {cum}"
+        );
+        let _ = writeln!(
+            out,
+            "proxy_admission_queue_seconds_sum{{model=\"{m}\"}} {sum}"
+        );
+        let _ = writeln!(
+            out,
+            "proxy_admission_queue_seconds_count{{model=\"{m}\"}} {cum}"
+        );
+    }
+    header(
+        out,
+        "proxy_admission_rejected_total",
+        "counter",
+        "Requests answered 429 by admission, by model and reason.",
+    );
+    for (m, g) in &all {
+        for r in Reason::ALL {
+            let _ = writeln!(
+                out,
+                "proxy_admission_rejected_total{{model=\"{m}\",reason=\"{}\"}} {}",
+                r.as_str(),
+                g.c.rejected(r)
+            );
+        }
+    }
+    let keyed: Vec<_> = all
+        .iter()
+        .flat_map(|(m, g)| g.keys().into_iter().map(move |k| (m, k)))
+        .collect();
+    if !keyed.is_empty() {
+        header(
+            out,
+            "proxy_admission_key_in_flight",
+            "gauge",
+            "Admitted requests in flight, by model and API key (its place in api_keys).",
+        );
+        for (m, k) in &keyed {
+            let _ = writeln!(
+                out,
+                "proxy_admission_key_in_flight{{model=\"{m}\",key=\"{}\"}} {}",
+                k.label,
+                k.c.in_flight()
+            );
+        }
+        header(
+            out,
+            "proxy_admission_key_rejected_total",
+            "counter",
+            "Requests answered 429 by admission, by model, API key and reason.",
+        );
+        for (m, k) in &keyed {
+            for r in Reason::ALL {
+                let _ = writeln!(out, "proxy_admission_key_rejected_total{{model=\"{m}\",key=\"{}\",reason=\"{}\"}} {}", k.label, r.as_str(), k.c.rejected(r));
+            }
+        }
+    }
+    header(out, "proxy_tokens_total", "counter", "Tokens the engines reported in `usage`, by model, API key (\"\" without api_keys) and kind.");
+    for (m, g) in &all {
+        for (kind, n) in [
+            ("prompt", &g.c.prompt_tokens),
+            ("completion", &g.c.completion_tokens),
+        ] {
+            let _ = writeln!(
+                out,
+                "proxy_tokens_total{{model=\"{m}\",key=\"\",kind=\"{kind}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        for k in g.keys() {
+            for (kind, n) in [
+                ("prompt", &k.c.prompt_tokens),
+                ("completion", &k.c.completion_tokens),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "proxy_tokens_total{{model=\"{m}\",key=\"{}\",kind=\"{kind}\"}} {}",
+                    k.label,
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+}
+
+/// The `admission` object of a model in `/status`.
+pub fn status_json(gates: &Gates, policy: &Policy, model: &str) -> serde_json::Value {
+    use serde_json::json;
+    let limits = policy.admission(model).map(|c| {
+        json!({
+            "max_concurrent_requests": c.max_concurrent_requests,
+            "queue_size": c.queue_size,
+            "queue_timeout_seconds": c.queue_timeout.as_secs_f64(),
+            "tokens_per_second": c.tokens_per_second,
+            "token_burst": c.burst(),
+            "engine_waiting_threshold": c.engine_waiting_threshold,
+        })
+    });
+    let counters = |c: &Counters| {
+        let rejected: serde_json::Map<String, serde_json::Value> = Reason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), json!(c.rejected(*r))))
+            .collect();
+        json!({
+            "in_flight": c.in_flight(),
+            "queued": c.queued(),
+            "rejected": rejected,
+            "prompt_tokens": c.prompt_tokens.load(Ordering::Relaxed),
+            "completion_tokens": c.completion_tokens.load(Ordering::Relaxed),
+        })
+    };
+    let mut v = json!({ "enabled": limits.is_some(), "limits": limits });
+    if let Some(g) = gates.find(model) {
+        let (counts, sum) = g.queue_time();
+        let n: u64 = counts.iter().sum();
+        v["state"] = counters(&g.c);
+        v["queue_seconds"] = json!({"count": n, "sum": sum});
+        v["keys"] = g
+            .keys()
+            .iter()
+            .map(|k| {
+                let mut c = counters(&k.c);
+                c["key"] = json!(k.label);
+                c
+            })
+            .collect();
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_split_by_weight_and_never_reach_zero() {
+        assert_eq!(share(8, 1, 2), 4);
+        assert_eq!(share(9, 2, 3), 6);
+        assert_eq!(share(2, 1, 5), 1);
+        assert_eq!(share(0, 1, 2), 0);
+    }
+
+    #[test]
+    fn a_waiter_at_its_keys_share_takes_no_slot() {
+        let (m, k) = (Counters::default(), Counters::default());
+        assert!(take(&m, 4, Some(&k), Some(1)));
+        assert!(!take(&m, 4, Some(&k), Some(1)));
+        assert_eq!((m.in_flight(), k.in_flight()), (1, 1));
+        assert!(take(&m, 4, None, None));
+        assert_eq!(m.in_flight(), 2);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after(Duration::from_millis(2500)), 3);
+    }
+}
