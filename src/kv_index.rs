@@ -43,7 +43,7 @@ pub fn chain(parent: u64, tokens: &[u32]) -> u64 {
         for (i, t) in part.iter().enumerate() {
             bytes[4 * i..4 * i + 4].copy_from_slice(&t.to_le_bytes());
         }
-        h = crate::scheduler::hash64(h, &bytes[..4 * part.len()]);
+        h = crate::hash::hash64(h, &bytes[..4 * part.len()]);
     }
     h.max(1) // 0 marks an empty slot
 }
@@ -232,10 +232,7 @@ mod tests {
     fn bounded() {
         let idx = KvIndex::new(64);
         for k in 1..10_000u64 {
-            idx.add(
-                crate::scheduler::hash64(0, &k.to_le_bytes()),
-                (k % 3) as u32,
-            );
+            idx.add(crate::hash::hash64(0, &k.to_le_bytes()), (k % 3) as u32);
         }
         assert_eq!(idx.keys.len(), 64);
     }

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod discovery;
 pub mod dummy;
 pub mod engine_load;
+pub mod hash;
 pub mod http;
 pub mod ids;
 pub mod instance;

@@ -32,7 +32,7 @@ pub use discovery::{DiscoveryConfig, DnsName, DNS_SCHEME};
 pub use problem::{ConfigError, Kind as ProblemKind, Problem};
 pub use role::{Role, RoleGap, UnknownRole};
 pub use suggest::{did_you_mean, levenshtein};
-pub use tracing::{OtlpEndpoint, TracingConfig};
+pub use tracing::{OtlpEndpoint, TracingConfig, DEFAULT_DENY_HEADERS};
 pub use yaml::YamlError;
 
 #[derive(Debug, Clone)]

@@ -90,16 +90,15 @@ pub fn tracing(r: &mut Reader<'_>, top: &Map<String, Value>) -> TracingConfig {
     }
 }
 
+/// `forward_headers.deny` when the config does not give one: the proxy's own credentials
+/// and the client's cookies.
+pub const DEFAULT_DENY_HEADERS: &[&str] = &["authorization", "x-api-key", "cookie"];
+
 /// `forward_headers.deny`: lower-cased header names; absent, the default list.
 pub fn deny_list(r: &mut Reader<'_>, top: &Map<String, Value>) -> Vec<String> {
     let p = "forward_headers";
     let t = r.section(top, p, schema::FORWARD_HEADERS);
-    let default = || {
-        crate::proxy::DEFAULT_DENY_HEADERS
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-    };
+    let default = || DEFAULT_DENY_HEADERS.iter().map(|s| s.to_string()).collect();
     match t.and_then(|t| t.get("deny")) {
         None | Some(Value::Null) => default(),
         Some(Value::Array(a)) => a

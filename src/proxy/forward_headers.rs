@@ -29,9 +29,8 @@ const PROXY_SET: &[&str] = &[
     "expect",
 ];
 
-/// The deny list when the config does not give one: the proxy's own credentials and the
-/// client's cookies.
-pub const DEFAULT_DENY: &[&str] = &["authorization", "x-api-key", "cookie"];
+/// The deny list when the config does not give one (defined with the config key).
+pub use crate::config::DEFAULT_DENY_HEADERS as DEFAULT_DENY;
 
 /// What one leg's head takes from the client's headers.
 pub struct Rules<'a> {

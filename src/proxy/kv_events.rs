@@ -35,7 +35,7 @@ pub enum Event {
 fn hash_of(v: &Value) -> Option<u64> {
     match v {
         Value::Integer(i) => i.as_u64().or_else(|| i.as_i64().map(|x| x as u64)),
-        Value::Binary(b) => Some(crate::scheduler::hash64(7, b)),
+        Value::Binary(b) => Some(crate::hash::hash64(7, b)),
         _ => None,
     }
 }

@@ -142,12 +142,12 @@ mod tests {
     fn memory_is_fixed_and_recent_entries_survive() {
         let t = PrefixTable::new(1024);
         for k in 0..100_000u64 {
-            t.insert(crate::scheduler::hash64(1, &k.to_le_bytes()), 1 + k % 5);
+            t.insert(crate::hash::hash64(1, &k.to_le_bytes()), 1 + k % 5);
         }
         assert_eq!(t.capacity(), 1024);
         assert!(t.len() <= 1024);
         // The last insert is always present.
-        let last = crate::scheduler::hash64(1, &99_999u64.to_le_bytes());
+        let last = crate::hash::hash64(1, &99_999u64.to_le_bytes());
         assert_eq!(t.get(last), Some(1 + 99_999 % 5));
     }
 
