@@ -60,7 +60,7 @@ pub fn render(
         ),
         (
             "proxy_prefill_queue_depth",
-            "Requests waiting for a prefill instance: always 0, xpyd does not queue (xpyd-proxy 1.2 name).",
+            "Requests waiting for a given prefill instance: always 0; admission waits are proxy_admission_queue_depth (xpyd-proxy 1.2 name).",
             |r| r == Role::Prefill,
             |_| 0,
         ),
