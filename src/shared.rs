@@ -27,7 +27,7 @@ pub struct Shared {
     /// Metrics, one set per worker (each worker writes only its own).
     pub metrics: Vec<Arc<WorkerMetrics>>,
     /// Admission counters per model (and API key), shared by every worker.
-    pub admission: crate::admission::Gates,
+    pub admission: crate::admission::gate::Gates,
     pub started: Instant,
     pub created_unix: u64,
     /// The span exporter when `tracing.otlp_endpoint` is set (docs/tracing.md).

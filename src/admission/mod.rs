@@ -13,7 +13,7 @@
 //! freed on worker A while only worker B has waiters is taken within one tick).
 
 mod bucket;
-mod gate;
+pub mod gate;
 pub mod usage;
 
 pub use gate::{Gates, ModelGate, Reason};
