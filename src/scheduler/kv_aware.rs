@@ -4,8 +4,8 @@
 //!
 //!     cost = (prompt tokens − cached tokens there) + load there
 //!
-//! where load is the role's load key in tokens (prefill: prompt tokens in flight and unseen;
-//! decode/dual: requests × `UNSEEN_PROMPT_TOKENS`). The lowest cost wins; without token
+//! where load is in tokens (prefill and dual: prompt tokens in flight and unseen; decode:
+//! requests × `UNSEEN_PROMPT_TOKENS`). The lowest cost wins; without token
 //! ids or KV events it is the least-loaded pick (docs/scheduling.md, "KV aware").
 
 use super::stats::{self, Outcome, Policy};
@@ -26,13 +26,14 @@ impl KvAware {
         KvAware { role }
     }
 
-    /// The role's load in prompt-token units.
+    /// The instance's load in prompt-token units: what it must prefill before this request
+    /// (prefill and dual: prompt tokens in flight and unseen, the prefill load key); a decode
+    /// node's load is its requests, each taken as `UNSEEN_PROMPT_TOKENS`.
     #[inline]
     fn load_tokens(&self, i: &Instance) -> u64 {
-        let (primary, _) = load_key(self.role, i);
         match self.role {
-            Role::Prefill => primary,
-            Role::Decode | Role::Dual => primary * UNSEEN_PROMPT_TOKENS,
+            Role::Prefill | Role::Dual => load_key(Role::Prefill, i).0,
+            Role::Decode => load_key(Role::Decode, i).0 * UNSEEN_PROMPT_TOKENS,
         }
     }
 }
