@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
@@ -520,40 +520,6 @@ fn vllm_metrics_parse_and_carry_every_name() {
     assert_eq!(value(&m, "vllm:num_requests_running"), 0.0);
     // Idle: blocks are free (cached ones count as free, as in vLLM).
     assert_eq!(value(&m, "vllm:kv_cache_usage_perc"), 0.0);
-}
-
-/// Parses exposition text with prometheus_client; fails on invalid exposition.
-fn parse_exposition(text: &str) -> Vec<Value> {
-    let venv = python_venv(&[("prometheus_client", "prometheus-client")]);
-    let script = r#"
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = []
-for fam in text_string_to_metric_families(sys.stdin.read()):
-    for s in fam.samples:
-        out.append({"family": fam.name, "type": fam.type, "name": s.name, "labels": s.labels, "value": s.value})
-print(json.dumps(out))
-"#;
-    let mut child = Command::new(venv.join("bin/python"))
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "invalid exposition: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn value(samples: &[Value], name: &str) -> f64 {

@@ -355,6 +355,40 @@ pub fn now_unix_us() -> u64 {
         .as_micros() as u64
 }
 
+/// Parses exposition text with prometheus_client; fails on invalid exposition.
+pub fn parse_exposition(text: &str) -> Vec<Value> {
+    let venv = python_venv(&[("prometheus_client", "prometheus-client")]);
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append({"family": fam.name, "type": fam.type, "name": s.name, "labels": s.labels, "value": s.value})
+print(json.dumps(out))
+"#;
+    let mut child = Command::new(venv.join("bin/python"))
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "invalid exposition: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The test virtualenv (outside the sources: `target/pyenv`, or `$XPYD_TEST_VENV`) with the
 /// given (module, pip package) pairs installed; installs what is missing.
 pub fn python_venv(packages: &[(&str, &str)]) -> PathBuf {
