@@ -613,8 +613,6 @@ impl Pacer<'_> {
         if !self.clocked {
             if i == 0 {
                 node.stats.ttft.observe(self.arrival.elapsed());
-            } else {
-                node.stats.itl.observe(Duration::ZERO);
             }
             return;
         }
@@ -770,7 +768,11 @@ async fn generate(
     // gap between tokens is the configured step time.
     pace.due = monoio::time::Instant::now();
     for i in 0..job.max_tokens {
-        pace.token(i).await;
+        // Zero-delay mode: only the first token has something to record (the gaps are
+        // recorded at the end in one go), so the per-token path stays as cheap as before.
+        if pace.clocked || i == 0 {
+            pace.token(i).await;
+        }
         if opts.drop_mid_stream == Some(i) {
             return Err(());
         }
@@ -788,6 +790,11 @@ async fn generate(
             out.extend_from_slice(crate::http::chunked::LAST_CHUNK);
         }
         out = write_flush(stream, out).await?;
+    }
+    if !pace.clocked {
+        node.stats
+            .itl
+            .observe_n(Duration::ZERO, job.max_tokens.saturating_sub(1) as u64);
     }
     Ok(())
 }
