@@ -529,3 +529,117 @@ fn value(samples: &[Value], name: &str) -> f64 {
         .and_then(|s| s["value"].as_f64())
         .unwrap_or_else(|| panic!("no sample {name}"))
 }
+
+#[test]
+fn replay_socket_resends_buffered_batches() {
+    let (port, replay) = (free_port(), free_port());
+    let d = {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
+        cmd.args([
+            "--port",
+            "0",
+            "--mode",
+            "dual",
+            "--model",
+            MODEL,
+            "--workers",
+            "1",
+        ])
+        .args(["--kv-cache-blocks", "8"])
+        .args(["--kv-events-endpoint", &format!("tcp://*:{port}")])
+        .args(["--kv-events-replay-endpoint", &format!("tcp://*:{replay}")]);
+        spawn_listening(cmd)
+    };
+    // Three batches nobody subscribed to (seq 0, 1, 2).
+    for _ in 0..3 {
+        post_ok(&d, "/reset_prefix_cache", &json!({}));
+    }
+    // vLLM's replay protocol from a DEALER: ["", start_seq] → ["", seq, payload]... then
+    // ["", -1, ""]. The publisher thread may still be sending: ask until all three are there.
+    let venv = python_venv(&[("msgspec", "msgspec"), ("zmq", "pyzmq")]);
+    let script = r#"
+import json, sys, time, msgspec, zmq
+s = zmq.Context().socket(zmq.DEALER)
+s.connect(sys.argv[1])
+deadline = time.time() + 20
+while True:
+    s.send_multipart([b"", (1).to_bytes(8, "big")])
+    got = []
+    while True:
+        empty, seq, payload = s.recv_multipart()
+        seq = int.from_bytes(seq, "big", signed=True)
+        if seq == -1:
+            assert payload == b""
+            break
+        got.append([seq, msgspec.msgpack.decode(payload)])
+    if len(got) == 2 or time.time() > deadline:
+        break
+    time.sleep(0.05)
+print(json.dumps(got))
+"#;
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", script, &format!("tcp://127.0.0.1:{replay}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seqs: Vec<u64> = got
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2], "replay from seq 1: {got}");
+    assert_eq!(got[0][1]["events"], json!([{"type": "AllBlocksCleared"}]));
+}
+
+#[test]
+fn hugging_face_tokenizer_counts_like_the_python_package() {
+    let venv = python_venv(&[("tokenizers", "tokenizers")]);
+    let dir = std::env::temp_dir().join(format!("xpyd-engine-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokenizer.json");
+    let prompt = "hello the quick brown fox, simulated engines tokenize prompts";
+    // A small BPE trained here, saved as tokenizer.json, and the ids Python gives.
+    let script = r#"
+import json, sys
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, processors
+tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50
+                        + ["hello world, simulated engines tokenize prompts"] * 50,
+                        trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "<s>"]))
+tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+tok.save(sys.argv[1])
+print(json.dumps(tok.encode(sys.argv[2]).ids))
+"#;
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", script])
+        .arg(&file)
+        .arg(prompt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = engine("dual", &["--tokenizer", file.to_str().unwrap()]);
+    let got = post_ok(&d, "/tokenize", &json!({"prompt": prompt}));
+    assert_eq!(
+        got["tokens"], want,
+        "special tokens added, as vLLM's completions do"
+    );
+    let r = post_ok(
+        &d,
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 1}),
+    );
+    assert_eq!(r["usage"]["prompt_tokens"], want.as_array().unwrap().len());
+    let _ = std::fs::remove_dir_all(&dir);
+}
