@@ -209,10 +209,15 @@ fn pick_instance(set: &RoleSet, pick: &PickContext<'_>, role: Role) -> Result<In
             .flatten()
     });
     if let Some(inst) = picked {
+        // What the engine must prefill: the prompt less what it holds (kv_aware knows).
+        let cached = crate::scheduler::take_cached(inst.id);
         let (p, d) = match role {
-            Role::Prefill => (pick.prompt_tokens, 0),
+            Role::Prefill => (pick.prompt_tokens.saturating_sub(cached), 0),
             Role::Decode => (0, pick.decode_tokens),
-            Role::Dual => (pick.prompt_tokens, pick.decode_tokens),
+            Role::Dual => (
+                pick.prompt_tokens.saturating_sub(cached),
+                pick.decode_tokens,
+            ),
         };
         return Ok(InFlight::new(inst, p, d));
     }

@@ -52,15 +52,14 @@ impl Scheduler for KvAware {
             .filter(|i| ctx.eligible(i) && bit(i) > 0)
             .fold(0u64, |m, i| m | 1 << (bit(i) - 1));
         let mut depth = [0u32; 64];
-        let prompt = match ctx.tokens {
-            Some(t) => {
-                if wanted != 0 && block > 0 {
-                    idx.matched(&kv_index::prompt_keys(t, block), wanted, &mut depth);
-                }
-                t.len() as u64
-            }
-            None => ctx.prompt_tokens,
+        let keys = match ctx.tokens {
+            Some(t) if block > 0 => kv_index::prompt_keys(t, block),
+            _ => Vec::new(),
         };
+        if wanted != 0 {
+            idx.matched(&keys, wanted, &mut depth);
+        }
+        let prompt = ctx.tokens.map_or(ctx.prompt_tokens, |t| t.len() as u64);
         let start = (crate::ids::next_u64() % n as u64) as usize;
         let chosen = (0..n)
             .map(|k| &candidates[(start + k) % n])
@@ -77,6 +76,8 @@ impl Scheduler for KvAware {
             0 => 0,
             b => depth[b as usize - 1] as u64,
         };
+        // The leg is counted by what the engine must compute (see `scheduler::take_cached`).
+        super::note_cached(chosen.id, (blocks * block as u64).min(prompt));
         let outcome = if ctx.tokens.is_none() {
             Outcome::NoTokens
         } else if wanted == 0 {
@@ -119,7 +120,7 @@ mod tests {
         for _ in 0..20 {
             assert!(Arc::ptr_eq(&p.pick(&c, &ctx).unwrap(), &c[1]));
         }
-        // 300 prompt tokens in flight there outweigh 256 cached ones.
+        // 300 prompt tokens in flight there outweigh the 256 it holds.
         let _busy = InFlight::new(c[1].clone(), 300, 0);
         assert!(!Arc::ptr_eq(&p.pick(&c, &ctx).unwrap(), &c[1]));
         // Without token ids: least loaded.

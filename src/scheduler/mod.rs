@@ -80,6 +80,29 @@ pub(crate) fn load_key(role: Role, i: &Instance) -> (u64, u64) {
     crate::engine_load::load_key(role, i.load.snapshot(), i.engine.last().as_ref())
 }
 
+thread_local! {
+    static CACHED: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// A policy that knows how much of the prompt the picked instance holds says so here
+/// (same thread, right before the pick returns), so that the leg is counted by what that
+/// engine must compute rather than by the whole prompt.
+pub(crate) fn note_cached(instance_id: u64, tokens: u64) {
+    CACHED.with(|c| c.set((instance_id, tokens)));
+}
+
+/// The prompt tokens the picked instance already holds, as its policy noted (0 if none).
+pub fn take_cached(instance_id: u64) -> u64 {
+    CACHED.with(|c| {
+        let (id, t) = c.replace((0, 0));
+        if id == instance_id {
+            t
+        } else {
+            0
+        }
+    })
+}
+
 /// The least loaded eligible instance. The scan starts at a random offset so that ties
 /// (an idle cluster) spread over the instances instead of all going to the first.
 pub(crate) fn least_loaded(
