@@ -431,6 +431,21 @@ mod tests {
     }
 
     #[test]
+    fn decode_step_grows_with_the_batch() {
+        let ms = Duration::from_millis;
+        let t = Timing {
+            prefill_per_token: ms(2),
+            decode_per_token: ms(10),
+            decode_per_seq: ms(1),
+        };
+        assert_eq!(t.decode_step(1), ms(10));
+        assert_eq!(t.decode_step(64), ms(73));
+        assert_eq!(t.first_token(100, 1), ms(200));
+        // Nothing to prefill (KV arrived): the first token is one decode step.
+        assert_eq!(t.first_token(0, 3), ms(12));
+    }
+
+    #[test]
     fn builtin_ids_match_counts() {
         let body = json!({"messages": [{"role": "user", "content": "hello wonderful world"}]});
         let ids = prompt_token_ids(Kind::Chat, &body, &Builtin);
