@@ -130,10 +130,11 @@ fn lines(block: &[u8]) -> impl Iterator<Item = (&str, &[u8])> {
         if rest.is_empty() {
             return None;
         }
+        // Values hold no CR or LF (the parser refuses them): a line ends at its LF.
         let end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map_or(rest.len(), |i| i + 2);
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |i| i + 1);
         let line = &rest[..end];
         rest = &rest[end..];
         let colon = line.iter().position(|&b| b == b':');

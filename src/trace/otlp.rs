@@ -51,8 +51,8 @@ const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
 const LEN: u8 = 2;
 
-/// Appends protobuf fields to a buffer; nested messages are written into a scratch buffer
-/// first, then copied behind their length (the messages are small).
+/// Appends protobuf fields to a buffer; a nested message is written in place, then its
+/// length is inserted before it (a short move of bytes already in cache, no allocation).
 #[derive(Default)]
 struct Writer {
     buf: Vec<u8>,
@@ -92,9 +92,19 @@ impl Writer {
     }
 
     fn message(&mut self, field: u32, f: impl FnOnce(&mut Writer)) {
-        let mut inner = Writer::default();
-        f(&mut inner);
-        self.bytes(field, &inner.buf);
+        self.tag(field, LEN);
+        let start = self.buf.len();
+        f(self);
+        let mut len = (self.buf.len() - start) as u64;
+        let mut prefix = [0u8; 10];
+        let mut n = 0;
+        while len >= 0x80 {
+            prefix[n] = (len as u8) | 0x80;
+            len >>= 7;
+            n += 1;
+        }
+        prefix[n] = len as u8;
+        self.buf.splice(start..start, prefix[..=n].iter().copied());
     }
 }
 
