@@ -46,7 +46,7 @@ impl Shared {
                 .map(|_| CachePadded::new(AtomicU64::new(0)))
                 .collect(),
             metrics: (0..workers.max(1)).map(|_| Arc::default()).collect(),
-            admission: Default::default(),
+            admission: crate::admission::gate::Gates::new(workers.max(1)),
             started: Instant::now(),
             created_unix: crate::ids::unix_seconds(),
             exporter: cfg.tracing.otlp_endpoint.clone().and_then(|e| {

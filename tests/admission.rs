@@ -173,13 +173,13 @@ fn over_the_limit_without_a_queue_is_answered_429_at_once() {
 #[test]
 fn queued_requests_are_admitted_in_arrival_order() {
     let node = slow_node();
-    // One worker: the queue is one FIFO (across workers the order is approximate).
+    // Two workers: the kernel spreads the connections, the order holds across them.
     let proxy = proxy_workers(
         &format!(
             "{}admission:\n  max_concurrent_requests: 1\n  queue_size: 10\n  queue_timeout_seconds: 60\n",
             dual_yaml(&[&node])
         ),
-        1,
+        2,
     );
     let first = hold(&proxy, 3000, None);
     wait_for("the slot to be taken", WAIT, || in_flight(&proxy) == 1);

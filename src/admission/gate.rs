@@ -112,6 +112,12 @@ pub struct KeyGate {
 
 pub struct ModelGate {
     pub c: Counters,
+    /// Numbers the model's waiters in arrival order, across workers.
+    pub tickets: CachePadded<AtomicU64>,
+    /// Per worker, the ticket of its oldest waiter that could take a slot (`u64::MAX`:
+    /// none): a worker hands a free slot to its own waiter only if no older one waits on
+    /// another worker, so the queue is FIFO across workers too (within one tick).
+    pub heads: Vec<CachePadded<AtomicU64>>,
     /// Created on a key's first request, never removed (a key dropped by a reload keeps
     /// its counters until restart).
     keys: ArcSwap<HashMap<String, Arc<KeyGate>>>,
@@ -120,10 +126,14 @@ pub struct ModelGate {
     queue_time_sum_us: AtomicU64,
 }
 
-impl Default for ModelGate {
-    fn default() -> Self {
+impl ModelGate {
+    pub fn new(workers: usize) -> Self {
         ModelGate {
             c: Counters::default(),
+            tickets: Default::default(),
+            heads: (0..workers.max(1))
+                .map(|_| CachePadded::new(AtomicU64::new(u64::MAX)))
+                .collect(),
             keys: ArcSwap::from_pointee(HashMap::new()),
             queue_time: Default::default(),
             queue_time_sum_us: AtomicU64::new(0),
@@ -188,12 +198,14 @@ impl ModelGate {
 /// keep counting against the limits the next config sets.
 pub struct Gates {
     map: ArcSwap<HashMap<String, Arc<ModelGate>>>,
+    workers: usize,
 }
 
-impl Default for Gates {
-    fn default() -> Self {
+impl Gates {
+    pub fn new(workers: usize) -> Self {
         Gates {
             map: ArcSwap::from_pointee(HashMap::new()),
+            workers,
         }
     }
 }
@@ -204,7 +216,7 @@ impl Gates {
         if let Some(g) = self.map.load().get(model) {
             return g.clone();
         }
-        let fresh = Arc::new(ModelGate::default());
+        let fresh = Arc::new(ModelGate::new(self.workers));
         let mut out = fresh.clone();
         self.map.rcu(|m| {
             let mut m = HashMap::clone(m);
@@ -251,7 +263,7 @@ mod tests {
 
     #[test]
     fn gates_and_key_gates_are_created_once() {
-        let g = Gates::default();
+        let g = Gates::new(2);
         let a = g.get("m");
         assert!(Arc::ptr_eq(&a, &g.get("m")));
         let k = a.key("sk-1", || "api_keys[0]".into());

@@ -7,10 +7,11 @@
 //! Shared across workers (`gate.rs`): the per-model and per-key slot counters, queue depths
 //! and buckets, all atomics. Per worker (`Local`): the wait queues, plain `RefCell`s — a
 //! request waits on its own worker and is woken by that worker only, so nothing waits on
-//! another thread and no lock is taken. A slot freed on a worker goes to that worker's
-//! oldest waiter; a worker's waiters also look for slots freed elsewhere every `TICK`. The
-//! order is therefore FIFO within a worker and approximately FIFO across workers (a slot
-//! freed on worker A while only worker B has waiters is taken within one tick).
+//! another thread and no lock is taken. Waiters hold tickets in arrival order across
+//! workers; each worker publishes its oldest waiter's ticket and grants a free slot to its
+//! own waiter only if none older waits elsewhere, and looks for free slots every `TICK`.
+//! The queue is thus FIFO across workers, a cross-worker handoff costing up to one tick
+//! (docs/resilience.md, "Admission control").
 
 mod bucket;
 pub mod gate;
@@ -73,6 +74,8 @@ pub struct Ask<'a> {
 /// One worker's wait queues, by model.
 pub struct Local {
     shared: Arc<Shared>,
+    /// The worker's index (its slot in each gate's `heads`).
+    id: usize,
     queues: RefCell<HashMap<String, Rc<Queue>>>,
     ticking: Cell<bool>,
 }
@@ -93,6 +96,8 @@ enum State {
 }
 
 struct Waiter {
+    /// Its place in the model's arrival order, across workers.
+    ticket: u64,
     key: Option<Arc<KeyGate>>,
     state: Cell<State>,
     waker: Cell<Option<Waker>>,
@@ -172,9 +177,10 @@ fn retry_after(d: Duration) -> u64 {
 }
 
 impl Local {
-    pub fn new(shared: Arc<Shared>) -> Rc<Self> {
+    pub fn new(shared: Arc<Shared>, id: usize) -> Rc<Self> {
         Rc::new(Local {
             shared,
+            id,
             queues: RefCell::new(HashMap::new()),
             ticking: Cell::new(false),
         })
@@ -317,6 +323,7 @@ impl Local {
         let timeout = cfg.queue_timeout;
         drop(policy);
         let waiter = Rc::new(Waiter {
+            ticket: gate.tickets.fetch_add(1, Ordering::Relaxed),
             key: key.as_ref().map(|(k, _)| k.clone()),
             state: Cell::new(State::Waiting),
             waker: Cell::new(None),
@@ -376,8 +383,20 @@ impl Local {
     /// Hands free slots to this worker's waiters for `q`'s model, oldest first (a waiter
     /// whose key is at its share is passed over, not blocking the ones behind it).
     fn pump(&self, q: &Queue) {
+        let head = self.grant(q);
+        let slot = &q.gate.heads[self.id % q.gate.heads.len()];
+        // Written only when it changes: a request ending with nobody waiting writes nothing.
+        if slot.load(Ordering::Relaxed) != head {
+            slot.store(head, Ordering::Relaxed);
+        }
+    }
+
+    /// Grants what `pump` can; returns the ticket of the oldest waiter left that could take
+    /// a slot (`u64::MAX`: none), for the other workers to defer to.
+    fn grant(&self, q: &Queue) -> u64 {
+        let front = || q.waiters.borrow().front().map_or(u64::MAX, |w| w.ticket);
         if q.waiters.borrow().is_empty() {
-            return;
+            return u64::MAX;
         }
         let policy = self.shared.policy.load();
         let cfg = policy.admission(&q.model);
@@ -386,10 +405,21 @@ impl Local {
                 let topo = self.shared.topology.load();
                 let route = topo.route_index(Some(&q.model)).map(|i| &topo.models[i]);
                 if route.is_some_and(|r| saturated(r, cfg.engine_waiting_threshold)) {
-                    return;
+                    return front();
                 }
             }
         }
+        // The oldest waiter on any other worker: it goes before ours that are younger.
+        let elsewhere = q
+            .gate
+            .heads
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.id % q.gate.heads.len())
+            .map(|(_, h)| h.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(u64::MAX);
+        let mut head = u64::MAX;
         let mut waiters = q.waiters.borrow_mut();
         let mut i = 0;
         while i < waiters.len() {
@@ -409,12 +439,20 @@ impl Local {
                         let (wt, total) = weights(&policy, cfg, &k.key);
                         share(limit, wt, total)
                     });
-                    if take(&q.gate.c, limit, w.key.as_ref().map(|k| &k.c), key_limit) {
-                        true
-                    } else if q.gate.c.in_flight() >= limit && limit > 0 {
-                        break; // the model is full: nobody behind gets in either
-                    } else {
+                    let key_full = match (&w.key, key_limit) {
+                        (Some(k), Some(l)) => l > 0 && k.c.in_flight() >= l,
+                        _ => false,
+                    };
+                    if key_full {
                         false // this key is at its share; the next waiter may go
+                    } else if w.ticket > elsewhere {
+                        head = w.ticket;
+                        break; // an older request waits on another worker: its turn
+                    } else if take(&q.gate.c, limit, w.key.as_ref().map(|k| &k.c), key_limit) {
+                        true
+                    } else {
+                        head = w.ticket;
+                        break; // the model is full: nobody behind gets in either
                     }
                 }
             };
@@ -433,6 +471,7 @@ impl Local {
                 waker.wake();
             }
         }
+        head
     }
 
     /// While any queue of this worker has waiters, look for free slots every `TICK`.
@@ -499,6 +538,9 @@ impl Drop for Ticket {
                         k.c.queued.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
+                drop(waiters);
+                // Republishes this worker's oldest waiter (it may have been this one).
+                self.local.pump(&self.q);
             }
             State::Granted => {
                 self.w.state.set(State::Taken);

@@ -183,7 +183,7 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                     metric_index: Default::default(),
                     metrics_enabled: cfg.metrics_enabled,
                     scratch: Default::default(),
-                    admission: crate::admission::Local::new(shared.clone()),
+                    admission: crate::admission::Local::new(shared.clone(), id),
                     shared,
                     pool: upstream::Pool::new(cfg.timeouts.connect, cfg.timeouts.pool_idle),
                     control,
