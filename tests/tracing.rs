@@ -66,21 +66,47 @@ class H(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
-srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-print(f"otlp receiver listening on http://127.0.0.1:{srv.server_address[1]}", flush=True)
+srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
 srv.serve_forever()
 "#;
 
-fn receiver() -> Proc {
+/// The receiver process, on a port chosen here; killed when dropped.
+struct Receiver {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Receiver {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+fn receiver() -> Receiver {
     let venv = python_venv(&[("opentelemetry.proto", "opentelemetry-proto")]);
     let script = write_config(RECEIVER).with_extension("py");
     std::fs::write(&script, RECEIVER).unwrap();
-    let mut cmd = Command::new(venv.join("bin/python"));
-    cmd.arg(&script);
-    spawn_listening(cmd)
+    let addr = dead_address();
+    let child = Command::new(venv.join("bin/python"))
+        .arg(&script)
+        .arg(addr.port().to_string())
+        .spawn()
+        .expect("start the OTLP receiver");
+    let rx = Receiver { child, addr };
+    wait_for("the OTLP receiver", Duration::from_secs(30), || {
+        ureq::get(&rx.url("/spans")).call().is_ok()
+    });
+    rx
 }
 
-fn spans_of(rx: &Proc, trace_id: &str) -> Vec<Value> {
+fn spans_of(rx: &Receiver, trace_id: &str) -> Vec<Value> {
     let (_, v) = get_json(&rx.url("/spans"));
     v.as_array()
         .unwrap()
@@ -112,7 +138,7 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 
-fn traced_proxy(rx: &Proc, p: &Proc, d: &Proc, ratio: &str) -> Proc {
+fn traced_proxy(rx: &Receiver, p: &Proc, d: &Proc, ratio: &str) -> Proc {
     proxy_with(
         &format!(
             "{}tracing:\n  otlp_endpoint: \"http://{}/v1/traces\"\n  sample_ratio: {ratio}\n  service_name: xpyd-test\n",
