@@ -29,7 +29,10 @@ fn one_model_without_nodes_never_holds_back_another() {
         a.addr, b.addr
     );
     // Ready (/health 200) although model c has no node at all.
-    let proxy = proxy_with(&yaml, true);
+    let proxy = proxy_with(&yaml, false);
+    wait_for("/health to answer 200", Duration::from_secs(15), || {
+        get_json(&proxy.url("/health")).0 == 200
+    });
     let http = agent();
     let url = proxy.url("/v1/completions");
     wait_for("model b to open", Duration::from_secs(10), || {

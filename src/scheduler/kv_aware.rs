@@ -2,7 +2,9 @@
 //! the prompt's KV blocks (learned from the engines' KV-cache events into `kv_index`),
 //! weighed against load. Cost of sending the request to an instance, in prompt tokens:
 //!
-//!     cost = (prompt tokens − cached tokens there) + load there
+//! ```text
+//! cost = (prompt tokens − cached tokens there) + load there
+//! ```
 //!
 //! where load is in tokens (prefill and dual: prompt tokens in flight and unseen; decode:
 //! requests × `UNSEEN_PROMPT_TOKENS`). The lowest cost wins; without token

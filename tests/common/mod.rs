@@ -177,12 +177,22 @@ pub fn proxy_on(path: &std::path::Path, wait_ready: bool) -> Proc {
     if wait_ready {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
+            // Ready means every configured model passed its start-up gate: `/health` turns
+            // 200 as soon as the first model can serve, and gating is per model.
             if let Ok(r) = ureq::get(&p.url("/health")).call() {
-                if r.status() == 200 {
+                let all_models_ready = r.into_json::<Value>().is_ok_and(|body| {
+                    body["models"].as_array().is_some_and(|models| {
+                        models.iter().all(|m| m["ready"] == serde_json::json!(true))
+                    })
+                });
+                if all_models_ready {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "proxy never became ready");
+            assert!(
+                Instant::now() < deadline,
+                "proxy never became ready for every model"
+            );
             std::thread::sleep(Duration::from_millis(30));
         }
     }
