@@ -1,12 +1,17 @@
-//! `xpyd-streamload`: a streaming load client for the benchmarks. N concurrent streams
-//! (one thread each), R streams per thread, each on its own connection; records the time to
-//! the first event and every gap between events as they arrive off the socket, and prints
-//! one JSON summary. Bounded by N × R and by a per-stream timeout.
+//! `xpyd-streamload`: a streaming load client for the benchmarks. N concurrent streams, R
+//! streams one after another on each, each on its own connection; records the time to the
+//! first event and every gap between events as they arrive off the socket, and prints one
+//! JSON summary. Event-driven: the streams are tasks spread over `--threads` monoio loops
+//! (default 2), so 1,000 streams on a 2-core machine measure the proxy, not a thousand
+//! client threads. Bounded by N × R and by a 60 s timeout on the connect and on every read.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use xpyd::runtime::Driver;
 
 struct Args {
     addr: String,
@@ -15,6 +20,8 @@ struct Args {
     streams: usize,
     rounds: usize,
     max_tokens: usize,
+    threads: usize,
+    driver: Driver,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -25,6 +32,8 @@ fn parse_args() -> Result<Args, String> {
         streams: 100,
         rounds: 1,
         max_tokens: 128,
+        threads: 2,
+        driver: Driver::resolve(None)?,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -36,34 +45,44 @@ fn parse_args() -> Result<Args, String> {
             "--streams" => a.streams = v.parse().map_err(|_| "bad --streams")?,
             "--rounds" => a.rounds = v.parse().map_err(|_| "bad --rounds")?,
             "--max-tokens" => a.max_tokens = v.parse().map_err(|_| "bad --max-tokens")?,
+            "--threads" => a.threads = v.parse().map_err(|_| "bad --threads")?,
+            "--driver" => a.driver = v.parse()?,
             _ => return Err(format!("unknown flag {k}")),
         }
     }
     if a.addr.is_empty() {
-        return Err("usage: xpyd-streamload --addr HOST:PORT [--path P] [--model M] [--streams N] [--rounds R] [--max-tokens T]".into());
+        return Err("usage: xpyd-streamload --addr HOST:PORT [--path P] [--model M] [--streams N] [--rounds R] [--max-tokens T] [--threads N] [--driver auto|io_uring|epoll]".into());
     }
     Ok(a)
 }
 
 /// One stream: (time to first event, gaps between events), or None on failure.
-fn one_stream(a: &Args, body: &[u8]) -> Option<(Duration, Vec<Duration>)> {
-    let mut s = TcpStream::connect(&a.addr).ok()?;
+async fn one_stream(a: &Args, body: &[u8]) -> Option<(Duration, Vec<Duration>)> {
+    let timeout = Duration::from_secs(60);
+    let mut s = monoio::time::timeout(timeout, TcpStream::connect(a.addr.as_str()))
+        .await
+        .ok()?
+        .ok()?;
     s.set_nodelay(true).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    let head = format!(
+    let mut req = format!(
         "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         a.path, a.addr, body.len()
-    );
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
     let start = Instant::now();
-    s.write_all(head.as_bytes()).ok()?;
-    s.write_all(body).ok()?;
-    let mut buf = vec![0u8; 64 * 1024];
+    let (res, _) = s.write_all(req).await;
+    res.ok()?;
+    let mut buf = Vec::with_capacity(64 * 1024);
     let mut events: Vec<Instant> = Vec::with_capacity(a.max_tokens + 4);
     let mut carry: Vec<u8> = Vec::new();
     let mut ok_status = None;
     let mut done = false;
     loop {
-        let n = s.read(&mut buf).ok()?;
+        buf.clear();
+        let (res, b) = monoio::time::timeout(timeout, s.read(buf)).await.ok()?;
+        buf = b;
+        let n = res.ok()?;
         if n == 0 {
             break;
         }
@@ -94,6 +113,49 @@ fn one_stream(a: &Args, body: &[u8]) -> Option<(Duration, Vec<Duration>)> {
     Some((ttft, gaps))
 }
 
+/// What one event-loop thread measured: TTFTs and gaps in ms, and failed streams.
+#[derive(Default)]
+struct Tally {
+    ttfts: Vec<f64>,
+    gaps: Vec<f64>,
+    failed: usize,
+}
+
+/// Runs `streams` concurrent streams (each `rounds` times in turn) as tasks of one
+/// single-threaded monoio loop, so a thousand streams cost a thousand sockets, not threads.
+fn run_loop(a: Arc<Args>, body: Arc<Vec<u8>>, streams: usize) -> Tally {
+    let tally = Rc::new(RefCell::new(Tally::default()));
+    let t = tally.clone();
+    let (driver, total) = (a.driver, streams * a.rounds);
+    let run = xpyd::runtime::block_on(driver, async move {
+        let tasks: Vec<_> = (0..streams)
+            .map(|_| {
+                let (a, body, t) = (a.clone(), body.clone(), t.clone());
+                monoio::spawn(async move {
+                    for _ in 0..a.rounds {
+                        let r = one_stream(&a, &body).await;
+                        let mut t = t.borrow_mut();
+                        match r {
+                            Some((ttft, g)) => {
+                                t.ttfts.push(ttft.as_secs_f64() * 1e3);
+                                t.gaps.extend(g.iter().map(|d| d.as_secs_f64() * 1e3));
+                            }
+                            None => t.failed += 1,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await;
+        }
+    });
+    if run.is_err() {
+        tally.borrow_mut().failed += total;
+    }
+    tally.take()
+}
+
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
@@ -121,50 +183,28 @@ fn main() {
         }))
         .unwrap_or_default(),
     );
-    let ttfts = Arc::new(Mutex::new(Vec::new()));
-    let gaps = Arc::new(Mutex::new(Vec::new()));
-    let failed = Arc::new(Mutex::new(0usize));
     let t0 = Instant::now();
-    let handles: Vec<_> = (0..a.streams)
-        .map(|_| {
-            let (a, body, ttfts, gaps, failed) = (
-                a.clone(),
-                body.clone(),
-                ttfts.clone(),
-                gaps.clone(),
-                failed.clone(),
-            );
-            std::thread::Builder::new()
-                .stack_size(128 * 1024)
-                .spawn(move || {
-                    for _ in 0..a.rounds {
-                        match one_stream(&a, &body) {
-                            Some((t, g)) => {
-                                if let Ok(mut v) = ttfts.lock() {
-                                    v.push(t.as_secs_f64() * 1e3);
-                                }
-                                if let Ok(mut v) = gaps.lock() {
-                                    v.extend(g.iter().map(|d| d.as_secs_f64() * 1e3));
-                                }
-                            }
-                            None => {
-                                if let Ok(mut f) = failed.lock() {
-                                    *f += 1;
-                                }
-                            }
-                        }
-                    }
-                })
-                .expect("thread")
+    let threads = a.threads.clamp(1, a.streams.max(1));
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            // Streams split as evenly as the count allows.
+            let n = a.streams / threads + usize::from(i < a.streams % threads);
+            let (a, body) = (a.clone(), body.clone());
+            std::thread::spawn(move || run_loop(a, body, n))
         })
         .collect();
+    let (mut t, mut g, mut f) = (Vec::new(), Vec::new(), 0);
     for h in handles {
-        let _ = h.join();
+        match h.join() {
+            Ok(r) => {
+                t.extend(r.ttfts);
+                g.extend(r.gaps);
+                f += r.failed;
+            }
+            Err(_) => f += 1,
+        }
     }
     let wall = t0.elapsed().as_secs_f64();
-    let mut t = ttfts.lock().map(|v| v.clone()).unwrap_or_default();
-    let mut g = gaps.lock().map(|v| v.clone()).unwrap_or_default();
-    let f = failed.lock().map(|f| *f).unwrap_or(0);
     println!(
         "{}",
         serde_json::json!({
