@@ -15,9 +15,11 @@
 
 mod bucket;
 pub mod gate;
+mod report;
 pub mod usage;
 
 pub use gate::{Gates, ModelGate, Reason};
+pub use report::{render, status_json};
 
 use crate::config::{AdmissionConfig, Policy};
 use crate::http::ApiError;
@@ -27,7 +29,6 @@ use gate::{Counters, KeyGate};
 use http::StatusCode;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::fmt::Write;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -566,217 +567,5 @@ impl Future for Granted<'_> {
     }
 }
 
-/// The admission series of `/metrics`.
-pub fn render(gates: &Gates, out: &mut String) {
-    let all = gates.all();
-    if all.is_empty() {
-        return;
-    }
-    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    header(
-        out,
-        "proxy_admission_in_flight",
-        "gauge",
-        "Admitted requests in flight, by model.",
-    );
-    for (m, g) in &all {
-        let _ = writeln!(
-            out,
-            "proxy_admission_in_flight{{model=\"{m}\"}} {}",
-            g.c.in_flight()
-        );
-    }
-    header(
-        out,
-        "proxy_admission_queue_depth",
-        "gauge",
-        "Requests waiting in the admission queue, by model (all workers).",
-    );
-    for (m, g) in &all {
-        let _ = writeln!(
-            out,
-            "proxy_admission_queue_depth{{model=\"{m}\"}} {}",
-            g.c.queued()
-        );
-    }
-    header(
-        out,
-        "proxy_admission_queue_seconds",
-        "histogram",
-        "Time waited in the admission queue by requests then admitted.",
-    );
-    for (m, g) in &all {
-        let (counts, sum) = g.queue_time();
-        let mut cum = 0;
-        for (i, b) in gate::QUEUE_BUCKETS.iter().enumerate() {
-            cum += counts[i];
-            let _ = writeln!(
-                out,
-                "proxy_admission_queue_seconds_bucket{{model=\"{m}\",le=\"{b}\"}} {cum}"
-            );
-        }
-        cum += counts[gate::QUEUE_BUCKETS.len()];
-        let _ = writeln!(
-            out,
-            "proxy_admission_queue_seconds_bucket{{model=\"{m}\",le=\"+Inf\"}} {cum}"
-        );
-        let _ = writeln!(
-            out,
-            "proxy_admission_queue_seconds_sum{{model=\"{m}\"}} {sum}"
-        );
-        let _ = writeln!(
-            out,
-            "proxy_admission_queue_seconds_count{{model=\"{m}\"}} {cum}"
-        );
-    }
-    header(
-        out,
-        "proxy_admission_rejected_total",
-        "counter",
-        "Requests answered 429 by admission, by model and reason.",
-    );
-    for (m, g) in &all {
-        for r in Reason::ALL {
-            let _ = writeln!(
-                out,
-                "proxy_admission_rejected_total{{model=\"{m}\",reason=\"{}\"}} {}",
-                r.as_str(),
-                g.c.rejected(r)
-            );
-        }
-    }
-    let keyed: Vec<_> = all
-        .iter()
-        .flat_map(|(m, g)| g.keys().into_iter().map(move |k| (m, k)))
-        .collect();
-    if !keyed.is_empty() {
-        header(
-            out,
-            "proxy_admission_key_in_flight",
-            "gauge",
-            "Admitted requests in flight, by model and API key (its place in api_keys).",
-        );
-        for (m, k) in &keyed {
-            let _ = writeln!(
-                out,
-                "proxy_admission_key_in_flight{{model=\"{m}\",key=\"{}\"}} {}",
-                k.label,
-                k.c.in_flight()
-            );
-        }
-        header(
-            out,
-            "proxy_admission_key_rejected_total",
-            "counter",
-            "Requests answered 429 by admission, by model, API key and reason.",
-        );
-        for (m, k) in &keyed {
-            for r in Reason::ALL {
-                let _ = writeln!(out, "proxy_admission_key_rejected_total{{model=\"{m}\",key=\"{}\",reason=\"{}\"}} {}", k.label, r.as_str(), k.c.rejected(r));
-            }
-        }
-    }
-    header(out, "proxy_tokens_total", "counter", "Tokens the engines reported in `usage`, by model, API key (\"\" without api_keys) and kind.");
-    for (m, g) in &all {
-        for (kind, n) in [
-            ("prompt", &g.c.prompt_tokens),
-            ("completion", &g.c.completion_tokens),
-        ] {
-            let _ = writeln!(
-                out,
-                "proxy_tokens_total{{model=\"{m}\",key=\"\",kind=\"{kind}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        for k in g.keys() {
-            for (kind, n) in [
-                ("prompt", &k.c.prompt_tokens),
-                ("completion", &k.c.completion_tokens),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "proxy_tokens_total{{model=\"{m}\",key=\"{}\",kind=\"{kind}\"}} {}",
-                    k.label,
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-    }
-}
-
-/// The `admission` object of a model in `/status`.
-pub fn status_json(gates: &Gates, policy: &Policy, model: &str) -> serde_json::Value {
-    use serde_json::json;
-    let limits = policy.admission(model).map(|c| {
-        json!({
-            "max_concurrent_requests": c.max_concurrent_requests,
-            "queue_size": c.queue_size,
-            "queue_timeout_seconds": c.queue_timeout.as_secs_f64(),
-            "tokens_per_second": c.tokens_per_second,
-            "token_burst": c.burst(),
-            "engine_waiting_threshold": c.engine_waiting_threshold,
-        })
-    });
-    let counters = |c: &Counters| {
-        let rejected: serde_json::Map<String, serde_json::Value> = Reason::ALL
-            .iter()
-            .map(|r| (r.as_str().to_string(), json!(c.rejected(*r))))
-            .collect();
-        json!({
-            "in_flight": c.in_flight(),
-            "queued": c.queued(),
-            "rejected": rejected,
-            "prompt_tokens": c.prompt_tokens.load(Ordering::Relaxed),
-            "completion_tokens": c.completion_tokens.load(Ordering::Relaxed),
-        })
-    };
-    let mut v = json!({ "enabled": limits.is_some(), "limits": limits });
-    if let Some(g) = gates.find(model) {
-        let (counts, sum) = g.queue_time();
-        let n: u64 = counts.iter().sum();
-        v["state"] = counters(&g.c);
-        v["queue_seconds"] = json!({"count": n, "sum": sum});
-        v["keys"] = g
-            .keys()
-            .iter()
-            .map(|k| {
-                let mut c = counters(&k.c);
-                c["key"] = json!(k.label);
-                c
-            })
-            .collect();
-    }
-    v
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shares_split_by_weight_and_never_reach_zero() {
-        assert_eq!(share(8, 1, 2), 4);
-        assert_eq!(share(9, 2, 3), 6);
-        assert_eq!(share(2, 1, 5), 1);
-        assert_eq!(share(0, 1, 2), 0);
-    }
-
-    #[test]
-    fn a_waiter_at_its_keys_share_takes_no_slot() {
-        let (m, k) = (Counters::default(), Counters::default());
-        assert!(take(&m, 4, Some(&k), Some(1)));
-        assert!(!take(&m, 4, Some(&k), Some(1)));
-        assert_eq!((m.in_flight(), k.in_flight()), (1, 1));
-        assert!(take(&m, 4, None, None));
-        assert_eq!(m.in_flight(), 2);
-    }
-
-    #[test]
-    fn retry_after_rounds_up_to_whole_seconds() {
-        assert_eq!(retry_after(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after(Duration::from_secs(2)), 2);
-        assert_eq!(retry_after(Duration::from_millis(2500)), 3);
-    }
-}
+mod tests;

@@ -1,0 +1,26 @@
+use super::*;
+
+#[test]
+fn shares_split_by_weight_and_never_reach_zero() {
+    assert_eq!(share(8, 1, 2), 4);
+    assert_eq!(share(9, 2, 3), 6);
+    assert_eq!(share(2, 1, 5), 1);
+    assert_eq!(share(0, 1, 2), 0);
+}
+
+#[test]
+fn a_waiter_at_its_keys_share_takes_no_slot() {
+    let (m, k) = (Counters::default(), Counters::default());
+    assert!(take(&m, 4, Some(&k), Some(1)));
+    assert!(!take(&m, 4, Some(&k), Some(1)));
+    assert_eq!((m.in_flight(), k.in_flight()), (1, 1));
+    assert!(take(&m, 4, None, None));
+    assert_eq!(m.in_flight(), 2);
+}
+
+#[test]
+fn retry_after_rounds_up_to_whole_seconds() {
+    assert_eq!(retry_after(Duration::from_millis(1)), 1);
+    assert_eq!(retry_after(Duration::from_secs(2)), 2);
+    assert_eq!(retry_after(Duration::from_millis(2500)), 3);
+}
