@@ -56,6 +56,17 @@ fn open_route(w: &Worker, model: Option<&str>) -> Result<(Arc<Topology>, usize),
     }
 }
 
+/// The model's route in the current topology when it differs from `seen`, else None.
+fn newer_route(w: &Worker, seen: &Arc<Topology>, model: &str) -> Option<(Arc<Topology>, usize)> {
+    let now = w.shared.topology.load_full();
+    if Arc::ptr_eq(&now, seen) {
+        return None;
+    }
+    w.pool.sync(&now);
+    let i = now.route_index(Some(model))?;
+    Some((now, i))
+}
+
 /// Runs `work` unless the client goes away first; then the work is dropped, which closes
 /// its upstream connections and releases its counters.
 async fn unless_client_leaves(
@@ -162,6 +173,11 @@ pub async fn serve(
         };
         // Held (its slot in use) until the request is over.
         let admitted = w.admission.admit(ask).await;
+        // Decide on the topology as it is now: a reload or admin change published since the
+        // request arrived (or while it waited in the admission queue) marks removed instances
+        // draining, and the arrival snapshot would see no instance where the new one has some.
+        let current = newer_route(w, &topo, &route.name);
+        let route = current.as_ref().map_or(route, |(t, i)| &t.models[*i]);
         let (prefill_up, decode_up) = (route.prefill.any_available(), route.decode.any_available());
         let result = if let Err(rejected) = &admitted {
             crate::info!("request {request_id}: {}", rejected.message);
@@ -381,6 +397,11 @@ async fn disaggregated(
             job.body.clone()
         }
     };
+    // The prefill leg took time: a reload or admin change published meanwhile marks removed
+    // decode instances draining, so pick the decode leg from the topology as it is now.
+    let now = w.shared.topology.load_full();
+    let current = now.route_index(Some(&route.name)).map(|i| &now.models[i]);
+    let route = current.unwrap_or(route);
     // HTTP/1.0 clients cannot take the chunked stream this path writes; they get the
     // plain relay, which frames by close.
     if w.policy().generator_on_p_node && job.inspected.stream && !ctx.http10 {
