@@ -125,11 +125,7 @@ pub async fn serve(
     watch: Option<&DisconnectWatch>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let request_id = req
-        .head
-        .request_id
-        .clone()
-        .unwrap_or_else(crate::ids::uuid_v4);
+    let request_id = super::server::request_id(&req);
     let inspected = match openai::inspect(endpoint, &req.body) {
         Ok(i) => i,
         Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,
@@ -245,11 +241,7 @@ pub async fn serve_forwarded(
     watch: Option<&DisconnectWatch>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let request_id = req
-        .head
-        .request_id
-        .clone()
-        .unwrap_or_else(crate::ids::uuid_v4);
+    let request_id = super::server::request_id(&req);
     let model: Option<String> = serde_json::from_slice::<openai::RawObject<'_>>(&req.body)
         .ok()
         .and_then(|o| {

@@ -236,7 +236,7 @@ async fn respond(
 }
 
 /// The client's `X-Request-Id`, or a new one: every answer on a business endpoint has one.
-fn request_id(req: &Request) -> String {
+pub(super) fn request_id(req: &Request) -> String {
     req.head
         .request_id
         .clone()
