@@ -174,11 +174,25 @@ const TEST_PROMPTS: &str = "4";
 
 impl Rewrite {
     fn text(&self, text: &str) -> String {
-        let mut t = text.to_string();
-        if let Some(v) = &self.venv {
-            t = t.replace("/tmp/xb/", &format!("{}/", v.display()));
+        // One pass over the text as written: the replacements (the venv, the work directory,
+        // this build's binaries) may themselves live under /tmp and must not be rewritten again.
+        let mut t = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find("/tmp/") {
+            t.push_str(&rest[..at]);
+            let from = &rest[at..];
+            rest = match &self.venv {
+                Some(v) if from.starts_with("/tmp/xb/") => {
+                    t.push_str(&format!("{}/", v.display()));
+                    &from["/tmp/xb/".len()..]
+                }
+                _ => {
+                    t.push_str(&format!("{}/", self.workdir.display()));
+                    &from["/tmp/".len()..]
+                }
+            };
         }
-        t = t.replace("/tmp/", &format!("{}/", self.workdir.display()));
+        t.push_str(rest);
         for (from, to) in &self.ports {
             t = replace_number(&t, *from, *to);
         }
@@ -212,7 +226,9 @@ impl Rewrite {
         }
         let xpyd = env!("CARGO_BIN_EXE_xpyd");
         let dummy = env!("CARGO_BIN_EXE_xpyd-dummy");
-        let mut l = line
+        // Paths and ports first, on the line as written: the binaries may live under /tmp.
+        let mut l = self
+            .text(line)
             .replace("./target/release/xpyd-dummy", dummy)
             .replace("./target/release/xpyd", xpyd);
         if let Some(rest) = l.strip_prefix("xpyd-dummy ") {
@@ -227,7 +243,6 @@ impl Rewrite {
                 .map_or(l.len(), |e| n_start + e);
             l.replace_range(n_start..n_end, TEST_PROMPTS);
         }
-        let mut l = self.text(&l);
         if l.ends_with('&') {
             // Wait until what was started answers, as a reader would before the next line.
             let mapped: Vec<String> = self
