@@ -2,8 +2,8 @@
 //! tokens like vLLM (step times, KV-cache growth, preemption) and writing the answer.
 
 use super::engine::{Job, Kind, StreamFrames, DONE_EVENT};
+use super::reply::{send, send_error};
 use super::scheduler::{Preempted, Prompt, Ticket};
-use super::server::{send, send_error};
 use super::{block_hash, engine, Mode, Node};
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{full_response, response_head, BodyLen, JSON};

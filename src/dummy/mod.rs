@@ -6,6 +6,7 @@ pub mod block_hash;
 pub mod engine;
 mod inference;
 pub mod kv_events;
+mod reply;
 pub mod scheduler;
 mod server;
 pub mod stats;

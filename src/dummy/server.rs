@@ -3,10 +3,11 @@
 
 use super::engine::Kind;
 use super::inference::inference;
+use super::reply::{send, send_error, send_json};
 use super::stats::Exposition;
 use super::{engine, Node};
 use crate::http::watch::DisconnectWatch;
-use crate::http::write::{error_response, full_response, JSON};
+use crate::http::write::{error_response, full_response};
 use crate::http::{lingering_close, read_request, ApiError, Limits, ReadBuf, ReadError, Request};
 use http::{Method, StatusCode};
 use monoio::io::AsyncWriteRentExt;
@@ -63,24 +64,6 @@ async fn serve_connection(node: Arc<Node>, mut stream: TcpStream) {
             return;
         }
     }
-}
-
-pub(super) async fn send(stream: &mut TcpStream, out: Vec<u8>) -> Result<(), ()> {
-    stream.write_all(out).await.0.map(|_| ()).map_err(|_| ())
-}
-
-pub(super) async fn send_json(
-    stream: &mut TcpStream,
-    status: StatusCode,
-    v: &Value,
-    keep: bool,
-) -> Result<(), ()> {
-    let body = serde_json::to_vec(v).unwrap_or_default();
-    send(stream, full_response(status, &[JSON], &body, keep)).await
-}
-
-pub(super) async fn send_error(stream: &mut TcpStream, e: ApiError, keep: bool) -> Result<(), ()> {
-    send(stream, error_response(&e, &[], keep)).await
 }
 
 async fn handle(

@@ -56,6 +56,14 @@ fn open_route(w: &Worker, model: Option<&str>) -> Result<(Arc<Topology>, usize),
     }
 }
 
+/// The client's `X-Request-Id`, or a new one: every answer on a business endpoint has one.
+pub(super) fn request_id(req: &Request) -> String {
+    req.head
+        .request_id
+        .clone()
+        .unwrap_or_else(crate::ids::uuid_v4)
+}
+
 /// The model's route in the current topology when it differs from `seen`, else None.
 fn newer_route(w: &Worker, seen: &Arc<Topology>, model: &str) -> Option<(Arc<Topology>, usize)> {
     let now = w.shared.topology.load_full();
@@ -125,7 +133,7 @@ pub async fn serve(
     watch: Option<&DisconnectWatch>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let request_id = super::server::request_id(&req);
+    let request_id = request_id(&req);
     let inspected = match openai::inspect(endpoint, &req.body) {
         Ok(i) => i,
         Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,
@@ -241,7 +249,7 @@ pub async fn serve_forwarded(
     watch: Option<&DisconnectWatch>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let request_id = super::server::request_id(&req);
+    let request_id = request_id(&req);
     let model: Option<String> = serde_json::from_slice::<openai::RawObject<'_>>(&req.body)
         .ok()
         .and_then(|o| {

@@ -142,7 +142,7 @@ async fn dispatch(
                 req.head.route()
             ),
         );
-        let rid = route.is_business().then(|| request_id(&req));
+        let rid = route.is_business().then(|| flow::request_id(&req));
         let mut headers = vec![("Allow", allow)];
         if let Some(id) = rid.as_deref() {
             headers.push(("X-Request-Id", id));
@@ -161,7 +161,7 @@ async fn dispatch(
                     "invalid_request_error",
                     "Content-Type must be application/json",
                 );
-                return answer_error(stream, &e, Some(&request_id(&req)), keep_alive).await;
+                return answer_error(stream, &e, Some(&flow::request_id(&req)), keep_alive).await;
             }
             ensure_watch(watch, stream);
             return flow::serve(start, w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
@@ -233,14 +233,6 @@ async fn respond(
     }
     let (res, _) = stream.write_all(out).await;
     Outcome::new(status.as_u16(), res.is_ok() && keep_alive)
-}
-
-/// The client's `X-Request-Id`, or a new one: every answer on a business endpoint has one.
-pub(super) fn request_id(req: &Request) -> String {
-    req.head
-        .request_id
-        .clone()
-        .unwrap_or_else(crate::ids::uuid_v4)
 }
 
 /// Starts watching the connection for the client leaving (once per connection).
