@@ -71,15 +71,25 @@ impl Drop for Dns {
 
 impl Dns {
     fn start(hosts: &[(&str, &[&str])]) -> Dns {
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port, scratch_dir("dns"), hosts)
+        let dir = scratch_dir("dns");
+        // dnsmasq binds UDP and TCP on its port: another test's socket can take the TCP side
+        // between our pick and its bind; then it says so and we pick again (bounded).
+        for _ in 0..5 {
+            let port = free_udp_and_tcp_port();
+            if let Some(dns) = Self::try_start_on(port, dir.clone(), hosts) {
+                return dns;
+            }
+        }
+        panic!("dnsmasq found no free port in 5 tries");
     }
 
     fn start_on(port: u16, dir: PathBuf, hosts: &[(&str, &[&str])]) -> Dns {
+        Self::try_start_on(port, dir, hosts)
+            .unwrap_or_else(|| panic!("dnsmasq: port {port} is in use"))
+    }
+
+    /// None when dnsmasq could not bind its port.
+    fn try_start_on(port: u16, dir: PathBuf, hosts: &[(&str, &[&str])]) -> Option<Dns> {
         need(DNSMASQ, "dnsmasq-base");
         let hostsdir = dir.join("hosts.d");
         std::fs::create_dir_all(&hostsdir).unwrap();
@@ -113,8 +123,8 @@ impl Dns {
             port,
             log: rx,
         };
-        dns.wait_read(hosts.iter().map(|h| h.1.len()).sum());
-        dns
+        dns.try_wait_read(hosts.iter().map(|h| h.1.len()).sum())
+            .then_some(dns)
     }
 
     /// Replaces the whole hosts file and waits until dnsmasq has read it.
@@ -125,6 +135,11 @@ impl Dns {
 
     /// Waits for dnsmasq's "read .../hosts - N names" (N lines in our file).
     fn wait_read(&self, names: usize) {
+        assert!(self.try_wait_read(names), "dnsmasq: its port is in use");
+    }
+
+    /// As `wait_read`; false when dnsmasq reports that its port is taken.
+    fn try_wait_read(&self, names: usize) -> bool {
         let want = format!("{names} names");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -133,7 +148,10 @@ impl Dns {
                 Ok(line) => {
                     eprintln!("[dnsmasq] {line}");
                     if line.contains("read ") && line.contains("hosts") && line.ends_with(&want) {
-                        return;
+                        return true;
+                    }
+                    if line.contains("Address already in use") {
+                        return false;
                     }
                     assert!(!line.contains("FAILED"), "dnsmasq: {line}");
                 }
@@ -689,4 +707,16 @@ fn replicas_behind_an_l4_balancer() {
     // Everything after the kill went through the surviving replica.
     let (status, _) = get_json(&r2.url("/health"));
     assert_eq!(status, 200);
+}
+
+/// A loopback port free for both UDP and TCP at the time of asking.
+fn free_udp_and_tcp_port() -> u16 {
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP in 100 tries");
 }
