@@ -12,11 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
-/// A node with the engine model on (the harness's zero-delay node plus `extra`).
-fn engine(mode: &str, extra: &[&str]) -> Proc {
-    dummy(mode, extra)
-}
-
 /// vLLM's structs (vllm/distributed/kv_events.py, current main / 0.33), a strict typed
 /// msgspec decoder, and vLLM's block hash recomputed from each BlockStored's token ids.
 const SUBSCRIBER: &str = r#"
@@ -301,7 +296,7 @@ fn kv_events_decode_into_vllm_structs_in_order() {
 #[test]
 fn repeated_prefix_is_a_hit_and_skips_its_prefill() {
     // 400 prompt tokens at 5 ms each: 2 s of prefill when computed.
-    let d = engine(
+    let d = dummy(
         "dual",
         &[
             "--kv-cache-blocks",
@@ -344,7 +339,7 @@ fn repeated_prefix_is_a_hit_and_skips_its_prefill() {
 #[test]
 fn kv_cache_full_preempts_and_both_finish() {
     // 4 blocks of 4 tokens; two requests of 4 prompt tokens growing to 12 need 6.
-    let d = engine(
+    let d = dummy(
         "dual",
         &[
             "--kv-cache-blocks",
@@ -378,7 +373,7 @@ fn kv_cache_full_preempts_and_both_finish() {
 #[test]
 fn requests_beyond_max_num_seqs_wait_in_the_queue() {
     // Each request decodes 20 tokens at 50 ms: about 1 s in the batch.
-    let d = engine(
+    let d = dummy(
         "dual",
         &["--max-num-seqs", "2", "--decode-delay-per-token", "0.05"],
     );
@@ -431,7 +426,7 @@ fn requests_beyond_max_num_seqs_wait_in_the_queue() {
 
 #[test]
 fn decode_node_skips_the_prefill_of_arrived_blocks() {
-    let d = engine(
+    let d = dummy(
         "decode",
         &[
             "--kv-cache-blocks",
@@ -468,7 +463,7 @@ fn decode_node_skips_the_prefill_of_arrived_blocks() {
 
 #[test]
 fn vllm_metrics_parse_and_carry_every_name() {
-    let d = engine("dual", &["--kv-cache-blocks", "50", "--max-num-seqs", "4"]);
+    let d = dummy("dual", &["--kv-cache-blocks", "50", "--max-num-seqs", "4"]);
     post_ok(
         &d,
         "/v1/completions",
@@ -533,23 +528,17 @@ fn value(samples: &[Value], name: &str) -> f64 {
 #[test]
 fn replay_socket_resends_buffered_batches() {
     let (port, replay) = (free_port(), free_port());
-    let d = {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd-dummy"));
-        cmd.args([
-            "--port",
-            "0",
-            "--mode",
-            "dual",
-            "--model",
-            MODEL,
-            "--workers",
-            "1",
-        ])
-        .args(["--kv-cache-blocks", "8"])
-        .args(["--kv-events-endpoint", &format!("tcp://*:{port}")])
-        .args(["--kv-events-replay-endpoint", &format!("tcp://*:{replay}")]);
-        spawn_listening(cmd)
-    };
+    let d = dummy(
+        "dual",
+        &[
+            "--kv-cache-blocks",
+            "8",
+            "--kv-events-endpoint",
+            &format!("tcp://*:{port}"),
+            "--kv-events-replay-endpoint",
+            &format!("tcp://*:{replay}"),
+        ],
+    );
     // Three batches nobody subscribed to (seq 0, 1, 2).
     for _ in 0..3 {
         post_ok(&d, "/reset_prefix_cache", &json!({}));
@@ -629,7 +618,7 @@ print(json.dumps(tok.encode(sys.argv[2]).ids))
         String::from_utf8_lossy(&out.stderr)
     );
     let want: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let d = engine("dual", &["--tokenizer", file.to_str().unwrap()]);
+    let d = dummy("dual", &["--tokenizer", file.to_str().unwrap()]);
     let got = post_ok(&d, "/tokenize", &json!({"prompt": prompt}));
     assert_eq!(
         got["tokens"], want,
