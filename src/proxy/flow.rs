@@ -64,7 +64,8 @@ pub(super) fn request_id(req: &Request) -> String {
         .unwrap_or_else(crate::ids::uuid_v4)
 }
 
-/// The model's route in the current topology when it differs from `seen`, else None.
+/// The model's route in the current topology when it differs from `seen`, else None: a
+/// reload or admin change published since `seen` was read marks removed instances draining.
 fn newer_route(w: &Worker, seen: &Arc<Topology>, model: &str) -> Option<(Arc<Topology>, usize)> {
     let now = w.shared.topology.load_full();
     if Arc::ptr_eq(&now, seen) {
@@ -177,11 +178,13 @@ pub async fn serve(
         };
         // Held (its slot in use) until the request is over.
         let admitted = w.admission.admit(ask).await;
-        // Decide on the topology as it is now: a reload or admin change published since the
-        // request arrived (or while it waited in the admission queue) marks removed instances
-        // draining, and the arrival snapshot would see no instance where the new one has some.
+        // Decide on the topology as it is now, not as it was when the request arrived (or
+        // before it waited in the admission queue).
         let current = newer_route(w, &topo, &route.name);
-        let route = current.as_ref().map_or(route, |(t, i)| &t.models[*i]);
+        let (seen, route) = match &current {
+            Some((t, i)) => (t, &t.models[*i]),
+            None => (&topo, route),
+        };
         let (prefill_up, decode_up) = (route.prefill.any_available(), route.decode.any_available());
         let result = if let Err(rejected) = &admitted {
             crate::info!("request {request_id}: {}", rejected.message);
@@ -192,7 +195,7 @@ pub async fn serve(
                 chat: endpoint == Endpoint::ChatCompletions,
                 body: &req.body,
             };
-            disaggregated(&mut ctx, route, &pick, &job).await
+            disaggregated(&mut ctx, seen, route, &pick, &job).await
         } else if route.dual.instances.is_empty() {
             // A P/D-only model with one role down: say which, and spend no prefill on it.
             let missing = if prefill_up {
@@ -321,8 +324,10 @@ struct Job<'a, 'b> {
     body: &'a Bytes,
 }
 
+/// `route` is the model's route in `seen`.
 async fn disaggregated(
     ctx: &mut RequestCtx<'_>,
+    seen: &Arc<Topology>,
     route: &ModelRoute,
     pick: &PickContext<'_>,
     job: &Job<'_, '_>,
@@ -397,11 +402,9 @@ async fn disaggregated(
             job.body.clone()
         }
     };
-    // The prefill leg took time: a reload or admin change published meanwhile marks removed
-    // decode instances draining, so pick the decode leg from the topology as it is now.
-    let now = w.shared.topology.load_full();
-    let current = now.route_index(Some(&route.name)).map(|i| &now.models[i]);
-    let route = current.unwrap_or(route);
+    // The prefill leg took time: pick the decode leg from the topology as it is now.
+    let current = newer_route(w, seen, &route.name);
+    let route = current.as_ref().map_or(route, |(t, i)| &t.models[*i]);
     // HTTP/1.0 clients cannot take the chunked stream this path writes; they get the
     // plain relay, which frames by close.
     if w.policy().generator_on_p_node && job.inspected.stream && !ctx.http10 {
