@@ -275,6 +275,10 @@ async fn generate(
         node.stats.queue_time.observe(Duration::ZERO);
     }
     let computed = ticket.hit_tokens().max(plan.arrived);
+    let prefill_tokens = job.prompt_tokens.saturating_sub(computed);
+    node.stats
+        .prefilled_tokens
+        .fetch_add(prefill_tokens as u64, Ordering::Relaxed);
     let kv = plan
         .kv_wanted
         .then(|| kv_out(node, job, ticket.block_ids()));
@@ -282,7 +286,7 @@ async fn generate(
         node,
         ticket,
         prompt_tokens: job.prompt_tokens,
-        prefill_tokens: job.prompt_tokens.saturating_sub(computed),
+        prefill_tokens,
         arrived: plan.arrived,
         arrival: plan.arrival,
         due: monoio::time::Instant::now(),

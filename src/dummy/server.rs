@@ -246,6 +246,7 @@ async fn handle(
                 "last_abort_unix_us": s.last_abort_unix_us.load(Ordering::Relaxed),
                 "failures_injected": s.failures_injected.load(Ordering::Relaxed),
                 "prompt_tokens": s.prompt_tokens.load(Ordering::Relaxed),
+                "prefilled_tokens": s.prefilled_tokens.load(Ordering::Relaxed),
             });
             send_json(stream, StatusCode::OK, &v, keep).await
         }

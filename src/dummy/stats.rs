@@ -80,6 +80,9 @@ pub struct Stats {
     pub failures_injected: AtomicU64,
     pub success: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens actually computed (not served by the prefix cache or arrived from a
+    /// prefill node): what tests check instead of timing a skipped prefill.
+    pub prefilled_tokens: AtomicU64,
     pub generation_tokens: AtomicU64,
     pub prefix_queries: AtomicU64,
     pub prefix_hits: AtomicU64,
@@ -104,6 +107,7 @@ impl Default for Stats {
             failures_injected: z(),
             success: z(),
             prompt_tokens: z(),
+            prefilled_tokens: z(),
             generation_tokens: z(),
             prefix_queries: z(),
             prefix_hits: z(),
