@@ -11,6 +11,11 @@ use std::time::Duration;
 
 /// A node whose /metrics report `running`/`waiting` requests and `kv` cache use.
 fn busy_node(running: u32, waiting: u32, kv: f64) -> Proc {
+    node_with_metrics(running, waiting, kv, "ok")
+}
+
+/// The same node with a broken /metrics page: `garbage` or `hang` (busy_node.py says how).
+fn node_with_metrics(running: u32, waiting: u32, kv: f64, metrics: &str) -> Proc {
     let mut cmd = Command::new("python3");
     cmd.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -21,6 +26,7 @@ fn busy_node(running: u32, waiting: u32, kv: f64) -> Proc {
         &running.to_string(),
         &waiting.to_string(),
         &kv.to_string(),
+        metrics,
     ]);
     spawn_listening(cmd)
 }
@@ -122,6 +128,69 @@ fn without_engine_metrics_the_busy_node_takes_its_share() {
             .unwrap()
             > 0
     );
+}
+
+#[test]
+fn scrape_and_kv_event_failures_never_affect_serving() {
+    // One node's /metrics never answers, the other's is not an exposition; one KV-event
+    // endpoint speaks HTTP instead of ZeroMQ, the other has nobody listening.
+    let hung = node_with_metrics(0, 0, 0.0, "hang");
+    let garbled = node_with_metrics(0, 0, 0.0, "garbage");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = closed.local_addr().unwrap();
+    drop(closed);
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: kv_aware\nengine_metrics:\n  interval_seconds: 0.1\n  timeout_seconds: 0.1\n\
+             kv_events:\n  endpoints:\n    \"{}\": \"tcp://{}\"\n    \"{}\": \"tcp://{}\"\n",
+            dual_yaml(&[&hung, &garbled]),
+            hung.addr,
+            garbled.addr,
+            garbled.addr,
+            nobody,
+        ),
+        true,
+    );
+    let failures = |node: &Proc| -> f64 {
+        let needle = format!(
+            "proxy_engine_scrape_failures_total{{instance=\"{}\"",
+            node.addr
+        );
+        metrics_text(&proxy)
+            .lines()
+            .find(|l| l.starts_with(&needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    wait_for(
+        "the hung scrape to time out and be counted",
+        Duration::from_secs(15),
+        || failures(&hung) >= 2.0,
+    );
+    let a = agent();
+    for k in 0..40 {
+        let (status, _, body) = post(
+            &a,
+            &proxy.url("/v1/completions"),
+            &json!({"model": MODEL, "prompt": format!("request {k}"), "max_tokens": 2}),
+        );
+        assert_eq!(status, 200, "request {k}: {body}");
+    }
+    // Both nodes served (nothing was excluded for its broken metrics or events) ...
+    for node in [&hung, &garbled] {
+        let served = get_json(&node.url("/stats")).1["requests"]
+            .as_u64()
+            .unwrap();
+        assert!(served > 0, "{} served nothing", node.addr);
+    }
+    // ... neither is believed to report engine numbers, and the proxy still answers its
+    // own status and metrics.
+    let (_, v) = get_json(&proxy.url("/status/instances"));
+    for node in [&hung, &garbled] {
+        assert_eq!(instance(&v, node)["engine"]["scraped"], false, "{v}");
+    }
+    assert!(failures(&hung) >= 2.0);
 }
 
 /// A real ZeroMQ publisher of vLLM's KV-event structures (pyzmq + msgspec).

@@ -2,13 +2,18 @@
 numbers come from the command line (as a loaded vLLM engine reports them), and completions
 that it counts (GET /stats). Prints `listening on http://HOST:PORT` first, like xpyd-dummy.
 
-usage: busy_node.py MODEL RUNNING WAITING KV_USAGE
+usage: busy_node.py MODEL RUNNING WAITING KV_USAGE [METRICS]
+
+METRICS: `ok` (default); `garbage` (a /metrics page that is not an exposition); `hang`
+(/metrics never answers: the scraper's timeout must fire).
 """
 import json
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MODEL, RUNNING, WAITING, KV = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+METRICS = sys.argv[5] if len(sys.argv) > 5 else "ok"
 served = 0
 
 
@@ -32,6 +37,10 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             self.answer(200, json.dumps({"object": "list", "data": [
                 {"id": MODEL, "object": "model", "max_model_len": 100000}]}))
+        elif self.path == "/metrics" and METRICS == "hang":
+            time.sleep(3600)
+        elif self.path == "/metrics" and METRICS == "garbage":
+            self.answer(200, "vllm:num_requests_waiting{{{ not a sample\n\x00\xff", "text/plain")
         elif self.path == "/metrics":
             labels = f'engine="0",model_name="{MODEL}"'
             self.answer(200, "\n".join([
