@@ -2,7 +2,8 @@
 //! decode node in-process, the proxy in front, one streamed and one plain request through it.
 
 use crate::config::Config;
-use crate::dummy::{self, DummyOptions, Mode};
+use crate::config::Role;
+use crate::dummy::{self, DummyOptions};
 use crate::http::blocking;
 use crate::runtime::Driver;
 use std::io::Write;
@@ -12,15 +13,15 @@ pub const DEMO_MODEL: &str = "xpyd-demo";
 
 pub fn run(port: u16, driver: Driver) -> Result<(), String> {
     crate::proxy::block_shutdown_signals();
-    let node = |mode: Mode| {
+    let node = |mode: Role| {
         let mut o = DummyOptions::new(mode, DEMO_MODEL);
         o.prefill_delay_per_token = 0.0005;
         o.decode_delay_per_token = 0.02;
         o.driver = driver;
         dummy::start(o).map_err(|e| format!("cannot start the simulated {mode:?} node: {e}"))
     };
-    let prefill = node(Mode::Prefill)?;
-    let decode = node(Mode::Decode)?;
+    let prefill = node(Role::Prefill)?;
+    let decode = node(Role::Decode)?;
     let yaml = format!(
         "model: {DEMO_MODEL}\nhost: 127.0.0.1\nport: {port}\nprefill: [\"{}\"]\ndecode: [\"{}\"]\nstartup:\n  probe_interval_seconds: 0.2\n",
         prefill.addr, decode.addr

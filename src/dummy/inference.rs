@@ -4,7 +4,8 @@
 use super::engine::{Job, Kind, StreamFrames, DONE_EVENT};
 use super::reply::{send, send_error};
 use super::scheduler::{Preempted, Prompt, Ticket};
-use super::{block_hash, engine, Mode, Node};
+use super::{block_hash, engine, Node};
+use crate::config::Role;
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{full_response, response_head, BodyLen, JSON};
 use crate::http::{ApiError, Request};
@@ -71,7 +72,7 @@ pub(super) async fn inference(
         ids.as_ref().map(Vec::len),
     ) {
         Ok(j) => Job {
-            prefill_marker: opts.mode == Mode::Prefill,
+            prefill_marker: opts.mode == Role::Prefill,
             ..j
         },
         Err(e) => return send_error(stream, ApiError::bad_request(e.0), keep).await,
@@ -80,7 +81,7 @@ pub(super) async fn inference(
         return send_error(stream, ApiError::bad_request(e.0), keep).await;
     }
     let kv_in = body.get("kv_transfer_params").filter(|v| v.is_object());
-    if opts.mode == Mode::Decode && opts.require_kv_params && kv_in.is_none() {
+    if opts.mode == Role::Decode && opts.require_kv_params && kv_in.is_none() {
         let e =
             ApiError::bad_request("decode node requires kv_transfer_params from a prefill node")
                 .with_param("kv_transfer_params");
@@ -101,11 +102,11 @@ pub(super) async fn inference(
     // A decode node's prompt KV arrives from the prefill node: the blocks it names (all of
     // the prompt when it names none) cost no prefill here.
     let arrived = match (opts.mode, kv_in) {
-        (Mode::Decode, Some(kv)) => match kv.get("remote_block_ids").and_then(Value::as_array) {
+        (Role::Decode, Some(kv)) => match kv.get("remote_block_ids").and_then(Value::as_array) {
             Some(ids) => job.prompt_tokens.min(ids.len() * opts.block_size.max(1)),
             None => job.prompt_tokens,
         },
-        (Mode::Decode, None) => job.prompt_tokens,
+        (Role::Decode, None) => job.prompt_tokens,
         _ => 0,
     };
     let prompt = ids
@@ -116,7 +117,7 @@ pub(super) async fn inference(
         });
     let plan = Plan {
         job: &job,
-        kv_wanted: opts.mode == Mode::Prefill && kv_in.is_some(),
+        kv_wanted: opts.mode == Role::Prefill && kv_in.is_some(),
         prompt,
         arrived,
         arrival,

@@ -11,6 +11,7 @@ pub mod scheduler;
 mod server;
 pub mod stats;
 
+use crate::config::Role;
 use crate::runtime::{self, Driver};
 use engine::{Timing, Tokenize};
 use kv_events::KvEventSink;
@@ -24,18 +25,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Mode {
-    Prefill,
-    Decode,
-    Dual,
-}
-
 #[derive(Clone)]
 pub struct DummyOptions {
     pub host: String,
     pub port: u16,
-    pub mode: Mode,
+    pub mode: Role,
     pub model: String,
     pub max_model_len: usize,
     /// Seconds per prompt token.
@@ -73,7 +67,7 @@ pub struct DummyOptions {
 }
 
 impl DummyOptions {
-    pub fn new(mode: Mode, model: &str) -> Self {
+    pub fn new(mode: Role, model: &str) -> Self {
         DummyOptions {
             host: "127.0.0.1".into(),
             port: 0,

@@ -8,7 +8,8 @@ mod kv_publisher;
 use clap::Parser;
 use std::process::ExitCode;
 use std::sync::Arc;
-use xpyd::dummy::{self, DummyOptions, Mode};
+use xpyd::config::Role;
+use xpyd::dummy::{self, DummyOptions};
 use xpyd::runtime::Driver;
 
 #[derive(Parser)]
@@ -21,7 +22,7 @@ struct Args {
     #[arg(long)]
     port: u16,
     #[arg(long, value_enum)]
-    mode: Mode,
+    mode: Role,
     #[arg(long)]
     model: String,
     /// Listen address (loopback by default; 0.0.0.0 to be reachable from other hosts).
