@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::raw::ScriptedNode;
 use common::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -392,4 +393,153 @@ fn requests_wait_in_the_proxy_while_every_engine_has_a_long_queue() {
         let a = complete(&proxy, &format!("go {i}"), 1, None);
         assert_eq!(a.status, 200, "{}", a.body);
     }
+}
+
+/// The two halves of a response: the node writes the first, waits, writes the second, so
+/// the proxy reads the `usage` object in two pieces.
+fn split_node(first: String, second: String) -> ScriptedNode {
+    ScriptedNode::start(move |_, s| {
+        let ok = s.write_all(first.as_bytes()).is_ok() && s.flush().is_ok();
+        // Not a synchronisation: only makes two upstream reads likely (one read of both
+        // halves would pass without testing the split).
+        std::thread::sleep(Duration::from_millis(150));
+        ok && s.write_all(second.as_bytes()).is_ok()
+    })
+}
+
+fn tokens_counted(proxy: &Proc, kind: &str) -> f64 {
+    metric(
+        proxy,
+        &format!("proxy_tokens_total{{model=\"{MODEL}\",key=\"\",kind=\"{kind}\"}}"),
+    )
+}
+
+#[test]
+fn usage_split_across_upstream_reads_is_counted_streamed_and_not() {
+    // Not streamed: a Content-Length body cut inside the usage object.
+    let body = json!({"id": "cmpl-1", "object": "text_completion", "model": MODEL,
+        "choices": [{"index": 0, "text": "hi", "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 12, "total_tokens": 15, "completion_tokens": 3}})
+    .to_string();
+    let cut = body.find("completion_tokens").unwrap() - 4;
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let node = split_node(format!("{head}{}", &body[..cut]), body[cut..].to_string());
+    let proxy = proxy_with(
+        &format!("model: {MODEL}\ndual: [\"{}\"]\n", node.addr),
+        true,
+    );
+    let a = complete(&proxy, "hi", 3, None);
+    assert_eq!(a.status, 200, "{}", a.body);
+    wait_for("the split usage to be counted", WAIT, || {
+        tokens_counted(&proxy, "prompt") == 12.0 && tokens_counted(&proxy, "completion") == 3.0
+    });
+
+    // Streamed: chunked SSE, the usage event cut across two chunks.
+    let chunk = |s: &str| format!("{:x}\r\n{s}\r\n", s.len());
+    let event = format!(
+        "data: {}\n\n",
+        json!({"id": "cmpl-2", "object": "text_completion", "model": MODEL, "choices": [],
+            "usage": {"prompt_tokens": 7, "total_tokens": 47, "completion_tokens": 40}})
+    );
+    let cut = event.find("prompt_tokens").unwrap() + 5;
+    let text = format!(
+        "data: {}\n\n",
+        json!({"id": "cmpl-2", "object": "text_completion", "model": MODEL,
+            "choices": [{"index": 0, "text": "a", "finish_reason": null}], "usage": null})
+    );
+    let node = split_node(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n{}{}",
+            chunk(&text),
+            chunk(&event[..cut])
+        ),
+        format!("{}{}0\r\n\r\n", chunk(&event[cut..]), chunk("data: [DONE]\n\n")),
+    );
+    let proxy = proxy_with(
+        &format!("model: {MODEL}\ndual: [\"{}\"]\n", node.addr),
+        true,
+    );
+    let req = json!({"model": MODEL, "prompt": "hi", "max_tokens": 40, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let st = stream(&agent(), &proxy.url("/v1/completions"), &req);
+    assert_eq!(st.status, 200);
+    wait_for("the split streamed usage to be counted", WAIT, || {
+        tokens_counted(&proxy, "prompt") == 7.0 && tokens_counted(&proxy, "completion") == 40.0
+    });
+}
+
+#[test]
+fn a_request_refused_by_its_keys_token_share_spends_none_of_the_models_tokens() {
+    let node = dummy("dual", &[]);
+    // A bucket of 200 tokens refilled at 1 token/s; each key's share: 100.
+    let proxy = proxy_with(
+        &format!(
+            "{}api_keys: [key-a, key-b]\nadmission:\n  tokens_per_second: 1\n  token_burst: 200\n",
+            dual_yaml(&[&node])
+        ),
+        true,
+    );
+    // ~91 tokens each (prompt + max_tokens): key-a's first passes, its second is over its
+    // share.
+    assert_eq!(complete(&proxy, "hi", 90, Some("key-a")).status, 200);
+    assert_429(&complete(&proxy, "hi", 90, Some("key-a")), "share");
+    // Had the refused one spent the model's tokens, ~18 would be left; ~109 are.
+    let b = complete(&proxy, "hi", 90, Some("key-b"));
+    assert_eq!(b.status, 200, "{}", b.body);
+    let state = admission(&proxy)["state"].clone();
+    assert_eq!(state["rejected"]["token_rate"], 1, "{state}");
+}
+
+#[test]
+fn keys_dropped_by_a_reload_lose_their_counters_and_the_others_are_renumbered() {
+    let node = dummy("dual", &[]);
+    let base = format!(
+        "{}{FAST_PROBES}admin_api_key: adm\nadmission:\n  max_concurrent_requests: 4\n",
+        dual_yaml(&[&node])
+    );
+    let path = write_config(&format!("{base}api_keys: [key-a, key-b]\n"));
+    let proxy = proxy_on(&path, true);
+    assert_eq!(complete(&proxy, "a", 2, Some("key-a")).status, 200);
+    assert_eq!(complete(&proxy, "b", 3, Some("key-b")).status, 200);
+    let labels = |proxy: &Proc| -> Vec<(String, u64)> {
+        admission(proxy)["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                (
+                    k["key"].as_str().unwrap().to_string(),
+                    k["completion_tokens"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    wait_for("both keys' usage to be counted", WAIT, || {
+        labels(&proxy) == [("api_keys[0]".into(), 2), ("api_keys[1]".into(), 3)]
+    });
+    std::fs::write(&path, format!("{base}api_keys: [key-b]\n")).unwrap();
+    let reloaded = agent()
+        .post(&proxy.url("/admin/reload"))
+        .set("X-API-Key", "adm")
+        .call()
+        .unwrap();
+    assert_eq!(reloaded.status(), 200);
+    // key-a is gone from /status and /metrics; key-b keeps its counters under its new name.
+    assert_eq!(labels(&proxy), [("api_keys[0]".to_string(), 3)]);
+    let text = agent()
+        .get(&proxy.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(!text.contains("api_keys[1]"), "{text}");
+    assert!(
+        text.contains(
+            "proxy_tokens_total{model=\"test-model\",key=\"api_keys[0]\",kind=\"completion\"} 3"
+        ),
+        "{text}"
+    );
 }

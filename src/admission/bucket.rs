@@ -13,6 +13,11 @@ pub struct Bucket {
     tat: AtomicU64,
 }
 
+/// The time `tokens` take to refill at `rate` per second, in ns.
+fn ns(tokens: u64, rate: u64) -> u64 {
+    (tokens as u128 * 1_000_000_000 / rate as u128) as u64
+}
+
 impl Bucket {
     /// Takes `cost` tokens at `now` (ns) from a bucket of `burst` tokens refilled at `rate`
     /// tokens per second. A cost above `burst` takes a whole bucket (it could never fit
@@ -22,8 +27,7 @@ impl Bucket {
             return Ok(());
         }
         let burst = burst.max(1);
-        let ns = |tokens: u64| (tokens as u128 * 1_000_000_000 / rate as u128) as u64;
-        let (inc, tau) = (ns(cost.clamp(1, burst)), ns(burst));
+        let (inc, tau) = (ns(cost.clamp(1, burst), rate), ns(burst, rate));
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
             let next = tat.max(now) + inc;
@@ -39,6 +43,23 @@ impl Bucket {
                 Err(t) => tat = t,
             }
         }
+    }
+
+    /// Undoes a `take` of the same `cost`, `rate` and `burst` that succeeded (the request
+    /// was refused by another limit after it). Takes made since only pushed the state
+    /// further, so at once it is exact; later (after a queue wait) it may credit up to
+    /// `cost` more than a replay without that take would — never past a full bucket, which
+    /// any state before now means.
+    pub fn give_back(&self, cost: u64, rate: u64, burst: u64) {
+        if rate == 0 {
+            return;
+        }
+        let inc = ns(cost.clamp(1, burst.max(1)), rate);
+        let _ = self
+            .tat
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(inc))
+            });
     }
 }
 
@@ -69,6 +90,18 @@ mod tests {
         assert!(b.take(S, 1, 100, 100).is_err());
         assert!(b.take(S, 1, 100, 100).is_err());
         assert!(b.take(2 * S, 100, 100, 100).is_ok());
+    }
+
+    #[test]
+    fn a_take_given_back_leaves_the_bucket_as_it_was() {
+        let b = Bucket::default();
+        assert!(b.take(S, 150, 100, 200).is_ok());
+        assert!(b.take(S, 100, 100, 200).is_err());
+        // A second request took 50, then was refused elsewhere: its 50 come back.
+        assert!(b.take(S, 50, 100, 200).is_ok());
+        b.give_back(50, 100, 200);
+        assert!(b.take(S, 50, 100, 200).is_ok());
+        assert!(b.take(S, 1, 100, 200).is_err());
     }
 
     #[test]

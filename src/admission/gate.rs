@@ -7,7 +7,7 @@ use super::bucket::Bucket;
 use arc_swap::ArcSwap;
 use crossbeam_utils::CachePadded;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,13 +101,25 @@ impl Counters {
     }
 }
 
-/// One API key's counters and its label in metrics (its position in `api_keys`: the key
-/// itself is a secret).
+/// One API key's counters, named in metrics by its position in `api_keys` (the key itself
+/// is a secret).
 pub struct KeyGate {
     /// The key (weights are configured by key).
     pub key: String,
-    pub label: String,
+    /// Its position in `api_keys`, as the last reload left it.
+    index: AtomicUsize,
     pub c: Counters,
+}
+
+impl KeyGate {
+    pub fn index(&self) -> usize {
+        self.index.load(Ordering::Relaxed)
+    }
+
+    /// Its name in metrics and `/status`.
+    pub fn label(&self) -> String {
+        format!("api_keys[{}]", self.index())
+    }
 }
 
 pub struct ModelGate {
@@ -118,8 +130,8 @@ pub struct ModelGate {
     /// none): a worker hands a free slot to its own waiter only if no older one waits on
     /// another worker, so the queue is FIFO across workers too (within one tick).
     pub heads: Vec<CachePadded<AtomicU64>>,
-    /// Created on a key's first request, never removed (a key dropped by a reload keeps
-    /// its counters until restart).
+    /// Created on a key's first request; removed when a reload drops the key from
+    /// `api_keys` (`Gates::retain_keys`).
     keys: ArcSwap<HashMap<String, Arc<KeyGate>>>,
     /// Time waited by requests that queued and were then admitted.
     queue_time: [AtomicU64; QUEUE_BUCKETS.len() + 1],
@@ -142,14 +154,14 @@ impl ModelGate {
 }
 
 impl ModelGate {
-    /// The counters of `key` (`label` names it in metrics), created on first use.
-    pub fn key(&self, key: &str, label: impl FnOnce() -> String) -> Arc<KeyGate> {
+    /// The counters of `key`, `api_keys[index]`, created on first use.
+    pub fn key(&self, key: &str, index: usize) -> Arc<KeyGate> {
         if let Some(k) = self.keys.load().get(key) {
             return k.clone();
         }
         let fresh = Arc::new(KeyGate {
             key: key.to_string(),
-            label: label(),
+            index: AtomicUsize::new(index),
             c: Counters::default(),
         });
         // Lock-free insert; a racing insert of the same key wins and is used.
@@ -167,8 +179,28 @@ impl ModelGate {
 
     pub fn keys(&self) -> Vec<Arc<KeyGate>> {
         let mut v: Vec<_> = self.keys.load().values().cloned().collect();
-        v.sort_by(|a, b| a.label.cmp(&b.label));
+        v.sort_by_key(|k| k.index());
         v
+    }
+
+    /// Forgets the keys not in `api_keys` (their requests still in flight hold their own
+    /// counters to the end) and renumbers the others.
+    fn retain_keys(&self, api_keys: &[String]) {
+        let place = |k: &str| api_keys.iter().position(|x| x == k);
+        let map = self.keys.load();
+        for k in map.values() {
+            if let Some(i) = place(&k.key) {
+                k.index.store(i, Ordering::Relaxed);
+            }
+        }
+        if map.keys().all(|k| place(k).is_some()) {
+            return;
+        }
+        self.keys.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.retain(|k, _| place(k).is_some());
+            m
+        });
     }
 
     pub fn observe_queue_time(&self, d: Duration) {
@@ -244,6 +276,15 @@ impl Gates {
     pub fn find(&self, model: &str) -> Option<Arc<ModelGate>> {
         self.map.load().get(model).cloned()
     }
+
+    /// After a reload: the keys `api_keys` no longer lists lose their counters, the others
+    /// take their new positions. The control thread also runs it on every probe round, for
+    /// a gate a worker still holding the previous key list created after the reload's pass.
+    pub fn retain_keys(&self, api_keys: &[String]) {
+        for g in self.map.load().values() {
+            g.retain_keys(api_keys);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -266,8 +307,28 @@ mod tests {
         let g = Gates::new(2);
         let a = g.get("m");
         assert!(Arc::ptr_eq(&a, &g.get("m")));
-        let k = a.key("sk-1", || "api_keys[0]".into());
-        assert!(Arc::ptr_eq(&k, &a.key("sk-1", || unreachable!())));
+        let k = a.key("sk-1", 0);
+        assert!(Arc::ptr_eq(&k, &a.key("sk-1", 5)));
         assert_eq!(a.keys().len(), 1);
+        assert_eq!(k.label(), "api_keys[0]");
+    }
+
+    #[test]
+    fn a_reload_forgets_dropped_keys_and_renumbers_the_others() {
+        let g = Gates::new(1);
+        let m = g.get("m");
+        let (a, b) = (m.key("sk-a", 0), m.key("sk-b", 1));
+        b.c.usage(3, 4);
+        g.retain_keys(&["sk-c".into(), "sk-b".into()]);
+        let left = m.keys();
+        assert_eq!(left.len(), 1);
+        assert!(Arc::ptr_eq(&left[0], &b));
+        assert_eq!(b.label(), "api_keys[1]");
+        g.retain_keys(&["sk-b".into()]);
+        assert_eq!(b.label(), "api_keys[0]");
+        // The dropped key's gate lives on for whoever still holds it, outside the map.
+        assert_eq!(a.label(), "api_keys[0]");
+        g.retain_keys(&[]);
+        assert!(m.keys().is_empty());
     }
 }

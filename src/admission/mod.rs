@@ -219,10 +219,7 @@ impl Local {
             .and_then(|k| policy.api_keys.iter().position(|x| x == k))
             .map(|i| {
                 let k = &policy.api_keys[i];
-                (
-                    gate.key(k, || format!("api_keys[{i}]")),
-                    weights(&policy, cfg, k),
-                )
+                (gate.key(k, i), weights(&policy, cfg, k))
             });
         let reject = |reason: Reason, retry: u64, message: String| {
             gate.c.reject(reason);
@@ -259,6 +256,10 @@ impl Local {
                 k.c.bucket
                     .take(now, ask.tokens, rate, share(burst, *w, *total))
             {
+                // Refused: the model's tokens it took are not spent.
+                gate.c
+                    .bucket
+                    .give_back(ask.tokens, cfg.tokens_per_second, burst);
                 return reject(
                     Reason::TokenRate,
                     retry_after(wait),
@@ -266,6 +267,24 @@ impl Local {
                 );
             }
         }
+
+        // Refused past this point, the request spends no tokens: it loads no engine.
+        let spent = Spent {
+            tokens: ask.tokens,
+            rate: cfg.tokens_per_second,
+            burst,
+            key: key.as_ref().map(|(k, (w, t))| {
+                (
+                    k.clone(),
+                    share(cfg.tokens_per_second, *w, *t),
+                    share(burst, *w, *t),
+                )
+            }),
+        };
+        let refuse = |reason: Reason, retry: u64, message: String| {
+            spent.give_back(gate);
+            reject(reason, retry, message)
+        };
 
         // A slot at once, unless others are waiting or the engines are saturated.
         let limit = cfg.max_concurrent_requests;
@@ -291,7 +310,7 @@ impl Local {
                 .is_err()
         };
         if cfg.queue_size == 0 {
-            return reject(
+            return refuse(
                 Reason::Concurrency,
                 1,
                 format!(
@@ -301,7 +320,7 @@ impl Local {
             );
         }
         if full(&gate.c, cfg.queue_size) {
-            return reject(
+            return refuse(
                 Reason::QueueFull,
                 1,
                 format!(
@@ -314,7 +333,7 @@ impl Local {
             let cap = share(cfg.queue_size, *w, *t);
             if full(&k.c, cap) {
                 gate.c.queued.fetch_sub(1, Ordering::Relaxed);
-                return reject(
+                return refuse(
                     Reason::QueueFull,
                     1,
                     format!("this API key has its share of model `{}`'s queue waiting ({cap}); retry later", ask.model),
@@ -349,6 +368,7 @@ impl Local {
             }));
         }
         drop(ticket); // leaves the queue
+        spent.give_back(&q.gate);
         gate.c.reject(Reason::QueueTimeout);
         if let Some(k) = &waiter.key {
             k.c.reject(Reason::QueueTimeout);
@@ -375,9 +395,7 @@ impl Local {
             .map(str::trim)
             .and_then(|k| policy.api_keys.iter().position(|x| x == k))
         {
-            gate.key(&policy.api_keys[i], || format!("api_keys[{i}]"))
-                .c
-                .usage(tokens.0, tokens.1);
+            gate.key(&policy.api_keys[i], i).c.usage(tokens.0, tokens.1);
         }
     }
 
@@ -500,6 +518,25 @@ impl Local {
                 }
             }
         });
+    }
+}
+
+/// The tokens a request took from the model's bucket and its key's, given back when it is
+/// refused after all.
+struct Spent {
+    tokens: u64,
+    rate: u64,
+    burst: u64,
+    /// The key, its rate and burst.
+    key: Option<(Arc<KeyGate>, u64, u64)>,
+}
+
+impl Spent {
+    fn give_back(&self, gate: &ModelGate) {
+        gate.c.bucket.give_back(self.tokens, self.rate, self.burst);
+        if let Some((k, rate, burst)) = &self.key {
+            k.c.bucket.give_back(self.tokens, *rate, *burst);
+        }
     }
 }
 

@@ -102,7 +102,7 @@ pub fn render(gates: &Gates, out: &mut String) {
             let _ = writeln!(
                 out,
                 "proxy_admission_key_in_flight{{model=\"{m}\",key=\"{}\"}} {}",
-                k.label,
+                k.label(),
                 k.c.in_flight()
             );
         }
@@ -114,7 +114,7 @@ pub fn render(gates: &Gates, out: &mut String) {
         );
         for (m, k) in &keyed {
             for r in Reason::ALL {
-                let _ = writeln!(out, "proxy_admission_key_rejected_total{{model=\"{m}\",key=\"{}\",reason=\"{}\"}} {}", k.label, r.as_str(), k.c.rejected(r));
+                let _ = writeln!(out, "proxy_admission_key_rejected_total{{model=\"{m}\",key=\"{}\",reason=\"{}\"}} {}", k.label(), r.as_str(), k.c.rejected(r));
             }
         }
     }
@@ -138,7 +138,7 @@ pub fn render(gates: &Gates, out: &mut String) {
                 let _ = writeln!(
                     out,
                     "proxy_tokens_total{{model=\"{m}\",key=\"{}\",kind=\"{kind}\"}} {}",
-                    k.label,
+                    k.label(),
                     n.load(Ordering::Relaxed)
                 );
             }
@@ -183,7 +183,7 @@ pub fn status_json(gates: &Gates, policy: &Policy, model: &str) -> serde_json::V
             .iter()
             .map(|k| {
                 let mut c = counters(&k.c);
-                c["key"] = json!(k.label);
+                c["key"] = json!(k.label());
                 c
             })
             .collect();

@@ -190,6 +190,10 @@ impl Control {
             }
         });
         self.update_readiness(&topo);
+        // Catches a key gate created by a request that read the key list a reload dropped.
+        self.shared
+            .admission
+            .retain_keys(&self.shared.policy.load().api_keys);
         self.draining.retain(|i| {
             let busy = i.in_flight() > 0;
             if !busy {
@@ -331,6 +335,9 @@ impl Control {
             }
         });
         self.shared.policy.store(Arc::new(cfg.policy()));
+        self.shared
+            .admission
+            .retain_keys(&self.shared.policy.load().api_keys);
         self.shared.topology.store(Arc::new(next));
         self.shared
             .discovery

@@ -14,6 +14,7 @@ use super::failure::{self, BodyFailure, RelayError};
 use super::outcome::Outcome;
 use super::sse;
 use super::upstream::{BodyDecoder, UpstreamConn};
+use crate::admission::usage;
 use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
 use crate::http::head::{Framing, ResponseHead};
 use crate::http::write::{response_head, BodyLen};
@@ -76,16 +77,29 @@ impl Mode {
         }
     }
 
-    /// Appends to `out` what the client must receive from the unconsumed upstream bytes.
-    /// Returns true once the upstream body is complete.
-    fn process(&mut self, conn: &mut UpstreamConn, out: &mut Vec<u8>) -> Result<bool, BodyFailure> {
+    /// Appends to `out` what the client must receive from the unconsumed upstream bytes,
+    /// and shows `usage` the body's decoded bytes. Returns true once the upstream body is
+    /// complete.
+    fn process(
+        &mut self,
+        conn: &mut UpstreamConn,
+        out: &mut Vec<u8>,
+        usage: &mut usage::Scanner,
+    ) -> Result<bool, BodyFailure> {
         match self {
-            Mode::Decode(dec) => dec
-                .decode(&mut conn.buf, out)
-                .map_err(|_| BodyFailure::Framing),
+            Mode::Decode(dec) => {
+                let from = out.len();
+                let done = dec
+                    .decode(&mut conn.buf, out)
+                    .map_err(|_| BodyFailure::Framing)?;
+                usage.feed(&out[from..]);
+                Ok(done)
+            }
             Mode::Chunks(dec) => {
                 let data = conn.buf.data();
-                let used = dec.feed(data, |_| {}).map_err(|_| BodyFailure::Framing)?;
+                let used = dec
+                    .feed(data, |payload| usage.feed(payload))
+                    .map_err(|_| BodyFailure::Framing)?;
                 out.extend_from_slice(&data[..used]);
                 conn.buf.consume(used);
                 Ok(dec.is_done())
@@ -93,6 +107,7 @@ impl Mode {
             Mode::WrapUntilClose => {
                 let data = conn.buf.data();
                 if !data.is_empty() {
+                    usage.feed(data);
                     encode_chunk(out, data);
                     conn.buf.clear();
                 }
@@ -184,17 +199,19 @@ async fn pump(
 ) -> Result<(Finished, Vec<u8>), RelayError> {
     let idle = ctx.w.policy().timeouts.idle;
     let mut head_len = out.len();
+    // The engine's token counts, wherever the reads cut its `usage` object.
+    let mut usage = usage::Scanner::default();
     loop {
-        let done = mode.process(conn, &mut out)?;
+        let done = mode.process(conn, &mut out, &mut usage)?;
+        if let Some(u) = usage.found() {
+            ctx.tl.usage = Some(u);
+        }
         if !out.is_empty() {
             let body = &out[head_len..];
             let (has_body, events) = (
                 !body.is_empty(),
                 if sse { sse::count_events(body) } else { 0 },
             );
-            if let Some(u) = crate::admission::usage::scan(body) {
-                ctx.tl.usage = Some(u);
-            }
             out = ctx.write(out).await?;
             *started = true;
             head_len = 0;
