@@ -1,5 +1,7 @@
 //! Pick latency per policy with 8 and 128 instances; cache_aware with 4 KiB prompts and a
-//! full prefix index. Run: `cargo bench --bench scheduler`.
+//! full prefix index; kv_aware with a 1,024-token prompt; what a tokenizer thread spends
+//! per KiB (completion and chat) and the worker ↔ tokenizer-thread hand-off on each driver.
+//! Run: `cargo bench --bench scheduler`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::sync::Arc;
@@ -91,23 +93,117 @@ fn picks(c: &mut Criterion) {
     }
 }
 
-/// Tokenizing a completion prompt with the test tokenizer (a 2,000-token byte-level BPE):
-/// the cost a worker pays when a policy or the context check needs exact tokens.
+/// kv_aware: a 1,024-token prompt (64 blocks of 16) against an index where each instance
+/// holds a different share of it, the pick including the block-chain hashing.
+fn kv_aware(c: &mut Criterion) {
+    use std::sync::atomic::Ordering;
+    let idx = xpyd::kv_index::global();
+    idx.block_size.store(16, Ordering::Relaxed);
+    let opts = SchedulingOptions::default();
+    for n in [8usize, 64] {
+        let inst = instances(n);
+        let tokens: Vec<u32> = (0..1024u32).map(|t| t * 7 + n as u32).collect();
+        let keys = xpyd::kv_index::prompt_keys(&tokens, 16);
+        for (k, i) in inst.iter().enumerate() {
+            i.kv_bit.store(k as u32 + 1, Ordering::Relaxed);
+            for &key in &keys[..(k * 7) % keys.len()] {
+                idx.add(key, k as u32 + 1);
+            }
+        }
+        let s = scheduler::build(SchedulerKind::KvAware, "m", Role::Prefill, &opts, &inst);
+        c.bench_function(&format!("pick/kv_aware_1024tok/{n}"), |b| {
+            b.iter(|| {
+                let ctx = PickContext {
+                    tokens: Some(&tokens),
+                    prompt_tokens: 1024,
+                    ..Default::default()
+                };
+                black_box(s.pick(&inst, &ctx))
+            })
+        });
+    }
+}
+
+fn text(kib: usize) -> String {
+    "The proxy routes each request to the instance that holds its prefix. "
+        .repeat(kib * 1024 / 70 + 1)[..kib * 1024]
+        .to_string()
+}
+
+/// What a tokenizer thread spends per prompt with the test tokenizer (a 2,000-token
+/// byte-level BPE): a completion prompt, and chat messages through the chat template.
 fn tokenize(c: &mut Criterion) {
     let root = std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/engine/tokenizers"
     ));
     xpyd::tokenize::load(root, &["test-model".to_string()]);
-    let t = xpyd::tokenize::get("test-model").expect("test tokenizer");
-    for kib in [1usize, 4] {
-        let text: String = "The proxy routes each request to the instance that holds its prefix. "
-            .repeat(kib * 1024 / 70 + 1)[..kib * 1024]
-            .to_string();
-        c.bench_function(&format!("tokenize/{kib}KiB"), |b| {
-            b.iter(|| black_box(xpyd::tokenize::encode(&t, &text)))
+    let m = xpyd::tokenize::get("test-model").expect("test tokenizer");
+    for kib in [1usize, 4, 16] {
+        let text = text(kib);
+        c.bench_function(&format!("tokenize/completion_{kib}KiB"), |b| {
+            b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, &text)))
         });
     }
+    let chat = m.chat.as_ref().expect("chat template");
+    let messages = serde_json::json!([
+        {"role": "system", "content": text(1)},
+        {"role": "user", "content": text(3)},
+    ])
+    .to_string();
+    let input = xpyd::tokenize::ChatInput {
+        messages: messages.into(),
+        tools: None,
+        kwargs: None,
+        add_generation_prompt: true,
+    };
+    c.bench_function("tokenize/chat_render_4KiB", |b| {
+        b.iter(|| black_box(chat.render(&input)))
+    });
+    c.bench_function("tokenize/chat_4KiB", |b| {
+        b.iter(|| {
+            let t = chat.render(&input).unwrap();
+            black_box(m.tokenizer.encode(t, false).map(|e| e.len()))
+        })
+    });
+}
+
+/// The hand-off itself: a worker task sends a tiny prompt to the tokenizer thread and
+/// awaits the answer (queue, thread wake-up, mailbox byte, worker wake-up), on each driver;
+/// `inline` is the same prompt tokenized in place, for the difference.
+fn handoff(c: &mut Criterion) {
+    let root = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/engine/tokenizers"
+    ));
+    xpyd::tokenize::load(root, &["test-model".to_string()]);
+    xpyd::tokenize::start_threads(1).unwrap();
+    let m = xpyd::tokenize::get("test-model").unwrap();
+    let prompt = bytes::Bytes::from_static(b"\"Hello, world\"");
+    c.bench_function("tokenize/handoff_inline", |b| {
+        b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, "Hello, world")))
+    });
+    c.bench_function("tokenize/handoff_io_uring", |b| {
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .build()
+            .expect("io_uring");
+        b.iter_custom(|iters| rt.block_on(run_iters(&prompt, iters)))
+    });
+    c.bench_function("tokenize/handoff_epoll", |b| {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("epoll");
+        b.iter_custom(|iters| rt.block_on(run_iters(&prompt, iters)))
+    });
+}
+
+async fn run_iters(prompt: &bytes::Bytes, iters: u64) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        let input = xpyd::tokenize::Input::Completion(prompt.clone());
+        black_box(xpyd::tokenize::token_ids("test-model", input).await);
+    }
+    start.elapsed()
 }
 
 criterion_group! {
@@ -116,6 +212,6 @@ criterion_group! {
         .sample_size(30)
         .warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_secs(1));
-    targets = picks, tokenize
+    targets = picks, kv_aware, tokenize, handoff
 }
 criterion_main!(benches);

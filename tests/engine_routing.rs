@@ -601,3 +601,211 @@ fn exact_token_counts_from_the_models_tokenizer() {
         }
     }
 }
+
+/// A chat request is counted as the engine sees it: the model's chat template (from
+/// tokenizer_config.json) rendered with the messages, tools and a generation prompt, then
+/// tokenized — equal, to the token, to transformers' way (jinja2 + the Python `tokenizers`
+/// package) on the same files, as seen at the `max_model_len` boundary.
+#[test]
+fn exact_chat_token_counts_from_the_models_chat_template() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
+    let folder = format!("{root}/{MODEL}");
+    let request = json!({
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "  You are a helpful routing assistant.  "},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Which node holds the prefix of this prompt?"},
+                {"type": "text", "text": "Answer with its address; {\"json\": [1, 2, 3]}"}
+            ]},
+            {"role": "assistant", "content": null, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "lookup", "arguments": "{\"prefix\": \"abc\", \"blocks\": 4}"}
+            }]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "10.0.0.7:8000 holds 4 blocks"},
+            {"role": "user", "content": "Thanks. Über-précis, s'il vous plaît — 日本語も。"}
+        ],
+        "tools": [{"type": "function", "function": {
+            "name": "lookup", "description": "Finds the node holding a prefix",
+            "parameters": {"type": "object", "properties": {"prefix": {"type": "string"}}}
+        }}],
+        "max_tokens": 1
+    });
+    let venv = python_venv(&[("tokenizers", "tokenizers"), ("jinja2", "jinja2")]);
+    let out = Command::new(venv.join("bin/python"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/engine/chat_tokens.py"
+        ))
+        .arg(&folder)
+        .arg(request.to_string())
+        .output()
+        .expect("python chat_tokens.py");
+    let exact: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("a count: {}", String::from_utf8_lossy(&out.stderr)));
+    // The template adds what bytes / 4 cannot know (the tools, role markers): only an exact
+    // count gets the boundary right. (kv_aware below makes the proxy count every prompt.)
+    let estimate = (request["messages"].to_string().len() / 4) as u64;
+    assert!(estimate.abs_diff(exact) > 10, "{estimate} vs {exact}");
+    let a = agent();
+    for (max_len, refused) in [(exact + 1, false), (exact, true)] {
+        let node = dummy("dual", &["--max-model-len", &max_len.to_string()]);
+        let proxy = proxy_with(
+            &format!(
+                "{}scheduling: kv_aware\ntokenizer_path: \"{root}\"\n",
+                dual_yaml(&[&node])
+            ),
+            true,
+        );
+        wait_for(
+            "max_model_len from /v1/models",
+            Duration::from_secs(10),
+            || {
+                let (_, v) = get_json(&proxy.url("/status/instances"));
+                v["instances"][0]["max_model_len"] == max_len
+            },
+        );
+        let (status, _, body) = post(&a, &proxy.url("/v1/chat/completions"), &request);
+        let reached_node = dummy_stats(&node)["requests"] == 1;
+        if refused {
+            assert_eq!(
+                status, 400,
+                "max_model_len {max_len}, exact {exact}: {body}"
+            );
+            assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+            assert!(!reached_node, "the proxy answered, not the node");
+        } else {
+            // The dummy counts chat tokens its own way: only the proxy's decision matters.
+            assert!(
+                reached_node,
+                "refused at {max_len} with {exact} tokens: {body}"
+            );
+        }
+        assert_eq!(
+            metric(
+                &proxy,
+                "proxy_tokenizer_requests_total{kind=\"chat\",outcome=\"tokenized\"}"
+            ),
+            1.0
+        );
+    }
+}
+
+/// The proxy with one worker thread: every connection is served by the same event loop.
+fn one_worker_proxy(yaml: &str) -> Proc {
+    let path = write_config(&format!(
+        "{yaml}\nstartup:\n  probe_interval_seconds: 0.1\n"
+    ));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd"));
+    cmd.args(["proxy", "-c"]).arg(&path).args([
+        "--port",
+        "0",
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]);
+    let p = spawn_listening(cmd);
+    wait_for("the proxy to be ready", Duration::from_secs(15), || {
+        get_json(&p.url("/health")).0 == 200
+    });
+    p
+}
+
+/// Tokenizing runs on a tokenizer thread: while a long prompt is being tokenized, the one
+/// worker thread keeps answering other connections (here its own /metrics, which shows the
+/// tokenizer busy, and a request that needs no tokenizer).
+#[test]
+fn the_worker_serves_other_connections_while_a_long_prompt_is_tokenized() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
+    let node = dummy("dual", &["--max-model-len", "100000000"]);
+    let proxy = one_worker_proxy(&format!(
+        "{}scheduling: kv_aware\ntokenizer_path: \"{root}\"\ntokenizer:\n  max_queued_kib: 65536\n",
+        dual_yaml(&[&node])
+    ));
+    // 1 MiB: seconds of tokenizing in a debug build (about 4 ms per KiB).
+    let text = "The proxy routes each request to the node that holds its prefix; ".repeat(16_000);
+    let url = proxy.url("/v1/completions");
+    let big = std::thread::spawn(move || {
+        let (status, _, body) = post(
+            &agent(),
+            &url,
+            &json!({"model": MODEL, "prompt": text, "max_tokens": 1}),
+        );
+        (status, body)
+    });
+    wait_for(
+        "/metrics, from the same worker, to show the prompt being tokenized",
+        Duration::from_secs(60),
+        || metric(&proxy, "proxy_tokenizer_busy_threads") == 1.0,
+    );
+    let (status, _, body) = post(
+        &agent(),
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = big.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let series = "proxy_tokenizer_requests_total{kind=\"completion\",outcome=\"tokenized\"}";
+    assert_eq!(metric(&proxy, series), 1.0);
+    eprintln!(
+        "tokenized {} bytes in {} s",
+        metric(&proxy, "proxy_tokenizer_bytes_total"),
+        metric(&proxy, "proxy_tokenizer_seconds_total")
+    );
+}
+
+/// When the tokenizer threads are behind (here: a queue budget smaller than the prompt),
+/// the request does not wait: it is served on the byte estimate, and the fallback counted.
+#[test]
+fn a_full_tokenizer_queue_falls_back_to_the_byte_estimate() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
+    let node = dummy("dual", &[]);
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: kv_aware\ntokenizer_path: \"{root}\"\ntokenizer:\n  max_queued_kib: 1\n",
+            dual_yaml(&[&node])
+        ),
+        true,
+    );
+    let a = agent();
+    let text = "a prompt longer than the tokenizer queue's budget ".repeat(100);
+    let (status, _, body) = post(
+        &a,
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": text, "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = post(
+        &a,
+        &proxy.url("/v1/chat/completions"),
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    // A short prompt fits the budget and is tokenized.
+    let (status, _, body) = post(
+        &a,
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": "short", "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    for (kind, outcome, n) in [
+        ("completion", "queue_full", 1.0),
+        ("chat", "queue_full", 1.0),
+        ("completion", "tokenized", 1.0),
+    ] {
+        let series =
+            format!("proxy_tokenizer_requests_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}");
+        assert_eq!(metric(&proxy, &series), n, "{series}");
+    }
+    assert_eq!(
+        metric(
+            &proxy,
+            "proxy_routing_picks_total{policy=\"kv_aware\",outcome=\"no_tokens\"}"
+        ),
+        2.0
+    );
+}

@@ -65,6 +65,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let shutdown_grace = r.seconds(t, "", "shutdown_grace_seconds", 30.0);
     let generator_on_p_node = first_token_source(&mut r, t);
     let tokenizer_path = r.string(t, "", "tokenizer_path").map(PathBuf::from);
+    let tokenizer = sections::tokenizer(&mut r, top);
     let auth = auth(&mut r, t);
     let tracing = super::tracing::tracing(&mut r, top);
     let deny_headers = super::tracing::deny_list(&mut r, top);
@@ -103,6 +104,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         api_keys: auth.api_keys,
         protect_status: auth.protect_status,
         tokenizer_path,
+        tokenizer,
         tracing,
         deny_headers,
         source: None,

@@ -263,6 +263,7 @@ pub struct Config {
     /// Root of local tokenizers, one directory per model name (1.8's `tokenizer_path`:
     /// model `org/name` is read from `<tokenizer_path>/org/name/`).
     pub tokenizer_path: Option<PathBuf>,
+    pub tokenizer: TokenizerConfig,
     /// OTLP span export (`tracing`); off by default.
     pub tracing: TracingConfig,
     /// Client headers never forwarded to backends (`forward_headers.deny`), lower case.
@@ -273,6 +274,26 @@ pub struct Config {
     pub warnings: Vec<Problem>,
     /// Command-line values over the file's; kept so that a reload keeps them too.
     pub overrides: Overrides,
+}
+
+/// `tokenizer`: the threads that tokenize prompts off the workers (docs/scheduling.md,
+/// "Tokenizers").
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizerConfig {
+    /// Tokenizer threads, started once (a reload does not change them).
+    pub threads: usize,
+    /// Prompt text (KiB) waiting for or in tokenization beyond which a prompt keeps the
+    /// byte estimate instead of queueing (a reload applies it).
+    pub max_queued_kib: u64,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        TokenizerConfig {
+            threads: 1,
+            max_queued_kib: 4096,
+        }
+    }
 }
 
 /// `engine_metrics`: scraping each instance's `/metrics` for vLLM's queue and KV-cache
@@ -436,6 +457,10 @@ impl Config {
             ("host", self.host != next.host),
             ("port", self.port != next.port),
             ("workers", self.workers != next.workers),
+            (
+                "tokenizer.threads",
+                self.tokenizer.threads != next.tokenizer.threads,
+            ),
             ("log_format", self.log_format != next.log_format),
             (
                 "metrics.enabled",

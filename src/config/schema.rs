@@ -32,6 +32,7 @@ pub const TOP: &[&str] = &[
     "metrics",
     "engine_metrics",
     "kv_events",
+    "tokenizer",
     "admission",
     "shutdown_grace_seconds",
     "discovery",
@@ -116,6 +117,7 @@ pub const ADMISSION: &[&str] = &[
     "key_weights",
 ];
 pub const ENGINE_METRICS: &[&str] = &["enabled", "interval_seconds", "timeout_seconds"];
+pub const TOKENIZER: &[&str] = &["threads", "max_queued_kib"];
 pub const DISCOVERY: &[&str] = &["interval_seconds", "timeout_seconds", "nameservers"];
 pub const KV_EVENTS: &[&str] = &[
     "port",

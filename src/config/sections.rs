@@ -178,6 +178,17 @@ pub fn engine_metrics(r: &mut Reader<'_>, top: &Top) -> EngineMetricsConfig {
     cfg
 }
 
+/// `tokenizer`: the tokenizer threads and how far behind they may fall.
+pub fn tokenizer(r: &mut Reader<'_>, top: &Top) -> super::TokenizerConfig {
+    let p = "tokenizer";
+    let t = r.section(top, p, schema::TOKENIZER);
+    let d = super::TokenizerConfig::default();
+    super::TokenizerConfig {
+        threads: r.uint(t, p, "threads", d.threads as u64, 1) as usize,
+        max_queued_kib: r.uint(t, p, "max_queued_kib", d.max_queued_kib, 0),
+    }
+}
+
 /// `kv_events`: the instances' KV-event publishers.
 pub fn kv_events(r: &mut Reader<'_>, top: &Top) -> KvEventsConfig {
     let p = "kv_events";

@@ -291,6 +291,7 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     crate::metrics_python::render(&mut out, &scrape.instances, &sent, esc, header);
     render_discovery(&mut out, scrape.discovery);
     crate::scheduler::stats::render(&mut out, &scrape.instances);
+    crate::tokenize::render_metrics(&mut out);
     out
 }
 

@@ -334,6 +334,13 @@ impl Control {
                 s.spawn(|| probe(inst, &self.health, &self.circuit));
             }
         });
+        // Tokenizer files are read again (here, on the control thread): a model added or
+        // a tokenizer replaced is used from the next request.
+        if let Some(root) = &cfg.tokenizer_path {
+            let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();
+            crate::tokenize::load(root, &names);
+        }
+        crate::tokenize::set_max_queued_kib(cfg.tokenizer.max_queued_kib);
         self.shared.policy.store(Arc::new(cfg.policy()));
         self.shared
             .admission

@@ -106,22 +106,49 @@ const DEFAULT_DECODE_TOKENS: u64 = 256;
 /// The prompt's token ids, only when something needs them (they are not free): a policy of
 /// the model matches on them (`kv_aware`), or the byte estimate is near the model's context
 /// length, where bytes / 4 could refuse a prompt that fits. Token-id prompts are taken as
-/// they are; a text prompt is tokenized when the model has a tokenizer (on the worker:
-/// docs/scheduling.md gives the cost per KiB). Chat messages are not tokenized (the chat
-/// template is the engine's): they keep the estimate.
-fn prompt_token_ids(
+/// they are; a text prompt, or chat messages rendered with the model's chat template, are
+/// tokenized on a tokenizer thread while this task waits (the worker serves its other
+/// connections meanwhile; docs/scheduling.md, "Tokenizers"). None keeps the estimate.
+async fn prompt_token_ids(
     route: &crate::topology::ModelRoute,
     inspected: &openai::Inspected<'_>,
+    endpoint: Endpoint,
+    body: &Bytes,
 ) -> Option<Vec<u32>> {
     let estimate = inspected.prompt_tokens();
     let near_limit = route.max_model_len().is_some_and(|max| estimate * 2 >= max);
     if !route.needs_tokens() && !near_limit {
         return None;
     }
-    openai::token_ids(inspected.prompt).or_else(|| {
-        let t = crate::tokenize::get(&route.name)?;
-        crate::tokenize::encode(&t, &openai::prompt_string(inspected.prompt)?)
-    })
+    let input = match endpoint {
+        Endpoint::Completions => {
+            if let Some(ids) = openai::token_ids(inspected.prompt) {
+                return Some(ids);
+            }
+            if inspected.prompt.first() != Some(&b'"') {
+                return None; // a batch of prompts: each has its own count
+            }
+            crate::tokenize::Input::Completion(body.slice_ref(inspected.prompt))
+        }
+        Endpoint::ChatCompletions => {
+            let raw = |k: &str| {
+                inspected
+                    .obj
+                    .get(k)
+                    .map(|v| body.slice_ref(v.get().as_bytes()))
+            };
+            crate::tokenize::Input::Chat(crate::tokenize::ChatInput {
+                messages: body.slice_ref(inspected.prompt),
+                tools: raw("tools"),
+                kwargs: raw("chat_template_kwargs"),
+                add_generation_prompt: inspected
+                    .obj
+                    .get("add_generation_prompt")
+                    .is_none_or(|v| v.get() != "false"),
+            })
+        }
+    };
+    crate::tokenize::token_ids(&route.name, input).await
 }
 
 pub async fn serve(
@@ -150,7 +177,7 @@ pub async fn serve(
         .as_deref()
         .or(inspected.user.as_deref())
         .unwrap_or(peer_ip);
-    let tokens = prompt_token_ids(route, &inspected);
+    let tokens = prompt_token_ids(route, &inspected, endpoint, &req.body).await;
     let pick = PickContext {
         tokens: tokens.as_deref(),
         prompt_tokens: tokens

@@ -148,6 +148,8 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
         let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();
         crate::tokenize::load(root, &names);
     }
+    crate::tokenize::set_max_queued_kib(cfg.tokenizer.max_queued_kib);
+    crate::tokenize::start_threads(cfg.tokenizer.threads)?;
     scrape::spawn(shared.clone())?;
     kv_events::spawn(shared.clone())?;
     let control_for_handle = control.clone();

@@ -103,14 +103,6 @@ pub fn token_ids(prompt: &[u8]) -> Option<Vec<u32>> {
     serde_json::from_slice::<Vec<u32>>(prompt).ok()
 }
 
-/// The text of a prompt given as one JSON string; None for token ids, batches or messages.
-pub fn prompt_string(prompt: &[u8]) -> Option<String> {
-    if prompt.first() != Some(&b'"') {
-        return None;
-    }
-    serde_json::from_slice::<String>(prompt).ok()
-}
-
 fn first_byte(v: &RawValue) -> u8 {
     v.get().as_bytes().first().copied().unwrap_or(b' ')
 }
