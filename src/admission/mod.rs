@@ -22,6 +22,7 @@ pub use gate::{Gates, ModelGate, Reason};
 pub use report::{render, status_json};
 
 use crate::config::{AdmissionConfig, Policy};
+use crate::engine_load::Fresh;
 use crate::http::ApiError;
 use crate::shared::Shared;
 use crate::topology::{ModelRoute, RoleSet};
@@ -147,30 +148,49 @@ fn now_ns() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
-/// Every available instance of the role reports more than `threshold` waiting requests
-/// (an instance without a fresh sample counts as not saturated).
-fn role_saturated(set: &RoleSet, threshold: u64) -> bool {
-    let mut any = false;
-    for i in set.instances.iter().filter(|i| i.is_available()) {
-        match i.engine.last() {
-            Some(f) if f.sample.waiting > threshold => any = true,
-            _ => return false,
-        }
-    }
-    any
+/// The requests waiting in an engine now, as far as this proxy can tell: the last sample's,
+/// plus those this proxy sent it since, minus those that ended — while the sample shows a
+/// queue, each request sent joins it. A sample without a queue does not say how many batch
+/// slots were free: `None`, no estimate.
+fn waiting_now(f: &Fresh, in_flight: u64) -> Option<u64> {
+    (f.sample.waiting > 0).then(|| (f.sample.waiting + in_flight).saturating_sub(f.local_at_scrape))
 }
 
-/// The engines that would take the model's next request are all saturated: both roles'
-/// of a P/D model (either one saturated is enough), else the dual instances.
-pub fn saturated(route: &ModelRoute, threshold: u64) -> bool {
+/// How many more requests the role's available instances take before every one of them is
+/// over `threshold` waiting; `None`: no bound (an instance without a fresh sample, or
+/// whose sample shows no queue — an unknown load never holds requests back).
+fn role_room(set: &RoleSet, threshold: u64) -> Option<u64> {
+    let mut room = None;
+    for i in set.instances.iter().filter(|i| i.is_available()) {
+        let waiting = waiting_now(&i.engine.last()?, i.in_flight())?;
+        *room.get_or_insert(0) += (threshold + 1).saturating_sub(waiting);
+    }
+    room
+}
+
+/// How many more requests the engines that would take the model's next ones accept before
+/// all of them are over `threshold` waiting: for a P/D model the smaller of its two roles',
+/// else its dual instances'. `None`: no bound (or shedding off, `threshold` 0).
+pub fn engine_room(route: &ModelRoute, threshold: u64) -> Option<u64> {
     if threshold == 0 {
-        return false;
+        return None;
     }
     if route.prefill.any_available() && route.decode.any_available() {
-        role_saturated(&route.prefill, threshold) || role_saturated(&route.decode, threshold)
+        match (
+            role_room(&route.prefill, threshold),
+            role_room(&route.decode, threshold),
+        ) {
+            (Some(p), Some(d)) => Some(p.min(d)),
+            (p, d) => p.or(d),
+        }
     } else {
-        role_saturated(&route.dual, threshold)
+        role_room(&route.dual, threshold)
     }
+}
+
+/// Every engine that would take the model's next request is over `threshold` waiting.
+pub fn saturated(route: &ModelRoute, threshold: u64) -> bool {
+    engine_room(route, threshold) == Some(0)
 }
 
 fn retry_after(d: Duration) -> u64 {
@@ -419,12 +439,17 @@ impl Local {
         }
         let policy = self.shared.policy.load();
         let cfg = policy.admission(&q.model);
+        // Engine-aware shedding: no more than the engines' estimated room, so a queue that
+        // built up while they were saturated does not all join their queues at once.
+        let mut room = u64::MAX;
         if let Some(cfg) = cfg {
             if cfg.engine_waiting_threshold > 0 {
                 let topo = self.shared.topology.load();
                 let route = topo.route_index(Some(&q.model)).map(|i| &topo.models[i]);
-                if route.is_some_and(|r| saturated(r, cfg.engine_waiting_threshold)) {
-                    return front();
+                match route.and_then(|r| engine_room(r, cfg.engine_waiting_threshold)) {
+                    Some(0) => return front(),
+                    Some(n) => room = n,
+                    None => {}
                 }
             }
         }
@@ -464,6 +489,9 @@ impl Local {
                     };
                     if key_full {
                         false // this key is at its share; the next waiter may go
+                    } else if room == 0 {
+                        head = w.ticket;
+                        break; // the engines' room is used up until they report again
                     } else if w.ticket > elsewhere {
                         head = w.ticket;
                         break; // an older request waits on another worker: its turn
@@ -480,6 +508,7 @@ impl Local {
                 continue;
             }
             let Some(w) = waiters.remove(i) else { break };
+            room = room.saturating_sub(1);
             q.gate.c.queued.fetch_sub(1, Ordering::Relaxed);
             if let Some(k) = &w.key {
                 k.c.queued.fetch_sub(1, Ordering::Relaxed);

@@ -24,3 +24,22 @@ fn retry_after_rounds_up_to_whole_seconds() {
     assert_eq!(retry_after(Duration::from_secs(2)), 2);
     assert_eq!(retry_after(Duration::from_millis(2500)), 3);
 }
+
+#[test]
+fn an_engines_queue_grows_by_what_was_sent_since_its_sample() {
+    use crate::engine_load::EngineSample;
+    let at = |waiting, local| Fresh {
+        sample: EngineSample {
+            running: 4,
+            waiting,
+            kv_usage: None,
+        },
+        local_at_scrape: local,
+    };
+    // 3 waiting when 7 of ours were in flight; 2 more sent since: 5 waiting now.
+    assert_eq!(waiting_now(&at(3, 7), 9), Some(5));
+    // 4 of ours ended since: the queue moved up.
+    assert_eq!(waiting_now(&at(3, 7), 3), Some(0));
+    // No queue in the sample: free batch slots unknown, no estimate.
+    assert_eq!(waiting_now(&at(0, 7), 20), None);
+}
