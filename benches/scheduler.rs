@@ -1,6 +1,7 @@
 //! Pick latency per policy with 8 and 128 instances; cache_aware with 4 KiB prompts and a
-//! full prefix index; kv_aware with a 1,024-token prompt; what a tokenizer thread spends
-//! per KiB (completion and chat) and the worker ↔ tokenizer-thread hand-off on each driver.
+//! full prefix index; kv_aware with a 1,024-token prompt, and with 2,048 such prompts over a
+//! filled KV index and pending layer; what a tokenizer thread spends per KiB (completion
+//! and chat) and the worker ↔ tokenizer-thread hand-off on each driver.
 //! Run: `cargo bench --bench scheduler`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
@@ -78,6 +79,7 @@ fn picks(c: &mut Criterion) {
                 },
             );
         }
+        kv_aware_full(c, &inst, n);
         let mut k = 0usize;
         c.bench_function(&format!("pick/cache_aware_4KiB_full/{n}"), |b| {
             b.iter(|| {
@@ -121,6 +123,47 @@ fn kv_aware(c: &mut Criterion) {
                 black_box(s.pick(&inst, &ctx))
             })
         });
+    }
+}
+
+/// kv_aware: 1,024-token prompts (64 blocks of 16), each stored in the KV index by one of
+/// the instances (up to 64 publish events), the pending layer filled by earlier picks.
+fn kv_aware_full(c: &mut Criterion, inst: &[Arc<Instance>], n: usize) {
+    use std::sync::atomic::Ordering;
+    use xpyd::kv_index;
+    let idx = kv_index::global();
+    idx.block_size.store(16, Ordering::Relaxed);
+    for (k, i) in inst.iter().enumerate().take(kv_index::MAX_INSTANCES) {
+        i.kv_bit.store(k as u32 + 1, Ordering::Relaxed);
+    }
+    let opts = SchedulingOptions::default();
+    let s = scheduler::build(SchedulerKind::KvAware, "m", Role::Decode, &opts, inst);
+    let prompts: Vec<Vec<u32>> = (0..2048u32)
+        .map(|p| (0..1024).map(|t| p * 7919 + t * 31 % 30_000).collect())
+        .collect();
+    for (p, tokens) in prompts.iter().enumerate() {
+        // Half the prompts' first 48 blocks are held by an instance; all were picked once.
+        if p % 2 == 0 {
+            for &key in &kv_index::prompt_keys(tokens, 16)[..48] {
+                idx.add(key, (p % n.min(kv_index::MAX_INSTANCES)) as u32);
+            }
+        }
+        s.pick(inst, &ctx_of(tokens));
+    }
+    let mut k = 0usize;
+    c.bench_function(&format!("pick/kv_aware_1024tok_full/{n}"), |b| {
+        b.iter(|| {
+            k = (k + 1) % prompts.len();
+            black_box(s.pick(inst, &ctx_of(&prompts[k])))
+        })
+    });
+}
+
+fn ctx_of(tokens: &[u32]) -> PickContext<'_> {
+    PickContext {
+        tokens: Some(tokens),
+        prompt_tokens: tokens.len() as u64,
+        ..Default::default()
     }
 }
 

@@ -12,6 +12,13 @@
 //! and a 64-bit mask of instances (each subscribed instance owns one bit). One writer (the
 //! subscriber thread); readers check the key before and after reading the mask, so a slot
 //! being rewritten is seen either whole or not at all.
+//!
+//! Beside it, a *pending* layer: the blocks of prompts the proxy has just sent to an
+//! instance, which its engine will store but has not yet announced (events lag a pick by a
+//! prefill). Workers write it on every `kv_aware` pick; it expires after `PENDING_TTL_MS`,
+//! a `BlockRemoved` of a block drops that block's pending entry, and `AllBlocksCleared` (or
+//! relearning the instance) voids all of the instance's older entries (docs/scheduling.md,
+//! "Pending blocks").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -19,6 +26,20 @@ use std::sync::OnceLock;
 const WAYS: usize = 4;
 /// Blocks the index can hold (all instances together): 16 bytes each, 4 MiB.
 pub const CAPACITY: usize = 1 << 18;
+/// Pending entries (blocks sent but not yet announced): 8 bytes each, 1 MiB.
+pub const PENDING_CAPACITY: usize = 1 << 17;
+/// How long a pending entry stands in for the engine's own events: longer than the lag of
+/// a loaded engine's `BlockStored` (queue + prefill + publish), short enough that a block
+/// the engine never stored (a failed request, prefix caching off) stops attracting picks.
+pub const PENDING_TTL_MS: u64 = 5_000;
+/// Instances (bits) the index can tell apart.
+pub const MAX_INSTANCES: usize = 64;
+
+// A pending slot: | tag (31 bits) | instance bit + 1 (7 bits) | time, ms (26 bits) |.
+const P_TIME_BITS: u32 = 26;
+const P_TIME_MASK: u64 = (1 << P_TIME_BITS) - 1;
+const P_BIT_SHIFT: u32 = P_TIME_BITS;
+const P_TAG_SHIFT: u32 = P_TIME_BITS + 7;
 
 pub struct KvIndex {
     keys: Box<[AtomicU64]>,
@@ -26,6 +47,12 @@ pub struct KvIndex {
     set_mask: u64,
     /// Tokens per block, as the events report it (0 until the first `BlockStored`).
     pub block_size: AtomicU64,
+    /// The pending layer (see the module comment); any thread writes it.
+    pending: Box<[AtomicU64]>,
+    pending_mask: u64,
+    /// Per instance bit: `now_ms()` when its pending entries were last voided (cleared,
+    /// relearned, unsubscribed); entries written before it no longer count.
+    voided_ms: [AtomicU64; MAX_INSTANCES],
 }
 
 /// The process's index.
@@ -64,12 +91,20 @@ pub fn prompt_keys(tokens: &[u32], block_size: usize) -> Vec<u64> {
 
 impl KvIndex {
     pub fn new(capacity: usize) -> Self {
+        Self::with_pending(capacity, PENDING_CAPACITY)
+    }
+
+    pub fn with_pending(capacity: usize, pending: usize) -> Self {
         let sets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
+        let psets = pending.div_ceil(WAYS).max(1).next_power_of_two();
         KvIndex {
             keys: (0..sets * WAYS).map(|_| AtomicU64::new(0)).collect(),
             masks: (0..sets * WAYS).map(|_| AtomicU64::new(0)).collect(),
             set_mask: sets as u64 - 1,
             block_size: AtomicU64::new(0),
+            pending: (0..psets * WAYS).map(|_| AtomicU64::new(0)).collect(),
+            pending_mask: psets as u64 - 1,
+            voided_ms: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -128,6 +163,110 @@ impl KvIndex {
                 return;
             }
         }
+    }
+
+    #[inline]
+    fn pending_set(&self, key: u64) -> &[AtomicU64] {
+        let s = (key & self.pending_mask) as usize * WAYS;
+        &self.pending[s..s + WAYS]
+    }
+
+    /// Any thread: the block `key` was just sent to the instance with `bit` (`now` from
+    /// `resilience::now_ms`). An entry that already says so is only rewritten when its time
+    /// changed, so a hot prefix's shared blocks cost one store per pick at most.
+    #[inline]
+    pub fn pend(&self, key: u64, bit: u32, now: u64) {
+        let tag = key >> P_TAG_SHIFT;
+        let entry = tag << P_TAG_SHIFT | (bit as u64 + 1) << P_BIT_SHIFT | (now & P_TIME_MASK);
+        let set = self.pending_set(key);
+        let mut free = None;
+        for w in set {
+            let v = w.load(Ordering::Relaxed);
+            if v != 0 && v >> P_TAG_SHIFT == tag {
+                if v != entry {
+                    w.store(entry, Ordering::Relaxed);
+                }
+                return;
+            }
+            if free.is_none() && (v == 0 || !self.pending_alive(v, now)) {
+                free = Some(w);
+            }
+        }
+        // Racing writers may both take one slot: last writer wins, the layer is a hint.
+        let victim = free.unwrap_or_else(|| &set[(crate::ids::next_u64() % WAYS as u64) as usize]);
+        victim.store(entry, Ordering::Relaxed);
+    }
+
+    /// Whether a pending slot's entry still counts at `now`: younger than the TTL and than
+    /// the last voiding of its instance.
+    #[inline]
+    fn pending_alive(&self, v: u64, now: u64) -> bool {
+        let bit = ((v >> P_BIT_SHIFT) & 0x7f) as usize;
+        if bit == 0 || bit > MAX_INSTANCES {
+            return false;
+        }
+        let age = now.wrapping_sub(v) & P_TIME_MASK;
+        let voided = now.saturating_sub(self.voided_ms[bit - 1].load(Ordering::Relaxed));
+        age < PENDING_TTL_MS && age < voided
+    }
+
+    /// The instance bit a live pending entry gives the block `key`, if any.
+    #[inline]
+    pub fn pending(&self, key: u64, now: u64) -> Option<u32> {
+        let tag = key >> P_TAG_SHIFT;
+        self.pending_set(key).iter().find_map(|w| {
+            let v = w.load(Ordering::Relaxed);
+            (v != 0 && v >> P_TAG_SHIFT == tag && self.pending_alive(v, now))
+                .then(|| ((v >> P_BIT_SHIFT) & 0x7f) as u32 - 1)
+        })
+    }
+
+    /// The engine of `bit` announced the removal of `key`: its pending entry goes too (a
+    /// pick that follows it would find the block gone).
+    pub fn unpend(&self, key: u64, bit: u32) {
+        let tag = key >> P_TAG_SHIFT;
+        for w in self.pending_set(key) {
+            let v = w.load(Ordering::Relaxed);
+            if v != 0 && v >> P_TAG_SHIFT == tag && (v >> P_BIT_SHIFT) & 0x7f == bit as u64 + 1 {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Every pending entry of `bit` written before now stops counting (its engine cleared
+    /// its cache, or what we knew of it is being relearned, or the bit changes hands).
+    pub fn void_pending(&self, bit: u32) {
+        if let Some(v) = self.voided_ms.get(bit as usize) {
+            v.store(crate::resilience::now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The deepest block of `keys` with a live pending entry for an instance in `wanted`,
+    /// as (blocks, bit). Entries are written as whole chains and key k names the whole
+    /// prefix 0..=k, so a binary search over the chain needs log2(blocks) lookups.
+    pub fn pending_depth(&self, keys: &[u64], wanted: u64, now: u64) -> Option<(usize, u32)> {
+        let probe = |k: usize| {
+            self.pending(keys[k - 1], now)
+                .filter(|b| wanted & 1 << b != 0)
+        };
+        if keys.is_empty() {
+            return None;
+        }
+        if let Some(b) = probe(keys.len()) {
+            return Some((keys.len(), b));
+        }
+        let (mut lo, mut hi, mut best) = (0usize, keys.len() - 1, None);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            match probe(mid) {
+                Some(b) => {
+                    lo = mid;
+                    best = Some((mid, b));
+                }
+                None => hi = mid - 1,
+            }
+        }
+        best
     }
 
     /// For each instance bit in `wanted`, how many leading blocks of `keys` it holds; one
@@ -226,6 +365,33 @@ mod tests {
         assert_eq!(a, prompt_keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 4));
         assert_eq!(a[0], chain(0, &[1, 2, 3, 4]));
         assert_eq!(a[1], chain(a[0], &[5, 6, 7, 8]));
+    }
+
+    #[test]
+    fn pending_entries_live_until_removed_voided_or_expired() {
+        let idx = KvIndex::with_pending(1024, 1024);
+        let keys = prompt_keys(&(0..64).collect::<Vec<u32>>(), 16);
+        let now = crate::resilience::now_ms() + 10;
+        for &k in &keys {
+            idx.pend(k, 3, now);
+        }
+        assert_eq!(idx.pending(keys[3], now), Some(3));
+        assert_eq!(idx.pending_depth(&keys, 1 << 3, now), Some((4, 3)));
+        assert_eq!(idx.pending_depth(&keys, 1 << 4, now), None); // not a wanted instance
+                                                                 // Expired.
+        assert_eq!(idx.pending(keys[3], now + PENDING_TTL_MS), None);
+        // Removed: that block's entry only; another instance's removal leaves it.
+        idx.unpend(keys[3], 4);
+        assert_eq!(idx.pending(keys[3], now), Some(3));
+        idx.unpend(keys[3], 3);
+        assert_eq!(idx.pending(keys[3], now), None);
+        assert_eq!(idx.pending_depth(&keys, 1 << 3, now), Some((3, 3)));
+        // Voided: every entry of the instance written before.
+        idx.void_pending(3);
+        let later = crate::resilience::now_ms() + 1;
+        assert_eq!(idx.pending_depth(&keys, 1 << 3, later), None);
+        idx.pend(keys[0], 3, later);
+        assert_eq!(idx.pending(keys[0], later), Some(3));
     }
 
     #[test]

@@ -312,3 +312,136 @@ fn prefill_and_decode_legs_use_their_own_policies() {
     assert_eq!(m["prefill_scheduler"], "cache_aware", "{m}");
     assert_eq!(m["decode_scheduler"], "roundrobin", "{m}");
 }
+
+/// Two proxy replicas (separate processes) in front of the same four nodes, which publish
+/// KV events. Many prefix groups; each request on a fresh connection to the replicas in
+/// turn, a group's requests close together (four client threads take them in order), so a
+/// group's first requests reach both replicas before either has learned anything. Returns
+/// per group the requests each node served.
+fn two_replicas(policy: &str) -> Vec<Vec<usize>> {
+    const GROUPS: usize = 12;
+    const PER_GROUP: usize = 20;
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let nodes: Vec<Proc> = ports
+        .iter()
+        .map(|p| {
+            let ep = format!("tcp://*:{p}");
+            dummy(
+                "dual",
+                &[
+                    "--kv-cache-blocks",
+                    "4000",
+                    "--block-size",
+                    "16",
+                    "--kv-events-endpoint",
+                    &ep,
+                    // A prefill takes a little time, so a group's requests overlap.
+                    "--prefill-delay-per-token",
+                    "0.0001",
+                ],
+            )
+        })
+        .collect();
+    let endpoints: String = nodes
+        .iter()
+        .zip(&ports)
+        .map(|(n, p)| format!("    \"{}\": \"tcp://127.0.0.1:{p}\"\n", n.addr))
+        .collect();
+    let yaml = format!(
+        "{}scheduling: {policy}\nkv_events:\n  endpoints:\n{endpoints}",
+        dual_yaml(&nodes.iter().collect::<Vec<_>>())
+    );
+    let replicas = [proxy_with(&yaml, true), proxy_with(&yaml, true)];
+    let send = |replica: usize, rid: &str, prompt: &[u32]| {
+        let resp = agent()
+            .post(&replicas[replica].url("/v1/completions"))
+            .set("X-Request-Id", rid)
+            .send_json(json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}))
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+    };
+    // Both replicas receive every node's events before the groups start (a SUB socket
+    // misses what is published before it is connected): distinct warm-up prompts until
+    // each replica has seen a batch from each node.
+    let mut w = 0u32;
+    wait_for(
+        "both replicas to receive every node's KV events",
+        Duration::from_secs(30),
+        || {
+            w += 1;
+            send(
+                w as usize % 2,
+                &format!("w{w}"),
+                &(0..32).map(|t| 900_000 + w * 100 + t).collect::<Vec<_>>(),
+            );
+            replicas.iter().all(|r| {
+                get_json(&r.url("/status/instances")).1["instances"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|i| i["kv_events"]["batches"].as_u64().unwrap_or(0) > 0)
+            })
+        },
+    );
+    // Group g: 256 shared tokens (16 blocks), then 16 of the request's own.
+    let prompt = |g: usize, q: usize| -> Vec<u32> {
+        let mut t: Vec<u32> = (0..256).map(|k| 10_000 + g as u32 * 1000 + k).collect();
+        t.extend([500_000 + q as u32; 16]);
+        t
+    };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| loop {
+                let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if j >= GROUPS * PER_GROUP {
+                    break;
+                }
+                let (g, q) = (j / PER_GROUP, j % PER_GROUP);
+                send(j % 2, &format!("g{g}-q{q}"), &prompt(g, q));
+            });
+        }
+    });
+    let mut by_group = vec![vec![0usize; nodes.len()]; GROUPS];
+    for (n, d) in nodes.iter().enumerate() {
+        for r in received(d) {
+            let rid = r["request_id"].as_str().unwrap_or("");
+            if let Some(rest) = rid.strip_prefix('g') {
+                let g: usize = rest[..rest.find('-').unwrap()].parse().unwrap();
+                by_group[g][n] += 1;
+            }
+        }
+    }
+    let total: usize = by_group.iter().flatten().sum();
+    assert_eq!(total, GROUPS * PER_GROUP, "{by_group:?}");
+    for r in &replicas {
+        assert_counters_zero(r);
+    }
+    by_group
+}
+
+fn assert_each_group_on_one_node(policy: &str, by_group: &[Vec<usize>]) {
+    eprintln!("{policy}: requests per node, per group: {by_group:?}");
+    for (g, counts) in by_group.iter().enumerate() {
+        let total: usize = counts.iter().sum();
+        let main = *counts.iter().max().unwrap();
+        assert!(
+            main as f64 >= 0.95 * total as f64,
+            "{policy}: group {g} split over nodes: {counts:?} (all: {by_group:?})"
+        );
+    }
+    let used = (0..4)
+        .filter(|&n| by_group.iter().any(|c| c[n] > 0))
+        .count();
+    assert!(used >= 3, "{policy}: groups piled up: {by_group:?}");
+}
+
+#[test]
+fn cache_aware_prefix_groups_stay_on_one_node_across_two_replicas() {
+    assert_each_group_on_one_node("cache_aware", &two_replicas("cache_aware"));
+}
+
+#[test]
+fn kv_aware_prefix_groups_stay_on_one_node_across_two_replicas() {
+    assert_each_group_on_one_node("kv_aware", &two_replicas("kv_aware"));
+}

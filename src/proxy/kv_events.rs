@@ -158,11 +158,13 @@ impl Learned {
         self.blocks.is_empty()
     }
 
-    /// Forgets every block of this instance.
+    /// Forgets every block of this instance, and voids its pending entries (blocks the
+    /// proxy sent it but the engine had not announced yet: they are as doubtful now).
     pub fn clear(&mut self, idx: &KvIndex) {
         for (_, key) in self.blocks.drain() {
             idx.remove(key, self.bit);
         }
+        idx.void_pending(self.bit);
     }
 
     /// Applies one event; returns false for a stored chain whose parent is unknown (its
@@ -201,6 +203,7 @@ impl Learned {
                 for h in hashes {
                     if let Some(key) = self.blocks.remove(h) {
                         idx.remove(key, self.bit);
+                        idx.unpend(key, self.bit);
                     }
                 }
                 true
@@ -312,6 +315,7 @@ fn sync(shared: &Shared, ctx: &zmq::Context, idx: &KvIndex, subs: &mut Vec<Sub>)
             }
         };
         crate::info!("kv_events: subscribed to {endpoint} for {}", inst.address);
+        idx.void_pending(bit); // whatever a previous holder of the bit had pending
         inst.kv_bit.store(bit + 1, Ordering::Relaxed);
         subs.push(Sub {
             inst,

@@ -8,7 +8,9 @@
 
 use super::prefix_index::{shared_table, PrefixTable};
 use super::stats::{self, Outcome, Policy};
-use super::{hash64, least_loaded, load_key, PickContext, Scheduler};
+use super::{
+    hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Scheduler,
+};
 use crate::config::{Role, SchedulingOptions};
 use crate::instance::Instance;
 use std::sync::Arc;
@@ -19,8 +21,7 @@ pub const BLOCK: usize = 64;
 pub struct CacheAware {
     role: Role,
     threshold: f64,
-    abs: u64,
-    rel: f64,
+    balance: Balance,
     table: Arc<PrefixTable>,
 }
 
@@ -29,8 +30,7 @@ impl CacheAware {
         CacheAware {
             role,
             threshold: o.cache_threshold,
-            abs: o.balance_abs_threshold,
-            rel: o.balance_rel_threshold,
+            balance: Balance::new(o),
             table: shared_table(model, role, o.max_tree_size),
         }
     }
@@ -77,45 +77,49 @@ fn longest<'a>(
 
 impl Scheduler for CacheAware {
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
-        let (mut min, mut max, mut any) = (u64::MAX, 0u64, false);
-        for i in candidates.iter().filter(|i| ctx.eligible(i)) {
-            let l = load_key(self.role, i).0;
-            min = min.min(l);
-            max = max.max(l);
-            any = true;
-        }
-        if !any {
-            return None;
-        }
+        let min = candidates
+            .iter()
+            .filter(|i| ctx.eligible(i))
+            .map(|i| requests(self.role, i))
+            .min()?;
+        let overloaded = |i: &Instance| self.balance.overloaded(requests(self.role, i), min);
         let hashes = block_hashes(ctx.prompt_text);
+        let find = |sid: u64| {
+            candidates
+                .iter()
+                .find(|i| PrefixTable::slot_id(i.id) == sid && ctx.eligible(i))
+        };
+        let found = longest(&self.table, &hashes, find);
+        // A new prefix (or one whose node is overloaded) goes to its rendezvous home among
+        // the instances within the load band, keyed by the first block past what is known:
+        // the same answer on every replica, so the group does not scatter (see `rendezvous`).
+        let home = |known: usize| {
+            let key = match hashes.get(known.min(hashes.len().saturating_sub(1))) {
+                Some(&h) => h,
+                None => hash64(0, ctx.prompt_text),
+            };
+            rendezvous(candidates, ctx, key, |i| {
+                !overloaded(i) && in_load_band(requests(self.role, i), min)
+            })
+            .or_else(|| least_loaded(self.role, candidates, ctx))
+        };
         let mut matched = 0;
-        let imbalanced = max - min > self.abs && max as f64 > min as f64 * self.rel;
-        let chosen = if imbalanced || hashes.is_empty() {
-            let why = if imbalanced {
-                Outcome::Imbalanced
-            } else {
-                Outcome::NoMatch
-            };
-            stats::record(Policy::CacheAware, why, 0);
-            least_loaded(self.role, candidates, ctx)
-        } else {
-            let find = |sid: u64| {
-                candidates
-                    .iter()
-                    .find(|i| PrefixTable::slot_id(i.id) == sid && ctx.eligible(i))
-            };
-            match longest(&self.table, &hashes, find) {
-                Some((blocks, inst))
-                    if (blocks * BLOCK) as f64 >= self.threshold * ctx.prompt_text.len() as f64 =>
-                {
+        let chosen = match found {
+            Some((blocks, inst))
+                if (blocks * BLOCK) as f64 >= self.threshold * ctx.prompt_text.len() as f64 =>
+            {
+                if overloaded(inst) {
+                    stats::record(Policy::CacheAware, Outcome::Imbalanced, 0);
+                    home(blocks)
+                } else {
                     matched = blocks;
                     stats::record(Policy::CacheAware, Outcome::Hit, blocks as u64);
                     Some(inst.clone())
                 }
-                _ => {
-                    stats::record(Policy::CacheAware, Outcome::NoMatch, 0);
-                    least_loaded(self.role, candidates, ctx)
-                }
+            }
+            other => {
+                stats::record(Policy::CacheAware, Outcome::NoMatch, 0);
+                home(other.map_or(0, |(b, _)| b))
             }
         }?;
         // Blocks up to the match already point at `chosen` (or a racing worker's pick):

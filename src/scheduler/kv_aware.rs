@@ -1,18 +1,15 @@
 //! Precise prefix routing: the instance whose engine *actually holds* the longest prefix of
-//! the prompt's KV blocks (learned from the engines' KV-cache events into `kv_index`),
-//! weighed against load. Cost of sending the request to an instance, in prompt tokens:
-//!
-//! ```text
-//! cost = (prompt tokens − cached tokens there) + load there
-//! ```
-//!
-//! where load is in tokens (prefill and dual: prompt tokens in flight and unseen; decode:
-//! requests × `UNSEEN_PROMPT_TOKENS`). The lowest cost wins; without token
-//! ids or KV events it is the least-loaded pick (docs/scheduling.md, "KV aware").
+//! the prompt's KV blocks (learned from the engines' KV-cache events into `kv_index`, plus
+//! the blocks this proxy just sent it and the engine has not announced yet: the pending
+//! layer), unless that instance is overloaded. A new prefix goes to its rendezvous home in
+//! the load band, the same on every replica. Without token ids it is the least-loaded pick
+//! (docs/scheduling.md, "KV aware" and "New prefixes").
 
 use super::stats::{self, Outcome, Policy};
-use super::{load_key, PickContext, Scheduler};
-use crate::config::Role;
+use super::{
+    in_load_band, least_loaded, load_key, rendezvous, requests, Balance, PickContext, Scheduler,
+};
+use crate::config::{Role, SchedulingOptions};
 use crate::engine_load::UNSEEN_PROMPT_TOKENS;
 use crate::instance::Instance;
 use crate::kv_index;
@@ -21,11 +18,19 @@ use std::sync::Arc;
 
 pub struct KvAware {
     role: Role,
+    /// `cache_threshold`: the share of the uncached prompt one instance must hold beyond
+    /// the others for the prefix to count as known (else it is placed as a new one).
+    threshold: f64,
+    balance: Balance,
 }
 
 impl KvAware {
-    pub fn new(role: Role) -> Self {
-        KvAware { role }
+    pub fn new(role: Role, opts: &SchedulingOptions) -> Self {
+        KvAware {
+            role,
+            threshold: opts.cache_threshold,
+            balance: Balance::new(opts),
+        }
     }
 
     /// The instance's load in prompt-token units: what it must prefill before this request
@@ -46,6 +51,10 @@ impl Scheduler for KvAware {
         if n == 0 {
             return None;
         }
+        let Some(tokens) = ctx.tokens else {
+            stats::record(Policy::KvAware, Outcome::NoTokens, 0);
+            return least_loaded(self.role, candidates, ctx);
+        };
         let idx = kv_index::global();
         let block = idx.block_size.load(Ordering::Relaxed) as usize;
         let bit = |i: &Instance| i.kv_bit.load(Ordering::Relaxed);
@@ -54,36 +63,69 @@ impl Scheduler for KvAware {
             .filter(|i| ctx.eligible(i) && bit(i) > 0)
             .fold(0u64, |m, i| m | 1 << (bit(i) - 1));
         let mut depth = [0u32; 64];
-        let keys = match ctx.tokens {
-            Some(t) if block > 0 => kv_index::prompt_keys(t, block),
-            _ => Vec::new(),
-        };
-        if wanted != 0 {
+        let keys = kv_index::prompt_keys(tokens, block);
+        let now = crate::resilience::now_ms();
+        if wanted != 0 && !keys.is_empty() {
             idx.matched(&keys, wanted, &mut depth);
+            // Blocks sent there but not yet announced count as held (`kv_index`, pending).
+            if let Some((d, b)) = idx.pending_depth(&keys, wanted, now) {
+                depth[b as usize] = depth[b as usize].max(d as u32);
+            }
         }
-        let prompt = ctx.tokens.map_or(ctx.prompt_tokens, |t| t.len() as u64);
-        let start = (crate::ids::next_u64() % n as u64) as usize;
-        let chosen = (0..n)
-            .map(|k| &candidates[(start + k) % n])
-            .filter(|i| ctx.eligible(i))
-            .min_by_key(|i| {
-                let cached = match bit(i) {
-                    0 => 0,
-                    b => depth[b as usize - 1] as u64 * block as u64,
-                };
-                prompt.saturating_sub(cached) + self.load_tokens(i)
-            })
-            .cloned()?;
-        let blocks = match chosen.kv_bit.load(Ordering::Relaxed) {
+        let prompt = tokens.len() as u64;
+        let blocks_of = |i: &Instance| match bit(i) {
             0 => 0,
             b => depth[b as usize - 1] as u64,
         };
+        let held = |i: &Instance| (blocks_of(i) * block as u64).min(prompt);
+        let (mut min, mut least, mut deepest) = (u64::MAX, u64::MAX, 0);
+        for i in candidates.iter().filter(|i| ctx.eligible(i)) {
+            min = min.min(requests(self.role, i));
+            least = least.min(held(i));
+            deepest = deepest.max(blocks_of(i) as usize);
+        }
+        if min == u64::MAX {
+            return None;
+        }
+        // The instance holding the most of the prompt among those not overloaded (the
+        // least loaded of equals). It is followed when it holds a good share more than the
+        // least holding instance: a header every node holds is not a group's prefix.
+        let start = (crate::ids::next_u64() % n as u64) as usize;
+        let best = (0..n)
+            .map(|k| &candidates[(start + k) % n])
+            .filter(|i| ctx.eligible(i) && !self.balance.overloaded(requests(self.role, i), min))
+            .max_by_key(|i| (held(i), std::cmp::Reverse(self.load_tokens(i))))?;
+        let known =
+            |h: u64| h > least && (h - least) as f64 >= self.threshold * (prompt - least) as f64;
+        let chosen = if known(held(best)) {
+            best.clone()
+        } else {
+            // A new prefix (or its holders are overloaded): its rendezvous home within the
+            // load band, keyed by the first block past the deepest one held anywhere, so
+            // every replica sends the group's first requests to the same node.
+            let key = match keys.get(deepest.min(keys.len().saturating_sub(1))) {
+                Some(&k) => k,
+                None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
+            };
+            rendezvous(candidates, ctx, key, |i| {
+                in_load_band(requests(self.role, i), min)
+            })?
+        };
+        let blocks = blocks_of(&chosen);
         // The leg is counted by what the engine must compute (see `scheduler::take_cached`).
-        super::note_cached(chosen.id, (blocks * block as u64).min(prompt));
-        let outcome = if ctx.tokens.is_none() {
-            Outcome::NoTokens
-        } else if wanted == 0 {
+        super::note_cached(chosen.id, held(&chosen));
+        // The engine will hold the prompt's blocks once it has run it: say so now, for the
+        // picks that come before its events do. The deepest block already known is
+        // refreshed, the rest of the chain added.
+        if let b @ 1.. = bit(&chosen) {
+            for &k in &keys[(blocks as usize).saturating_sub(1)..] {
+                idx.pend(k, b - 1, now);
+            }
+        }
+        let outcome = if wanted == 0 {
             Outcome::NoEvents
+        } else if blocks == 0 && deepest > 0 && known(deepest as u64 * block as u64) {
+            Outcome::Imbalanced // the prefix is held, but by nodes outside the load band
         } else if blocks > 0 {
             Outcome::Hit
         } else {
@@ -100,36 +142,115 @@ mod tests {
     use crate::instance::InFlight;
     use crate::scheduler::testing::instances;
 
-    #[test]
-    fn follows_cached_blocks_until_load_outweighs_them() {
-        let c = instances(3, Role::Prefill);
-        let idx = kv_index::global();
-        idx.block_size.store(16, Ordering::Relaxed);
-        // Bits 40..42: away from other tests' bits in the process-wide index.
-        for (k, i) in c.iter().enumerate() {
-            i.kv_bit.store(41 + k as u32, Ordering::Relaxed);
+    fn ctx(tokens: &[u32]) -> PickContext<'_> {
+        PickContext {
+            tokens: Some(tokens),
+            prompt_tokens: tokens.len() as u64,
+            ..Default::default()
         }
+    }
+
+    /// Gives `c`'s instances the bits `first..`, away from other tests' bits in the
+    /// process-wide index.
+    fn bits(c: &[Arc<Instance>], first: u32) {
+        kv_index::global().block_size.store(16, Ordering::Relaxed);
+        for (k, i) in c.iter().enumerate() {
+            i.kv_bit.store(first + 1 + k as u32, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn follows_cached_blocks_until_out_of_the_load_band() {
+        let c = instances(3, Role::Prefill);
+        bits(&c, 40);
+        let idx = kv_index::global();
         let tokens: Vec<u32> = (5000..5000 + 320).collect();
         for &key in &kv_index::prompt_keys(&tokens, 16)[..16] {
             idx.add(key, 41); // instance 1 holds 256 of the 320 tokens
         }
-        let p = KvAware::new(Role::Prefill);
-        let ctx = PickContext {
-            tokens: Some(&tokens),
-            prompt_tokens: 320,
-            ..Default::default()
-        };
+        let p = KvAware::new(Role::Prefill, &SchedulingOptions::default());
         for _ in 0..20 {
-            assert!(Arc::ptr_eq(&p.pick(&c, &ctx).unwrap(), &c[1]));
+            assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
         }
-        // 300 prompt tokens in flight there outweigh the 256 it holds.
-        let _busy = InFlight::new(c[1].clone(), 300, 0);
-        assert!(!Arc::ptr_eq(&p.pick(&c, &ctx).unwrap(), &c[1]));
+        // 32 requests in flight there: not overloaded yet (`balance_abs_threshold`), the
+        // prefix still wins; with 33 it is, and the prompt goes elsewhere.
+        let mut busy: Vec<_> = (0..32)
+            .map(|_| InFlight::new(c[1].clone(), 100, 0))
+            .collect();
+        assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+        busy.push(InFlight::new(c[1].clone(), 100, 0));
+        assert!(!Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
         // Without token ids: least loaded.
         let ctx = PickContext {
             prompt_tokens: 320,
             ..Default::default()
         };
         assert!(!Arc::ptr_eq(&p.pick(&c, &ctx).unwrap(), &c[1]));
+    }
+
+    /// A new prefix's first request is placed by rendezvous; the ones after it follow the
+    /// blocks sent there (pending) before any event confirms them, until the engine says
+    /// it dropped them.
+    #[test]
+    fn pending_blocks_steer_until_removed_or_cleared() {
+        let c = instances(4, Role::Dual);
+        bits(&c, 50);
+        let idx = kv_index::global();
+        let p = KvAware::new(Role::Dual, &SchedulingOptions::default());
+        let prompt = |q: u32| -> Vec<u32> {
+            let mut t: Vec<u32> = (7000..7000 + 256).collect();
+            t.extend([q; 16]);
+            t
+        };
+        let first = p.pick(&c, &ctx(&prompt(0))).unwrap();
+        // Requests in flight there (the group's first among them) do not move the group.
+        let _busy: Vec<_> = (0..8)
+            .map(|_| InFlight::new(first.clone(), 300, 0))
+            .collect();
+        for q in 1..10 {
+            let i = p.pick(&c, &ctx(&prompt(q))).unwrap();
+            assert!(Arc::ptr_eq(&i, &first), "request {q} left the group's node");
+        }
+        let b = first.kv_bit.load(Ordering::Relaxed) - 1;
+        let keys = kv_index::prompt_keys(&prompt(0), 16);
+        assert_eq!(idx.pending(keys[15], crate::resilience::now_ms()), Some(b));
+        // BlockRemoved of the group's blocks (as the subscriber applies it): gone.
+        for &k in &keys {
+            idx.unpend(k, b);
+        }
+        assert_eq!(idx.pending(keys[15], crate::resilience::now_ms()), None);
+        // Pending again, then AllBlocksCleared voids every older entry of that instance.
+        p.pick(&c, &ctx(&prompt(11)));
+        let holder = (0..4)
+            .find(|&k| idx.pending(keys[15], crate::resilience::now_ms()) == Some(50 + k as u32));
+        let holder = holder.expect("a pick writes pending entries") as u32 + 50;
+        std::thread::sleep(std::time::Duration::from_millis(2)); // ms clock: a later ms
+        idx.void_pending(holder);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(idx.pending(keys[15], crate::resilience::now_ms()), None);
+    }
+
+    /// Two schedulers (two proxy replicas) that have learned nothing agree on every new
+    /// prefix's node, and still use all of them.
+    #[test]
+    fn new_prefixes_get_the_same_home_on_every_replica() {
+        let c = instances(4, Role::Dual); // no KV bits: nothing learned, nothing pending
+        let (a, b) = (
+            KvAware::new(Role::Dual, &SchedulingOptions::default()),
+            KvAware::new(Role::Dual, &SchedulingOptions::default()),
+        );
+        let mut homes = std::collections::HashSet::new();
+        for g in 0..40u32 {
+            let t: Vec<u32> = (0..200).map(|k| g * 1000 + k).collect();
+            let (x, y) = (a.pick(&c, &ctx(&t)).unwrap(), b.pick(&c, &ctx(&t)).unwrap());
+            assert!(Arc::ptr_eq(&x, &y), "group {g}");
+            homes.insert(x.address.clone());
+        }
+        assert_eq!(homes.len(), 4);
+        // Outside the load band the home passes the group on (spread stays bounded).
+        let t: Vec<u32> = (0..200).collect();
+        let home = a.pick(&c, &ctx(&t)).unwrap();
+        let _busy: Vec<_> = (0..5).map(|_| InFlight::new(home.clone(), 0, 0)).collect();
+        assert!(!Arc::ptr_eq(&a.pick(&c, &ctx(&t)).unwrap(), &home));
     }
 }

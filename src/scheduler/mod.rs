@@ -69,7 +69,7 @@ pub fn build(
         SchedulerKind::PowerOfTwo => Box::new(PowerOfTwo::new(role)),
         SchedulerKind::ConsistentHash => Box::new(ConsistentHash::new(instances, opts)),
         SchedulerKind::CacheAware => Box::new(CacheAware::new(model, role, opts)),
-        SchedulerKind::KvAware => Box::new(KvAware::new(role)),
+        SchedulerKind::KvAware => Box::new(KvAware::new(role, opts)),
     }
 }
 
@@ -120,6 +120,70 @@ pub(crate) fn least_loaded(
         .filter(|i| ctx.eligible(i))
         .min_by_key(|i| load_key(role, i))
         .cloned()
+}
+
+/// The home of a new prefix: among the eligible instances whose load `in_band` accepts, the
+/// one with the highest rendezvous score `hash(key, address)`. Every proxy replica (and
+/// worker) with the same instances and a similar view of their load computes the same
+/// home for the same prompt, so a prefix group's first requests agree on one node even
+/// before anyone has learned where the group lives (docs/scheduling.md, "New prefixes").
+pub(crate) fn rendezvous(
+    candidates: &[Arc<Instance>],
+    ctx: &PickContext<'_>,
+    key: u64,
+    in_band: impl Fn(&Instance) -> bool,
+) -> Option<Arc<Instance>> {
+    candidates
+        .iter()
+        .filter(|i| ctx.eligible(i) && in_band(i))
+        .max_by_key(|i| hash64(key, i.address.as_bytes()))
+        .cloned()
+}
+
+/// Requests above the least loaded instance's that a new prefix's home may carry.
+const NEW_PREFIX_SLACK: u64 = 4;
+
+/// Whether an instance with `load` requests may be a new prefix's home when the least
+/// loaded has `min`: at most 1.5× that, or `NEW_PREFIX_SLACK` above it (at light load a
+/// replica's view of the others' load is a few requests off, and that must not change the
+/// answer).
+#[inline]
+pub(crate) fn in_load_band(load: u64, min: u64) -> bool {
+    load <= min + (min / 2).max(NEW_PREFIX_SLACK)
+}
+
+/// In-flight requests on `i` as `role` counts them (the engine's unseen ones included):
+/// the unit of the prefix policies' balance checks, as in sglang's router.
+#[inline]
+pub(crate) fn requests(role: Role, i: &Instance) -> u64 {
+    let k = load_key(role, i);
+    match role {
+        Role::Prefill => k.1,
+        Role::Decode | Role::Dual => k.0,
+    }
+}
+
+/// The prefix policies' balance check (`balance_abs_threshold`, `balance_rel_threshold`):
+/// an instance is overloaded when it has more than `abs` requests above the least loaded
+/// and more than `rel` times as many; a known prefix is not followed there.
+#[derive(Clone, Copy)]
+pub(crate) struct Balance {
+    pub abs: u64,
+    pub rel: f64,
+}
+
+impl Balance {
+    pub fn new(o: &SchedulingOptions) -> Self {
+        Balance {
+            abs: o.balance_abs_threshold,
+            rel: o.balance_rel_threshold,
+        }
+    }
+
+    #[inline]
+    pub fn overloaded(&self, load: u64, min: u64) -> bool {
+        load.saturating_sub(min) > self.abs && load as f64 > min as f64 * self.rel
+    }
 }
 
 pub(crate) use crate::hash::hash64;
