@@ -5,6 +5,7 @@
 pub mod blocking;
 pub mod buf;
 pub mod chunked;
+pub mod conn;
 pub mod error;
 pub mod head;
 pub mod request;

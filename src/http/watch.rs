@@ -1,13 +1,79 @@
 //! Noticing that the peer of a connection went away while we are busy elsewhere (waiting on
-//! an upstream, sleeping between tokens) — without consuming any of its bytes.
+//! an upstream, sleeping between tokens).
 //!
-//! The watch owns a `dup` of the socket so that it can wait for readability while the
-//! connection itself is being written; a readiness wait (io_uring PollAdd / epoll) never
-//! takes data, so dropping it can lose nothing, unlike a cancelled read.
+//! The proxy uses `NextRead`: the connection's own next read, which also waits for the next
+//! request — one read per request, nothing beside it. `DisconnectWatch` (the simulated node's)
+//! waits for readability on a `dup` of the socket and peeks, consuming nothing: it costs a
+//! readiness poll per request (on io_uring a PollAdd and, when dropped, its cancellation).
 
 use monoio::net::TcpStream;
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::pin::Pin;
+use std::time::Duration;
+
+/// The client connection's next read (`ReadBuf::fill` on its read half), started when first
+/// awaited: by the flow's race against the client leaving, else after the answer. While a
+/// request is served, EOF or an error on it means the client left; bytes it brings (a
+/// pipelined request) land in the connection's `ReadBuf`. After the answer the same read is
+/// the wait for the next request, so it is never cancelled on a kept-alive connection and no
+/// byte is lost; it is dropped only with a connection that closes.
+///
+/// When the next request is already buffered (pipelined behind this one) the read is never
+/// started — the answer must not wait for bytes the client will not send — so a pipelining
+/// client that leaves is noticed by the next write to it, not at once.
+pub struct NextRead<'a> {
+    read: Pin<&'a mut (dyn Future<Output = io::Result<usize>> + 'a)>,
+    got: Option<io::Result<usize>>,
+    buffered: bool,
+}
+
+impl<'a> NextRead<'a> {
+    /// `buffered`: the connection's buffer already holds bytes of the next request.
+    pub fn new(
+        read: Pin<&'a mut (dyn Future<Output = io::Result<usize>> + 'a)>,
+        buffered: bool,
+    ) -> Self {
+        NextRead {
+            read,
+            got: None,
+            buffered,
+        }
+    }
+
+    /// Resolves when the client closed or reset the connection. If it sends bytes instead
+    /// (a pipelined request), they stay buffered and this stays pending. Dropping this future
+    /// leaves the read in flight.
+    pub async fn closed(&mut self) {
+        if self.buffered {
+            std::future::pending::<()>().await
+        }
+        if self.got.is_none() {
+            let r = self.read.as_mut().await;
+            self.got = Some(r);
+        }
+        if matches!(self.got, Some(Ok(n)) if n > 0) {
+            std::future::pending::<()>().await
+        }
+    }
+
+    /// After the answer: whether the client sent more within `idle` (its bytes are then in
+    /// the connection's buffer). False for a close, an error or the idle timeout.
+    pub async fn arrived(mut self, idle: Duration) -> bool {
+        if self.buffered {
+            return true; // the read was never started: dropping it loses nothing
+        }
+        let got = match self.got.take() {
+            Some(r) => r,
+            None => match monoio::time::timeout(idle, self.read.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return false,
+            },
+        };
+        matches!(got, Ok(n) if n > 0)
+    }
+}
 
 pub struct DisconnectWatch {
     dup: TcpStream,

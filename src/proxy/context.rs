@@ -6,16 +6,16 @@ use super::forward_headers::Forwarding;
 use super::outcome::{self, Outcome};
 use super::timeline::Timeline;
 use super::Worker;
+use crate::http::conn::ClientWriter;
 use crate::http::ApiError;
 use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 use std::borrow::Cow;
 
 pub struct RequestCtx<'a> {
     pub w: &'a Worker,
     pub request_id: &'a str,
     /// The client's connection, written only by this request.
-    pub client: &'a mut TcpStream,
+    pub client: &'a mut ClientWriter,
     /// The client's connection may serve another request after this one.
     pub keep_alive: bool,
     /// The client speaks HTTP/1.0: no chunked bodies, a close ends the body.

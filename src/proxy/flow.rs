@@ -17,7 +17,8 @@ use super::timeline::Timeline;
 use super::Worker;
 use crate::config::DisaggMode;
 use crate::config::Role;
-use crate::http::watch::DisconnectWatch;
+use crate::http::conn::ClientWriter;
+use crate::http::watch::NextRead;
 use crate::http::write::full_response;
 use crate::http::{ApiError, Request};
 use crate::metrics::ErrorType;
@@ -26,7 +27,6 @@ use crate::topology::{ModelRoute, RoleSet, Topology};
 use crate::trace::RequestTrace;
 use bytes::Bytes;
 use http::StatusCode;
-use monoio::net::TcpStream;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
@@ -80,23 +80,18 @@ fn newer_route(w: &Worker, seen: &Arc<Topology>, model: &str) -> Option<(Arc<Top
 /// its upstream connections and releases its counters.
 async fn unless_client_leaves(
     work: impl std::future::Future<Output = Outcome>,
-    watch: Option<&DisconnectWatch>,
+    next: &mut NextRead<'_>,
     request_id: &str,
 ) -> Outcome {
-    match watch {
-        Some(watch) => {
-            monoio::select! {
-                // Work first: when the response completes in the same wakeup as the client's
-                // next request arrives, return without probing the socket.
-                biased;
-                outcome = work => outcome,
-                _ = watch.closed() => {
-                    crate::info!("request {request_id}: client disconnected; abandoning its legs");
-                    Outcome::close(499)
-                }
-            }
+    monoio::select! {
+        // Work first: when the response completes in the same wakeup as the client's next
+        // bytes arrive, they are left to the next request's read.
+        biased;
+        outcome = work => outcome,
+        _ = next.closed() => {
+            crate::info!("request {request_id}: client disconnected; abandoning its legs");
+            Outcome::close(499)
         }
-        None => work.await,
     }
 }
 
@@ -157,8 +152,8 @@ pub async fn serve(
     peer_ip: &str,
     req: Request,
     endpoint: Endpoint,
-    client: &mut TcpStream,
-    watch: Option<&DisconnectWatch>,
+    client: &mut ClientWriter,
+    next: &mut NextRead<'_>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
     let request_id = request_id(&req);
@@ -266,7 +261,7 @@ pub async fn serve(
         }
         outcome
     };
-    unless_client_leaves(work, watch, &request_id).await
+    unless_client_leaves(work, next, &request_id).await
 }
 
 /// `/tokenize`, `/detokenize`, `/v1/embeddings`: forwarded as they are to one instance of
@@ -275,8 +270,8 @@ pub async fn serve_forwarded(
     start: Instant,
     w: &Worker,
     req: Request,
-    client: &mut TcpStream,
-    watch: Option<&DisconnectWatch>,
+    client: &mut ClientWriter,
+    next: &mut NextRead<'_>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
     let request_id = request_id(&req);
@@ -303,14 +298,14 @@ pub async fn serve_forwarded(
             Err(e) => ctx.answer_error(&e).await,
         }
     };
-    unless_client_leaves(work, watch, &request_id).await
+    unless_client_leaves(work, next, &request_id).await
 }
 
 fn request_ctx<'a>(
     w: &'a Worker,
     req: &'a Request,
     request_id: &'a str,
-    client: &'a mut TcpStream,
+    client: &'a mut ClientWriter,
     start: Instant,
     trace: Option<&'a RequestTrace>,
 ) -> RequestCtx<'a> {

@@ -1,10 +1,10 @@
 //! How a request ended, and answering it with an error while nothing was sent yet.
 
+use crate::http::conn::ClientWriter;
 use crate::http::write::error_response;
 use crate::http::ApiError;
 use http::StatusCode;
 use monoio::io::AsyncWriteRentExt;
-use monoio::net::TcpStream;
 
 /// How a request ended: the status it is recorded with and whether the client's connection
 /// can serve another request. The status is the one the client got, except 499 (the client
@@ -36,7 +36,7 @@ impl Outcome {
 
 /// Ends a request with an error response (nothing was sent to the client yet).
 pub async fn answer_error(
-    client: &mut TcpStream,
+    client: &mut ClientWriter,
     err: &ApiError,
     request_id: Option<&str>,
     keep_alive: bool,

@@ -5,7 +5,8 @@ use super::flow;
 use super::outcome::{answer_error, Outcome};
 use super::route::{Access, Route};
 use super::{admin, Worker};
-use crate::http::watch::DisconnectWatch;
+use crate::http::conn::{ClientConn, ClientWriter};
+use crate::http::watch::NextRead;
 use crate::http::write::{error_response, full_response, JSON};
 use crate::http::{lingering_close, read_request, ApiError, ReadBuf, ReadError, Request};
 use crate::metrics;
@@ -14,6 +15,7 @@ use http::{Method, StatusCode};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::{TcpListener, TcpStream};
 use serde_json::json;
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -73,31 +75,40 @@ async fn accept_until_shutdown(w: &Rc<Worker>, listener: TcpListener) {
     }
 }
 
-async fn serve_connection(w: &Worker, mut stream: TcpStream, peer_ip: String) {
+async fn serve_connection(w: &Worker, stream: TcpStream, peer_ip: String) {
     let _ = stream.set_nodelay(true);
+    let mut conn = ClientConn::new(stream);
     let mut buf = ReadBuf::with_capacity(8 * 1024);
-    let mut watch: Option<DisconnectWatch> = None;
     loop {
         let limits = w.policy().limits.http;
-        let req = match read_request(&mut stream, &mut buf, &limits).await {
+        let req = match read_request(&mut conn, &mut buf, &limits).await {
             Ok(r) => r,
             Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {
                 crate::info!("rejecting request from {peer_ip}: {}", e.message);
-                answer_error(&mut stream, &e, None, false).await;
-                lingering_close(stream, buf).await;
+                answer_error(&mut conn.wr, &e, None, false).await;
+                lingering_close(conn, buf).await;
                 return;
             }
         };
-        let _active = ActiveRequest::new(&w.shared, w.id);
+        let active = ActiveRequest::new(&w.shared, w.id);
         let start = Instant::now();
         let route = Route::from_path(req.head.route());
-        let outcome = dispatch(w, route, start, &peer_ip, req, &mut stream, &mut watch).await;
+        // The connection's next read: the flow races it (the client leaving), and after the
+        // answer it is the wait for the next request — one read, no poll beside it.
+        let buffered = !buf.is_empty();
+        let read = pin!(buf.fill(&mut conn.rd));
+        let mut next = NextRead::new(read, buffered);
+        let outcome = dispatch(w, route, start, &peer_ip, req, &mut conn.wr, &mut next).await;
         if w.metrics_enabled {
             w.metrics
                 .request(route.series(), outcome.status, start.elapsed());
         }
+        drop(active);
         if !outcome.keep_alive || w.shared.shutting_down.load(Ordering::Relaxed) {
+            return;
+        }
+        if !next.arrived(limits.keepalive_timeout).await {
             return;
         }
     }
@@ -111,8 +122,8 @@ async fn dispatch(
     start: Instant,
     peer_ip: &str,
     req: Request,
-    stream: &mut TcpStream,
-    watch: &mut Option<DisconnectWatch>,
+    stream: &mut ClientWriter,
+    next: &mut NextRead<'_>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
     let method = &req.head.method;
@@ -163,12 +174,10 @@ async fn dispatch(
                 );
                 return answer_error(stream, &e, Some(&flow::request_id(&req)), keep_alive).await;
             }
-            ensure_watch(watch, stream);
-            return flow::serve(start, w, peer_ip, req, endpoint, stream, watch.as_ref()).await;
+            return flow::serve(start, w, peer_ip, req, endpoint, stream, next).await;
         }
         Route::Forwarded => {
-            ensure_watch(watch, stream);
-            return flow::serve_forwarded(start, w, req, stream, watch.as_ref()).await;
+            return flow::serve_forwarded(start, w, req, stream, next).await;
         }
         Route::Admin(action) => {
             let result = match admin::authorize(w, req.head.api_key.as_deref()) {
@@ -220,7 +229,7 @@ async fn dispatch(
 /// Writes a complete response; to a HEAD request, its head alone (the same
 /// `Content-Length`, no body: a body would be read as the start of the next response).
 async fn respond(
-    stream: &mut TcpStream,
+    stream: &mut ClientWriter,
     status: StatusCode,
     headers: &[(&str, &str)],
     body: &[u8],
@@ -233,16 +242,6 @@ async fn respond(
     }
     let (res, _) = stream.write_all(out).await;
     Outcome::new(status.as_u16(), res.is_ok() && keep_alive)
-}
-
-/// Starts watching the connection for the client leaving (once per connection).
-fn ensure_watch(watch: &mut Option<DisconnectWatch>, stream: &TcpStream) {
-    if watch.is_none() {
-        match DisconnectWatch::new(stream) {
-            Ok(wt) => *watch = Some(wt),
-            Err(e) => crate::warn!("cannot watch client connection for disconnects: {e}"),
-        }
-    }
 }
 
 /// With `api_keys` configured, the request must carry `Authorization: Bearer <one of them>`
