@@ -1,29 +1,40 @@
-//! A client connection split into its read and write halves (one socket, no `dup`), so that
-//! the connection's own next read can be in flight while a response is written: that read
-//! is the disconnect watch and the wait for the next request at once (`watch::NextRead`).
+//! A connection split into its read and write halves (one socket, no `dup`), so that a read
+//! can be in flight while the connection is written: on a client connection that read is
+//! the disconnect watch and the wait for the next request at once (`watch::NextRead`); on an
+//! upstream one the response's first read is submitted together with the request's write.
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use monoio::BufResult;
 use std::future::Future;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// Where a response to the client is written.
 pub type ClientWriter = OwnedWriteHalf<TcpStream>;
 
-pub struct ClientConn {
+pub struct SplitStream {
     pub rd: OwnedReadHalf<TcpStream>,
-    pub wr: ClientWriter,
+    pub wr: OwnedWriteHalf<TcpStream>,
+    /// The socket's descriptor, open as long as the halves are.
+    fd: RawFd,
 }
 
-impl ClientConn {
+impl SplitStream {
     pub fn new(stream: TcpStream) -> Self {
+        let fd = stream.as_raw_fd();
         let (rd, wr) = stream.into_split();
-        ClientConn { rd, wr }
+        SplitStream { rd, wr, fd }
     }
 }
 
-impl AsyncReadRent for ClientConn {
+impl AsRawFd for SplitStream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
+impl AsyncReadRent for SplitStream {
     fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         self.rd.read(buf)
     }
@@ -33,7 +44,7 @@ impl AsyncReadRent for ClientConn {
     }
 }
 
-impl AsyncWriteRent for ClientConn {
+impl AsyncWriteRent for SplitStream {
     fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         self.wr.write(buf)
     }

@@ -5,7 +5,7 @@ use super::flow;
 use super::outcome::{answer_error, Outcome};
 use super::route::{Access, Route};
 use super::{admin, Worker};
-use crate::http::conn::{ClientConn, ClientWriter};
+use crate::http::conn::{ClientWriter, SplitStream};
 use crate::http::watch::NextRead;
 use crate::http::write::{error_response, full_response, JSON};
 use crate::http::{lingering_close, read_request, ApiError, ReadBuf, ReadError, Request};
@@ -77,7 +77,7 @@ async fn accept_until_shutdown(w: &Rc<Worker>, listener: TcpListener) {
 
 async fn serve_connection(w: &Worker, stream: TcpStream, peer_ip: String) {
     let _ = stream.set_nodelay(true);
-    let mut conn = ClientConn::new(stream);
+    let mut conn = SplitStream::new(stream);
     let mut buf = ReadBuf::with_capacity(8 * 1024);
     loop {
         let limits = w.policy().limits.http;

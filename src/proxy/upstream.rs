@@ -6,11 +6,12 @@
 
 use crate::http::buf::ReadBuf;
 use crate::http::chunked::ChunkedDecoder;
+use crate::http::conn::SplitStream;
 use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
 use crate::instance::Instance;
 use crate::topology::Topology;
 use bytes::Bytes;
-use monoio::io::AsyncWriteRentExt;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -45,7 +46,8 @@ impl std::fmt::Display for UpstreamError {
 }
 
 pub struct UpstreamConn {
-    pub stream: TcpStream,
+    /// Split, so that the response's first read goes out with the request's write.
+    pub stream: SplitStream,
     pub buf: ReadBuf,
     pub addr: SocketAddr,
     reused: bool,
@@ -53,7 +55,7 @@ pub struct UpstreamConn {
 
 /// A pooled connection keeps its read buffer, so a reused connection allocates nothing.
 struct Idle {
-    stream: TcpStream,
+    stream: SplitStream,
     buf: ReadBuf,
     since: Instant,
 }
@@ -119,7 +121,7 @@ impl Pool {
         };
         let _ = stream.set_nodelay(true);
         Ok(UpstreamConn {
-            stream,
+            stream: SplitStream::new(stream),
             buf: ReadBuf::with_capacity(UPSTREAM_BUF),
             addr,
             reused: false,
@@ -206,7 +208,7 @@ impl Pool {
 /// Whether nothing at all arrived on an idle connection: a non-blocking peek (one syscall,
 /// consumes nothing) finds no byte and no end of stream. Nothing is pending on a pooled
 /// socket, so this works alike under io_uring and epoll.
-fn is_quiet(stream: &TcpStream) -> bool {
+fn is_quiet(stream: &SplitStream) -> bool {
     let mut byte = 0u8;
     loop {
         // SAFETY: the descriptor is open (we own `stream`) and the buffer is one valid,
@@ -243,48 +245,56 @@ fn is_stale(e: &UpstreamError) -> bool {
     }
 }
 
+/// Writes the request and reads the response head. The first read starts with the write,
+/// so both go to the kernel together (on io_uring one `io_uring_enter` for the two; the
+/// read then waits in the kernel, not in a second submission after the write completed).
+/// A failed write wins over whatever the read got: the connection is not reusable.
 async fn send_once(
     conn: &mut UpstreamConn,
     mut head: Vec<u8>,
     body: &Bytes,
 ) -> (Result<ResponseHead, UpstreamError>, Vec<u8>) {
     let head_len = head.len();
-    let res = if body.len() <= crate::http::write::COALESCE_LIMIT {
-        head.extend_from_slice(body);
-        let (r, h) = conn.stream.write_all(head).await;
-        head = h;
-        r
-    } else {
-        let (r, h) = conn.stream.write_all(head).await;
-        head = h;
-        match r {
-            Ok(_) => conn.stream.write_all(body.clone()).await.0,
-            Err(e) => Err(e),
+    let (wr, rd, buf) = (&mut conn.stream.wr, &mut conn.stream.rd, &mut conn.buf);
+    let write = async {
+        if body.len() <= crate::http::write::COALESCE_LIMIT {
+            head.extend_from_slice(body);
+            wr.write_all(head).await
+        } else {
+            let (r, h) = wr.write_all(head).await;
+            match r {
+                Ok(_) => (wr.write_all(body.clone()).await.0, h),
+                Err(e) => (Err(e), h),
+            }
         }
     };
+    let ((written, mut head), got) = monoio::join!(write, read_head(rd, buf));
     head.truncate(head_len);
-    if let Err(e) = res {
-        return (Err(UpstreamError::Io(e)), head);
+    match written {
+        Err(e) => (Err(UpstreamError::Io(e)), head),
+        Ok(_) => (got, head),
     }
-    (read_head(conn).await, head)
 }
 
-pub async fn read_head(conn: &mut UpstreamConn) -> Result<ResponseHead, UpstreamError> {
+async fn read_head<R: AsyncReadRent>(
+    rd: &mut R,
+    buf: &mut ReadBuf,
+) -> Result<ResponseHead, UpstreamError> {
     loop {
-        match parse_response(conn.buf.data(), false) {
+        match parse_response(buf.data(), false) {
             Ok(h) if h.status.is_informational() => {
                 // 100 Continue and friends: skip and read the real response.
-                conn.buf.consume(h.len);
+                buf.consume(h.len);
             }
             Ok(h) => {
-                conn.buf.consume(h.len);
+                buf.consume(h.len);
                 return Ok(h);
             }
             Err(HeadError::Partial) => {
-                if conn.buf.len() > MAX_RESPONSE_HEAD {
+                if buf.len() > MAX_RESPONSE_HEAD {
                     return Err(UpstreamError::BadResponse("response head too large"));
                 }
-                match conn.buf.fill(&mut conn.stream).await {
+                match buf.fill(rd).await {
                     Ok(0) => return Err(UpstreamError::Closed),
                     Ok(_) => {}
                     Err(e) => return Err(UpstreamError::Io(e)),
