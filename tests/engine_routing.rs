@@ -199,10 +199,21 @@ struct Publisher {
     stdin: std::process::ChildStdin,
     lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
     endpoint: String,
+    /// The replay (ROUTER) endpoint, when started with one.
+    replay: Option<String>,
 }
 
 impl Publisher {
     fn start(endpoint: &str) -> Publisher {
+        Self::spawn(endpoint, None)
+    }
+
+    /// With vLLM's replay socket on `replay` too.
+    fn with_replay(endpoint: &str, replay: &str) -> Publisher {
+        Self::spawn(endpoint, Some(replay))
+    }
+
+    fn spawn(endpoint: &str, replay: Option<&str>) -> Publisher {
         use std::io::BufRead;
         let venv = python_venv(&[("zmq", "pyzmq"), ("msgspec", "msgspec")]);
         let mut child = Command::new(venv.join("bin/python"))
@@ -211,6 +222,7 @@ impl Publisher {
                 "/tests/engine/kv_publisher.py"
             ))
             .arg(endpoint)
+            .args(replay.map(|r| ["0", r]).iter().flatten())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -225,11 +237,18 @@ impl Publisher {
             .strip_prefix("publishing on ")
             .unwrap_or_else(|| panic!("unexpected: {first}"))
             .to_string();
+        let replay = replay.map(|_| {
+            let line = lines.next().expect("replay line").expect("publisher line");
+            line.strip_prefix("replay on ")
+                .unwrap_or_else(|| panic!("unexpected: {line}"))
+                .to_string()
+        });
         Publisher {
             child,
             stdin,
             lines,
             endpoint,
+            replay,
         }
     }
 
@@ -449,6 +468,64 @@ fn kv_aware_follows_the_blocks_an_engine_published() {
     for n in [&nodes[0], &nodes[2]] {
         assert!(dummy_stats(n)["requests"].as_u64().unwrap() > 0);
     }
+}
+
+/// A sequence gap answered by the publisher's replay socket: the missed batch is fetched
+/// and applied, nothing is dropped, and the stream goes on (a chain stored in the missed
+/// batch is the parent of the next one).
+#[test]
+fn kv_events_gap_filled_from_the_replay_socket() {
+    let nodes: Vec<Proc> = (0..2).map(|_| dummy("dual", &[])).collect();
+    let mut pubr = Publisher::with_replay("tcp://127.0.0.1:*", "tcp://127.0.0.1:*");
+    let replay = pubr.replay.clone().unwrap();
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: kv_aware\nkv_events:\n  endpoints:\n    \"{a}\": \"{}\"\n  replay_endpoints:\n    \"{a}\": \"{replay}\"\n",
+            dual_yaml(&[&nodes[0], &nodes[1]]),
+            pubr.endpoint,
+            a = nodes[1].addr,
+        ),
+        true,
+    );
+    let holder = &nodes[1];
+    publish_until(
+        &mut pubr,
+        stored_cmd(),
+        &proxy,
+        holder,
+        "BlockStored",
+        |s| s["blocks"] == 4,
+    );
+    // Lost on the way (kept for replay): a block chained to the fourth; then a live batch
+    // chained to the lost one. The proxy sees the gap, asks the replay socket, applies the
+    // lost batch, then the live one, whose parent it now knows.
+    let more: Vec<u32> = (0..32).map(|t| 5000 + t).collect();
+    pubr.send(json!({"stored": [105], "parent": 104, "tokens": more[..16], "block_size": BLOCK, "lost": true}));
+    pubr.send(json!({"stored": [106], "parent": 105, "tokens": more[16..], "block_size": BLOCK}));
+    wait_for("the gap to be filled", Duration::from_secs(20), || {
+        let s = kv_status(&proxy, holder);
+        s["seq_gaps"] == 1 && s["blocks"] == 6
+    });
+    let s = kv_status(&proxy, holder);
+    assert_eq!(s["orphan_chains"], 0, "{s}");
+    assert_eq!(s["publisher_restarts"], 0, "{s}");
+    // The whole chain (4 + 2 blocks) routes to the holder.
+    let mut prompt = cached_tokens();
+    prompt.extend(&more);
+    prompt.extend([1, 2, 3]);
+    let before = dummy_stats(holder)["requests"].as_u64().unwrap();
+    let (status, _, body) = post(
+        &agent(),
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        dummy_stats(holder)["requests"].as_u64().unwrap(),
+        before + 1
+    );
+    let hits = r#"proxy_routing_matched_prefix_blocks_sum{policy="kv_aware"}"#;
+    assert!(metric(&proxy, hits) >= 6.0);
 }
 
 /// The same with xpyd-dummy as the engine: its prefix cache publishes `BlockStored` after

@@ -120,8 +120,8 @@ impl Default for SchedulingOptions {
     fn default() -> Self {
         SchedulingOptions {
             cache_threshold: 0.5,
-            balance_abs_threshold: 32,
-            balance_rel_threshold: 1.1,
+            balance_abs_threshold: 8,
+            balance_rel_threshold: 1.5,
             max_tree_size: 1 << 16,
             virtual_nodes: 160,
             hash_load_factor: 0.25,

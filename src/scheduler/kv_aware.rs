@@ -7,10 +7,9 @@
 
 use super::stats::{self, Outcome, Policy};
 use super::{
-    in_load_band, least_loaded, load_key, rendezvous, requests, Balance, PickContext, Scheduler,
+    hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Scheduler,
 };
 use crate::config::{Role, SchedulingOptions};
-use crate::engine_load::UNSEEN_PROMPT_TOKENS;
 use crate::instance::Instance;
 use crate::kv_index;
 use std::sync::atomic::Ordering;
@@ -30,17 +29,6 @@ impl KvAware {
             role,
             threshold: opts.cache_threshold,
             balance: Balance::new(opts),
-        }
-    }
-
-    /// The instance's load in prompt-token units: what it must prefill before this request
-    /// (prefill and dual: prompt tokens in flight and unseen, the prefill load key); a decode
-    /// node's load is its requests, each taken as `UNSEEN_PROMPT_TOKENS`.
-    #[inline]
-    fn load_tokens(&self, i: &Instance) -> u64 {
-        match self.role {
-            Role::Prefill | Role::Dual => load_key(Role::Prefill, i).0,
-            Role::Decode => load_key(Role::Decode, i).0 * UNSEEN_PROMPT_TOKENS,
         }
     }
 }
@@ -87,14 +75,19 @@ impl Scheduler for KvAware {
         if min == u64::MAX {
             return None;
         }
-        // The instance holding the most of the prompt among those not overloaded (the
-        // least loaded of equals). It is followed when it holds a good share more than the
-        // least holding instance: a header every node holds is not a group's prefix.
-        let start = (crate::ids::next_u64() % n as u64) as usize;
-        let best = (0..n)
-            .map(|k| &candidates[(start + k) % n])
+        // The instance holding the most of the prompt among those not overloaded; among
+        // equal holders the highest rendezvous score on the deepest block they hold, so a
+        // group stays on one of its holders (and every replica picks the same one) instead
+        // of spreading over all of them. It is followed when it holds a good share more
+        // than the least holding instance: a header every node holds is not a group's prefix.
+        let tie = |i: &Instance| {
+            let k = keys.get((blocks_of(i) as usize).wrapping_sub(1)).copied();
+            hash64(k.unwrap_or(0), i.address.as_bytes())
+        };
+        let best = candidates
+            .iter()
             .filter(|i| ctx.eligible(i) && !self.balance.overloaded(requests(self.role, i), min))
-            .max_by_key(|i| (held(i), std::cmp::Reverse(self.load_tokens(i))))?;
+            .max_by_key(|i| (held(i), tie(i)))?;
         let known =
             |h: u64| h > least && (h - least) as f64 >= self.threshold * (prompt - least) as f64;
         let chosen = if known(held(best)) {
@@ -160,7 +153,7 @@ mod tests {
     }
 
     #[test]
-    fn follows_cached_blocks_until_out_of_the_load_band() {
+    fn follows_cached_blocks_until_overloaded() {
         let c = instances(3, Role::Prefill);
         bits(&c, 40);
         let idx = kv_index::global();
@@ -172,9 +165,9 @@ mod tests {
         for _ in 0..20 {
             assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
         }
-        // 32 requests in flight there: not overloaded yet (`balance_abs_threshold`), the
-        // prefix still wins; with 33 it is, and the prompt goes elsewhere.
-        let mut busy: Vec<_> = (0..32)
+        // 8 requests in flight there: not overloaded yet (`balance_abs_threshold`), the
+        // prefix still wins; with 9 it is, and the prompt goes elsewhere.
+        let mut busy: Vec<_> = (0..8)
             .map(|_| InFlight::new(c[1].clone(), 100, 0))
             .collect();
         assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
