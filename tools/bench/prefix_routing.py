@@ -1,118 +1,508 @@
 #!/usr/bin/env python3
-"""xpyd's own policies side by side on a prefix-heavy workload over realistic simulated
-nodes (docs/benchmarks.md, "Prefix routing"): round_robin, cache_aware (approximate) and
-kv_aware (precise, from the nodes' KV events), same nodes' settings, same client.
+"""Engine-state routing side by side (docs/benchmarks.md, "Prefix routing"): the same
+realistic simulated nodes, the same open-loop client, one run, for xpyd's round_robin,
+cache_aware (approximate) and kv_aware (precise, from the nodes' KV events), sglang-router
+`cache_aware`, vllm-router `cache_aware` and vllm-router `kv_aware` fed the same nodes' KV
+events; then two xpyd replicas in front of the same nodes (the client alternating between
+them). Topologies: 4 dual nodes, and 1 prefill + 3 decode nodes.
 
-Each policy gets fresh nodes (cold caches) and a fresh proxy. The client: CONC threads in a
-closed loop, each request a token-id prompt = one of PREFIXES shared prefixes of
-PREFIX_TOKENS tokens + a unique SUFFIX_TOKENS suffix, max_tokens 1 (so latency ≈ TTFT).
+Every target gets fresh nodes (cold caches) and a fresh router. The workload has the shape
+of `vllm bench serve --dataset-name prefix_repetition`: PREFIXES shared text prefixes of
+PREFIX_TOKENS tokens, each request one of them (uniformly at random) + a unique
+SUFFIX_TOKENS-token suffix, OUTPUT tokens streamed back; Poisson arrivals at RATE (open
+loop, a fixed seed: every target gets the same prompts at the same times) on up to 256
+client connections. Tokens are counted with the test tokenizer
+(tests/engine/tokenizers/test-model/tokenizer.json), which the nodes (`--tokenizer`), xpyd
+(`tokenizer_path`) and vllm-router (`VLLM_ROUTER_TOKENIZER`) all load, so token-id matching
+agrees everywhere.
 
-usage: prefix_routing.py TARGET_DIR [REQUESTS] [CONC]
+Needs aiohttp and tokenizers: run it with the peers' virtualenv (tools/bench/compare
+--prefix does), e.g.
+    /tmp/xpyd-peers/bin/python tools/bench/prefix_routing.py --bin target/release
+Options: --topology dual,1p3d  --targets a,b  --repeats 3  --rate 24  --requests 480
+Prints markdown tables on stdout (medians over repeats, min–max), progress on stderr, and
+every run as JSON to --json (default /tmp/prefix-routing-<pid>.json).
 """
-import json, os, random, socket, subprocess, sys, threading, time, urllib.request
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 
-target = sys.argv[1]
-REQUESTS = int(sys.argv[2]) if len(sys.argv) > 2 else 200
-CONC = int(sys.argv[3]) if len(sys.argv) > 3 else 16
-NODES, PREFIXES, PREFIX_TOKENS, SUFFIX_TOKENS = 4, 10, 512, 64
-NODE_FLAGS = ["--prefill-delay-per-token", "0.0002", "--decode-delay-per-token", "0.001",
-              "--max-num-seqs", "8", "--kv-cache-blocks", os.environ.get("KV_BLOCKS", "200"), "--block-size", "16"]
+import aiohttp
+from tokenizers import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOK_ROOT = os.path.join(ROOT, "tests", "engine", "tokenizers")
+MODEL = "test-model"
+TOK_FILE = os.path.join(TOK_ROOT, MODEL, "tokenizer.json")
+VENV = os.environ.get("XPYD_PEERS_VENV", "/tmp/xpyd-peers")
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
+ap.add_argument("--topology", default="dual,1p3d")
+ap.add_argument("--targets", default="", help="comma-separated target names (default: all)")
+ap.add_argument("--repeats", type=int, default=3)
+ap.add_argument("--rate", type=float, default=24.0, help="requests per second (Poisson)")
+ap.add_argument("--requests", type=int, default=480)
+ap.add_argument("--prefixes", type=int, default=10)
+ap.add_argument("--prefix-tokens", type=int, default=2000)
+ap.add_argument("--suffix-tokens", type=int, default=100)
+ap.add_argument("--output", type=int, default=32)
+ap.add_argument("--kv-blocks", type=int, default=640)
+ap.add_argument("--max-num-seqs", type=int, default=4)
+ap.add_argument("--prefill", default="0.000075", help="seconds per computed prompt token")
+ap.add_argument("--decode", default="0.015", help="seconds per decode step, one sequence")
+ap.add_argument("--decode-per-seq", default="0.001", help="added per other running sequence")
+ap.add_argument("--proxy-workers", type=int, default=2)
+ap.add_argument("--connections", type=int, default=256)
+ap.add_argument("--json", default=f"/tmp/prefix-routing-{os.getpid()}.json")
+A = ap.parse_args()
+BIN = os.path.abspath(A.bin)
+BLOCK = 16
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
 
 
 def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
 
 
-def spawn(cmd):
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = p.stdout.readline()
-    addr = line.split("http://")[1].split()[0]
-    return p, addr
+PROCS = []
 
 
-def post(addr, body):
-    req = urllib.request.Request(f"http://{addr}/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        r.read()
-        return r.status
+def spawn(args, env=None, read_addr=False):
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.Popen(args, stdout=subprocess.PIPE if read_addr else subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=e, start_new_session=True)
+    PROCS.append(p)
+    if not read_addr:
+        return p, None
+    line = p.stdout.readline().decode()
+    m = re.search(r"http://([\d.]+:\d+)", line)
+    if not m:
+        raise SystemExit(f"no address from {args[0]}: {line!r}")
+    return p, m.group(1)
 
 
-def node_hits(addr):
-    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
-    val = lambda n: sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(n + "{"))
-    return val("vllm:prefix_cache_hits_total"), val("vllm:prefix_cache_queries_total")
+def stop(procs):
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+        if p in PROCS:
+            PROCS.remove(p)
 
 
-def run(policy):
-    procs, nodes, kv = [], [], []
-    for _ in range(NODES):
-        port = free_port()
-        p, a = spawn([f"{target}/xpyd-dummy", "--port", "0", "--mode", "dual", "--model", "m",
-                      "--workers", "1", *NODE_FLAGS, "--kv-events-endpoint", f"tcp://*:{port}"])
-        procs.append(p); nodes.append(a); kv.append(port)
-    cfg = f"/tmp/prefix-routing-{os.getpid()}.yaml"
-    with open(cfg, "w") as f:
-        f.write("model: m\ndual: [" + ", ".join(f'"{a}"' for a in nodes) + "]\n")
-        f.write(f"scheduling: {policy}\nkv_events:\n  endpoints:\n")
-        for a, p in zip(nodes, kv):
-            f.write(f'    "{a}": "tcp://127.0.0.1:{p}"\n')
-        f.write("startup:\n  probe_interval_seconds: 0.1\nhealth_check:\n  interval_seconds: 1\n")
-    p, proxy = spawn([f"{target}/xpyd", "proxy", "-c", cfg, "--port", "0", "--workers", "2",
-                      "--log-level", "error"])
-    procs.append(p)
-    deadline = time.time() + 20
+def http_get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def wait_serving(base, timeout=90):
+    """Until a small completion through `base` answers 200 (routers wait for their workers)."""
+    body = json.dumps({"model": MODEL, "prompt": "warm", "max_tokens": 1}).encode()
+    deadline = time.time() + timeout
+    last = None
     while time.time() < deadline:
         try:
-            if urllib.request.urlopen(f"http://{proxy}/health", timeout=1).status == 200:
-                break
-        except Exception:
-            time.sleep(0.1)
-    time.sleep(1.0)  # SUB sockets connect in the background
-    rng = random.Random(7)
-    prefixes = [[rng.randrange(100, 30000) for _ in range(PREFIX_TOKENS)] for _ in range(PREFIXES)]
-    jobs = [(rng.randrange(PREFIXES), i) for i in range(REQUESTS)]
-    lat, lock, errors = [], threading.Lock(), [0]
-
-    def worker():
-        while True:
-            with lock:
-                if not jobs:
+            req = urllib.request.Request(f"http://{base}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
                     return
-                g, i = jobs.pop()
-            prompt = prefixes[g] + [40000 + i * SUFFIX_TOKENS + t for t in range(SUFFIX_TOKENS)]
-            t0 = time.perf_counter()
+        except Exception as e:  # noqa: BLE001 - not up yet
+            last = e
+        time.sleep(0.2)
+    raise SystemExit(f"{base} never served: {last}")
+
+
+# ---------------------------------------------------------------- workload
+
+def build_workload():
+    """Prompts (text) and arrival times, identical for every target."""
+    tok = Tokenizer.from_file(TOK_FILE)
+    vocab = tok.get_vocab()
+    # Whole words that are one token in context (ByteLevel: a leading space joins the word,
+    # so a prompt made of " word" pieces tokenizes word by word and a prefix's tokens do not
+    # depend on what follows it).
+    words = sorted(w[1:] for w in vocab if w.startswith("Ġ") and w[1:].isalpha())
+    words = [w for w in words if len(tok.encode(" " + w).ids) == 1]
+    rng = random.Random(16)
+
+    def text(n):
+        return "".join(" " + rng.choice(words) for _ in range(n))
+
+    prefixes = [text(A.prefix_tokens) for _ in range(A.prefixes)]
+    reqs, t = [], 0.0
+    for i in range(A.requests):
+        t += rng.expovariate(A.rate)
+        g = rng.randrange(A.prefixes)
+        reqs.append((t, g, prefixes[g] + text(A.suffix_tokens)))
+    # Check the token counts once, as the nodes and routers will see them.
+    full = tok.encode(reqs[0][2]).ids
+    assert len(full) == A.prefix_tokens + A.suffix_tokens, len(full)
+    assert full[:A.prefix_tokens] == tok.encode(prefixes[reqs[0][1]]).ids
+    return prefixes, reqs
+
+
+# ---------------------------------------------------------------- nodes
+
+def node_flags():
+    return ["--max-num-seqs", str(A.max_num_seqs), "--kv-cache-blocks", str(A.kv_blocks),
+            "--block-size", str(BLOCK), "--prefill-delay-per-token", A.prefill,
+            "--decode-delay-per-token", A.decode, "--decode-delay-per-seq", A.decode_per_seq,
+            "--tokenizer", TOK_FILE, "--record-requests", str(A.requests + 50)]
+
+
+def start_nodes(roles):
+    """[(role, addr, kv_port)] for fresh nodes of `roles` (dual/prefill/decode)."""
+    out, procs = [], []
+    for role in roles:
+        kv = free_port()
+        p, addr = spawn([f"{BIN}/xpyd-dummy", "--port", "0", "--mode", role, "--model", MODEL,
+                         "--workers", "1", *node_flags(), "--kv-events-endpoint", f"tcp://*:{kv}",
+                         # The layout vllm-router 0.1 reads (xpyd reads all three).
+                         "--kv-events-format", "mixed"],
+                        read_addr=True)
+        procs.append(p)
+        out.append((role, addr, kv))
+    return out, procs
+
+
+def metrics_of(addr):
+    text = http_get(f"http://{addr}/metrics")
+    vals = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name = line.split("{")[0].split(" ")[0]
+        try:
+            vals[name] = vals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        except ValueError:
+            pass
+    return vals
+
+
+class Sampler(threading.Thread):
+    """Samples each node's running / waiting (vLLM gauges) every 0.5 s while the load runs."""
+
+    def __init__(self, addrs):
+        super().__init__(daemon=True)
+        self.addrs, self.samples, self.halt = addrs, {a: [] for a in addrs}, threading.Event()
+
+    def run(self):
+        while not self.halt.wait(0.5):
+            for a in self.addrs:
+                try:
+                    m = metrics_of(a)
+                    self.samples[a].append((m.get("vllm:num_requests_running", 0),
+                                            m.get("vllm:num_requests_waiting", 0)))
+                except Exception:  # noqa: BLE001 - a slow scrape is a missing sample
+                    pass
+
+
+# ---------------------------------------------------------------- targets
+
+def xpyd_config(nodes, policy):
+    cfg = f"/tmp/prefix-routing-{os.getpid()}-{free_port()}.yaml"
+    lines = [f"model: {MODEL}", "host: 127.0.0.1", f"tokenizer_path: \"{TOK_ROOT}\"",
+             f"scheduling: {policy}", "startup:", "  probe_interval_seconds: 0.1",
+             "kv_events:", "  endpoints:"]
+    lines += [f'    "{a}": "tcp://127.0.0.1:{kv}"' for _, a, kv in nodes]
+    for role in ("dual", "prefill", "decode"):
+        xs = [a for r, a, _ in nodes if r == role]
+        if xs:
+            lines.append(f"{role}: [{', '.join(json.dumps(x) for x in xs)}]")
+    open(cfg, "w").write("\n".join(lines) + "\n")
+    return cfg
+
+
+def xpyd(policy, replicas=1):
+    def start(nodes):
+        cfg = xpyd_config(nodes, policy)
+        procs, bases = [], []
+        for _ in range(replicas):
+            p, addr = spawn([f"{BIN}/xpyd", "proxy", "-c", cfg, "--port", "0", "--workers",
+                             str(A.proxy_workers), "--no-pin", "--log-level", "error"], read_addr=True)
+            procs.append(p)
+            bases.append(addr)
+        return procs, bases
+    return start
+
+
+def sglang(policy):
+    def start(nodes):
+        port = free_port()
+        p, _ = spawn([f"{VENV}/bin/python", "-m", "sglang_router.launch_router", "--policy", policy,
+                      "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+                      "--prometheus-port", str(free_port()),
+                      "--worker-urls", *[f"http://{a}" for _, a, _ in nodes]])
+        return [p], [f"127.0.0.1:{port}"]
+    return start
+
+
+def vllm_router(policy):
+    def start(nodes):
+        port = free_port()
+        args = [f"{VENV}/bin/vllm-router", "--policy", policy, "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "error", "--prometheus-port", str(free_port()),
+                # The dummy's /health is up at once; the default 30 s check interval would
+                # make the router start late.
+                "--worker-startup-check-interval", "1"]
+        pd = any(r != "dual" for r, _, _ in nodes)
+        if pd:
+            args += ["--vllm-pd-disaggregation"]
+            for r, a, kv in nodes:
+                args += ["--prefill", f"http://{a}"] if r == "prefill" else ["--decode", f"http://{a}"]
+                if r == "prefill" and policy == "kv_aware":
+                    args += ["--pd-kv-events", f"http://{a}=tcp://127.0.0.1:{kv}"]
+            if policy == "kv_aware":
+                # Decode nodes' events are not an input of vllm-router's P/D mode; decode
+                # follows load, as xpyd's does.
+                args += ["--prefill-policy", "kv_aware", "--decode-policy", "power_of_two"]
+        else:
+            args += ["--worker-urls", *[f"http://{a}" for _, a, _ in nodes]]
+            if policy == "kv_aware":
+                for _, a, kv in nodes:
+                    args += ["--kv-event-source", f"http://{a}=tcp://127.0.0.1:{kv}"]
+                args += ["--kv-event-block-size", str(BLOCK), "--kv-event-model", MODEL]
+        p, _ = spawn(args, env={"VLLM_ROUTER_TOKENIZER": TOK_FILE})
+        return [p], [f"127.0.0.1:{port}"]
+    return start
+
+
+TARGETS = {
+    "dual": [
+        ("xpyd round_robin", xpyd("round_robin")),
+        ("xpyd cache_aware", xpyd("cache_aware")),
+        ("xpyd kv_aware", xpyd("kv_aware")),
+        ("sglang-router cache_aware", sglang("cache_aware")),
+        ("vllm-router cache_aware", vllm_router("cache_aware")),
+        ("vllm-router kv_aware", vllm_router("kv_aware")),
+        ("2× xpyd cache_aware", xpyd("cache_aware", 2)),
+        ("2× xpyd kv_aware", xpyd("kv_aware", 2)),
+    ],
+    "1p3d": [
+        ("xpyd round_robin", xpyd("round_robin")),
+        ("xpyd cache_aware", xpyd("cache_aware")),
+        ("xpyd kv_aware", xpyd("kv_aware")),
+        ("vllm-router cache_aware", vllm_router("cache_aware")),
+        ("vllm-router kv_aware", vllm_router("kv_aware")),
+    ],
+}
+ROLES = {"dual": ["dual"] * 4, "1p3d": ["prefill", "decode", "decode", "decode"]}
+
+
+# ---------------------------------------------------------------- client
+
+async def client(bases, reqs):
+    """Open loop: request i is sent at its arrival time whatever is still in flight."""
+    conn = aiohttp.TCPConnector(limit=A.connections, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    out = [None] * len(reqs)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+        t0 = time.perf_counter()
+
+        async def one(i, at, prompt):
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            base = bases[i % len(bases)]
+            start = time.perf_counter()
+            ttft, n = None, 0
             try:
-                post(proxy, {"model": "m", "prompt": prompt, "max_tokens": 1})
-                with lock:
-                    lat.append(time.perf_counter() - t0)
-            except Exception:
-                with lock:
-                    errors[0] += 1
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=worker) for _ in range(CONC)]
-    [t.start() for t in ts]; [t.join() for t in ts]
-    wall = time.perf_counter() - t0
-    hits = [node_hits(a) for a in nodes]
-    m = urllib.request.urlopen(f"http://{proxy}/metrics", timeout=5).read().decode()
-    picks = {l.split('outcome="')[1].split('"')[0]: int(float(l.split()[-1]))
-             for l in m.splitlines()
-             if l.startswith("proxy_routing_picks_total") and f'policy="{policy}"' in l and not l.endswith(" 0")}
-    for p in procs:
-        p.kill(); p.wait()
-    lat.sort()
-    h, q = sum(x for x, _ in hits), sum(y for _, y in hits)
-    return {
-        "policy": policy, "ok": len(lat), "errors": errors[0],
-        "mean_ms": 1000 * sum(lat) / max(1, len(lat)),
-        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else 0,
-        "req_s": len(lat) / wall, "hit_rate": h / q if q else 0, "picks": picks,
-    }
+                async with s.post(f"http://{base}/v1/completions",
+                                  json={"model": MODEL, "prompt": prompt, "max_tokens": A.output,
+                                        "stream": True}) as r:
+                    if r.status != 200:
+                        await r.read()
+                        out[i] = ("status", r.status)
+                        return
+                    async for line in r.content:
+                        if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+                            if ttft is None:
+                                ttft = time.perf_counter() - start
+                            n += 1
+                out[i] = ("ok", ttft, time.perf_counter() - start, n, time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 - counted as an error
+                out[i] = ("error", repr(e))
+
+        await asyncio.gather(*(one(i, at, p) for i, (at, _, p) in enumerate(reqs)))
+        wall = time.perf_counter() - t0
+    return out, wall
 
 
-print("| policy | ok | mean latency (≈TTFT) ms | p99 ms | req/s | nodes' prefix-cache hit rate | proxy's picks by outcome |")
-print("|---|---:|---:|---:|---:|---:|---|")
-for pol in (sys.argv[4].split(",") if len(sys.argv) > 4 else ["round_robin", "cache_aware", "kv_aware"]):
-    r = run(pol)
-    print(f"| {r['policy']} | {r['ok']} ({r['errors']} err) | {r['mean_ms']:.1f} | {r['p99_ms']:.1f} | "
-          f"{r['req_s']:.1f} | {r['hit_rate']:.2f} | {r['picks'] or '-'} |", flush=True)
+# ---------------------------------------------------------------- one run
+
+def affinity_and_spread(nodes, prefixes, roles):
+    """Prefix affinity (share of each group's requests on the group's main node) and
+    requests per node, from the nodes' own records of what they were sent."""
+    keys = {p[:200]: g for g, p in enumerate(prefixes)}
+    per_node = {}
+    for r, a, _ in nodes:
+        if r not in roles:
+            continue
+        recs = json.loads(http_get(f"http://{a}/debug/requests", timeout=30))
+        recs = recs.get("requests", recs) if isinstance(recs, dict) else recs
+        counts = {}
+        for rec in recs:
+            body = rec.get("body")
+            if isinstance(body, str):
+                try:
+                    body = json.loads(body)
+                except ValueError:
+                    continue
+            prompt = (body or {}).get("prompt")
+            if isinstance(prompt, str) and prompt[:200] in keys:
+                g = keys[prompt[:200]]
+                counts[g] = counts.get(g, 0) + 1
+        per_node[a] = counts
+    total = sum(sum(c.values()) for c in per_node.values())
+    main = sum(max((per_node[a].get(g, 0) for a in per_node), default=0) for g in range(len(prefixes)))
+    loads = [sum(c.values()) for c in per_node.values()]
+    return (main / total if total else float("nan")), loads
+
+
+def run(topology, name, start, prefixes, reqs):
+    nodes, nprocs = start_nodes(ROLES[topology])
+    rprocs = []
+    try:
+        rprocs, bases = start(nodes)
+        for b in bases:
+            wait_serving(b)
+        time.sleep(1.0)  # KV-event subscribers connect in the background
+        # The warm-up went to some node: clear every cache so the run starts cold.
+        for _, a, _ in nodes:
+            urllib.request.urlopen(urllib.request.Request(f"http://{a}/reset_prefix_cache", method="POST"),
+                                   timeout=5).read()
+        base_m = {a: metrics_of(a) for _, a, _ in nodes}
+        sampler = Sampler([a for _, a, _ in nodes])
+        sampler.start()
+        out, wall = asyncio.run(client(bases, reqs))
+        sampler.halt.set()
+        sampler.join()
+        ok = [o for o in out if o and o[0] == "ok" and o[1] is not None]
+        errors = len(out) - len(ok)
+        end_m = {a: metrics_of(a) for _, a, _ in nodes}
+
+        def delta(a, k):
+            return end_m[a].get(k, 0.0) - base_m[a].get(k, 0.0)
+        # The prefix cache that saves compute: every node in dual, the prefill node in P/D.
+        cache_roles = ("dual", "prefill")
+        cnodes = [a for r, a, _ in nodes if r in cache_roles]
+        hits = sum(delta(a, "vllm:prefix_cache_hits_total") for a in cnodes)
+        queries = sum(delta(a, "vllm:prefix_cache_queries_total") for a in cnodes)
+        spread_roles = ("dual",) if topology == "dual" else ("decode",)
+        aff, loads = affinity_and_spread(nodes, prefixes, ("dual",) if topology == "dual" else ("prefill",))
+        if topology != "dual":
+            _, loads = affinity_and_spread(nodes, prefixes, spread_roles)
+        ttft = sorted(o[1] for o in ok)
+        occ = {a: s for a, s in sampler.samples.items()}
+        run_mean = [statistics.mean(x[0] for x in s) if s else 0 for s in occ.values()]
+        wait_mean = [statistics.mean(x[1] for x in s) if s else 0 for s in occ.values()]
+        wait_max = [max((x[1] for x in s), default=0) for s in occ.values()]
+        picks = {}
+        if name.startswith("xpyd") or name.startswith("2×"):
+            for b in bases:
+                for line in http_get(f"http://{b}/metrics").splitlines():
+                    if line.startswith("proxy_routing_picks_total{"):
+                        o = re.search(r'outcome="([^"]+)"', line).group(1)
+                        picks[o] = picks.get(o, 0) + int(float(line.rsplit(" ", 1)[1]))
+        last_done = max((o[4] for o in ok), default=wall)
+        return {
+            "topology": topology, "target": name, "ok": len(ok), "errors": errors,
+            "error_kinds": sorted({str(o[:2]) for o in out if not (o and o[0] == "ok")})[:3],
+            "ttft_mean_ms": 1000 * statistics.mean(ttft) if ttft else float("nan"),
+            "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else float("nan"),
+            "req_s": len(ok) / last_done if last_done else 0,
+            "out_tok_s": sum(o[3] for o in ok) / last_done if last_done else 0,
+            "hit_rate": hits / queries if queries else float("nan"),
+            "affinity": aff, "loads": loads,
+            "spread": (max(loads) / min(loads)) if loads and min(loads) > 0 else float("inf"),
+            "node_running_mean": run_mean, "node_waiting_mean": wait_mean, "node_waiting_max": wait_max,
+            "preemptions": sum(delta(a, "vllm:num_preemptions_total") for _, a, _ in nodes),
+            "picks": picks,
+        }
+    finally:
+        stop(rprocs)
+        stop(nprocs)
+
+
+def fmt_range(xs, f="{:.1f}"):
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return "–"
+    m = statistics.median(xs)
+    return f.format(m) if len(xs) == 1 else f"{f.format(m)} ({f.format(min(xs))}–{f.format(max(xs))})"
+
+
+def main():
+    machine = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True,
+                             capture_output=True, text=True).stdout.strip()
+    log(f"machine: {os.cpu_count()} CPUs, {machine}; binaries {BIN}")
+    prefixes, reqs = build_workload()
+    log(f"workload: {A.requests} requests, Poisson {A.rate}/s (last arrival {reqs[-1][0]:.1f} s), "
+        f"{A.prefixes} prefixes × {A.prefix_tokens} tokens + {A.suffix_tokens}-token suffixes, "
+        f"{A.output} output tokens")
+    wanted = set(filter(None, A.targets.split(",")))
+    results = []
+    for rep in range(A.repeats):
+        for topo in A.topology.split(","):
+            for name, start in TARGETS[topo]:
+                if wanted and name not in wanted:
+                    continue
+                r = run(topo, name, start, prefixes, reqs)
+                r["rep"] = rep
+                results.append(r)
+                json.dump(results, open(A.json, "w"), indent=1)
+                log(f"[{topo} rep {rep}] {name:26} ok {r['ok']:4} err {r['errors']} "
+                    f"TTFT mean {r['ttft_mean_ms']:7.1f} p99 {r['ttft_p99_ms']:7.1f} ms  "
+                    f"{r['req_s']:5.1f} req/s  hit {r['hit_rate']:.2f}  affinity {r['affinity']:.2f}  "
+                    f"loads {r['loads']}  running {[round(x, 1) for x in r['node_running_mean']]} "
+                    f"waiting {[round(x, 1) for x in r['node_waiting_mean']]} (max {r['node_waiting_max']}) "
+                    f"preempt {r['preemptions']:.0f} {r['picks'] or ''} {r['error_kinds'] or ''}")
+    for topo in A.topology.split(","):
+        rows = [r for r in results if r["topology"] == topo]
+        if not rows:
+            continue
+        print(f"\n{topo}: medians over {A.repeats} runs (min–max)\n")
+        print("| target | TTFT mean ms | TTFT p99 ms | req/s | nodes' prefix-cache hit rate | "
+              "prefix affinity | load spread (max/min requests) | mean running / waiting per node | errors |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+        for name, _ in TARGETS[topo]:
+            rs = [r for r in rows if r["target"] == name]
+            if not rs:
+                continue
+            runm = statistics.median(statistics.mean(r["node_running_mean"]) for r in rs)
+            waitm = statistics.median(statistics.mean(r["node_waiting_mean"]) for r in rs)
+            print(f"| {name} | {fmt_range([r['ttft_mean_ms'] for r in rs])} | "
+                  f"{fmt_range([r['ttft_p99_ms'] for r in rs])} | {fmt_range([r['req_s'] for r in rs])} | "
+                  f"{fmt_range([r['hit_rate'] for r in rs], '{:.2f}')} | "
+                  f"{fmt_range([r['affinity'] for r in rs], '{:.2f}')} | "
+                  f"{fmt_range([r['spread'] for r in rs], '{:.2f}')} | {runm:.1f} / {waitm:.1f} | "
+                  f"{sum(r['errors'] for r in rs)} |")
+    log(f"runs: {A.json}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        stop(list(PROCS))

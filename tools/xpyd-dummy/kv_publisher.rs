@@ -12,11 +12,14 @@ use std::time::Duration;
 use xpyd::dummy::kv_events::{KvEvent, KvEventSink, MEDIUM_GPU};
 
 /// How msgspec lays the structs out: tagged maps (`{"type": "BlockStored", ...}`, vLLM's
-/// current structs) or tagged arrays (`["BlockStored", ...]`, `array_like=True` releases).
+/// current structs), tagged arrays (`["BlockStored", ...]`, `array_like=True` releases), or
+/// the releases in between: the batch still `array_like` (`[ts, events, rank]`), the events
+/// tagged maps — the layout vllm-router 0.1 reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Map,
     Array,
+    Mixed,
 }
 
 pub struct Config {
@@ -88,8 +91,28 @@ pub fn encode(events: &[KvEvent], ts: f64, format: Format) -> Vec<u8> {
     let r = match format {
         Format::Map => rmp_serde::to_vec_named(&b),
         Format::Array => rmp_serde::to_vec(&b),
+        Format::Mixed => return encode_mixed(&b),
     };
     r.unwrap_or_default()
+}
+
+/// `[ts, [{"type": ...}, ...], rank]`: serde's struct layout is per serializer, so the
+/// events are written as maps one by one and placed in a positional batch.
+fn encode_mixed(b: &Batch) -> Vec<u8> {
+    let events = b
+        .events
+        .iter()
+        .filter_map(|e| rmp_serde::to_vec_named(e).ok())
+        .filter_map(|bytes| rmpv::decode::read_value(&mut bytes.as_slice()).ok())
+        .collect();
+    let v = rmpv::Value::Array(vec![
+        rmpv::Value::F64(b.ts),
+        rmpv::Value::Array(events),
+        rmpv::Value::from(b.data_parallel_rank),
+    ]);
+    let mut out = Vec::new();
+    let _ = rmpv::encode::write_value(&mut out, &v);
+    out
 }
 
 pub struct ZmqSink {
@@ -219,7 +242,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn map_and_array_layouts() {
+    fn map_array_and_mixed_layouts() {
         let ev = [KvEvent::BlockRemoved {
             block_hashes: vec![7],
         }];
@@ -237,6 +260,12 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!([1.5, [["BlockRemoved", [7], "GPU"]], 0])
+        );
+        let x = encode(&ev, 1.5, Format::Mixed);
+        let v: serde_json::Value = rmp_serde::from_slice(&x).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([1.5, [{"type": "BlockRemoved", "block_hashes": [7], "medium": "GPU"}], 0])
         );
     }
 
