@@ -49,11 +49,14 @@ VENV = os.environ.get("XPYD_PEERS_VENV", "/tmp/xpyd-peers")
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
+ap.add_argument("--dummy-bin", default=None, help="where xpyd-dummy is (default: --bin)")
 ap.add_argument("--topology", default="dual,1p3d")
 ap.add_argument("--targets", default="", help="comma-separated target names (default: all)")
 ap.add_argument("--repeats", type=int, default=3)
-ap.add_argument("--rate", type=float, default=24.0, help="requests per second (Poisson)")
-ap.add_argument("--requests", type=int, default=480)
+ap.add_argument("--rate", type=float, default=20.0, help="requests per second (Poisson)")
+ap.add_argument("--rate-pd", type=float, default=15.0,
+                help="requests per second for 1P+3D (its three decode nodes saturate at ~20/s)")
+ap.add_argument("--requests", type=int, default=400)
 ap.add_argument("--prefixes", type=int, default=10)
 ap.add_argument("--prefix-tokens", type=int, default=2000)
 ap.add_argument("--suffix-tokens", type=int, default=100)
@@ -68,6 +71,7 @@ ap.add_argument("--connections", type=int, default=256)
 ap.add_argument("--json", default=f"/tmp/prefix-routing-{os.getpid()}.json")
 A = ap.parse_args()
 BIN = os.path.abspath(A.bin)
+DUMMY_BIN = os.path.abspath(A.dummy_bin or A.bin)
 BLOCK = 16
 
 
@@ -137,8 +141,8 @@ def wait_serving(base, timeout=90):
 
 # ---------------------------------------------------------------- workload
 
-def build_workload():
-    """Prompts (text) and arrival times, identical for every target."""
+def build_workload(rate):
+    """Prompts (text) and arrival times, identical for every target of a topology."""
     tok = Tokenizer.from_file(TOK_FILE)
     vocab = tok.get_vocab()
     # Whole words that are one token in context (ByteLevel: a leading space joins the word,
@@ -154,7 +158,7 @@ def build_workload():
     prefixes = [text(A.prefix_tokens) for _ in range(A.prefixes)]
     reqs, t = [], 0.0
     for i in range(A.requests):
-        t += rng.expovariate(A.rate)
+        t += rng.expovariate(rate)
         g = rng.randrange(A.prefixes)
         reqs.append((t, g, prefixes[g] + text(A.suffix_tokens)))
     # Check the token counts once, as the nodes and routers will see them.
@@ -178,7 +182,7 @@ def start_nodes(roles):
     out, procs = [], []
     for role in roles:
         kv = free_port()
-        p, addr = spawn([f"{BIN}/xpyd-dummy", "--port", "0", "--mode", role, "--model", MODEL,
+        p, addr = spawn([f"{DUMMY_BIN}/xpyd-dummy", "--port", "0", "--mode", role, "--model", MODEL,
                          "--workers", "1", *node_flags(), "--kv-events-endpoint", f"tcp://*:{kv}",
                          # The layout vllm-router 0.1 reads (xpyd reads all three).
                          "--kv-events-format", "mixed"],
@@ -222,10 +226,19 @@ class Sampler(threading.Thread):
 
 # ---------------------------------------------------------------- targets
 
+def scheduling(nodes, policy):
+    """In P/D the prefill leg follows the policy under test and the decode leg the load
+    (xpyd's loadbalanced: in-flight + the engines' queues), as vllm-router's P/D targets
+    below do with power_of_two; round_robin stays round_robin on both legs (the baseline)."""
+    if policy == "round_robin" or all(r == "dual" for r, _, _ in nodes):
+        return [f"scheduling: {policy}"]
+    return [f"prefill_scheduling: {policy}", "decode_scheduling: loadbalanced"]
+
+
 def xpyd_config(nodes, policy):
     cfg = f"/tmp/prefix-routing-{os.getpid()}-{free_port()}.yaml"
     lines = [f"model: {MODEL}", "host: 127.0.0.1", f"tokenizer_path: \"{TOK_ROOT}\"",
-             f"scheduling: {policy}", "startup:", "  probe_interval_seconds: 0.1",
+             *scheduling(nodes, policy), "startup:", "  probe_interval_seconds: 0.1",
              "kv_events:", "  endpoints:"]
     lines += [f'    "{a}": "tcp://127.0.0.1:{kv}"' for _, a, kv in nodes]
     for role in ("dual", "prefill", "decode"):
@@ -275,10 +288,9 @@ def vllm_router(policy):
                 args += ["--prefill", f"http://{a}"] if r == "prefill" else ["--decode", f"http://{a}"]
                 if r == "prefill" and policy == "kv_aware":
                     args += ["--pd-kv-events", f"http://{a}=tcp://127.0.0.1:{kv}"]
-            if policy == "kv_aware":
-                # Decode nodes' events are not an input of vllm-router's P/D mode; decode
-                # follows load, as xpyd's does.
-                args += ["--prefill-policy", "kv_aware", "--decode-policy", "power_of_two"]
+            # The prefill leg follows the policy, the decode leg the load (decode nodes'
+            # events are not an input of vllm-router's P/D mode anyway).
+            args += ["--prefill-policy", policy, "--decode-policy", "power_of_two"]
         else:
             args += ["--worker-urls", *[f"http://{a}" for _, a, _ in nodes]]
             if policy == "kv_aware":
@@ -457,10 +469,11 @@ def main():
     machine = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True,
                              capture_output=True, text=True).stdout.strip()
     log(f"machine: {os.cpu_count()} CPUs, {machine}; binaries {BIN}")
-    prefixes, reqs = build_workload()
-    log(f"workload: {A.requests} requests, Poisson {A.rate}/s (last arrival {reqs[-1][0]:.1f} s), "
-        f"{A.prefixes} prefixes × {A.prefix_tokens} tokens + {A.suffix_tokens}-token suffixes, "
-        f"{A.output} output tokens")
+    loads = {"dual": build_workload(A.rate), "1p3d": build_workload(A.rate_pd)}
+    for topo, rate in (("dual", A.rate), ("1p3d", A.rate_pd)):
+        log(f"workload {topo}: {A.requests} requests, Poisson {rate}/s (last arrival "
+            f"{loads[topo][1][-1][0]:.1f} s), {A.prefixes} prefixes × {A.prefix_tokens} tokens + "
+            f"{A.suffix_tokens}-token suffixes, {A.output} output tokens")
     wanted = set(filter(None, A.targets.split(",")))
     results = []
     for rep in range(A.repeats):
@@ -468,7 +481,7 @@ def main():
             for name, start in TARGETS[topo]:
                 if wanted and name not in wanted:
                     continue
-                r = run(topo, name, start, prefixes, reqs)
+                r = run(topo, name, start, *loads[topo])
                 r["rep"] = rep
                 results.append(r)
                 json.dump(results, open(A.json, "w"), indent=1)
@@ -502,6 +515,7 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the nodes are stopped too
     try:
         main()
     finally:

@@ -13,8 +13,8 @@ use xpyd::dummy::kv_events::{KvEvent, KvEventSink, MEDIUM_GPU};
 
 /// How msgspec lays the structs out: tagged maps (`{"type": "BlockStored", ...}`, vLLM's
 /// current structs), tagged arrays (`["BlockStored", ...]`, `array_like=True` releases), or
-/// the releases in between: the batch still `array_like` (`[ts, events, rank]`), the events
-/// tagged maps — the layout vllm-router 0.1 reads.
+/// releases whose batch is `array_like` (`[ts, events, rank]`) but whose events are tagged
+/// maps — the layout vllm-router 0.1 reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     Map,

@@ -89,7 +89,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     kv_events_buffer_steps: usize,
     /// msgspec layout of the events: tagged maps (vLLM 0.33), tagged arrays (older), or a
-    /// positional batch of tagged-map events (the releases in between; vllm-router reads it).
+    /// positional batch of tagged-map events (some releases; vllm-router reads it).
     #[arg(long, value_enum, default_value = "map")]
     kv_events_format: kv_publisher::Format,
     #[arg(long, default_value = "warning")]
