@@ -529,13 +529,16 @@ fn kv_events_gap_filled_from_the_replay_socket() {
 }
 
 /// The same with xpyd-dummy as the engine: its prefix cache publishes `BlockStored` after
-/// serving a prompt, and the proxy sends every later request with that prefix to it.
+/// serving a prompt, and the proxy sends every later request with that prefix to it. Each
+/// node writes one of the three msgspec layouts vLLM releases have used (maps, arrays, a
+/// positional batch of maps), and the proxy reads them all.
 #[test]
 fn kv_aware_follows_a_simulated_engines_own_events() {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let nodes: Vec<Proc> = ports
         .iter()
-        .map(|p| {
+        .zip(["map", "array", "mixed"])
+        .map(|(p, layout)| {
             // vLLM binds when the endpoint has `*` (its default, tcp://*:5557), else connects.
             let ep = format!("tcp://*:{p}");
             dummy(
@@ -547,6 +550,8 @@ fn kv_aware_follows_a_simulated_engines_own_events() {
                     "16",
                     "--kv-events-endpoint",
                     &ep,
+                    "--kv-events-format",
+                    layout,
                 ],
             )
         })
