@@ -34,6 +34,9 @@ pub const PENDING_CAPACITY: usize = 1 << 17;
 pub const PENDING_TTL_MS: u64 = 5_000;
 /// Instances (bits) the index can tell apart.
 pub const MAX_INSTANCES: usize = 64;
+/// Instances with a KV-events endpoint left unsubscribed because `MAX_INSTANCES` others
+/// hold every bit (the subscriber's last count; `proxy_kv_events_unindexed_instances`).
+pub static UNINDEXED: AtomicU64 = AtomicU64::new(0);
 
 // A pending slot: | tag (31 bits) | instance bit + 1 (7 bits) | time, ms (26 bits) |.
 const P_TIME_BITS: u32 = 26;
@@ -308,6 +311,8 @@ pub struct KvStats {
     pub lag_ms: AtomicU64,
     /// `resilience::now_ms()` of the last batch (0: none yet).
     pub last_event_ms: AtomicU64,
+    /// 1 while the instance has an endpoint but no bit (more than `MAX_INSTANCES` publish).
+    pub over_limit: AtomicU64,
 }
 
 impl KvStats {
@@ -316,6 +321,7 @@ impl KvStats {
         let last = g(&self.last_event_ms);
         serde_json::json!({
             "subscribed": subscribed,
+            "over_instance_limit": g(&self.over_limit) == 1,
             "blocks": g(&self.blocks),
             "batches": g(&self.batches),
             "last_seq": g(&self.last_seq),

@@ -919,3 +919,38 @@ fn a_full_tokenizer_queue_falls_back_to_the_byte_estimate() {
         2.0
     );
 }
+
+/// The KV index tells 64 instances apart: with 65 publishing, one is left unsubscribed,
+/// and that is visible in /metrics and /status/instances (serving does not depend on it).
+#[test]
+fn a_65th_publishing_instance_is_reported_not_indexed() {
+    let addrs: Vec<std::net::SocketAddr> = (0..65).map(|_| dead_address()).collect();
+    let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    let endpoints: String = addrs
+        .iter()
+        .map(|a| format!("    \"{a}\": \"tcp://127.0.0.1:{}\"\n", free_port()))
+        .collect();
+    let proxy = proxy_with(
+        &format!(
+            "model: {MODEL}\ndual: [{}]\nscheduling: kv_aware\nkv_events:\n  endpoints:\n{endpoints}",
+            list.join(", ")
+        ),
+        false,
+    );
+    wait_for(
+        "the subscriber to count the 65th",
+        Duration::from_secs(20),
+        || metric(&proxy, "proxy_kv_events_unindexed_instances") == 1.0,
+    );
+    let (_, v) = get_json(&proxy.url("/status/instances"));
+    let list = v["instances"].as_array().unwrap();
+    let over = list
+        .iter()
+        .filter(|i| i["kv_events"]["over_instance_limit"] == true)
+        .count();
+    let subscribed = list
+        .iter()
+        .filter(|i| i["kv_events"]["subscribed"] == true)
+        .count();
+    assert_eq!((over, subscribed), (1, 64), "{v}");
+}

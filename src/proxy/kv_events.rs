@@ -288,17 +288,27 @@ fn sync(shared: &Shared, ctx: &zmq::Context, idx: &KvIndex, subs: &mut Vec<Sub>)
         }
         keep
     });
+    let mut unindexed = 0;
     for (inst, endpoint, replay) in wanted {
         if subs.iter().any(|s| Arc::ptr_eq(&s.inst, &inst)) {
             continue;
         }
-        let Some(bit) = (0..64u32).find(|b| subs.iter().all(|s| s.learned.bit != *b)) else {
-            crate::warn!(
-                "kv_events: more than 64 instances publish KV events; {} is not indexed",
-                inst.address
-            );
+        let free =
+            (0..kv_index::MAX_INSTANCES as u32).find(|b| subs.iter().all(|s| s.learned.bit != *b));
+        let Some(bit) = free else {
+            // The index tells at most 64 instances apart (a 64-bit mask per block): this one
+            // is not subscribed, kv_aware sees it as holding nothing. Said once per instance.
+            unindexed += 1;
+            if inst.kv_stats.over_limit.swap(1, Ordering::Relaxed) == 0 {
+                crate::warn!(
+                    "kv_events: more than {} instances publish KV events; {} is not indexed",
+                    kv_index::MAX_INSTANCES,
+                    inst.address
+                );
+            }
             continue;
         };
+        inst.kv_stats.over_limit.store(0, Ordering::Relaxed);
         let sock = match ctx.socket(zmq::SUB).and_then(|s| {
             s.set_subscribe(cfg.topic.as_bytes())?;
             s.set_rcvhwm(100_000)?;
@@ -326,6 +336,7 @@ fn sync(shared: &Shared, ctx: &zmq::Context, idx: &KvIndex, subs: &mut Vec<Sub>)
             last_seq: None,
         });
     }
+    kv_index::UNINDEXED.store(unindexed, Ordering::Relaxed);
 }
 
 fn seq_of(frame: &[u8]) -> Option<u64> {

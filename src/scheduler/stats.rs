@@ -181,6 +181,12 @@ pub fn render(out: &mut String, instances: &[&crate::instance::Instance]) {
         "Failed scrapes of the engine's /metrics.",
         &mut each(&|i| Some(g(&i.engine.scrapes_failed).to_string())).into_iter(),
     );
+    let _ = writeln!(
+        out,
+        "# HELP proxy_kv_events_unindexed_instances Instances with a KV-events endpoint not subscribed because {} others already are (the index's limit).\n# TYPE proxy_kv_events_unindexed_instances gauge\nproxy_kv_events_unindexed_instances {}",
+        crate::kv_index::MAX_INSTANCES,
+        crate::kv_index::UNINDEXED.load(Ordering::Relaxed)
+    );
     let subscribed = |i: &crate::instance::Instance| i.kv_bit.load(Ordering::Relaxed) > 0;
     let kv = |f: fn(&crate::kv_index::KvStats) -> u64| {
         each(&move |i| subscribed(i).then(|| f(&i.kv_stats).to_string()))
