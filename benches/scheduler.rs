@@ -169,7 +169,7 @@ fn ctx_of(tokens: &[u32]) -> PickContext<'_> {
 
 fn text(kib: usize) -> String {
     "The proxy routes each request to the instance that holds its prefix. "
-        .repeat(kib * 1024 / 70 + 1)[..kib * 1024]
+        .repeat(kib * 1024 / 60 + 1)[..kib * 1024]
         .to_string()
 }
 

@@ -954,3 +954,39 @@ fn a_65th_publishing_instance_is_reported_not_indexed() {
         .count();
     assert_eq!((over, subscribed), (1, 64), "{v}");
 }
+
+/// A reload reads the tokenizer folders again: a model whose tokenizer appears under
+/// `tokenizer_path` is counted exactly from the next request, without a restart.
+#[test]
+fn a_reload_reads_the_tokenizers_again() {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
+    let root = std::env::temp_dir().join(format!("xpyd-tok-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let node = dummy("dual", &[]);
+    let yaml = format!(
+        "{}scheduling: kv_aware\ntokenizer_path: \"{}\"\nadmin_api_key: adm\n",
+        dual_yaml(&[&node]),
+        root.display()
+    );
+    let path = write_config(&format!("{yaml}startup:\n  probe_interval_seconds: 0.1\n"));
+    let proxy = proxy_on(&path, true);
+    let series = "proxy_tokenizer_requests_total{kind=\"completion\",outcome=\"tokenized\"}";
+    let a = agent();
+    let body = json!({"model": MODEL, "prompt": "count me exactly", "max_tokens": 1});
+    assert_eq!(post(&a, &proxy.url("/v1/completions"), &body).0, 200);
+    assert_eq!(metric(&proxy, series), 0.0, "no tokenizer yet");
+    std::fs::create_dir_all(root.join(MODEL)).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(format!("{src}/{MODEL}/{f}"), root.join(MODEL).join(f)).unwrap();
+    }
+    let reloaded = a
+        .post(&proxy.url("/admin/reload"))
+        .set("X-API-Key", "adm")
+        .call()
+        .unwrap();
+    assert_eq!(reloaded.status(), 200);
+    assert_eq!(post(&a, &proxy.url("/v1/completions"), &body).0, 200);
+    assert_eq!(metric(&proxy, series), 1.0, "tokenized after the reload");
+    let _ = std::fs::remove_dir_all(&root);
+}

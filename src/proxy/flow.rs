@@ -172,17 +172,6 @@ pub async fn serve(
         .as_deref()
         .or(inspected.user.as_deref())
         .unwrap_or(peer_ip);
-    let tokens = prompt_token_ids(route, &inspected, endpoint, &req.body).await;
-    let pick = PickContext {
-        tokens: tokens.as_deref(),
-        prompt_tokens: tokens
-            .as_ref()
-            .map_or(inspected.prompt_tokens(), |t| t.len() as u64),
-        decode_tokens: inspected.max_tokens.unwrap_or(DEFAULT_DECODE_TOKENS),
-        key: Some(key),
-        prompt_text: inspected.prompt,
-        exclude: &[],
-    };
     let trace = w.shared.exporter.as_ref().and_then(|_| {
         let client = forward_headers::find(&req.head.headers, "traceparent");
         RequestTrace::begin(client, w.policy().trace_sample_ratio, start)
@@ -191,6 +180,19 @@ pub async fn serve(
     // The first token from prefill rewrites the decode stream: it must come uncompressed.
     ctx.forward.decode_identity = w.policy().generator_on_p_node && inspected.stream;
     let work = async {
+        // Inside the work too: a client that leaves while its prompt is being tokenized
+        // stops waiting for it.
+        let tokens = prompt_token_ids(route, &inspected, endpoint, &req.body).await;
+        let pick = PickContext {
+            tokens: tokens.as_deref(),
+            prompt_tokens: tokens
+                .as_ref()
+                .map_or(inspected.prompt_tokens(), |t| t.len() as u64),
+            decode_tokens: inspected.max_tokens.unwrap_or(DEFAULT_DECODE_TOKENS),
+            key: Some(key),
+            prompt_text: inspected.prompt,
+            exclude: &[],
+        };
         // Admission waits inside the work: a client that leaves is taken out of the queue.
         let ask = crate::admission::Ask {
             model: &route.name,
