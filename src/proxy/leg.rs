@@ -34,7 +34,9 @@ impl RequestCtx<'_> {
         role: Role,
         deny: &[String],
     ) -> Vec<u8> {
-        let mut h = Vec::with_capacity(256 + self.forward.client.len());
+        // A worker's free buffer (given back once the response head arrived): no
+        // allocation per leg in steady state.
+        let mut h = self.w.scratch.take();
         let _ = write!(
             h,
             "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\n",
@@ -107,7 +109,8 @@ impl RequestCtx<'_> {
             )
             .await;
             let failure = match sent {
-                Ok(Ok((conn, head))) => {
+                Ok(Ok((conn, head, sent))) => {
+                    w.scratch.give(sent);
                     let status = head.status.as_u16();
                     if role != Role::Prefill {
                         self.tl.decode_head = Some(Instant::now());

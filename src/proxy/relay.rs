@@ -233,7 +233,8 @@ async fn pump(
     }
 }
 
-/// Per-worker free list of output buffers, so relaying allocates nothing in steady state.
+/// Per-worker free list of buffers — relay outputs, upstream request heads — so a request
+/// allocates none of them in steady state.
 #[derive(Default)]
 pub struct Scratch(std::cell::RefCell<Vec<Vec<u8>>>);
 

@@ -181,13 +181,14 @@ impl Pool {
 
     /// Sends `head` + `body` and waits for the response head. A pooled connection that turns
     /// out to be dead before any response byte (the backend closed it while idle) is
-    /// replaced by a fresh one once; a fresh connection's failure is reported.
+    /// replaced by a fresh one once; a fresh connection's failure is reported. The head's
+    /// buffer comes back with the response, for reuse.
     pub async fn send(
         &self,
         addr: SocketAddr,
         head: Vec<u8>,
         body: &Bytes,
-    ) -> Result<(UpstreamConn, ResponseHead), UpstreamError> {
+    ) -> Result<(UpstreamConn, ResponseHead, Vec<u8>), UpstreamError> {
         let mut head = head;
         loop {
             let mut conn = match self.take_idle(addr) {
@@ -197,7 +198,7 @@ impl Pool {
             let (res, h) = send_once(&mut conn, head, body).await;
             head = h;
             match res {
-                Ok(resp) => return Ok((conn, resp)),
+                Ok(resp) => return Ok((conn, resp, head)),
                 Err(e) if conn.reused && conn.buf.is_empty() && is_stale(&e) => continue,
                 Err(e) => return Err(e),
             }
