@@ -73,6 +73,9 @@ pub struct EngineLoad {
     kv_usage_ppm: AtomicU64,
     /// This proxy's own in-flight requests to the instance when the sample was taken.
     local_at_scrape: AtomicU64,
+    /// The most requests seen running while others waited: the engine's batch, as far as
+    /// the samples tell (0: never seen full). Admission's estimate of an engine's queue.
+    batch_seen: AtomicU64,
     /// `now_ms()` of the last successful scrape; 0 when there is no sample to route on
     /// (never scraped, or the scraper dropped a stale one: readers need no clock).
     scraped_at_ms: AtomicU64,
@@ -97,6 +100,9 @@ impl EngineLoad {
             Ordering::Relaxed,
         );
         self.local_at_scrape.store(local, Ordering::Relaxed);
+        if s.waiting > 0 {
+            self.batch_seen.fetch_max(s.running, Ordering::Relaxed);
+        }
         // Last, with Release: a reader that sees the new time sees the numbers above.
         self.scraped_at_ms.store(now_ms(), Ordering::Release);
         self.scrapes_ok.fetch_add(1, Ordering::Relaxed);
@@ -129,6 +135,11 @@ impl EngineLoad {
             },
             local_at_scrape: self.local_at_scrape.load(Ordering::Relaxed),
         })
+    }
+
+    /// The most requests the engine was seen running with a queue (0: never).
+    pub fn batch_seen(&self) -> u64 {
+        self.batch_seen.load(Ordering::Relaxed)
     }
 
     /// Milliseconds since the sample was taken (reads the clock: not for the pick path).

@@ -148,12 +148,19 @@ fn now_ns() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
-/// The requests waiting in an engine now, as far as this proxy can tell: the last sample's,
-/// plus those this proxy sent it since, minus those that ended — while the sample shows a
-/// queue, each request sent joins it. A sample without a queue does not say how many batch
-/// slots were free: `None`, no estimate.
-fn waiting_now(f: &Fresh, in_flight: u64) -> Option<u64> {
-    (f.sample.waiting > 0).then(|| (f.sample.waiting + in_flight).saturating_sub(f.local_at_scrape))
+/// The requests waiting in an engine now, as far as this proxy can tell: what the last
+/// sample had running and waiting, plus the requests this proxy sent it since, minus those
+/// that ended (the sample records the proxy's own in-flight count), beyond the engine's
+/// batch (`batch`: the most seen running with a queue). Until the engine was once seen
+/// with a queue, a sample without one says nothing about free batch slots: `None`.
+fn waiting_now(f: &Fresh, in_flight: u64, batch: u64) -> Option<u64> {
+    if f.sample.waiting == 0 && batch == 0 {
+        return None;
+    }
+    let slots = batch.max(f.sample.running);
+    Some(
+        (f.sample.running + f.sample.waiting + in_flight).saturating_sub(f.local_at_scrape + slots),
+    )
 }
 
 /// How many more requests the role's available instances take before every one of them is
@@ -162,7 +169,7 @@ fn waiting_now(f: &Fresh, in_flight: u64) -> Option<u64> {
 fn role_room(set: &RoleSet, threshold: u64) -> Option<u64> {
     let mut room = None;
     for i in set.instances.iter().filter(|i| i.is_available()) {
-        let waiting = waiting_now(&i.engine.last()?, i.in_flight())?;
+        let waiting = waiting_now(&i.engine.last()?, i.in_flight(), i.engine.batch_seen())?;
         *room.get_or_insert(0) += (threshold + 1).saturating_sub(waiting);
     }
     room

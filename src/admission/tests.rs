@@ -28,18 +28,20 @@ fn retry_after_rounds_up_to_whole_seconds() {
 #[test]
 fn an_engines_queue_grows_by_what_was_sent_since_its_sample() {
     use crate::engine_load::EngineSample;
-    let at = |waiting, local| Fresh {
+    let at = |running, waiting, local| Fresh {
         sample: EngineSample {
-            running: 4,
+            running,
             waiting,
             kv_usage: None,
         },
         local_at_scrape: local,
     };
-    // 3 waiting when 7 of ours were in flight; 2 more sent since: 5 waiting now.
-    assert_eq!(waiting_now(&at(3, 7), 9), Some(5));
+    // 4 running, 3 waiting when 7 of ours were in flight; 2 more sent since: 5 waiting.
+    assert_eq!(waiting_now(&at(4, 3, 7), 9, 4), Some(5));
     // 4 of ours ended since: the queue moved up.
-    assert_eq!(waiting_now(&at(3, 7), 3), Some(0));
-    // No queue in the sample: free batch slots unknown, no estimate.
-    assert_eq!(waiting_now(&at(0, 7), 20), None);
+    assert_eq!(waiting_now(&at(4, 3, 7), 3, 4), Some(0));
+    // No queue in the sample, a batch of 4 seen before: 2 slots were free, 3 sent since.
+    assert_eq!(waiting_now(&at(2, 0, 2), 5, 4), Some(1));
+    // Never seen with a queue: free batch slots unknown, no estimate.
+    assert_eq!(waiting_now(&at(2, 0, 2), 20, 0), None);
 }
