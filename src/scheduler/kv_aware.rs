@@ -53,11 +53,14 @@ impl Scheduler for KvAware {
         let mut depth = [0u32; 64];
         let keys = kv_index::prompt_keys(tokens, block);
         let now = crate::resilience::now_ms();
+        // The bit (+1) of the instance this proxy last sent the prompt's prefix to, if any.
+        let mut latest = 0;
         if wanted != 0 && !keys.is_empty() {
             idx.matched(&keys, wanted, &mut depth);
             // Blocks sent there but not yet announced count as held (`kv_index`, pending).
             if let Some((d, b)) = idx.pending_depth(&keys, wanted, now) {
                 depth[b as usize] = depth[b as usize].max(d as u32);
+                latest = b + 1;
             }
         }
         let prompt = tokens.len() as u64;
@@ -66,15 +69,22 @@ impl Scheduler for KvAware {
             b => depth[b as usize - 1] as u64,
         };
         let held = |i: &Instance| (blocks_of(i) * block as u64).min(prompt);
-        let (mut min, mut least, mut deepest) = (u64::MAX, u64::MAX, 0);
+        // `least`: what every eligible publishing instance holds (a shared header); with
+        // fewer than two publishing there is nothing to compare, it is 0.
+        let (mut min, mut least, mut publishing, mut deepest) = (u64::MAX, u64::MAX, 0, 0);
         for i in candidates.iter().filter(|i| ctx.eligible(i)) {
             min = min.min(requests(self.role, i));
-            least = least.min(held(i));
+            if bit(i) > 0 {
+                least = least.min(blocks_of(i));
+                publishing += 1;
+            }
             deepest = deepest.max(blocks_of(i) as usize);
         }
         if min == u64::MAX {
             return None;
         }
+        let least_blocks = if publishing < 2 { 0 } else { least as usize };
+        let least = (least_blocks as u64 * block as u64).min(prompt);
         // The instance holding the most of the prompt among those not overloaded; among
         // equal holders the highest rendezvous score on the deepest block they hold, so a
         // group stays on one of its holders (and every replica picks the same one) instead
@@ -82,7 +92,10 @@ impl Scheduler for KvAware {
         // than the least holding instance: a header every node holds is not a group's prefix.
         let tie = |i: &Instance| {
             let k = keys.get((blocks_of(i) as usize).wrapping_sub(1)).copied();
-            hash64(k.unwrap_or(0), i.address.as_bytes())
+            (
+                bit(i) == latest,
+                hash64(k.unwrap_or(0), i.address.as_bytes()),
+            )
         };
         let best = candidates
             .iter()
@@ -94,9 +107,11 @@ impl Scheduler for KvAware {
             best.clone()
         } else {
             // A new prefix (or its holders are overloaded): its rendezvous home within the
-            // load band, keyed by the first block past the deepest one held anywhere, so
-            // every replica sends the group's first requests to the same node.
-            let key = match keys.get(deepest.min(keys.len().saturating_sub(1))) {
+            // load band, keyed by the first block past what every instance holds (past a
+            // shared header: the group's own first block). The key does not change as the
+            // group's holders evict its tail, so the group keeps its home; and every replica
+            // sends the group's first requests to the same node.
+            let key = match keys.get(least_blocks.min(keys.len().saturating_sub(1))) {
                 Some(&k) => k,
                 None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
             };
