@@ -222,22 +222,60 @@ fn handoff(c: &mut Criterion) {
     xpyd::tokenize::load(root, &["test-model".to_string()]);
     xpyd::tokenize::start_threads(1).unwrap();
     let m = xpyd::tokenize::get("test-model").unwrap();
-    let prompt = bytes::Bytes::from_static(b"\"Hello, world\"");
     c.bench_function("tokenize/handoff_inline", |b| {
         b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, "Hello, world")))
     });
-    c.bench_function("tokenize/handoff_io_uring", |b| {
-        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+    // Each driver's runtime lives on a thread of its own for the whole bench, as a worker's
+    // does (a worker's mailbox belongs to the one runtime it runs); criterion asks it for
+    // `iters` round trips and gets back the time they took.
+    let uring = driver_thread(|| {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .build()
-            .expect("io_uring");
-        b.iter_custom(|iters| rt.block_on(run_iters(&prompt, iters)))
+            .map(|mut rt| move |f: Pending| rt.block_on(f))
+            .expect("io_uring")
     });
-    c.bench_function("tokenize/handoff_epoll", |b| {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+    let epoll = driver_thread(|| {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()
-            .expect("epoll");
-        b.iter_custom(|iters| rt.block_on(run_iters(&prompt, iters)))
+            .map(|mut rt| move |f: Pending| rt.block_on(f))
+            .expect("epoll")
     });
+    for (name, (ask, answer)) in [("io_uring", uring), ("epoll", epoll)] {
+        c.bench_function(&format!("tokenize/handoff_{name}"), |b| {
+            b.iter_custom(|iters| {
+                ask.send(iters).unwrap();
+                answer.recv().unwrap()
+            })
+        });
+    }
+}
+
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+type DriverLink = (
+    std::sync::mpsc::Sender<u64>,
+    std::sync::mpsc::Receiver<std::time::Duration>,
+);
+
+/// A thread running one monoio runtime that answers "time `iters` hand-offs".
+fn driver_thread<R, F>(make: F) -> DriverLink
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: FnMut(Pending),
+{
+    let (ask, asked) = std::sync::mpsc::channel::<u64>();
+    let (tell, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut run = make();
+        let prompt = bytes::Bytes::from_static(b"\"Hello, world\"");
+        run(Box::pin(async move {
+            while let Ok(iters) = asked.recv() {
+                if tell.send(run_iters(&prompt, iters).await).is_err() {
+                    return;
+                }
+            }
+        }));
+    });
+    (ask, answer)
 }
 
 async fn run_iters(prompt: &bytes::Bytes, iters: u64) -> std::time::Duration {

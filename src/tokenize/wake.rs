@@ -79,7 +79,8 @@ thread_local! {
     static MAILBOX: RefCell<Option<Rc<Mailbox>>> = const { RefCell::new(None) };
 }
 
-/// This worker's mailbox, made (and its reader task started) on first use.
+/// This worker's mailbox, made (and its reader task started) on first use. It belongs to
+/// the runtime that made it: a worker thread runs one runtime for its whole life.
 fn mailbox() -> Option<Rc<Mailbox>> {
     if let Some(m) = MAILBOX.with(|m| m.borrow().clone()) {
         return Some(m);
