@@ -306,7 +306,13 @@ fn prefill_and_decode_legs_use_their_own_policies() {
         prefill.contains(&10),
         "prefill followed the prefix: {prefill:?}"
     );
-    assert_eq!(decode, vec![5, 5], "decode went round robin");
+    // Round robin alternates (5/5 on a quiet machine); a decode node that misses a health
+    // probe under load is skipped for a turn, so allow a little drift. Following the prefix
+    // (the prefill policy) would have sent all ten to one node.
+    assert!(
+        decode.iter().all(|&d| (3..=7).contains(&d)) && decode.iter().sum::<u64>() == 10,
+        "decode went round robin: {decode:?}"
+    );
     let (_, v) = get_json(&proxy.url("/status"));
     let m = &v["models"][0];
     assert_eq!(m["prefill_scheduler"], "cache_aware", "{m}");
