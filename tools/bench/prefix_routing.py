@@ -1,25 +1,26 @@
 #!/usr/bin/env python3
-"""Engine-state routing side by side (docs/benchmarks.md, "Prefix routing"): the same
-realistic simulated nodes, the same open-loop client, one run, for xpyd's round_robin,
-cache_aware (approximate) and kv_aware (precise, from the nodes' KV events), sglang-router
-`cache_aware`, vllm-router `cache_aware` and vllm-router `kv_aware` fed the same nodes' KV
-events; then two xpyd replicas in front of the same nodes (the client alternating between
-them). Topologies: 4 dual nodes, and 1 prefill + 3 decode nodes.
+"""Engine-state routing side by side (docs/benchmarks.md, "Engine-state routing side by
+side"): the same realistic simulated nodes, the same open-loop client, one run, for xpyd's
+round_robin, cache_aware (approximate) and kv_aware (precise, from the nodes' KV events),
+sglang-router `cache_aware`, vllm-router `cache_aware` and vllm-router `kv_aware` fed the
+same nodes' KV events; then two xpyd replicas in front of the same nodes (the client
+alternating between them). Topologies: 4 dual nodes, and 1 prefill + 3 decode nodes.
 
 Every target gets fresh nodes (cold caches) and a fresh router. The workload has the shape
 of `vllm bench serve --dataset-name prefix_repetition`: PREFIXES shared text prefixes of
 PREFIX_TOKENS tokens, each request one of them (uniformly at random) + a unique
-SUFFIX_TOKENS-token suffix, OUTPUT tokens streamed back; Poisson arrivals at RATE (open
-loop, a fixed seed: every target gets the same prompts at the same times) on up to 256
-client connections. Tokens are counted with the test tokenizer
-(tests/engine/tokenizers/test-model/tokenizer.json), which the nodes (`--tokenizer`), xpyd
-(`tokenizer_path`) and vllm-router (`VLLM_ROUTER_TOKENIZER`) all load, so token-id matching
-agrees everywhere.
+SUFFIX_TOKENS-token suffix, OUTPUT tokens streamed back; Poisson arrivals (open loop, a
+fixed seed: every target gets the same prompts at the same times; RATE for dual nodes,
+RATE_PD for 1P+3D) on up to 256 client connections. Tokens are counted with the test
+tokenizer (tests/engine/tokenizers/test-model/tokenizer.json), which the nodes
+(`--tokenizer`), xpyd (`tokenizer_path`) and vllm-router (`VLLM_ROUTER_TOKENIZER`) all load,
+so token-id matching agrees everywhere.
 
 Needs aiohttp and tokenizers: run it with the peers' virtualenv (tools/bench/compare
 --prefix does), e.g.
     /tmp/xpyd-peers/bin/python tools/bench/prefix_routing.py --bin target/release
-Options: --topology dual,1p3d  --targets a,b  --repeats 3  --rate 24  --requests 480
+Options: --topology dual,1p3d  --targets a,b  --repeats 3  --rate 20  --rate-pd 15
+--requests 400 (see --help for the node sizing).
 Prints markdown tables on stdout (medians over repeats, min–max), progress on stderr, and
 every run as JSON to --json (default /tmp/prefix-routing-<pid>.json).
 """
