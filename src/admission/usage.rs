@@ -161,7 +161,8 @@ fn object_end(v: &[u8]) -> End {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    // SIMD search: a byte-by-byte window compare cost ~10 instructions per body byte.
+    memchr::memmem::find(hay, needle)
 }
 
 /// `(prompt_tokens, completion_tokens)` of a whole usage object.
