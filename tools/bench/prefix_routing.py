@@ -69,6 +69,8 @@ ap.add_argument("--decode", default="0.015", help="seconds per decode step, one 
 ap.add_argument("--decode-per-seq", default="0.001", help="added per other running sequence")
 ap.add_argument("--proxy-workers", type=int, default=2)
 ap.add_argument("--connections", type=int, default=256)
+ap.add_argument("--xpyd-config", default="",
+                help="extra YAML lines for xpyd's config, `;`-separated (e.g. a scheduling_config)")
 ap.add_argument("--json", default=f"/tmp/prefix-routing-{os.getpid()}.json")
 A = ap.parse_args()
 BIN = os.path.abspath(A.bin)
@@ -240,7 +242,7 @@ def xpyd_config(nodes, policy):
     cfg = f"/tmp/prefix-routing-{os.getpid()}-{free_port()}.yaml"
     lines = [f"model: {MODEL}", "host: 127.0.0.1", f"tokenizer_path: \"{TOK_ROOT}\"",
              *scheduling(nodes, policy), "startup:", "  probe_interval_seconds: 0.1",
-             "kv_events:", "  endpoints:"]
+             *[l for l in A.xpyd_config.split(";") if l], "kv_events:", "  endpoints:"]
     lines += [f'    "{a}": "tcp://127.0.0.1:{kv}"' for _, a, kv in nodes]
     for role in ("dual", "prefill", "decode"):
         xs = [a for r, a, _ in nodes if r == role]
