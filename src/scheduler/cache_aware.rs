@@ -82,7 +82,7 @@ impl Scheduler for CacheAware {
             .filter(|i| ctx.eligible(i))
             .map(|i| requests(self.role, i))
             .min()?;
-        let overloaded = |i: &Instance| self.balance.overloaded(requests(self.role, i), min);
+        let overloaded = |i: &Instance| self.balance.overloaded(i, requests(self.role, i), min);
         let hashes = block_hashes(ctx.prompt_text);
         let find = |sid: u64| {
             candidates

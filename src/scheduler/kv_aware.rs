@@ -99,7 +99,7 @@ impl Scheduler for KvAware {
         };
         let best = candidates
             .iter()
-            .filter(|i| ctx.eligible(i) && !self.balance.overloaded(requests(self.role, i), min))
+            .filter(|i| ctx.eligible(i) && !self.balance.overloaded(i, requests(self.role, i), min))
             .max_by_key(|i| (held(i), tie(i)))?;
         let known =
             |h: u64| h > least && (h - least) as f64 >= self.threshold * (prompt - least) as f64;
@@ -194,6 +194,37 @@ mod tests {
             ..Default::default()
         };
         assert!(!Arc::ptr_eq(&p.pick(&c, &ctx).unwrap(), &c[1]));
+    }
+
+    #[test]
+    fn an_engine_seen_with_a_full_batch_is_overloaded_sooner() {
+        use crate::engine_load::EngineSample;
+        let c = instances(3, Role::Prefill);
+        bits(&c, 50);
+        let idx = kv_index::global();
+        let tokens: Vec<u32> = (7000..7000 + 320).collect();
+        for &key in &kv_index::prompt_keys(&tokens, 16)[..16] {
+            idx.add(key, 51); // instance 1 holds 256 of the 320 tokens
+        }
+        let p = KvAware::new(Role::Prefill, &SchedulingOptions::default());
+        let _busy: Vec<_> = (0..3)
+            .map(|_| InFlight::new(c[1].clone(), 100, 0))
+            .collect();
+        // 3 requests ahead of the others: under the configured 8, the prefix wins.
+        assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+        // Its engine was once seen running 4 with a queue (the sample itself has expired,
+        // so only the batch it showed counts): more than 2 ahead is overloaded now.
+        c[1].engine.store(
+            EngineSample {
+                running: 4,
+                waiting: 1,
+                kv_usage: None,
+            },
+            0,
+        );
+        c[1].engine.failed(std::time::Duration::ZERO);
+        assert!(c[1].engine.last().is_none());
+        assert!(!Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
     }
 
     /// A new prefix's first request is placed by rendezvous; the ones after it follow the

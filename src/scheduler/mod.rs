@@ -180,9 +180,19 @@ impl Balance {
         }
     }
 
+    /// Whether `i`, with `load` requests against the least loaded's `min`, is overloaded.
+    /// The absolute threshold is at most half the engine's batch when the engine has been
+    /// seen with a full batch (requests waiting behind it, `EngineLoad::batch_seen`): what
+    /// slows a node is requests waiting for a batch slot, so on engines of 4 slots a node
+    /// is 2 requests ahead before it queues, long before the configured 8. Every replica
+    /// sees the same engine numbers, so they agree on it (docs/scheduling.md).
     #[inline]
-    pub fn overloaded(&self, load: u64, min: u64) -> bool {
-        load.saturating_sub(min) > self.abs && load as f64 > min as f64 * self.rel
+    pub fn overloaded(&self, i: &Instance, load: u64, min: u64) -> bool {
+        let abs = match i.engine.batch_seen() {
+            0 => self.abs,
+            batch => self.abs.min((batch / 2).max(1)),
+        };
+        load.saturating_sub(min) > abs && load as f64 > min as f64 * self.rel
     }
 }
 
