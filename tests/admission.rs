@@ -228,10 +228,10 @@ fn a_request_waiting_past_the_queue_timeout_gets_429_not_a_late_504() {
     wait_for("the slot to be taken", WAIT, || in_flight(&proxy) == 1);
     let t = Instant::now();
     let a = complete(&proxy, "waits", 1, None);
-    // The configured timeout fired (not before it; the upper bound is only generous slack).
+    // The configured timeout fired, not before it; that it fired rather than the held
+    // request's end (3 s) admitting this one is the 429 below.
     let waited = t.elapsed();
     assert!(waited >= Duration::from_millis(450), "{waited:?}");
-    assert!(waited < Duration::from_secs(20), "{waited:?}");
     assert_429(&a, "queue_timeout_seconds");
     assert_eq!(queued(&proxy), 0);
     assert_eq!(admission(&proxy)["state"]["rejected"]["queue_timeout"], 1);

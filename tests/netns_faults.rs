@@ -358,16 +358,6 @@ fn admitted(state: &(String, String)) -> bool {
     state.0 == "healthy" && state.1 != "open"
 }
 
-/// Polls until `ok` holds; the time it took, or a failure after `limit`.
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "{what}: not after {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t.elapsed()
-}
-
 fn requests_seen(node: &Proc) -> u64 {
     dummy_stats(node)["requests"].as_u64().unwrap_or(0)
 }

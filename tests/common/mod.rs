@@ -75,12 +75,15 @@ pub fn spawn_listening(mut cmd: Command) -> Proc {
 }
 
 /// Polls `f` until it holds; fails the test naming `what` once `timeout` has passed. Tests
-/// wait for events this way, never by sleeping a guessed time.
-pub fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+/// wait for events this way, never by sleeping a guessed time. Returns the time it took
+/// (the fault tests print how long detection took; none asserts it).
+pub fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
     assert!(
         poll_until(timeout, f),
         "timed out after {timeout:?} waiting for {what}"
     );
+    start.elapsed()
 }
 
 /// Polls `f` until it holds (true) or `timeout` has passed (false).
