@@ -556,15 +556,11 @@ fn kv_aware_follows_a_simulated_engines_own_events() {
             )
         })
         .collect();
-    let endpoints: String = nodes
-        .iter()
-        .zip(&ports)
-        .map(|(n, p)| format!("    \"{}\": \"tcp://127.0.0.1:{p}\"\n", n.addr))
-        .collect();
     let proxy = proxy_with(
         &format!(
-            "{}scheduling: kv_aware\nkv_events:\n  endpoints:\n{endpoints}",
-            dual_yaml(&[&nodes[0], &nodes[1], &nodes[2]])
+            "{}scheduling: kv_aware\n{}",
+            dual_yaml(&[&nodes[0], &nodes[1], &nodes[2]]),
+            kv_events_yaml(&nodes, &ports)
         ),
         true,
     );

@@ -348,14 +348,10 @@ fn two_replicas(policy: &str) -> Vec<Vec<usize>> {
             )
         })
         .collect();
-    let endpoints: String = nodes
-        .iter()
-        .zip(&ports)
-        .map(|(n, p)| format!("    \"{}\": \"tcp://127.0.0.1:{p}\"\n", n.addr))
-        .collect();
     let yaml = format!(
-        "{}scheduling: {policy}\nkv_events:\n  endpoints:\n{endpoints}",
-        dual_yaml(&nodes.iter().collect::<Vec<_>>())
+        "{}scheduling: {policy}\n{}",
+        dual_yaml(&nodes.iter().collect::<Vec<_>>()),
+        kv_events_yaml(&nodes, &ports)
     );
     let replicas = [proxy_with(&yaml, true), proxy_with(&yaml, true)];
     let send = |replica: usize, rid: &str, prompt: &[u32]| {

@@ -218,6 +218,17 @@ pub fn pd_yaml(prefill: &[&Proc], decode: &[&Proc]) -> String {
     )
 }
 
+/// A `kv_events:` section naming, for each node, the local port its KV events are
+/// published on (`ports[k]` for `nodes[k]`).
+pub fn kv_events_yaml(nodes: &[Proc], ports: &[u16]) -> String {
+    let endpoints: String = nodes
+        .iter()
+        .zip(ports)
+        .map(|(n, p)| format!("    \"{}\": \"tcp://127.0.0.1:{p}\"\n", n.addr))
+        .collect();
+    format!("kv_events:\n  endpoints:\n{endpoints}")
+}
+
 pub fn dual_yaml(dual: &[&Proc]) -> String {
     let list = dual
         .iter()
