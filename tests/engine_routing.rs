@@ -920,11 +920,19 @@ fn a_full_tokenizer_queue_falls_back_to_the_byte_estimate() {
 /// and that is visible in /metrics and /status/instances (serving does not depend on it).
 #[test]
 fn a_65th_publishing_instance_is_reported_not_indexed() {
-    let addrs: Vec<std::net::SocketAddr> = (0..65).map(|_| dead_address()).collect();
+    // 65 instance addresses and 65 event ports, all distinct: the listeners are held
+    // until every port is taken (one dropped at a time could be handed out twice).
+    let held: Vec<std::net::TcpListener> = (0..130)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    let ports: Vec<std::net::SocketAddr> = held.iter().map(|l| l.local_addr().unwrap()).collect();
+    drop(held);
+    let (addrs, events) = ports.split_at(65);
     let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
     let endpoints: String = addrs
         .iter()
-        .map(|a| format!("    \"{a}\": \"tcp://127.0.0.1:{}\"\n", free_port()))
+        .zip(events)
+        .map(|(a, e)| format!("    \"{a}\": \"tcp://{e}\"\n"))
         .collect();
     let proxy = proxy_with(
         &format!(
