@@ -16,11 +16,18 @@ tokenizer (tests/engine/tokenizers/test-model/tokenizer.json), which the nodes
 (`--tokenizer`), xpyd (`tokenizer_path`) and vllm-router (`VLLM_ROUTER_TOKENIZER`) all load,
 so token-id matching agrees everywhere.
 
+Scenario `affinity` (issue 16's affinity measurement, `--scenario affinity`): 4 dual nodes,
+GROUPS groups of PER_GROUP requests sharing a ~2,400-byte prefix (+ a unique question),
+CLIENTS concurrent clients in a closed loop, each request on a fresh connection (so the
+proxy's workers all take some), the client alternating between xpyd replicas; the share of
+each group's requests on its main node (prefix affinity) and the load spread, per target.
+`--scenario load,affinity` (the default) runs both.
+
 Needs aiohttp and tokenizers: run it with the peers' virtualenv (tools/bench/compare
 --prefix does), e.g.
     /tmp/xpyd-peers/bin/python tools/bench/prefix_routing.py --bin target/release
-Options: --topology dual,1p3d  --targets a,b  --repeats 3  --rate 20  --rate-pd 15
---requests 400 (see --help for the node sizing).
+Options: --scenario load,affinity  --topology dual,1p3d  --targets a,b  --repeats 3  --rate 20
+--rate-pd 15  --requests 400 (see --help for the node sizing and the affinity scenario).
 Prints markdown tables on stdout (medians over repeats, min–max), progress on stderr, and
 every run as JSON to --json (default /tmp/prefix-routing-<pid>.json).
 """
@@ -51,6 +58,8 @@ VENV = os.environ.get("XPYD_PEERS_VENV", "/tmp/xpyd-peers")
 ap = argparse.ArgumentParser()
 ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release"))
 ap.add_argument("--dummy-bin", default=None, help="where xpyd-dummy is (default: --bin)")
+ap.add_argument("--scenario", default="load,affinity",
+                help="load: the Poisson side by side (--topology); affinity: issue 16's prefix-affinity run")
 ap.add_argument("--topology", default="dual,1p3d")
 ap.add_argument("--targets", default="", help="comma-separated target names (default: all)")
 ap.add_argument("--repeats", type=int, default=3)
@@ -69,6 +78,13 @@ ap.add_argument("--decode", default="0.015", help="seconds per decode step, one 
 ap.add_argument("--decode-per-seq", default="0.001", help="added per other running sequence")
 ap.add_argument("--proxy-workers", type=int, default=2)
 ap.add_argument("--connections", type=int, default=256)
+ap.add_argument("--groups", type=int, default=12, help="affinity: prefix groups")
+ap.add_argument("--per-group", type=int, default=8, help="affinity: requests per group")
+ap.add_argument("--clients", type=int, default=4, help="affinity: concurrent closed-loop clients")
+ap.add_argument("--prefix-bytes", type=int, default=2400, help="affinity: shared prefix length")
+ap.add_argument("--affinity-output", type=int, default=16, help="affinity: output tokens")
+ap.add_argument("--scrape-interval", default="0.5",
+                help="xpyd's engine_metrics.interval_seconds (the engines' queues feed its picks)")
 ap.add_argument("--xpyd-config", default="",
                 help="extra YAML lines for xpyd's config, `;`-separated (e.g. a scheduling_config)")
 ap.add_argument("--json", default=f"/tmp/prefix-routing-{os.getpid()}.json")
@@ -171,6 +187,28 @@ def build_workload(rate):
     return prefixes, reqs
 
 
+def build_affinity_workload():
+    """GROUPS prefixes of ~PREFIX_BYTES bytes (one-token words, so every target and node
+    counts the same tokens); request k is group k % GROUPS's (k // GROUPS)-th question, so
+    a group's requests come one per round of GROUPS requests, on different connections."""
+    tok = Tokenizer.from_file(TOK_FILE)
+    words = sorted(w[1:] for w in tok.get_vocab() if w.startswith("Ġ") and w[1:].isalpha())
+    words = [w for w in words if len(tok.encode(" " + w).ids) == 1]
+    rng = random.Random(24)
+    prefixes = []
+    for _ in range(A.groups):
+        t = ""
+        while len(t) < A.prefix_bytes:
+            t += " " + rng.choice(words)
+        prefixes.append(t)
+    reqs = []
+    for k in range(A.groups * A.per_group):
+        g = k % A.groups
+        q = "".join(" " + rng.choice(words) for _ in range(16))
+        reqs.append((None, g, prefixes[g] + q))
+    return prefixes, reqs
+
+
 # ---------------------------------------------------------------- nodes
 
 def node_flags():
@@ -242,6 +280,8 @@ def xpyd_config(nodes, policy):
     cfg = f"/tmp/prefix-routing-{os.getpid()}-{free_port()}.yaml"
     lines = [f"model: {MODEL}", "host: 127.0.0.1", f"tokenizer_path: \"{TOK_ROOT}\"",
              *scheduling(nodes, policy), "startup:", "  probe_interval_seconds: 0.1",
+             # The engines' queues and batch feed the picks (on by default, every 1 s).
+             "engine_metrics:", "  enabled: true", f"  interval_seconds: {A.scrape_interval}",
              *[l for l in A.xpyd_config.split(";") if l], "kv_events:", "  endpoints:"]
     lines += [f'    "{a}": "tcp://127.0.0.1:{kv}"' for _, a, kv in nodes]
     for role in ("dual", "prefill", "decode"):
@@ -324,10 +364,44 @@ TARGETS = {
         ("vllm-router kv_aware", vllm_router("kv_aware")),
     ],
 }
-ROLES = {"dual": ["dual"] * 4, "1p3d": ["prefill", "decode", "decode", "decode"]}
+TARGETS["affinity"] = [
+    ("xpyd round_robin", xpyd("round_robin")),
+    ("xpyd cache_aware", xpyd("cache_aware")),
+    ("xpyd kv_aware", xpyd("kv_aware")),
+    ("2× xpyd cache_aware", xpyd("cache_aware", 2)),
+    ("2× xpyd kv_aware", xpyd("kv_aware", 2)),
+    ("sglang-router cache_aware", sglang("cache_aware")),
+    ("vllm-router cache_aware", vllm_router("cache_aware")),
+    ("vllm-router kv_aware", vllm_router("kv_aware")),
+]
+ROLES = {"dual": ["dual"] * 4, "1p3d": ["prefill", "decode", "decode", "decode"], "affinity": ["dual"] * 4}
 
 
 # ---------------------------------------------------------------- client
+
+async def send(s, base, prompt, max_tokens, t0):
+    """One streamed completion: ("ok", ttft, latency, tokens, done_at) or why not."""
+    start = time.perf_counter()
+    ttft, n = None, 0
+    try:
+        async with s.post(f"http://{base}/v1/completions",
+                          json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                "stream": True}) as r:
+            if r.status != 200:
+                await r.read()
+                return ("status", r.status)
+            async for line in r.content:
+                if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                    n += 1
+        return ("ok", ttft, time.perf_counter() - start, n, time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - counted as an error
+        return ("error", repr(e))
+
+
+RUN_LIMIT_S = 300  # a run that has not finished by then is cut (its missing requests are errors)
+
 
 async def client(bases, reqs):
     """Open loop: request i is sent at its arrival time whatever is still in flight."""
@@ -339,27 +413,36 @@ async def client(bases, reqs):
 
         async def one(i, at, prompt):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            base = bases[i % len(bases)]
-            start = time.perf_counter()
-            ttft, n = None, 0
-            try:
-                async with s.post(f"http://{base}/v1/completions",
-                                  json={"model": MODEL, "prompt": prompt, "max_tokens": A.output,
-                                        "stream": True}) as r:
-                    if r.status != 200:
-                        await r.read()
-                        out[i] = ("status", r.status)
-                        return
-                    async for line in r.content:
-                        if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
-                            if ttft is None:
-                                ttft = time.perf_counter() - start
-                            n += 1
-                out[i] = ("ok", ttft, time.perf_counter() - start, n, time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 - counted as an error
-                out[i] = ("error", repr(e))
+            out[i] = await send(s, bases[i % len(bases)], prompt, A.output, t0)
 
-        await asyncio.gather(*(one(i, at, p) for i, (at, _, p) in enumerate(reqs)))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(one(i, at, p) for i, (at, _, p) in enumerate(reqs))),
+                                   RUN_LIMIT_S)
+        except asyncio.TimeoutError:
+            log(f"run cut after {RUN_LIMIT_S} s")
+        wall = time.perf_counter() - t0
+    return out, wall
+
+
+async def closed_client(bases, reqs):
+    """Closed loop: CLIENTS clients take the requests in order, each on a fresh connection
+    (force_close: a new TCP connection per request, accepted by whichever proxy worker the
+    kernel picks), request i to replica i % replicas."""
+    conn = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=120)
+    out = [None] * len(reqs)
+    order = iter(range(len(reqs)))
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+        t0 = time.perf_counter()
+
+        async def worker():
+            for i in order:  # shared: each request is taken by one client
+                out[i] = await send(s, bases[i % len(bases)], reqs[i][2], A.affinity_output, t0)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(A.clients))), RUN_LIMIT_S)
+        except asyncio.TimeoutError:
+            log(f"run cut after {RUN_LIMIT_S} s")
         wall = time.perf_counter() - t0
     return out, wall
 
@@ -392,7 +475,7 @@ def affinity_and_spread(nodes, prefixes, roles):
     total = sum(sum(c.values()) for c in per_node.values())
     main = sum(max((per_node[a].get(g, 0) for a in per_node), default=0) for g in range(len(prefixes)))
     loads = [sum(c.values()) for c in per_node.values()]
-    return (main / total if total else float("nan")), loads
+    return (main / total if total else float("nan")), loads, per_node
 
 
 def run(topology, name, start, prefixes, reqs):
@@ -410,7 +493,9 @@ def run(topology, name, start, prefixes, reqs):
         base_m = {a: metrics_of(a) for _, a, _ in nodes}
         sampler = Sampler([a for _, a, _ in nodes])
         sampler.start()
-        out, wall = asyncio.run(client(bases, reqs))
+        la0 = os.getloadavg()[0]
+        out, wall = asyncio.run((closed_client if topology == "affinity" else client)(bases, reqs))
+        la1 = os.getloadavg()[0]
         sampler.halt.set()
         sampler.join()
         ok = [o for o in out if o and o[0] == "ok" and o[1] is not None]
@@ -424,27 +509,32 @@ def run(topology, name, start, prefixes, reqs):
         cnodes = [a for r, a, _ in nodes if r in cache_roles]
         hits = sum(delta(a, "vllm:prefix_cache_hits_total") for a in cnodes)
         queries = sum(delta(a, "vllm:prefix_cache_queries_total") for a in cnodes)
-        spread_roles = ("dual",) if topology == "dual" else ("decode",)
-        aff, loads = affinity_and_spread(nodes, prefixes, ("dual",) if topology == "dual" else ("prefill",))
-        if topology != "dual":
-            _, loads = affinity_and_spread(nodes, prefixes, spread_roles)
+        dual = topology != "1p3d"
+        aff, loads, groups = affinity_and_spread(nodes, prefixes, ("dual",) if dual else ("prefill",))
+        if not dual:
+            _, loads, _ = affinity_and_spread(nodes, prefixes, ("decode",))
         ttft = sorted(o[1] for o in ok)
         occ = {a: s for a, s in sampler.samples.items()}
         run_mean = [statistics.mean(x[0] for x in s) if s else 0 for s in occ.values()]
         wait_mean = [statistics.mean(x[1] for x in s) if s else 0 for s in occ.values()]
         wait_max = [max((x[1] for x in s), default=0) for s in occ.values()]
-        picks = {}
+        picks, picks_per_replica = {}, []
         if name.startswith("xpyd") or name.startswith("2×"):
             for b in bases:
+                mine = {}
                 for line in http_get(f"http://{b}/metrics").splitlines():
                     if line.startswith("proxy_routing_picks_total{"):
                         o = re.search(r'outcome="([^"]+)"', line).group(1)
-                        picks[o] = picks.get(o, 0) + int(float(line.rsplit(" ", 1)[1]))
+                        mine[o] = mine.get(o, 0) + int(float(line.rsplit(" ", 1)[1]))
+                picks_per_replica.append(mine)
+                for o, n in mine.items():
+                    picks[o] = picks.get(o, 0) + n
         last_done = max((o[4] for o in ok), default=wall)
         return {
             "topology": topology, "target": name, "ok": len(ok), "errors": errors,
             "error_kinds": sorted({str(o[:2]) for o in out if not (o and o[0] == "ok")})[:3],
             "ttft_mean_ms": 1000 * statistics.mean(ttft) if ttft else float("nan"),
+            "ttft_p50_ms": 1000 * ttft[len(ttft) // 2] if ttft else float("nan"),
             "ttft_p99_ms": 1000 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))] if ttft else float("nan"),
             "req_s": len(ok) / last_done if last_done else 0,
             "out_tok_s": sum(o[3] for o in ok) / last_done if last_done else 0,
@@ -453,7 +543,10 @@ def run(topology, name, start, prefixes, reqs):
             "spread": (max(loads) / min(loads)) if loads and min(loads) > 0 else float("inf"),
             "node_running_mean": run_mean, "node_waiting_mean": wait_mean, "node_waiting_max": wait_max,
             "preemptions": sum(delta(a, "vllm:num_preemptions_total") for _, a, _ in nodes),
-            "picks": picks,
+            "picks": picks, "picks_per_replica": picks_per_replica,
+            # Which node got how many of each group's requests (node address -> group -> n).
+            "groups_per_node": {a: {str(g): n for g, n in sorted(c.items())} for a, c in groups.items()},
+            "load_avg": [la0, la1],
         }
     finally:
         stop(rprocs)
@@ -468,19 +561,37 @@ def fmt_range(xs, f="{:.1f}"):
     return f.format(m) if len(xs) == 1 else f"{f.format(m)} ({f.format(min(xs))}–{f.format(max(xs))})"
 
 
+def per_node_occupancy(rs):
+    """Mean running / waiting per node, busiest node first (node order differs per run: the
+    k-th busiest of each run), median over runs."""
+    runs = [sorted(zip(r["node_running_mean"], r["node_waiting_mean"]), key=lambda x: -(x[0] + x[1]))
+            for r in rs]
+    return ", ".join(f"{statistics.median(x[k][0] for x in runs):.1f}/{statistics.median(x[k][1] for x in runs):.1f}"
+                     for k in range(min(len(x) for x in runs)))
+
+
 def main():
     machine = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True,
                              capture_output=True, text=True).stdout.strip()
-    log(f"machine: {os.cpu_count()} CPUs, {machine}; binaries {BIN}")
-    loads = {"dual": build_workload(A.rate), "1p3d": build_workload(A.rate_pd)}
+    log(f"machine: {os.cpu_count()} CPUs, {machine}; binaries {BIN}; load average {os.getloadavg()}")
+    scenarios = set(filter(None, A.scenario.split(",")))
+    topos = (A.topology.split(",") if "load" in scenarios else []) + (["affinity"] if "affinity" in scenarios else [])
+    loads = {}
     for topo, rate in (("dual", A.rate), ("1p3d", A.rate_pd)):
-        log(f"workload {topo}: {A.requests} requests, Poisson {rate}/s (last arrival "
-            f"{loads[topo][1][-1][0]:.1f} s), {A.prefixes} prefixes × {A.prefix_tokens} tokens + "
-            f"{A.suffix_tokens}-token suffixes, {A.output} output tokens")
+        if topo in topos:
+            loads[topo] = build_workload(rate)
+            log(f"workload {topo}: {A.requests} requests, Poisson {rate}/s (last arrival "
+                f"{loads[topo][1][-1][0]:.1f} s), {A.prefixes} prefixes × {A.prefix_tokens} tokens + "
+                f"{A.suffix_tokens}-token suffixes, {A.output} output tokens")
+    if "affinity" in topos:
+        loads["affinity"] = build_affinity_workload()
+        log(f"workload affinity: {A.groups} groups × {A.per_group} requests, ~{A.prefix_bytes}-byte "
+            f"prefixes, {A.clients} closed-loop clients, a connection per request, "
+            f"{A.affinity_output} output tokens, {A.proxy_workers} xpyd workers per proxy")
     wanted = set(filter(None, A.targets.split(",")))
     results = []
     for rep in range(A.repeats):
-        for topo in A.topology.split(","):
+        for topo in topos:
             for name, start in TARGETS[topo]:
                 if wanted and name not in wanted:
                     continue
@@ -489,32 +600,32 @@ def main():
                 results.append(r)
                 json.dump(results, open(A.json, "w"), indent=1)
                 log(f"[{topo} rep {rep}] {name:26} ok {r['ok']:4} err {r['errors']} "
-                    f"TTFT mean {r['ttft_mean_ms']:7.1f} p99 {r['ttft_p99_ms']:7.1f} ms  "
+                    f"TTFT mean {r['ttft_mean_ms']:7.1f} p50 {r['ttft_p50_ms']:7.1f} p99 {r['ttft_p99_ms']:7.1f} ms  "
                     f"{r['req_s']:5.1f} req/s  hit {r['hit_rate']:.2f}  affinity {r['affinity']:.2f}  "
                     f"loads {r['loads']}  running {[round(x, 1) for x in r['node_running_mean']]} "
                     f"waiting {[round(x, 1) for x in r['node_waiting_mean']]} (max {r['node_waiting_max']}) "
-                    f"preempt {r['preemptions']:.0f} {r['picks'] or ''} {r['error_kinds'] or ''}")
-    for topo in A.topology.split(","):
+                    f"preempt {r['preemptions']:.0f} load avg {r['load_avg'][0]:.1f}→{r['load_avg'][1]:.1f} "
+                    f"{r['picks_per_replica'] or ''} {r['error_kinds'] or ''}")
+    for topo in topos:
         rows = [r for r in results if r["topology"] == topo]
         if not rows:
             continue
         print(f"\n{topo}: medians over {A.repeats} runs (min–max)\n")
-        print("| target | TTFT mean ms | TTFT p99 ms | req/s | nodes' prefix-cache hit rate | "
-              "prefix affinity | load spread (max/min requests) | mean running / waiting per node | errors |")
-        print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+        print("| target | TTFT mean ms | TTFT p50 ms | TTFT p99 ms | req/s | nodes' prefix-cache hit rate | "
+              "prefix affinity | load spread (max/min requests) | running/waiting per node, busiest first | errors |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
         for name, _ in TARGETS[topo]:
             rs = [r for r in rows if r["target"] == name]
             if not rs:
                 continue
-            runm = statistics.median(statistics.mean(r["node_running_mean"]) for r in rs)
-            waitm = statistics.median(statistics.mean(r["node_waiting_mean"]) for r in rs)
             print(f"| {name} | {fmt_range([r['ttft_mean_ms'] for r in rs])} | "
+                  f"{fmt_range([r['ttft_p50_ms'] for r in rs])} | "
                   f"{fmt_range([r['ttft_p99_ms'] for r in rs])} | {fmt_range([r['req_s'] for r in rs])} | "
                   f"{fmt_range([r['hit_rate'] for r in rs], '{:.2f}')} | "
                   f"{fmt_range([r['affinity'] for r in rs], '{:.2f}')} | "
-                  f"{fmt_range([r['spread'] for r in rs], '{:.2f}')} | {runm:.1f} / {waitm:.1f} | "
+                  f"{fmt_range([r['spread'] for r in rs], '{:.2f}')} | {per_node_occupancy(rs)} | "
                   f"{sum(r['errors'] for r in rs)} |")
-    log(f"runs: {A.json}")
+    log(f"runs: {A.json}; load average {os.getloadavg()}")
 
 
 if __name__ == "__main__":
