@@ -189,8 +189,9 @@ def build_workload(rate):
 
 def build_affinity_workload():
     """GROUPS prefixes of ~PREFIX_BYTES bytes (one-token words, so every target and node
-    counts the same tokens); request k is group k % GROUPS's (k // GROUPS)-th question, so
-    a group's requests come one per round of GROUPS requests, on different connections."""
+    counts the same tokens) and GROUPS × PER_GROUP requests in a seeded random order: a
+    fixed cycle (group k % GROUPS) would line up with round robin's (12 groups on 4 nodes:
+    every group on one node by accident), and a group's requests may be in flight together."""
     tok = Tokenizer.from_file(TOK_FILE)
     words = sorted(w[1:] for w in tok.get_vocab() if w.startswith("Ġ") and w[1:].isalpha())
     words = [w for w in words if len(tok.encode(" " + w).ids) == 1]
@@ -206,6 +207,7 @@ def build_affinity_workload():
         g = k % A.groups
         q = "".join(" " + rng.choice(words) for _ in range(16))
         reqs.append((None, g, prefixes[g] + q))
+    rng.shuffle(reqs)
     return prefixes, reqs
 
 
