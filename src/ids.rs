@@ -1,7 +1,6 @@
 //! Request and completion ids from a per-thread xorshift generator: no lock, no syscall.
 
 use std::cell::Cell;
-use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 thread_local! {
@@ -38,23 +37,43 @@ pub fn next_u64() -> u64 {
     })
 }
 
+/// A random (version 4 layout) UUID in its 36-character text form, kept inline: a request
+/// id costs no allocation and no formatting machinery.
+#[derive(Clone, Copy)]
+pub struct Uuid([u8; 36]);
+
+impl Uuid {
+    pub fn new_v4() -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let hi = next_u64();
+        let lo = next_u64();
+        let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
+        let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+        let mut out = [b'-'; 36];
+        // 8-4-4-4-12 hex digits: hi's 16 nibbles, then lo's 16, most significant first.
+        let mut at = 0;
+        for (i, nibble) in (0..32).map(|i| {
+            let word = if i < 16 { hi } else { lo };
+            (i, (word >> (60 - 4 * (i % 16))) & 0xF)
+        }) {
+            if matches!(i, 8 | 12 | 16 | 20) {
+                at += 1; // the dash
+            }
+            out[at] = HEX[nibble as usize];
+            at += 1;
+        }
+        Uuid(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits and dashes only: always UTF-8; the fallback is never taken.
+        std::str::from_utf8(&self.0).unwrap_or("00000000-0000-4000-8000-000000000000")
+    }
+}
+
 /// A random (version 4 layout) UUID string.
 pub fn uuid_v4() -> String {
-    let hi = next_u64();
-    let lo = next_u64();
-    let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
-    let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
-    let mut s = String::with_capacity(36);
-    let _ = write!(
-        s,
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xFFFF,
-        hi & 0xFFFF,
-        lo >> 48,
-        lo & 0xFFFF_FFFF_FFFF
-    );
-    s
+    Uuid::new_v4().as_str().to_owned()
 }
 
 /// 32 hex characters, the shape vLLM uses after `cmpl-` / `chatcmpl-`.
@@ -78,5 +97,18 @@ mod tests {
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "4");
         assert_ne!(a, b);
+        // The layout: 8-4-4-4-12 lower-case hex digits, version 4, variant 10xx.
+        for _ in 0..100 {
+            let u = super::uuid_v4();
+            let groups: Vec<&str> = u.split('-').collect();
+            assert_eq!(
+                groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12]
+            );
+            assert!(u
+                .bytes()
+                .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"), "{u}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! and published through an `ArcSwap` list, so the scraper can find them.
 
 use crate::config::Role;
+use crate::hash::FastHash;
 use crate::instance::Instance;
 use arc_swap::ArcSwap;
 use std::cell::RefCell;
@@ -147,8 +148,8 @@ impl WorkerMetrics {
 /// The worker-local index over its published series (no synchronisation needed).
 #[derive(Default)]
 pub struct LocalIndex {
-    pairs: RefCell<HashMap<(u64, u64), Arc<PairMetrics>>>,
-    instances: RefCell<HashMap<u64, Arc<InstanceMetrics>>>,
+    pairs: RefCell<HashMap<(u64, u64), Arc<PairMetrics>, FastHash>>,
+    instances: RefCell<HashMap<u64, Arc<InstanceMetrics>, FastHash>>,
 }
 
 impl LocalIndex {

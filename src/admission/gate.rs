@@ -4,6 +4,7 @@
 //! cache line.
 
 use super::bucket::Bucket;
+use crate::hash::FastHash;
 use arc_swap::ArcSwap;
 use crossbeam_utils::CachePadded;
 use std::collections::HashMap;
@@ -229,14 +230,14 @@ impl ModelGate {
 /// Every model's gate, by name; a model's gate outlives reloads, so requests in flight
 /// keep counting against the limits the next config sets.
 pub struct Gates {
-    map: ArcSwap<HashMap<String, Arc<ModelGate>>>,
+    map: ArcSwap<HashMap<String, Arc<ModelGate>, FastHash>>,
     workers: usize,
 }
 
 impl Gates {
     pub fn new(workers: usize) -> Self {
         Gates {
-            map: ArcSwap::from_pointee(HashMap::new()),
+            map: ArcSwap::from_pointee(HashMap::default()),
             workers,
         }
     }

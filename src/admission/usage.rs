@@ -71,14 +71,36 @@ impl Scanner {
         }
     }
 
-    /// Appends to the value after the key; once it is whole (or cannot be a usage object),
-    /// reads it and goes back to searching. Returns the bytes not consumed.
+    /// Reads the value after the key; once it is whole (or cannot be a usage object), goes
+    /// back to searching. Returns the bytes not consumed. A value that ends in this read is
+    /// read where it is; only one split across reads is copied.
     fn capture<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        if self.value.is_empty() {
+            match object_end(&bytes[..bytes.len().min(MAX_OBJECT)]) {
+                End::At(end) => {
+                    if let Some(u) = counts(&bytes[..end]) {
+                        self.found = Some(u);
+                    }
+                    self.in_value = false;
+                    return &bytes[end..];
+                }
+                End::Not => {
+                    self.in_value = false;
+                    return bytes;
+                }
+                // Longer than a usage object: search on after it.
+                End::More if bytes.len() >= MAX_OBJECT => {
+                    self.in_value = false;
+                    return &bytes[MAX_OBJECT..];
+                }
+                End::More => {}
+            }
+        }
         let value = &mut self.value;
         let before = value.len();
         let take = bytes.len().min(MAX_OBJECT - before);
         value.extend_from_slice(&bytes[..take]);
-        match object_end(value) {
+        let rest = match object_end(value) {
             End::At(end) => {
                 if let Some(u) = counts(&value[..end]) {
                     self.found = Some(u);
@@ -98,7 +120,11 @@ impl Scanner {
                 self.in_value = false;
                 bytes
             }
+        };
+        if !self.in_value {
+            value.clear();
         }
+        rest
     }
 }
 
@@ -160,9 +186,28 @@ fn object_end(v: &[u8]) -> End {
     End::More
 }
 
+/// The key's searcher, built once (building one per search cost more than the search).
+fn key_finder() -> &'static memchr::memmem::Finder<'static> {
+    static F: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    F.get_or_init(|| memchr::memmem::Finder::new(KEY))
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     // SIMD search: a byte-by-byte window compare cost ~10 instructions per body byte.
-    memchr::memmem::find(hay, needle)
+    if needle == KEY {
+        return key_finder().find(hay);
+    }
+    // The usage object's own keys, in at most MAX_OBJECT bytes: the first byte, then a compare.
+    let (&first, rest) = needle.split_first()?;
+    let mut at = 0;
+    while let Some(i) = memchr::memchr(first, &hay[at..]) {
+        let i = at + i;
+        if hay[i + 1..].starts_with(rest) {
+            return Some(i);
+        }
+        at = i + 1;
+    }
+    None
 }
 
 /// `(prompt_tokens, completion_tokens)` of a whole usage object.
@@ -180,13 +225,15 @@ fn number_after(obj: &[u8], key: &[u8]) -> Option<u64> {
     if rest[colon] != b':' {
         return None;
     }
-    let digits: Vec<u8> = rest[colon + 1..]
+    let mut digits = rest[colon + 1..]
         .iter()
         .skip_while(|b| b.is_ascii_whitespace())
         .take_while(|b| b.is_ascii_digit())
-        .copied()
-        .collect();
-    std::str::from_utf8(&digits).ok()?.parse().ok()
+        .peekable();
+    digits.peek()?;
+    digits.try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 #[cfg(test)]

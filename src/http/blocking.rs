@@ -118,7 +118,7 @@ pub fn request(
     }
     Ok(Response {
         status: head.status.as_u16(),
-        content_type: head.content_type,
+        content_type: head.content_type.map(std::borrow::Cow::into_owned),
         body: body_out,
     })
 }

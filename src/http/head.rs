@@ -4,6 +4,7 @@
 //! a lenient proxy is a request-smuggling proxy (RFC 9112 §6.3).
 
 use http::{Method, StatusCode};
+use std::borrow::Cow;
 
 const MAX_HEADERS: usize = 128;
 
@@ -28,12 +29,13 @@ pub enum Framing {
 #[derive(Debug, Clone)]
 pub struct RequestHead {
     pub method: Method,
-    pub path: String,
+    /// The request target; the API's paths without an allocation.
+    pub path: Cow<'static, str>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
     pub framing: Framing,
     pub keep_alive: bool,
-    pub content_type: Option<String>,
+    pub content_type: Option<Cow<'static, str>>,
     pub request_id: Option<String>,
     pub session_id: Option<String>,
     pub api_key: Option<String>,
@@ -57,12 +59,30 @@ impl RequestHead {
     }
 }
 
+/// A request target: one of the API's own paths is borrowed, any other copied.
+fn target(path: &str) -> Cow<'static, str> {
+    const API: &[&str] = &[
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/metrics",
+    ];
+    match API.iter().find(|p| **p == path) {
+        Some(p) => Cow::Borrowed(p),
+        None => Cow::Owned(path.to_string()),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ResponseHead {
     pub status: StatusCode,
     pub framing: Framing,
     pub keep_alive: bool,
-    pub content_type: Option<String>,
+    pub content_type: Option<Cow<'static, str>>,
     /// A compressed body (the client's `Accept-Encoding` reached the backend): relayed
     /// with it.
     pub content_encoding: Option<String>,
@@ -73,6 +93,21 @@ fn value_str<'a>(v: &'a [u8], what: &'static str) -> Result<&'a str, HeadError> 
     std::str::from_utf8(v)
         .map(str::trim)
         .map_err(|_| HeadError::Malformed(what))
+}
+
+/// A `Content-Type` value; the usual ones without an allocation.
+fn content_type(v: &[u8]) -> Result<Cow<'static, str>, HeadError> {
+    const COMMON: &[&str] = &[
+        "application/json",
+        "text/event-stream",
+        "application/json; charset=utf-8",
+        "text/event-stream; charset=utf-8",
+    ];
+    let v = value_str(v, "invalid Content-Type")?;
+    Ok(match COMMON.iter().find(|c| **c == v) {
+        Some(c) => Cow::Borrowed(c),
+        None => Cow::Owned(v.to_string()),
+    })
 }
 
 /// Accumulates the framing-relevant headers common to requests and responses.
@@ -161,9 +196,11 @@ fn note_connection(named: &mut Option<String>, value: &[u8]) {
 }
 
 pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // Uninitialised: filling 128 empty headers first cost more than parsing a typical head.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
@@ -171,7 +208,7 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
     };
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
         .map_err(|_| HeadError::Malformed("invalid method"))?;
-    let path = req.path.unwrap_or("").to_string();
+    let path = req.path.unwrap_or("");
     if !path.starts_with('/') && path != "*" {
         return Err(HeadError::Malformed(
             "request target must be an absolute path",
@@ -181,7 +218,7 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
     let mut fh = FramingHeaders::default();
     let mut head = RequestHead {
         method,
-        path,
+        path: target(path),
         minor_version,
         framing: Framing::None,
         keep_alive: true,
@@ -215,7 +252,7 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
             head.headers.extend_from_slice(b"\r\n");
         }
         if name.eq_ignore_ascii_case("content-type") {
-            head.content_type = Some(value_str(h.value, "invalid Content-Type")?.to_string());
+            head.content_type = Some(content_type(h.value)?);
         } else if name.eq_ignore_ascii_case("x-request-id") {
             let v = value_str(h.value, "invalid X-Request-Id")?;
             if !v.is_empty() {
@@ -271,8 +308,27 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
 
 /// Parses a response head. `head_request` marks the answer to a HEAD (no body).
 pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
+    // httparse has no uninitialised-headers parse for responses: a short array first (an
+    // engine's answer has a handful of headers), the full one only when that is too short.
+    let mut few = [httparse::EMPTY_HEADER; FEW_HEADERS];
+    match response_with(buf, head_request, &mut few) {
+        Err(HeadError::TooManyHeaders) => {
+            let mut all = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            response_with(buf, head_request, &mut all)
+        }
+        r => r,
+    }
+}
+
+/// Response headers tried before `MAX_HEADERS`.
+const FEW_HEADERS: usize = 24;
+
+fn response_with<'b>(
+    buf: &'b [u8],
+    head_request: bool,
+    headers: &mut [httparse::Header<'b>],
+) -> Result<ResponseHead, HeadError> {
+    let mut resp = httparse::Response::new(headers);
     let len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
@@ -290,7 +346,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, He
             continue;
         }
         if h.name.eq_ignore_ascii_case("content-type") {
-            content_type = Some(value_str(h.value, "invalid Content-Type")?.to_string());
+            content_type = Some(self::content_type(h.value)?);
         } else if h.name.eq_ignore_ascii_case("content-encoding") {
             let v = value_str(h.value, "invalid Content-Encoding")?;
             if !v.eq_ignore_ascii_case("identity") {
@@ -410,6 +466,21 @@ mod tests {
         let r = parse_response(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap();
         assert_eq!(r.framing, Framing::UntilClose);
         assert!(!r.keep_alive);
+        // More headers than the first try holds, up to the limit; beyond it, refused.
+        let many = |n: usize| {
+            let mut h = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n".to_vec();
+            for i in 0..n {
+                h.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+            }
+            h.extend_from_slice(b"\r\nok");
+            h
+        };
+        let r = parse_response(&many(100), false).unwrap();
+        assert_eq!(r.framing, Framing::Length(2));
+        assert_eq!(
+            parse_response(&many(200), false).unwrap_err(),
+            HeadError::TooManyHeaders
+        );
         let r = parse_response(b"HTTP/1.0 204 No Content\r\n\r\n", false).unwrap();
         assert_eq!(r.framing, Framing::None);
         assert!(!r.keep_alive);

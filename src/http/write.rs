@@ -3,7 +3,6 @@
 
 use super::error::ApiError;
 use http::StatusCode;
-use std::io::Write;
 
 /// How the body of a message we write is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +16,30 @@ pub enum BodyLen {
 /// Bodies up to this size are copied behind the head and sent in one write.
 pub const COALESCE_LIMIT: usize = 64 * 1024;
 
+/// Appends `n` in decimal (what `write!` does, without the formatting machinery: heads are
+/// written on every request).
+pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `Name: value\r\n`.
+pub fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 pub fn response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
@@ -24,18 +47,23 @@ pub fn response_head(
     body: BodyLen,
     keep_alive: bool,
 ) {
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    );
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     for (k, v) in headers {
-        let _ = write!(out, "{k}: {v}\r\n");
+        push_header(out, k, v.as_bytes());
     }
     match body {
         BodyLen::Length(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(out, n as u64);
+            out.extend_from_slice(b"\r\n");
         }
         BodyLen::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         BodyLen::Close => {}
@@ -77,3 +105,41 @@ pub fn error_response(err: &ApiError, extra: &[(&str, &str)], keep_alive: bool) 
 }
 
 pub const JSON: (&str, &str) = ("Content-Type", "application/json");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_what_write_would_make() {
+        for n in [0u64, 7, 10, 386, 65_536, u64::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+        let mut out = Vec::new();
+        response_head(
+            &mut out,
+            StatusCode::OK,
+            &[("Content-Type", "application/json"), ("X-Request-Id", "r")],
+            BodyLen::Length(12),
+            true,
+        );
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-Id: r\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\n"
+        );
+        out.clear();
+        response_head(
+            &mut out,
+            StatusCode::BAD_GATEWAY,
+            &[],
+            BodyLen::Chunked,
+            false,
+        );
+        assert_eq!(
+            out,
+            b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+    }
+}

@@ -88,7 +88,8 @@ impl BodyFailure {
 /// Reads more of a response body, waiting at most `idle` for it. `Ok(0)`: the backend
 /// closed (whether that ends the body is the caller's framing to decide).
 pub async fn read_more(conn: &mut UpstreamConn, idle: Duration) -> Result<usize, BodyFailure> {
-    match monoio::time::timeout(idle, conn.buf.fill(&mut conn.stream)).await {
+    let fill = std::pin::pin!(conn.buf.fill(&mut conn.stream));
+    match monoio::time::timeout(idle, fill).await {
         Ok(Ok(n)) => Ok(n),
         Ok(Err(e)) => Err(BodyFailure::Io(e)),
         Err(_) => Err(BodyFailure::Stalled(idle)),

@@ -28,6 +28,7 @@ use crate::trace::RequestTrace;
 use bytes::Bytes;
 use http::StatusCode;
 use std::borrow::Cow;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,12 +57,28 @@ fn open_route(w: &Worker, model: Option<&str>) -> Result<(Arc<Topology>, usize),
     }
 }
 
+/// A request's id: the client's `X-Request-Id`, or a new UUID (kept inline, no allocation).
+pub(super) enum RequestId<'a> {
+    Client(&'a str),
+    New(crate::ids::Uuid),
+}
+
+impl std::ops::Deref for RequestId<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            RequestId::Client(s) => s,
+            RequestId::New(u) => u.as_str(),
+        }
+    }
+}
+
 /// The client's `X-Request-Id`, or a new one: every answer on a business endpoint has one.
-pub(super) fn request_id(req: &Request) -> String {
-    req.head
-        .request_id
-        .clone()
-        .unwrap_or_else(crate::ids::uuid_v4)
+pub(super) fn request_id(req: &Request) -> RequestId<'_> {
+    match req.head.request_id.as_deref() {
+        Some(id) => RequestId::Client(id),
+        None => RequestId::New(crate::ids::Uuid::new_v4()),
+    }
 }
 
 /// The model's route in the current topology when it differs from `seen`, else None: a
@@ -76,10 +93,12 @@ fn newer_route(w: &Worker, seen: &Arc<Topology>, model: &str) -> Option<(Arc<Top
     Some((now, i))
 }
 
-/// Runs `work` unless the client goes away first; then the work is dropped, which closes
-/// its upstream connections and releases its counters.
+/// Runs `work` unless the client goes away first; then the work is dropped (by the caller,
+/// as it returns), which closes its upstream connections and releases its counters. `work`
+/// is pinned where the caller made it: the request's whole flow is one large future, and
+/// moving it into this one and into `select!` cost two copies of it per request.
 async fn unless_client_leaves(
-    work: impl std::future::Future<Output = Outcome>,
+    work: Pin<&mut impl std::future::Future<Output = Outcome>>,
     next: &mut NextRead<'_>,
     request_id: &str,
 ) -> Outcome {
@@ -156,14 +175,15 @@ pub async fn serve(
     next: &mut NextRead<'_>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let request_id = request_id(&req);
+    let id = request_id(&req);
+    let request_id: &str = &id;
     let inspected = match openai::inspect(endpoint, &req.body) {
         Ok(i) => i,
-        Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,
+        Err(e) => return answer_error(client, &e, Some(request_id), keep_alive).await,
     };
     let (topo, model_index) = match open_route(w, inspected.model.as_deref()) {
         Ok(t) => t,
-        Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,
+        Err(e) => return answer_error(client, &e, Some(request_id), keep_alive).await,
     };
     let route = &topo.models[model_index];
     let key = req
@@ -176,10 +196,10 @@ pub async fn serve(
         let client = forward_headers::find(&req.head.headers, "traceparent");
         RequestTrace::begin(client, w.policy().trace_sample_ratio, start)
     });
-    let mut ctx = request_ctx(w, &req, &request_id, client, start, trace.as_ref());
+    let mut ctx = request_ctx(w, &req, request_id, client, start, trace.as_ref());
     // The first token from prefill rewrites the decode stream: it must come uncompressed.
     ctx.forward.decode_identity = w.policy().generator_on_p_node && inspected.stream;
-    let work = async {
+    let work = pin!(async {
         // Inside the work too: a client that leaves while its prompt is being tokenized
         // stops waiting for it.
         let tokens = prompt_token_ids(route, &inspected, endpoint, &req.body).await;
@@ -243,13 +263,13 @@ pub async fn serve(
                 ctx.answer_error(&e).await
             }
         };
-        let end = ctx.tl.finish(w, &route.name, &request_id, outcome.status);
+        let end = ctx.tl.finish(w, &route.name, request_id, outcome.status);
         if let (Some(t), Some(exporter)) = (&trace, &w.shared.exporter) {
             let info = spans::RequestInfo {
                 path: req.head.route(),
                 model: &route.name,
                 policy: route.kind.as_str(),
-                request_id: &request_id,
+                request_id,
                 prompt_tokens: inspected.prompt_tokens(),
                 max_tokens: inspected.max_tokens,
                 stream: inspected.stream,
@@ -262,8 +282,8 @@ pub async fn serve(
                 .usage(&route.name, req.head.authorization.as_deref(), tokens);
         }
         outcome
-    };
-    unless_client_leaves(work, next, &request_id).await
+    });
+    unless_client_leaves(work, next, request_id).await
 }
 
 /// `/tokenize`, `/detokenize`, `/v1/embeddings`: forwarded as they are to one instance of
@@ -276,7 +296,8 @@ pub async fn serve_forwarded(
     next: &mut NextRead<'_>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let request_id = request_id(&req);
+    let id = request_id(&req);
+    let request_id: &str = &id;
     let model: Option<String> = serde_json::from_slice::<openai::RawObject<'_>>(&req.body)
         .ok()
         .and_then(|o| {
@@ -285,7 +306,7 @@ pub async fn serve_forwarded(
         });
     let (topo, model_index) = match open_route(w, model.as_deref()) {
         Ok(t) => t,
-        Err(e) => return answer_error(client, &e, Some(&request_id), keep_alive).await,
+        Err(e) => return answer_error(client, &e, Some(request_id), keep_alive).await,
     };
     let route = &topo.models[model_index];
     let (set, role) = if route.dual.any_available() || route.decode.instances.is_empty() {
@@ -293,14 +314,14 @@ pub async fn serve_forwarded(
     } else {
         (&route.decode, Role::Decode)
     };
-    let mut ctx = request_ctx(w, &req, &request_id, client, start, None);
-    let work = async {
+    let mut ctx = request_ctx(w, &req, request_id, client, start, None);
+    let work = pin!(async {
         match forward(&mut ctx, set, &PickContext::default(), role, &req.body).await {
             Ok(o) => o,
             Err(e) => ctx.answer_error(&e).await,
         }
-    };
-    unless_client_leaves(work, next, &request_id).await
+    });
+    unless_client_leaves(work, next, request_id).await
 }
 
 fn request_ctx<'a>(

@@ -6,6 +6,7 @@ use super::failure;
 use super::upstream::{UpstreamConn, UpstreamError};
 use crate::config::Role;
 use crate::http::head::ResponseHead;
+use crate::http::write::{push_decimal, push_header};
 use crate::http::ApiError;
 use crate::instance::{InFlight, Instance};
 use crate::metrics::ErrorType;
@@ -14,7 +15,6 @@ use crate::scheduler::PickContext;
 use crate::topology::RoleSet;
 use bytes::Bytes;
 use http::StatusCode;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,13 +37,16 @@ impl RequestCtx<'_> {
         // A worker's free buffer (given back once the response head arrived): no
         // allocation per leg in steady state.
         let mut h = self.w.scratch.take();
-        let _ = write!(
-            h,
-            "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {}\r\n",
-            self.path, inst.address, body_len, self.request_id
-        );
+        h.extend_from_slice(b"POST ");
+        h.extend_from_slice(self.path.as_bytes());
+        h.extend_from_slice(b" HTTP/1.1\r\n");
+        push_header(&mut h, "Host", inst.address.as_bytes());
+        h.extend_from_slice(b"Content-Type: application/json\r\nContent-Length: ");
+        push_decimal(&mut h, body_len as u64);
+        h.extend_from_slice(b"\r\n");
+        push_header(&mut h, "X-Request-Id", self.request_id.as_bytes());
         if let Some(a) = &self.authorization {
-            let _ = write!(h, "Authorization: {a}\r\n");
+            push_header(&mut h, "Authorization", a.as_bytes());
         }
         self.forward.write(&mut h, role, deny);
         h.extend_from_slice(b"\r\n");
@@ -99,15 +102,14 @@ impl RequestCtx<'_> {
                 Role::Prefill => self.tl.prefill = Some(inst.clone()),
                 _ => self.tl.decode = Some(inst.clone()),
             }
-            let sent = monoio::time::timeout(
-                policy.timeouts.first_byte,
-                w.pool.send(
-                    inst.socket_addr,
-                    self.backend_head(&inst, body.len(), role, &policy.deny_headers),
-                    body,
-                ),
-            )
-            .await;
+            // Pinned here: moving the send future into the timeout (and that into this
+            // one) copied it twice per leg.
+            let send = std::pin::pin!(w.pool.send(
+                inst.socket_addr,
+                self.backend_head(&inst, body.len(), role, &policy.deny_headers),
+                body,
+            ));
+            let sent = monoio::time::timeout(policy.timeouts.first_byte, send).await;
             let failure = match sent {
                 Ok(Ok((conn, head, sent))) => {
                     w.scratch.give(sent);

@@ -76,14 +76,14 @@ impl<'a> RawObject<'a> {
 /// What the proxy needs to know about an inference request.
 pub struct Inspected<'a> {
     pub obj: RawObject<'a>,
-    pub model: Option<String>,
+    pub model: Option<Cow<'a, str>>,
     /// The prompt / messages as raw JSON text: its length gives the token estimate
     /// (bytes / 4), its content the prefix for cache-aware routing.
     pub prompt: &'a [u8],
     /// `max_completion_tokens` or `max_tokens` when given as a number.
     pub max_tokens: Option<u64>,
     /// The body's `user`, a consistent-hash key.
-    pub user: Option<String>,
+    pub user: Option<Cow<'a, str>>,
     /// `stream: true`.
     pub stream: bool,
 }
@@ -103,6 +103,19 @@ pub fn token_ids(prompt: &[u8]) -> Option<Vec<u32>> {
     serde_json::from_slice::<Vec<u32>>(prompt).ok()
 }
 
+/// A raw JSON string's value: borrowed when it has no escapes (the usual model name or
+/// user), decoded otherwise; None when the value is not a string.
+fn json_str(v: &RawValue) -> Option<Cow<'_, str>> {
+    let raw = v.get();
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    // Raw JSON text from serde_json is valid: without a backslash the quotes found are the
+    // string's own, and it holds no control characters.
+    if !inner.contains(['\\', '"']) {
+        return Some(Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
+}
+
 fn first_byte(v: &RawValue) -> u8 {
     v.get().as_bytes().first().copied().unwrap_or(b' ')
 }
@@ -120,14 +133,13 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
             ApiError::bad_request(format!("request body is not valid JSON: {e}"))
         }
     })?;
-    let model =
-        match obj.get("model") {
-            None => None,
-            Some(v) if v.get() == "null" => None,
-            Some(v) => Some(serde_json::from_str::<String>(v.get()).map_err(|_| {
-                ApiError::bad_request("`model` must be a string").with_param("model")
-            })?),
-        };
+    let model = match obj.get("model") {
+        None => None,
+        Some(v) if v.get() == "null" => None,
+        Some(v) => Some(json_str(v).ok_or_else(|| {
+            ApiError::bad_request("`model` must be a string").with_param("model")
+        })?),
+    };
     let (field, ok_first): (&'static str, &[u8]) = match endpoint {
         Endpoint::Completions => ("prompt", b"\"["),
         Endpoint::ChatCompletions => ("messages", b"["),
@@ -151,9 +163,7 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
     };
     let number = |k: &str| obj.get(k).and_then(|v| v.get().parse::<u64>().ok());
     let max_tokens = number("max_completion_tokens").or_else(|| number("max_tokens"));
-    let user = obj
-        .get("user")
-        .and_then(|v| serde_json::from_str::<String>(v.get()).ok());
+    let user = obj.get("user").and_then(json_str);
     let stream = obj.get("stream").is_some_and(|v| v.get() == "true");
     Ok(Inspected {
         obj,

@@ -151,15 +151,22 @@ pub async fn relay(
     let keep_alive = ctx.keep_alive && client_len != BodyLen::Close;
     let mut mode = Mode::new(pass, head.framing);
     let mut out = ctx.w.scratch.take();
-    let mut headers: Vec<(&str, &str)> = Vec::with_capacity(3);
-    if let Some(ct) = head.content_type.as_deref() {
-        headers.push(("Content-Type", ct));
+    let mut headers = [("", ""); 3];
+    let mut n = 0;
+    let ct = head.content_type.as_deref().map(|v| ("Content-Type", v));
+    let ce = head
+        .content_encoding
+        .as_deref()
+        .map(|v| ("Content-Encoding", v));
+    for h in [ct, ce, Some(("X-Request-Id", ctx.request_id))]
+        .into_iter()
+        .flatten()
+    {
+        headers[n] = h;
+        n += 1;
     }
-    if let Some(ce) = head.content_encoding.as_deref() {
-        headers.push(("Content-Encoding", ce));
-    }
-    headers.push(("X-Request-Id", ctx.request_id));
-    response_head(&mut out, head.status, &headers, client_len, keep_alive);
+    let headers = &headers[..n];
+    response_head(&mut out, head.status, headers, client_len, keep_alive);
     let mut started = false;
     match pump(ctx, &mut conn, &mut mode, out, sse, &mut started).await {
         Ok((finished, out)) => {

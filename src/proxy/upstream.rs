@@ -4,6 +4,7 @@
 //! A connection goes back to the pool only after its response was read to the exact end and
 //! nothing is left over; any error, or a leg abandoned mid-way, drops (closes) it.
 
+use crate::hash::FastHash;
 use crate::http::buf::ReadBuf;
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::conn::SplitStream;
@@ -65,7 +66,7 @@ const UPSTREAM_BUF: usize = 8 * 1024;
 
 pub struct Pool {
     /// Per backend, oldest first.
-    idle: RefCell<HashMap<SocketAddr, Vec<Idle>>>,
+    idle: RefCell<HashMap<SocketAddr, Vec<Idle>, FastHash>>,
     connect_timeout: Duration,
     /// Idle connections older than this are closed, not reused: servers close theirs
     /// (uvicorn, which vLLM runs on, after 5 s), and a reuse would then fail.
@@ -77,7 +78,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
         Pool {
-            idle: RefCell::new(HashMap::new()),
+            idle: RefCell::new(HashMap::default()),
             connect_timeout,
             idle_timeout,
             generation: Cell::new(0),
@@ -282,7 +283,13 @@ async fn read_head<R: AsyncReadRent>(
     buf: &mut ReadBuf,
 ) -> Result<ResponseHead, UpstreamError> {
     loop {
-        match parse_response(buf.data(), false) {
+        // Nothing read yet (the read goes out with the request's write): nothing to parse.
+        let parsed = if buf.is_empty() {
+            Err(HeadError::Partial)
+        } else {
+            parse_response(buf.data(), false)
+        };
+        match parsed {
             Ok(h) if h.status.is_informational() => {
                 // 100 Continue and friends: skip and read the real response.
                 buf.consume(h.len);
