@@ -23,28 +23,7 @@ pub struct EngineSample {
 /// text has neither queue gauge (not a vLLM engine, or one too old).
 pub fn parse(text: &str) -> Option<EngineSample> {
     let (mut running, mut waiting, mut usage) = (None::<f64>, None::<f64>, None::<f64>);
-    for line in text.lines() {
-        if line.starts_with('#') || !line.starts_with("vllm:") {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let name = &line[..name_end];
-        // The value follows the labels (which may contain spaces inside quotes).
-        let rest = match line[name_end..].strip_prefix('{') {
-            Some(labels) => match labels.rfind('}') {
-                Some(close) => &labels[close + 1..],
-                None => continue,
-            },
-            None => &line[name_end..],
-        };
-        let Some(v) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| v.is_finite() && *v >= 0.0)
-        else {
-            continue;
-        };
+    for (name, v) in samples(text) {
         match name {
             "vllm:num_requests_running" => *running.get_or_insert(0.0) += v,
             "vllm:num_requests_waiting" => *waiting.get_or_insert(0.0) += v,
@@ -64,6 +43,140 @@ pub fn parse(text: &str) -> Option<EngineSample> {
     })
 }
 
+/// Cumulative counters of an engine's `/metrics` from which its speed is learned (sums of
+/// every series of a name). vLLM V1 names; where `request_prefill_time_seconds` or
+/// `request_inference_time_seconds` is missing, TTFT − queue time and e2e − queue time
+/// stand in for them.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Totals {
+    pub prompt_tokens: f64,
+    pub prefix_hits: f64,
+    /// Seconds from a request's scheduling to its first token, summed; and how many.
+    pub prefill_s: f64,
+    pub prefill_n: f64,
+    /// Seconds from a request's scheduling to its last token (its time in the batch).
+    pub run_s: f64,
+    pub run_n: f64,
+}
+
+/// Parses the counters `Totals` needs; None when the engine reports no timing.
+pub fn parse_totals(text: &str) -> Option<Totals> {
+    #[derive(Default)]
+    struct Raw {
+        prompt: f64,
+        hits: f64,
+        prefill: Option<(f64, f64)>,
+        inference: Option<(f64, f64)>,
+        ttft: f64,
+        queue: f64,
+        e2e: Option<(f64, f64)>,
+    }
+    let mut r = Raw::default();
+    let add = |slot: &mut Option<(f64, f64)>, sum: bool, v: f64| {
+        let e = slot.get_or_insert((0.0, 0.0));
+        if sum {
+            e.0 += v
+        } else {
+            e.1 += v
+        }
+    };
+    for (name, v) in samples(text) {
+        match name {
+            "vllm:prompt_tokens_total" => r.prompt += v,
+            "vllm:prefix_cache_hits_total" => r.hits += v,
+            "vllm:request_prefill_time_seconds_sum" => add(&mut r.prefill, true, v),
+            "vllm:request_prefill_time_seconds_count" => add(&mut r.prefill, false, v),
+            "vllm:request_inference_time_seconds_sum" => add(&mut r.inference, true, v),
+            "vllm:request_inference_time_seconds_count" => add(&mut r.inference, false, v),
+            "vllm:time_to_first_token_seconds_sum" => r.ttft += v,
+            "vllm:request_queue_time_seconds_sum" => r.queue += v,
+            "vllm:e2e_request_latency_seconds_sum" => add(&mut r.e2e, true, v),
+            "vllm:e2e_request_latency_seconds_count" => add(&mut r.e2e, false, v),
+            _ => {}
+        }
+    }
+    let (run_s, run_n) = match (r.inference, r.e2e) {
+        (Some(i), _) => i,
+        (None, Some((s, n))) => ((s - r.queue).max(0.0), n),
+        (None, None) => return None,
+    };
+    let (prefill_s, prefill_n) = r.prefill.unwrap_or(((r.ttft - r.queue).max(0.0), run_n));
+    Some(Totals {
+        prompt_tokens: r.prompt,
+        prefix_hits: r.hits,
+        prefill_s,
+        prefill_n,
+        run_s,
+        run_n,
+    })
+}
+
+/// Every `vllm:` sample of a Prometheus text as (name, value); labels skipped, comments and
+/// unparsable or negative values dropped.
+fn samples(text: &str) -> impl Iterator<Item = (&str, f64)> {
+    text.lines().filter_map(|line| {
+        if !line.starts_with("vllm:") {
+            return None;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        // The value follows the labels (which may contain spaces inside quotes).
+        let rest = match line[name_end..].strip_prefix('{') {
+            Some(labels) => &labels[labels.rfind('}')? + 1..],
+            None => &line[name_end..],
+        };
+        let v = rest
+            .split_whitespace()
+            .next()?
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)?;
+        Some((name, v))
+    })
+}
+
+/// What an engine's counters say about its speed, learned between two scrapes and
+/// smoothed: kv_aware's expected time to first token (docs/scheduling.md, "KV aware").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Speed {
+    /// Nanoseconds of prefill per prompt token the engine computed (cache hits excluded).
+    pub prefill_ns_per_token: u64,
+    /// Microseconds a request spends in the batch, from its scheduling to its last token.
+    pub run_us: u64,
+}
+
+/// Fewest computed prompt tokens between two scrapes for a prefill-speed sample: a few
+/// short prompts say more about the per-request overhead than the per-token cost.
+const MIN_SPEED_TOKENS: f64 = 256.0;
+
+/// The speed `prev` → `now` shows, for the parts with enough traffic; None where counters
+/// went back (an engine restart) or nothing finished.
+fn speed_between(prev: &Totals, now: &Totals) -> (Option<u64>, Option<u64>) {
+    let d = |a: f64, b: f64| (b >= a).then_some(b - a);
+    let prefill = (|| {
+        let tokens =
+            d(prev.prompt_tokens, now.prompt_tokens)? - d(prev.prefix_hits, now.prefix_hits)?;
+        let secs = d(prev.prefill_s, now.prefill_s)?;
+        (tokens >= MIN_SPEED_TOKENS && secs > 0.0).then(|| (secs * 1e9 / tokens) as u64)
+    })();
+    let run = (|| {
+        let n = d(prev.run_n, now.run_n)?;
+        let secs = d(prev.run_s, now.run_s)?;
+        (n >= 1.0).then(|| (secs * 1e6 / n) as u64)
+    })();
+    (prefill, run)
+}
+
+/// A new sample weighs 30 %: a few scrapes follow a change of load, one odd interval does
+/// not swing the routing.
+fn smooth(old: u64, new: u64) -> u64 {
+    if old == 0 {
+        new
+    } else {
+        (old * 7 + new * 3) / 10
+    }
+}
+
 /// An instance's engine numbers as last scraped. Written by the scraper only.
 #[derive(Default)]
 pub struct EngineLoad {
@@ -79,6 +192,11 @@ pub struct EngineLoad {
     /// `now_ms()` of the last successful scrape; 0 when there is no sample to route on
     /// (never scraped, or the scraper dropped a stale one: readers need no clock).
     scraped_at_ms: AtomicU64,
+    /// `Speed`, learned (0: not yet).
+    prefill_ns_per_token: AtomicU64,
+    run_us: AtomicU64,
+    /// The counters of the previous scrape (the scraper's own: never read on a pick).
+    totals: std::sync::Mutex<Option<Totals>>,
     pub scrapes_ok: AtomicU64,
     pub scrapes_failed: AtomicU64,
 }
@@ -106,6 +224,32 @@ impl EngineLoad {
         // Last, with Release: a reader that sees the new time sees the numbers above.
         self.scraped_at_ms.store(now_ms(), Ordering::Release);
         self.scrapes_ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Learns the engine's speed from its counters (see `Speed`).
+    pub fn store_totals(&self, now: Totals) {
+        let Ok(mut prev) = self.totals.lock() else {
+            return;
+        };
+        if let Some(p) = prev.replace(now) {
+            let (prefill, run) = speed_between(&p, &now);
+            for (v, cell) in [(prefill, &self.prefill_ns_per_token), (run, &self.run_us)] {
+                if let Some(v) = v.filter(|&v| v > 0) {
+                    cell.store(smooth(cell.load(Ordering::Relaxed), v), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// The engine's learned speed, once both parts are known.
+    #[inline]
+    pub fn speed(&self) -> Option<Speed> {
+        let prefill_ns_per_token = self.prefill_ns_per_token.load(Ordering::Relaxed);
+        let run_us = self.run_us.load(Ordering::Relaxed);
+        (prefill_ns_per_token > 0 && run_us > 0).then_some(Speed {
+            prefill_ns_per_token,
+            run_us,
+        })
     }
 
     /// A failed scrape: counted, and the sample dropped once it is older than `max_age`
@@ -152,7 +296,7 @@ impl EngineLoad {
 
     /// The `/status/instances` view of it.
     pub fn status_json(&self) -> serde_json::Value {
-        match self.last() {
+        let mut v = match self.last() {
             None => serde_json::json!({
                 "scraped": false,
                 "scrapes_failed": self.scrapes_failed.load(Ordering::Relaxed),
@@ -165,7 +309,22 @@ impl EngineLoad {
                 "age_seconds": self.age_ms().unwrap_or(0) as f64 / 1000.0,
                 "scrapes_failed": self.scrapes_failed.load(Ordering::Relaxed),
             }),
+        };
+        // What kv_aware estimates with (learned, kept across failed scrapes).
+        if let Some(o) = v.as_object_mut() {
+            let batch = self.batch_seen();
+            o.insert("batch_seen".into(), (batch > 0).then_some(batch).into());
+            let speed = self.speed();
+            o.insert(
+                "prefill_us_per_token".into(),
+                speed.map(|s| s.prefill_ns_per_token as f64 / 1000.0).into(),
+            );
+            o.insert(
+                "mean_run_seconds".into(),
+                speed.map(|s| s.run_us as f64 / 1e6).into(),
+            );
         }
+        v
     }
 }
 
@@ -264,6 +423,43 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
         assert_eq!(unseen_requests(&f(5, 1, 4)), 3);
         // A long queue weighs double.
         assert_eq!(unseen_requests(&f(8, 40, 0)), 88);
+    }
+
+    #[test]
+    fn speed_is_learned_from_the_timing_counters() {
+        let text = |prompt: f64, hits: f64, prefill: f64, run: f64, n: f64| {
+            format!(
+                "vllm:prompt_tokens_total{{engine=\"0\"}} {prompt}\n\
+                 vllm:prefix_cache_hits_total{{engine=\"0\"}} {hits}\n\
+                 vllm:request_prefill_time_seconds_sum{{engine=\"0\"}} {prefill}\n\
+                 vllm:request_prefill_time_seconds_count{{engine=\"0\"}} {n}\n\
+                 vllm:request_inference_time_seconds_sum{{engine=\"0\"}} {run}\n\
+                 vllm:request_inference_time_seconds_count{{engine=\"0\"}} {n}\n"
+            )
+        };
+        let e = EngineLoad::default();
+        e.store_totals(parse_totals(&text(1000.0, 0.0, 0.1, 1.0, 2.0)).unwrap());
+        assert_eq!(e.speed(), None, "one scrape is no interval");
+        // 10 requests: 20,000 prompt tokens of which 12,000 cached: 8,000 computed in
+        // 0.6 s = 75 µs each; 6 s in the batch = 600 ms each.
+        e.store_totals(parse_totals(&text(21_000.0, 12_000.0, 0.7, 7.0, 12.0)).unwrap());
+        let s = e.speed().unwrap();
+        assert_eq!((s.prefill_ns_per_token, s.run_us), (75_000, 600_000));
+        // A restarted engine's counters go back: nothing learned from that interval.
+        e.store_totals(parse_totals(&text(10.0, 0.0, 0.01, 0.1, 1.0)).unwrap());
+        assert_eq!(e.speed(), Some(s));
+        // Without vLLM's prefill/inference histograms: TTFT − queue and e2e − queue.
+        let old = |ttft: f64, queue: f64, e2e: f64, n: f64, prompt: f64| {
+            format!(
+                "vllm:prompt_tokens_total {prompt}\nvllm:time_to_first_token_seconds_sum {ttft}\n\
+                 vllm:request_queue_time_seconds_sum {queue}\n\
+                 vllm:e2e_request_latency_seconds_sum {e2e}\n\
+                 vllm:e2e_request_latency_seconds_count {n}\n"
+            )
+        };
+        let t = parse_totals(&old(3.0, 1.0, 10.0, 4.0, 5000.0)).unwrap();
+        assert_eq!((t.prefill_s, t.run_s, t.run_n), (2.0, 9.0, 4.0));
+        assert_eq!(parse_totals("vllm:num_requests_running 1\n"), None);
     }
 
     #[test]

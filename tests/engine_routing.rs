@@ -994,3 +994,155 @@ fn a_reload_reads_the_tokenizers_again() {
     assert_eq!(metric(&proxy, series), 1.0, "tokenized after the reload");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// kv_aware with the engines' speed learned from their own metrics: a prefix group follows
+/// its holder while the holder has a free batch slot, and goes to a free node when the
+/// holder's batch is full with a queue behind it (waiting would take longer than computing
+/// the prefix there) — docs/scheduling.md, "KV aware".
+#[test]
+fn kv_aware_waits_for_its_holder_only_while_that_is_sooner() {
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let nodes: Vec<Proc> = ports
+        .iter()
+        .map(|p| {
+            let ep = format!("tcp://*:{p}");
+            // One request at a time, 200 µs per computed prompt token, 20 ms per step.
+            dummy(
+                "dual",
+                &[
+                    "--max-num-seqs",
+                    "1",
+                    "--kv-cache-blocks",
+                    "400",
+                    "--block-size",
+                    "16",
+                    "--kv-events-endpoint",
+                    &ep,
+                    "--prefill-delay-per-token",
+                    "0.0002",
+                    "--decode-delay-per-token",
+                    "0.02",
+                ],
+            )
+        })
+        .collect();
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: kv_aware\nengine_metrics:\n  interval_seconds: 0.2\n{}",
+            dual_yaml(&[&nodes[0], &nodes[1]]),
+            kv_events_yaml(&nodes, &ports)
+        ),
+        true,
+    );
+    let direct = |node: &Proc, prompt: Vec<u32>, max_tokens: u32| {
+        let url = node.url("/v1/completions");
+        std::thread::spawn(move || {
+            let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens});
+            let _ = agent().post(&url).send_json(body);
+        })
+    };
+    // Teach the proxy each engine's speed and batch: rounds of three concurrent requests
+    // straight to each node (two of them wait behind the batch of one), until the scrapes
+    // have seen a queue and enough computed tokens.
+    let mut round = 0u32;
+    let learned = |v: &Value, n: &Proc| {
+        let e = &instance(v, n)["engine"];
+        e["batch_seen"] == 1
+            && e["prefill_us_per_token"].is_number()
+            && e["mean_run_seconds"].is_number()
+    };
+    wait_for(
+        "the engines' speed to be learned",
+        Duration::from_secs(60),
+        || {
+            round += 1;
+            let threads: Vec<_> = nodes
+                .iter()
+                .flat_map(|n| (0..3u32).map(move |k| (n, k)).collect::<Vec<_>>())
+                .map(|(n, k)| {
+                    direct(
+                        n,
+                        (0..600)
+                            .map(|t| 500_000 + round * 10_000 + k * 1000 + t)
+                            .collect(),
+                        10,
+                    )
+                })
+                .collect();
+            threads.into_iter().for_each(|t| t.join().unwrap());
+            let (_, v) = get_json(&proxy.url("/status/instances"));
+            nodes.iter().all(|n| learned(&v, n))
+        },
+    );
+    let (_, v) = get_json(&proxy.url("/status/instances"));
+    for n in &nodes {
+        let us = instance(&v, n)["engine"]["prefill_us_per_token"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (100.0..=1000.0).contains(&us),
+            "200 µs per token configured, learned {us}: {v}"
+        );
+    }
+    let requests = |n: &Proc| dummy_stats(n)["requests"].as_u64().unwrap();
+    let a = agent();
+    // 3,200 tokens: 640 ms to compute, and as much again for making a second copy of
+    // blocks the holder has, against a learned ~0.3 s in the batch per request ahead.
+    let prefix: Vec<u32> = (0..3200).map(|t| 70_000 + t).collect();
+    // Which node a request with the prefix went to (0 or 1).
+    let send = |q: u32| -> usize {
+        let before: Vec<u64> = nodes.iter().map(requests).collect();
+        let mut p = prefix.clone();
+        p.push(q);
+        let (status, _, body) = post(
+            &a,
+            &proxy.url("/v1/completions"),
+            &json!({"model": MODEL, "prompt": p, "max_tokens": 1}),
+        );
+        assert_eq!(status, 200, "{body}");
+        let after: Vec<u64> = nodes.iter().map(requests).collect();
+        (0..2)
+            .find(|&k| after[k] > before[k])
+            .expect("a node took the request")
+    };
+    let home = send(1);
+    for q in 2..5 {
+        assert_eq!(
+            send(q),
+            home,
+            "the holder has a free slot: request {q} follows the prefix"
+        );
+    }
+    // Requests straight to the holder (the proxy learns of them from the engine's numbers):
+    // one running, `waiting` behind it, 50 steps (1 s) each.
+    let mut busy = Vec::new();
+    let mut occupy = |waiting: u32| {
+        for k in 0..=waiting {
+            let prompt = (0..32)
+                .map(|t| 800_000 + busy.len() as u32 * 100 + k + t)
+                .collect();
+            busy.push(direct(&nodes[home], prompt, 50));
+        }
+        wait_for(
+            "the holder's queue to be scraped",
+            Duration::from_secs(20),
+            || {
+                let (_, v) = get_json(&proxy.url("/status/instances"));
+                let e = &instance(&v, &nodes[home])["engine"];
+                e["num_requests_running"] == 1 && e["num_requests_waiting"] == waiting
+            },
+        );
+    };
+    // Three ahead (~0.9 s) is sooner than computing the prefix elsewhere (~1.3 s with the
+    // copy): the request waits for its holder, though the other node is idle (the balance
+    // check and load band used without the engines' speed move it: 5 requests against 0).
+    occupy(2);
+    assert_eq!(send(9), home, "three ahead of it at the holder");
+    // Five ahead (~1.5 s): the free node is sooner.
+    occupy(4);
+    assert_eq!(send(10), 1 - home, "five ahead of it at the holder");
+    drop(nodes);
+    busy.into_iter().for_each(|t| {
+        let _ = t.join();
+    });
+}

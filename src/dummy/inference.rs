@@ -96,9 +96,6 @@ pub(super) async fn inference(
         );
         return send_error(stream, e, keep).await;
     }
-    node.stats
-        .prompt_tokens
-        .fetch_add(job.prompt_tokens as u64, Ordering::Relaxed);
     // A decode node's prompt KV arrives from the prefill node: the blocks it names (all of
     // the prompt when it names none) cost no prefill here.
     let arrived = match (opts.mode, kv_in) {
@@ -182,6 +179,9 @@ struct Pacer<'a> {
     prefill_tokens: usize,
     arrived: usize,
     arrival: Instant,
+    /// When the request got its batch slot (vLLM's "scheduled").
+    scheduled: Instant,
+    max_tokens: usize,
     due: monoio::time::Instant,
     last: Instant,
     /// False in the zero-delay unlimited mode: no clocks, the engine's steps take no time.
@@ -194,7 +194,12 @@ impl Pacer<'_> {
         let node = self.node;
         if !self.clocked {
             if i == 0 {
-                node.stats.ttft.observe(self.arrival.elapsed());
+                let now = Instant::now();
+                node.stats.first_token(
+                    self.prompt_tokens,
+                    now - self.arrival,
+                    now - self.scheduled,
+                );
             }
             return;
         }
@@ -225,9 +230,13 @@ impl Pacer<'_> {
             // first token (timer rounding) never shortens the gaps after it.
             self.due = monoio::time::Instant::now();
             self.ticket.prompt_computed();
-            node.stats.ttft.observe(now - self.arrival);
+            node.stats
+                .first_token(self.prompt_tokens, now - self.arrival, now - self.scheduled);
         } else {
             node.stats.itl.observe(now - self.last);
+        }
+        if i + 1 == self.max_tokens {
+            node.stats.inference_time.observe(now - self.scheduled);
         }
         self.last = now;
     }
@@ -290,6 +299,8 @@ async fn generate(
         prefill_tokens,
         arrived: plan.arrived,
         arrival: plan.arrival,
+        scheduled: Instant::now(),
+        max_tokens: job.max_tokens,
         due: monoio::time::Instant::now(),
         last: plan.arrival,
         clocked: limited || !node.timing.is_zero(),
@@ -305,7 +316,7 @@ async fn generate(
                 pace.token(i).await;
             }
         } else {
-            node.stats.ttft.observe(plan.arrival.elapsed());
+            pace.token(0).await; // unclocked: records the first token, no wait
             node.stats
                 .itl
                 .observe_n(Duration::ZERO, job.max_tokens.saturating_sub(1) as u64);

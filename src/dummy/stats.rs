@@ -92,6 +92,10 @@ pub struct Stats {
     pub ttft: Histogram,
     pub itl: Histogram,
     pub queue_time: Histogram,
+    /// From scheduling to the first token, and to the last (vLLM V1's prefill and
+    /// inference times): what a router learns the engine's speed from.
+    pub prefill_time: Histogram,
+    pub inference_time: Histogram,
     pub e2e: Histogram,
 }
 
@@ -116,8 +120,21 @@ impl Default for Stats {
             ttft: Histogram::new(TTFT_BUCKETS),
             itl: Histogram::new(ITL_BUCKETS),
             queue_time: Histogram::new(REQUEST_LATENCY_BUCKETS),
+            prefill_time: Histogram::new(REQUEST_LATENCY_BUCKETS),
+            inference_time: Histogram::new(REQUEST_LATENCY_BUCKETS),
             e2e: Histogram::new(REQUEST_LATENCY_BUCKETS),
         }
+    }
+}
+
+impl Stats {
+    /// A request's first token: its prompt counts as processed now (as vLLM counts
+    /// `prompt_tokens_total` when the prefill completes, so the counter and the prefill
+    /// times cover the same requests), with its TTFT and its time since scheduling.
+    pub fn first_token(&self, prompt_tokens: usize, ttft: Duration, prefill: Duration) {
+        self.prompt_tokens.fetch_add(prompt_tokens as u64, Relaxed);
+        self.ttft.observe(ttft);
+        self.prefill_time.observe(prefill);
     }
 }
 
@@ -234,6 +251,18 @@ impl Stats {
             &mut out,
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.",
+            &labels,
+        );
+        self.prefill_time.render(
+            &mut out,
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            &labels,
+        );
+        self.inference_time.render(
+            &mut out,
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
             &labels,
         );
         self.e2e.render(

@@ -1,7 +1,7 @@
 //! The engine-metrics scraper: a control-side thread (never a worker) that reads every
 //! instance's Prometheus `/metrics` at a fixed interval, all instances in parallel, each with
-//! a timeout, and publishes vLLM's queue and KV-cache numbers into the instance's
-//! `EngineLoad` for the schedulers. A failure is counted and, once the last good sample is
+//! a timeout, and publishes vLLM's queue and KV-cache numbers, and the engine's speed learned
+//! from its timing counters, into the instance's `EngineLoad` for the schedulers. A failure is counted and, once the last good sample is
 //! three intervals old, the sample is dropped: routing falls back to the proxy's own
 //! in-flight counts, exactly as for an engine without these metrics.
 
@@ -49,11 +49,14 @@ fn run(shared: &Shared) {
 fn scrape(inst: &Instance, cfg: &EngineMetricsConfig) {
     let max_age = cfg.interval * 3;
     let answer = blocking::request(&inst.address, "GET", "/metrics", None, cfg.timeout, |_| {});
-    let sample = match answer {
-        Ok(r) if r.status == 200 => engine_load::parse(&String::from_utf8_lossy(&r.body)),
-        _ => None,
+    let text = match &answer {
+        Ok(r) if r.status == 200 => String::from_utf8_lossy(&r.body),
+        _ => Default::default(),
     };
-    match sample {
+    if let Some(t) = engine_load::parse_totals(&text) {
+        inst.engine.store_totals(t);
+    }
+    match engine_load::parse(&text) {
         // The local count at the moment the numbers arrived: see `unseen_requests`.
         Some(s) => inst.engine.store(s, inst.in_flight()),
         None => inst.engine.failed(max_age),

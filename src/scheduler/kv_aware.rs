@@ -1,15 +1,17 @@
-//! Precise prefix routing: the instance whose engine *actually holds* the longest prefix of
-//! the prompt's KV blocks (learned from the engines' KV-cache events into `kv_index`, plus
-//! the blocks this proxy just sent it and the engine has not announced yet: the pending
-//! layer), unless that instance is overloaded. A new prefix goes to its rendezvous home in
-//! the load band, the same on every replica. Without token ids it is the least-loaded pick
-//! (docs/scheduling.md, "KV aware" and "New prefixes").
+//! Precise prefix routing: what the engines *actually hold* of the prompt's KV blocks
+//! (learned from their KV-cache events into `kv_index`, plus the blocks this proxy just sent
+//! and the engine has not announced yet: the pending layer). With the engines' speed known
+//! from their metrics, the instance expected to return the first token soonest (prefill of
+//! what it lacks + the wait for a batch slot); otherwise the longest holder unless it is
+//! overloaded. A new prefix goes to its rendezvous home, the same on every replica. Without
+//! token ids it is the least-loaded pick (docs/scheduling.md, "KV aware", "New prefixes").
 
 use super::stats::{self, Outcome, Policy};
 use super::{
     hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Scheduler,
 };
 use crate::config::{Role, SchedulingOptions};
+use crate::engine_load::Speed;
 use crate::instance::Instance;
 use crate::kv_index;
 use std::sync::atomic::Ordering;
@@ -97,25 +99,35 @@ impl Scheduler for KvAware {
                 hash64(k.unwrap_or(0), i.address.as_bytes()),
             )
         };
-        let best = candidates
-            .iter()
-            .filter(|i| ctx.eligible(i) && !self.balance.overloaded(i, requests(self.role, i), min))
-            .max_by_key(|i| (held(i), tie(i)))?;
         let known =
             |h: u64| h > least && (h - least) as f64 >= self.threshold * (prompt - least) as f64;
-        let chosen = if known(held(best)) {
+        // The group's own first block past what every instance holds (past a shared
+        // header): it does not change as the group's holders evict its tail, so the group
+        // keeps its home; and every replica computes the same.
+        let group = match keys.get(least_blocks.min(keys.len().saturating_sub(1))) {
+            Some(&k) => k,
+            None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
+        };
+        let by_cost = match self.role {
+            Role::Decode => None,
+            Role::Prefill | Role::Dual => {
+                soonest_first_token(candidates, ctx, prompt, &held, group)
+            }
+        };
+        let chosen = if let Some(c) = by_cost {
+            c
+        } else if let Some(best) = candidates
+            .iter()
+            .filter(|i| ctx.eligible(i) && !self.balance.overloaded(i, requests(self.role, i), min))
+            .max_by_key(|i| (held(i), tie(i)))
+            .filter(|b| known(held(b)))
+        {
             best.clone()
         } else {
             // A new prefix (or its holders are overloaded): its rendezvous home within the
-            // load band, keyed by the first block past what every instance holds (past a
-            // shared header: the group's own first block). The key does not change as the
-            // group's holders evict its tail, so the group keeps its home; and every replica
-            // sends the group's first requests to the same node.
-            let key = match keys.get(least_blocks.min(keys.len().saturating_sub(1))) {
-                Some(&k) => k,
-                None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
-            };
-            rendezvous(candidates, ctx, key, |i| {
+            // load band, keyed by the group's first block, so every replica sends the
+            // group's first requests to the same node.
+            rendezvous(candidates, ctx, group, |i| {
                 in_load_band(requests(self.role, i), min)
             })?
         };
@@ -142,6 +154,76 @@ impl Scheduler for KvAware {
         stats::record(Policy::KvAware, outcome, blocks);
         Some(chosen)
     }
+}
+
+/// The instance expected to return the prompt's first token soonest, when every eligible
+/// instance's engine speed is known (`EngineLoad::speed`, learned from its vLLM timing
+/// metrics; else None and the balance thresholds decide): for each, the wait for a batch
+/// slot plus the prefill of what it does not hold, and that prefill once more for blocks
+/// another instance already holds (a copy evicts other prefixes). Near-equal estimates (within a tenth of
+/// computing the whole prompt) go to the instance holding more, then to the group's
+/// rendezvous home, so that a group stays on one node and replicas agree on new ones
+/// (docs/scheduling.md, "KV aware").
+fn soonest_first_token(
+    candidates: &[Arc<Instance>],
+    ctx: &PickContext<'_>,
+    prompt: u64,
+    held: &impl Fn(&Instance) -> u64,
+    group: u64,
+) -> Option<Arc<Instance>> {
+    if candidates.len() > 64 {
+        return None;
+    }
+    let mut cost = [0u64; 64];
+    let (mut best, mut fastest) = (u64::MAX, u64::MAX);
+    let most = candidates
+        .iter()
+        .filter(|i| ctx.eligible(i))
+        .map(|i| held(i))
+        .max()
+        .unwrap_or(0);
+    for (k, i) in candidates.iter().enumerate() {
+        if !ctx.eligible(i) {
+            continue;
+        }
+        let speed = i.engine.speed()?;
+        // Recomputing blocks another instance holds makes a second copy, which takes cache
+        // space that other prefixes' blocks held: charged as their prefill once more.
+        let copied = (most - held(i)) * speed.prefill_ns_per_token / 1000;
+        cost[k] = expected_first_token_us(i, prompt - held(i), speed) + copied;
+        best = best.min(cost[k]);
+        fastest = fastest.min(speed.prefill_ns_per_token);
+    }
+    if best == u64::MAX {
+        return None;
+    }
+    let margin = (prompt * fastest / 10_000).max(1_000);
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(k, i)| ctx.eligible(i) && cost[*k] <= best + margin)
+        .max_by_key(|(_, i)| (held(i), hash64(group, i.address.as_bytes())))
+        .map(|(_, i)| i.clone())
+}
+
+/// Microseconds until `i` would return the first token of a prompt of which it must
+/// compute `uncached` tokens: its prefill at the engine's learned speed, plus, when the
+/// engine's batch is full, a slot's share of a request's time in the batch for every
+/// request ahead. The requests on the engine are this proxy's in flight there plus the
+/// others it reported at the last scrape; the batch is the most it was seen running with
+/// requests waiting (never seen full: no wait).
+#[inline]
+fn expected_first_token_us(i: &Instance, uncached: u64, speed: Speed) -> u64 {
+    let prefill = uncached * speed.prefill_ns_per_token / 1000;
+    let batch = i.engine.batch_seen();
+    if batch == 0 {
+        return prefill;
+    }
+    let others = i.engine.last().map_or(0, |f| {
+        (f.sample.running + f.sample.waiting).saturating_sub(f.local_at_scrape)
+    });
+    let ahead = (i.in_flight() + others + 1).saturating_sub(batch);
+    prefill + ahead * speed.run_us / batch
 }
 
 #[cfg(test)]
@@ -225,6 +307,78 @@ mod tests {
         c[1].engine.failed(std::time::Duration::ZERO);
         assert!(c[1].engine.last().is_none());
         assert!(!Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+    }
+
+    /// Engines whose speed is known: 75 µs per prefill token, 600 ms in the batch per
+    /// request, seen running 4 with a queue.
+    fn learned(c: &[Arc<Instance>]) {
+        use crate::engine_load::{EngineSample, Totals};
+        for i in c {
+            i.engine.store_totals(Totals::default());
+            i.engine.store_totals(Totals {
+                prompt_tokens: 10_000.0,
+                prefill_s: 0.75,
+                prefill_n: 10.0,
+                run_s: 6.0,
+                run_n: 10.0,
+                ..Default::default()
+            });
+            let busy = EngineSample {
+                running: 4,
+                waiting: 1,
+                kv_usage: None,
+            };
+            i.engine.store(busy, 0);
+            // Idle now (this proxy has nothing in flight, nor does anyone else).
+            i.engine.store(EngineSample::default(), 0);
+        }
+    }
+
+    /// With the engines' speed known, the pick is the soonest first token: the holder while
+    /// it has a free slot, and while waiting for one costs less than computing the prefix
+    /// elsewhere; then a free node (which then holds the group too).
+    #[test]
+    fn soonest_first_token_weighs_the_queue_against_the_prefill() {
+        let c = instances(4, Role::Dual);
+        bits(&c, 20);
+        learned(&c);
+        let idx = kv_index::global();
+        // 2,000 cached tokens + a 96-token suffix: 7 ms to compute there, 157 ms elsewhere.
+        let tokens: Vec<u32> = (9000..9000 + 2096).collect();
+        for &key in &kv_index::prompt_keys(&tokens, 16)[..125] {
+            idx.add(key, 21); // instance 1
+        }
+        let p = KvAware::new(Role::Dual, &SchedulingOptions::default());
+        let mut busy = Vec::new();
+        // Free slots (0..3 in flight), then the batch's last slot (3 in flight): the holder.
+        for _ in 0..4 {
+            assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+            busy.push(InFlight::new(c[1].clone(), 100, 0));
+        }
+        // Batch full: one ahead = 150 ms of waiting + 7 ms, two ahead 307 ms, against
+        // 157 ms elsewhere + 150 ms for the copy: still the holder (near-equal at two: the
+        // one holding more).
+        for _ in 0..2 {
+            assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+            busy.push(InFlight::new(c[1].clone(), 100, 0));
+        }
+        // Three ahead (457 ms): a free node computes it sooner.
+        let moved = p.pick(&c, &ctx(&tokens)).unwrap();
+        assert!(!Arc::ptr_eq(&moved, &c[1]));
+        drop(busy);
+        // Two replicas with the same view (instances without KV bits: nothing learned,
+        // nothing pending) agree on every new prefix's node, and use all of them.
+        let d = instances(4, Role::Dual);
+        learned(&d);
+        let q = KvAware::new(Role::Dual, &SchedulingOptions::default());
+        let mut homes = std::collections::HashSet::new();
+        for g in 0..24u32 {
+            let t: Vec<u32> = (0..600).map(|k| 100_000 + g * 1000 + k).collect();
+            let (x, y) = (p.pick(&d, &ctx(&t)).unwrap(), q.pick(&d, &ctx(&t)).unwrap());
+            assert!(Arc::ptr_eq(&x, &y), "group {g}");
+            homes.insert(x.address.clone());
+        }
+        assert_eq!(homes.len(), 4);
     }
 
     /// A new prefix's first request is placed by rendezvous; the ones after it follow the
