@@ -55,7 +55,10 @@ pub struct RequestHead {
 impl RequestHead {
     /// Path without the query string.
     pub fn route(&self) -> &str {
-        self.path.split('?').next().unwrap_or("")
+        match self.path.as_bytes().iter().position(|&b| b == b'?') {
+            Some(q) => &self.path[..q],
+            None => &self.path,
+        }
     }
 }
 
@@ -103,11 +106,12 @@ fn content_type(v: &[u8]) -> Result<Cow<'static, str>, HeadError> {
         "application/json; charset=utf-8",
         "text/event-stream; charset=utf-8",
     ];
-    let v = value_str(v, "invalid Content-Type")?;
-    Ok(match COMMON.iter().find(|c| **c == v) {
-        Some(c) => Cow::Borrowed(c),
-        None => Cow::Owned(v.to_string()),
-    })
+    if let Some(c) = COMMON.iter().find(|c| c.as_bytes() == v) {
+        return Ok(Cow::Borrowed(c));
+    }
+    Ok(Cow::Owned(
+        value_str(v, "invalid Content-Type")?.to_string(),
+    ))
 }
 
 /// Accumulates the framing-relevant headers common to requests and responses.
