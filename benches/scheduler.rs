@@ -1,6 +1,6 @@
 //! Pick latency per policy with 8 and 128 instances; cache_aware with 4 KiB prompts and a
 //! full prefix index; kv_aware with a 1,024-token prompt, and with 2,048 such prompts over a
-//! filled KV index and pending layer; what a tokenizer thread spends per KiB (completion
+//! filled KV index and pending layer (with and without the engines' learned speed); what a tokenizer thread spends per KiB (completion
 //! and chat) and the worker ↔ tokenizer-thread hand-off on each driver.
 //! Run: `cargo bench --bench scheduler`.
 
@@ -157,6 +157,39 @@ fn kv_aware_full(c: &mut Criterion, inst: &[Arc<Instance>], n: usize) {
             black_box(s.pick(inst, &ctx_of(&prompts[k])))
         })
     });
+    // The same with every engine's speed and batch learned: the expected-first-token
+    // estimate per instance (prefill and dual legs).
+    learn_speed(inst);
+    let s = scheduler::build(SchedulerKind::KvAware, "m", Role::Dual, &opts, inst);
+    c.bench_function(&format!("pick/kv_aware_1024tok_full_speed/{n}"), |b| {
+        b.iter(|| {
+            k = (k + 1) % prompts.len();
+            black_box(s.pick(inst, &ctx_of(&prompts[k])))
+        })
+    });
+}
+
+/// Gives every instance's engine a learned speed (75 µs per prefill token, 0.6 s in the
+/// batch) and a batch of 4 seen full, as two scrapes of its metrics would.
+fn learn_speed(inst: &[Arc<Instance>]) {
+    use xpyd::engine_load::{EngineSample, Totals};
+    for i in inst {
+        i.engine.store_totals(Totals::default());
+        i.engine.store_totals(Totals {
+            prompt_tokens: 10_000.0,
+            prefill_s: 0.75,
+            prefill_n: 10.0,
+            run_s: 6.0,
+            run_n: 10.0,
+            ..Default::default()
+        });
+        let full = EngineSample {
+            running: 4,
+            waiting: 1,
+            kv_usage: None,
+        };
+        i.engine.store(full, 0);
+    }
 }
 
 fn ctx_of(tokens: &[u32]) -> PickContext<'_> {
