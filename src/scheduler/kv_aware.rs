@@ -171,39 +171,41 @@ fn soonest_first_token(
     held: &impl Fn(&Instance) -> u64,
     group: u64,
 ) -> Option<Arc<Instance>> {
-    if candidates.len() > 64 {
-        return None;
-    }
-    let mut cost = [0u64; 64];
-    let (mut best, mut fastest) = (u64::MAX, u64::MAX);
     let most = candidates
         .iter()
         .filter(|i| ctx.eligible(i))
         .map(|i| held(i))
         .max()
         .unwrap_or(0);
-    for (k, i) in candidates.iter().enumerate() {
-        if !ctx.eligible(i) {
-            continue;
-        }
-        let speed = i.engine.speed()?;
+    let cost = |i: &Instance, speed: Speed| {
         // Recomputing blocks another instance holds makes a second copy, which takes cache
         // space that other prefixes' blocks held: charged as their prefill once more.
         let copied = (most - held(i)) * speed.prefill_ns_per_token / 1000;
-        cost[k] = expected_first_token_us(i, prompt - held(i), speed) + copied;
-        best = best.min(cost[k]);
+        expected_first_token_us(i, prompt - held(i), speed) + copied
+    };
+    let (mut best, mut fastest, mut first) = (u64::MAX, u64::MAX, None);
+    for i in candidates.iter().filter(|i| ctx.eligible(i)) {
+        let speed = i.engine.speed()?;
+        let c = cost(i, speed);
+        if c < best {
+            (best, first) = (c, Some(i));
+        }
         fastest = fastest.min(speed.prefill_ns_per_token);
     }
-    if best == u64::MAX {
-        return None;
-    }
     let margin = (prompt * fastest / 10_000).max(1_000);
+    // Second pass over the same estimates (in-flight counts may have moved meanwhile: the
+    // cheapest of the first pass stands in if none is left in the band).
     candidates
         .iter()
-        .enumerate()
-        .filter(|(k, i)| ctx.eligible(i) && cost[*k] <= best + margin)
-        .max_by_key(|(_, i)| (held(i), hash64(group, i.address.as_bytes())))
-        .map(|(_, i)| i.clone())
+        .filter(|i| {
+            ctx.eligible(i)
+                && i.engine
+                    .speed()
+                    .is_some_and(|s| cost(i, s) <= best.saturating_add(margin))
+        })
+        .max_by_key(|i| (held(i), hash64(group, i.address.as_bytes())))
+        .or(first)
+        .cloned()
 }
 
 /// Microseconds until `i` would return the first token of a prompt of which it must
