@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::free_port;
+use common::free_ports;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -337,7 +337,11 @@ fn run_example(name: &str) {
     let uses_venv = blocks.iter().any(|b| b.text.contains("/tmp/xb/"));
     let rw = Rewrite {
         ports: if live {
-            DOC_PORTS.iter().map(|&p| (p, free_port())).collect()
+            DOC_PORTS
+                .iter()
+                .copied()
+                .zip(free_ports(DOC_PORTS.len()))
+                .collect()
         } else {
             Vec::new()
         },

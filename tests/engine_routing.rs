@@ -534,7 +534,7 @@ fn kv_events_gap_filled_from_the_replay_socket() {
 /// positional batch of maps), and the proxy reads them all.
 #[test]
 fn kv_aware_follows_a_simulated_engines_own_events() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let ports = free_ports(3);
     let nodes: Vec<Proc> = ports
         .iter()
         .zip(["map", "array", "mixed"])
@@ -920,13 +920,8 @@ fn a_full_tokenizer_queue_falls_back_to_the_byte_estimate() {
 /// and that is visible in /metrics and /status/instances (serving does not depend on it).
 #[test]
 fn a_65th_publishing_instance_is_reported_not_indexed() {
-    // 65 instance addresses and 65 event ports, all distinct: the listeners are held
-    // until every port is taken (one dropped at a time could be handed out twice).
-    let held: Vec<std::net::TcpListener> = (0..130)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
-        .collect();
-    let ports: Vec<std::net::SocketAddr> = held.iter().map(|l| l.local_addr().unwrap()).collect();
-    drop(held);
+    // 65 instance addresses and 65 event ports, all distinct.
+    let ports = free_addrs(130);
     let (addrs, events) = ports.split_at(65);
     let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
     let endpoints: String = addrs
@@ -1001,7 +996,7 @@ fn a_reload_reads_the_tokenizers_again() {
 /// the prefix there) — docs/scheduling.md, "KV aware".
 #[test]
 fn kv_aware_waits_for_its_holder_only_while_that_is_sooner() {
-    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let ports = free_ports(2);
     let nodes: Vec<Proc> = ports
         .iter()
         .map(|p| {

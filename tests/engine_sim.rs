@@ -539,7 +539,9 @@ fn value(samples: &[Value], name: &str) -> f64 {
 
 #[test]
 fn replay_socket_resends_buffered_batches() {
-    let (port, replay) = (free_port(), free_port());
+    let [port, replay] = free_ports(2)[..] else {
+        unreachable!()
+    };
     let d = dummy(
         "dual",
         &[

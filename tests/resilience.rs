@@ -27,7 +27,9 @@ fn instance_status(proxy: &Proc, addr: &str) -> Value {
 
 #[test]
 fn gated_until_nodes_come_up_and_operational_endpoints_always_answer() {
-    let (port_p, port_d) = (free_port(), free_port());
+    let [port_p, port_d] = free_ports(2)[..] else {
+        unreachable!()
+    };
     let yaml = format!(
         "model: {MODEL}\nprefill: [\"127.0.0.1:{port_p}\"]\ndecode: [\"127.0.0.1:{port_d}\"]\n"
     );

@@ -327,7 +327,7 @@ fn prefill_and_decode_legs_use_their_own_policies() {
 fn two_replicas(policy: &str) -> Vec<Vec<usize>> {
     const GROUPS: usize = 12;
     const PER_GROUP: usize = 20;
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let ports = free_ports(4);
     let nodes: Vec<Proc> = ports
         .iter()
         .map(|p| {

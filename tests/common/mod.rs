@@ -112,6 +112,20 @@ pub fn free_port() -> u16 {
     dead_address().port()
 }
 
+/// `n` distinct free loopback addresses: every listener is held until all are bound (ports
+/// drawn one at a time and released at once can be handed out twice).
+pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
+/// `n` distinct free loopback ports (see `free_addrs`).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    free_addrs(n).iter().map(SocketAddr::port).collect()
+}
+
 pub const MODEL: &str = "test-model";
 
 pub fn dummy(mode: &str, extra: &[&str]) -> Proc {
