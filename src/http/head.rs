@@ -127,19 +127,34 @@ struct FramingHeaders {
 impl FramingHeaders {
     fn observe(&mut self, name: &str, value: &[u8]) -> Result<bool, HeadError> {
         if name.eq_ignore_ascii_case("content-length") {
-            let v = value_str(value, "invalid Content-Length")?;
-            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(HeadError::Malformed("invalid Content-Length"));
-            }
-            let n: u64 = v
-                .parse()
-                .map_err(|_| HeadError::Malformed("invalid Content-Length"))?;
+            // Digits only (no sign, no blank inside), read as bytes: every head has one.
+            let v = value.trim_ascii();
+            let n = if v.is_empty() {
+                None
+            } else {
+                v.iter().try_fold(0u64, |n, &b| {
+                    b.is_ascii_digit()
+                        .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+                        .flatten()
+                })
+            };
+            let n = n.ok_or(HeadError::Malformed("invalid Content-Length"))?;
             if self.content_length.is_some_and(|old| old != n) {
                 return Err(HeadError::Malformed("conflicting Content-Length headers"));
             }
             self.content_length = Some(n);
             Ok(true)
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                // The usual value alone: what the loop below does for it.
+                if self.chunked {
+                    return Err(HeadError::Malformed(
+                        "chunked is not the final transfer coding",
+                    ));
+                }
+                self.chunked = true;
+                return Ok(true);
+            }
             let v = value_str(value, "invalid Transfer-Encoding")?;
             for coding in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
                 if self.chunked {
@@ -156,6 +171,18 @@ impl FramingHeaders {
             }
             Ok(true)
         } else if name.eq_ignore_ascii_case("connection") {
+            // The usual values alone, without splitting.
+            match value.trim_ascii() {
+                v if v.eq_ignore_ascii_case(b"keep-alive") => {
+                    self.conn_keep_alive = true;
+                    return Ok(true);
+                }
+                v if v.eq_ignore_ascii_case(b"close") => {
+                    self.conn_close = true;
+                    return Ok(true);
+                }
+                _ => {}
+            }
             let v = value_str(value, "invalid Connection")?;
             for tok in v.split(',').map(str::trim) {
                 if tok.eq_ignore_ascii_case("close") {
@@ -184,6 +211,10 @@ const CONSUMED: &[&str] = &["host", "content-type", "x-request-id", "expect"];
 
 /// Keeps the tokens of a `Connection` value other than close and keep-alive.
 fn note_connection(named: &mut Option<String>, value: &[u8]) {
+    let t = value.trim_ascii();
+    if t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close") {
+        return;
+    }
     let Ok(v) = std::str::from_utf8(value) else {
         return;
     };
@@ -429,6 +460,34 @@ mod tests {
         assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
         let raw = b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n";
         assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
+        for bad in [
+            &b"5 5"[..],
+            b"",
+            b"-1",
+            b"0x5",
+            b"18446744073709551616",
+            b"\xff5",
+        ] {
+            let mut raw = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: ".to_vec();
+            raw.extend_from_slice(bad);
+            raw.extend_from_slice(b"\r\n\r\n");
+            assert!(
+                matches!(parse_request(&raw), Err(HeadError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n";
+        assert_eq!(
+            parse_request(raw).unwrap().framing,
+            Framing::Length(u64::MAX)
+        );
+        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
+        let raw = b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n";
+        assert!(parse_request(raw).unwrap().keep_alive);
+        let raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection:  CLOSE \r\n\r\n";
+        let h = parse_request(raw).unwrap();
+        assert!(!h.keep_alive && h.connection.is_none());
         let raw = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n";
         assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
     }

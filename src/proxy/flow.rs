@@ -390,12 +390,15 @@ async fn disaggregated(
             .await?;
         let inst = guard.instance();
         let idle = w.policy().timeouts.idle;
-        let resp = match monoio::time::timeout(
-            idle,
-            super::upstream::read_body(&mut conn, &head, MAX_PREFILL_RESPONSE),
-        )
-        .await
-        {
+        let got = {
+            let read = pin!(super::upstream::read_body(
+                &mut conn,
+                &head,
+                MAX_PREFILL_RESPONSE
+            ));
+            monoio::time::timeout(idle, read).await
+        };
+        let resp = match got {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 failure::count(w, inst, failure::error_type(&e));
@@ -435,8 +438,12 @@ async fn disaggregated(
         resp
     };
     // NIXL: the decode leg carries exactly what the prefill node returned.
+    let with_kv;
     let decode_body = match nixl.then(|| openai::kv_params_of(&resp)).flatten() {
-        Some(kv) => Bytes::from(openai::with_kv_params(&job.inspected.obj, &kv)),
+        Some(kv) => {
+            with_kv = Bytes::from(openai::with_kv_params(&job.inspected.obj, &kv));
+            &with_kv
+        }
         None => {
             if nixl {
                 crate::debug!(
@@ -444,7 +451,8 @@ async fn disaggregated(
                     ctx.request_id
                 );
             }
-            job.body.clone()
+            // Borrowed, not cloned: a clone of the body's `Bytes` allocated its shared header.
+            job.body
         }
     };
     // The prefill leg took time: pick the decode leg from the topology as it is now.
@@ -454,10 +462,10 @@ async fn disaggregated(
     // plain relay, which frames by close.
     if w.policy().generator_on_p_node && job.inspected.stream && !ctx.http10 {
         if let Some(first) = FirstToken::from_prefill(&resp, job.chat) {
-            return Ok(first_from_prefill(ctx, route, pick, &decode_body, &first).await);
+            return Ok(first_from_prefill(ctx, route, pick, decode_body, &first).await);
         }
     }
-    forward(ctx, &route.decode, pick, Role::Decode, &decode_body).await
+    forward(ctx, &route.decode, pick, Role::Decode, decode_body).await
 }
 
 /// The prefill token goes out at once; the decode stream follows it (`first_token.rs`).
