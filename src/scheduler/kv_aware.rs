@@ -73,12 +73,16 @@ impl Scheduler for KvAware {
         let held = |i: &Instance| (blocks_of(i) * block as u64).min(prompt);
         // `least`: what every eligible publishing instance holds (a shared header); with
         // fewer than two publishing there is nothing to compare, it is 0.
+        let stored = |i: &Instance| i.kv_stats.blocks.load(Ordering::Relaxed);
         let (mut min, mut least, mut publishing, mut deepest) = (u64::MAX, u64::MAX, 0, 0);
+        let (mut eligible, mut fewest) = (0, u64::MAX);
         for i in candidates.iter().filter(|i| ctx.eligible(i)) {
+            eligible += 1;
             min = min.min(requests(self.role, i));
             if bit(i) > 0 {
                 least = least.min(blocks_of(i));
                 publishing += 1;
+                fewest = fewest.min(stored(i));
             }
             deepest = deepest.max(blocks_of(i) as usize);
         }
@@ -108,10 +112,17 @@ impl Scheduler for KvAware {
             Some(&k) => k,
             None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
         };
+        // Room for a new group: an engine holding at most one prompt's worth of blocks more
+        // than the emptiest (when every eligible instance publishes events). Every replica
+        // counts the same events, so new groups are dealt out evenly over the nodes, and the
+        // same way everywhere, rather than by the hash alone (docs/scheduling.md, "New
+        // prefixes"). Full caches all hold about as much: then it is the hash alone.
+        let slack = keys.len().max(1) as u64;
+        let roomy = |i: &Instance| publishing < eligible || stored(i) <= fewest + slack;
         let by_cost = match self.role {
             Role::Decode => None,
             Role::Prefill | Role::Dual => {
-                soonest_first_token(candidates, ctx, prompt, &held, group)
+                soonest_first_token(candidates, ctx, prompt, &held, &roomy, group)
             }
         };
         let chosen = if let Some(c) = by_cost {
@@ -127,9 +138,9 @@ impl Scheduler for KvAware {
             // A new prefix (or its holders are overloaded): its rendezvous home within the
             // load band, keyed by the group's first block, so every replica sends the
             // group's first requests to the same node.
-            rendezvous(candidates, ctx, group, |i| {
-                in_load_band(requests(self.role, i), min)
-            })?
+            let band = |i: &Instance| in_load_band(requests(self.role, i), min);
+            rendezvous(candidates, ctx, group, |i| band(i) && roomy(i))
+                .or_else(|| rendezvous(candidates, ctx, group, band))?
         };
         let blocks = blocks_of(&chosen);
         // The leg is counted by what the engine must compute (see `scheduler::take_cached`).
@@ -160,15 +171,16 @@ impl Scheduler for KvAware {
 /// instance's engine speed is known (`EngineLoad::speed`, learned from its vLLM timing
 /// metrics; else None and the balance thresholds decide): for each, the wait for a batch
 /// slot plus the prefill of what it does not hold, and that prefill once more for blocks
-/// another instance already holds (a copy evicts other prefixes). Near-equal estimates (within a tenth of
-/// computing the whole prompt) go to the instance holding more, then to the group's
-/// rendezvous home, so that a group stays on one node and replicas agree on new ones
-/// (docs/scheduling.md, "KV aware").
+/// another instance already holds (a copy evicts other prefixes). Near-equal estimates
+/// (within a tenth of computing the whole prompt) go to the instance holding more, then to
+/// one with room for a new group (`roomy`), then to the group's rendezvous home, so that a
+/// group stays on one node and replicas agree on new ones (docs/scheduling.md, "KV aware").
 fn soonest_first_token(
     candidates: &[Arc<Instance>],
     ctx: &PickContext<'_>,
     prompt: u64,
     held: &impl Fn(&Instance) -> u64,
+    roomy: &impl Fn(&Instance) -> bool,
     group: u64,
 ) -> Option<Arc<Instance>> {
     let most = candidates
@@ -203,7 +215,7 @@ fn soonest_first_token(
                     .speed()
                     .is_some_and(|s| cost(i, s) <= best.saturating_add(margin))
         })
-        .max_by_key(|i| (held(i), hash64(group, i.address.as_bytes())))
+        .max_by_key(|i| (held(i), roomy(i), hash64(group, i.address.as_bytes())))
         .or(first)
         .cloned()
 }
@@ -381,6 +393,39 @@ mod tests {
             homes.insert(x.address.clone());
         }
         assert_eq!(homes.len(), 4);
+    }
+
+    /// New groups go to the engines holding the fewest blocks (as their events tell every
+    /// replica alike), with or without the engines' speed; with equal caches, by the hash.
+    #[test]
+    fn new_groups_are_dealt_to_the_emptiest_caches() {
+        for with_speed in [false, true] {
+            let c = instances(4, Role::Dual);
+            bits(&c, 30);
+            if with_speed {
+                learned(&c);
+            }
+            let p = KvAware::new(Role::Dual, &SchedulingOptions::default());
+            for (i, blocks) in c.iter().zip([300, 40, 300, 300]) {
+                i.kv_stats.blocks.store(blocks, Ordering::Relaxed);
+            }
+            for g in 0..12u32 {
+                // 400 tokens = 25 blocks: instance 1 is within one prompt of the emptiest.
+                let t: Vec<u32> = (0..400).map(|k| 300_000 + g * 1000 + k).collect();
+                let at = p.pick(&c, &ctx(&t)).unwrap();
+                assert!(Arc::ptr_eq(&at, &c[1]), "group {g} (speed known: {with_speed})");
+            }
+            for i in &c {
+                i.kv_stats.blocks.store(300, Ordering::Relaxed);
+            }
+            let homes: std::collections::HashSet<_> = (0..24u32)
+                .map(|g| {
+                    let t: Vec<u32> = (0..400).map(|k| 400_000 + g * 1000 + k).collect();
+                    p.pick(&c, &ctx(&t)).unwrap().address.clone()
+                })
+                .collect();
+            assert_eq!(homes.len(), 4, "speed known: {with_speed}");
+        }
     }
 
     /// A new prefix's first request is placed by rendezvous; the ones after it follow the
