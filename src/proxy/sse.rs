@@ -31,15 +31,10 @@ pub fn error_event(out: &mut Vec<u8>, err: &ApiError, chunked: bool) {
 /// SSE events that start in `bytes` (each begins with `data:` at a line start). A relay
 /// writes whole upstream reads, so an event's `data:` is counted once.
 pub fn count_events(bytes: &[u8]) -> u64 {
-    let mut n = 0;
-    let mut at_line_start = true;
-    for (i, &b) in bytes.iter().enumerate() {
-        if at_line_start && b == b'd' && bytes[i..].starts_with(b"data:") {
-            n += 1;
-        }
-        at_line_start = b == b'\n';
-    }
-    n
+    // Line starts found with a SIMD newline search: a byte-by-byte loop cost ~7
+    // instructions per relayed byte, a third of a streamed request's user-space work.
+    let starts = std::iter::once(0).chain(memchr::memchr_iter(b'\n', bytes).map(|i| i + 1));
+    starts.filter(|&i| bytes[i..].starts_with(b"data:")).count() as u64
 }
 
 /// Cuts a decoded event-stream body into whole events (each ended by a blank line) as its
@@ -132,6 +127,13 @@ mod tests {
         assert_eq!(count_events(b"data: 1\n\ndata: 2\n\n"), 2);
         assert_eq!(count_events(b"data: has data: inside\n\n"), 1);
         assert_eq!(count_events(b""), 0);
+        // As relayed from a chunked upstream: chunk-size lines between the events.
+        assert_eq!(
+            count_events(b"e\r\ndata: 1\n\ndata: 2\n\n\r\n7\r\ndata: 3\r\n"),
+            3
+        );
+        assert_eq!(count_events(b": comment\nevent: x\ndata"), 0);
+        assert_eq!(count_events(b"\n\ndata:"), 1);
     }
 
     #[test]
