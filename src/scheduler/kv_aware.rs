@@ -413,7 +413,10 @@ mod tests {
                 // 400 tokens = 25 blocks: instance 1 is within one prompt of the emptiest.
                 let t: Vec<u32> = (0..400).map(|k| 300_000 + g * 1000 + k).collect();
                 let at = p.pick(&c, &ctx(&t)).unwrap();
-                assert!(Arc::ptr_eq(&at, &c[1]), "group {g} (speed known: {with_speed})");
+                assert!(
+                    Arc::ptr_eq(&at, &c[1]),
+                    "group {g} (speed known: {with_speed})"
+                );
             }
             for i in &c {
                 i.kv_stats.blocks.store(300, Ordering::Relaxed);
