@@ -88,6 +88,7 @@ ap.add_argument("--scrape-interval", default="0.5",
 ap.add_argument("--xpyd-config", default="",
                 help="extra YAML lines for xpyd's config, `;`-separated (e.g. a scheduling_config)")
 ap.add_argument("--json", default=f"/tmp/prefix-routing-{os.getpid()}.json")
+ap.add_argument("--from-json", default="", help="print the tables of saved runs (a --json file) and exit")
 A = ap.parse_args()
 BIN = os.path.abspath(A.bin)
 DUMMY_BIN = os.path.abspath(A.dummy_bin or A.bin)
@@ -480,6 +481,26 @@ def affinity_and_spread(nodes, prefixes, roles):
     return (main / total if total else float("nan")), loads, per_node
 
 
+def engine_beliefs(st):
+    """address -> the `engine` numbers of /status/instances (batch_seen, prefill µs/token,
+    mean run seconds, ...), wherever they sit in the document."""
+    out = {}
+
+    def walk(v):
+        if isinstance(v, dict):
+            if isinstance(v.get("engine"), dict) and "address" in v:
+                e = v["engine"]
+                out[v["address"]] = {k: e.get(k) for k in ("batch_seen", "prefill_us_per_token",
+                                                          "mean_run_seconds", "age_seconds")}
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+    walk(st)
+    return out
+
+
 def run(topology, name, start, prefixes, reqs):
     nodes, nprocs = start_nodes(ROLES[topology])
     rprocs = []
@@ -520,7 +541,7 @@ def run(topology, name, start, prefixes, reqs):
         run_mean = [statistics.mean(x[0] for x in s) if s else 0 for s in occ.values()]
         wait_mean = [statistics.mean(x[1] for x in s) if s else 0 for s in occ.values()]
         wait_max = [max((x[1] for x in s), default=0) for s in occ.values()]
-        picks, picks_per_replica = {}, []
+        picks, picks_per_replica, engines = {}, [], []
         if name.startswith("xpyd") or name.startswith("2×"):
             for b in bases:
                 mine = {}
@@ -529,6 +550,12 @@ def run(topology, name, start, prefixes, reqs):
                         o = re.search(r'outcome="([^"]+)"', line).group(1)
                         mine[o] = mine.get(o, 0) + int(float(line.rsplit(" ", 1)[1]))
                 picks_per_replica.append(mine)
+                # What xpyd believed about the engines at the end (kv_aware's learned speed).
+                try:
+                    st = json.loads(http_get(f"http://{b}/status/instances"))
+                    engines.append(engine_beliefs(st))
+                except Exception as e:  # noqa: BLE001 - diagnostics only
+                    engines.append(repr(e))
                 for o, n in mine.items():
                     picks[o] = picks.get(o, 0) + n
         last_done = max((o[4] for o in ok), default=wall)
@@ -545,7 +572,7 @@ def run(topology, name, start, prefixes, reqs):
             "spread": (max(loads) / min(loads)) if loads and min(loads) > 0 else float("inf"),
             "node_running_mean": run_mean, "node_waiting_mean": wait_mean, "node_waiting_max": wait_max,
             "preemptions": sum(delta(a, "vllm:num_preemptions_total") for _, a, _ in nodes),
-            "picks": picks, "picks_per_replica": picks_per_replica,
+            "picks": picks, "picks_per_replica": picks_per_replica, "engines": engines,
             # Which node got how many of each group's requests (node address -> group -> n).
             "groups_per_node": {a: {str(g): n for g, n in sorted(c.items())} for a, c in groups.items()},
             "load_avg": [la0, la1],
@@ -579,20 +606,23 @@ def main():
     scenarios = set(filter(None, A.scenario.split(",")))
     topos = (A.topology.split(",") if "load" in scenarios else []) + (["affinity"] if "affinity" in scenarios else [])
     loads = {}
-    for topo, rate in (("dual", A.rate), ("1p3d", A.rate_pd)):
+    for topo, rate in () if A.from_json else (("dual", A.rate), ("1p3d", A.rate_pd)):
         if topo in topos:
             loads[topo] = build_workload(rate)
             log(f"workload {topo}: {A.requests} requests, Poisson {rate}/s (last arrival "
                 f"{loads[topo][1][-1][0]:.1f} s), {A.prefixes} prefixes × {A.prefix_tokens} tokens + "
                 f"{A.suffix_tokens}-token suffixes, {A.output} output tokens")
-    if "affinity" in topos:
+    if "affinity" in topos and not A.from_json:
         loads["affinity"] = build_affinity_workload()
         log(f"workload affinity: {A.groups} groups × {A.per_group} requests, ~{A.prefix_bytes}-byte "
             f"prefixes, {A.clients} closed-loop clients, a connection per request, "
             f"{A.affinity_output} output tokens, {A.proxy_workers} xpyd workers per proxy")
     wanted = set(filter(None, A.targets.split(",")))
     results = []
-    for rep in range(A.repeats):
+    if A.from_json:
+        results = [r for r in json.load(open(A.from_json)) if not wanted or r["target"] in wanted]
+        topos = [t for t in ("dual", "1p3d", "affinity") if any(r["topology"] == t for r in results)]
+    for rep in range(0 if A.from_json else A.repeats):
         for topo in topos:
             for name, start in TARGETS[topo]:
                 if wanted and name not in wanted:
@@ -612,7 +642,7 @@ def main():
         rows = [r for r in results if r["topology"] == topo]
         if not rows:
             continue
-        print(f"\n{topo}: medians over {A.repeats} runs (min–max)\n")
+        print(f"\n{topo}: medians over {len({r['rep'] for r in rows})} runs (min–max)\n")
         print("| target | TTFT mean ms | TTFT p50 ms | TTFT p99 ms | req/s | nodes' prefix-cache hit rate | "
               "prefix affinity | load spread (max/min requests) | running/waiting per node, busiest first | errors |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
