@@ -328,17 +328,30 @@ impl EngineLoad {
     }
 }
 
-/// Requests a pick should assume are queued or running on an instance beyond what this
-/// proxy has in flight there itself: the engine's running + waiting at the last scrape,
-/// minus this proxy's own in-flight count at that time (those are already counted locally),
-/// plus the waiting ones again (a queued request is worse than a running one: it has not
-/// started and everything it waits behind must finish first). Requests this proxy sent or
-/// finished since the scrape are in the local count, so they are neither missed nor
-/// counted twice.
+/// Requests on the engine that this proxy did not send (other replicas', other clients'):
+/// its running + waiting at the last scrape minus this proxy's own in-flight count at that
+/// time. Requests this proxy sent or finished since the scrape are in its live local count,
+/// so they are neither missed nor counted twice.
 #[inline]
-pub fn unseen_requests(f: &Fresh) -> u64 {
-    let s = &f.sample;
-    (s.running + s.waiting).saturating_sub(f.local_at_scrape) + s.waiting
+pub fn others(f: &Fresh) -> u64 {
+    (f.sample.running + f.sample.waiting).saturating_sub(f.local_at_scrape)
+}
+
+/// Requests a pick should assume on an instance beyond `local` (this proxy's in flight
+/// there now): the others, plus — once the engine's batch is known (`batch_seen`) — every
+/// request now queued behind the full batch counted again (a queued request has not
+/// started and waits behind every running one). The queue is estimated from the live total
+/// (local + others), not from the scraped waiting count: that is up to an interval old, and
+/// every pick reading it meanwhile would avoid a node that has long drained and pile onto
+/// the others (measured: the decode leg of 1P+3D, docs/benchmarks.md).
+#[inline]
+pub fn unseen_requests(f: &Fresh, local: u64, batch: u64) -> u64 {
+    let others = others(f);
+    let queued = match batch {
+        0 => 0,
+        b => (local + others).saturating_sub(b),
+    };
+    others + queued
 }
 
 /// Prompt tokens assumed per request the proxy did not send itself (prefill load is
@@ -349,9 +362,14 @@ pub const UNSEEN_PROMPT_TOKENS: u64 = 512;
 /// prompt tokens, decode tokens)` and the engine's numbers when fresh. Prefill is bound by
 /// prompt tokens, decode by requests (then KV-cache use, then decode tokens).
 #[inline]
-pub fn load_key(role: Role, local: (u64, u64, u64), engine: Option<&Fresh>) -> (u64, u64) {
+pub fn load_key(
+    role: Role,
+    local: (u64, u64, u64),
+    engine: Option<&Fresh>,
+    batch: u64,
+) -> (u64, u64) {
     let (req, prompt, decode) = local;
-    let unseen = engine.map_or(0, unseen_requests);
+    let unseen = engine.map_or(0, |f| unseen_requests(f, req, batch));
     match role {
         Role::Prefill => (prompt + unseen * UNSEEN_PROMPT_TOKENS, req + unseen),
         Role::Decode | Role::Dual => {
@@ -418,11 +436,16 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
             local_at_scrape: local,
         };
         // All of the engine's requests are ours: nothing unseen.
-        assert_eq!(unseen_requests(&f(4, 0, 4)), 0);
-        // Another proxy's two requests, one of ours queued: 2 + the queued one again.
-        assert_eq!(unseen_requests(&f(5, 1, 4)), 3);
-        // A long queue weighs double.
-        assert_eq!(unseen_requests(&f(8, 40, 0)), 88);
+        assert_eq!(unseen_requests(&f(4, 0, 4), 4, 4), 0);
+        // Another proxy's two requests (ours: 4 then and now) in a batch of 4: 2 others
+        // and the 2 queued now counted again.
+        assert_eq!(unseen_requests(&f(5, 1, 4), 4, 4), 4);
+        // The queue seen at the scrape has drained since (we have 1 in flight now): only
+        // the others count, not the stale waiting number.
+        assert_eq!(unseen_requests(&f(4, 2, 4), 1, 4), 2);
+        // A long queue weighs double; the batch unknown: no queue term.
+        assert_eq!(unseen_requests(&f(8, 40, 0), 0, 8), 88);
+        assert_eq!(unseen_requests(&f(8, 40, 0), 0, 0), 48);
     }
 
     #[test]
@@ -494,10 +517,12 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
         };
         let idle = (3, 3000, 300);
         assert!(
-            load_key(Role::Decode, idle, None) < load_key(Role::Decode, (0, 0, 0), Some(&busy))
+            load_key(Role::Decode, idle, None, 0)
+                < load_key(Role::Decode, (0, 0, 0), Some(&busy), 8)
         );
         assert!(
-            load_key(Role::Prefill, idle, None) < load_key(Role::Prefill, (0, 0, 0), Some(&busy))
+            load_key(Role::Prefill, idle, None, 0)
+                < load_key(Role::Prefill, (0, 0, 0), Some(&busy), 8)
         );
     }
 }

@@ -11,7 +11,7 @@ use super::{
     hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Scheduler,
 };
 use crate::config::{Role, SchedulingOptions};
-use crate::engine_load::Speed;
+use crate::engine_load::{self, Speed};
 use crate::instance::Instance;
 use crate::kv_index;
 use std::sync::atomic::Ordering;
@@ -233,9 +233,7 @@ fn expected_first_token_us(i: &Instance, uncached: u64, speed: Speed) -> u64 {
     if batch == 0 {
         return prefill;
     }
-    let others = i.engine.last().map_or(0, |f| {
-        (f.sample.running + f.sample.waiting).saturating_sub(f.local_at_scrape)
-    });
+    let others = i.engine.last().map_or(0, |f| engine_load::others(&f));
     let ahead = (i.in_flight() + others + 1).saturating_sub(batch);
     prefill + ahead * speed.run_us / batch
 }

@@ -77,7 +77,12 @@ pub fn build(
 /// engine reports beyond them when its /metrics were scraped (see `engine_load::load_key`).
 #[inline]
 pub(crate) fn load_key(role: Role, i: &Instance) -> (u64, u64) {
-    crate::engine_load::load_key(role, i.load.snapshot(), i.engine.last().as_ref())
+    crate::engine_load::load_key(
+        role,
+        i.load.snapshot(),
+        i.engine.last().as_ref(),
+        i.engine.batch_seen(),
+    )
 }
 
 thread_local! {
