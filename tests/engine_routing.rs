@@ -538,23 +538,7 @@ fn kv_aware_follows_a_simulated_engines_own_events() {
     let nodes: Vec<Proc> = ports
         .iter()
         .zip(["map", "array", "mixed"])
-        .map(|(p, layout)| {
-            // vLLM binds when the endpoint has `*` (its default, tcp://*:5557), else connects.
-            let ep = format!("tcp://*:{p}");
-            dummy(
-                "dual",
-                &[
-                    "--kv-cache-blocks",
-                    "400",
-                    "--block-size",
-                    "16",
-                    "--kv-events-endpoint",
-                    &ep,
-                    "--kv-events-format",
-                    layout,
-                ],
-            )
-        })
+        .map(|(&p, layout)| kv_dummy(p, 400, &["--kv-events-format", layout]))
         .collect();
     let proxy = proxy_with(
         &format!(
@@ -999,26 +983,17 @@ fn kv_aware_waits_for_its_holder_only_while_that_is_sooner() {
     let ports = free_ports(2);
     let nodes: Vec<Proc> = ports
         .iter()
-        .map(|p| {
-            let ep = format!("tcp://*:{p}");
+        .map(|&p| {
             // One request at a time, 200 µs per computed prompt token, 20 ms per step.
-            dummy(
-                "dual",
-                &[
-                    "--max-num-seqs",
-                    "1",
-                    "--kv-cache-blocks",
-                    "400",
-                    "--block-size",
-                    "16",
-                    "--kv-events-endpoint",
-                    &ep,
-                    "--prefill-delay-per-token",
-                    "0.0002",
-                    "--decode-delay-per-token",
-                    "0.02",
-                ],
-            )
+            let timing = [
+                "--max-num-seqs",
+                "1",
+                "--prefill-delay-per-token",
+                "0.0002",
+                "--decode-delay-per-token",
+                "0.02",
+            ];
+            kv_dummy(p, 400, &timing)
         })
         .collect();
     let proxy = proxy_with(

@@ -330,23 +330,8 @@ fn two_replicas(policy: &str) -> Vec<Vec<usize>> {
     let ports = free_ports(4);
     let nodes: Vec<Proc> = ports
         .iter()
-        .map(|p| {
-            let ep = format!("tcp://*:{p}");
-            dummy(
-                "dual",
-                &[
-                    "--kv-cache-blocks",
-                    "4000",
-                    "--block-size",
-                    "16",
-                    "--kv-events-endpoint",
-                    &ep,
-                    // A prefill takes a little time, so a group's requests overlap.
-                    "--prefill-delay-per-token",
-                    "0.0001",
-                ],
-            )
-        })
+        // A prefill takes a little time, so a group's requests overlap.
+        .map(|&p| kv_dummy(p, 4000, &["--prefill-delay-per-token", "0.0001"]))
         .collect();
     let yaml = format!(
         "{}scheduling: {policy}\n{}",

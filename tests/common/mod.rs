@@ -232,6 +232,22 @@ pub fn pd_yaml(prefill: &[&Proc], decode: &[&Proc]) -> String {
     )
 }
 
+/// A dual node with a KV cache of `blocks` blocks of 16 tokens that publishes its KV events
+/// on `port` (binding, as vLLM does for `tcp://*:PORT`), plus `extra` flags.
+pub fn kv_dummy(port: u16, blocks: u32, extra: &[&str]) -> Proc {
+    let (ep, blocks) = (format!("tcp://*:{port}"), blocks.to_string());
+    let mut args = vec![
+        "--kv-cache-blocks",
+        &blocks,
+        "--block-size",
+        "16",
+        "--kv-events-endpoint",
+        &ep,
+    ];
+    args.extend_from_slice(extra);
+    dummy("dual", &args)
+}
+
 /// A `kv_events:` section naming, for each node, the local port its KV events are
 /// published on (`ports[k]` for `nodes[k]`).
 pub fn kv_events_yaml(nodes: &[Proc], ports: &[u16]) -> String {
