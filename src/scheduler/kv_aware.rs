@@ -192,7 +192,8 @@ fn soonest_first_token(
     let cost = |i: &Instance, speed: Speed| {
         // Recomputing blocks another instance holds makes a second copy, which takes cache
         // space that other prefixes' blocks held: charged as their prefill once more.
-        let copied = (most - held(i)) * speed.prefill_ns_per_token / 1000;
+        // (Saturating: an instance's health may change between the passes.)
+        let copied = most.saturating_sub(held(i)) * speed.prefill_ns_per_token / 1000;
         expected_first_token_us(i, prompt - held(i), speed) + copied
     };
     let (mut best, mut fastest, mut first) = (u64::MAX, u64::MAX, None);
