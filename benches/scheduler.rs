@@ -178,7 +178,6 @@ fn learn_speed(inst: &[Arc<Instance>]) {
         i.engine.store_totals(Totals {
             prompt_tokens: 10_000.0,
             prefill_s: 0.75,
-            prefill_n: 10.0,
             run_s: 6.0,
             run_n: 10.0,
             ..Default::default()

@@ -51,9 +51,8 @@ pub fn parse(text: &str) -> Option<EngineSample> {
 pub struct Totals {
     pub prompt_tokens: f64,
     pub prefix_hits: f64,
-    /// Seconds from a request's scheduling to its first token, summed; and how many.
+    /// Seconds from a request's scheduling to its first token, summed.
     pub prefill_s: f64,
-    pub prefill_n: f64,
     /// Seconds from a request's scheduling to its last token (its time in the batch).
     pub run_s: f64,
     pub run_n: f64,
@@ -65,7 +64,7 @@ pub fn parse_totals(text: &str) -> Option<Totals> {
     struct Raw {
         prompt: f64,
         hits: f64,
-        prefill: Option<(f64, f64)>,
+        prefill: Option<f64>,
         inference: Option<(f64, f64)>,
         ttft: f64,
         queue: f64,
@@ -84,8 +83,7 @@ pub fn parse_totals(text: &str) -> Option<Totals> {
         match name {
             "vllm:prompt_tokens_total" => r.prompt += v,
             "vllm:prefix_cache_hits_total" => r.hits += v,
-            "vllm:request_prefill_time_seconds_sum" => add(&mut r.prefill, true, v),
-            "vllm:request_prefill_time_seconds_count" => add(&mut r.prefill, false, v),
+            "vllm:request_prefill_time_seconds_sum" => *r.prefill.get_or_insert(0.0) += v,
             "vllm:request_inference_time_seconds_sum" => add(&mut r.inference, true, v),
             "vllm:request_inference_time_seconds_count" => add(&mut r.inference, false, v),
             "vllm:time_to_first_token_seconds_sum" => r.ttft += v,
@@ -100,12 +98,11 @@ pub fn parse_totals(text: &str) -> Option<Totals> {
         (None, Some((s, n))) => ((s - r.queue).max(0.0), n),
         (None, None) => return None,
     };
-    let (prefill_s, prefill_n) = r.prefill.unwrap_or(((r.ttft - r.queue).max(0.0), run_n));
+    let prefill_s = r.prefill.unwrap_or((r.ttft - r.queue).max(0.0));
     Some(Totals {
         prompt_tokens: r.prompt,
         prefix_hits: r.hits,
         prefill_s,
-        prefill_n,
         run_s,
         run_n,
     })
