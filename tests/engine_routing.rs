@@ -1056,9 +1056,9 @@ fn kv_aware_waits_for_its_holder_only_while_that_is_sooner() {
     }
     let requests = |n: &Proc| dummy_stats(n)["requests"].as_u64().unwrap();
     let a = agent();
-    // 3,200 tokens: 640 ms to compute, and as much again for making a second copy of
-    // blocks the holder has, against a learned ~0.3 s in the batch per request ahead.
-    let prefix: Vec<u32> = (0..3200).map(|t| 70_000 + t).collect();
+    // 4,800 tokens: 0.96 s to compute, and as much again for making a second copy of
+    // blocks the holder has, against a learned 0.3–0.5 s in the batch per request ahead.
+    let prefix: Vec<u32> = (0..4800).map(|t| 70_000 + t).collect();
     // Which node a request with the prefix went to (0 or 1).
     let send = |q: u32| -> usize {
         let before: Vec<u64> = nodes.iter().map(requests).collect();
@@ -1103,14 +1103,15 @@ fn kv_aware_waits_for_its_holder_only_while_that_is_sooner() {
             },
         );
     };
-    // Three ahead (~0.9 s) is sooner than computing the prefix elsewhere (~1.3 s with the
-    // copy): the request waits for its holder, though the other node is idle (the balance
-    // check and load band used without the engines' speed move it: 5 requests against 0).
+    // Three ahead (0.9–1.5 s) is sooner than computing the prefix elsewhere (~1.9 s with
+    // the copy): the request waits for its holder, though the other node is idle (the
+    // balance check and load band used without the engines' speed move it: 5 requests
+    // against 0).
     occupy(2);
     assert_eq!(send(9), home, "three ahead of it at the holder");
-    // Five ahead (~1.5 s): the free node is sooner.
-    occupy(4);
-    assert_eq!(send(10), 1 - home, "five ahead of it at the holder");
+    // Nine ahead (2.7–4.5 s): the free node is sooner.
+    occupy(8);
+    assert_eq!(send(10), 1 - home, "nine ahead of it at the holder");
     drop(nodes);
     busy.into_iter().for_each(|t| {
         let _ = t.join();
