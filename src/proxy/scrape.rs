@@ -1,9 +1,10 @@
 //! The engine-metrics scraper: a control-side thread (never a worker) that reads every
 //! instance's Prometheus `/metrics` at a fixed interval, all instances in parallel, each with
 //! a timeout, and publishes vLLM's queue and KV-cache numbers, and the engine's speed learned
-//! from its timing counters, into the instance's `EngineLoad` for the schedulers. A failure is counted and, once the last good sample is
-//! three intervals old, the sample is dropped: routing falls back to the proxy's own
-//! in-flight counts, exactly as for an engine without these metrics.
+//! from its timing counters, into the instance's `EngineLoad` for the schedulers. A failure
+//! is counted and, once the last good sample is three intervals old, the sample is dropped:
+//! routing falls back to the proxy's own in-flight counts, exactly as for an engine without
+//! these metrics.
 
 use crate::config::EngineMetricsConfig;
 use crate::engine_load;
