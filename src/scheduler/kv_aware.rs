@@ -122,7 +122,9 @@ impl Scheduler for KvAware {
         let by_cost = match self.role {
             Role::Decode => None,
             Role::Prefill | Role::Dual => {
-                soonest_first_token(candidates, ctx, prompt, &held, &roomy, group)
+                // The most any eligible instance holds, in tokens (held follows blocks).
+                let most = (deepest as u64 * block as u64).min(prompt);
+                soonest_first_token(candidates, ctx, prompt, most, &held, &roomy, group)
             }
         };
         let chosen = if let Some(c) = by_cost {
@@ -171,7 +173,8 @@ impl Scheduler for KvAware {
 /// instance's engine speed is known (`EngineLoad::speed`, learned from its vLLM timing
 /// metrics; else None and the balance thresholds decide): for each, the wait for a batch
 /// slot plus the prefill of what it does not hold, and that prefill once more for blocks
-/// another instance already holds (a copy evicts other prefixes). Near-equal estimates
+/// another instance already holds (`most`: the most any eligible one holds; a copy evicts
+/// other prefixes). Near-equal estimates
 /// (within a tenth of computing the whole prompt) go to the instance holding more, then to
 /// one with room for a new group (`roomy`), then to the group's rendezvous home, so that a
 /// group stays on one node and replicas agree on new ones (docs/scheduling.md, "KV aware").
@@ -179,16 +182,11 @@ fn soonest_first_token(
     candidates: &[Arc<Instance>],
     ctx: &PickContext<'_>,
     prompt: u64,
+    most: u64,
     held: &impl Fn(&Instance) -> u64,
     roomy: &impl Fn(&Instance) -> bool,
     group: u64,
 ) -> Option<Arc<Instance>> {
-    let most = candidates
-        .iter()
-        .filter(|i| ctx.eligible(i))
-        .map(|i| held(i))
-        .max()
-        .unwrap_or(0);
     let cost = |i: &Instance, speed: Speed| {
         // Recomputing blocks another instance holds makes a second copy, which takes cache
         // space that other prefixes' blocks held: charged as their prefill once more.
