@@ -344,11 +344,18 @@ pub fn others(f: &Fresh) -> u64 {
 #[inline]
 pub fn unseen_requests(f: &Fresh, local: u64, batch: u64) -> u64 {
     let others = others(f);
-    let queued = match batch {
+    others + queued(local + others, batch)
+}
+
+/// Of `on_engine` requests, those waiting behind the engine's full batch of `batch` (a
+/// batch never seen full, 0, queues nobody): the one queue estimate both the load keys and
+/// `kv_aware`'s wait for a slot use.
+#[inline]
+pub fn queued(on_engine: u64, batch: u64) -> u64 {
+    match batch {
         0 => 0,
-        b => (local + others).saturating_sub(b),
-    };
-    others + queued
+        b => on_engine.saturating_sub(b),
+    }
 }
 
 /// Prompt tokens assumed per request the proxy did not send itself (prefill load is

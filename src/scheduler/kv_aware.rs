@@ -229,12 +229,11 @@ fn soonest_first_token(
 fn expected_first_token_us(i: &Instance, uncached: u64, speed: Speed) -> u64 {
     let prefill = uncached * speed.prefill_ns_per_token / 1000;
     let batch = i.engine.batch_seen();
-    if batch == 0 {
-        return prefill;
-    }
     let others = i.engine.last().map_or(0, |f| engine_load::others(&f));
-    let ahead = (i.in_flight() + others + 1).saturating_sub(batch);
-    prefill + ahead * speed.run_us / batch
+    // Behind a full batch once this request joins (itself included): each waits a slot's
+    // share of a request's time in the batch.
+    let ahead = engine_load::queued(i.in_flight() + others + 1, batch);
+    prefill + ahead * speed.run_us / batch.max(1)
 }
 
 #[cfg(test)]

@@ -571,11 +571,21 @@ def run(topology, name, start, prefixes, reqs):
             "affinity": aff, "loads": loads,
             "spread": (max(loads) / min(loads)) if loads and min(loads) > 0 else float("inf"),
             "node_running_mean": run_mean, "node_waiting_mean": wait_mean, "node_waiting_max": wait_max,
+            # Mean time a request waited for a batch slot, per node (the engines' own view).
+            "node_queue_ms": [1000 * delta(a, "vllm:request_queue_time_seconds_sum")
+                              / max(1.0, delta(a, "vllm:request_queue_time_seconds_count"))
+                              for _, a, _ in nodes],
+            "node_ttft_ms": [1000 * delta(a, "vllm:time_to_first_token_seconds_sum")
+                             / max(1.0, delta(a, "vllm:time_to_first_token_seconds_count"))
+                             for _, a, _ in nodes],
             "preemptions": sum(delta(a, "vllm:num_preemptions_total") for _, a, _ in nodes),
             "picks": picks, "picks_per_replica": picks_per_replica, "engines": engines,
             # Which node got how many of each group's requests (node address -> group -> n).
             "groups_per_node": {a: {str(g): n for g, n in sorted(c.items())} for a, c in groups.items()},
             "load_avg": [la0, la1],
+            # Each request's TTFT in arrival order (None: failed), for where-in-the-run views.
+            "ttft_ms_by_request": [round(1000 * o[1], 1) if o and o[0] == "ok" else None
+                                   for o in out],
         }
     finally:
         stop(rprocs)
