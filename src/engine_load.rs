@@ -362,9 +362,17 @@ pub fn queued(on_engine: u64, batch: u64) -> u64 {
 /// counted in tokens; the engine reports requests).
 pub const UNSEEN_PROMPT_TOKENS: u64 = 512;
 
+/// KV-cache use from which an engine counts as nearly full: past it a new sequence may
+/// preempt a running one (vLLM recomputes or swaps it), so such a node ranks after every
+/// other with as many requests.
+pub const KV_NEARLY_FULL: f64 = 0.9;
+
 /// Load as `role` sees it, lower is better, from the local in-flight counts `(requests,
-/// prompt tokens, decode tokens)` and the engine's numbers when fresh. Prefill is bound by
-/// prompt tokens, decode by requests (then KV-cache use, then decode tokens).
+/// prompt tokens, decode tokens left)` and the engine's numbers when fresh. Prefill is
+/// bound by prompt tokens; decode by requests, then a nearly full KV cache, then the decode
+/// tokens its requests have left (the node that frees a batch slot first: with answers of
+/// similar length, picking among equals by request count alone spreads them worse than a
+/// plain rotation does — docs/scheduling.md).
 #[inline]
 pub fn load_key(
     role: Role,
@@ -377,10 +385,13 @@ pub fn load_key(
     match role {
         Role::Prefill => (prompt + unseen * UNSEEN_PROMPT_TOKENS, req + unseen),
         Role::Decode | Role::Dual => {
-            let kv = engine
+            let full = engine
                 .and_then(|f| f.sample.kv_usage)
-                .map_or(0, |u| (u * 1000.0) as u64);
-            (req + unseen, kv << 32 | decode.min(u32::MAX as u64))
+                .is_some_and(|u| u >= KV_NEARLY_FULL);
+            (
+                req + unseen,
+                (full as u64) << 32 | decode.min(u32::MAX as u64),
+            )
         }
     }
 }
@@ -527,6 +538,36 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
         assert!(
             load_key(Role::Prefill, idle, None, 0)
                 < load_key(Role::Prefill, (0, 0, 0), Some(&busy), 8)
+        );
+    }
+
+    #[test]
+    fn among_equal_requests_decode_goes_where_less_is_left_unless_the_cache_is_nearly_full() {
+        let at = |kv: f64| Fresh {
+            sample: EngineSample {
+                running: 2,
+                waiting: 0,
+                kv_usage: Some(kv),
+            },
+            local_at_scrape: 2,
+        };
+        // Same requests; the one with fewer decode tokens left wins whatever the cache use
+        // below nearly full (a scraped number up to an interval old)...
+        let (a, b) = (at(0.7), at(0.3));
+        assert!(
+            load_key(Role::Decode, (2, 0, 40), Some(&a), 4)
+                < load_key(Role::Decode, (2, 0, 300), Some(&b), 4)
+        );
+        // ...but a nearly full cache ranks after it (a new sequence could preempt one).
+        let full = at(KV_NEARLY_FULL);
+        assert!(
+            load_key(Role::Decode, (2, 0, 300), Some(&b), 4)
+                < load_key(Role::Decode, (2, 0, 40), Some(&full), 4)
+        );
+        // Requests still come first.
+        assert!(
+            load_key(Role::Decode, (1, 0, 900), Some(&full), 4)
+                < load_key(Role::Decode, (2, 0, 0), Some(&b), 4)
         );
     }
 }

@@ -185,7 +185,9 @@ impl Load {
 pub struct InFlight {
     inst: Arc<Instance>,
     prompt_tokens: u64,
-    decode_tokens: u64,
+    /// Decode tokens still counted on the instance: the request's `max_tokens` less what
+    /// has streamed out (`decoded`).
+    decode_tokens: std::cell::Cell<u64>,
 }
 
 impl InFlight {
@@ -200,11 +202,23 @@ impl InFlight {
         InFlight {
             inst,
             prompt_tokens,
-            decode_tokens,
+            decode_tokens: std::cell::Cell::new(decode_tokens),
         }
     }
     pub fn instance(&self) -> &Arc<Instance> {
         &self.inst
+    }
+
+    /// `n` more tokens of the answer streamed out: they no longer count as in flight, so
+    /// the instance's decode tokens say how much its requests have *left* — which of two
+    /// nodes with as many requests frees a batch slot first (docs/scheduling.md).
+    pub fn decoded(&self, n: u64) {
+        let left = self.decode_tokens.get();
+        let n = n.min(left);
+        if n > 0 {
+            self.inst.load.decode_tokens.fetch_sub(n, Ordering::Relaxed);
+            self.decode_tokens.set(left - n);
+        }
     }
 }
 
@@ -215,6 +229,6 @@ impl Drop for InFlight {
         l.prompt_tokens
             .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
         l.decode_tokens
-            .fetch_sub(self.decode_tokens, Ordering::Relaxed);
+            .fetch_sub(self.decode_tokens.get(), Ordering::Relaxed);
     }
 }

@@ -1117,3 +1117,109 @@ fn kv_aware_waits_for_its_holder_only_while_that_is_sooner() {
         let _ = t.join();
     });
 }
+
+/// A streamed completion held open: the request is sent and its response head read; a
+/// thread drains the rest so the proxy keeps relaying. Dropping it closes the connection.
+struct OpenStream {
+    conn: std::net::TcpStream,
+}
+
+impl OpenStream {
+    fn new(proxy: &Proc, max_tokens: u64) -> OpenStream {
+        use std::io::{Read, Write};
+        let body = json!({"model": MODEL, "prompt": "hi", "max_tokens": max_tokens,
+                          "stream": true, "ignore_eos": true})
+        .to_string();
+        let mut conn = std::net::TcpStream::connect(proxy.addr).expect("connect");
+        write!(
+            conn,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                conn.read(&mut byte).expect("response head"),
+                1,
+                "closed early"
+            );
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        let mut rest = conn.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16384];
+            while matches!(rest.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        OpenStream { conn }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// `(active_requests, in_flight_decode_tokens)` the proxy counts on `node`.
+fn in_flight(proxy: &Proc, node: &Proc) -> (u64, u64) {
+    let (_, v) = get_json(&proxy.url("/status/instances"));
+    let i = instance(&v, node);
+    (
+        i["active_requests"].as_u64().unwrap(),
+        i["in_flight_decode_tokens"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn decode_ties_go_to_the_node_with_fewer_tokens_left() {
+    // 10 ms per token: a 1,000-token answer streams for 10 s, far longer than the test.
+    let slow = ["--decode-delay-per-token", "0.01"];
+    let nodes = [dummy("dual", &slow), dummy("dual", &slow)];
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: loadbalanced\nengine_metrics:\n  enabled: false\n",
+            dual_yaml(&[&nodes[0], &nodes[1]])
+        ),
+        true,
+    );
+    let _first = OpenStream::new(&proxy, 1000);
+    let (busy, idle) = if in_flight(&proxy, &nodes[0]).0 == 1 {
+        (&nodes[0], &nodes[1])
+    } else {
+        (&nodes[1], &nodes[0])
+    };
+    // Counted as its max_tokens (the first token or so may already be out).
+    let (requests, left) = in_flight(&proxy, busy);
+    assert!(
+        requests == 1 && (990..=1000).contains(&left),
+        "{requests} {left}"
+    );
+    // Tokens relayed to the client stop counting.
+    wait_for(
+        "the first answer to stream 100 tokens",
+        Duration::from_secs(30),
+        || matches!(in_flight(&proxy, busy), (1, left) if left <= 900),
+    );
+    // The other node, idle, takes the next request, announced as 950 tokens: more left
+    // than the first one has now, fewer than it had announced.
+    let _second = OpenStream::new(&proxy, 950);
+    assert_eq!(in_flight(&proxy, idle).0, 1);
+    // One request each: the tie goes to the node whose answer ends first.
+    let _third = OpenStream::new(&proxy, 10);
+    let (now_busy, now_idle) = (in_flight(&proxy, busy), in_flight(&proxy, idle));
+    assert_eq!(
+        (now_busy.0, now_idle.0),
+        (2, 1),
+        "a tie between {now_busy:?} and {now_idle:?} went to the node with more tokens left"
+    );
+}

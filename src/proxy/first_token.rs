@@ -17,7 +17,7 @@ use crate::http::chunked::LAST_CHUNK;
 use crate::http::head::ResponseHead;
 use crate::http::write::{response_head, BodyLen};
 use crate::http::ApiError;
-use crate::instance::Instance;
+use crate::instance::{InFlight, Instance};
 use http::StatusCode;
 use serde_json::{json, Value};
 
@@ -124,12 +124,13 @@ impl Rewriter<'_> {
 /// Relays the decode stream after the first event, rewritten event by event.
 pub async fn relay_rest(
     ctx: &mut RequestCtx<'_>,
-    inst: &Instance,
+    guard: &InFlight,
     mut conn: UpstreamConn,
     head: ResponseHead,
     first: &FirstToken,
 ) -> Outcome {
-    match pump_rest(ctx, &mut conn, &head, first).await {
+    let inst: &Instance = guard.instance();
+    match pump_rest(ctx, &mut conn, &head, first, guard).await {
         Ok(()) => {
             if head.keep_alive {
                 ctx.w.pool.put_back(conn, inst);
@@ -149,6 +150,7 @@ async fn pump_rest(
     conn: &mut UpstreamConn,
     head: &ResponseHead,
     first: &FirstToken,
+    guard: &InFlight,
 ) -> Result<(), RelayError> {
     let idle = ctx.w.policy().timeouts.idle;
     let mut rw = Rewriter {
@@ -181,6 +183,7 @@ async fn pump_rest(
         if !out.is_empty() {
             out = ctx.write(out).await?;
             ctx.tl.wrote_body(sent);
+            guard.decoded(sent);
         }
         if done {
             return Ok(());

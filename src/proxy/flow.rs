@@ -481,7 +481,7 @@ async fn first_from_prefill(
     }
     match ctx.run(&route.decode, pick, Role::Decode, body).await {
         Ok(Answered { guard, conn, head }) if head.status.is_success() => {
-            first_token::relay_rest(ctx, guard.instance(), conn, head, first).await
+            first_token::relay_rest(ctx, &guard, conn, head, first).await
         }
         Ok(Answered { guard, head, .. }) => {
             let err = ApiError::bad_gateway(format!(
@@ -516,5 +516,5 @@ async fn forward(
     body: &Bytes,
 ) -> Result<Outcome, ApiError> {
     let Answered { guard, conn, head } = ctx.run(set, pick, role, body).await?;
-    Ok(relay(ctx, guard.instance(), conn, head).await)
+    Ok(relay(ctx, &guard, conn, head).await)
 }

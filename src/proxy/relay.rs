@@ -18,7 +18,7 @@ use crate::admission::usage;
 use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
 use crate::http::head::{Framing, ResponseHead};
 use crate::http::write::{response_head, BodyLen};
-use crate::instance::Instance;
+use crate::instance::{InFlight, Instance};
 
 /// What is done with the upstream body bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,10 +138,11 @@ enum Finished {
 /// Streams `head` and the rest of `conn`'s response to the client.
 pub async fn relay(
     ctx: &mut RequestCtx<'_>,
-    inst: &Instance,
+    guard: &InFlight,
     mut conn: UpstreamConn,
     head: ResponseHead,
 ) -> Outcome {
+    let inst: &Instance = guard.instance();
     let status = head.status.as_u16();
     let sse = head
         .content_type
@@ -168,7 +169,7 @@ pub async fn relay(
     let headers = &headers[..n];
     response_head(&mut out, head.status, headers, client_len, keep_alive);
     let mut started = false;
-    match pump(ctx, &mut conn, &mut mode, out, sse, &mut started).await {
+    match pump(ctx, &mut conn, &mut mode, out, sse, guard, &mut started).await {
         Ok((finished, out)) => {
             ctx.w.scratch.give(out);
             if matches!(finished, Finished::AtEnd) && head.keep_alive {
@@ -202,6 +203,7 @@ async fn pump(
     mode: &mut Mode,
     mut out: Vec<u8>,
     sse: bool,
+    guard: &InFlight,
     started: &mut bool,
 ) -> Result<(Finished, Vec<u8>), RelayError> {
     let idle = ctx.w.policy().timeouts.idle;
@@ -224,6 +226,7 @@ async fn pump(
             head_len = 0;
             if has_body {
                 ctx.tl.wrote_body(events);
+                guard.decoded(events);
             }
         }
         if done {

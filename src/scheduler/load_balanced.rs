@@ -60,6 +60,26 @@ mod tests {
     }
 
     #[test]
+    fn decode_tokens_streamed_out_no_longer_count() {
+        let c = instances(2, Role::Decode);
+        let a = InFlight::new(c[0].clone(), 0, 100);
+        let _b = InFlight::new(c[1].clone(), 0, 60);
+        let lb = LoadBalanced::new(Role::Decode);
+        let pick = || lb.pick(&c, &PickContext::default()).unwrap();
+        assert!(Arc::ptr_eq(&pick(), &c[1]));
+        // 50 of instance 0's 100 tokens went out: it has 50 left, fewer than 60.
+        a.decoded(50);
+        assert_eq!(c[0].load.snapshot(), (1, 0, 50));
+        assert!(Arc::ptr_eq(&pick(), &c[0]));
+        // More than announced (a usage chunk, an engine ignoring max_tokens) stops at zero,
+        // and the guard's drop takes back only what is left.
+        a.decoded(80);
+        assert_eq!(c[0].load.snapshot(), (1, 0, 0));
+        drop(a);
+        assert_eq!(c[0].load.snapshot(), (0, 0, 0));
+    }
+
+    #[test]
     fn counters_return_to_zero() {
         let c = instances(1, Role::Decode);
         {
