@@ -26,6 +26,21 @@ impl SplitStream {
         let (rd, wr) = stream.into_split();
         SplitStream { rd, wr, fd }
     }
+
+    /// The halves and the descriptor, to be put together again by `from_parts` (a pooled
+    /// upstream connection's read half waits in its own future while it is idle).
+    pub fn into_parts(self) -> (OwnedReadHalf<TcpStream>, OwnedWriteHalf<TcpStream>, RawFd) {
+        (self.rd, self.wr, self.fd)
+    }
+
+    /// The inverse of `into_parts`: the three must come from one `into_parts`.
+    pub fn from_parts(
+        rd: OwnedReadHalf<TcpStream>,
+        wr: OwnedWriteHalf<TcpStream>,
+        fd: RawFd,
+    ) -> Self {
+        SplitStream { rd, wr, fd }
+    }
 }
 
 impl AsRawFd for SplitStream {

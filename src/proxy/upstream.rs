@@ -3,6 +3,12 @@
 //!
 //! A connection goes back to the pool only after its response was read to the exact end and
 //! nothing is left over; any error, or a leg abandoned mid-way, drops (closes) it.
+//!
+//! While a connection is idle in the pool its next read is already in flight (`Armed`): taken
+//! from the pool, a connection whose read has completed received something while idle and is
+//! closed; one whose read is still pending sends its request, and that same read is the
+//! response's first read. nginx keeps a read event armed on its idle upstream connections for
+//! the same reason; docs/resilience.md ("Pooled upstream connections") says what it guarantees.
 
 use crate::hash::FastHash;
 use crate::http::buf::ReadBuf;
@@ -12,13 +18,16 @@ use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
 use crate::instance::Instance;
 use crate::topology::Topology;
 use bytes::Bytes;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 const MAX_IDLE_PER_BACKEND: usize = 1024;
@@ -54,11 +63,40 @@ pub struct UpstreamConn {
     reused: bool,
 }
 
-/// A pooled connection keeps its read buffer, so a reused connection allocates nothing.
+/// A connection's next read, in flight, owning the read half and the buffer it fills; it
+/// gives them back with the read's result.
+type Armed = Pin<Box<dyn Future<Output = (io::Result<usize>, OwnedReadHalf<TcpStream>, ReadBuf)>>>;
+
+/// Starts nothing by itself: the read is submitted when the future is first polled.
+fn arm(rd: OwnedReadHalf<TcpStream>, buf: ReadBuf) -> Armed {
+    Box::pin(async move {
+        let (mut rd, mut buf) = (rd, buf);
+        let got = buf.fill(&mut rd).await;
+        (got, rd, buf)
+    })
+}
+
+/// A connection ready to send a request on: its write half and its read already armed.
+struct Primed {
+    wr: OwnedWriteHalf<TcpStream>,
+    fd: RawFd,
+    read: Armed,
+    reused: bool,
+}
+
+/// A pooled connection keeps its read buffer (inside its armed read), so a reused connection
+/// allocates only the read's box.
 struct Idle {
-    stream: SplitStream,
-    buf: ReadBuf,
+    conn: Primed,
     since: Instant,
+}
+
+/// Polls an armed read once without a task to wake: a pooled connection's read is looked at
+/// only when the connection is taken (its completion must not wake whoever pooled it).
+fn poll_once(read: &mut Armed) -> bool {
+    read.as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_ready()
 }
 
 /// First capacity of a new connection's read buffer (it grows when a response needs it).
@@ -109,7 +147,7 @@ impl Pool {
             .retain(|addr, _| topo.find(*addr).is_some());
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<UpstreamConn, UpstreamError> {
+    async fn connect(&self, addr: SocketAddr) -> Result<Primed, UpstreamError> {
         let stream = match monoio::time::timeout(
             self.connect_timeout,
             TcpStream::connect_addr(addr),
@@ -121,58 +159,68 @@ impl Pool {
             Err(_) => return Err(UpstreamError::ConnectTimeout),
         };
         let _ = stream.set_nodelay(true);
-        Ok(UpstreamConn {
-            stream: SplitStream::new(stream),
-            buf: ReadBuf::with_capacity(UPSTREAM_BUF),
-            addr,
+        let (rd, wr, fd) = SplitStream::new(stream).into_parts();
+        Ok(Primed {
+            wr,
+            fd,
+            read: arm(rd, ReadBuf::with_capacity(UPSTREAM_BUF)),
             reused: false,
         })
     }
 
-    /// The newest idle connection to `addr` that is still clean. One that received anything
-    /// while idle (a stray or late response, a FIN, an RST) is closed, never reused: those
-    /// bytes would be read as the answer to the next request, which may be another
-    /// client's.
-    fn take_idle(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+    /// The newest idle connection to `addr` that is still clean: its armed read has not
+    /// completed. One whose read completed received something while idle (a stray or late
+    /// response, a FIN, an RST) and is closed, never reused: those bytes would be read as the
+    /// answer to the next request, which may be another client's. No syscall: the read's
+    /// state is what the worker's last kernel entry reported (docs/resilience.md).
+    fn take_idle(&self, addr: SocketAddr) -> Option<Primed> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         // Newest first; if it is too old, so is everything before it.
-        while let Some(idle) = list.pop() {
+        while let Some(mut idle) = list.pop() {
             if idle.since.elapsed() > self.idle_timeout {
                 list.clear();
                 return None;
             }
-            if !is_quiet(&idle.stream) {
+            if poll_once(&mut idle.conn.read) {
                 crate::debug!(
                     "upstream {addr}: idle connection received data or closed; discarding it"
                 );
-                continue; // dropping it closes it
+                continue; // its read is over: dropping it closes the connection
             }
-            return Some(UpstreamConn {
-                stream: idle.stream,
-                buf: idle.buf,
-                addr,
-                reused: true,
-            });
+            return Some(idle.conn);
         }
         None
     }
 
     /// Returns a connection whose last response was read to its exact end. Connections to
     /// a draining instance are closed instead.
+    ///
+    /// Its next read is started here, so that anything the backend sends while the
+    /// connection is idle completes it.
     pub fn put_back(&self, conn: UpstreamConn, inst: &Instance) {
         if !conn.buf.is_empty() || inst.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return; // stray bytes: the connection's framing can no longer be trusted
         }
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(conn.addr).or_default();
-        if list.len() < MAX_IDLE_PER_BACKEND {
-            list.push(Idle {
-                stream: conn.stream,
-                buf: conn.buf,
-                since: Instant::now(),
-            });
+        if list.len() >= MAX_IDLE_PER_BACKEND {
+            return;
         }
+        let (rd, wr, fd) = conn.stream.into_parts();
+        let mut read = arm(rd, conn.buf);
+        if poll_once(&mut read) {
+            return; // something was already there (epoll reads at once): not reusable
+        }
+        list.push(Idle {
+            conn: Primed {
+                wr,
+                fd,
+                read,
+                reused: true,
+            },
+            since: Instant::now(),
+        });
     }
 
     /// Drops every idle connection to `addr` (after it failed).
@@ -192,44 +240,17 @@ impl Pool {
     ) -> Result<(UpstreamConn, ResponseHead, Vec<u8>), UpstreamError> {
         let mut head = head;
         loop {
-            let mut conn = match self.take_idle(addr) {
+            let ready = match self.take_idle(addr) {
                 Some(c) => c,
                 None => self.connect(addr).await?,
             };
-            let (res, h) = send_once(&mut conn, head, body).await;
+            let (res, conn, h) = send_once(ready, addr, head, body).await;
             head = h;
             match res {
                 Ok(resp) => return Ok((conn, resp, head)),
                 Err(e) if conn.reused && conn.buf.is_empty() && is_stale(&e) => continue,
                 Err(e) => return Err(e),
             }
-        }
-    }
-}
-
-/// Whether nothing at all arrived on an idle connection: a non-blocking peek (one syscall,
-/// consumes nothing) finds no byte and no end of stream. Nothing is pending on a pooled
-/// socket, so this works alike under io_uring and epoll.
-fn is_quiet(stream: &SplitStream) -> bool {
-    let mut byte = 0u8;
-    loop {
-        // SAFETY: the descriptor is open (we own `stream`) and the buffer is one valid,
-        // writable byte on the stack.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return false; // a byte (stray data) or 0 (the peer closed)
-        }
-        match io::Error::last_os_error().kind() {
-            io::ErrorKind::WouldBlock => return true,
-            io::ErrorKind::Interrupted => continue,
-            _ => return false, // reset, or any other error: not reusable
         }
     }
 }
@@ -247,17 +268,24 @@ fn is_stale(e: &UpstreamError) -> bool {
     }
 }
 
-/// Writes the request and reads the response head. The first read starts with the write,
-/// so both go to the kernel together (on io_uring one `io_uring_enter` for the two; the
-/// read then waits in the kernel, not in a second submission after the write completed).
-/// A failed write wins over whatever the read got: the connection is not reusable.
+/// Writes the request and reads the response head. The connection's armed read is the
+/// response's first read: on a pooled connection it has waited in the kernel since the
+/// connection was pooled; on a new one it goes to the kernel with the write (on io_uring one
+/// `io_uring_enter` for the two). A failed write wins over whatever the read got: the
+/// connection is not reusable.
 async fn send_once(
-    conn: &mut UpstreamConn,
+    ready: Primed,
+    addr: SocketAddr,
     mut head: Vec<u8>,
     body: &Bytes,
-) -> (Result<ResponseHead, UpstreamError>, Vec<u8>) {
+) -> (Result<ResponseHead, UpstreamError>, UpstreamConn, Vec<u8>) {
     let head_len = head.len();
-    let (wr, rd, buf) = (&mut conn.stream.wr, &mut conn.stream.rd, &mut conn.buf);
+    let Primed {
+        mut wr,
+        fd,
+        read,
+        reused,
+    } = ready;
     let write = async {
         if body.len() <= crate::http::write::COALESCE_LIMIT {
             head.extend_from_slice(body);
@@ -270,11 +298,26 @@ async fn send_once(
             }
         }
     };
-    let ((written, mut head), got) = monoio::join!(write, read_head(rd, buf));
+    let read = async {
+        let (first, mut rd, mut buf) = read.await;
+        let got = match first {
+            Ok(0) => Err(UpstreamError::Closed),
+            Ok(_) => read_head(&mut rd, &mut buf).await,
+            Err(e) => Err(UpstreamError::Io(e)),
+        };
+        (got, rd, buf)
+    };
+    let ((written, mut head), (got, rd, buf)) = monoio::join!(write, read);
     head.truncate(head_len);
+    let conn = UpstreamConn {
+        stream: SplitStream::from_parts(rd, wr, fd),
+        buf,
+        addr,
+        reused,
+    };
     match written {
-        Err(e) => (Err(UpstreamError::Io(e)), head),
-        Ok(_) => (got, head),
+        Err(e) => (Err(UpstreamError::Io(e)), conn, head),
+        Ok(_) => (got, conn, head),
     }
 }
 
