@@ -13,12 +13,12 @@
 use crate::hash::FastHash;
 use crate::http::buf::ReadBuf;
 use crate::http::chunked::ChunkedDecoder;
-use crate::http::conn::SplitStream;
+use crate::http::conn::{ReadHalf, SplitStream, WriteHalf};
 use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
 use crate::instance::Instance;
 use crate::topology::Topology;
 use bytes::Bytes;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -65,10 +65,10 @@ pub struct UpstreamConn {
 
 /// A connection's next read, in flight, owning the read half and the buffer it fills; it
 /// gives them back with the read's result.
-type Armed = Pin<Box<dyn Future<Output = (io::Result<usize>, OwnedReadHalf<TcpStream>, ReadBuf)>>>;
+type Armed = Pin<Box<dyn Future<Output = (io::Result<usize>, ReadHalf, ReadBuf)>>>;
 
 /// Starts nothing by itself: the read is submitted when the future is first polled.
-fn arm(rd: OwnedReadHalf<TcpStream>, buf: ReadBuf) -> Armed {
+fn arm(rd: ReadHalf, buf: ReadBuf) -> Armed {
     Box::pin(async move {
         let (mut rd, mut buf) = (rd, buf);
         let got = buf.fill(&mut rd).await;
@@ -78,7 +78,7 @@ fn arm(rd: OwnedReadHalf<TcpStream>, buf: ReadBuf) -> Armed {
 
 /// A connection ready to send a request on: its write half and its read already armed.
 struct Primed {
-    wr: OwnedWriteHalf<TcpStream>,
+    wr: WriteHalf,
     fd: RawFd,
     read: Armed,
     reused: bool,
