@@ -323,3 +323,66 @@ fn invalid_framing_before_any_byte_reached_the_client_is_a_502() {
     );
     assert_counted(&proxy, node.addr, "bad_response", "/v1/completions", 502);
 }
+
+/// Writes `head`, waits `pause` (an engine prefilling), then writes `rest` and closes.
+fn head_then(
+    head: &'static str,
+    pause: Duration,
+    rest: String,
+) -> impl Fn(&RawRequest, &mut TcpStream) -> bool {
+    move |_, s| {
+        let _ = s.write_all(head.as_bytes());
+        std::thread::sleep(pause);
+        let _ = s.write_all(rest.as_bytes());
+        false
+    }
+}
+
+#[test]
+fn a_backend_dying_after_its_head_but_before_any_body_is_a_502() {
+    // The head is held until the body's first bytes, so nothing had reached the client yet.
+    let node = ScriptedNode::start(head_then(
+        SSE_CHUNKED,
+        Duration::from_millis(300),
+        String::new(),
+    ));
+    let proxy = dual_proxy(&node);
+    // `Connection: close`: the 502 is a complete answer, so the exchange ends with it.
+    let request = stream_request("/v1/completions", "HTTP/1.1").replacen(
+        "Host: x\r\n",
+        "Host: x\r\nConnection: close\r\n",
+        1,
+    );
+    let (text, closed) = exchange(&proxy, &request);
+    assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+    assert!(text.contains("\"upstream_error\""), "{text}");
+    assert!(!text.contains("data: "), "{text}");
+    assert!(closed, "{text}");
+    assert_counted(&proxy, node.addr, "closed", "/v1/completions", 502);
+}
+
+#[test]
+fn a_stream_head_goes_out_with_the_first_event_in_one_write() {
+    let events = format!(
+        "{}{}{}",
+        chunk(&completion_event(" a")),
+        chunk("data: [DONE]\n\n"),
+        "0\r\n\r\n"
+    );
+    let node = ScriptedNode::start(head_then(SSE_CHUNKED, Duration::from_millis(300), events));
+    let proxy = dual_proxy(&node);
+    let mut s = TcpStream::connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(stream_request("/v1/completions", "HTTP/1.1").as_bytes())
+        .unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    let n = s.read(&mut buf).expect("the response");
+    let first = String::from_utf8_lossy(&buf[..n]);
+    // The node sent its head 300 ms before the event: relayed on its own, the head would
+    // be all of this first read.
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(
+        first.contains("data: {"),
+        "the head came without the first event: {first}"
+    );
+}

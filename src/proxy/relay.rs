@@ -1,5 +1,6 @@
-//! Relaying an upstream response to the client as it arrives: every upstream read becomes
-//! one client write, at once — SSE events are never held back or coalesced.
+//! Relaying an upstream response to the client as it arrives: every upstream read that
+//! brings body bytes becomes one client write, at once — SSE events are never held back or
+//! coalesced. The response head leaves with the first of them.
 //!
 //! Upstream chunked bodies are forwarded byte for byte while a decoder tracks where they end
 //! (so the upstream connection can be pooled); close-delimited bodies are re-framed as
@@ -196,7 +197,8 @@ pub async fn relay(
 }
 
 /// Moves the body from `conn` to the client until it ends. `out` starts with the response
-/// head; `started` says whether it went out.
+/// head, which goes out with the first body bytes; `started` says whether it went out (a
+/// failure before that is answered as an error response).
 async fn pump(
     ctx: &mut RequestCtx<'_>,
     conn: &mut UpstreamConn,
@@ -215,7 +217,11 @@ async fn pump(
         if let Some(u) = usage.found() {
             ctx.tl.usage = Some(u);
         }
-        if !out.is_empty() {
+        // The head waits for the body's first bytes (or its end) and leaves with them in one
+        // write: a stream's head arrives before its first token (the engine answers at once,
+        // then prefills), and two writes would cost a second send and a second client read.
+        let head_alone = head_len > 0 && out.len() == head_len && !done;
+        if !out.is_empty() && !head_alone {
             let body = &out[head_len..];
             let (has_body, events) = (
                 !body.is_empty(),
