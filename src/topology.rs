@@ -139,11 +139,20 @@ impl ModelRoute {
         )
     }
 
-    /// Whether a policy of this model reads the prompt's token ids (`kv_aware`).
+    /// Whether a policy of this model reads the prompt's token ids: a role scheduled by
+    /// `kv_aware` with more than one instance to choose from. With one (the common single
+    /// prefill node in front of several decode nodes) there is no choice to make, and
+    /// tokenizing a long prompt would only delay it (~0.2 ms per KiB, docs/benchmarks.md).
     pub fn needs_tokens(&self) -> bool {
-        [Role::Prefill, Role::Decode, Role::Dual]
-            .iter()
-            .any(|&r| self.roles.for_role(r, self.kind) == SchedulerKind::KvAware)
+        [
+            (Role::Prefill, &self.prefill),
+            (Role::Decode, &self.decode),
+            (Role::Dual, &self.dual),
+        ]
+        .iter()
+        .any(|&(r, set)| {
+            self.roles.for_role(r, self.kind) == SchedulerKind::KvAware && set.instances.len() > 1
+        })
     }
 
     /// Whether start-up gating let this model through (see `open`).

@@ -736,16 +736,18 @@ fn exact_chat_token_counts_from_the_models_chat_template() {
         .parse()
         .unwrap_or_else(|_| panic!("a count: {}", String::from_utf8_lossy(&out.stderr)));
     // The template adds what bytes / 4 cannot know (the tools, role markers): only an exact
-    // count gets the boundary right. (kv_aware below makes the proxy count every prompt.)
+    // count gets the boundary right. (kv_aware over two nodes below makes the proxy count
+    // every prompt; with one node there is nothing to choose and it would not tokenize.)
     let estimate = (request["messages"].to_string().len() / 4) as u64;
     assert!(estimate.abs_diff(exact) > 10, "{estimate} vs {exact}");
     let a = agent();
     for (max_len, refused) in [(exact + 1, false), (exact, true)] {
-        let node = dummy("dual", &["--max-model-len", &max_len.to_string()]);
+        let len = max_len.to_string();
+        let nodes = [0, 1].map(|_| dummy("dual", &["--max-model-len", &len]));
         let proxy = proxy_with(
             &format!(
                 "{}scheduling: kv_aware\ntokenizer_path: \"{root}\"\n",
-                dual_yaml(&[&node])
+                dual_yaml(&[&nodes[0], &nodes[1]])
             ),
             true,
         );
@@ -754,11 +756,15 @@ fn exact_chat_token_counts_from_the_models_chat_template() {
             Duration::from_secs(10),
             || {
                 let (_, v) = get_json(&proxy.url("/status/instances"));
-                v["instances"][0]["max_model_len"] == max_len
+                (0..2).all(|k| v["instances"][k]["max_model_len"] == max_len)
             },
         );
         let (status, _, body) = post(&a, &proxy.url("/v1/chat/completions"), &request);
-        let reached_node = dummy_stats(&node)["requests"] == 1;
+        let reached_node = nodes
+            .iter()
+            .map(|n| dummy_stats(n)["requests"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == 1;
         if refused {
             assert_eq!(
                 status, 400,
@@ -810,10 +816,11 @@ fn one_worker_proxy(yaml: &str) -> Proc {
 #[test]
 fn the_worker_serves_other_connections_while_a_long_prompt_is_tokenized() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
-    let node = dummy("dual", &["--max-model-len", "100000000"]);
+    // Two nodes: with one, kv_aware has nothing to choose and does not tokenize.
+    let nodes = [0, 1].map(|_| dummy("dual", &["--max-model-len", "100000000"]));
     let proxy = one_worker_proxy(&format!(
         "{}scheduling: kv_aware\ntokenizer_path: \"{root}\"\ntokenizer:\n  max_queued_kib: 65536\n",
-        dual_yaml(&[&node])
+        dual_yaml(&[&nodes[0], &nodes[1]])
     ));
     // 1 MiB: seconds of tokenizing in a debug build (about 4 ms per KiB).
     let text = "The proxy routes each request to the node that holds its prefix; ".repeat(16_000);
@@ -853,11 +860,11 @@ fn the_worker_serves_other_connections_while_a_long_prompt_is_tokenized() {
 #[test]
 fn a_full_tokenizer_queue_falls_back_to_the_byte_estimate() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
-    let node = dummy("dual", &[]);
+    let nodes = [0, 1].map(|_| dummy("dual", &[]));
     let proxy = proxy_with(
         &format!(
             "{}scheduling: kv_aware\ntokenizer_path: \"{root}\"\ntokenizer:\n  max_queued_kib: 1\n",
-            dual_yaml(&[&node])
+            dual_yaml(&[&nodes[0], &nodes[1]])
         ),
         true,
     );
@@ -946,10 +953,10 @@ fn a_reload_reads_the_tokenizers_again() {
     let root = std::env::temp_dir().join(format!("xpyd-tok-reload-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
-    let node = dummy("dual", &[]);
+    let nodes = [0, 1].map(|_| dummy("dual", &[]));
     let yaml = format!(
         "{}scheduling: kv_aware\ntokenizer_path: \"{}\"\nadmin_api_key: adm\n",
-        dual_yaml(&[&node]),
+        dual_yaml(&[&nodes[0], &nodes[1]]),
         root.display()
     );
     let path = write_config(&format!("{yaml}startup:\n  probe_interval_seconds: 0.1\n"));
@@ -1222,4 +1229,33 @@ fn decode_ties_go_to_the_node_with_fewer_tokens_left() {
         (2, 1),
         "a tie between {now_busy:?} and {now_idle:?} went to the node with more tokens left"
     );
+}
+
+/// kv_aware tokenizes a prompt only when it has a choice to make: one prefill node in
+/// front of the decode nodes takes every prefill, so its prompts are not tokenized (it would
+/// only delay them); with two prefill nodes they are.
+#[test]
+fn kv_aware_over_a_single_instance_does_not_tokenize() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
+    let prefill = [0, 1].map(|_| dummy("prefill", &[]));
+    let decode = dummy("decode", &[]);
+    let series = "proxy_tokenizer_requests_total{kind=\"completion\",outcome=\"tokenized\"}";
+    let body = json!({"model": MODEL, "prompt": "count me if you must", "max_tokens": 2});
+    for (prefill, tokenized) in [(&prefill[..1], 0.0), (&prefill[..], 1.0)] {
+        let proxy = proxy_with(
+            &format!(
+                "{}prefill_scheduling: kv_aware\ntokenizer_path: \"{root}\"\n",
+                pd_yaml(&prefill.iter().collect::<Vec<_>>(), &[&decode])
+            ),
+            true,
+        );
+        let (status, _, answer) = post(&agent(), &proxy.url("/v1/completions"), &body);
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            metric(&proxy, series),
+            tokenized,
+            "{} prefill node(s)",
+            prefill.len()
+        );
+    }
 }
