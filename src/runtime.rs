@@ -65,10 +65,23 @@ const URING_ENTRIES: u32 = 4096;
 /// Measured: +10–15 % req/s and −15 % CPU per request (docs/benchmarks.md).
 /// `XPYD_URING_FLAGS=none` asks for a plain ring (to measure the difference); kernels older
 /// than 6.0 refuse the flags, and the runtime then starts with a plain ring too.
+/// `XPYD_URING_FLAGS=defer` adds `DEFER_TASKRUN` (kernel ≥ 6.1; completions are then posted
+/// only when the worker waits, not at every kernel entry): measured worse — more
+/// `io_uring_enter` per request and more CPU (docs/benchmarks.md, "Per-request budget") —
+/// so it is not the default; it would also move the pooled-connection check's moment to the
+/// worker's last wait (docs/resilience.md).
 fn tuned_ring() -> io_uring::Builder {
     let mut b = io_uring::IoUring::builder();
-    if std::env::var("XPYD_URING_FLAGS").as_deref() != Ok("none") {
-        b.setup_coop_taskrun().setup_single_issuer();
+    match std::env::var("XPYD_URING_FLAGS").as_deref() {
+        Ok("none") => {}
+        Ok("defer") => {
+            b.setup_coop_taskrun()
+                .setup_single_issuer()
+                .setup_defer_taskrun();
+        }
+        _ => {
+            b.setup_coop_taskrun().setup_single_issuer();
+        }
     }
     b
 }
