@@ -336,6 +336,68 @@ fn repeated_prefix_is_a_hit_and_skips_its_prefill() {
     assert_eq!(value(&m, "vllm:prompt_tokens_total"), 800.0);
 }
 
+/// vLLM caches a prompt's blocks when it schedules them: a request that arrives while they
+/// are still being computed hits them and gets its first token once they are done (after
+/// the first request's), instead of computing the whole prefix a second time.
+#[test]
+fn a_prefix_still_being_computed_is_waited_for_not_recomputed() {
+    // 400 prompt tokens at 5 ms each: 2 s of prefill.
+    let d = dummy(
+        "dual",
+        &[
+            "--kv-cache-blocks",
+            "100",
+            "--prefill-delay-per-token",
+            "0.005",
+        ],
+    );
+    let prefix = words("p", 400);
+    let first_token = |prompt: String| {
+        let url = d.url("/v1/completions");
+        std::thread::spawn(move || {
+            let s = stream(
+                &agent(),
+                &url,
+                &json!({"prompt": prompt, "max_tokens": 2, "stream": true}),
+            );
+            assert_eq!(s.status, 200);
+            s.events[0].0
+        })
+    };
+    let running = || {
+        let m = parse_exposition(
+            &ureq::get(&d.url("/metrics"))
+                .call()
+                .unwrap()
+                .into_string()
+                .unwrap(),
+        );
+        value(&m, "vllm:num_requests_running")
+    };
+    let a = first_token(prefix.clone());
+    wait_for(
+        "the first request to be scheduled",
+        Duration::from_secs(10),
+        || running() == 1.0,
+    );
+    // Same 400 tokens (25 full blocks) and 20 more, while the first is mid-prefill.
+    let b = first_token(format!("{prefix} {}", words("q", 20)));
+    let (ta, tb) = (a.join().unwrap(), b.join().unwrap());
+    assert!(
+        tb >= ta,
+        "the second request's first token came before its prefix was computed"
+    );
+    let m = parse_exposition(
+        &ureq::get(&d.url("/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    );
+    // The second request hit all 25 blocks; computed from scratch it would hit none.
+    assert_eq!(value(&m, "vllm:prefix_cache_hits_total"), 400.0);
+}
+
 #[test]
 fn kv_cache_full_preempts_and_both_finish() {
     // 4 blocks of 4 tokens; two requests of 4 prompt tokens growing to 12 need 6.

@@ -208,10 +208,10 @@ impl Pacer<'_> {
             // The sequence now holds the prompt and i tokens, and takes one more.
             if let Err(Preempted) = self.ticket.grow(self.prompt_tokens + i + 1) {
                 let len = self.prompt_tokens + i;
-                let hits = self.ticket.readmit(len).await;
+                let hits = self.ticket.readmit(len, self.arrived).await;
                 let recompute = len.saturating_sub(hits.max(self.arrived));
                 gap += node.timing.prefill_per_token * recompute as u32;
-                self.due = monoio::time::Instant::now();
+                self.due = start_at(self.ticket.hits_ready_at());
             }
         }
         let running = node.stats.running.load(Ordering::Relaxed);
@@ -240,6 +240,12 @@ impl Pacer<'_> {
         }
         self.last = now;
     }
+}
+
+/// The engine-clock instant a request's compute starts: now, or `at` if that is later.
+fn start_at(at: Option<Instant>) -> monoio::time::Instant {
+    let now = monoio::time::Instant::now();
+    at.map_or(now, |t| now.max(monoio::time::Instant::from_std(t)))
 }
 
 fn kv_out(node: &Node, job: &Job, blocks: &[u32]) -> Value {
@@ -276,11 +282,16 @@ async fn generate(
     sleep(Duration::from_millis(opts.stall_ms)).await;
     let ticket = node
         .sched
-        .enter(&node.stats, plan.prompt, job.prompt_tokens)
+        .enter(&node.stats, plan.prompt, job.prompt_tokens, plan.arrived)
         .await;
+    // A request that hit blocks another one is still computing starts when they are done
+    // (vLLM schedules it in the step after): until then it has not been scheduled.
+    let scheduled = ticket
+        .hits_ready_at()
+        .map_or_else(Instant::now, |t| t.max(Instant::now()));
     let limited = opts.max_num_seqs > 0 || opts.kv_cache_blocks > 0;
     if limited {
-        node.stats.queue_time.observe(plan.arrival.elapsed());
+        node.stats.queue_time.observe(scheduled - plan.arrival);
     } else {
         node.stats.queue_time.observe(Duration::ZERO);
     }
@@ -299,9 +310,9 @@ async fn generate(
         prefill_tokens,
         arrived: plan.arrived,
         arrival: plan.arrival,
-        scheduled: Instant::now(),
+        scheduled,
         max_tokens: job.max_tokens,
-        due: monoio::time::Instant::now(),
+        due: start_at(Some(scheduled)),
         last: plan.arrival,
         clocked: limited || !node.timing.is_zero(),
     };
@@ -363,7 +374,7 @@ async fn generate(
     out = write_flush(stream, out).await?;
     // Pace against absolute deadlines, so that timer rounding never accumulates: the mean
     // gap between tokens is the configured step time.
-    pace.due = monoio::time::Instant::now();
+    pace.due = start_at(Some(pace.scheduled));
     for i in 0..job.max_tokens {
         // Zero-delay mode: only the first token has something to record (the gaps are
         // recorded at the end in one go), so the per-token path stays as cheap as before.

@@ -136,6 +136,7 @@ pub fn start(opts: DummyOptions) -> std::io::Result<DummyHandle> {
             kv_blocks: opts.kv_cache_blocks,
             block_size: opts.block_size.max(1),
             prefix_caching: opts.prefix_caching,
+            prefill_per_token: timing.prefill_per_token,
         },
         opts.kv_events.clone(),
     );

@@ -1,9 +1,12 @@
 //! The simulated engine's scheduler: at most `max_num_seqs` running requests, a FIFO waiting
 //! queue, and a paged KV cache of `kv_blocks` blocks of `block_size` tokens with vLLM's prefix
 //! caching (full prompt blocks stay cached after their request ends, keyed by vLLM's chained
-//! block hash, and are evicted least-recently-used). It publishes what vLLM publishes
-//! (`BlockStored` when a request's prompt blocks are computed, `BlockRemoved` when a cached
-//! block is evicted, `AllBlocksCleared` on a reset). docs/cli.md describes the model.
+//! block hash, and are evicted least-recently-used). As in vLLM, a request's prompt blocks
+//! enter the cache when it is scheduled, so a request admitted while they are still being
+//! computed hits them and starts once they are computed, rather than computing them again.
+//! It publishes what vLLM publishes (`BlockStored` when a request's prompt blocks are
+//! computed, `BlockRemoved` when a cached block is evicted, `AllBlocksCleared` on a reset).
+//! docs/cli.md describes the model.
 //!
 //! With no limit and no KV cache (the defaults) there is no lock: admission is one atomic
 //! increment, so the zero-delay mode stays as cheap as it was. Otherwise one mutex guards the
@@ -15,7 +18,7 @@ use super::stats::Stats;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedConfig {
@@ -25,6 +28,8 @@ pub struct SchedConfig {
     pub kv_blocks: usize,
     pub block_size: usize,
     pub prefix_caching: bool,
+    /// Compute time per prompt token: when the blocks a request computes become usable.
+    pub prefill_per_token: Duration,
 }
 
 impl SchedConfig {
@@ -52,6 +57,8 @@ struct Waiter {
     prompt: Option<Arc<Prompt>>,
     /// Tokens whose KV the request needs on admission (prompt, plus output after preemption).
     len: usize,
+    /// Of those, the leading tokens whose KV arrived computed (from a prefill node).
+    arrived: usize,
     state: AtomicU8,
     seq: Mutex<Option<Seq>>,
 }
@@ -64,12 +71,20 @@ pub struct Seq {
     cached_blocks: usize,
     /// Prompt tokens found in the cache on admission.
     pub hit_tokens: usize,
+    /// When the cached blocks it hit are all computed, if another request was still
+    /// computing them at its admission: it cannot start before.
+    pub hits_ready_at: Option<Instant>,
+    /// Blocks from here to `cached_blocks` this request put in the cache and has yet to
+    /// announce (`BlockStored`, once computed).
+    unannounced: usize,
 }
 
 const NIL: u32 = u32::MAX;
 
 struct Blk {
     hash: Option<BlockHash>,
+    /// While the request that cached the block is still computing it: when it will be done.
+    ready_at: Option<Instant>,
     refs: u32,
     prev: u32,
     next: u32,
@@ -94,6 +109,7 @@ impl Pool {
             blocks: (0..n)
                 .map(|_| Blk {
                     hash: None,
+                    ready_at: None,
                     refs: 0,
                     prev: NIL,
                     next: NIL,
@@ -154,6 +170,7 @@ impl Pool {
         self.unlink(i);
         let b = &mut self.blocks[i as usize];
         b.refs = 1;
+        b.ready_at = None;
         if let Some(h) = b.hash.take() {
             if let Some(ids) = self.cached.get_mut(&h) {
                 ids.retain(|&x| x != i);
@@ -265,13 +282,17 @@ impl Scheduler {
 
     /// Admits a request (waiting in FIFO order if it must). Dropping the future while it
     /// waits takes the request out of the queue.
+    /// `arrived`: leading prompt tokens whose KV came computed from a prefill node.
     pub async fn enter<'a>(
         &'a self,
         stats: &'a Stats,
         prompt: Option<Arc<Prompt>>,
         len: usize,
+        arrived: usize,
     ) -> Ticket<'a> {
-        let seq = self.wait_admitted(stats, prompt.clone(), len).await;
+        let seq = self
+            .wait_admitted(stats, prompt.clone(), len, arrived)
+            .await;
         Ticket {
             sched: self,
             stats,
@@ -280,8 +301,14 @@ impl Scheduler {
         }
     }
 
-    async fn wait_admitted(&self, stats: &Stats, prompt: Option<Arc<Prompt>>, len: usize) -> Seq {
-        let w = match self.arrive(stats, prompt, len) {
+    async fn wait_admitted(
+        &self,
+        stats: &Stats,
+        prompt: Option<Arc<Prompt>>,
+        len: usize,
+        arrived: usize,
+    ) -> Seq {
+        let w = match self.arrive(stats, prompt, len, arrived) {
             Ok(seq) => return seq,
             Err(w) => w,
         };
@@ -304,6 +331,7 @@ impl Scheduler {
         stats: &Stats,
         prompt: Option<Arc<Prompt>>,
         len: usize,
+        arrived: usize,
     ) -> Result<Seq, Arc<Waiter>> {
         let Some(mut st) = self.lock() else {
             stats.running.fetch_add(1, Relaxed);
@@ -312,6 +340,7 @@ impl Scheduler {
         let w = Arc::new(Waiter {
             prompt,
             len,
+            arrived,
             state: AtomicU8::new(WAITING),
             seq: Mutex::new(None),
         });
@@ -357,12 +386,37 @@ impl Scheduler {
             if pool.free_len - hits_free < needed {
                 return None;
             }
+            let now = Instant::now();
+            let hits_ready_at = hashes[..hits]
+                .iter()
+                .filter_map(|h| pool.blocks[pool.cached[h][0] as usize].ready_at)
+                .filter(|&t| t > now)
+                .max();
             seq.blocks = hashes[..hits].iter().map(|h| pool.touch(h)).collect();
             for _ in 0..needed {
                 seq.blocks.extend(pool.alloc(ev));
             }
             seq.cached_blocks = hits;
             seq.hit_tokens = hits * bs;
+            seq.hits_ready_at = hits_ready_at;
+            seq.unannounced = hits;
+            if self.cfg.prefix_caching {
+                // The rest of the prompt's full blocks enter the cache now, as vLLM caches
+                // them when it schedules them (`allocate_slots`): a request admitted while
+                // they are computed hits them, and waits until they are ready.
+                let computed = (hits * bs).max(w.arrived);
+                let ready = hits_ready_at.unwrap_or(now)
+                    + self.cfg.prefill_per_token * w.len.saturating_sub(computed) as u32;
+                let to = hashes.len().min(seq.blocks.len());
+                for k in hits..to {
+                    let (i, h) = (seq.blocks[k], hashes[k]);
+                    let b = &mut pool.blocks[i as usize];
+                    b.hash = Some(h);
+                    b.ready_at = (ready > now).then_some(ready);
+                    pool.cached.entry(h).or_default().push(i);
+                }
+                seq.cached_blocks = seq.cached_blocks.max(to);
+            }
             stats.kv_used_blocks.store(pool.used(), Relaxed);
             if self.cfg.prefix_caching {
                 let queried = w.prompt.as_ref().map_or(0, |p| p.tokens.len());
@@ -413,7 +467,10 @@ impl Scheduler {
             return false;
         }
         pool.cached.clear();
-        pool.blocks.iter_mut().for_each(|b| b.hash = None);
+        pool.blocks.iter_mut().for_each(|b| {
+            b.hash = None;
+            b.ready_at = None;
+        });
         self.publish(vec![KvEvent::AllBlocksCleared]);
         true
     }
@@ -465,30 +522,21 @@ impl Ticket<'_> {
         self.seq.as_ref().map_or(&[], |s| &s.blocks)
     }
 
-    /// The prompt has been computed: its full blocks enter the prefix cache (`BlockStored`).
+    /// When the cached blocks this request hit are all computed, if later than its admission.
+    pub fn hits_ready_at(&self) -> Option<Instant> {
+        self.seq.as_ref().and_then(|s| s.hits_ready_at)
+    }
+
+    /// The prompt has been computed: the full blocks it put in the cache at admission are
+    /// announced (`BlockStored`), as vLLM publishes them after the step that computed them.
     pub fn prompt_computed(&mut self) {
         let (Some(prompt), Some(seq)) = (&self.prompt, self.seq.as_mut()) else {
             return;
         };
-        if !self.sched.cfg.prefix_caching || seq.cached_blocks >= prompt.hashes.len() {
-            return;
-        }
-        let Some(mut st) = self.sched.lock() else {
-            return;
-        };
-        let Some(pool) = st.pool.as_mut() else {
-            return;
-        };
-        let bs = pool.bs;
-        let from = seq.cached_blocks;
-        let to = prompt.hashes.len().min(seq.blocks.len());
-        for k in from..to {
-            let (i, h) = (seq.blocks[k], prompt.hashes[k]);
-            pool.blocks[i as usize].hash = Some(h);
-            pool.cached.entry(h).or_default().push(i);
-        }
-        seq.cached_blocks = to;
-        if to > from {
+        let (from, to) = (seq.unannounced, seq.cached_blocks);
+        seq.unannounced = to;
+        let bs = self.sched.cfg.block_size.max(1);
+        if to > from && to <= prompt.hashes.len() {
             let ev = KvEvent::BlockStored {
                 block_hashes: prompt.hashes[from..to]
                     .iter()
@@ -541,10 +589,11 @@ impl Ticket<'_> {
 
     /// After preemption: waits at the head of the queue to be admitted again for `len`
     /// tokens; returns the prompt tokens found cached.
-    pub async fn readmit(&mut self, len: usize) -> usize {
+    pub async fn readmit(&mut self, len: usize, arrived: usize) -> usize {
         let w = Arc::new(Waiter {
             prompt: self.prompt.clone(),
             len,
+            arrived,
             state: AtomicU8::new(WAITING),
             seq: Mutex::new(None),
         });
