@@ -408,8 +408,7 @@ impl Scheduler {
                 let ready = hits_ready_at.unwrap_or(now)
                     + self.cfg.prefill_per_token * w.len.saturating_sub(computed) as u32;
                 let to = hashes.len().min(seq.blocks.len());
-                for k in hits..to {
-                    let (i, h) = (seq.blocks[k], hashes[k]);
+                for (&i, &h) in seq.blocks[hits..to].iter().zip(&hashes[hits..to]) {
                     let b = &mut pool.blocks[i as usize];
                     b.hash = Some(h);
                     b.ready_at = (ready > now).then_some(ready);
