@@ -1221,8 +1221,10 @@ fn decode_ties_go_to_the_node_with_fewer_tokens_left() {
     // than the first one has now, fewer than it had announced.
     let _second = OpenStream::new(&proxy, 950);
     assert_eq!(in_flight(&proxy, idle).0, 1);
-    // One request each: the tie goes to the node whose answer ends first.
-    let _third = OpenStream::new(&proxy, 10);
+    // One request each: the tie goes to the node whose answer ends first. The third streams
+    // for 2 s, so it is still in flight when counted on a slow machine (its head comes with
+    // its first token).
+    let _third = OpenStream::new(&proxy, 200);
     let (now_busy, now_idle) = (in_flight(&proxy, busy), in_flight(&proxy, idle));
     assert_eq!(
         (now_busy.0, now_idle.0),
