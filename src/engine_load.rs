@@ -304,6 +304,7 @@ impl EngineLoad {
                 "num_requests_waiting": f.sample.waiting,
                 "kv_cache_usage_perc": f.sample.kv_usage,
                 "age_seconds": self.age_ms().unwrap_or(0) as f64 / 1000.0,
+                "scrapes_ok": self.scrapes_ok.load(Ordering::Relaxed),
                 "scrapes_failed": self.scrapes_failed.load(Ordering::Relaxed),
             }),
         };

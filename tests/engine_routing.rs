@@ -1261,3 +1261,32 @@ fn kv_aware_over_a_single_instance_does_not_tokenize() {
         );
     }
 }
+
+/// While an engine with requests in flight has not shown its batch or speed yet, the
+/// scraper comes back four times as often (here: every second instead of every four).
+#[test]
+fn an_engine_still_being_learned_is_scraped_more_often() {
+    let node = dummy("dual", &["--decode-delay-per-token", "0.01"]);
+    let proxy = proxy_with(
+        &format!(
+            "{}engine_metrics:\n  interval_seconds: 4\n",
+            dual_yaml(&[&node])
+        ),
+        true,
+    );
+    let scrapes = || {
+        let (_, v) = get_json(&proxy.url("/status/instances"));
+        instance(&v, &node)["engine"]["scrapes_ok"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // A 1,000-token answer at 10 ms per token keeps a request in flight for 10 s.
+    let _busy = OpenStream::new(&proxy, 1000);
+    let from = scrapes();
+    // At the interval, 6 s hold at most two more scrapes; learning, about six.
+    wait_for(
+        "four scrapes while the engine is being learned",
+        Duration::from_secs(6),
+        || scrapes() >= from + 4,
+    );
+}

@@ -5,14 +5,25 @@
 //! is counted and, once the last good sample is three intervals old, the sample is dropped:
 //! routing falls back to the proxy's own in-flight counts, exactly as for an engine without
 //! these metrics.
+//!
+//! While an engine that has requests in flight is still being learned (its batch never seen
+//! full, or its speed unknown), rounds come four times as often, for at most
+//! `LEARNING_ROUNDS` rounds per instance: at a cold start `kv_aware` routes by the balance
+//! rule until it knows every engine's speed, and counts no wait for a batch slot until it
+//! has seen the batch full, so every interval without them piles requests onto the nodes
+//! that hold the new prefixes (docs/scheduling.md, "KV aware").
 
 use crate::config::EngineMetricsConfig;
 use crate::engine_load;
 use crate::http::blocking;
 use crate::instance::Instance;
 use crate::shared::Shared;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Fast rounds an instance may ask for while it is being learned (then: the interval).
+const LEARNING_ROUNDS: u32 = 40;
 
 pub fn spawn(shared: Arc<Shared>) -> std::io::Result<()> {
     std::thread::Builder::new()
@@ -21,13 +32,37 @@ pub fn spawn(shared: Arc<Shared>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `inst`'s engine still has something to teach that only a busy engine shows.
+fn learning(inst: &Instance) -> bool {
+    inst.in_flight() > 0 && (inst.engine.batch_seen() == 0 || inst.engine.speed().is_none())
+}
+
 fn run(shared: &Shared) {
+    // The loop ticks every quarter interval; a round runs at every fourth tick, or at the
+    // next one while an engine is being learned.
     let mut next = Instant::now();
+    let mut ticks_since_round = u32::MAX;
+    // Fast rounds each instance (by id) has used.
+    let mut fast: HashMap<u64, u32> = HashMap::new();
     loop {
         let cfg = shared.policy.load().engine_metrics.clone();
+        let topo = shared.topology.load_full();
+        let instances: Vec<&Arc<Instance>> = topo.instances().collect();
+        let mut hurry = false;
         if cfg.enabled {
-            let topo = shared.topology.load_full();
-            let instances: Vec<&Arc<Instance>> = topo.instances().collect();
+            fast.retain(|id, _| instances.iter().any(|i| i.id == *id));
+            for i in instances.iter().filter(|i| learning(i)) {
+                hurry |= fast.get(&i.id).is_none_or(|&used| used < LEARNING_ROUNDS);
+            }
+        }
+        ticks_since_round = ticks_since_round.saturating_add(1);
+        if cfg.enabled && (ticks_since_round >= 4 || hurry) {
+            if ticks_since_round < 4 {
+                for i in instances.iter().filter(|i| learning(i)) {
+                    *fast.entry(i.id).or_default() += 1;
+                }
+            }
+            ticks_since_round = 0;
             // In parallel: one slow or dead engine must not delay the others' numbers.
             std::thread::scope(|s| {
                 for inst in instances {
@@ -38,10 +73,10 @@ fn run(shared: &Shared) {
                 }
             });
         }
-        next += cfg.interval;
+        next += cfg.interval / 4;
         let now = Instant::now();
         if next < now {
-            next = now; // a round longer than the interval: start the next one at once
+            next = now; // a round longer than a tick: the next tick at once
         }
         std::thread::sleep(next - now);
     }
