@@ -625,6 +625,9 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
+        // Blocks it cached are announced even when it ends before its first token (a client
+        // gone): vLLM publishes them after the step that scheduled them, whatever follows.
+        self.prompt_computed();
         let Some(seq) = self.seq.take() else {
             return;
         };
