@@ -127,6 +127,17 @@ impl Subscriber {
     }
 }
 
+/// The node's `/metrics`, parsed.
+fn node_metrics(node: &Proc) -> Vec<Value> {
+    parse_exposition(
+        &ureq::get(&node.url("/metrics"))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap(),
+    )
+}
+
 fn post_ok(node: &Proc, path: &str, body: &Value) -> Value {
     let (status, _, v) = post(&agent(), &node.url(path), body);
     assert_eq!(status, 200, "{v}");
@@ -324,13 +335,7 @@ fn repeated_prefix_is_a_hit_and_skips_its_prefill() {
         warm < Duration::from_millis(1000),
         "warm TTFT {warm:?} should skip the cached 384 tokens' prefill"
     );
-    let m = parse_exposition(
-        &ureq::get(&d.url("/metrics"))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap(),
-    );
+    let m = node_metrics(&d);
     assert_eq!(value(&m, "vllm:prefix_cache_queries_total"), 800.0);
     assert_eq!(value(&m, "vllm:prefix_cache_hits_total"), 384.0);
     assert_eq!(value(&m, "vllm:prompt_tokens_total"), 800.0);
@@ -365,13 +370,7 @@ fn a_prefix_still_being_computed_is_waited_for_not_recomputed() {
         })
     };
     let running = || {
-        let m = parse_exposition(
-            &ureq::get(&d.url("/metrics"))
-                .call()
-                .unwrap()
-                .into_string()
-                .unwrap(),
-        );
+        let m = node_metrics(&d);
         value(&m, "vllm:num_requests_running")
     };
     let a = first_token(prefix.clone());
@@ -387,13 +386,7 @@ fn a_prefix_still_being_computed_is_waited_for_not_recomputed() {
         tb >= ta,
         "the second request's first token came before its prefix was computed"
     );
-    let m = parse_exposition(
-        &ureq::get(&d.url("/metrics"))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap(),
-    );
+    let m = node_metrics(&d);
     // The second request hit all 25 blocks; computed from scratch it would hit none.
     assert_eq!(value(&m, "vllm:prefix_cache_hits_total"), 400.0);
 }
@@ -474,13 +467,7 @@ fn requests_beyond_max_num_seqs_wait_in_the_queue() {
         "the third request's first token came at {:?}",
         firsts[2]
     );
-    let m = parse_exposition(
-        &ureq::get(&d.url("/metrics"))
-            .call()
-            .unwrap()
-            .into_string()
-            .unwrap(),
-    );
+    let m = node_metrics(&d);
     assert!(value(&m, "vllm:request_queue_time_seconds_sum") >= 0.9);
     assert_eq!(value(&m, "vllm:request_queue_time_seconds_count"), 3.0);
     assert_eq!(value(&m, "vllm:num_requests_waiting"), 0.0);
