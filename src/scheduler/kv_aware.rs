@@ -8,7 +8,7 @@
 
 use super::stats::{self, Outcome, Policy};
 use super::{
-    hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Scheduler,
+    hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Room, Scheduler,
 };
 use crate::config::{Role, SchedulingOptions};
 use crate::engine_load::{self, Speed};
@@ -73,16 +73,12 @@ impl Scheduler for KvAware {
         let held = |i: &Instance| (blocks_of(i) * block as u64).min(prompt);
         // `least`: what every eligible publishing instance holds (a shared header); with
         // fewer than two publishing there is nothing to compare, it is 0.
-        let stored = |i: &Instance| i.kv_stats.blocks.load(Ordering::Relaxed);
         let (mut min, mut least, mut publishing, mut deepest) = (u64::MAX, u64::MAX, 0, 0);
-        let (mut eligible, mut fewest) = (0, u64::MAX);
         for i in candidates.iter().filter(|i| ctx.eligible(i)) {
-            eligible += 1;
             min = min.min(requests(self.role, i));
             if bit(i) > 0 {
                 least = least.min(blocks_of(i));
                 publishing += 1;
-                fewest = fewest.min(stored(i));
             }
             deepest = deepest.max(blocks_of(i) as usize);
         }
@@ -112,13 +108,9 @@ impl Scheduler for KvAware {
             Some(&k) => k,
             None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
         };
-        // Room for a new group: an engine holding at most one prompt's worth of blocks more
-        // than the emptiest (when every eligible instance publishes events). Every replica
-        // counts the same events, so new groups are dealt out evenly over the nodes, and the
-        // same way everywhere, rather than by the hash alone (docs/scheduling.md, "New
-        // prefixes"). Full caches all hold about as much: then it is the hash alone.
-        let slack = keys.len().max(1) as u64;
-        let roomy = |i: &Instance| publishing < eligible || stored(i) <= fewest + slack;
+        // Room for a new group: at most one prompt's worth of blocks above the emptiest.
+        let room = Room::of(candidates, ctx, keys.len().max(1) as u64);
+        let roomy = |i: &Instance| room.has(i);
         let by_cost = match self.role {
             Role::Decode => None,
             Role::Prefill | Role::Dual => {

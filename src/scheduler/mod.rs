@@ -15,6 +15,7 @@ pub mod stats;
 use crate::config::{Role, SchedulerKind, SchedulingOptions};
 use crate::instance::Instance;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub use cache_aware::CacheAware;
@@ -143,6 +144,39 @@ pub(crate) fn rendezvous(
         .filter(|i| ctx.eligible(i) && in_band(i))
         .max_by_key(|i| hash64(key, i.address.as_bytes()))
         .cloned()
+}
+
+/// Room for a new prefix group: an instance whose engine holds at most `slack` KV blocks
+/// (about one prompt's worth) more than the emptiest eligible one, when every eligible
+/// instance publishes KV events (otherwise every instance has room). Every replica counts
+/// the same events, so new groups are dealt out over the nodes evenly, and the same way
+/// everywhere, rather than by the hash alone (docs/scheduling.md, "New prefixes"). Full
+/// caches all hold about as much: then it is the hash alone.
+pub(crate) struct Room {
+    fewest: u64,
+    slack: u64,
+    all_publish: bool,
+}
+
+impl Room {
+    pub fn of(candidates: &[Arc<Instance>], ctx: &PickContext<'_>, slack: u64) -> Room {
+        let (mut fewest, mut all_publish) = (u64::MAX, true);
+        for i in candidates.iter().filter(|i| ctx.eligible(i)) {
+            all_publish &= i.kv_bit.load(Ordering::Relaxed) > 0;
+            fewest = fewest.min(i.kv_stats.blocks.load(Ordering::Relaxed));
+        }
+        Room {
+            fewest,
+            slack,
+            all_publish,
+        }
+    }
+
+    #[inline]
+    pub fn has(&self, i: &Instance) -> bool {
+        !self.all_publish
+            || i.kv_stats.blocks.load(Ordering::Relaxed) <= self.fewest.saturating_add(self.slack)
+    }
 }
 
 /// Requests above the least loaded instance's that a new prefix's home may carry.
