@@ -167,10 +167,9 @@ impl Scheduler for KvAware {
 /// slot plus the prefill of what it does not hold, and that prefill once more for blocks
 /// another instance already holds (`most`: the most any eligible one holds; a copy evicts
 /// other prefixes). Near-equal estimates
-/// (within a tenth of computing the whole prompt) go to the instance holding more, then —
-/// for a new group — to one with room (`roomy`), then to the group's rendezvous home, so
-/// that a group stays on one node and replicas agree on new ones (docs/scheduling.md, "KV
-/// aware").
+/// (within a tenth of computing the whole prompt) go to the instance holding more, then to
+/// one with room for a new group (`roomy`), then to the group's rendezvous home, so that a
+/// group stays on one node and replicas agree on new ones (docs/scheduling.md, "KV aware").
 fn soonest_first_token(
     candidates: &[Arc<Instance>],
     ctx: &PickContext<'_>,
@@ -217,12 +216,7 @@ fn soonest_first_token(
                     .speed()
                     .is_some_and(|s| cost(i, s) <= best.saturating_add(margin))
         })
-        // Room decides between instances holding nothing of the prompt (a new group): among
-        // holders it would move a group from one to the other as their caches fill.
-        .max_by_key(|i| {
-            let h = held(i);
-            (h, h == 0 && roomy(i), hash64(group, i.address.as_bytes()))
-        })
+        .max_by_key(|i| (held(i), roomy(i), hash64(group, i.address.as_bytes())))
         .or(first)
         .cloned()
 }
