@@ -46,32 +46,36 @@ fn run(shared: &Shared) {
     let mut fast: HashMap<u64, u32> = HashMap::new();
     loop {
         let cfg = shared.policy.load().engine_metrics.clone();
-        let topo = shared.topology.load_full();
-        let instances: Vec<&Arc<Instance>> = topo.instances().collect();
-        let mut hurry = false;
-        if cfg.enabled {
-            fast.retain(|id, _| instances.iter().any(|i| i.id == *id));
-            for i in instances.iter().filter(|i| learning(i)) {
-                hurry |= fast.get(&i.id).is_none_or(|&used| used < LEARNING_ROUNDS);
-            }
-        }
         ticks_since_round = ticks_since_round.saturating_add(1);
-        if cfg.enabled && (ticks_since_round >= 4 || hurry) {
-            if ticks_since_round < 4 {
-                for i in instances.iter().filter(|i| learning(i)) {
-                    *fast.entry(i.id).or_default() += 1;
+        if cfg.enabled {
+            let topo = shared.topology.load_full();
+            let instances: Vec<&Arc<Instance>> = topo.instances().collect();
+            fast.retain(|id, _| instances.iter().any(|i| i.id == *id));
+            let learners: Vec<u64> = instances
+                .iter()
+                .filter(|i| learning(i))
+                .map(|i| i.id)
+                .collect();
+            let hurry = learners
+                .iter()
+                .any(|id| fast.get(id).is_none_or(|&used| used < LEARNING_ROUNDS));
+            if ticks_since_round >= 4 || hurry {
+                if ticks_since_round < 4 {
+                    for id in learners {
+                        *fast.entry(id).or_default() += 1;
+                    }
                 }
+                ticks_since_round = 0;
+                // In parallel: one slow or dead engine must not delay the others' numbers.
+                std::thread::scope(|s| {
+                    for inst in instances {
+                        let cfg = &cfg;
+                        let _ = std::thread::Builder::new()
+                            .name("xpyd-scrape-one".into())
+                            .spawn_scoped(s, move || scrape(inst, cfg));
+                    }
+                });
             }
-            ticks_since_round = 0;
-            // In parallel: one slow or dead engine must not delay the others' numbers.
-            std::thread::scope(|s| {
-                for inst in instances {
-                    let cfg = &cfg;
-                    let _ = std::thread::Builder::new()
-                        .name("xpyd-scrape-one".into())
-                        .spawn_scoped(s, move || scrape(inst, cfg));
-                }
-            });
         }
         next += cfg.interval / 4;
         let now = Instant::now();
