@@ -110,13 +110,12 @@ impl Scheduler for KvAware {
         };
         // Room for a new group: at most one prompt's worth of blocks above the emptiest.
         let room = Room::of(candidates, ctx, keys.len().max(1) as u64);
-        let roomy = |i: &Instance| room.has(i);
         let by_cost = match self.role {
             Role::Decode => None,
             Role::Prefill | Role::Dual => {
                 // The most any eligible instance holds, in tokens (held follows blocks).
                 let most = (deepest as u64 * block as u64).min(prompt);
-                soonest_first_token(candidates, ctx, prompt, most, &held, &roomy, group)
+                soonest_first_token(candidates, ctx, prompt, most, &held, &room, group)
             }
         };
         let chosen = if let Some(c) = by_cost {
@@ -133,7 +132,7 @@ impl Scheduler for KvAware {
             // load band, keyed by the group's first block, so every replica sends the
             // group's first requests to the same node.
             let band = |i: &Instance| in_load_band(requests(self.role, i), min);
-            rendezvous(candidates, ctx, group, |i| band(i) && roomy(i))
+            rendezvous(candidates, ctx, group, |i| band(i) && room.has(i))
                 .or_else(|| rendezvous(candidates, ctx, group, band))?
         };
         let blocks = blocks_of(&chosen);
@@ -168,7 +167,7 @@ impl Scheduler for KvAware {
 /// another instance already holds (`most`: the most any eligible one holds; a copy evicts
 /// other prefixes). Near-equal estimates
 /// (within a tenth of computing the whole prompt) go to the instance holding more, then to
-/// one with room for a new group (`roomy`), then to the group's rendezvous home, so that a
+/// one with room for a new group (`Room`), then to the group's rendezvous home, so that a
 /// group stays on one node and replicas agree on new ones (docs/scheduling.md, "KV aware").
 fn soonest_first_token(
     candidates: &[Arc<Instance>],
@@ -176,7 +175,7 @@ fn soonest_first_token(
     prompt: u64,
     most: u64,
     held: &impl Fn(&Instance) -> u64,
-    roomy: &impl Fn(&Instance) -> bool,
+    room: &Room,
     group: u64,
 ) -> Option<Arc<Instance>> {
     let mut fastest = u64::MAX;
@@ -216,7 +215,7 @@ fn soonest_first_token(
                     .speed()
                     .is_some_and(|s| cost(i, s) <= best.saturating_add(margin))
         })
-        .max_by_key(|i| (held(i), roomy(i), hash64(group, i.address.as_bytes())))
+        .max_by_key(|i| (held(i), room.has(i), hash64(group, i.address.as_bytes())))
         .or(first)
         .cloned()
 }
