@@ -127,6 +127,20 @@ impl Subscriber {
     }
 }
 
+/// A `mode` node with a KV cache of 100 blocks and a prefill of 5 ms per prompt token (400
+/// tokens: 2 s), slow enough that cached and computed prefixes differ by far.
+fn slow_prefill_node(mode: &str) -> Proc {
+    dummy(
+        mode,
+        &[
+            "--kv-cache-blocks",
+            "100",
+            "--prefill-delay-per-token",
+            "0.005",
+        ],
+    )
+}
+
 /// The node's `/metrics`, parsed.
 fn node_metrics(node: &Proc) -> Vec<Value> {
     parse_exposition(
@@ -306,16 +320,7 @@ fn kv_events_decode_into_vllm_structs_in_order() {
 
 #[test]
 fn repeated_prefix_is_a_hit_and_skips_its_prefill() {
-    // 400 prompt tokens at 5 ms each: 2 s of prefill when computed.
-    let d = dummy(
-        "dual",
-        &[
-            "--kv-cache-blocks",
-            "100",
-            "--prefill-delay-per-token",
-            "0.005",
-        ],
-    );
+    let d = slow_prefill_node("dual");
     let prompt = words("p", 400);
     let ttft = || {
         let t0 = Instant::now();
@@ -346,16 +351,7 @@ fn repeated_prefix_is_a_hit_and_skips_its_prefill() {
 /// the first request's), instead of computing the whole prefix a second time.
 #[test]
 fn a_prefix_still_being_computed_is_waited_for_not_recomputed() {
-    // 400 prompt tokens at 5 ms each: 2 s of prefill.
-    let d = dummy(
-        "dual",
-        &[
-            "--kv-cache-blocks",
-            "100",
-            "--prefill-delay-per-token",
-            "0.005",
-        ],
-    );
+    let d = slow_prefill_node("dual");
     let prefix = words("p", 400);
     let first_token = |prompt: String| {
         let url = d.url("/v1/completions");
@@ -475,15 +471,7 @@ fn requests_beyond_max_num_seqs_wait_in_the_queue() {
 
 #[test]
 fn decode_node_skips_the_prefill_of_arrived_blocks() {
-    let d = dummy(
-        "decode",
-        &[
-            "--kv-cache-blocks",
-            "100",
-            "--prefill-delay-per-token",
-            "0.005",
-        ],
-    );
+    let d = slow_prefill_node("decode");
     let prompt = words("k", 400);
     let ttft = |kv: Value| {
         let t0 = Instant::now();
