@@ -88,6 +88,9 @@ ap.add_argument("--scrape-interval", default="0.5",
 ap.add_argument("--xpyd-config", default="",
                 help="extra YAML lines for xpyd's config, `;`-separated (e.g. a scheduling_config)")
 ap.add_argument("--json", default=f"/tmp/prefix-routing-{os.getpid()}.json")
+ap.add_argument("--xpyd-logs", default="",
+                help="a folder: xpyd runs at log level info, each proxy's log (one line per "
+                     "request: node, TTFT) written there as <n>.log, to study its picks")
 ap.add_argument("--from-json", default="", help="print the tables of saved runs (a --json file) and exit")
 A = ap.parse_args()
 BIN = os.path.abspath(A.bin)
@@ -110,11 +113,11 @@ def free_port():
 PROCS = []
 
 
-def spawn(args, env=None, read_addr=False):
+def spawn(args, env=None, read_addr=False, stderr=None):
     e = dict(os.environ)
     e.update(env or {})
     p = subprocess.Popen(args, stdout=subprocess.PIPE if read_addr else subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env=e, start_new_session=True)
+                         stderr=stderr or subprocess.DEVNULL, env=e, start_new_session=True)
     PROCS.append(p)
     if not read_addr:
         return p, None
@@ -300,8 +303,15 @@ def xpyd(policy, replicas=1):
         cfg = xpyd_config(nodes, policy)
         procs, bases = [], []
         for _ in range(replicas):
+            level, err = "error", None
+            if A.xpyd_logs:
+                os.makedirs(A.xpyd_logs, exist_ok=True)
+                n = len(os.listdir(A.xpyd_logs))
+                level, err = "info", open(os.path.join(A.xpyd_logs, f"{n}.log"), "w")
+                log(f"xpyd log: {err.name}")
             p, addr = spawn([f"{BIN}/xpyd", "proxy", "-c", cfg, "--port", "0", "--workers",
-                             str(A.proxy_workers), "--no-pin", "--log-level", "error"], read_addr=True)
+                             str(A.proxy_workers), "--no-pin", "--log-level", level],
+                            read_addr=True, stderr=err)
             procs.append(p)
             bases.append(addr)
         return procs, bases
@@ -382,12 +392,13 @@ ROLES = {"dual": ["dual"] * 4, "1p3d": ["prefill", "decode", "decode", "decode"]
 
 # ---------------------------------------------------------------- client
 
-async def send(s, base, prompt, max_tokens, t0):
-    """One streamed completion: ("ok", ttft, latency, tokens, done_at) or why not."""
+async def send(s, base, prompt, max_tokens, t0, rid):
+    """One streamed completion: ("ok", ttft, latency, tokens, done_at) or why not. `rid`
+    (X-Request-Id, "r<index>-g<group>") names the request in the routers' logs."""
     start = time.perf_counter()
     ttft, n = None, 0
     try:
-        async with s.post(f"http://{base}/v1/completions",
+        async with s.post(f"http://{base}/v1/completions", headers={"X-Request-Id": rid},
                           json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
                                 "stream": True}) as r:
             if r.status != 200:
@@ -414,12 +425,12 @@ async def client(bases, reqs):
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
         t0 = time.perf_counter()
 
-        async def one(i, at, prompt):
+        async def one(i, at, g, prompt):
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            out[i] = await send(s, bases[i % len(bases)], prompt, A.output, t0)
+            out[i] = await send(s, bases[i % len(bases)], prompt, A.output, t0, f"r{i}-g{g}")
 
         try:
-            await asyncio.wait_for(asyncio.gather(*(one(i, at, p) for i, (at, _, p) in enumerate(reqs))),
+            await asyncio.wait_for(asyncio.gather(*(one(i, at, g, p) for i, (at, g, p) in enumerate(reqs))),
                                    RUN_LIMIT_S)
         except asyncio.TimeoutError:
             log(f"run cut after {RUN_LIMIT_S} s")
@@ -440,7 +451,8 @@ async def closed_client(bases, reqs):
 
         async def worker():
             for i in order:  # shared: each request is taken by one client
-                out[i] = await send(s, bases[i % len(bases)], reqs[i][2], A.affinity_output, t0)
+                out[i] = await send(s, bases[i % len(bases)], reqs[i][2], A.affinity_output, t0,
+                                    f"r{i}-g{reqs[i][1]}")
 
         try:
             await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(A.clients))), RUN_LIMIT_S)
