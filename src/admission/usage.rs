@@ -13,9 +13,9 @@ const MAX_OBJECT: usize = 1024;
 /// `(prompt_tokens, completion_tokens)`.
 #[derive(Default)]
 pub struct Scanner {
-    /// While searching: the last bytes of the previous read, which may start the key.
-    carry: [u8; KEY.len() - 1],
-    carry_len: usize,
+    /// While searching: how many bytes of the key the previous read ended with (a read
+    /// ending in `"usa` leaves 4), so that a key cut by a read is still found.
+    partial: usize,
     /// After the key: the value's bytes so far (allocated once the key was first seen).
     value: Vec<u8>,
     in_value: bool,
@@ -35,40 +35,40 @@ impl Scanner {
                 bytes = self.capture(bytes);
                 continue;
             }
-            // The key starting in the carried bytes and ending in these.
-            let mut joined = [0u8; 2 * (KEY.len() - 1)];
-            let n = self.carry_len;
-            let m = bytes.len().min(KEY.len() - 1);
-            joined[..n].copy_from_slice(&self.carry[..n]);
-            joined[n..n + m].copy_from_slice(&bytes[..m]);
-            if let Some(at) = find(&joined[..n + m], KEY).filter(|&at| at < n) {
-                self.carry_len = 0;
-                self.value.clear();
-                self.in_value = true;
-                bytes = &bytes[at + KEY.len() - n..];
-                continue;
+            if self.partial > 0 {
+                // The key begun at the end of the previous read, continued here? The carried
+                // bytes hold no other start of it: the key's only quote before its last
+                // byte is its first.
+                let want = &KEY[self.partial..];
+                let m = bytes.len().min(want.len());
+                if bytes[..m] == want[..m] {
+                    if m < want.len() {
+                        self.partial += m;
+                        return;
+                    }
+                    self.start_value();
+                    bytes = &bytes[m..];
+                    continue;
+                }
+                self.partial = 0;
             }
-            if let Some(at) = find(bytes, KEY) {
-                self.carry_len = 0;
-                self.value.clear();
-                self.in_value = true;
-                bytes = &bytes[at + KEY.len()..];
-                continue;
+            match key_finder().find(bytes) {
+                Some(at) => {
+                    self.start_value();
+                    bytes = &bytes[at + KEY.len()..];
+                }
+                None => {
+                    self.partial = key_start_at_end(bytes);
+                    return;
+                }
             }
-            // Keep what could start the key in the next read.
-            let keep = (n + bytes.len()).min(KEY.len() - 1);
-            let mut tail = [0u8; KEY.len() - 1];
-            if bytes.len() >= keep {
-                tail[..keep].copy_from_slice(&bytes[bytes.len() - keep..]);
-            } else {
-                let old = keep - bytes.len();
-                tail[..old].copy_from_slice(&self.carry[n - old..n]);
-                tail[old..keep].copy_from_slice(bytes);
-            }
-            self.carry = tail;
-            self.carry_len = keep;
-            return;
         }
+    }
+
+    fn start_value(&mut self) {
+        self.partial = 0;
+        self.value.clear();
+        self.in_value = true;
     }
 
     /// Reads the value after the key; once it is whole (or cannot be a usage object), goes
@@ -76,10 +76,10 @@ impl Scanner {
     /// read where it is; only one split across reads is copied.
     fn capture<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
         if self.value.is_empty() {
-            match object_end(&bytes[..bytes.len().min(MAX_OBJECT)]) {
-                End::At(end) => {
-                    if let Some(u) = counts(&bytes[..end]) {
-                        self.found = Some(u);
+            match object(&bytes[..bytes.len().min(MAX_OBJECT)]) {
+                End::At(end, counts) => {
+                    if counts.is_some() {
+                        self.found = counts;
                     }
                     self.in_value = false;
                     return &bytes[end..];
@@ -100,10 +100,10 @@ impl Scanner {
         let before = value.len();
         let take = bytes.len().min(MAX_OBJECT - before);
         value.extend_from_slice(&bytes[..take]);
-        let rest = match object_end(value) {
-            End::At(end) => {
-                if let Some(u) = counts(&value[..end]) {
-                    self.found = Some(u);
+        let rest = match object(value) {
+            End::At(end, counts) => {
+                if counts.is_some() {
+                    self.found = counts;
                 }
                 self.in_value = false;
                 &bytes[end - before..]
@@ -128,112 +128,154 @@ impl Scanner {
     }
 }
 
+/// How many bytes at the end of `bytes` begin the key (0 to `KEY.len() - 1`). Such a tail
+/// starts with a quote, and only the last quote can start one: the key has no other quote
+/// before its last byte.
+fn key_start_at_end(bytes: &[u8]) -> usize {
+    let tail = &bytes[bytes.len().saturating_sub(KEY.len() - 1)..];
+    match memchr::memrchr(b'"', tail) {
+        Some(q) if KEY.starts_with(&tail[q..]) => tail.len() - q,
+        _ => 0,
+    }
+}
+
 enum End {
     /// The object needs more bytes.
     More,
-    /// The object ends before this offset.
-    At(usize),
+    /// The object ends before this offset; its `(prompt_tokens, completion_tokens)` when it
+    /// has a number for `prompt_tokens`.
+    At(usize, Option<(u64, u64)>),
     /// What follows the key is not `: {…}`.
     Not,
 }
 
-/// Where the `: { … }` after the key ends in `v` (strings skipped, braces counted).
-fn object_end(v: &[u8]) -> End {
-    let mut i = 0;
-    let ws = |v: &[u8], mut i: usize| {
-        while i < v.len() && v[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        i
-    };
-    i = ws(v, i);
+/// Bytes that matter outside a string (quote, braces) and inside one (quote, backslash):
+/// one table lookup per byte skips the rest.
+const OUTSIDE: u8 = 1;
+const INSIDE: u8 = 2;
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'"' as usize] = OUTSIDE | INSIDE;
+    t[b'{' as usize] = OUTSIDE;
+    t[b'}' as usize] = OUTSIDE;
+    t[b'\\' as usize] = INSIDE;
+    t
+};
+
+fn skip_blanks(v: &[u8], mut i: usize) -> usize {
+    while i < v.len() && v[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    i
+}
+
+/// Reads the `: { … }` after the key in `v` in one pass (strings skipped, braces counted),
+/// taking the object's own `prompt_tokens` and `completion_tokens` numbers on the way.
+fn object(v: &[u8]) -> End {
+    let mut i = skip_blanks(v, 0);
     match v.get(i) {
         None => return End::More,
         Some(b':') => i += 1,
         Some(_) => return End::Not,
     }
-    i = ws(v, i);
+    i = skip_blanks(v, i);
     match v.get(i) {
         None => return End::More,
-        Some(b'{') => {}
+        Some(b'{') => i += 1,
         Some(_) => return End::Not,
     }
-    let (mut depth, mut in_str, mut esc) = (0u32, false, false);
-    while i < v.len() {
-        let b = v[i];
-        i += 1;
-        if in_str {
-            match (esc, b) {
-                (true, _) => esc = false,
-                (false, b'\\') => esc = true,
-                (false, b'"') => in_str = false,
-                _ => {}
-            }
-            continue;
+    let (mut depth, mut prompt, mut completion) = (1u32, None, None);
+    loop {
+        while i < v.len() && CLASS[v[i] as usize] & OUTSIDE == 0 {
+            i += 1;
         }
+        let Some(&b) = v.get(i) else {
+            return End::More;
+        };
+        i += 1;
         match b {
-            b'"' => in_str = true,
             b'{' => depth += 1,
             b'}' => {
                 depth -= 1;
                 if depth == 0 {
-                    return End::At(i);
+                    let counts = prompt.map(|p| (p, completion.unwrap_or(0)));
+                    return End::At(i, counts);
                 }
             }
-            _ => {}
+            _ => {
+                // A string. The object's own names (no escapes in them) are recognised
+                // without a scan for the closing quote.
+                if depth == 1 {
+                    let rest = &v[i..];
+                    let (slot, len) = if rest.starts_with(b"prompt_tokens\"") {
+                        (Some(&mut prompt), 14)
+                    } else if rest.starts_with(b"completion_tokens\"") {
+                        (Some(&mut completion), 18)
+                    } else if rest.starts_with(b"total_tokens\"") {
+                        (None, 13)
+                    } else {
+                        (None, 0)
+                    };
+                    if len > 0 {
+                        i += len;
+                        if let Some(slot) = slot.filter(|s| s.is_none()) {
+                            *slot = number_at(v, i);
+                        }
+                        continue;
+                    }
+                }
+                let from = i;
+                loop {
+                    while i < v.len() && CLASS[v[i] as usize] & INSIDE == 0 {
+                        i += 1;
+                    }
+                    match v.get(i) {
+                        None => return End::More,
+                        Some(b'\\') => i += 2,
+                        Some(_) => break,
+                    }
+                }
+                let name = &v[from..i];
+                i += 1;
+                if depth == 1 {
+                    let slot = match name {
+                        b"prompt_tokens" => &mut prompt,
+                        b"completion_tokens" => &mut completion,
+                        _ => continue,
+                    };
+                    if slot.is_none() {
+                        *slot = number_at(v, i);
+                    }
+                }
+            }
         }
     }
-    End::More
+}
+
+/// The number after a member name ending at `i` (`: 12`); None when what follows is not
+/// one (or does not fit a u64).
+fn number_at(v: &[u8], i: usize) -> Option<u64> {
+    let i = skip_blanks(v, i);
+    if v.get(i) != Some(&b':') {
+        return None;
+    }
+    let i = skip_blanks(v, i + 1);
+    let digits = v[i..].iter().take_while(|b| b.is_ascii_digit());
+    let mut n: Option<u64> = None;
+    for &d in digits {
+        n = Some(
+            n.unwrap_or(0)
+                .checked_mul(10)?
+                .checked_add(u64::from(d - b'0'))?,
+        );
+    }
+    n
 }
 
 /// The key's searcher, built once (building one per search cost more than the search).
 fn key_finder() -> &'static memchr::memmem::Finder<'static> {
     static F: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
     F.get_or_init(|| memchr::memmem::Finder::new(KEY))
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    // SIMD search: a byte-by-byte window compare cost ~10 instructions per body byte.
-    if needle == KEY {
-        return key_finder().find(hay);
-    }
-    // The usage object's own keys, in at most MAX_OBJECT bytes: the first byte, then a compare.
-    let (&first, rest) = needle.split_first()?;
-    let mut at = 0;
-    while let Some(i) = memchr::memchr(first, &hay[at..]) {
-        let i = at + i;
-        if hay[i + 1..].starts_with(rest) {
-            return Some(i);
-        }
-        at = i + 1;
-    }
-    None
-}
-
-/// `(prompt_tokens, completion_tokens)` of a whole usage object.
-fn counts(obj: &[u8]) -> Option<(u64, u64)> {
-    Some((
-        number_after(obj, b"\"prompt_tokens\"")?,
-        number_after(obj, b"\"completion_tokens\"").unwrap_or(0),
-    ))
-}
-
-fn number_after(obj: &[u8], key: &[u8]) -> Option<u64> {
-    let at = find(obj, key)? + key.len();
-    let rest = &obj[at..];
-    let colon = rest.iter().position(|&b| !b.is_ascii_whitespace())?;
-    if rest[colon] != b':' {
-        return None;
-    }
-    let mut digits = rest[colon + 1..]
-        .iter()
-        .skip_while(|b| b.is_ascii_whitespace())
-        .take_while(|b| b.is_ascii_digit())
-        .peekable();
-    digits.peek()?;
-    digits.try_fold(0u64, |n, &d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
 }
 
 #[cfg(test)]
@@ -291,6 +333,38 @@ mod tests {
         // Generated text: the quotes are escaped, so the key never matches.
         let text = br#"{"choices":[{"text":"the \"usage\":{\"prompt_tokens\":1} field"}],"usage":{"prompt_tokens":9,"completion_tokens":5}}"#;
         split_everywhere(text, Some((9, 5)));
+    }
+
+    #[test]
+    fn a_read_ending_in_part_of_the_key_carries_only_that_part() {
+        assert_eq!(key_start_at_end(b"abc\"usa"), 4);
+        assert_eq!(key_start_at_end(b"\"usage"), 6);
+        assert_eq!(key_start_at_end(b"x\"usage\""), 1);
+        assert_eq!(key_start_at_end(b"\"u\""), 1);
+        assert_eq!(key_start_at_end(b"null}]}\n\n"), 0);
+        // A key begun in one read and not continued; the real one in the next read.
+        let mut s = Scanner::default();
+        s.feed(b"{\"us");
+        s.feed(b"er\":\"u\",\"usage\":{\"prompt_tokens\":3}}");
+        assert_eq!(s.found(), Some((3, 0)));
+        // Reads of one byte that continue the key across several reads.
+        split_everywhere(
+            b"\"us\"usage\":{\"completion_tokens\":2,\"prompt_tokens\":1}",
+            Some((1, 2)),
+        );
+    }
+
+    #[test]
+    fn counts_are_the_object_s_own_members() {
+        assert_eq!(
+            scan(br#"{"usage":{"prompt_tokens":99999999999999999999999,"completion_tokens":1}}"#),
+            None
+        );
+        assert_eq!(
+            scan(br#"{"usage": {"a": "}", "prompt_tokens" : 5, "b": {"completion_tokens": 7}, "completion_tokens": 6}}"#),
+            Some((5, 6))
+        );
+        assert_eq!(scan(br#"{"usage":{"prompt_tokens":null}}"#), None);
     }
 
     #[test]

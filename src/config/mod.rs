@@ -384,10 +384,13 @@ pub struct Policy {
 impl Policy {
     /// The admission limits of `model`, None when it has none.
     pub fn admission(&self, model: &str) -> Option<&AdmissionConfig> {
-        self.admission
-            .get(model)
-            .unwrap_or(&self.admission_default)
-            .is_on()
+        // No per-model section (the usual case): no hash of the name per request.
+        let per_model = if self.admission.is_empty() {
+            None
+        } else {
+            self.admission.get(model)
+        };
+        per_model.unwrap_or(&self.admission_default).is_on()
     }
 }
 

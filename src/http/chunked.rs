@@ -92,6 +92,28 @@ impl ChunkedDecoder {
     ) -> Result<usize, ChunkError> {
         let mut i = 0;
         while i < input.len() {
+            // The usual lines whole in this read, without a state change per byte: a size
+            // line without extension, and the CRLF after a chunk's data.
+            match self.state {
+                State::Size { any: false } => {
+                    if let Some((size, used)) = whole_size_line(&input[i..]) {
+                        i += used;
+                        if size == 0 {
+                            self.state = State::TrailerStart;
+                        } else {
+                            self.remaining = size;
+                            self.state = State::Data;
+                        }
+                        continue;
+                    }
+                }
+                State::DataCr if input[i..].starts_with(b"\r\n") => {
+                    i += 2;
+                    self.state = State::Size { any: false };
+                    continue;
+                }
+                _ => {}
+            }
             let b = input[i];
             match self.state {
                 State::Size { any } => match hex_val(b) {
@@ -182,6 +204,22 @@ impl ChunkedDecoder {
         }
         Ok(i)
     }
+}
+
+/// A size line with no extension at the start of `input`, whole: `(size, bytes)`. None for
+/// anything else (the state machine then takes it byte by byte, errors included).
+#[inline]
+fn whole_size_line(input: &[u8]) -> Option<(u64, usize)> {
+    let mut size = 0u64;
+    let mut n = 0;
+    while let Some(v) = input.get(n).and_then(|&b| hex_val(b)) {
+        size = size * 16 + v as u64;
+        if size > MAX_CHUNK {
+            return None;
+        }
+        n += 1;
+    }
+    (n > 0 && input[n..].starts_with(b"\r\n")).then_some((size, n + 2))
 }
 
 #[inline]

@@ -114,6 +114,66 @@ fn content_type(v: &[u8]) -> Result<Cow<'static, str>, HeadError> {
     ))
 }
 
+/// The header names this layer acts on, told apart by length first: one comparison per
+/// header instead of one per name (a case-insensitive compare per candidate cost more than
+/// httparse's parse of the line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Name {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Host,
+    ContentType,
+    ContentEncoding,
+    XRequestId,
+    XSessionId,
+    XApiKey,
+    Authorization,
+    Expect,
+    Other,
+}
+
+impl Name {
+    fn of(name: &str) -> Name {
+        let n = name.as_bytes();
+        let (is, known) = match n.len() {
+            4 => (lower_is(n, b"host"), Name::Host),
+            6 => (lower_is(n, b"expect"), Name::Expect),
+            9 => (lower_is(n, b"x-api-key"), Name::XApiKey),
+            10 => (lower_is(n, b"connection"), Name::Connection),
+            12 => {
+                return if lower_is(n, b"content-type") {
+                    Name::ContentType
+                } else if lower_is(n, b"x-request-id") {
+                    Name::XRequestId
+                } else if lower_is(n, b"x-session-id") {
+                    Name::XSessionId
+                } else {
+                    Name::Other
+                }
+            }
+            13 => (lower_is(n, b"authorization"), Name::Authorization),
+            14 => (lower_is(n, b"content-length"), Name::ContentLength),
+            16 => (lower_is(n, b"content-encoding"), Name::ContentEncoding),
+            17 => (lower_is(n, b"transfer-encoding"), Name::TransferEncoding),
+            _ => (false, Name::Other),
+        };
+        if is {
+            known
+        } else {
+            Name::Other
+        }
+    }
+}
+
+/// `name` equals `lower` (lowercase letters and `-`, same length) ignoring ASCII case.
+/// Setting bit 5 lowercases a letter; among the token bytes httparse lets through a header
+/// name, only the letter itself, its capital, and `-` itself map onto a letter or `-` so.
+#[inline]
+fn lower_is(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len() && name.iter().zip(lower).all(|(&a, &b)| a | 0x20 == b)
+}
+
 /// Accumulates the framing-relevant headers common to requests and responses.
 #[derive(Default)]
 struct FramingHeaders {
@@ -125,8 +185,8 @@ struct FramingHeaders {
 }
 
 impl FramingHeaders {
-    fn observe(&mut self, name: &str, value: &[u8]) -> Result<bool, HeadError> {
-        if name.eq_ignore_ascii_case("content-length") {
+    fn observe(&mut self, name: Name, value: &[u8]) -> Result<bool, HeadError> {
+        if name == Name::ContentLength {
             // Digits only (no sign, no blank inside), read as bytes: every head has one.
             let v = value.trim_ascii();
             let n = if v.is_empty() {
@@ -144,7 +204,7 @@ impl FramingHeaders {
             }
             self.content_length = Some(n);
             Ok(true)
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if name == Name::TransferEncoding {
             if value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                 // The usual value alone: what the loop below does for it.
                 if self.chunked {
@@ -170,7 +230,7 @@ impl FramingHeaders {
                 }
             }
             Ok(true)
-        } else if name.eq_ignore_ascii_case("connection") {
+        } else if name == Name::Connection {
             // The usual values alone, without splitting.
             match value.trim_ascii() {
                 v if v.eq_ignore_ascii_case(b"keep-alive") => {
@@ -205,9 +265,6 @@ impl FramingHeaders {
         }
     }
 }
-
-/// Request headers this layer acts on and that are never passed on as they are.
-const CONSUMED: &[&str] = &["host", "content-type", "x-request-id", "expect"];
 
 /// Keeps the tokens of a `Connection` value other than close and keep-alive.
 fn note_connection(named: &mut Option<String>, value: &[u8]) {
@@ -269,47 +326,60 @@ pub fn parse_request(buf: &[u8]) -> Result<RequestHead, HeadError> {
     };
     let mut host_seen = false;
     for h in req.headers.iter() {
-        if fh.observe(h.name, h.value)? {
-            if h.name.eq_ignore_ascii_case("connection") {
+        let name = Name::of(h.name);
+        if fh.observe(name, h.value)? {
+            if name == Name::Connection {
                 note_connection(&mut head.connection, h.value);
             }
             continue;
         }
-        let name = h.name;
-        if !CONSUMED.iter().any(|c| name.eq_ignore_ascii_case(c)) {
+        // Host, Content-Type, X-Request-Id and Expect are acted on here and never passed
+        // on as they are.
+        let consumed = matches!(
+            name,
+            Name::Host | Name::ContentType | Name::XRequestId | Name::Expect
+        );
+        if !consumed {
             if head.headers.is_empty() {
                 // One allocation, sized for the whole head.
                 head.headers.reserve(len);
             }
-            head.headers.extend_from_slice(name.as_bytes());
+            head.headers.extend_from_slice(h.name.as_bytes());
             head.headers.extend_from_slice(b": ");
             head.headers.extend_from_slice(h.value);
             head.headers.extend_from_slice(b"\r\n");
         }
-        if name.eq_ignore_ascii_case("content-type") {
-            head.content_type = Some(content_type(h.value)?);
-        } else if name.eq_ignore_ascii_case("x-request-id") {
-            let v = value_str(h.value, "invalid X-Request-Id")?;
-            if !v.is_empty() {
-                head.request_id = Some(v.to_string());
+        match name {
+            Name::ContentType => head.content_type = Some(content_type(h.value)?),
+            Name::XRequestId => {
+                let v = value_str(h.value, "invalid X-Request-Id")?;
+                if !v.is_empty() {
+                    head.request_id = Some(v.to_string());
+                }
             }
-        } else if name.eq_ignore_ascii_case("x-session-id") {
-            let v = value_str(h.value, "invalid X-Session-ID")?;
-            if !v.is_empty() {
-                head.session_id = Some(v.to_string());
+            Name::XSessionId => {
+                let v = value_str(h.value, "invalid X-Session-ID")?;
+                if !v.is_empty() {
+                    head.session_id = Some(v.to_string());
+                }
             }
-        } else if name.eq_ignore_ascii_case("x-api-key") {
-            head.api_key = Some(value_str(h.value, "invalid X-API-Key")?.to_string());
-        } else if name.eq_ignore_ascii_case("authorization") {
-            head.authorization = Some(value_str(h.value, "invalid Authorization")?.to_string());
-        } else if name.eq_ignore_ascii_case("expect") {
-            head.expect_continue =
-                value_str(h.value, "invalid Expect")?.eq_ignore_ascii_case("100-continue");
-        } else if name.eq_ignore_ascii_case("host") {
-            if host_seen {
-                return Err(HeadError::Malformed("duplicate Host header"));
+            Name::XApiKey => {
+                head.api_key = Some(value_str(h.value, "invalid X-API-Key")?.to_string());
             }
-            host_seen = true;
+            Name::Authorization => {
+                head.authorization = Some(value_str(h.value, "invalid Authorization")?.to_string());
+            }
+            Name::Expect => {
+                head.expect_continue =
+                    value_str(h.value, "invalid Expect")?.eq_ignore_ascii_case("100-continue");
+            }
+            Name::Host => {
+                if host_seen {
+                    return Err(HeadError::Malformed("duplicate Host header"));
+                }
+                host_seen = true;
+            }
+            _ => {}
         }
     }
     if minor_version == 1 && !host_seen {
@@ -377,12 +447,13 @@ fn response_with<'b>(
     let mut content_type = None;
     let mut content_encoding = None;
     for h in resp.headers.iter() {
-        if fh.observe(h.name, h.value)? {
+        let name = Name::of(h.name);
+        if fh.observe(name, h.value)? {
             continue;
         }
-        if h.name.eq_ignore_ascii_case("content-type") {
+        if name == Name::ContentType {
             content_type = Some(self::content_type(h.value)?);
-        } else if h.name.eq_ignore_ascii_case("content-encoding") {
+        } else if name == Name::ContentEncoding {
             let v = value_str(h.value, "invalid Content-Encoding")?;
             if !v.eq_ignore_ascii_case("identity") {
                 content_encoding = Some(v.to_string());
@@ -438,6 +509,43 @@ mod tests {
         assert_eq!(h.authorization.as_deref(), Some("Bearer k"));
         let h = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
         assert!(h.headers.is_empty() && h.connection.is_none());
+    }
+
+    #[test]
+    fn header_names_are_told_apart_ignoring_case_only() {
+        for (n, want) in [
+            ("Content-Length", Name::ContentLength),
+            ("CONTENT-LENGTH", Name::ContentLength),
+            ("transfer-Encoding", Name::TransferEncoding),
+            ("Connection", Name::Connection),
+            ("HOST", Name::Host),
+            ("Content-Type", Name::ContentType),
+            ("content-encoding", Name::ContentEncoding),
+            ("X-Request-Id", Name::XRequestId),
+            ("X-Session-ID", Name::XSessionId),
+            ("X-API-Key", Name::XApiKey),
+            ("Authorization", Name::Authorization),
+            ("Expect", Name::Expect),
+            ("Content_Length", Name::Other),
+            ("Content-Lengtj", Name::Other),
+            ("Hosts", Name::Other),
+            ("X-Request_Id", Name::Other),
+            ("x-session-ie", Name::Other),
+            ("Content-Typ", Name::Other),
+        ] {
+            assert_eq!(Name::of(n), want, "{n}");
+        }
+        // Every token byte httparse allows in a name against every byte of the names.
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        for a in (0u8..=255).filter(|&a| token(a)) {
+            for b in b"abcdefghijklmnopqrstuvwxyz-".iter().copied() {
+                assert_eq!(
+                    lower_is(&[a], &[b]),
+                    a.eq_ignore_ascii_case(&b),
+                    "{a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -126,7 +126,13 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
             "request body is empty; expected a JSON object",
         ));
     }
-    let obj: RawObject<'a> = serde_json::from_slice(body).map_err(|e| {
+    // UTF-8 checked once for the whole body: from bytes, serde_json checks every key and
+    // every raw value on its own. Invalid UTF-8 goes the byte way, for the same error.
+    let parsed = match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str::<RawObject<'a>>(text),
+        Err(_) => serde_json::from_slice(body),
+    };
+    let obj: RawObject<'a> = parsed.map_err(|e| {
         if e.classify() == serde_json::error::Category::Data {
             ApiError::bad_request("request body must be a JSON object")
         } else {
