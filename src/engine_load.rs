@@ -22,25 +22,7 @@ pub struct EngineSample {
 /// one name (engines, data-parallel ranks) add up; usage takes the highest. None when the
 /// text has neither queue gauge (not a vLLM engine, or one too old).
 pub fn parse(text: &str) -> Option<EngineSample> {
-    let (mut running, mut waiting, mut usage) = (None::<f64>, None::<f64>, None::<f64>);
-    for (name, v) in samples(text) {
-        match name {
-            "vllm:num_requests_running" => *running.get_or_insert(0.0) += v,
-            "vllm:num_requests_waiting" => *waiting.get_or_insert(0.0) += v,
-            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
-                usage = Some(usage.map_or(v, |u| u.max(v)))
-            }
-            _ => {}
-        }
-    }
-    if running.is_none() && waiting.is_none() {
-        return None;
-    }
-    Some(EngineSample {
-        running: running.unwrap_or(0.0) as u64,
-        waiting: waiting.unwrap_or(0.0) as u64,
-        kv_usage: usage.map(|u| u.min(1.0)),
-    })
+    parse_metrics(text).0
 }
 
 /// Cumulative counters of an engine's `/metrics` from which its speed is learned (sums of
@@ -60,8 +42,16 @@ pub struct Totals {
 
 /// Parses the counters `Totals` needs; None when the engine reports no timing.
 pub fn parse_totals(text: &str) -> Option<Totals> {
+    parse_metrics(text).1
+}
+
+/// Both `parse` and `parse_totals`, in one pass over the text (what a scrape uses).
+pub fn parse_metrics(text: &str) -> (Option<EngineSample>, Option<Totals>) {
     #[derive(Default)]
     struct Raw {
+        running: Option<f64>,
+        waiting: Option<f64>,
+        usage: Option<f64>,
         prompt: f64,
         hits: f64,
         prefill: Option<f64>,
@@ -81,6 +71,11 @@ pub fn parse_totals(text: &str) -> Option<Totals> {
     };
     for (name, v) in samples(text) {
         match name {
+            "vllm:num_requests_running" => *r.running.get_or_insert(0.0) += v,
+            "vllm:num_requests_waiting" => *r.waiting.get_or_insert(0.0) += v,
+            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                r.usage = Some(r.usage.map_or(v, |u| u.max(v)))
+            }
             "vllm:prompt_tokens_total" => r.prompt += v,
             "vllm:prefix_cache_hits_total" => r.hits += v,
             "vllm:request_prefill_time_seconds_sum" => *r.prefill.get_or_insert(0.0) += v,
@@ -93,19 +88,24 @@ pub fn parse_totals(text: &str) -> Option<Totals> {
             _ => {}
         }
     }
-    let (run_s, run_n) = match (r.inference, r.e2e) {
-        (Some(i), _) => i,
-        (None, Some((s, n))) => ((s - r.queue).max(0.0), n),
-        (None, None) => return None,
+    let sample = (r.running.is_some() || r.waiting.is_some()).then(|| EngineSample {
+        running: r.running.unwrap_or(0.0) as u64,
+        waiting: r.waiting.unwrap_or(0.0) as u64,
+        kv_usage: r.usage.map(|u| u.min(1.0)),
+    });
+    let run = match (r.inference, r.e2e) {
+        (Some(i), _) => Some(i),
+        (None, Some((s, n))) => Some(((s - r.queue).max(0.0), n)),
+        (None, None) => None,
     };
-    let prefill_s = r.prefill.unwrap_or((r.ttft - r.queue).max(0.0));
-    Some(Totals {
+    let totals = run.map(|(run_s, run_n)| Totals {
         prompt_tokens: r.prompt,
         prefix_hits: r.hits,
-        prefill_s,
+        prefill_s: r.prefill.unwrap_or((r.ttft - r.queue).max(0.0)),
         run_s,
         run_n,
-    })
+    });
+    (sample, totals)
 }
 
 /// Every `vllm:` sample of a Prometheus text as (name, value); labels skipped, comments and

@@ -93,10 +93,11 @@ fn scrape(inst: &Instance, cfg: &EngineMetricsConfig) {
         Ok(r) if r.status == 200 => String::from_utf8_lossy(&r.body),
         _ => Default::default(),
     };
-    if let Some(t) = engine_load::parse_totals(&text) {
+    let (sample, totals) = engine_load::parse_metrics(&text);
+    if let Some(t) = totals {
         inst.engine.store_totals(t);
     }
-    match engine_load::parse(&text) {
+    match sample {
         // The local count at the moment the numbers arrived: see `unseen_requests`.
         Some(s) => inst.engine.store(s, inst.in_flight()),
         None => inst.engine.failed(max_age),
