@@ -174,14 +174,17 @@ fn kv_aware_full(c: &mut Criterion, inst: &[Arc<Instance>], n: usize) {
 fn learn_speed(inst: &[Arc<Instance>]) {
     use xpyd::engine_load::{EngineSample, Totals};
     for i in inst {
-        i.engine.store_totals(Totals::default());
-        i.engine.store_totals(Totals {
-            prompt_tokens: 10_000.0,
-            prefill_s: 0.75,
-            run_s: 6.0,
-            run_n: 10.0,
-            ..Default::default()
-        });
+        i.engine.store_totals(Totals::default(), 0);
+        i.engine.store_totals(
+            Totals {
+                prompt_tokens: 10_000.0,
+                prefill_s: 0.75,
+                run_s: 6.0,
+                run_n: 10.0,
+                ..Default::default()
+            },
+            xpyd::engine_load::SPEED_WINDOW_MS,
+        );
         let full = EngineSample {
             running: 4,
             waiting: 1,

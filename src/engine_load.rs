@@ -164,6 +164,23 @@ fn speed_between(prev: &Totals, now: &Totals) -> (Option<u64>, Option<u64>) {
     (prefill, run)
 }
 
+/// The shortest stretch of an engine's counters a speed sample is taken over, however
+/// often they are scraped. vLLM counts a prompt's tokens when it schedules them and its
+/// prefill time when the request finishes, so a short interval pairs one with the other
+/// badly: scraping every 0.1 s, samples swung so much that kv_aware moved groups for
+/// nothing (prefix affinity 0.58–0.62 and hit rate 0.82 against 0.74–0.81 and 0.87–0.89
+/// scraping every 0.5 s, docs/benchmarks.md). Shorter scrapes still serve the queue gauges.
+pub const SPEED_WINDOW_MS: u64 = 500;
+
+/// Whether any counter went back (an engine restart): the stretch teaches nothing.
+fn went_back(prev: &Totals, now: &Totals) -> bool {
+    now.prompt_tokens < prev.prompt_tokens
+        || now.prefix_hits < prev.prefix_hits
+        || now.prefill_s < prev.prefill_s
+        || now.run_s < prev.run_s
+        || now.run_n < prev.run_n
+}
+
 /// A new sample weighs 30 %: a few scrapes follow a change of load, one odd interval does
 /// not swing the routing.
 fn smooth(old: u64, new: u64) -> u64 {
@@ -192,8 +209,9 @@ pub struct EngineLoad {
     /// `Speed`, learned (0: not yet).
     prefill_ns_per_token: AtomicU64,
     run_us: AtomicU64,
-    /// The counters of the previous scrape (the scraper's own: never read on a pick).
-    totals: std::sync::Mutex<Option<Totals>>,
+    /// The counters at the start of the current speed stretch and `now_ms()` then (the
+    /// scraper's own: never read on a pick).
+    totals: std::sync::Mutex<Option<(Totals, u64)>>,
     pub scrapes_ok: AtomicU64,
     pub scrapes_failed: AtomicU64,
 }
@@ -223,19 +241,27 @@ impl EngineLoad {
         self.scrapes_ok.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Learns the engine's speed from its counters (see `Speed`).
-    pub fn store_totals(&self, now: Totals) {
+    /// Learns the engine's speed from its counters, scraped at `at_ms` (`now_ms()`), over
+    /// stretches of at least `SPEED_WINDOW_MS` (see `Speed`).
+    pub fn store_totals(&self, now: Totals, at_ms: u64) {
         let Ok(mut prev) = self.totals.lock() else {
             return;
         };
-        if let Some(p) = prev.replace(now) {
-            let (prefill, run) = speed_between(&p, &now);
-            for (v, cell) in [(prefill, &self.prefill_ns_per_token), (run, &self.run_us)] {
-                if let Some(v) = v.filter(|&v| v > 0) {
-                    cell.store(smooth(cell.load(Ordering::Relaxed), v), Ordering::Relaxed);
+        if let Some((p, since)) = *prev {
+            if went_back(&p, &now) {
+                // Restarted: a new stretch from here.
+            } else if at_ms.saturating_sub(since) < SPEED_WINDOW_MS {
+                return; // the stretch goes on
+            } else {
+                let (prefill, run) = speed_between(&p, &now);
+                for (v, cell) in [(prefill, &self.prefill_ns_per_token), (run, &self.run_us)] {
+                    if let Some(v) = v.filter(|&v| v > 0) {
+                        cell.store(smooth(cell.load(Ordering::Relaxed), v), Ordering::Relaxed);
+                    }
                 }
             }
         }
+        *prev = Some((now, at_ms));
     }
 
     /// The engine's learned speed, once both parts are known.
@@ -477,15 +503,30 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
             )
         };
         let e = EngineLoad::default();
-        e.store_totals(parse_totals(&text(1000.0, 0.0, 0.1, 1.0, 2.0)).unwrap());
+        let t0 = 1_000_000;
+        e.store_totals(parse_totals(&text(1000.0, 0.0, 0.1, 1.0, 2.0)).unwrap(), t0);
         assert_eq!(e.speed(), None, "one scrape is no interval");
+        // A scrape sooner than the window after the first extends the stretch: an odd
+        // short one (all of its prompt tokens, none of their prefill time) teaches nothing.
+        e.store_totals(
+            parse_totals(&text(9000.0, 0.0, 0.1, 1.0, 2.0)).unwrap(),
+            t0 + 100,
+        );
+        assert_eq!(e.speed(), None, "a stretch shorter than the window");
         // 10 requests: 20,000 prompt tokens of which 12,000 cached: 8,000 computed in
         // 0.6 s = 75 µs each; 6 s in the batch = 600 ms each.
-        e.store_totals(parse_totals(&text(21_000.0, 12_000.0, 0.7, 7.0, 12.0)).unwrap());
+        let at = t0 + SPEED_WINDOW_MS;
+        e.store_totals(
+            parse_totals(&text(21_000.0, 12_000.0, 0.7, 7.0, 12.0)).unwrap(),
+            at,
+        );
         let s = e.speed().unwrap();
         assert_eq!((s.prefill_ns_per_token, s.run_us), (75_000, 600_000));
         // A restarted engine's counters go back: nothing learned from that interval.
-        e.store_totals(parse_totals(&text(10.0, 0.0, 0.01, 0.1, 1.0)).unwrap());
+        e.store_totals(
+            parse_totals(&text(10.0, 0.0, 0.01, 0.1, 1.0)).unwrap(),
+            at + 5000,
+        );
         assert_eq!(e.speed(), Some(s));
         // Without vLLM's prefill/inference histograms: TTFT − queue and e2e − queue.
         let old = |ttft: f64, queue: f64, e2e: f64, n: f64, prompt: f64| {

@@ -95,7 +95,7 @@ fn scrape(inst: &Instance, cfg: &EngineMetricsConfig) {
     };
     let (sample, totals) = engine_load::parse_metrics(&text);
     if let Some(t) = totals {
-        inst.engine.store_totals(t);
+        inst.engine.store_totals(t, crate::resilience::now_ms());
     }
     match sample {
         // The local count at the moment the numbers arrived: see `unseen_requests`.

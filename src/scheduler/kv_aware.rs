@@ -325,14 +325,17 @@ mod tests {
     fn learned(c: &[Arc<Instance>]) {
         use crate::engine_load::{EngineSample, Totals};
         for i in c {
-            i.engine.store_totals(Totals::default());
-            i.engine.store_totals(Totals {
-                prompt_tokens: 10_000.0,
-                prefill_s: 0.75,
-                run_s: 6.0,
-                run_n: 10.0,
-                ..Default::default()
-            });
+            i.engine.store_totals(Totals::default(), 0);
+            i.engine.store_totals(
+                Totals {
+                    prompt_tokens: 10_000.0,
+                    prefill_s: 0.75,
+                    run_s: 6.0,
+                    run_n: 10.0,
+                    ..Default::default()
+                },
+                engine_load::SPEED_WINDOW_MS,
+            );
             let busy = EngineSample {
                 running: 4,
                 waiting: 1,
