@@ -165,11 +165,14 @@ fn speed_between(prev: &Totals, now: &Totals) -> (Option<u64>, Option<u64>) {
 }
 
 /// The shortest stretch of an engine's counters a speed sample is taken over, however
-/// often they are scraped. vLLM counts a prompt's tokens when it schedules them and its
-/// prefill time when the request finishes, so a short interval pairs one with the other
-/// badly: scraping every 0.1 s, samples swung so much that kv_aware moved groups for
-/// nothing (prefix affinity 0.58–0.62 and hit rate 0.82 against 0.74–0.81 and 0.87–0.89
-/// scraping every 0.5 s, docs/benchmarks.md). Shorter scrapes still serve the queue gauges.
+/// often they are scraped. A short stretch holds a request or two, and one request says
+/// little: a prefix hit that waited for blocks still being computed shows a long prefill
+/// for a few computed tokens, and vLLM counts cache hits at scheduling, prompt tokens at
+/// the first token and prefill time when the request finishes, so a short stretch pairs
+/// one request's tokens with another's time. Scraping every 0.1 s, samples swung so much
+/// that kv_aware moved groups for nothing (prefix affinity 0.58–0.62 and hit rate 0.82,
+/// against 0.74–0.81 and 0.87–0.89 scraping every 0.5 s; docs/benchmarks.md). Frequent
+/// scrapes still refresh the queue gauges.
 pub const SPEED_WINDOW_MS: u64 = 500;
 
 /// Whether any counter went back (an engine restart): the stretch teaches nothing.
