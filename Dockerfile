@@ -16,6 +16,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# monoio 0.2.4 with xpyd's io_uring patches, wired by [patch.crates-io] (vendor/README.md).
+COPY vendor ./vendor
 COPY tools ./tools
 COPY benches ./benches
 COPY examples ./examples

@@ -22,8 +22,6 @@ pub(super) async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
-                // `xpyd demo` runs the dummy inside the proxy's process.
-                crate::runtime::close_on_exec(std::os::fd::AsRawFd::as_raw_fd(&s));
                 let node = node.clone();
                 monoio::spawn(async move { serve_connection(node, s).await });
             }

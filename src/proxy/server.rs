@@ -41,14 +41,11 @@ pub async fn accept_loop(w: Rc<Worker>, listener: TcpListener) {
 }
 
 async fn accept_until_shutdown(w: &Rc<Worker>, listener: TcpListener) {
-    // epoll's accept (`accept4`) marks the socket close-on-exec itself; io_uring's does not.
-    let set_cloexec = !monoio::utils::is_legacy();
+    // Accepted sockets are close-on-exec on both drivers: epoll's accept4 and (vendor/monoio's
+    // patch) io_uring's accept pass SOCK_CLOEXEC — no fcntl per connection.
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if set_cloexec {
-                    crate::runtime::close_on_exec(std::os::fd::AsRawFd::as_raw_fd(&stream));
-                }
                 if w.shared.shutting_down.load(Ordering::Relaxed) {
                     return;
                 }
