@@ -92,7 +92,7 @@ fn tuned_ring() -> io_uring::Builder {
 /// token — and without the flag the kernel first tries each such receive inline, fails
 /// (EAGAIN), and only then arms the socket's poll. With it the poll is armed at once; a read
 /// whose data is already there is done from the poll's first check. Measured: 2 failed
-/// receives less per dual request (3 per 1P+1D), −1.8 % CPU per request (docs/benchmarks.md,
+/// receives less per dual request (3 per 1P+1D), −1.5 % CPU per request (docs/benchmarks.md,
 /// "Beneath monoio"). `XPYD_RECV_POLL_FIRST=0` turns it off (to measure the difference).
 /// Kernels before 5.19 do not know the flag (they may refuse the receive), so it is only set
 /// from 5.19 on.
