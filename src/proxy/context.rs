@@ -6,10 +6,12 @@ use super::forward_headers::Forwarding;
 use super::outcome::{self, Outcome};
 use super::timeline::Timeline;
 use super::Worker;
+use crate::config::Policy;
 use crate::http::conn::ClientWriter;
 use crate::http::ApiError;
 use monoio::io::AsyncWriteRentExt;
 use std::borrow::Cow;
+use std::sync::Arc;
 
 pub struct RequestCtx<'a> {
     pub w: &'a Worker,
@@ -27,6 +29,9 @@ pub struct RequestCtx<'a> {
     /// The client's headers and the trace context the legs carry.
     pub forward: Forwarding<'a>,
     pub tl: Timeline,
+    /// The policy as the request found it, for all its legs and relays: one load per
+    /// request instead of one per use (a reload applies to the next request).
+    pub policy: Arc<Policy>,
 }
 
 impl RequestCtx<'_> {

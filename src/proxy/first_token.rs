@@ -152,7 +152,7 @@ async fn pump_rest(
     first: &FirstToken,
     guard: &InFlight,
 ) -> Result<(), RelayError> {
-    let idle = ctx.w.policy().timeouts.idle;
+    let idle = ctx.policy.timeouts.idle;
     let mut rw = Rewriter {
         first,
         dropped_first: false,

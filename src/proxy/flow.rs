@@ -15,8 +15,8 @@ use super::relay::relay;
 use super::spans;
 use super::timeline::Timeline;
 use super::Worker;
-use crate::config::DisaggMode;
 use crate::config::Role;
+use crate::config::{DisaggMode, Policy};
 use crate::http::conn::ClientWriter;
 use crate::http::watch::NextRead;
 use crate::http::write::full_response;
@@ -198,7 +198,7 @@ pub async fn serve(
     });
     let mut ctx = request_ctx(w, &req, request_id, client, start, trace.as_ref());
     // The first token from prefill rewrites the decode stream: it must come uncompressed.
-    ctx.forward.decode_identity = w.policy().generator_on_p_node && inspected.stream;
+    ctx.forward.decode_identity = ctx.policy.generator_on_p_node && inspected.stream;
     let work = pin!(async {
         // Inside the work too: a client that leaves while its prompt is being tokenized
         // stops waiting for it.
@@ -332,6 +332,7 @@ fn request_ctx<'a>(
     start: Instant,
     trace: Option<&'a RequestTrace>,
 ) -> RequestCtx<'a> {
+    let policy = w.shared.policy.load_full();
     RequestCtx {
         w,
         request_id,
@@ -339,7 +340,7 @@ fn request_ctx<'a>(
         keep_alive: req.head.keep_alive,
         http10: req.head.minor_version == 0,
         path: &req.head.path,
-        authorization: backend_authorization(w, req),
+        authorization: backend_authorization(&policy, req),
         forward: Forwarding {
             client: &req.head.headers,
             connection: req.head.connection.as_deref(),
@@ -347,13 +348,13 @@ fn request_ctx<'a>(
             decode_identity: false,
         },
         tl: Timeline::new(start),
+        policy,
     }
 }
 
 /// `Authorization` for the backends: the configured `openai_api_key`, else the client's
 /// unless the deny list keeps it (by default it does: it is the client's key to the proxy).
-fn backend_authorization<'a>(w: &'a Worker, req: &'a Request) -> Option<Cow<'a, str>> {
-    let policy = w.policy();
+fn backend_authorization<'a>(policy: &Policy, req: &'a Request) -> Option<Cow<'a, str>> {
     match &policy.openai_api_key {
         Some(k) => Some(Cow::Owned(format!("Bearer {k}"))),
         None if policy.deny_headers.iter().any(|h| h == "authorization") => None,
@@ -389,7 +390,7 @@ async fn disaggregated(
             .run(&route.prefill, pick, Role::Prefill, &prefill_body)
             .await?;
         let inst = guard.instance();
-        let idle = w.policy().timeouts.idle;
+        let idle = ctx.policy.timeouts.idle;
         let got = {
             let read = pin!(super::upstream::read_body(
                 &mut conn,
@@ -460,7 +461,7 @@ async fn disaggregated(
     let route = current.as_ref().map_or(route, |(t, i)| &t.models[*i]);
     // HTTP/1.0 clients cannot take the chunked stream this path writes; they get the
     // plain relay, which frames by close.
-    if w.policy().generator_on_p_node && job.inspected.stream && !ctx.http10 {
+    if ctx.policy.generator_on_p_node && job.inspected.stream && !ctx.http10 {
         if let Some(first) = FirstToken::from_prefill(&resp, job.chat) {
             return Ok(first_from_prefill(ctx, route, pick, decode_body, &first).await);
         }

@@ -71,8 +71,9 @@ impl RequestCtx<'_> {
             Role::Prefill => self.tl.prefill_sent = Some(sent),
             _ => self.tl.decode_sent = Some(sent),
         }
-        // One policy for the whole leg, retries included (a reload applies to the next).
-        let policy = w.shared.policy.load_full();
+        // The request's policy for the whole leg, retries included (a reload applies to
+        // the next request).
+        let policy = Arc::clone(&self.policy);
         let retry = &policy.retry;
         let max_retries = if retry.enabled { retry.max_retries } else { 0 };
         let mut tried: Vec<SocketAddr> = Vec::new();

@@ -208,7 +208,7 @@ async fn pump(
     guard: &InFlight,
     started: &mut bool,
 ) -> Result<(Finished, Vec<u8>), RelayError> {
-    let idle = ctx.w.policy().timeouts.idle;
+    let idle = ctx.policy.timeouts.idle;
     let mut head_len = out.len();
     // The engine's token counts, wherever the reads cut its `usage` object.
     let mut usage = usage::Scanner::default();
