@@ -103,7 +103,7 @@ impl Scheduler for CacheAware {
                 None => hash64(0, ctx.prompt_text),
             };
             rendezvous(candidates, ctx, key, |i| {
-                !overloaded(i) && in_load_band(requests(self.role, i), min)
+                !overloaded(i) && in_load_band(self.role, i, min)
             })
             .or_else(|| least_loaded(self.role, candidates, ctx))
         };

@@ -131,7 +131,7 @@ impl Scheduler for KvAware {
             // A new prefix (or its holders are overloaded): its rendezvous home within the
             // load band, keyed by the group's first block, so every replica sends the
             // group's first requests to the same node.
-            let band = |i: &Instance| in_load_band(requests(self.role, i), min);
+            let band = |i: &Instance| in_load_band(self.role, i, min);
             rendezvous(candidates, ctx, group, |i| band(i) && room.has(i))
                 .or_else(|| rendezvous(candidates, ctx, group, band))?
         };
