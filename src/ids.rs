@@ -44,24 +44,18 @@ pub struct Uuid([u8; 36]);
 
 impl Uuid {
     pub fn new_v4() -> Self {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let hi = next_u64();
         let lo = next_u64();
         let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
         let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+        // 8-4-4-4-12 hex digits: hi's 16, then lo's, most significant first.
+        let (h, l) = (hex16(hi), hex16(lo));
         let mut out = [b'-'; 36];
-        // 8-4-4-4-12 hex digits: hi's 8 bytes, then lo's, most significant first; a byte is
-        // two digits, and the dashes sit before bytes 4, 6, 8 and 10.
-        let bytes = (u128::from(hi) << 64 | u128::from(lo)).to_be_bytes();
-        let mut at = 0;
-        for (i, b) in bytes.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                at += 1;
-            }
-            out[at] = HEX[usize::from(b >> 4)];
-            out[at + 1] = HEX[usize::from(b & 0xF)];
-            at += 2;
-        }
+        out[..8].copy_from_slice(&h[..8]);
+        out[9..13].copy_from_slice(&h[8..12]);
+        out[14..18].copy_from_slice(&h[12..]);
+        out[19..23].copy_from_slice(&l[..4]);
+        out[24..].copy_from_slice(&l[4..]);
         Uuid(out)
     }
 
@@ -70,6 +64,27 @@ impl Uuid {
         // it cost more than making the id).
         unsafe { std::str::from_utf8_unchecked(&self.0) }
     }
+}
+
+/// `x` as 16 lowercase hex digits, most significant first, eight digits at a time in a
+/// word (a table lookup per digit cost more than the rest of making an id).
+fn hex16(x: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&hex8((x >> 32) as u32).to_be_bytes());
+    out[8..].copy_from_slice(&hex8(x as u32).to_be_bytes());
+    out
+}
+
+/// The 8 hex digits of `x` as the bytes of a word, the most significant digit highest.
+fn hex8(x: u32) -> u64 {
+    let x = u64::from(x);
+    // One nibble per byte: halves, then bytes, then nibbles spread apart.
+    let v = ((x & 0xFFFF_0000) << 16) | (x & 0xFFFF);
+    let v = ((v & 0x0000_FF00_0000_FF00) << 8) | (v & 0x0000_00FF_0000_00FF);
+    let v = ((v & 0x00F0_00F0_00F0_00F0) << 4) | (v & 0x000F_000F_000F_000F);
+    // 0x01 in each byte holding 10..=15, which go to `a`..`f`.
+    let letters = ((v + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    v + 0x3030_3030_3030_3030 + letters * u64::from(b'a' - b'0' - 10)
 }
 
 /// A random (version 4 layout) UUID string.
@@ -91,6 +106,20 @@ pub fn unix_seconds() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::{hex16, next_u64};
+
+    #[test]
+    fn hex_digits_are_the_formatter_s() {
+        let mut x = 0x0123_4567_89ab_cdefu64;
+        for _ in 0..10_000 {
+            assert_eq!(std::str::from_utf8(&hex16(x)).unwrap(), format!("{x:016x}"));
+            x = next_u64();
+        }
+        for x in [0, u64::MAX, 0xa0a0_a0a0_9f9f_9f9f] {
+            assert_eq!(std::str::from_utf8(&hex16(x)).unwrap(), format!("{x:016x}"));
+        }
+    }
+
     #[test]
     fn uuid_shape_and_uniqueness() {
         let a = super::uuid_v4();
