@@ -187,6 +187,21 @@ fn long_prompts_only_go_to_instances_that_can_take_them() {
         ),
         true,
     );
+    // Ready needs one instance per role; this test needs both decode nodes' context lengths.
+    let instances_up = |want_healthy: usize| {
+        let (_, v) = get_json(&proxy.url("/status/instances"));
+        let insts = v["instances"].as_array().cloned().unwrap_or_default();
+        insts
+            .iter()
+            .filter(|i| i["status"] == "healthy" && i["max_model_len"].as_u64().unwrap_or(0) > 0)
+            .count()
+            == want_healthy
+    };
+    wait_for(
+        "every instance healthy, its max_model_len read",
+        Duration::from_secs(15),
+        || instances_up(3),
+    );
     let a = agent();
     // ~2000 bytes: estimated 500 tokens, more than the small node takes.
     let long = vec!["word"; 400].join(" ");
@@ -220,6 +235,26 @@ fn long_prompts_only_go_to_instances_that_can_take_them() {
     assert_eq!(status, 400, "{v}");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     assert_eq!(dummy_stats(&p)["requests"], 10);
+    // The large node goes down: a prompt only it takes waits for it (503, retried by
+    // clients), not a 400 that says it can never be served; one longer than it still is.
+    drop(large);
+    wait_for(
+        "the large node marked down",
+        Duration::from_secs(15),
+        || instances_up(2),
+    );
+    let (status, _, v) = post(
+        &a,
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": long, "max_tokens": 2}),
+    );
+    assert_eq!(status, 503, "{v}");
+    let (status, _, v) = post(
+        &a,
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": huge, "max_tokens": 2}),
+    );
+    assert_eq!(status, 400, "{v}");
 }
 
 /// The prefix index is shared by the proxy's workers: requests of one prefix group, each on

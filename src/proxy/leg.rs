@@ -235,6 +235,20 @@ fn pick_instance(set: &RoleSet, pick: &PickContext<'_>, role: Role) -> Result<In
             role.as_str()
         )));
     }
+    // An instance that is down, draining or not yet probed may take the prompt once it is
+    // back: the request is not wrong, there is just no room for it now (503, which a
+    // client retries; a 400 says never to).
+    if set
+        .instances
+        .iter()
+        .any(|i| !i.is_available() && i.fits(pick.prompt_tokens))
+    {
+        return Err(ApiError::unavailable(format!(
+            "no available {} instance takes a prompt of about {} tokens now",
+            role.as_str(),
+            pick.prompt_tokens
+        )));
+    }
     let largest = available
         .iter()
         .map(|i| i.max_model_len.load(std::sync::atomic::Ordering::Relaxed))
