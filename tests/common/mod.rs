@@ -204,7 +204,10 @@ pub fn proxy_on(path: &std::path::Path, wait_ready: bool) -> Proc {
                         models.iter().all(|m| m["ready"] == serde_json::json!(true))
                     })
                 });
-                if all_models_ready {
+                // And every instance probed once: a model is ready with one instance per
+                // role, and a test that counts on the others (their context length, their
+                // share of the traffic) would race their first probe.
+                if all_models_ready && every_instance_probed(&p) {
                     break;
                 }
             }
@@ -216,6 +219,19 @@ pub fn proxy_on(path: &std::path::Path, wait_ready: bool) -> Proc {
         }
     }
     p
+}
+
+/// Whether the proxy has probed every instance it knows at least once (none `unknown`);
+/// true when it will not say (`protect_status`).
+fn every_instance_probed(proxy: &Proc) -> bool {
+    let Ok(r) = ureq::get(&proxy.url("/status/instances")).call() else {
+        return true;
+    };
+    r.into_json::<Value>().is_ok_and(|v| {
+        v["instances"]
+            .as_array()
+            .is_some_and(|all| all.iter().all(|i| i["status"] != "unknown"))
+    })
 }
 
 pub fn pd_yaml(prefill: &[&Proc], decode: &[&Proc]) -> String {
