@@ -127,10 +127,16 @@ impl Scheduler for CacheAware {
             }
         }?;
         // Blocks up to the match already point at `chosen` (or a racing worker's pick):
-        // refresh the deepest one and add the new tail.
-        let sid = PrefixTable::slot_id(chosen.id);
-        for &h in &hashes[matched.saturating_sub(1)..] {
-            self.table.insert(h, sid);
+        // refresh the deepest one and add the new tail. Not for a retry (`exclude`): its
+        // node is a detour around one failure, and recording it would move the group
+        // there on this replica alone while every other replica keeps it home (measured: a
+        // group split 9/11 between two replicas after one retried request). A node that
+        // is really down becomes ineligible, and then every replica moves the group alike.
+        if ctx.exclude.is_empty() {
+            let sid = PrefixTable::slot_id(chosen.id);
+            for &h in &hashes[matched.saturating_sub(1)..] {
+                self.table.insert(h, sid);
+            }
         }
         Some(chosen)
     }
@@ -169,6 +175,28 @@ mod tests {
         // Eight sessions spread over the instances rather than piling on one.
         let used: std::collections::HashSet<_> = owners.values().collect();
         assert!(used.len() >= 3, "{owners:?}");
+    }
+
+    /// A retry's detour (the group's node excluded once) does not move the group.
+    #[test]
+    fn a_retry_does_not_move_the_group() {
+        let c = instances(4, Role::Decode);
+        let ca = CacheAware::new("t-retry", Role::Decode, &SchedulingOptions::default());
+        let text = format!("group: {}", "shared system prompt. ".repeat(40));
+        let home = pick(&ca, &c, &format!("{text} q1"));
+        let exclude = [home.socket_addr];
+        let q2 = format!("{text} q2");
+        let ctx = PickContext {
+            prompt_text: q2.as_bytes(),
+            exclude: &exclude,
+            ..Default::default()
+        };
+        let detour = ca.pick(&c, &ctx).unwrap();
+        assert!(!Arc::ptr_eq(&detour, &home));
+        for q in 3..6 {
+            let again = pick(&ca, &c, &format!("{text} q{q}"));
+            assert_eq!(again.address, home.address, "question {q}");
+        }
     }
 
     #[test]
