@@ -129,9 +129,10 @@ impl Scheduler for CacheAware {
         // Blocks up to the match already point at `chosen` (or a racing worker's pick):
         // refresh the deepest one and add the new tail. Not for a retry (`exclude`): its
         // node is a detour around one failure, and recording it would move the group
-        // there on this replica alone while every other replica keeps it home (measured: a
-        // group split 9/11 between two replicas after one retried request). A node that
-        // is really down becomes ineligible, and then every replica moves the group alike.
+        // there on this replica alone while every other replica keeps it home (the likely
+        // cause of the 9/11 splits the two-replica test showed under load: one request
+        // off, the rest of one replica following it). A node that is really down becomes
+        // ineligible, and then every replica moves the group alike.
         if ctx.exclude.is_empty() {
             let sid = PrefixTable::slot_id(chosen.id);
             for &h in &hashes[matched.saturating_sub(1)..] {
