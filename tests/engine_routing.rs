@@ -534,17 +534,15 @@ fn kv_events_gap_filled_from_the_replay_socket() {
 /// positional batch of maps), and the proxy reads them all.
 #[test]
 fn kv_aware_follows_a_simulated_engines_own_events() {
-    let ports = free_ports(3);
-    let nodes: Vec<Proc> = ports
+    let nodes: Vec<Proc> = ["map", "array", "mixed"]
         .iter()
-        .zip(["map", "array", "mixed"])
-        .map(|(&p, layout)| kv_dummy(p, 400, &["--kv-events-format", layout]))
+        .map(|layout| kv_dummy(400, &["--kv-events-format", layout]))
         .collect();
     let proxy = proxy_with(
         &format!(
             "{}scheduling: kv_aware\n{}",
             dual_yaml(&[&nodes[0], &nodes[1], &nodes[2]]),
-            kv_events_yaml(&nodes, &ports)
+            kv_events_yaml(&nodes)
         ),
         true,
     );
@@ -987,10 +985,8 @@ fn a_reload_reads_the_tokenizers_again() {
 /// the prefix there) — docs/scheduling.md, "KV aware".
 #[test]
 fn kv_aware_waits_for_its_holder_only_while_that_is_sooner() {
-    let ports = free_ports(2);
-    let nodes: Vec<Proc> = ports
-        .iter()
-        .map(|&p| {
+    let nodes: Vec<Proc> = (0..2)
+        .map(|_| {
             // One request at a time, 200 µs per computed prompt token, 20 ms per step.
             let timing = [
                 "--max-num-seqs",
@@ -1000,14 +996,14 @@ fn kv_aware_waits_for_its_holder_only_while_that_is_sooner() {
                 "--decode-delay-per-token",
                 "0.02",
             ];
-            kv_dummy(p, 400, &timing)
+            kv_dummy(400, &timing)
         })
         .collect();
     let proxy = proxy_with(
         &format!(
             "{}scheduling: kv_aware\nengine_metrics:\n  interval_seconds: 0.2\n{}",
             dual_yaml(&[&nodes[0], &nodes[1]]),
-            kv_events_yaml(&nodes, &ports)
+            kv_events_yaml(&nodes)
         ),
         true,
     );

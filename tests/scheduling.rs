@@ -364,16 +364,14 @@ fn prefill_and_decode_legs_use_their_own_policies() {
 fn two_replicas(policy: &str) -> Vec<Vec<usize>> {
     const GROUPS: usize = 12;
     const PER_GROUP: usize = 20;
-    let ports = free_ports(4);
-    let nodes: Vec<Proc> = ports
-        .iter()
+    let nodes: Vec<Proc> = (0..4)
         // A prefill takes a little time, so a group's requests overlap.
-        .map(|&p| kv_dummy(p, 4000, &["--prefill-delay-per-token", "0.0001"]))
+        .map(|_| kv_dummy(4000, &["--prefill-delay-per-token", "0.0001"]))
         .collect();
     let yaml = format!(
         "{}scheduling: {policy}\n{}",
         dual_yaml(&nodes.iter().collect::<Vec<_>>()),
-        kv_events_yaml(&nodes, &ports)
+        kv_events_yaml(&nodes)
     );
     let replicas = [proxy_with(&yaml, true), proxy_with(&yaml, true)];
     let send = |replica: usize, rid: &str, prompt: &[u32]| {

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 pub struct Proc {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The first stdout line, the one naming the address (and for xpyd-dummy, the KV-events
+    /// endpoint it bound).
+    pub banner: String,
     _stderr_thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -26,6 +29,15 @@ impl Drop for Proc {
 impl Proc {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The KV-events endpoint an xpyd-dummy bound, as its start-up line names it.
+    pub fn kv_endpoint(&self) -> &str {
+        self.banner
+            .split("kv events: ")
+            .nth(1)
+            .and_then(|s| s.split([')', ' ']).next())
+            .unwrap_or_else(|| panic!("no KV-events endpoint in `{}`", self.banner))
     }
 }
 
@@ -70,6 +82,7 @@ pub fn spawn_listening(mut cmd: Command) -> Proc {
     Proc {
         child,
         addr,
+        banner: line,
         _stderr_thread: Some(t),
     }
 }
@@ -249,28 +262,28 @@ pub fn pd_yaml(prefill: &[&Proc], decode: &[&Proc]) -> String {
 }
 
 /// A dual node with a KV cache of `blocks` blocks of 16 tokens that publishes its KV events
-/// on `port` (binding, as vLLM does for `tcp://*:PORT`), plus `extra` flags.
-pub fn kv_dummy(port: u16, blocks: u32, extra: &[&str]) -> Proc {
-    let (ep, blocks) = (format!("tcp://*:{port}"), blocks.to_string());
+/// on a loopback port of its own choosing (`Proc::kv_endpoint`; a port drawn beforehand can
+/// be taken by a test running beside this one before the node binds it), plus `extra` flags.
+pub fn kv_dummy(blocks: u32, extra: &[&str]) -> Proc {
+    let blocks = blocks.to_string();
     let mut args = vec![
         "--kv-cache-blocks",
         &blocks,
         "--block-size",
         "16",
         "--kv-events-endpoint",
-        &ep,
+        "tcp://127.0.0.1:*",
     ];
     args.extend_from_slice(extra);
     dummy("dual", &args)
 }
 
-/// A `kv_events:` section naming, for each node, the local port its KV events are
-/// published on (`ports[k]` for `nodes[k]`).
-pub fn kv_events_yaml(nodes: &[Proc], ports: &[u16]) -> String {
+/// A `kv_events:` section naming, for each node, the endpoint its KV events are published
+/// on.
+pub fn kv_events_yaml(nodes: &[Proc]) -> String {
     let endpoints: String = nodes
         .iter()
-        .zip(ports)
-        .map(|(n, p)| format!("    \"{}\": \"tcp://127.0.0.1:{p}\"\n", n.addr))
+        .map(|n| format!("    \"{}\": \"{}\"\n", n.addr, n.kv_endpoint()))
         .collect();
     format!("kv_events:\n  endpoints:\n{endpoints}")
 }

@@ -118,6 +118,10 @@ fn encode_mixed(b: &Batch) -> Vec<u8> {
 pub struct ZmqSink {
     tx: SyncSender<Vec<KvEvent>>,
     dropped: AtomicU64,
+    /// The endpoint as bound or connected: with a wildcard port (`tcp://127.0.0.1:*`) the
+    /// port the system chose, which the banner reports (tests bind this way: a port drawn
+    /// beforehand can be taken by another process before the dummy binds it).
+    pub endpoint: String,
 }
 
 impl KvEventSink for ZmqSink {
@@ -151,6 +155,10 @@ pub fn start(cfg: Config) -> Result<std::sync::Arc<ZmqSink>, String> {
         publ.connect(ep)
     }
     .map_err(|e| format!("--kv-events-endpoint {ep}: {e}"))?;
+    let endpoint = match publ.get_last_endpoint() {
+        Ok(Ok(bound)) if bind => bound,
+        _ => ep.clone(),
+    };
     let replay = match &cfg.replay_endpoint {
         Some(r) => {
             let s = ctx
@@ -173,6 +181,7 @@ pub fn start(cfg: Config) -> Result<std::sync::Arc<ZmqSink>, String> {
     Ok(std::sync::Arc::new(ZmqSink {
         tx,
         dropped: AtomicU64::new(0),
+        endpoint,
     }))
 }
 

@@ -76,7 +76,8 @@ struct Args {
     /// A Hugging Face tokenizer.json (or a folder holding one); default: built-in tokenizer.
     #[arg(long)]
     tokenizer: Option<String>,
-    /// Publish KV-cache events on this ZeroMQ PUB endpoint (e.g. tcp://*:5557).
+    /// Publish KV-cache events on this ZeroMQ PUB endpoint (e.g. tcp://*:5557; a `*` port
+    /// binds a free one, and the start-up line names it).
     #[arg(long)]
     kv_events_endpoint: Option<String>,
     /// Topic frame of every KV-event message.
@@ -134,6 +135,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut kv_endpoint = None;
     let kv_events = match a.kv_events_endpoint.clone().map(|endpoint| {
         kv_publisher::start(kv_publisher::Config {
             endpoint,
@@ -144,7 +146,10 @@ fn main() -> ExitCode {
         })
     }) {
         None => None,
-        Some(Ok(s)) => Some(s as Arc<dyn xpyd::dummy::kv_events::KvEventSink>),
+        Some(Ok(s)) => {
+            kv_endpoint = Some(s.endpoint.clone());
+            Some(s as Arc<dyn xpyd::dummy::kv_events::KvEventSink>)
+        }
         Some(Err(e)) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
@@ -186,8 +191,9 @@ fn main() -> ExitCode {
     let mode = opts.mode;
     match dummy::start(opts) {
         Ok(h) => {
+            let events = kv_endpoint.map_or(String::new(), |e| format!(", kv events: {e}"));
             println!(
-                "xpyd-dummy listening on http://{} (mode: {mode:?}, driver: {})",
+                "xpyd-dummy listening on http://{} (mode: {mode:?}, driver: {}{events})",
                 h.addr,
                 driver.effective()
             );
