@@ -357,11 +357,12 @@ fn prefill_and_decode_legs_use_their_own_policies() {
 }
 
 /// Two proxy replicas (separate processes) in front of the same four nodes, which publish
-/// KV events. Many prefix groups; each request on a fresh connection to the replicas in
-/// turn, a group's requests close together (four client threads take them in order), so a
-/// group's first requests reach both replicas before either has learned anything. Returns
-/// per group the requests each node served.
-fn two_replicas(policy: &str) -> Vec<Vec<usize>> {
+/// KV events; with `sync`, each lists the other in `prefix_sync.peers`. Many prefix
+/// groups; each request on a fresh connection to the replicas in turn, a group's requests
+/// close together (four client threads take them in order), so a group's first requests
+/// reach both replicas before either has learned anything. Returns per group the requests
+/// each node served.
+fn two_replicas(policy: &str, sync: bool) -> Vec<Vec<usize>> {
     const GROUPS: usize = 12;
     const PER_GROUP: usize = 20;
     let nodes: Vec<Proc> = (0..4)
@@ -369,11 +370,25 @@ fn two_replicas(policy: &str) -> Vec<Vec<usize>> {
         .map(|_| kv_dummy(4000, &["--prefill-delay-per-token", "0.0001"]))
         .collect();
     let yaml = format!(
-        "{}scheduling: {policy}\n{}",
+        "{}scheduling: {policy}\nadmin_api_key: adm\n{}{FAST_PROBES}",
         dual_yaml(&nodes.iter().collect::<Vec<_>>()),
         kv_events_yaml(&nodes)
     );
-    let replicas = [proxy_with(&yaml, true), proxy_with(&yaml, true)];
+    let paths = [write_config(&yaml), write_config(&yaml)];
+    let replicas = [proxy_on(&paths[0], true), proxy_on(&paths[1], true)];
+    if sync {
+        // Each replica's peer is the other; a reload applies the list.
+        for (k, path) in paths.iter().enumerate() {
+            let peer = replicas[1 - k].addr;
+            std::fs::write(path, format!("{yaml}prefix_sync:\n  peers: [\"{peer}\"]\n")).unwrap();
+            let reloaded = agent()
+                .post(&replicas[k].url("/admin/reload"))
+                .set("X-API-Key", "adm")
+                .call()
+                .expect("reload");
+            assert_eq!(reloaded.status(), 200);
+        }
+    }
     let send = |replica: usize, rid: &str, prompt: &[u32]| {
         let resp = agent()
             .post(&replicas[replica].url("/v1/completions"))
@@ -438,6 +453,13 @@ fn two_replicas(policy: &str) -> Vec<Vec<usize>> {
     assert_eq!(total, GROUPS * PER_GROUP, "{by_group:?}");
     for r in &replicas {
         assert_counters_zero(r);
+        if sync {
+            let received = metric(
+                r,
+                "proxy_prefix_sync_placements_total{outcome=\"received\"}",
+            );
+            assert!(received > 0.0, "no placement received from its peer");
+        }
     }
     by_group
 }
@@ -465,12 +487,25 @@ fn assert_each_group_on_one_node(policy: &str, by_group: &[Vec<usize>]) {
     assert!(used >= 3, "{policy}: groups piled up: {by_group:?}");
 }
 
+/// With the replicas sharing their placements (`prefix_sync`), cache_aware deals the
+/// twelve groups out over the four nodes: three each when no two new groups race, and
+/// never fewer than two or more than four.
 #[test]
 fn cache_aware_prefix_groups_stay_on_one_node_across_two_replicas() {
-    assert_each_group_on_one_node("cache_aware", &two_replicas("cache_aware"));
+    let by_group = two_replicas("cache_aware", true);
+    assert_each_group_on_one_node("cache_aware", &by_group);
+    let mut groups = [0usize; 4];
+    for c in &by_group {
+        let main = (0..4).max_by_key(|&n| c[n]).unwrap();
+        groups[main] += 1;
+    }
+    assert!(
+        groups.iter().all(|&g| (2..=4).contains(&g)),
+        "groups per node {groups:?}: {by_group:?}"
+    );
 }
 
 #[test]
 fn kv_aware_prefix_groups_stay_on_one_node_across_two_replicas() {
-    assert_each_group_on_one_node("kv_aware", &two_replicas("kv_aware"));
+    assert_each_group_on_one_node("kv_aware", &two_replicas("kv_aware", false));
 }

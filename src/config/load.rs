@@ -56,6 +56,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let (health, startup) = sections::health_and_startup(&mut r, top);
     let engine_metrics = sections::engine_metrics(&mut r, top);
     let kv_events = sections::kv_events(&mut r, top);
+    let prefix_sync = sections::prefix_sync(&mut r, top);
     let circuit = sections::circuit_breaker(&mut r, top);
     let retry = sections::retry(&mut r, top);
     let timeouts = sections::timeouts(&mut r, top);
@@ -70,6 +71,13 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
     let tracing = super::tracing::tracing(&mut r, top);
     let deny_headers = super::tracing::deny_list(&mut r, top);
     unknown_weighted_keys(&mut r, &models, &auth.api_keys);
+    if !prefix_sync.peers.is_empty() && auth.admin_api_key.is_none() {
+        r.problem(
+            "prefix_sync.peers",
+            "needs admin_api_key: replicas authenticate each other's placements with it \
+             (the same key on every replica)",
+        );
+    }
     let host = r
         .string(t, "", "host")
         .unwrap_or_else(|| "0.0.0.0".to_string());
@@ -88,6 +96,7 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         health,
         engine_metrics,
         kv_events,
+        prefix_sync,
         admission: defaults.admission,
         startup,
         circuit,

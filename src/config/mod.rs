@@ -239,6 +239,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub engine_metrics: EngineMetricsConfig,
     pub kv_events: KvEventsConfig,
+    pub prefix_sync: PrefixSyncConfig,
     /// The top level's `admission` (each model's own is in its `ModelConfig`).
     pub admission: AdmissionConfig,
     pub startup: StartupConfig,
@@ -315,6 +316,16 @@ impl Default for EngineMetricsConfig {
     }
 }
 
+/// `prefix_sync`: the other proxy replicas in front of the same instances, to which
+/// `cache_aware` sends where it placed each new prefix (and from which it takes theirs), so
+/// that replicas deal new prefix groups out over the nodes the same way
+/// (docs/scheduling.md, "Replicas").
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PrefixSyncConfig {
+    /// `host:port` of each peer's HTTP listener.
+    pub peers: Vec<String>,
+}
+
 /// `kv_events`: where each instance's engine publishes its KV-cache events (vLLM's
 /// `--kv-events-config`), for the `kv_aware` policy (docs/scheduling.md, "KV events").
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -362,6 +373,7 @@ pub struct Overrides {
 pub struct Policy {
     pub engine_metrics: EngineMetricsConfig,
     pub kv_events: KvEventsConfig,
+    pub prefix_sync: PrefixSyncConfig,
     pub timeouts: TimeoutConfig,
     pub retry: RetryConfig,
     pub circuit: CircuitConfig,
@@ -432,6 +444,7 @@ impl Config {
         Policy {
             engine_metrics: self.engine_metrics.clone(),
             kv_events: self.kv_events.clone(),
+            prefix_sync: self.prefix_sync.clone(),
             timeouts: self.timeouts.clone(),
             retry: self.retry.clone(),
             circuit: self.circuit.clone(),
@@ -568,6 +581,34 @@ mod tests {
         // Without them every role follows `scheduling`.
         let c = Config::from_yaml("model: m\nprefill: [\"127.0.0.1:8100\"]\ndecode: [\"127.0.0.1:8200\"]\nscheduling: cache_aware\n").unwrap();
         assert_eq!(c.models[0].role_schedulers, RoleSchedulers::default());
+    }
+
+    #[test]
+    fn prefix_sync_peers_are_read_and_validated() {
+        let base = "model: m\ndual: [\"127.0.0.1:8100\"]\n";
+        let c = Config::from_yaml(&format!(
+            "{base}admin_api_key: k\nprefix_sync:\n  peers: [\"10.0.0.2:8000\", \"http://h:9/\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.prefix_sync.peers, ["10.0.0.2:8000", "h:9"]);
+        let e = Config::from_yaml(&format!(
+            "{base}prefix_sync:\n  peers: [\"10.0.0.2:8000\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("prefix_sync.peers") && e.contains("admin_api_key"),
+            "{e}"
+        );
+        let e = Config::from_yaml(&format!(
+            "{base}admin_api_key: k\nprefix_sync:\n  peers: [\"nohost\", 5]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("prefix_sync.peers[0]") && e.contains("prefix_sync.peers[1]"),
+            "{e}"
+        );
     }
 
     #[test]

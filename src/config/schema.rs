@@ -32,6 +32,7 @@ pub const TOP: &[&str] = &[
     "metrics",
     "engine_metrics",
     "kv_events",
+    "prefix_sync",
     "tokenizer",
     "admission",
     "shutdown_grace_seconds",
@@ -126,6 +127,7 @@ pub const KV_EVENTS: &[&str] = &[
     "replay_endpoints",
     "topic",
 ];
+pub const PREFIX_SYNC: &[&str] = &["peers"];
 pub const SCHEDULING_CONFIG: &[&str] = &[
     "cache_threshold",
     "balance_abs_threshold",
@@ -187,6 +189,7 @@ const LEVELS: &[&[&str]] = &[
     DISCOVERY,
     ENGINE_METRICS,
     KV_EVENTS,
+    PREFIX_SYNC,
     ADMISSION,
     SCHEDULING_CONFIG,
     TRACING,

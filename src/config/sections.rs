@@ -238,6 +238,44 @@ pub fn kv_events(r: &mut Reader<'_>, top: &Top) -> KvEventsConfig {
     }
 }
 
+/// `prefix_sync`: the peer replicas (`host:port`, an `http://` prefix allowed).
+pub fn prefix_sync(r: &mut Reader<'_>, top: &Top) -> super::PrefixSyncConfig {
+    let p = "prefix_sync";
+    let ps = r.section(top, p, schema::PREFIX_SYNC);
+    let path = "prefix_sync.peers";
+    let peers = match ps.and_then(|m| m.get("peers")) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let s = v
+                    .as_str()
+                    .map(|s| s.trim().trim_start_matches("http://").trim_end_matches('/'));
+                match s.map(|s| (s, s.rsplit_once(':'))) {
+                    Some((s, Some((host, port))))
+                        if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) =>
+                    {
+                        Some(s.to_string())
+                    }
+                    _ => {
+                        r.problem(
+                            &format!("{path}[{i}]"),
+                            format!("expected \"host:port\" of a proxy replica, got {v}"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect(),
+        Some(v) => {
+            r.wrong_type(path, "a list of \"host:port\"", v);
+            Vec::new()
+        }
+    };
+    super::PrefixSyncConfig { peers }
+}
+
 pub fn metrics_enabled(r: &mut Reader<'_>, top: &Top) -> bool {
     let mt = r.section(top, "metrics", schema::METRICS);
     r.boolean(mt, "metrics", "enabled", true)

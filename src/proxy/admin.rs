@@ -75,6 +75,10 @@ fn python_message(action: AdminAction, address: &str, role: &str) -> Option<Stri
 }
 
 pub async fn handle(w: &Worker, action: AdminAction, body: &[u8]) -> Result<Value, ApiError> {
+    if action == AdminAction::SyncPrefixes {
+        // Atomic stores into the shared index, here on the worker: no control round trip.
+        return crate::scheduler::prefix_sync::apply(&w.shared.topology.load(), body);
+    }
     let v: Value = if body.is_empty() && action == AdminAction::Reload {
         Value::Null
     } else {
@@ -116,6 +120,7 @@ pub async fn handle(w: &Worker, action: AdminAction, body: &[u8]) -> Result<Valu
             }
         }
         AdminAction::Reload => Command::Reload { reply: Some(tx) },
+        AdminAction::SyncPrefixes => unreachable!("answered above"),
         AdminAction::RemoveInstance => {
             let address = field_or(&v, "address", "instance")?;
             let role = v.get("type").and_then(Value::as_str).unwrap_or("");

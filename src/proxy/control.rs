@@ -342,6 +342,7 @@ impl Control {
         }
         crate::tokenize::set_max_queued_kib(cfg.tokenizer.max_queued_kib);
         self.shared.policy.store(Arc::new(cfg.policy()));
+        crate::scheduler::prefix_sync::configure(&cfg.prefix_sync.peers);
         self.shared
             .admission
             .retain_keys(&self.shared.policy.load().api_keys);

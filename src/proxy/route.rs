@@ -29,6 +29,8 @@ pub enum AdminAction {
     AddInstance,
     RemoveInstance,
     Reload,
+    /// A peer replica's new prefix placements (`prefix_sync`).
+    SyncPrefixes,
 }
 
 /// Who may call a route.
@@ -93,6 +95,7 @@ impl Route {
             "/instances/add" => Route::Admin(AdminAction::AddInstance),
             "/instances/remove" => Route::Admin(AdminAction::RemoveInstance),
             "/admin/reload" => Route::Admin(AdminAction::Reload),
+            "/admin/prefixes" => Route::Admin(AdminAction::SyncPrefixes),
             _ => Route::Unknown,
         }
     }
@@ -174,6 +177,7 @@ mod tests {
                 Route::Admin(AdminAction::RemoveInstance),
             ),
             ("/admin/reload", Route::Admin(AdminAction::Reload)),
+            ("/admin/prefixes", Route::Admin(AdminAction::SyncPrefixes)),
         ];
         for (path, route) in table {
             assert_eq!(Route::from_path(path), route, "{path}");

@@ -262,6 +262,7 @@ async fn dispatch(
                 exporter.stats.render(&mut body);
             }
             crate::admission::render(&w.shared.admission, &mut body);
+            crate::scheduler::prefix_sync::render(&mut body);
             let headers = [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")];
             let b = body.as_bytes();
             return respond(stream, StatusCode::OK, &headers, b, keep_alive, head_only).await;

@@ -7,12 +7,14 @@
 //! atomics, no lock): a prefix seen on one worker steers the picks of all of them.
 
 use super::prefix_index::{shared_table, PrefixTable};
+use super::prefix_sync;
 use super::stats::{self, Outcome, Policy};
 use super::{
     hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Scheduler,
 };
 use crate::config::{Role, SchedulingOptions};
 use crate::instance::Instance;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Bytes per prefix block.
@@ -76,6 +78,10 @@ fn longest<'a>(
 }
 
 impl Scheduler for CacheAware {
+    fn prefix_table(&self) -> Option<&PrefixTable> {
+        Some(&self.table)
+    }
+
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         let min = candidates
             .iter()
@@ -90,31 +96,37 @@ impl Scheduler for CacheAware {
                 .find(|i| PrefixTable::slot_id(i.id) == sid && ctx.eligible(i))
         };
         let found = longest(&self.table, &hashes, find);
-        // A new prefix (or one whose node is overloaded) goes to its rendezvous home among
-        // the instances within the load band, keyed by the first block past what is known:
-        // the same answer on every replica, so the group does not scatter (see `rendezvous`).
-        // Not dealt by room as kv_aware's are (`Room`): without the engines' index a replica
-        // cannot see where another placed a group, and room changes as caches fill, so two
-        // replicas would place a group's first requests apart (measured: affinity 0.83 with
-        // two replicas in the affinity scenario, docs/benchmarks.md).
-        let home = |known: usize| {
-            let key = match hashes.get(known.min(hashes.len().saturating_sub(1))) {
-                Some(&h) => h,
-                None => hash64(0, ctx.prompt_text),
-            };
+        // A new prefix group goes to the instance with the fewest groups (this replica's
+        // and, with `prefix_sync`, its peers'), among those within the load band; ties, and
+        // a group moved off an overloaded node, to the rendezvous home keyed by the first
+        // block past what is known. Dealt by count, not by room as kv_aware's are (`Room`):
+        // counts change only as groups are placed, so replicas that share placements see
+        // the same ones (docs/scheduling.md, "New prefixes", "Replicas").
+        let key_at = |known: usize| match hashes.get(known.min(hashes.len().saturating_sub(1))) {
+            Some(&h) => h,
+            None => hash64(0, ctx.prompt_text),
+        };
+        let home = |key: u64, deal: bool| {
+            let ok = |i: &Instance| !overloaded(i) && in_load_band(self.role, i, min);
+            let groups = |i: &Instance| i.prefix_groups.load(Ordering::Relaxed);
+            let fewest = candidates
+                .iter()
+                .filter(|i| deal && ctx.eligible(i) && ok(i))
+                .map(|i| groups(i))
+                .min();
             rendezvous(candidates, ctx, key, |i| {
-                !overloaded(i) && in_load_band(self.role, i, min)
+                ok(i) && fewest.is_none_or(|f| groups(i) <= f)
             })
             .or_else(|| least_loaded(self.role, candidates, ctx))
         };
-        let mut matched = 0;
+        let (mut matched, mut placed) = (0, None);
         let chosen = match found {
             Some((blocks, inst))
                 if (blocks * BLOCK) as f64 >= self.threshold * ctx.prompt_text.len() as f64 =>
             {
                 if overloaded(inst) {
                     stats::record(Policy::CacheAware, Outcome::Imbalanced, 0);
-                    home(blocks)
+                    home(key_at(blocks), false)
                 } else {
                     matched = blocks;
                     stats::record(Policy::CacheAware, Outcome::Hit, blocks as u64);
@@ -123,7 +135,9 @@ impl Scheduler for CacheAware {
             }
             other => {
                 stats::record(Policy::CacheAware, Outcome::NoMatch, 0);
-                home(other.map_or(0, |(b, _)| b))
+                let key = key_at(other.map_or(0, |(b, _)| b));
+                placed = Some(key);
+                home(key, true)
             }
         }?;
         // Blocks up to the match already point at `chosen` (or a racing worker's pick):
@@ -133,10 +147,35 @@ impl Scheduler for CacheAware {
         // cause of the 9/11 splits the two-replica test showed under load: one request
         // off, the rest of one replica following it). A node that is really down becomes
         // ineligible, and then every replica moves the group alike.
-        if ctx.exclude.is_empty() {
-            let sid = PrefixTable::slot_id(chosen.id);
-            for &h in &hashes[matched.saturating_sub(1)..] {
-                self.table.insert(h, sid);
+        if !ctx.exclude.is_empty() {
+            return Some(chosen);
+        }
+        // A new group is claimed by its key first: a worker that placed the same group a
+        // moment earlier (its other requests arrive together) wins, and this request
+        // follows it instead of counting the group twice on another node.
+        let mut chosen = chosen;
+        if let Some(key) = placed {
+            let holder = self.table.claim(key, PrefixTable::slot_id(chosen.id));
+            match find(holder) {
+                Some(first) if !Arc::ptr_eq(first, &chosen) => {
+                    chosen = first.clone();
+                    placed = None;
+                }
+                _ => {}
+            }
+        }
+        let sid = PrefixTable::slot_id(chosen.id);
+        for &h in &hashes[matched.saturating_sub(1)..] {
+            self.table.insert(h, sid);
+        }
+        if let Some(key) = placed {
+            chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
+            if prefix_sync::enabled() {
+                prefix_sync::offer(prefix_sync::Placement {
+                    instance: chosen.clone(),
+                    key,
+                    hashes,
+                });
             }
         }
         Some(chosen)
@@ -217,6 +256,24 @@ mod tests {
         assert!(max <= bound + 1, "{loads:?}");
         assert!(min > 0, "{loads:?}");
         drop(guards);
+    }
+
+    /// New groups are dealt out: twelve on four nodes, three each, whatever their hashes.
+    #[test]
+    fn new_groups_are_dealt_out_evenly() {
+        let c = instances(4, Role::Dual);
+        let ca = CacheAware::new("t-deal", Role::Dual, &SchedulingOptions::default());
+        let mut per_node = std::collections::HashMap::new();
+        for g in 0..12 {
+            let text = format!("group {g}: {}", "a shared system prompt. ".repeat(30));
+            let home = pick(&ca, &c, &format!("{text} q0")).address.clone();
+            for q in 1..4 {
+                assert_eq!(pick(&ca, &c, &format!("{text} q{q}")).address, home);
+            }
+            *per_node.entry(home).or_insert(0) += 1;
+        }
+        let counts: Vec<i32> = per_node.values().copied().collect();
+        assert_eq!(counts, vec![3; 4], "{per_node:?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod kv_aware;
 mod load_balanced;
 mod power_of_two;
 pub mod prefix_index;
+pub mod prefix_sync;
 mod round_robin;
 pub mod stats;
 
@@ -55,6 +56,12 @@ impl PickContext<'_> {
 pub trait Scheduler: Send + Sync {
     /// Picks one of `candidates` for which `ctx.eligible` holds, or None.
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>>;
+
+    /// The shared prefix index, for a policy that keeps one (`prefix_sync` writes peers'
+    /// placements into it).
+    fn prefix_table(&self) -> Option<&prefix_index::PrefixTable> {
+        None
+    }
 }
 
 pub fn build(

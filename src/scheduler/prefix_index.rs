@@ -82,6 +82,39 @@ impl PrefixTable {
         victim.store(entry, Ordering::Relaxed);
     }
 
+    /// Records `hash` → `sid` unless another entry for `hash` is there already; returns the
+    /// slot id that holds it (`sid` when this call placed it). Two workers placing one new
+    /// prefix at once both see the first one's choice: the first empty way is taken with a
+    /// compare-and-swap, so only one of them can fill it. (A full set falls back to
+    /// `insert`: a rare race there costs one request's placement, not correctness.)
+    pub fn claim(&self, hash: u64, sid: u64) -> u64 {
+        let tag = hash & !ID_MASK;
+        let entry = tag | (sid & ID_MASK);
+        let set = self.set(hash);
+        loop {
+            let mut empty = None;
+            for w in set {
+                let v = w.load(Ordering::Acquire);
+                if v != 0 && v & !ID_MASK == tag {
+                    return v & ID_MASK;
+                }
+                if v == 0 && empty.is_none() {
+                    empty = Some(w);
+                }
+            }
+            let Some(w) = empty else {
+                self.insert(hash, sid);
+                return sid;
+            };
+            if w.compare_exchange(0, entry, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return sid;
+            }
+            // Someone filled that way first: look again (it may be this very prefix).
+        }
+    }
+
     /// Forgets every entry (tests, and an operator who wants a cold start).
     pub fn clear(&self) {
         for s in self.slots.iter() {
@@ -166,5 +199,25 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         let c = shared_table("reg-m", Role::Prefill, 256);
         assert!(!Arc::ptr_eq(&a, &c));
+    }
+
+    /// Threads claiming one new hash for different instances all end with the same one.
+    #[test]
+    fn one_claim_wins_a_race() {
+        for round in 0..200u64 {
+            let t = Arc::new(PrefixTable::new(64));
+            let hash = round.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let got: Vec<u64> = (1..=4u64)
+                .map(|sid| {
+                    let t = t.clone();
+                    std::thread::spawn(move || t.claim(hash, sid))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect();
+            assert!(got.iter().all(|&g| g == got[0]), "round {round}: {got:?}");
+            assert_eq!(t.get(hash), Some(got[0]));
+        }
     }
 }
