@@ -14,6 +14,7 @@ mod round_robin;
 pub mod stats;
 
 use crate::config::{Role, SchedulerKind, SchedulingOptions};
+use crate::engine_load::Fresh;
 use crate::instance::Instance;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -85,12 +86,14 @@ pub fn build(
 /// engine reports beyond them when its /metrics were scraped (see `engine_load::load_key`).
 #[inline]
 pub(crate) fn load_key(role: Role, i: &Instance) -> (u64, u64) {
-    crate::engine_load::load_key(
-        role,
-        i.load.snapshot(),
-        i.engine.last().as_ref(),
-        i.engine.batch_seen(),
-    )
+    load_key_at(role, i, i.engine.last().as_ref())
+}
+
+/// `load_key` with `i`'s engine sample already read, for a check that needs the sample
+/// itself too: one read, so that a scrape landing in between cannot mix two samples.
+#[inline]
+fn load_key_at(role: Role, i: &Instance, engine: Option<&Fresh>) -> (u64, u64) {
+    crate::engine_load::load_key(role, i.load.snapshot(), engine, i.engine.batch_seen())
 }
 
 thread_local! {
@@ -200,18 +203,22 @@ const NEW_PREFIX_SLACK: u64 = 4;
 /// 0 of 24).
 #[inline]
 pub(crate) fn in_load_band(role: Role, i: &Instance, min: u64) -> bool {
-    let unseen = i
-        .engine
-        .last()
-        .map_or(0, |f| crate::engine_load::others(&f));
-    requests(role, i) <= min + (min / 2).max(NEW_PREFIX_SLACK + unseen)
+    let engine = i.engine.last();
+    let unseen = engine.as_ref().map_or(0, crate::engine_load::others);
+    requests_at(role, i, engine.as_ref()) <= min + (min / 2).max(NEW_PREFIX_SLACK + unseen)
 }
 
 /// In-flight requests on `i` as `role` counts them (the engine's unseen ones included):
 /// the unit of the prefix policies' balance checks, as in sglang's router.
 #[inline]
 pub(crate) fn requests(role: Role, i: &Instance) -> u64 {
-    let k = load_key(role, i);
+    requests_at(role, i, i.engine.last().as_ref())
+}
+
+/// `requests` with `i`'s engine sample already read (see `load_key_at`).
+#[inline]
+fn requests_at(role: Role, i: &Instance, engine: Option<&Fresh>) -> u64 {
+    let k = load_key_at(role, i, engine);
     match role {
         Role::Prefill => k.1,
         Role::Decode | Role::Dual => k.0,
