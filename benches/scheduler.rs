@@ -7,29 +7,14 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::sync::Arc;
 use xpyd::config::{Role, SchedulerKind, SchedulingOptions};
-use xpyd::instance::{Health, InFlight, Instance};
+use xpyd::instance::{InFlight, Instance};
+use xpyd::scheduler::testing::{instances, learn_speed};
 use xpyd::scheduler::{self, PickContext};
-
-fn instances(n: usize) -> Vec<Arc<Instance>> {
-    (0..n)
-        .map(|k| {
-            let addr = format!("10.0.{}.{}:8000", k / 200, k % 200 + 1);
-            let i = Instance::new(
-                addr.clone(),
-                addr.parse().unwrap(),
-                Role::Decode,
-                Arc::from("m"),
-            );
-            i.set_health(Health::Healthy);
-            Arc::new(i)
-        })
-        .collect()
-}
 
 fn picks(c: &mut Criterion) {
     let opts = SchedulingOptions::default();
     for n in [8usize, 128] {
-        let inst = instances(n);
+        let inst = instances(n, Role::Decode);
         // Some load so that comparisons are not all ties.
         let _load: Vec<InFlight> = inst
             .iter()
@@ -103,7 +88,7 @@ fn kv_aware(c: &mut Criterion) {
     idx.block_size.store(16, Ordering::Relaxed);
     let opts = SchedulingOptions::default();
     for n in [8usize, 64] {
-        let inst = instances(n);
+        let inst = instances(n, Role::Decode);
         let tokens: Vec<u32> = (0..1024u32).map(|t| t * 7 + n as u32).collect();
         let keys = xpyd::kv_index::prompt_keys(&tokens, 16);
         for (k, i) in inst.iter().enumerate() {
@@ -167,31 +152,6 @@ fn kv_aware_full(c: &mut Criterion, inst: &[Arc<Instance>], n: usize) {
             black_box(s.pick(inst, &ctx_of(&prompts[k])))
         })
     });
-}
-
-/// Gives every instance's engine a learned speed (75 µs per prefill token, 0.6 s in the
-/// batch) and a batch of 4 seen full, as two scrapes of its metrics would.
-fn learn_speed(inst: &[Arc<Instance>]) {
-    use xpyd::engine_load::{EngineSample, Totals};
-    for i in inst {
-        i.engine.store_totals(Totals::default(), 0);
-        i.engine.store_totals(
-            Totals {
-                prompt_tokens: 10_000.0,
-                prefill_s: 0.75,
-                run_s: 6.0,
-                run_n: 10.0,
-                ..Default::default()
-            },
-            xpyd::engine_load::SPEED_WINDOW_MS,
-        );
-        let full = EngineSample {
-            running: 4,
-            waiting: 1,
-            kv_usage: None,
-        };
-        i.engine.store(full, 0);
-    }
 }
 
 fn ctx_of(tokens: &[u32]) -> PickContext<'_> {

@@ -240,8 +240,9 @@ fn expected_first_token_us(i: &Instance, uncached: u64, speed: Speed) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine_load::EngineSample;
     use crate::instance::InFlight;
-    use crate::scheduler::testing::instances;
+    use crate::scheduler::testing::{instances, learn_speed};
 
     fn ctx(tokens: &[u32]) -> PickContext<'_> {
         PickContext {
@@ -320,29 +321,11 @@ mod tests {
         assert!(!Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
     }
 
-    /// Engines whose speed is known: 75 µs per prefill token, 600 ms in the batch per
-    /// request, seen running 4 with a queue.
+    /// Engines whose speed is known (`learn_speed`), idle now: this proxy has nothing in
+    /// flight, nor does anyone else.
     fn learned(c: &[Arc<Instance>]) {
-        use crate::engine_load::{EngineSample, Totals};
+        learn_speed(c);
         for i in c {
-            i.engine.store_totals(Totals::default(), 0);
-            i.engine.store_totals(
-                Totals {
-                    prompt_tokens: 10_000.0,
-                    prefill_s: 0.75,
-                    run_s: 6.0,
-                    run_n: 10.0,
-                    ..Default::default()
-                },
-                engine_load::SPEED_WINDOW_MS,
-            );
-            let busy = EngineSample {
-                running: 4,
-                waiting: 1,
-                kv_usage: None,
-            };
-            i.engine.store(busy, 0);
-            // Idle now (this proxy has nothing in flight, nor does anyone else).
             i.engine.store(EngineSample::default(), 0);
         }
     }

@@ -260,19 +260,48 @@ impl Balance {
 
 pub(crate) use crate::hash::hash64;
 
-#[cfg(test)]
-pub(crate) mod testing {
+/// Instances and engine states for the policies' unit tests and benches/scheduler.rs: one
+/// place for both (a bench sees only the library's public items).
+#[doc(hidden)]
+pub mod testing {
     use super::*;
+    use crate::engine_load::{EngineSample, Totals, SPEED_WINDOW_MS};
     use crate::instance::Health;
 
+    /// `n` healthy instances of model `m` in `role`, at 10.0.0.1:8000 onwards.
     pub fn instances(n: usize, role: Role) -> Vec<Arc<Instance>> {
         (0..n)
             .map(|k| {
-                let addr = format!("10.0.0.{}:8000", k + 1);
+                let addr = format!("10.0.{}.{}:8000", k / 200, k % 200 + 1);
                 let i = Instance::new(addr.clone(), addr.parse().unwrap(), role, Arc::from("m"));
                 i.set_health(Health::Healthy);
                 Arc::new(i)
             })
             .collect()
+    }
+
+    /// Gives every instance's engine a learned speed (75 µs per prefill token, 0.6 s in the
+    /// batch per request) and a batch of 4 seen full with one waiting, as two scrapes of its
+    /// metrics would.
+    pub fn learn_speed(inst: &[Arc<Instance>]) {
+        for i in inst {
+            i.engine.store_totals(Totals::default(), 0);
+            i.engine.store_totals(
+                Totals {
+                    prompt_tokens: 10_000.0,
+                    prefill_s: 0.75,
+                    run_s: 6.0,
+                    run_n: 10.0,
+                    ..Default::default()
+                },
+                SPEED_WINDOW_MS,
+            );
+            let full = EngineSample {
+                running: 4,
+                waiting: 1,
+                kv_usage: None,
+            };
+            i.engine.store(full, 0);
+        }
     }
 }
