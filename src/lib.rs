@@ -19,7 +19,6 @@ pub mod ids;
 pub mod instance;
 pub mod kv_index;
 pub mod metrics;
-pub mod metrics_python;
 pub mod proxy;
 pub mod resilience;
 pub mod runtime;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod histogram;
+mod python;
 mod render;
 
 use histogram::bump;

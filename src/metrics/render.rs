@@ -277,10 +277,10 @@ pub fn render(scrape: &Scrape<'_>) -> String {
         .map(|w| w.retries.load(Ordering::Relaxed))
         .sum();
     let _ = writeln!(out, "proxy_retries_total {retries}");
-    let sent: Vec<crate::metrics_python::Sent> = inst
+    let sent: Vec<python::Sent> = inst
         .iter()
         .filter_map(|(address, role, model, requests, _)| {
-            Some(crate::metrics_python::Sent {
+            Some(python::Sent {
                 address,
                 role: role.parse().ok()?,
                 model,
@@ -288,7 +288,7 @@ pub fn render(scrape: &Scrape<'_>) -> String {
             })
         })
         .collect();
-    crate::metrics_python::render(&mut out, &scrape.instances, &sent, esc, header);
+    python::render(&mut out, &scrape.instances, &sent, esc, header);
     render_discovery(&mut out, scrape.discovery);
     crate::scheduler::stats::render(&mut out, &scrape.instances);
     crate::tokenize::render_metrics(&mut out);
