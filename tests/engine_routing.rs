@@ -195,7 +195,7 @@ fn scrape_and_kv_event_failures_never_affect_serving() {
 
 /// A real ZeroMQ publisher of vLLM's KV-event structures (pyzmq + msgspec).
 struct Publisher {
-    child: std::process::Child,
+    _child: KillOnDrop,
     stdin: std::process::ChildStdin,
     lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
     endpoint: String,
@@ -244,7 +244,7 @@ impl Publisher {
                 .to_string()
         });
         Publisher {
-            child,
+            _child: KillOnDrop(child),
             stdin,
             lines,
             endpoint,
@@ -260,13 +260,6 @@ impl Publisher {
             answer.starts_with("sent") || answer.starts_with("skipped"),
             "{answer}"
         );
-    }
-}
-
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

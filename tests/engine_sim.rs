@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
@@ -86,15 +86,8 @@ while True:
 "#;
 
 struct Subscriber {
-    child: Child,
+    _child: KillOnDrop,
     lines: Receiver<Value>,
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Subscriber {
@@ -115,7 +108,10 @@ impl Subscriber {
                 }
             }
         });
-        let s = Subscriber { child, lines: rx };
+        let s = Subscriber {
+            _child: KillOnDrop(child),
+            lines: rx,
+        };
         assert_eq!(s.next(Duration::from_secs(30))["ready"], true);
         s
     }

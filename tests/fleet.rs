@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
@@ -56,17 +56,10 @@ fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 /// dnsmasq answering from a hosts directory on 127.0.0.1:`port` (auto re-read on change).
 struct Dns {
-    child: Child,
+    child: KillOnDrop,
     dir: PathBuf,
     port: u16,
     log: Receiver<String>,
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Dns {
@@ -118,7 +111,7 @@ impl Dns {
             }
         });
         let dns = Dns {
-            child,
+            child: KillOnDrop(child),
             dir,
             port,
             log: rx,
@@ -543,15 +536,8 @@ fn failed_resolution_keeps_the_last_good_set() {
 
 /// HAProxy (TCP mode) in front of two replicas.
 struct Balancer {
-    child: Child,
+    _child: KillOnDrop,
     port: u16,
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Balancer {
@@ -592,7 +578,10 @@ impl Balancer {
                 eprintln!("[haproxy] {line}");
             }
         });
-        let b = Balancer { child, port };
+        let b = Balancer {
+            _child: KillOnDrop(child),
+            port,
+        };
         wait_for(20, "haproxy to pass requests", || {
             ureq::get(&b.url("/ping"))
                 .call()

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
@@ -308,16 +308,9 @@ fn python_proxy(version: &str) -> PathBuf {
 
 /// The Python proxy, killed when dropped.
 struct PythonProxy {
-    child: Child,
+    _child: KillOnDrop,
     port: u16,
     log: PathBuf,
-}
-
-impl Drop for PythonProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl PythonProxy {
@@ -336,7 +329,11 @@ impl PythonProxy {
             .stderr(out)
             .spawn()
             .expect("start the Python proxy");
-        let p = PythonProxy { child, port, log };
+        let p = PythonProxy {
+            _child: KillOnDrop(child),
+            port,
+            log,
+        };
         // Ready when business endpoints stop answering 503.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {

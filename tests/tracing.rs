@@ -72,15 +72,8 @@ srv.serve_forever()
 
 /// The receiver process, on a port chosen here; killed when dropped.
 struct Receiver {
-    child: std::process::Child,
+    _child: KillOnDrop,
     addr: std::net::SocketAddr,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Receiver {
@@ -99,7 +92,10 @@ fn receiver() -> Receiver {
         .arg(addr.port().to_string())
         .spawn()
         .expect("start the OTLP receiver");
-    let rx = Receiver { child, addr };
+    let rx = Receiver {
+        _child: KillOnDrop(child),
+        addr,
+    };
     wait_for("the OTLP receiver", Duration::from_secs(30), || {
         ureq::get(&rx.url("/spans")).call().is_ok()
     });

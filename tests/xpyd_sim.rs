@@ -18,15 +18,8 @@ fn sim_bin() -> PathBuf {
 }
 
 struct Sim {
-    child: std::process::Child,
+    _child: KillOnDrop,
     addr: String,
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn sim(mode: &str, decode_ms: &str) -> Sim {
@@ -60,7 +53,7 @@ fn sim(mode: &str, decode_ms: &str) -> Sim {
         .spawn()
         .expect("start xpyd-sim");
     let s = Sim {
-        child,
+        _child: KillOnDrop(child),
         addr: format!("127.0.0.1:{port}"),
     };
     wait_for("xpyd-sim to start", Duration::from_secs(30), || {

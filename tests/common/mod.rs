@@ -10,20 +10,37 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A child process killed and reaped when dropped, so that no test leaves one behind,
+/// whether it passes or panics.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 pub struct Proc {
-    pub child: Child,
+    pub child: KillOnDrop,
     pub addr: SocketAddr,
     /// The first stdout line, the one naming the address (and for xpyd-dummy, the KV-events
     /// endpoint it bound).
     pub banner: String,
     _stderr_thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Proc {
@@ -80,7 +97,7 @@ pub fn spawn_listening(mut cmd: Command) -> Proc {
         );
     }
     Proc {
-        child,
+        child: KillOnDrop(child),
         addr,
         banner: line,
         _stderr_thread: Some(t),
