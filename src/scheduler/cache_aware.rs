@@ -136,8 +136,11 @@ impl Scheduler for CacheAware {
             other => {
                 stats::record(Policy::CacheAware, Outcome::NoMatch, 0);
                 let key = key_at(other.map_or(0, |(b, _)| b));
-                placed = Some(key);
-                home(key, true)
+                // A prompt shorter than one block has no prefix to share: it goes to its
+                // hash's home and is not counted as a group (nor sent to peers).
+                let group = !hashes.is_empty();
+                placed = group.then_some(key);
+                home(key, group)
             }
         }?;
         // Blocks up to the match already point at `chosen` (or a racing worker's pick):
@@ -274,6 +277,19 @@ mod tests {
         }
         let counts: Vec<i32> = per_node.values().copied().collect();
         assert_eq!(counts, vec![3; 4], "{per_node:?}");
+    }
+
+    /// A prompt shorter than one block is no group: it is not counted, so a stream of
+    /// short prompts (probes, warm-ups) does not skew how the groups are dealt.
+    #[test]
+    fn short_prompts_are_not_counted_as_groups() {
+        let c = instances(4, Role::Dual);
+        let ca = CacheAware::new("t-short", Role::Dual, &SchedulingOptions::default());
+        for k in 0..20 {
+            pick(&ca, &c, &format!("warm {k}"));
+        }
+        let counted: u64 = c.iter().map(|i| i.prefix_groups.load(Ordering::Relaxed)).sum();
+        assert_eq!(counted, 0);
     }
 
     #[test]

@@ -301,19 +301,33 @@ def xpyd_config(nodes, policy):
 def xpyd(policy, replicas=1):
     def start(nodes):
         cfg = xpyd_config(nodes, policy)
-        procs, bases = [], []
-        for _ in range(replicas):
+        if replicas > 1:
+            # The admin key lets the replicas post their placements to each other.
+            open(cfg, "a").write("admin_api_key: bench\n")
+        procs, bases, files = [], [], []
+        for k in range(replicas):
+            own = f"{cfg}.{k}"
+            open(own, "w").write(open(cfg).read())
+            files.append(own)
             level, err = "error", None
             if A.xpyd_logs:
                 os.makedirs(A.xpyd_logs, exist_ok=True)
                 n = len(os.listdir(A.xpyd_logs))
                 level, err = "info", open(os.path.join(A.xpyd_logs, f"{n}.log"), "w")
                 log(f"xpyd log: {err.name}")
-            p, addr = spawn([f"{BIN}/xpyd", "proxy", "-c", cfg, "--port", "0", "--workers",
+            p, addr = spawn([f"{BIN}/xpyd", "proxy", "-c", own, "--port", "0", "--workers",
                              str(A.proxy_workers), "--no-pin", "--log-level", level],
                             read_addr=True, stderr=err)
             procs.append(p)
             bases.append(addr)
+        # Replicas share their new prefix placements (prefix_sync, docs/scheduling.md
+        # "Replicas"): each lists the others, applied by a reload once the ports are known.
+        for k, addr in enumerate(bases if replicas > 1 else []):
+            peers = ", ".join(json.dumps(b) for j, b in enumerate(bases) if j != k)
+            open(files[k], "a").write(f"prefix_sync:\n  peers: [{peers}]\n")
+            req = urllib.request.Request(f"http://{addr}/admin/reload", method="POST",
+                                         headers={"X-API-Key": "bench"}, data=b"")
+            urllib.request.urlopen(req, timeout=10).read()
         return procs, bases
     return start
 
