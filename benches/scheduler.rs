@@ -94,7 +94,7 @@ fn kv_aware(c: &mut Criterion) {
         for (k, i) in inst.iter().enumerate() {
             i.kv_bit.store(k as u32 + 1, Ordering::Relaxed);
             for &key in &keys[..(k * 7) % keys.len()] {
-                idx.add(key, k as u32 + 1);
+                idx.add(key, k as u32); // the index bit is kv_bit - 1
             }
         }
         let s = scheduler::build(SchedulerKind::KvAware, "m", Role::Prefill, &opts, &inst);

@@ -288,7 +288,10 @@ mod tests {
         for k in 0..20 {
             pick(&ca, &c, &format!("warm {k}"));
         }
-        let counted: u64 = c.iter().map(|i| i.prefix_groups.load(Ordering::Relaxed)).sum();
+        let counted: u64 = c
+            .iter()
+            .map(|i| i.prefix_groups.load(Ordering::Relaxed))
+            .sum();
         assert_eq!(counted, 0);
     }
 
