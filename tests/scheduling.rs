@@ -487,25 +487,39 @@ fn assert_each_group_on_one_node(policy: &str, by_group: &[Vec<usize>]) {
     assert!(used >= 3, "{policy}: groups piled up: {by_group:?}");
 }
 
-/// With the replicas sharing their placements (`prefix_sync`), cache_aware deals the
-/// twelve groups out over the four nodes: three each when no two new groups race, and
-/// never fewer than two or more than four.
-#[test]
-fn cache_aware_prefix_groups_stay_on_one_node_across_two_replicas() {
-    let by_group = two_replicas("cache_aware", true);
-    assert_each_group_on_one_node("cache_aware", &by_group);
+/// Twelve groups dealt over four nodes: three each when no two new groups race, never
+/// fewer than two or more than four.
+fn assert_dealt_evenly(policy: &str, by_group: &[Vec<usize>]) {
     let mut groups = [0usize; 4];
-    for c in &by_group {
+    for c in by_group {
         let main = (0..4).max_by_key(|&n| c[n]).unwrap();
         groups[main] += 1;
     }
     assert!(
         groups.iter().all(|&g| (2..=4).contains(&g)),
-        "groups per node {groups:?}: {by_group:?}"
+        "{policy}: groups per node {groups:?}: {by_group:?}"
     );
 }
 
+/// With the replicas sharing their placements (`prefix_sync`), cache_aware deals the
+/// groups out over the nodes and both replicas follow the same placement.
+#[test]
+fn cache_aware_prefix_groups_stay_on_one_node_across_two_replicas() {
+    let by_group = two_replicas("cache_aware", true);
+    assert_each_group_on_one_node("cache_aware", &by_group);
+    assert_dealt_evenly("cache_aware", &by_group);
+}
+
+/// kv_aware's replicas agree through the engines' events alone.
 #[test]
 fn kv_aware_prefix_groups_stay_on_one_node_across_two_replicas() {
     assert_each_group_on_one_node("kv_aware", &two_replicas("kv_aware", false));
+}
+
+/// With `prefix_sync`, kv_aware's replicas also deal new groups by the count both see.
+#[test]
+fn kv_aware_replicas_that_share_placements_deal_groups_evenly() {
+    let by_group = two_replicas("kv_aware", true);
+    assert_each_group_on_one_node("kv_aware", &by_group);
+    assert_dealt_evenly("kv_aware", &by_group);
 }

@@ -78,8 +78,14 @@ fn longest<'a>(
 }
 
 impl Scheduler for CacheAware {
-    fn prefix_table(&self) -> Option<&PrefixTable> {
-        Some(&self.table)
+    fn take_placement(
+        &self,
+        instances: &[Arc<Instance>],
+        inst: &Arc<Instance>,
+        key: u64,
+        hashes: &[u64],
+    ) -> bool {
+        prefix_sync::take(&self.table, instances, inst, key, hashes)
     }
 
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {

@@ -36,6 +36,29 @@ impl KvAware {
 }
 
 impl Scheduler for KvAware {
+    /// A peer's new group: its blocks count as sent there (the pending layer, as this
+    /// proxy's own picks do) and the group is counted, once.
+    fn take_placement(
+        &self,
+        _instances: &[Arc<Instance>],
+        inst: &Arc<Instance>,
+        _key: u64,
+        hashes: &[u64],
+    ) -> bool {
+        let (Some(&last), b @ 1..) = (hashes.last(), inst.kv_bit.load(Ordering::Relaxed)) else {
+            return false;
+        };
+        let idx = kv_index::global();
+        let now = crate::resilience::now_ms();
+        if idx.pending(last, now) != Some(b - 1) {
+            for &k in hashes {
+                idx.pend(k, b - 1, now);
+            }
+            inst.prefix_groups.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         let n = candidates.len();
         if n == 0 {
@@ -118,6 +141,7 @@ impl Scheduler for KvAware {
                 soonest_first_token(candidates, ctx, prompt, most, &held, &room, group)
             }
         };
+        let groups = |i: &Instance| room.groups(i);
         let chosen = if let Some(c) = by_cost {
             c
         } else if let Some(best) = candidates
@@ -131,9 +155,19 @@ impl Scheduler for KvAware {
             // A new prefix (or its holders are overloaded): its rendezvous home within the
             // load band, keyed by the group's first block, so every replica sends the
             // group's first requests to the same node.
+            // Among those with room, first the ones holding the fewest groups (as cache_aware
+            // deals): counts move at once, the engines' blocks only once a prefill is done.
             let band = |i: &Instance| in_load_band(self.role, i, min);
-            rendezvous(candidates, ctx, group, |i| band(i) && room.has(i))
-                .or_else(|| rendezvous(candidates, ctx, group, band))?
+            let roomy = |i: &Instance| band(i) && room.has(i);
+            let fewest = candidates
+                .iter()
+                .filter(|i| ctx.eligible(i) && roomy(i))
+                .map(|i| groups(i))
+                .min();
+            rendezvous(candidates, ctx, group, |i| {
+                roomy(i) && fewest.is_none_or(|f| groups(i) <= f)
+            })
+            .or_else(|| rendezvous(candidates, ctx, group, band))?
         };
         let blocks = blocks_of(&chosen);
         // The leg is counted by what the engine must compute (see `scheduler::take_cached`).
@@ -155,6 +189,19 @@ impl Scheduler for KvAware {
         } else {
             Outcome::NoMatch
         };
+        // A new group (nothing held or pending anywhere that counts): counted where it
+        // went, and told to the peer replicas, whose next requests of the group then
+        // follow it before the engine's events say so.
+        if outcome == Outcome::NoMatch && !keys.is_empty() && ctx.exclude.is_empty() {
+            chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
+            if super::prefix_sync::enabled() {
+                super::prefix_sync::offer(super::prefix_sync::Placement {
+                    instance: chosen.clone(),
+                    key: group,
+                    hashes: keys.clone(),
+                });
+            }
+        }
         stats::record(Policy::KvAware, outcome, blocks);
         Some(chosen)
     }
@@ -167,8 +214,9 @@ impl Scheduler for KvAware {
 /// another instance already holds (`most`: the most any eligible one holds; a copy evicts
 /// other prefixes). Near-equal estimates
 /// (within a tenth of computing the whole prompt) go to the instance holding more, then to
-/// one with room for a new group (`Room`), then to the group's rendezvous home, so that a
-/// group stays on one node and replicas agree on new ones (docs/scheduling.md, "KV aware").
+/// one with room for a new group (`Room`), then to one holding the fewest groups, then to
+/// the group's rendezvous home, so that a group stays on one node and replicas agree on
+/// new ones (docs/scheduling.md, "KV aware").
 fn soonest_first_token(
     candidates: &[Arc<Instance>],
     ctx: &PickContext<'_>,
@@ -215,7 +263,14 @@ fn soonest_first_token(
                     .speed()
                     .is_some_and(|s| cost(i, s) <= best.saturating_add(margin))
         })
-        .max_by_key(|i| (held(i), room.has(i), hash64(group, i.address.as_bytes())))
+        .max_by_key(|i| {
+            (
+                held(i),
+                room.has(i),
+                std::cmp::Reverse(room.groups(i)),
+                hash64(group, i.address.as_bytes()),
+            )
+        })
         .or(first)
         .cloned()
 }
@@ -378,7 +433,8 @@ mod tests {
     }
 
     /// New groups go to the engines holding the fewest blocks (as their events tell every
-    /// replica alike), with or without the engines' speed; with equal caches, by the hash.
+    /// replica alike), with or without the engines' speed; with equal caches (and no
+    /// `prefix_sync`, whose group counts would come next), by the hash.
     #[test]
     fn new_groups_are_dealt_to_the_emptiest_caches() {
         for with_speed in [false, true] {

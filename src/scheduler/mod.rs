@@ -58,10 +58,17 @@ pub trait Scheduler: Send + Sync {
     /// Picks one of `candidates` for which `ctx.eligible` holds, or None.
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>>;
 
-    /// The shared prefix index, for a policy that keeps one (`prefix_sync` writes peers'
-    /// placements into it).
-    fn prefix_table(&self) -> Option<&prefix_index::PrefixTable> {
-        None
+    /// A peer replica placed a new prefix group (`prefix_sync`): the group's `key`, its
+    /// block hashes (or KV keys) and the instance, one of `instances`. A prefix policy
+    /// records it as its own placement would be; true when taken (or already held).
+    fn take_placement(
+        &self,
+        _instances: &[Arc<Instance>],
+        _inst: &Arc<Instance>,
+        _key: u64,
+        _hashes: &[u64],
+    ) -> bool {
+        false
     }
 }
 
@@ -166,6 +173,8 @@ pub(crate) struct Room {
     fewest: u64,
     slack: u64,
     all_publish: bool,
+    /// The replicas share their placements (`prefix_sync`): see `groups`.
+    count_groups: bool,
 }
 
 impl Room {
@@ -179,6 +188,20 @@ impl Room {
             fewest,
             slack,
             all_publish,
+            count_groups: prefix_sync::enabled(),
+        }
+    }
+
+    /// The new groups placed on `i` (`Instance::prefix_groups`) when the replicas share
+    /// their placements; otherwise 0 for every instance: a replica's own counts drift from
+    /// the others' with the groups only it sees, while the engines' events are what every
+    /// replica sees alike.
+    #[inline]
+    pub fn groups(&self, i: &Instance) -> u64 {
+        if self.count_groups {
+            i.prefix_groups.load(Ordering::Relaxed)
+        } else {
+            0
         }
     }
 

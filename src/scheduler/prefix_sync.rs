@@ -1,7 +1,7 @@
-//! Proxy replicas in front of the same instances tell each other where `cache_aware` placed
-//! each new prefix group (`prefix_sync.peers`), so that every replica's index and group
-//! counts describe the same placement and new groups are dealt out over the nodes alike
-//! (docs/scheduling.md, "Replicas").
+//! Proxy replicas in front of the same instances tell each other where `cache_aware` and
+//! `kv_aware` placed each new prefix group (`prefix_sync.peers`), so that every replica's
+//! index and group counts describe the same placement and new groups are dealt out over
+//! the nodes alike (docs/scheduling.md, "Replicas").
 //!
 //! Sending: a worker that places a new group hands it to a background thread with
 //! `try_send` on a bounded queue (full: dropped and counted; a request never waits), which
@@ -193,7 +193,7 @@ struct Batch {
 
 /// Applies a peer's placements to this replica's prefix tables; answers how many were
 /// taken. A placement naming a model, role or instance this replica does not have, or a
-/// policy without a prefix table, is skipped (the replicas' configs may differ for a
+/// policy that is not a prefix policy, is skipped (the replicas' configs may differ for a
 /// while during a rollout).
 pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
     let batch: Batch = serde_json::from_slice(body)
@@ -210,13 +210,15 @@ pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
                 Role::Decode => &m.decode,
                 Role::Dual => &m.dual,
             });
-        let table = set.and_then(|s| s.scheduler.prefix_table().map(|t| (s, t)));
-        let Some((set, table)) = table else {
-            skipped += 1;
-            continue;
-        };
-        match set.instances.iter().find(|i| i.address == p.instance) {
-            Some(inst) if take(table, &set.instances, inst, p.key, &p.hashes) => taken += 1,
+        let inst = set.and_then(|s| s.instances.iter().find(|i| i.address == p.instance));
+        match set.zip(inst) {
+            Some((set, inst))
+                if set
+                    .scheduler
+                    .take_placement(&set.instances, inst, p.key, &p.hashes) =>
+            {
+                taken += 1
+            }
             _ => skipped += 1,
         }
     }
