@@ -2,9 +2,11 @@
 
 mod common;
 
+use common::raw::ScriptedNode;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 fn completion_body(stream: bool) -> Value {
@@ -458,4 +460,102 @@ fn gated_until_every_instance_answered() {
     );
     let (status, _, _) = post(&a, &proxy.url("/v1/completions"), &completion_body(false));
     assert_eq!(status, 200);
+}
+
+/// A prefill answer as an engine sends it (one token, not streamed).
+fn prefill_answer() -> String {
+    json!({"id": "cmpl-p", "object": "text_completion", "created": 1, "model": MODEL,
+           "choices": [{"index": 0, "text": " P", "finish_reason": "length"}],
+           "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+    .to_string()
+}
+
+fn raw_pd_proxy(prefill: &ScriptedNode, decode: &Proc, extra: &str) -> Proc {
+    proxy_with(
+        &format!(
+            "model: {MODEL}\nprefill: [\"{}\"]\ndecode: [\"{}\"]\n{extra}",
+            prefill.addr, decode.addr
+        ),
+        true,
+    )
+}
+
+#[test]
+fn a_prefill_answer_that_arrives_in_pieces_is_read_whole() {
+    // The head first, then the body in two chunks with pauses: the body is not in the head's
+    // read, so the proxy waits for the rest and reads it to its end (the connection is pooled
+    // and serves the next request). A refusal is passed to the client whole.
+    let refusal = json!({"error": {"message": "prompt refused by the prefill node", "type": "BadRequestError", "code": 400}});
+    let refused = refusal.to_string();
+    let prefill = ScriptedNode::start(move |req, s| {
+        let refuse = String::from_utf8_lossy(&req.body).contains("refuse me");
+        let (status, body) = if refuse {
+            ("400 Bad Request", refused.clone())
+        } else {
+            ("200 OK", prefill_answer())
+        };
+        let (a, b) = body.split_at(body.len() / 2);
+        let _ = s.write_all(
+            format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").as_bytes(),
+        );
+        std::thread::sleep(Duration::from_millis(150));
+        let _ = s.write_all(format!("{:x}\r\n{a}\r\n", a.len()).as_bytes());
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(format!("{:x}\r\n{b}\r\n0\r\n\r\n", b.len()).as_bytes())
+            .is_ok()
+    });
+    let d = dummy("decode", &[]);
+    let proxy = raw_pd_proxy(&prefill, &d, "");
+    let a = agent();
+    for _ in 0..2 {
+        let (status, rid, v) = post(&a, &proxy.url("/v1/completions"), &completion_body(false));
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            v["usage"]["completion_tokens"], 7,
+            "the decode node's answer: {v}"
+        );
+        request_for(&d, &rid.expect("X-Request-Id"));
+    }
+    let mut body = completion_body(false);
+    body["prompt"] = json!("refuse me");
+    let (status, _, v) = post(&a, &proxy.url("/v1/completions"), &body);
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v, refusal, "the prefill node's answer, whole");
+}
+
+#[test]
+fn a_prefill_node_that_stalls_mid_answer_is_a_504_after_the_idle_timeout() {
+    // A head and part of its body, then nothing: the rest is waited for `idle_seconds`.
+    let prefill = ScriptedNode::start(|_, s| {
+        let body = prefill_answer();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = s.write_all(format!("{head}{}", &body[..10]).as_bytes());
+        let mut sink = [0u8; 1024];
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        false
+    });
+    let d = dummy("decode", &[]);
+    let proxy = raw_pd_proxy(&prefill, &d, "timeouts:\n  idle_seconds: 0.5\n");
+    let start = Instant::now();
+    let (status, _, v) = post(
+        &agent(),
+        &proxy.url("/v1/completions"),
+        &completion_body(false),
+    );
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(v["error"]["type"], "timeout_error", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("stalled mid-response"), "{v}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        received(&d).is_empty(),
+        "no decode leg after a failed prefill"
+    );
 }

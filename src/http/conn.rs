@@ -29,6 +29,17 @@ type Shared = Rc<UnsafeCell<TcpStream>>;
 /// Reads from the connection.
 pub struct ReadHalf(Shared);
 
+impl ReadHalf {
+    /// A read whose future owns its buffer and does not borrow this half (monoio's
+    /// `TcpStream::read_owned`, vendored): it can wait in a struct. The caller starts no other
+    /// read on this half until it completes, or the two would race for the bytes.
+    pub fn read_owned<T: IoBufMut>(&mut self, buf: T) -> monoio::net::tcp::ReadOwned<T> {
+        // SAFETY: as in `read`.
+        let stream = unsafe { &*self.0.get() };
+        stream.read_owned(buf)
+    }
+}
+
 /// Writes to the connection. Dropping it does not shut the socket down.
 pub struct WriteHalf(Shared);
 

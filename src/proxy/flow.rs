@@ -14,12 +14,13 @@ use super::outcome::{answer_error, Outcome};
 use super::relay::relay;
 use super::spans;
 use super::timeline::Timeline;
+use super::upstream::{read_body, Body, BodyFailed};
 use super::Worker;
 use crate::config::Role;
 use crate::config::{DisaggMode, Policy};
 use crate::http::conn::ClientWriter;
 use crate::http::watch::NextRead;
-use crate::http::write::full_response;
+use crate::http::write::{full_response, COALESCE_LIMIT};
 use crate::http::{ApiError, Request};
 use crate::metrics::ErrorType;
 use crate::scheduler::PickContext;
@@ -380,32 +381,37 @@ async fn disaggregated(
 ) -> Result<Outcome, ApiError> {
     let w = ctx.w;
     let nixl = route.mode == DisaggMode::Nixl;
-    let prefill_body = Bytes::from(openai::prefill_body_for(&job.inspected.obj, nixl));
-    let resp = {
+    // The prefill body is written into a worker's free buffer (no allocation), given back
+    // once the leg is answered; one too large for a single write is shared like a client's.
+    let mut prefill = w.scratch.take();
+    openai::write_prefill_body(&mut prefill, &job.inspected.obj, nixl);
+    let large;
+    let body = if prefill.len() <= COALESCE_LIMIT {
+        Body::Written(&prefill)
+    } else {
+        large = Bytes::from(std::mem::take(&mut prefill));
+        Body::Shared(&large)
+    };
+    let answered = ctx.run(&route.prefill, pick, Role::Prefill, body).await;
+    w.scratch.give(prefill);
+    // The prefill response is read into a free buffer too, given back before the decode leg.
+    let mut resp = w.scratch.take();
+    {
         let Answered {
             guard,
             mut conn,
             head,
-        } = ctx
-            .run(&route.prefill, pick, Role::Prefill, &prefill_body)
-            .await?;
+        } = answered?;
         let inst = guard.instance();
         let idle = ctx.policy.timeouts.idle;
-        let got = {
-            let read = pin!(super::upstream::read_body(
-                &mut conn,
-                &head,
-                MAX_PREFILL_RESPONSE
-            ));
-            monoio::time::timeout(idle, read).await
-        };
-        let resp = match got {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        let got = read_body(&mut conn, &head, MAX_PREFILL_RESPONSE, idle, &mut resp).await;
+        match got {
+            Ok(()) => {}
+            Err(BodyFailed::Upstream(e)) => {
                 failure::count(w, inst, failure::error_type(&e));
                 return Err(ctx.upstream_failed(inst, &e));
             }
-            Err(_) => {
+            Err(BodyFailed::Timeout) => {
                 failure::count(w, inst, ErrorType::Timeout);
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -413,7 +419,7 @@ async fn disaggregated(
                     format!("prefill instance {} stalled mid-response", inst.address),
                 ));
             }
-        };
+        }
         ctx.tl.prefill_done = Some(Instant::now());
         if head.keep_alive {
             w.pool.put_back(conn, inst);
@@ -436,8 +442,7 @@ async fn disaggregated(
             let keep = ctx.write(out).await.is_ok() && ctx.keep_alive;
             return Ok(Outcome::new(head.status.as_u16(), keep));
         }
-        resp
-    };
+    }
     // NIXL: the decode leg carries exactly what the prefill node returned.
     let with_kv;
     let decode_body = match nixl.then(|| openai::kv_params_of(&resp)).flatten() {
@@ -456,15 +461,17 @@ async fn disaggregated(
             job.body
         }
     };
+    // HTTP/1.0 clients cannot take the chunked stream this path writes; they get the
+    // plain relay, which frames by close.
+    let first = (ctx.policy.generator_on_p_node && job.inspected.stream && !ctx.http10)
+        .then(|| FirstToken::from_prefill(&resp, job.chat))
+        .flatten();
+    w.scratch.give(resp);
     // The prefill leg took time: pick the decode leg from the topology as it is now.
     let current = newer_route(w, seen, &route.name);
     let route = current.as_ref().map_or(route, |(t, i)| &t.models[*i]);
-    // HTTP/1.0 clients cannot take the chunked stream this path writes; they get the
-    // plain relay, which frames by close.
-    if ctx.policy.generator_on_p_node && job.inspected.stream && !ctx.http10 {
-        if let Some(first) = FirstToken::from_prefill(&resp, job.chat) {
-            return Ok(first_from_prefill(ctx, route, pick, decode_body, &first).await);
-        }
+    if let Some(first) = first {
+        return Ok(first_from_prefill(ctx, route, pick, decode_body, &first).await);
     }
     forward(ctx, &route.decode, pick, Role::Decode, decode_body).await
 }
@@ -480,7 +487,10 @@ async fn first_from_prefill(
     if first_token::send_first(ctx, first).await.is_err() {
         return Outcome::client_gone();
     }
-    match ctx.run(&route.decode, pick, Role::Decode, body).await {
+    match ctx
+        .run(&route.decode, pick, Role::Decode, Body::Shared(body))
+        .await
+    {
         Ok(Answered { guard, conn, head }) if head.status.is_success() => {
             first_token::relay_rest(ctx, &guard, conn, head, first).await
         }
@@ -516,6 +526,6 @@ async fn forward(
     role: Role,
     body: &Bytes,
 ) -> Result<Outcome, ApiError> {
-    let Answered { guard, conn, head } = ctx.run(set, pick, role, body).await?;
+    let Answered { guard, conn, head } = ctx.run(set, pick, role, Body::Shared(body)).await?;
     Ok(relay(ctx, &guard, conn, head).await)
 }

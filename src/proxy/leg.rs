@@ -3,7 +3,7 @@
 
 use super::context::RequestCtx;
 use super::failure;
-use super::upstream::{UpstreamConn, UpstreamError};
+use super::upstream::{Body, UpstreamConn, UpstreamError};
 use crate::config::Role;
 use crate::http::head::ResponseHead;
 use crate::http::write::{push_decimal, push_header};
@@ -13,7 +13,6 @@ use crate::metrics::ErrorType;
 use crate::resilience;
 use crate::scheduler::PickContext;
 use crate::topology::RoleSet;
-use bytes::Bytes;
 use http::StatusCode;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,7 +62,7 @@ impl RequestCtx<'_> {
         set: &RoleSet,
         pick: &PickContext<'_>,
         role: Role,
-        body: &Bytes,
+        body: Body<'_>,
     ) -> Result<Answered, ApiError> {
         let w = self.w;
         let sent = Instant::now();

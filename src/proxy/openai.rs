@@ -200,6 +200,12 @@ pub fn prefill_body_for(obj: &RawObject<'_>, nixl: bool) -> Vec<u8> {
         .sum::<usize>()
         + 64;
     let mut out = Vec::with_capacity(cap);
+    write_prefill_body(&mut out, obj, nixl);
+    out
+}
+
+/// `prefill_body_for`, appended to `out` (a worker's free buffer, on the request path).
+pub fn write_prefill_body(out: &mut Vec<u8>, obj: &RawObject<'_>, nixl: bool) {
     out.push(b'{');
     let mut used_mct = false;
     for (k, v) in &obj.fields {
@@ -213,7 +219,7 @@ pub fn prefill_body_for(obj: &RawObject<'_>, nixl: bool) -> Vec<u8> {
             _ => {}
         }
         // Keys are re-escaped by serde_json; values are copied verbatim.
-        let _ = serde_json::to_writer(&mut out, k.as_ref());
+        let _ = serde_json::to_writer(&mut *out, k.as_ref());
         out.push(b':');
         out.extend_from_slice(v.get().as_bytes());
         out.push(b',');
@@ -227,7 +233,6 @@ pub fn prefill_body_for(obj: &RawObject<'_>, nixl: bool) -> Vec<u8> {
         out.extend_from_slice(NIXL_PREFILL_PARAMS.as_bytes());
     }
     out.push(b'}');
-    out
 }
 
 /// The `kv_transfer_params` object of a prefill response, as raw JSON (None when absent or

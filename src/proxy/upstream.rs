@@ -11,14 +11,16 @@
 //! the same reason; docs/resilience.md ("Pooled upstream connections") says what it guarantees.
 
 use crate::hash::FastHash;
-use crate::http::buf::ReadBuf;
+use crate::http::buf::{OwnedFill, ReadBuf};
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::conn::{ReadHalf, SplitStream, WriteHalf};
 use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
 use crate::instance::Instance;
 use crate::topology::Topology;
 use bytes::Bytes;
+use monoio::buf::SliceMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::tcp::ReadOwned;
 use monoio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -32,6 +34,26 @@ use std::time::{Duration, Instant};
 
 const MAX_IDLE_PER_BACKEND: usize = 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// A leg's request body.
+#[derive(Clone, Copy)]
+pub enum Body<'a> {
+    /// The client's bytes: behind the head in one write when small, else written as they are
+    /// (shared, never copied).
+    Shared(&'a Bytes),
+    /// Bytes the proxy wrote for this leg (the prefill body, at most `COALESCE_LIMIT`, in a
+    /// worker's free buffer): always behind the head in one write.
+    Written(&'a [u8]),
+}
+
+impl Body<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Body::Shared(b) => b.len(),
+            Body::Written(b) => b.len(),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub enum UpstreamError {
@@ -63,29 +85,27 @@ pub struct UpstreamConn {
     reused: bool,
 }
 
-/// A connection's next read, in flight, owning the read half and the buffer it fills; it
-/// gives them back with the read's result.
-type Armed = Pin<Box<dyn Future<Output = (io::Result<usize>, ReadHalf, ReadBuf)>>>;
+/// A connection's next read, in flight: it owns the buffer it fills (and gives it back with
+/// the read's result), not the read half, and has a type of its own, so it waits inside
+/// `Idle` without a box. On io_uring it is submitted when made; on epoll when first polled.
+type Armed = OwnedFill<ReadOwned<SliceMut<Vec<u8>>>>;
 
-/// Starts nothing by itself: the read is submitted when the future is first polled.
-fn arm(rd: ReadHalf, buf: ReadBuf) -> Armed {
-    Box::pin(async move {
-        let (mut rd, mut buf) = (rd, buf);
-        let got = buf.fill(&mut rd).await;
-        (got, rd, buf)
-    })
+fn arm(rd: &mut ReadHalf, buf: ReadBuf) -> Armed {
+    buf.fill_owned(|spare| rd.read_owned(spare))
 }
 
-/// A connection ready to send a request on: its write half and its read already armed.
+/// A connection ready to send a request on: its halves, and its read already armed (no other
+/// read is started on `rd` until that one completes).
 struct Primed {
+    rd: ReadHalf,
     wr: WriteHalf,
     fd: RawFd,
     read: Armed,
     reused: bool,
 }
 
-/// A pooled connection keeps its read buffer (inside its armed read), so a reused connection
-/// allocates only the read's box.
+/// A pooled connection keeps its read buffer (inside its armed read): a reused connection
+/// allocates nothing.
 struct Idle {
     conn: Primed,
     since: Instant,
@@ -94,7 +114,7 @@ struct Idle {
 /// Polls an armed read once without a task to wake: a pooled connection's read is looked at
 /// only when the connection is taken (its completion must not wake whoever pooled it).
 fn poll_once(read: &mut Armed) -> bool {
-    read.as_mut()
+    Pin::new(read)
         .poll(&mut Context::from_waker(Waker::noop()))
         .is_ready()
 }
@@ -159,11 +179,13 @@ impl Pool {
             Err(_) => return Err(UpstreamError::ConnectTimeout),
         };
         let _ = stream.set_nodelay(true);
-        let (rd, wr, fd) = SplitStream::new(stream).into_parts();
+        let (mut rd, wr, fd) = SplitStream::new(stream).into_parts();
+        let read = arm(&mut rd, ReadBuf::with_capacity(UPSTREAM_BUF));
         Ok(Primed {
+            rd,
             wr,
             fd,
-            read: arm(rd, ReadBuf::with_capacity(UPSTREAM_BUF)),
+            read,
             reused: false,
         })
     }
@@ -207,13 +229,14 @@ impl Pool {
         if list.len() >= MAX_IDLE_PER_BACKEND {
             return;
         }
-        let (rd, wr, fd) = conn.stream.into_parts();
-        let mut read = arm(rd, conn.buf);
+        let (mut rd, wr, fd) = conn.stream.into_parts();
+        let mut read = arm(&mut rd, conn.buf);
         if poll_once(&mut read) {
             return; // something was already there (epoll reads at once): not reusable
         }
         list.push(Idle {
             conn: Primed {
+                rd,
                 wr,
                 fd,
                 read,
@@ -236,16 +259,24 @@ impl Pool {
         &self,
         addr: SocketAddr,
         head: Vec<u8>,
-        body: &Bytes,
+        body: Body<'_>,
     ) -> Result<(UpstreamConn, ResponseHead, Vec<u8>), UpstreamError> {
         let mut head = head;
         loop {
-            let ready = match self.take_idle(addr) {
+            let mut ready = match self.take_idle(addr) {
                 Some(c) => c,
                 None => self.connect(addr).await?,
             };
-            let (res, conn, h) = send_once(ready, addr, head, body).await;
+            // By reference: the connection, its armed read inside, is not moved into the
+            // future (a copy of it per leg).
+            let (res, buf, h) = send_once(&mut ready, head, body).await;
             head = h;
+            let conn = UpstreamConn {
+                stream: SplitStream::from_parts(ready.rd, ready.wr, ready.fd),
+                buf,
+                addr,
+                reused: ready.reused,
+            };
             match res {
                 Ok(resp) => return Ok((conn, resp, head)),
                 Err(e) if conn.reused && conn.buf.is_empty() && is_stale(&e) => continue,
@@ -272,52 +303,49 @@ fn is_stale(e: &UpstreamError) -> bool {
 /// response's first read: on a pooled connection it has waited in the kernel since the
 /// connection was pooled; on a new one it goes to the kernel with the write (on io_uring one
 /// `io_uring_enter` for the two). A failed write wins over whatever the read got: the
-/// connection is not reusable.
+/// connection is not reusable. The armed read is over when this returns; the read buffer
+/// comes back with the result.
 async fn send_once(
-    ready: Primed,
-    addr: SocketAddr,
+    ready: &mut Primed,
     mut head: Vec<u8>,
-    body: &Bytes,
-) -> (Result<ResponseHead, UpstreamError>, UpstreamConn, Vec<u8>) {
+    body: Body<'_>,
+) -> (Result<ResponseHead, UpstreamError>, ReadBuf, Vec<u8>) {
     let head_len = head.len();
-    let Primed {
-        mut wr,
-        fd,
-        read,
-        reused,
-    } = ready;
+    let Primed { rd, wr, read, .. } = ready;
     let write = async {
-        if body.len() <= crate::http::write::COALESCE_LIMIT {
-            head.extend_from_slice(body);
-            wr.write_all(head).await
-        } else {
-            let (r, h) = wr.write_all(head).await;
-            match r {
-                Ok(_) => (wr.write_all(body.clone()).await.0, h),
-                Err(e) => (Err(e), h),
+        match body {
+            Body::Written(b) => {
+                head.extend_from_slice(b);
+                wr.write_all(head).await
+            }
+            Body::Shared(b) if b.len() <= crate::http::write::COALESCE_LIMIT => {
+                head.extend_from_slice(b);
+                wr.write_all(head).await
+            }
+            Body::Shared(b) => {
+                let (r, h) = wr.write_all(head).await;
+                match r {
+                    Ok(_) => (wr.write_all(b.clone()).await.0, h),
+                    Err(e) => (Err(e), h),
+                }
             }
         }
     };
     let read = async {
-        let (first, mut rd, mut buf) = read.await;
+        // The armed read is the only read on `rd` until it completes.
+        let (first, mut buf) = read.await;
         let got = match first {
             Ok(0) => Err(UpstreamError::Closed),
-            Ok(_) => read_head(&mut rd, &mut buf).await,
+            Ok(_) => read_head(rd, &mut buf).await,
             Err(e) => Err(UpstreamError::Io(e)),
         };
-        (got, rd, buf)
+        (got, buf)
     };
-    let ((written, mut head), (got, rd, buf)) = monoio::join!(write, read);
+    let ((written, mut head), (got, buf)) = monoio::join!(write, read);
     head.truncate(head_len);
-    let conn = UpstreamConn {
-        stream: SplitStream::from_parts(rd, wr, fd),
-        buf,
-        addr,
-        reused,
-    };
     match written {
-        Err(e) => (Err(UpstreamError::Io(e)), conn, head),
-        Ok(_) => (got, conn, head),
+        Err(e) => (Err(UpstreamError::Io(e)), buf, head),
+        Ok(_) => (got, buf, head),
     }
 }
 
@@ -419,29 +447,67 @@ impl BodyDecoder {
     }
 }
 
-/// Reads a whole response body (the prefill leg's, an error's). `max` bounds memory.
+/// Why a whole body was not read.
+pub enum BodyFailed {
+    Upstream(UpstreamError),
+    /// What the head's reads had not brought did not arrive within the time limit.
+    Timeout,
+}
+
+impl From<UpstreamError> for BodyFailed {
+    fn from(e: UpstreamError) -> Self {
+        BodyFailed::Upstream(e)
+    }
+}
+
+/// Reads a whole response body (the prefill leg's) into `out`; `max` bounds memory. What the
+/// head's reads already brought — the whole body, usually, for a short one — is taken at
+/// once, without a timer; only the rest is read, within `limit`.
 pub async fn read_body(
     conn: &mut UpstreamConn,
     head: &ResponseHead,
     max: usize,
-) -> Result<Vec<u8>, UpstreamError> {
+    limit: Duration,
+    out: &mut Vec<u8>,
+) -> Result<(), BodyFailed> {
     if matches!(head.framing, Framing::Length(n) if n > max as u64) {
-        return Err(UpstreamError::BadResponse("response body too large"));
+        return Err(UpstreamError::BadResponse("response body too large").into());
     }
     let mut dec = BodyDecoder::new(head.framing);
-    let mut body = Vec::new();
-    loop {
-        if dec.decode(&mut conn.buf, &mut body)? {
-            return Ok(body);
-        }
-        if body.len() > max {
-            return Err(UpstreamError::BadResponse("response body too large"));
-        }
-        match conn.buf.fill(&mut conn.stream).await {
-            Ok(0) if dec.ends_at_eof() => return Ok(body),
-            Ok(0) => return Err(UpstreamError::Closed),
-            Ok(_) => {}
-            Err(e) => return Err(UpstreamError::Io(e)),
-        }
+    if take_body(&mut dec, conn, out, max)? {
+        return Ok(());
     }
+    let rest = std::pin::pin!(async {
+        loop {
+            match conn.buf.fill(&mut conn.stream).await {
+                Ok(0) if dec.ends_at_eof() => return Ok(()),
+                Ok(0) => return Err(UpstreamError::Closed),
+                Ok(_) => {}
+                Err(e) => return Err(UpstreamError::Io(e)),
+            }
+            if take_body(&mut dec, conn, out, max)? {
+                return Ok(());
+            }
+        }
+    });
+    match monoio::time::timeout(limit, rest).await {
+        Ok(r) => r.map_err(BodyFailed::Upstream),
+        Err(_) => Err(BodyFailed::Timeout),
+    }
+}
+
+/// Moves the buffered part of a body to `out`; true once the body is complete.
+fn take_body(
+    dec: &mut BodyDecoder,
+    conn: &mut UpstreamConn,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<bool, UpstreamError> {
+    if dec.decode(&mut conn.buf, out)? {
+        return Ok(true);
+    }
+    if out.len() > max {
+        return Err(UpstreamError::BadResponse("response body too large"));
+    }
+    Ok(false)
 }

@@ -15,7 +15,7 @@ mod fsync;
 mod open;
 mod poll;
 mod read;
-mod recv;
+pub(crate) mod recv; // xpyd patch: pub(crate), for `TcpStream::read_owned`
 mod send;
 mod write;
 

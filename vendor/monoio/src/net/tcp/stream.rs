@@ -407,6 +407,38 @@ impl CancelableAsyncWriteRent for TcpStream {
     }
 }
 
+impl TcpStream {
+    /// xpyd patch: a read whose future owns what it needs (a handle on the descriptor and the
+    /// buffer) instead of borrowing the stream, and has a type one can name, so it can be kept
+    /// in flight inside a struct without a box (a pooled connection's read, left waiting while
+    /// the connection is idle). The same operation as `read`.
+    pub fn read_owned<T: IoBufMut>(&self, buf: T) -> ReadOwned<T> {
+        ReadOwned(Op::recv(self.fd.clone(), buf).unwrap())
+    }
+}
+
+/// xpyd patch: the future of `TcpStream::read_owned`. Dropping it before it completes cancels
+/// the read, as dropping `read`'s future does.
+pub struct ReadOwned<T: IoBufMut>(Op<crate::driver::op::recv::Recv<T>>);
+
+impl<T: IoBufMut + Unpin> Future for ReadOwned<T> {
+    type Output = BufResult<usize, T>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let complete = std::task::ready!(std::pin::Pin::new(&mut self.0).poll(cx));
+        let res = complete.meta.result.map(|v| v as _);
+        let mut buf = complete.data.buf;
+        if let Ok(n) = res {
+            // Safety: the kernel wrote `n` bytes to the buffer.
+            unsafe { buf.set_init(n) };
+        }
+        std::task::Poll::Ready((res, buf))
+    }
+}
+
 impl AsyncReadRent for TcpStream {
     #[inline]
     fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
