@@ -52,6 +52,15 @@ pub struct ModelRoute {
 }
 
 impl ModelRoute {
+    /// The instances and scheduler of `role`.
+    pub fn role_set(&self, role: Role) -> &RoleSet {
+        match role {
+            Role::Prefill => &self.prefill,
+            Role::Decode => &self.decode,
+            Role::Dual => &self.dual,
+        }
+    }
+
     /// This model's route (scheduler, mode, gate) over another list of instances.
     fn with_instances(&self, list: Vec<Arc<Instance>>) -> Self {
         Self::build(

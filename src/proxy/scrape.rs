@@ -44,6 +44,7 @@ fn run(shared: &Shared) {
     let mut ticks_since_round = u32::MAX;
     // Fast rounds each instance (by id) has used.
     let mut fast: HashMap<u64, u32> = HashMap::new();
+    let mut unsynced = Unsynced::default();
     loop {
         let cfg = shared.policy.load().engine_metrics.clone();
         ticks_since_round = ticks_since_round.saturating_add(1);
@@ -75,6 +76,7 @@ fn run(shared: &Shared) {
                             .spawn_scoped(s, move || scrape(inst, cfg));
                     }
                 });
+                unsynced.round(shared, &topo);
             }
         }
         next += cfg.interval / 4;
@@ -101,5 +103,43 @@ fn scrape(inst: &Instance, cfg: &EngineMetricsConfig) {
         // The local count at the moment the numbers arrived: see `unseen_requests`.
         Some(s) => inst.engine.store(s, inst.in_flight()),
         None => inst.engine.failed(max_age),
+    }
+}
+
+/// Notices another router in front of cache_aware's instances while `prefix_sync` has no
+/// peers: engines that keep reporting requests this proxy did not send. cache_aware deals
+/// new groups by its own counts, which another replica's do not match, so the two would
+/// place a group's first requests apart (docs/scheduling.md, "Replicas"). Said once.
+#[derive(Default)]
+struct Unsynced {
+    rounds: u32,
+    said: bool,
+}
+
+impl Unsynced {
+    /// Rounds in a row with unseen requests before it is said.
+    const ROUNDS: u32 = 5;
+
+    fn round(&mut self, shared: &Shared, topo: &crate::topology::Topology) {
+        if self.said || !shared.policy.load().prefix_sync.peers.is_empty() {
+            return;
+        }
+        use crate::config::{Role, SchedulerKind};
+        let unseen = topo.models.iter().any(|m| {
+            [Role::Prefill, Role::Decode, Role::Dual]
+                .into_iter()
+                .filter(|&r| m.roles.for_role(r, m.kind) == SchedulerKind::CacheAware)
+                .flat_map(|r| m.role_set(r).instances.iter())
+                .any(|i| i.engine.last().is_some_and(|f| engine_load::others(&f) > 0))
+        });
+        self.rounds = if unseen { self.rounds + 1 } else { 0 };
+        if self.rounds >= Self::ROUNDS {
+            self.said = true;
+            crate::warn!(
+                "cache_aware: the instances keep serving requests this proxy did not send; if \
+                 other xpyd replicas route to them, list them in prefix_sync.peers so that \
+                 the replicas place prefix groups alike (docs/scheduling.md, \"Replicas\")"
+            );
+        }
     }
 }

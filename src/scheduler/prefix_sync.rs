@@ -205,11 +205,7 @@ pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
             .iter()
             .find(|m| m.name == p.model)
             .zip(p.role.parse::<Role>().ok())
-            .map(|(m, role)| match role {
-                Role::Prefill => &m.prefill,
-                Role::Decode => &m.decode,
-                Role::Dual => &m.dual,
-            });
+            .map(|(m, role)| m.role_set(role));
         let inst = set.and_then(|s| s.instances.iter().find(|i| i.address == p.instance));
         match set.zip(inst) {
             Some((set, inst))
