@@ -143,3 +143,56 @@ impl Unsynced {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine_load::EngineSample;
+
+    fn shared(yaml: &str) -> Arc<Shared> {
+        Shared::new(&crate::config::Config::from_yaml(yaml).unwrap(), 1)
+    }
+
+    fn busy(shared: &Shared, others: u64) {
+        for i in shared.topology.load().instances() {
+            let s = EngineSample {
+                running: others,
+                ..Default::default()
+            };
+            i.engine.store(s, 0);
+        }
+    }
+
+    /// Said after five rounds in a row of requests this proxy did not send, and only for
+    /// cache_aware without peers.
+    #[test]
+    fn another_router_in_front_of_cache_aware_is_noticed() {
+        let base = "model: m\ndual: [\"127.0.0.1:9\"]\n";
+        let s = shared(&format!("{base}scheduling: cache_aware\n"));
+        let mut u = Unsynced::default();
+        busy(&s, 2);
+        for _ in 0..Unsynced::ROUNDS - 1 {
+            u.round(&s, &s.topology.load());
+        }
+        assert!(!u.said);
+        busy(&s, 0);
+        u.round(&s, &s.topology.load()); // a quiet round starts over
+        busy(&s, 2);
+        for _ in 0..Unsynced::ROUNDS {
+            u.round(&s, &s.topology.load());
+        }
+        assert!(u.said);
+        for yaml in [
+            format!("{base}scheduling: kv_aware\n"),
+            format!("{base}scheduling: cache_aware\nadmin_api_key: k\nprefix_sync:\n  peers: [\"h:1\"]\n"),
+        ] {
+            let s = shared(&yaml);
+            let mut u = Unsynced::default();
+            busy(&s, 2);
+            for _ in 0..2 * Unsynced::ROUNDS {
+                u.round(&s, &s.topology.load());
+            }
+            assert!(!u.said, "{yaml}");
+        }
+    }
+}
