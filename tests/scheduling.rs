@@ -523,3 +523,56 @@ fn kv_aware_replicas_that_share_placements_deal_groups_evenly() {
     assert_each_group_on_one_node("kv_aware", &by_group);
     assert_dealt_evenly("kv_aware", &by_group);
 }
+
+/// A peer replica that is down costs nothing but the sharing: every request is served, the
+/// placements that could not be sent are counted. The receiving endpoint is the admin
+/// API's: no key, no entry; a malformed batch is a 400 in the OpenAI error shape.
+#[test]
+fn prefix_sync_with_a_dead_peer_never_affects_serving() {
+    let node = dummy("dual", &[]);
+    let peer = dead_address();
+    let proxy = proxy_with(
+        &format!(
+            "{}scheduling: cache_aware\nadmin_api_key: adm\nprefix_sync:\n  peers: [\"{peer}\"]\n",
+            dual_yaml(&[&node])
+        ),
+        true,
+    );
+    for g in 0..8 {
+        let prompt = format!("group {g}: {}", "a long shared system prompt. ".repeat(10));
+        let resp = agent()
+            .post(&proxy.url("/v1/completions"))
+            .send_json(json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}))
+            .expect("served");
+        assert_eq!(resp.status(), 200);
+    }
+    let failed = "proxy_prefix_sync_placements_total{outcome=\"failed\"}";
+    wait_for(
+        "the unsent placements to be counted",
+        Duration::from_secs(20),
+        || metric(&proxy, failed) >= 8.0,
+    );
+    let post = |key: Option<&str>, body: &str| {
+        let mut req = agent().post(&proxy.url("/admin/prefixes"));
+        if let Some(k) = key {
+            req = req.set("X-API-Key", k);
+        }
+        match req.send_string(body) {
+            Ok(r) => (r.status(), r.into_json::<Value>().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_json::<Value>().unwrap_or(Value::Null)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(post(None, r#"{"placements": []}"#).0, 401);
+    let (status, body) = post(Some("adm"), "{not json");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    let one = format!(
+        r#"{{"placements": [{{"model": "{MODEL}", "role": "dual", "instance": "{}", "key": 7, "hashes": [7, 8]}}]}}"#,
+        node.addr
+    );
+    assert_eq!(
+        post(Some("adm"), &one),
+        (200, json!({"taken": 1, "skipped": 0}))
+    );
+}
