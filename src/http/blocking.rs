@@ -1,6 +1,5 @@
-//! A small blocking HTTP/1.1 client for the control plane (health probes, the demo, the
-//! replicas' prefix sync): one request per connection, timeouts on every socket operation.
-//! Never used by workers.
+//! A small blocking HTTP/1.1 client for the control plane (health probes, the demo): one
+//! request per connection, timeouts on every socket operation. Never used by workers.
 
 use super::chunked::ChunkedDecoder;
 use super::head::{parse_response, Framing, HeadError};
@@ -28,19 +27,6 @@ pub fn request(
     path: &str,
     body: Option<&[u8]>,
     timeout: Duration,
-    on_body: impl FnMut(&[u8]),
-) -> io::Result<Response> {
-    request_with(addr, method, path, &[], body, timeout, on_body)
-}
-
-/// `request` with extra header lines (`name`, `value`).
-pub fn request_with(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-    timeout: Duration,
     mut on_body: impl FnMut(&[u8]),
 ) -> io::Result<Response> {
     let sock = resolve(addr)?;
@@ -49,9 +35,6 @@ pub fn request_with(
     stream.set_write_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        req.push_str(&format!("{name}: {value}\r\n"));
-    }
     if let Some(b) = body {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",

@@ -6,7 +6,7 @@
 //! Sending: a worker that places a new group hands it to a background thread with
 //! `try_send` on a bounded queue (full: dropped and counted; a request never waits), which
 //! batches placements for a few milliseconds and posts them to every peer's
-//! `/admin/prefixes` with the admin key. Receiving: that endpoint writes the placements
+//! `/admin/prefixes` with the admin key, on a kept-alive connection per peer. Receiving: that endpoint writes the placements
 //! into the shared prefix table (atomic stores, like a local pick).
 //!
 //! Two replicas placing the same new group at once, on different nodes, each receive the
@@ -16,13 +16,18 @@
 use super::prefix_index::PrefixTable;
 use crate::config::Role;
 use crate::hash::hash64;
+use crate::http::head::{parse_response, Framing, HeadError};
 use crate::http::ApiError;
 use crate::instance::Instance;
 use crate::shared::Shared;
 use crate::topology::Topology;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -109,7 +114,7 @@ pub fn spawn(shared: Arc<Shared>) -> std::io::Result<()> {
 
 fn run(rx: Receiver<Placement>, shared: &Shared) {
     let mut batch: Vec<Placement> = Vec::with_capacity(BATCH);
-    let mut failing: Vec<String> = Vec::new();
+    let mut peers: HashMap<String, Peer> = HashMap::new();
     loop {
         match rx.recv() {
             Ok(p) => batch.push(p),
@@ -126,38 +131,125 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
         let policy = shared.policy.load();
         let key = policy.admin_api_key.as_deref().unwrap_or("");
         let body = encode(&batch);
-        for peer in &policy.prefix_sync.peers {
-            let sent = crate::http::blocking::request_with(
-                peer,
-                "POST",
-                "/admin/prefixes",
-                &[("X-API-Key", key)],
-                Some(&body),
-                IO_TIMEOUT,
-                |_| {},
-            );
-            let ok = matches!(&sent, Ok(r) if r.status == 200);
-            let counter = if ok { &STATS.sent } else { &STATS.failed };
+        peers.retain(|addr, _| policy.prefix_sync.peers.contains(addr));
+        for addr in &policy.prefix_sync.peers {
+            let peer = peers.entry(addr.clone()).or_default();
+            let sent = peer.post(addr, key, &body);
+            let counter = if sent.is_ok() {
+                &STATS.sent
+            } else {
+                &STATS.failed
+            };
             counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
             // Logged once per failure streak and peer: a replica down must not flood the log.
-            let known = failing.iter().position(|p| p == peer);
-            match (ok, known) {
-                (true, Some(k)) => {
-                    failing.swap_remove(k);
-                    crate::warn!("prefix sync: peer {peer} takes placements again");
+            match (sent, peer.failing) {
+                (Ok(()), true) => {
+                    peer.failing = false;
+                    crate::warn!("prefix sync: peer {addr} takes placements again");
                 }
-                (false, None) => {
-                    let why = match sent {
-                        Ok(r) => format!("it answered {}", r.status),
-                        Err(e) => e.to_string(),
-                    };
-                    crate::warn!("prefix sync: cannot send placements to peer {peer}: {why}");
-                    failing.push(peer.clone());
+                (Err(e), false) => {
+                    peer.failing = true;
+                    crate::warn!("prefix sync: cannot send placements to peer {addr}: {e}");
                 }
                 _ => {}
             }
         }
         batch.clear();
+    }
+}
+
+/// One peer: a kept-alive connection (a batch every few milliseconds on a fresh
+/// connection each would leave tens of thousands of sockets in TIME_WAIT).
+#[derive(Default)]
+struct Peer {
+    conn: Option<TcpStream>,
+    failing: bool,
+}
+
+impl Peer {
+    /// Posts one batch: Ok when the peer took it. A kept connection that fails before an
+    /// answer is replaced once.
+    fn post(&mut self, addr: &str, key: &str, body: &[u8]) -> io::Result<()> {
+        let mut status = None;
+        if self.conn.is_some() {
+            match self.exchange(addr, key, body) {
+                Ok(s) => status = Some(s),
+                Err(_) => self.conn = None, // closed by the peer while idle: once more
+            }
+        }
+        let status = match status {
+            Some(s) => s,
+            None => self.connect_and_post(addr, key, body)?,
+        };
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("it answered {status}")))
+        }
+    }
+
+    fn connect_and_post(&mut self, addr: &str, key: &str, body: &[u8]) -> io::Result<StatusCode> {
+        let sock = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+        let s = TcpStream::connect_timeout(&sock, IO_TIMEOUT)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        s.set_nodelay(true)?;
+        self.conn = Some(s);
+        let r = self.exchange(addr, key, body);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    /// One request and its whole answer on the kept connection; the answer's status.
+    fn exchange(&mut self, addr: &str, key: &str, body: &[u8]) -> io::Result<StatusCode> {
+        let Some(s) = self.conn.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let head = format!(
+            "POST /admin/prefixes HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes())?;
+        s.write_all(body)?;
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 1024];
+        loop {
+            match parse_response(&buf, false) {
+                Ok(h) => {
+                    // The answer is a small JSON object with a length: read it whole so
+                    // the connection is ready for the next batch.
+                    let Framing::Length(n) = h.framing else {
+                        self.conn = None;
+                        return Err(io::Error::other("an answer without a length"));
+                    };
+                    let want = h.len + n as usize;
+                    while buf.len() < want {
+                        let k = s.read(&mut chunk)?;
+                        if k == 0 {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                        buf.extend_from_slice(&chunk[..k]);
+                    }
+                    if !h.keep_alive {
+                        self.conn = None;
+                    }
+                    return Ok(h.status);
+                }
+                Err(HeadError::Partial) if buf.len() < 64 * 1024 => {}
+                Err(_) => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad answer")),
+            }
+            let k = s.read(&mut chunk)?;
+            if k == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..k]);
+        }
     }
 }
 
