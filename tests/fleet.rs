@@ -76,9 +76,13 @@ impl Dns {
         panic!("dnsmasq found no free port in 5 tries");
     }
 
+    /// dnsmasq again on the port the proxy was configured with. While it was down a test
+    /// running beside this one can hold that port a moment (CI saw "port in use" once):
+    /// polled until it is free again, within a deadline.
     fn start_on(port: u16, dir: PathBuf, hosts: &[(&str, &[&str])]) -> Dns {
-        Self::try_start_on(port, dir, hosts)
-            .unwrap_or_else(|| panic!("dnsmasq: port {port} is in use"))
+        wait_for(20, &format!("dnsmasq to bind port {port} again"), || {
+            Self::try_start_on(port, dir.clone(), hosts)
+        })
     }
 
     /// None when dnsmasq could not bind its port.
