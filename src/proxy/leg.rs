@@ -102,14 +102,23 @@ impl RequestCtx<'_> {
                 Role::Prefill => self.tl.prefill = Some(inst.clone()),
                 _ => self.tl.decode = Some(inst.clone()),
             }
+            // One clock reading per attempt (the leg's own for the first): the first-byte
+            // deadline and the pool's idle check both use it.
+            let now = if attempt == 0 { sent } else { Instant::now() };
             // Pinned here: moving the send future into the timeout (and that into this
             // one) copied it twice per leg.
             let send = std::pin::pin!(w.pool.send(
                 inst.socket_addr,
                 self.backend_head(&inst, body.len(), role, &policy.deny_headers),
                 body,
+                now,
             ));
-            let sent = monoio::time::timeout(policy.timeouts.first_byte, send).await;
+            let first_byte = policy.timeouts.first_byte;
+            let timed = match now.checked_add(first_byte) {
+                Some(at) => monoio::time::timeout_at(monoio::time::Instant::from_std(at), send),
+                None => monoio::time::timeout(first_byte, send),
+            };
+            let sent = timed.await;
             let failure = match sent {
                 Ok(Ok((conn, head, sent))) => {
                     w.scratch.give(sent);

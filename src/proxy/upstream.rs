@@ -195,12 +195,12 @@ impl Pool {
     /// response, a FIN, an RST) and is closed, never reused: those bytes would be read as the
     /// answer to the next request, which may be another client's. No syscall: the read's
     /// state is what the worker's last kernel entry reported (docs/resilience.md).
-    fn take_idle(&self, addr: SocketAddr) -> Option<Primed> {
+    fn take_idle(&self, addr: SocketAddr, now: Instant) -> Option<Primed> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         // Newest first; if it is too old, so is everything before it.
         while let Some(mut idle) = list.pop() {
-            if idle.since.elapsed() > self.idle_timeout {
+            if now.saturating_duration_since(idle.since) > self.idle_timeout {
                 list.clear();
                 return None;
             }
@@ -254,16 +254,18 @@ impl Pool {
     /// Sends `head` + `body` and waits for the response head. A pooled connection that turns
     /// out to be dead before any response byte (the backend closed it while idle) is
     /// replaced by a fresh one once; a fresh connection's failure is reported. The head's
-    /// buffer comes back with the response, for reuse.
+    /// buffer comes back with the response, for reuse. `now`: the caller's clock reading,
+    /// for the idle connections' age (one read less per leg).
     pub async fn send(
         &self,
         addr: SocketAddr,
         head: Vec<u8>,
         body: Body<'_>,
+        now: Instant,
     ) -> Result<(UpstreamConn, ResponseHead, Vec<u8>), UpstreamError> {
         let mut head = head;
         loop {
-            let mut ready = match self.take_idle(addr) {
+            let mut ready = match self.take_idle(addr, now) {
                 Some(c) => c,
                 None => self.connect(addr).await?,
             };
