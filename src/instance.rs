@@ -161,6 +161,7 @@ impl Instance {
             "max_model_len": (max > 0).then_some(max),
             "engine": self.engine.status_json(),
             "kv_events": self.kv_stats.status_json(self.kv_bit.load(Ordering::Relaxed) > 0),
+            "prefix_groups": self.prefix_groups.load(Ordering::Relaxed),
         })
     }
 }

@@ -451,6 +451,28 @@ fn two_replicas(policy: &str, sync: bool) -> Vec<Vec<usize>> {
     }
     let total: usize = by_group.iter().flatten().sum();
     assert_eq!(total, GROUPS * PER_GROUP, "{by_group:?}");
+    if sync {
+        // Both replicas count the same groups on the same nodes once the last placements
+        // have crossed.
+        let groups = |r: &Proc| -> Vec<u64> {
+            let v = get_json(&r.url("/status/instances")).1;
+            let list = v["instances"].as_array().cloned().unwrap_or_default();
+            nodes
+                .iter()
+                .map(|n| {
+                    list.iter()
+                        .find(|i| i["address"] == n.addr.to_string())
+                        .and_then(|i| i["prefix_groups"].as_u64())
+                        .unwrap_or(0)
+                })
+                .collect()
+        };
+        wait_for(
+            "both replicas to count the same groups per node",
+            Duration::from_secs(10),
+            || groups(&replicas[0]) == groups(&replicas[1]),
+        );
+    }
     for r in &replicas {
         assert_counters_zero(r);
         if sync {

@@ -37,20 +37,22 @@ impl KvAware {
 
 impl Scheduler for KvAware {
     /// A peer's new group: its blocks count as sent there (the pending layer, as this
-    /// proxy's own picks do) and the group is counted, once.
+    /// proxy's own picks do) and the group is counted, once (not when this replica sent the
+    /// group's key there itself).
     fn take_placement(
         &self,
         _instances: &[Arc<Instance>],
         inst: &Arc<Instance>,
-        _key: u64,
+        key: u64,
         hashes: &[u64],
     ) -> bool {
-        let (Some(&last), b @ 1..) = (hashes.last(), inst.kv_bit.load(Ordering::Relaxed)) else {
+        let b = inst.kv_bit.load(Ordering::Relaxed);
+        if b == 0 || hashes.is_empty() {
             return false;
-        };
+        }
         let idx = kv_index::global();
         let now = crate::resilience::now_ms();
-        if idx.pending(last, now) != Some(b - 1) {
+        if idx.pending(key, now) != Some(b - 1) {
             for &k in hashes {
                 idx.pend(k, b - 1, now);
             }
