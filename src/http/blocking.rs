@@ -1,5 +1,7 @@
 //! A small blocking HTTP/1.1 client for the control plane (health probes, the demo): one
-//! request per connection, timeouts on every socket operation. Never used by workers.
+//! request per connection, timeouts on every socket operation; and `KeptAlive`, one
+//! connection reused for a background thread's stream of POSTs (the span exporter, the
+//! replicas' prefix sync). Never used by workers.
 
 use super::chunked::ChunkedDecoder;
 use super::head::{parse_response, Framing, HeadError};
@@ -121,4 +123,101 @@ pub fn request(
         content_type: head.content_type.map(std::borrow::Cow::into_owned),
         body: body_out,
     })
+}
+
+/// One connection kept for repeated POSTs to one peer. A background thread that posts a
+/// batch every few milliseconds on a fresh connection each would leave tens of thousands
+/// of sockets in TIME_WAIT.
+#[derive(Default)]
+pub struct KeptAlive {
+    conn: Option<TcpStream>,
+}
+
+impl KeptAlive {
+    /// Posts `body` and reads the answer's head (and its body, when it has a length, so
+    /// that the connection can carry the next one); the answer's status. A kept connection
+    /// that fails before an answer (closed by the peer while idle) is replaced once.
+    pub fn post(
+        &mut self,
+        addr: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> io::Result<http::StatusCode> {
+        if self.conn.is_some() {
+            match self.exchange(addr, path, headers, body) {
+                Ok(status) => return Ok(status),
+                Err(_) => self.conn = None,
+            }
+        }
+        let s = TcpStream::connect_timeout(&resolve(addr)?, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        self.conn = Some(s);
+        let r = self.exchange(addr, path, headers, body);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    fn exchange(
+        &mut self,
+        addr: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> io::Result<http::StatusCode> {
+        let Some(s) = self.conn.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        s.write_all(head.as_bytes())?;
+        s.write_all(body)?;
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 1024];
+        let h = loop {
+            match parse_response(&buf, false) {
+                Ok(h) => break h,
+                Err(HeadError::Partial) if buf.len() < 64 * 1024 => {}
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "malformed response",
+                    ))
+                }
+            }
+            let k = s.read(&mut chunk)?;
+            if k == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..k]);
+        };
+        let reusable = match h.framing {
+            Framing::None => h.keep_alive,
+            Framing::Length(n) => {
+                let want = h.len + n as usize;
+                while buf.len() < want {
+                    let k = s.read(&mut chunk)?;
+                    if k == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    buf.extend_from_slice(&chunk[..k]);
+                }
+                h.keep_alive
+            }
+            // Not worth decoding here: the next batch takes a new connection.
+            Framing::Chunked | Framing::UntilClose => false,
+        };
+        if !reusable {
+            self.conn = None;
+        }
+        Ok(h.status)
+    }
 }

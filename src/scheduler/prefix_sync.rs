@@ -16,18 +16,15 @@
 use super::prefix_index::PrefixTable;
 use crate::config::Role;
 use crate::hash::hash64;
-use crate::http::head::{parse_response, Framing, HeadError};
+use crate::http::blocking::KeptAlive;
 use crate::http::ApiError;
 use crate::instance::Instance;
 use crate::shared::Shared;
 use crate::topology::Topology;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
-use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -158,97 +155,24 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
     }
 }
 
-/// One peer: a kept-alive connection (a batch every few milliseconds on a fresh
-/// connection each would leave tens of thousands of sockets in TIME_WAIT).
+/// One peer: its connection, and whether its last batch failed (logged once per streak).
 #[derive(Default)]
 struct Peer {
-    conn: Option<TcpStream>,
+    conn: KeptAlive,
     failing: bool,
 }
 
 impl Peer {
-    /// Posts one batch: Ok when the peer took it. A kept connection that fails before an
-    /// answer is replaced once.
-    fn post(&mut self, addr: &str, key: &str, body: &[u8]) -> io::Result<()> {
-        let mut status = None;
-        if self.conn.is_some() {
-            match self.exchange(addr, key, body) {
-                Ok(s) => status = Some(s),
-                Err(_) => self.conn = None, // closed by the peer while idle: once more
-            }
-        }
-        let status = match status {
-            Some(s) => s,
-            None => self.connect_and_post(addr, key, body)?,
-        };
+    /// Posts one batch: Ok when the peer took it.
+    fn post(&mut self, addr: &str, key: &str, body: &[u8]) -> std::io::Result<()> {
+        let headers = [("X-API-Key", key), ("Content-Type", "application/json")];
+        let status = self
+            .conn
+            .post(addr, "/admin/prefixes", &headers, body, IO_TIMEOUT)?;
         if status.is_success() {
             Ok(())
         } else {
-            Err(io::Error::other(format!("it answered {status}")))
-        }
-    }
-
-    fn connect_and_post(&mut self, addr: &str, key: &str, body: &[u8]) -> io::Result<StatusCode> {
-        let sock = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
-        let s = TcpStream::connect_timeout(&sock, IO_TIMEOUT)?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
-        s.set_nodelay(true)?;
-        self.conn = Some(s);
-        let r = self.exchange(addr, key, body);
-        if r.is_err() {
-            self.conn = None;
-        }
-        r
-    }
-
-    /// One request and its whole answer on the kept connection; the answer's status.
-    fn exchange(&mut self, addr: &str, key: &str, body: &[u8]) -> io::Result<StatusCode> {
-        let Some(s) = self.conn.as_mut() else {
-            return Err(io::ErrorKind::NotConnected.into());
-        };
-        let head = format!(
-            "POST /admin/prefixes HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {key}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes())?;
-        s.write_all(body)?;
-        let mut buf = Vec::with_capacity(512);
-        let mut chunk = [0u8; 1024];
-        loop {
-            match parse_response(&buf, false) {
-                Ok(h) => {
-                    // The answer is a small JSON object with a length: read it whole so
-                    // the connection is ready for the next batch.
-                    let Framing::Length(n) = h.framing else {
-                        self.conn = None;
-                        return Err(io::Error::other("an answer without a length"));
-                    };
-                    let want = h.len + n as usize;
-                    while buf.len() < want {
-                        let k = s.read(&mut chunk)?;
-                        if k == 0 {
-                            return Err(io::ErrorKind::UnexpectedEof.into());
-                        }
-                        buf.extend_from_slice(&chunk[..k]);
-                    }
-                    if !h.keep_alive {
-                        self.conn = None;
-                    }
-                    return Ok(h.status);
-                }
-                Err(HeadError::Partial) if buf.len() < 64 * 1024 => {}
-                Err(_) => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad answer")),
-            }
-            let k = s.read(&mut chunk)?;
-            if k == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.extend_from_slice(&chunk[..k]);
+            Err(std::io::Error::other(format!("it answered {status}")))
         }
     }
 }

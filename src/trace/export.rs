@@ -5,9 +5,8 @@
 
 use super::otlp::{encode_request, Span};
 use crate::config::OtlpEndpoint;
-use crate::http::head::{parse_response, HeadError};
-use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use crate::http::blocking::KeptAlive;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -84,6 +83,7 @@ impl Exporter {
 fn run(rx: Receiver<Span>, endpoint: &OtlpEndpoint, service: &str, stats: &Stats) {
     let mut batch: Vec<Span> = Vec::with_capacity(BATCH);
     let mut failing = false;
+    let mut conn = KeptAlive::default();
     loop {
         let deadline = Instant::now() + FLUSH_EVERY;
         let mut closed = false;
@@ -100,7 +100,7 @@ fn run(rx: Receiver<Span>, endpoint: &OtlpEndpoint, service: &str, stats: &Stats
         }
         if !batch.is_empty() {
             let body = encode_request(service, &batch);
-            match post(endpoint, &body) {
+            match post(&mut conn, endpoint, &body) {
                 Ok(()) => {
                     stats
                         .exported
@@ -132,47 +132,19 @@ fn run(rx: Receiver<Span>, endpoint: &OtlpEndpoint, service: &str, stats: &Stats
     }
 }
 
-/// One `POST` on a fresh connection; Ok when the collector answered 2xx.
-fn post(endpoint: &OtlpEndpoint, body: &[u8]) -> io::Result<()> {
-    let addr = endpoint
-        .authority
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    let head = format!(
-        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        endpoint.path,
-        endpoint.authority,
-        body.len()
-    );
-    s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        match parse_response(&buf, false) {
-            Ok(h) if h.status.is_success() => return Ok(()),
-            Ok(h) => {
-                return Err(io::Error::other(format!(
-                    "the collector answered {}",
-                    h.status
-                )))
-            }
-            Err(HeadError::Partial) if buf.len() < 64 * 1024 => {}
-            Err(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "malformed response from the collector",
-                ))
-            }
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+/// One `POST` on the exporter's kept connection; Ok when the collector answered 2xx.
+fn post(conn: &mut KeptAlive, endpoint: &OtlpEndpoint, body: &[u8]) -> io::Result<()> {
+    let headers = [("Content-Type", "application/x-protobuf")];
+    let status = conn.post(
+        &endpoint.authority,
+        &endpoint.path,
+        &headers,
+        body,
+        IO_TIMEOUT,
+    )?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("the collector answered {status}")))
     }
 }
