@@ -77,7 +77,7 @@ fn python_message(action: AdminAction, address: &str, role: &str) -> Option<Stri
 pub async fn handle(w: &Worker, action: AdminAction, body: &[u8]) -> Result<Value, ApiError> {
     if action == AdminAction::SyncPrefixes {
         // Atomic stores into the shared index, here on the worker: no control round trip.
-        return crate::scheduler::prefix_sync::apply(&w.shared.topology.load(), body);
+        return super::prefix_sync::apply(&w.shared.topology.load(), body);
     }
     let v: Value = if body.is_empty() && action == AdminAction::Reload {
         Value::Null

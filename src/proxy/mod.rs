@@ -11,6 +11,7 @@ pub mod kv_events;
 mod leg;
 mod openai;
 mod outcome;
+mod prefix_sync;
 mod relay;
 mod route;
 mod scrape;
@@ -143,7 +144,7 @@ impl ProxyHandle {
 /// Binds the listeners, starts the control thread and the workers, and returns at once.
 pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
     let shared = Shared::new(cfg, opts.workers);
-    crate::scheduler::prefix_sync::spawn(shared.clone())?;
+    prefix_sync::spawn(shared.clone())?;
     let control = control::spawn(shared.clone(), cfg)?;
     if let Some(root) = &cfg.tokenizer_path {
         let names: Vec<String> = cfg.models.iter().map(|m| m.name.clone()).collect();

@@ -1,0 +1,178 @@
+//! The replicas' prefix sync on the proxy side (docs/scheduling.md, "Replicas"): the
+//! thread that posts this replica's new placements to its peers, and the endpoint that
+//! takes theirs (`POST /admin/prefixes`). What a placement is and how a peer's is merged:
+//! `scheduler::prefix_sync`.
+
+use crate::config::Role;
+use crate::http::blocking::KeptAlive;
+use crate::http::ApiError;
+use crate::scheduler::prefix_sync::{self, Placement, STATS};
+use crate::shared::Shared;
+use crate::topology::Topology;
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Placements waiting for the sender thread.
+const QUEUE: usize = 4096;
+/// Placements per message.
+const BATCH: usize = 256;
+/// A partial batch waits at most this long: the window in which two replicas can place
+/// one group apart, so short next to a prefill.
+const FLUSH_EVERY: Duration = Duration::from_millis(2);
+/// Connecting to, writing to and hearing from a peer, each.
+const IO_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Starts the sender thread; it reads the peers and the admin key from the current policy
+/// for every batch, so a reload applies them.
+pub fn spawn(shared: Arc<Shared>) -> std::io::Result<()> {
+    let (tx, rx) = bounded(QUEUE);
+    if !prefix_sync::install(tx) {
+        return Ok(()); // one sender per process
+    }
+    let peers = shared.policy.load().prefix_sync.peers.clone();
+    std::thread::Builder::new()
+        .name("xpyd-prefix-sync".into())
+        .spawn(move || run(rx, &shared))?;
+    prefix_sync::configure(&peers);
+    Ok(())
+}
+
+fn run(rx: Receiver<Placement>, shared: &Shared) {
+    let mut batch: Vec<Placement> = Vec::with_capacity(BATCH);
+    let mut peers: HashMap<String, Peer> = HashMap::new();
+    loop {
+        match rx.recv() {
+            Ok(p) => batch.push(p),
+            Err(_) => return,
+        }
+        let deadline = Instant::now() + FLUSH_EVERY;
+        while batch.len() < BATCH {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(p) => batch.push(p),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        let policy = shared.policy.load();
+        let key = policy.admin_api_key.as_deref().unwrap_or("");
+        let body = prefix_sync::encode(&batch);
+        peers.retain(|addr, _| policy.prefix_sync.peers.contains(addr));
+        for addr in &policy.prefix_sync.peers {
+            let peer = peers.entry(addr.clone()).or_default();
+            let sent = peer.post(addr, key, &body);
+            let counter = if sent.is_ok() {
+                &STATS.sent
+            } else {
+                &STATS.failed
+            };
+            counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            // Logged once per failure streak and peer: a replica down must not flood the log.
+            match (sent, peer.failing) {
+                (Ok(()), true) => {
+                    peer.failing = false;
+                    crate::warn!("prefix sync: peer {addr} takes placements again");
+                }
+                (Err(e), false) => {
+                    peer.failing = true;
+                    crate::warn!("prefix sync: cannot send placements to peer {addr}: {e}");
+                }
+                _ => {}
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// One peer: its connection, and whether its last batch failed (logged once per streak).
+#[derive(Default)]
+struct Peer {
+    conn: KeptAlive,
+    failing: bool,
+}
+
+impl Peer {
+    /// Posts one batch: Ok when the peer took it.
+    fn post(&mut self, addr: &str, key: &str, body: &[u8]) -> std::io::Result<()> {
+        let headers = [("X-API-Key", key), ("Content-Type", "application/json")];
+        let status = self
+            .conn
+            .post(addr, "/admin/prefixes", &headers, body, IO_TIMEOUT)?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("it answered {status}")))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    model: String,
+    role: String,
+    instance: String,
+    key: u64,
+    hashes: Vec<u64>,
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    placements: Vec<Wire>,
+}
+
+/// Applies a peer's placements to this replica's prefix tables; answers how many were
+/// taken. A placement naming a model, role or instance this replica does not have, or a
+/// policy that is not a prefix policy, is skipped (the replicas' configs may differ for a
+/// while during a rollout).
+pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
+    let batch: Batch = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("not a placement batch: {e}")))?;
+    let (mut taken, mut skipped) = (0u64, 0u64);
+    for p in &batch.placements {
+        let set = topology
+            .models
+            .iter()
+            .find(|m| m.name == p.model)
+            .zip(p.role.parse::<Role>().ok())
+            .map(|(m, role)| m.role_set(role));
+        let inst = set.and_then(|s| s.instances.iter().find(|i| i.address == p.instance));
+        match set.zip(inst) {
+            Some((set, inst))
+                if set
+                    .scheduler
+                    .take_placement(&set.instances, inst, p.key, &p.hashes) =>
+            {
+                taken += 1
+            }
+            _ => skipped += 1,
+        }
+    }
+    STATS.received.fetch_add(taken, Ordering::Relaxed);
+    Ok(json!({ "taken": taken, "skipped": skipped }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_naming_what_this_replica_lacks_is_skipped() {
+        let topo = Topology::from_config(
+            &crate::config::Config::from_yaml(
+                "model: m\nscheduling: cache_aware\ndual: [\"127.0.0.1:9\"]\n",
+            )
+            .unwrap(),
+        );
+        let body = br#"{"placements":[
+            {"model":"m","role":"dual","instance":"127.0.0.1:9","key":1,"hashes":[1,2]},
+            {"model":"other","role":"dual","instance":"127.0.0.1:9","key":3,"hashes":[3]},
+            {"model":"m","role":"dual","instance":"10.0.0.1:1","key":4,"hashes":[4]}]}"#;
+        let v = apply(&topo, body).unwrap();
+        assert_eq!(v, json!({"taken": 1, "skipped": 2}));
+        assert!(apply(&topo, b"{\"placements\": 3}").is_err());
+    }
+}
