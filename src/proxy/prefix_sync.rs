@@ -6,7 +6,7 @@
 use crate::config::Role;
 use crate::http::blocking::KeptAlive;
 use crate::http::ApiError;
-use crate::scheduler::prefix_sync::{self, Placement, STATS};
+use crate::scheduler::prefix_sync::{self, Placement, Received, STATS};
 use crate::shared::Shared;
 use crate::topology::Topology;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
@@ -117,6 +117,9 @@ struct Wire {
     instance: String,
     key: u64,
     hashes: Vec<u64>,
+    /// The holder a moved group left (absent or null: a new group).
+    #[serde(default)]
+    from: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -139,16 +142,29 @@ pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
             .find(|m| m.name == p.model)
             .zip(p.role.parse::<Role>().ok())
             .map(|(m, role)| m.role_set(role));
-        let inst = set.and_then(|s| s.instances.iter().find(|i| i.address == p.instance));
-        match set.zip(inst) {
-            Some((set, inst))
-                if set
-                    .scheduler
-                    .take_placement(&set.instances, inst, p.key, &p.hashes) =>
-            {
-                taken += 1
+        let Some(set) = set else {
+            skipped += 1;
+            continue;
+        };
+        let find = |addr: &str| set.instances.iter().find(|i| i.address == addr);
+        let from = p.from.as_deref().map(find);
+        let taken_here = match (find(&p.instance), from) {
+            // A move from an instance this replica does not have: nothing to follow.
+            (Some(_), Some(None)) | (None, _) => false,
+            (Some(inst), from) => {
+                let received = Received {
+                    inst,
+                    key: p.key,
+                    hashes: &p.hashes,
+                    from: from.flatten(),
+                };
+                set.scheduler.take_placement(&set.instances, &received)
             }
-            _ => skipped += 1,
+        };
+        if taken_here {
+            taken += 1;
+        } else {
+            skipped += 1;
         }
     }
     STATS.received.fetch_add(taken, Ordering::Relaxed);

@@ -78,14 +78,8 @@ fn longest<'a>(
 }
 
 impl Scheduler for CacheAware {
-    fn take_placement(
-        &self,
-        instances: &[Arc<Instance>],
-        inst: &Arc<Instance>,
-        key: u64,
-        hashes: &[u64],
-    ) -> bool {
-        prefix_sync::take(&self.table, instances, inst, key, hashes)
+    fn take_placement(&self, instances: &[Arc<Instance>], p: &prefix_sync::Received<'_>) -> bool {
+        prefix_sync::take(&self.table, instances, p)
     }
 
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
@@ -125,13 +119,16 @@ impl Scheduler for CacheAware {
             })
             .or_else(|| least_loaded(self.role, candidates, ctx))
         };
-        let (mut matched, mut placed) = (0, None);
+        let (mut matched, mut placed, mut moved) = (0, None, None);
         let chosen = match found {
             Some((blocks, inst))
                 if (blocks * BLOCK) as f64 >= self.threshold * ctx.prompt_text.len() as f64 =>
             {
                 if overloaded(inst) {
                     stats::record(Policy::CacheAware, Outcome::Imbalanced, 0);
+                    // The group's deepest known block names it to the peers (they know it
+                    // where this replica did, if they agree).
+                    moved = Some((hashes[blocks - 1], inst.clone()));
                     home(key_at(blocks), false)
                 } else {
                     matched = blocks;
@@ -184,6 +181,18 @@ impl Scheduler for CacheAware {
                     instance: chosen.clone(),
                     key,
                     hashes,
+                    from: None,
+                });
+            }
+        } else if let Some((key, from)) = moved.filter(|(_, f)| !Arc::ptr_eq(f, &chosen)) {
+            // A move off an overloaded holder: the peers follow it, so the replicas keep
+            // sending the group to one node instead of each to its own.
+            if prefix_sync::enabled() {
+                prefix_sync::offer(prefix_sync::Placement {
+                    instance: chosen.clone(),
+                    key,
+                    hashes,
+                    from: Some(from),
                 });
             }
         }

@@ -42,12 +42,12 @@ impl Scheduler for KvAware {
     fn take_placement(
         &self,
         _instances: &[Arc<Instance>],
-        inst: &Arc<Instance>,
-        key: u64,
-        hashes: &[u64],
+        p: &super::prefix_sync::Received<'_>,
     ) -> bool {
+        let (inst, key, hashes) = (p.inst, p.key, p.hashes);
         let b = inst.kv_bit.load(Ordering::Relaxed);
-        if b == 0 || hashes.is_empty() {
+        // kv_aware sends no moves: the engines' events say where a group went.
+        if b == 0 || hashes.is_empty() || p.from.is_some() {
             return false;
         }
         let idx = kv_index::global();
@@ -201,6 +201,7 @@ impl Scheduler for KvAware {
                     instance: chosen.clone(),
                     key: group,
                     hashes: keys.clone(),
+                    from: None,
                 });
             }
         }

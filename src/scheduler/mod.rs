@@ -58,16 +58,10 @@ pub trait Scheduler: Send + Sync {
     /// Picks one of `candidates` for which `ctx.eligible` holds, or None.
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>>;
 
-    /// A peer replica placed a new prefix group (`prefix_sync`): the group's `key`, its
-    /// block hashes (or KV keys) and the instance, one of `instances`. A prefix policy
-    /// records it as its own placement would be; true when taken (or already held).
-    fn take_placement(
-        &self,
-        _instances: &[Arc<Instance>],
-        _inst: &Arc<Instance>,
-        _key: u64,
-        _hashes: &[u64],
-    ) -> bool {
+    /// A peer replica placed (or moved) a prefix group (`prefix_sync`) on one of
+    /// `instances`. A prefix policy records it as its own placement would be; true when
+    /// taken (or already held).
+    fn take_placement(&self, _instances: &[Arc<Instance>], _p: &prefix_sync::Received<'_>) -> bool {
         false
     }
 }

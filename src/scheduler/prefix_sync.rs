@@ -26,6 +26,17 @@ pub struct Placement {
     pub instance: Arc<Instance>,
     pub key: u64,
     pub hashes: Vec<u64>,
+    /// A group moved off an overloaded holder (cache_aware): that holder. None for a new
+    /// group.
+    pub from: Option<Arc<Instance>>,
+}
+
+/// A peer's placement, its instances resolved on this replica.
+pub struct Received<'a> {
+    pub inst: &'a Arc<Instance>,
+    pub key: u64,
+    pub hashes: &'a [u64],
+    pub from: Option<&'a Arc<Instance>>,
 }
 
 /// What the sync did, for `/metrics` and `/status`.
@@ -92,6 +103,7 @@ pub fn encode(batch: &[Placement]) -> Vec<u8> {
                 "instance": p.instance.address,
                 "key": p.key,
                 "hashes": p.hashes,
+                "from": p.from.as_ref().map(|f| &f.address),
             })
         })
         .collect();
@@ -100,15 +112,21 @@ pub fn encode(batch: &[Placement]) -> Vec<u8> {
 
 /// Records a peer's placement of the group `key` on `inst`, unless this replica placed the
 /// group on an instance with a higher score for the key (then the peer moves instead).
+/// A peer's move is followed when this replica still has the group where the peer had it
+/// (two replicas that moved it apart at once keep their own: each ignores the other's).
 /// True when the placement was taken or already held.
-pub fn take(
-    table: &PrefixTable,
-    instances: &[Arc<Instance>],
-    inst: &Arc<Instance>,
-    key: u64,
-    hashes: &[u64],
-) -> bool {
+pub fn take(table: &PrefixTable, instances: &[Arc<Instance>], p: &Received<'_>) -> bool {
+    let (inst, key, hashes) = (p.inst, p.key, p.hashes);
     let sid = PrefixTable::slot_id(inst.id);
+    if let Some(from) = p.from {
+        if table.get(key) != Some(PrefixTable::slot_id(from.id)) {
+            return false;
+        }
+        for &h in hashes {
+            table.insert(h, sid);
+        }
+        return true;
+    }
     match table.get(key) {
         Some(s) if s == sid => return true,
         Some(s) => {
@@ -178,8 +196,14 @@ mod tests {
             }
             c[0].prefix_groups.fetch_add(1, Ordering::Relaxed);
             // Each receives the other's placement.
-            take(&a, &c, &c[1], key, &hashes);
-            take(&b, &c, &c[0], key, &hashes);
+            let from = |inst| Received {
+                inst,
+                key,
+                hashes: &hashes,
+                from: None,
+            };
+            take(&a, &c, &from(&c[1]));
+            take(&b, &c, &from(&c[0]));
             let (on_a, on_b) = (a.get(key), b.get(key));
             assert_eq!(on_a, on_b, "key {key}");
             for h in hashes {
@@ -193,11 +217,39 @@ mod tests {
     fn a_new_placement_is_taken_and_counted() {
         let c = instances(2, Role::Dual);
         let t = PrefixTable::new(64);
-        assert!(take(&t, &c, &c[1], 7, &[7, 8]));
+        let new = Received {
+            inst: &c[1],
+            key: 7,
+            hashes: &[7, 8],
+            from: None,
+        };
+        assert!(take(&t, &c, &new));
         assert_eq!(t.get(8), Some(PrefixTable::slot_id(c[1].id)));
         assert_eq!(c[1].prefix_groups.load(Ordering::Relaxed), 1);
         // The same again (a duplicate message) changes nothing.
-        assert!(take(&t, &c, &c[1], 7, &[7, 8]));
+        assert!(take(&t, &c, &new));
         assert_eq!(c[1].prefix_groups.load(Ordering::Relaxed), 1);
+    }
+
+    /// A peer moved a group off an overloaded holder: followed while this replica still
+    /// has it there, not once it has it elsewhere; a move counts no new group.
+    #[test]
+    fn a_peer_s_move_is_followed_from_where_the_group_was() {
+        let c = instances(3, Role::Dual);
+        let t = PrefixTable::new(64);
+        let sid = |i: &Instance| Some(PrefixTable::slot_id(i.id));
+        t.insert(5, PrefixTable::slot_id(c[0].id));
+        let moved = |to, from| Received {
+            inst: to,
+            key: 5,
+            hashes: &[5, 6],
+            from: Some(from),
+        };
+        assert!(take(&t, &c, &moved(&c[1], &c[0])));
+        assert_eq!((t.get(5), t.get(6)), (sid(&c[1]), sid(&c[1])));
+        // Another peer's move from node 0 comes too late: the group is on node 1 here.
+        assert!(!take(&t, &c, &moved(&c[2], &c[0])));
+        assert_eq!(t.get(5), sid(&c[1]));
+        assert_eq!(c[1].prefix_groups.load(Ordering::Relaxed), 0);
     }
 }
