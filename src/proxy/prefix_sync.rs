@@ -191,4 +191,34 @@ mod tests {
         assert_eq!(v, json!({"taken": 1, "skipped": 2}));
         assert!(apply(&topo, b"{\"placements\": 3}").is_err());
     }
+
+    /// A move is taken from the holder this replica knows, skipped from one it lacks.
+    #[test]
+    fn a_move_names_the_holder_it_left() {
+        let topo = Topology::from_config(
+            &crate::config::Config::from_yaml(
+                "model: m\nscheduling: cache_aware\ndual: [\"127.0.0.1:9\", \"127.0.0.1:10\"]\n",
+            )
+            .unwrap(),
+        );
+        let new = br#"{"placements":[
+            {"model":"m","role":"dual","instance":"127.0.0.1:9","key":11,"hashes":[11,12]}]}"#;
+        assert_eq!(apply(&topo, new).unwrap()["taken"], 1);
+        let moves = br#"{"placements":[
+            {"model":"m","role":"dual","instance":"127.0.0.1:10","key":11,"hashes":[11,12],"from":"10.9.9.9:1"},
+            {"model":"m","role":"dual","instance":"127.0.0.1:10","key":11,"hashes":[11,12],"from":"127.0.0.1:9"}]}"#;
+        assert_eq!(
+            apply(&topo, moves).unwrap(),
+            json!({"taken": 1, "skipped": 1})
+        );
+        // The group is on node 10 now: a second move from node 9 finds nothing to follow.
+        let dual = &topo.models[0].dual;
+        let again = Received {
+            inst: &dual.instances[1],
+            key: 11,
+            hashes: &[11, 12],
+            from: Some(&dual.instances[0]),
+        };
+        assert!(!dual.scheduler.take_placement(&dual.instances, &again));
+    }
 }
