@@ -26,6 +26,9 @@ const BATCH: usize = 256;
 const FLUSH_EVERY: Duration = Duration::from_millis(2);
 /// Connecting to, writing to and hearing from a peer, each.
 const IO_TIMEOUT: Duration = Duration::from_millis(500);
+/// A peer that failed is tried again after this long: one that drops packets would
+/// otherwise hold every batch (and the other peers) for `IO_TIMEOUT`.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Starts the sender thread; it reads the peers and the admin key from the current policy
 /// for every batch, so a reload applies them.
@@ -64,7 +67,14 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
         peers.retain(|addr, _| policy.prefix_sync.peers.contains(addr));
         for addr in &policy.prefix_sync.peers {
             let peer = peers.entry(addr.clone()).or_default();
-            let sent = peer.post(addr, key, &body);
+            let sent = match peer.retry_at {
+                Some(at) if Instant::now() < at => Err(std::io::Error::other("failing")),
+                _ => {
+                    let r = peer.post(addr, key, &body);
+                    peer.retry_at = r.is_err().then(|| Instant::now() + RETRY_AFTER);
+                    r
+                }
+            };
             let counter = if sent.is_ok() {
                 &STATS.sent
             } else {
@@ -88,11 +98,13 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
     }
 }
 
-/// One peer: its connection, and whether its last batch failed (logged once per streak).
+/// One peer: its connection, whether its last batch failed (logged once per streak), and
+/// when a failing one is tried again (until then its batches count as failed).
 #[derive(Default)]
 struct Peer {
     conn: KeptAlive,
     failing: bool,
+    retry_at: Option<Instant>,
 }
 
 impl Peer {
