@@ -37,8 +37,7 @@ impl KvAware {
 
 impl Scheduler for KvAware {
     /// A peer's new group: its blocks count as sent there (the pending layer, as this
-    /// proxy's own picks do) and the group is counted, once (not when this replica sent the
-    /// group's key there itself).
+    /// proxy's own picks do) and the group is counted there once (`count_once`).
     fn take_placement(
         &self,
         _instances: &[Arc<Instance>],
@@ -56,8 +55,8 @@ impl Scheduler for KvAware {
             for &k in hashes {
                 idx.pend(k, b - 1, now);
             }
-            inst.prefix_groups.fetch_add(1, Ordering::Relaxed);
         }
+        super::prefix_sync::count_once(inst, key);
         true
     }
 
@@ -195,7 +194,7 @@ impl Scheduler for KvAware {
         // went, and told to the peer replicas, whose next requests of the group then
         // follow it before the engine's events say so.
         if outcome == Outcome::NoMatch && !keys.is_empty() && ctx.exclude.is_empty() {
-            chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
+            super::prefix_sync::count_once(&chosen, group);
             if super::prefix_sync::enabled() {
                 super::prefix_sync::offer(super::prefix_sync::Placement {
                     instance: chosen.clone(),

@@ -88,6 +88,14 @@ impl PrefixTable {
     /// compare-and-swap, so only one of them can fill it. (A full set falls back to
     /// `insert`: a rare race there costs one request's placement, not correctness.)
     pub fn claim(&self, hash: u64, sid: u64) -> u64 {
+        match self.try_claim(hash, sid) {
+            Ok(()) => sid,
+            Err(holder) => holder,
+        }
+    }
+
+    /// As `claim`: Ok when this call placed the entry, else the slot id already there.
+    pub fn try_claim(&self, hash: u64, sid: u64) -> Result<(), u64> {
         let tag = hash & !ID_MASK;
         let entry = tag | (sid & ID_MASK);
         let set = self.set(hash);
@@ -96,7 +104,7 @@ impl PrefixTable {
             for w in set {
                 let v = w.load(Ordering::Acquire);
                 if v != 0 && v & !ID_MASK == tag {
-                    return v & ID_MASK;
+                    return Err(v & ID_MASK);
                 }
                 if v == 0 && empty.is_none() {
                     empty = Some(w);
@@ -104,12 +112,12 @@ impl PrefixTable {
             }
             let Some(w) = empty else {
                 self.insert(hash, sid);
-                return sid;
+                return Ok(());
             };
             if w.compare_exchange(0, entry, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                return sid;
+                return Ok(());
             }
             // Someone filled that way first: look again (it may be this very prefix).
         }

@@ -110,6 +110,22 @@ pub fn encode(batch: &[Placement]) -> Vec<u8> {
     serde_json::to_vec(&json!({ "placements": list })).unwrap_or_default()
 }
 
+/// Counts the group `key` on `inst` (`Instance::prefix_groups`) unless it was counted there
+/// already: once, whichever comes first of this replica's own placement and a peer's, and
+/// whatever the order of the messages, so replicas that share placements end with the same
+/// counts (kv_aware: two replicas that placed a group apart count it on both nodes, each
+/// once). A fixed-size table of atomics; an entry evicted long after is counted again.
+pub fn count_once(inst: &Instance, key: u64) {
+    static COUNTED: OnceLock<PrefixTable> = OnceLock::new();
+    let table = COUNTED.get_or_init(|| PrefixTable::new(1 << 16));
+    if table
+        .try_claim(hash64(key, inst.address.as_bytes()), 1)
+        .is_ok()
+    {
+        inst.prefix_groups.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Records a peer's placement of the group `key` on `inst`, unless this replica placed the
 /// group on an instance with a higher score for the key (then the peer moves instead).
 /// A peer's move is followed when this replica still has the group where the peer had it
