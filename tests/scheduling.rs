@@ -469,7 +469,7 @@ fn two_replicas(policy: &str, sync: bool) -> Vec<Vec<usize>> {
         };
         wait_for(
             "both replicas to count the same groups per node",
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             || groups(&replicas[0]) == groups(&replicas[1]),
         );
     }

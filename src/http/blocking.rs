@@ -4,7 +4,7 @@
 //! replicas' prefix sync). Never used by workers.
 
 use super::chunked::ChunkedDecoder;
-use super::head::{parse_response, Framing, HeadError};
+use super::head::{parse_response, Framing, HeadError, ResponseHead};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
@@ -52,23 +52,7 @@ pub fn request(
 
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 16 * 1024];
-    let head = loop {
-        match parse_response(&buf, method == "HEAD") {
-            Ok(h) => break h,
-            Err(HeadError::Partial) => {}
-            Err(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "bad response head",
-                ))
-            }
-        }
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
+    let head = read_head(&mut stream, &mut buf, method == "HEAD")?;
     let mut rest = buf.split_off(head.len);
     let mut body_out = Vec::new();
     let mut sink = |d: &[u8]| {
@@ -123,6 +107,28 @@ pub fn request(
         content_type: head.content_type.map(std::borrow::Cow::into_owned),
         body: body_out,
     })
+}
+
+/// Reads into `buf` until it holds a whole response head (at most 64 KiB) and parses it.
+fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>, head_request: bool) -> io::Result<ResponseHead> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match parse_response(buf, head_request) {
+            Ok(h) => return Ok(h),
+            Err(HeadError::Partial) if buf.len() < 64 * 1024 => {}
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bad response head",
+                ))
+            }
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// One connection kept for repeated POSTs to one peer. A background thread that posts a
@@ -182,23 +188,7 @@ impl KeptAlive {
         s.write_all(body)?;
         let mut buf = Vec::with_capacity(512);
         let mut chunk = [0u8; 1024];
-        let h = loop {
-            match parse_response(&buf, false) {
-                Ok(h) => break h,
-                Err(HeadError::Partial) if buf.len() < 64 * 1024 => {}
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "malformed response",
-                    ))
-                }
-            }
-            let k = s.read(&mut chunk)?;
-            if k == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.extend_from_slice(&chunk[..k]);
-        };
+        let h = read_head(s, &mut buf, false)?;
         let reusable = match h.framing {
             Framing::None => h.keep_alive,
             Framing::Length(n) => {

@@ -12,7 +12,7 @@ use crate::topology::Topology;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,10 +25,12 @@ const BATCH: usize = 256;
 /// one group apart, so short next to a prefill.
 const FLUSH_EVERY: Duration = Duration::from_millis(2);
 /// Connecting to, writing to and hearing from a peer, each.
-const IO_TIMEOUT: Duration = Duration::from_millis(500);
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// A peer that failed is tried again after this long: one that drops packets would
 /// otherwise hold every batch (and the other peers) for `IO_TIMEOUT`.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Batches held for a peer that does not take them, oldest given up first.
+const BACKLOG: usize = 64;
 
 /// Starts the sender thread; it reads the peers and the admin key from the current policy
 /// for every batch, so a reload applies them.
@@ -49,12 +51,21 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
     let mut batch: Vec<Placement> = Vec::with_capacity(BATCH);
     let mut peers: HashMap<String, Peer> = HashMap::new();
     loop {
-        match rx.recv() {
+        // With batches held for a failing peer, wake up to retry them even when no new
+        // placement comes.
+        let waiting = peers.values().any(|p| !p.backlog.is_empty());
+        let first = if waiting {
+            rx.recv_timeout(RETRY_AFTER)
+        } else {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        };
+        match first {
             Ok(p) => batch.push(p),
-            Err(_) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
         let deadline = Instant::now() + FLUSH_EVERY;
-        while batch.len() < BATCH {
+        while !batch.is_empty() && batch.len() < BATCH {
             match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(p) => batch.push(p),
                 Err(RecvTimeoutError::Timeout) => break,
@@ -63,51 +74,76 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
         }
         let policy = shared.policy.load();
         let key = policy.admin_api_key.as_deref().unwrap_or("");
-        let body = prefix_sync::encode(&batch);
+        let body = (!batch.is_empty()).then(|| Arc::new(prefix_sync::encode(&batch)));
         peers.retain(|addr, _| policy.prefix_sync.peers.contains(addr));
         for addr in &policy.prefix_sync.peers {
             let peer = peers.entry(addr.clone()).or_default();
-            let sent = match peer.retry_at {
-                Some(at) if Instant::now() < at => Err(std::io::Error::other("failing")),
-                _ => {
-                    let r = peer.post(addr, key, &body);
-                    peer.retry_at = r.is_err().then(|| Instant::now() + RETRY_AFTER);
-                    r
-                }
-            };
-            let counter = if sent.is_ok() {
-                &STATS.sent
-            } else {
-                &STATS.failed
-            };
-            counter.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            // Logged once per failure streak and peer: a replica down must not flood the log.
-            match (sent, peer.failing) {
-                (Ok(()), true) => {
-                    peer.failing = false;
-                    crate::warn!("prefix sync: peer {addr} takes placements again");
-                }
-                (Err(e), false) => {
-                    peer.failing = true;
-                    crate::warn!("prefix sync: cannot send placements to peer {addr}: {e}");
-                }
-                _ => {}
+            if let Some(body) = &body {
+                peer.hold(body.clone(), batch.len() as u64);
             }
+            peer.flush(addr, key);
         }
         batch.clear();
     }
 }
 
-/// One peer: its connection, whether its last batch failed (logged once per streak), and
-/// when a failing one is tried again (until then its batches count as failed).
+/// One peer: its connection, the batches not yet delivered (sent again in order: taking a
+/// placement twice is harmless), when a failing one is tried again, and whether it is
+/// failing (logged once per streak).
 #[derive(Default)]
 struct Peer {
     conn: KeptAlive,
-    failing: bool,
+    backlog: VecDeque<(Arc<Vec<u8>>, u64)>,
     retry_at: Option<Instant>,
+    failing: bool,
 }
 
 impl Peer {
+    /// Keeps a batch for this peer; beyond `BACKLOG` the oldest is given up (`dropped`).
+    fn hold(&mut self, body: Arc<Vec<u8>>, placements: u64) {
+        if self.backlog.len() == BACKLOG {
+            if let Some((_, n)) = self.backlog.pop_front() {
+                STATS.dropped.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.backlog.push_back((body, placements));
+    }
+
+    /// Sends what is held, oldest first, unless the peer failed less than `RETRY_AFTER`
+    /// ago; stops at the first failure.
+    fn flush(&mut self, addr: &str, key: &str) {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        while let Some((body, n)) = self.backlog.front().cloned() {
+            match self.post(addr, key, &body) {
+                Ok(()) => {
+                    self.backlog.pop_front();
+                    STATS.sent.fetch_add(n, Ordering::Relaxed);
+                    self.retry_at = None;
+                    if self.failing {
+                        self.failing = false;
+                        crate::warn!("prefix sync: peer {addr} takes placements again");
+                    }
+                }
+                Err(e) => {
+                    let held: u64 = self.backlog.iter().map(|(_, n)| n).sum();
+                    STATS.failed.fetch_add(held, Ordering::Relaxed);
+                    self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                    // Once per failure streak: a replica down must not flood the log.
+                    if !self.failing {
+                        self.failing = true;
+                        crate::warn!(
+                            "prefix sync: cannot send placements to peer {addr}: {e}; \
+                             holding them and trying again every {RETRY_AFTER:?}"
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
     /// Posts one batch: Ok when the peer took it.
     fn post(&mut self, addr: &str, key: &str, body: &[u8]) -> std::io::Result<()> {
         let headers = [("X-API-Key", key), ("Content-Type", "application/json")];
