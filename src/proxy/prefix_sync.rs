@@ -185,11 +185,9 @@ pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
     let (mut taken, mut skipped) = (0u64, 0u64);
     for p in &batch.placements {
         let set = topology
-            .models
-            .iter()
-            .find(|m| m.name == p.model)
+            .route_index(Some(&p.model))
             .zip(p.role.parse::<Role>().ok())
-            .map(|(m, role)| m.role_set(role));
+            .map(|(k, role)| topology.models[k].role_set(role));
         let Some(set) = set else {
             skipped += 1;
             continue;

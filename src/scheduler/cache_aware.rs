@@ -171,30 +171,26 @@ impl Scheduler for CacheAware {
             }
         }
         let sid = PrefixTable::slot_id(chosen.id);
-        for &h in &hashes[matched.saturating_sub(1)..] {
-            self.table.insert(h, sid);
-        }
-        if let Some(key) = placed {
-            chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
-            if prefix_sync::enabled() {
-                prefix_sync::offer(prefix_sync::Placement {
-                    instance: chosen.clone(),
-                    key,
-                    hashes,
-                    from: None,
-                });
+        self.table
+            .insert_chain(&hashes[matched.saturating_sub(1)..], sid);
+        // What the peers hear of: a new group (counted here), or a move off an overloaded
+        // holder, which they follow so that the replicas keep sending the group to one
+        // node instead of each to its own.
+        let shared = match (placed, moved) {
+            (Some(key), _) => {
+                chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
+                Some((key, None))
             }
-        } else if let Some((key, from)) = moved.filter(|(_, f)| !Arc::ptr_eq(f, &chosen)) {
-            // A move off an overloaded holder: the peers follow it, so the replicas keep
-            // sending the group to one node instead of each to its own.
-            if prefix_sync::enabled() {
-                prefix_sync::offer(prefix_sync::Placement {
-                    instance: chosen.clone(),
-                    key,
-                    hashes,
-                    from: Some(from),
-                });
-            }
+            (None, Some((key, from))) if !Arc::ptr_eq(&from, &chosen) => Some((key, Some(from))),
+            _ => None,
+        };
+        if let Some((key, from)) = shared.filter(|_| prefix_sync::enabled()) {
+            prefix_sync::offer(prefix_sync::Placement {
+                instance: chosen.clone(),
+                key,
+                hashes,
+                from,
+            });
         }
         Some(chosen)
     }

@@ -82,6 +82,13 @@ impl PrefixTable {
         victim.store(entry, Ordering::Relaxed);
     }
 
+    /// Records every block of a chain → `sid` (a prefix placed or moved whole).
+    pub fn insert_chain(&self, hashes: &[u64], sid: u64) {
+        for &h in hashes {
+            self.insert(h, sid);
+        }
+    }
+
     /// Records `hash` → `sid` unless another entry for `hash` is there already; returns the
     /// slot id that holds it (`sid` when this call placed it). Two workers placing one new
     /// prefix at once both see the first one's choice: the first empty way is taken with a

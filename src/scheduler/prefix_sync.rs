@@ -39,13 +39,14 @@ pub struct Received<'a> {
     pub from: Option<&'a Arc<Instance>>,
 }
 
-/// What the sync did, for `/metrics` and `/status`.
-#[derive(Default)]
+/// What the sync did, for `/metrics`.
 pub struct Stats {
     pub sent: AtomicU64,
-    /// Placements a peer could not be sent (unreachable, refused), per peer and message.
+    /// Placements held for a peer that could not be reached or refused, counted at every
+    /// failed attempt (they are sent again later).
     pub failed: AtomicU64,
-    /// The queue was full when a worker handed a placement over.
+    /// Placements given up: the queue was full when a worker handed one over, or a peer's
+    /// held batches overflowed.
     pub dropped: AtomicU64,
     pub received: AtomicU64,
     /// Received placements of a group this replica had placed elsewhere, resolved by score.
@@ -66,6 +67,7 @@ static OUTBOX: OnceLock<Sender<Placement>> = OnceLock::new();
 pub fn install(tx: Sender<Placement>) -> bool {
     OUTBOX.set(tx).is_ok()
 }
+
 /// Peers are configured (set at start and on every reload).
 static ON: AtomicBool = AtomicBool::new(false);
 
@@ -138,9 +140,7 @@ pub fn take(table: &PrefixTable, instances: &[Arc<Instance>], p: &Received<'_>) 
         if table.get(key) != Some(PrefixTable::slot_id(from.id)) {
             return false;
         }
-        for &h in hashes {
-            table.insert(h, sid);
-        }
+        table.insert_chain(hashes, sid);
         return true;
     }
     match table.get(key) {
@@ -161,9 +161,7 @@ pub fn take(table: &PrefixTable, instances: &[Arc<Instance>], p: &Received<'_>) 
         }
         None => {}
     }
-    for &h in hashes {
-        table.insert(h, sid);
-    }
+    table.insert_chain(hashes, sid);
     inst.prefix_groups.fetch_add(1, Ordering::Relaxed);
     true
 }
