@@ -7,7 +7,8 @@
 //! An engine's answer and a client's request have that shape: httparse's general parse
 //! cost about twice as much.
 
-use super::{Field, StatusLine};
+use super::fields::Field;
+use super::StatusLine;
 
 /// Header lines the usual shape holds; a head with more goes to httparse.
 const USUAL_FIELDS: usize = 32;
