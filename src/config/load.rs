@@ -1,15 +1,15 @@
 //! Reading a config document into a `Config`: the top-level keys here, the model list in
-//! `formats.rs`, the settings sections in `sections.rs`. Every problem is collected (see
+//! `formats.rs`, the settings sections in `resilience.rs` and `scheduling.rs` (with
+//! `admission.rs`, `discovery.rs` and `tracing.rs`). Every problem is collected (see
 //! `reader.rs`) and returned together.
 
 use super::formats::{self, ModelDefaults};
 use super::problem::{ConfigError, Kind};
 use super::reader::{Reader, Section};
 use super::schema::{self, TOP};
-use super::sections;
-use super::suggest::hint;
 use super::yaml::{self, Locator};
-use super::{Config, DisaggMode, Overrides, RoleSchedulers, SchedulerKind};
+use super::{resilience, scheduling};
+use super::{Config, DisaggMode, Overrides, RoleSchedulers};
 use crate::log::Level;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
@@ -53,20 +53,20 @@ pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
         .get("workers")
         .filter(|v| !v.is_null())
         .map(|_| r.uint(t, "", "workers", 1, 1) as usize);
-    let (health, startup) = sections::health_and_startup(&mut r, top);
-    let engine_metrics = sections::engine_metrics(&mut r, top);
-    let kv_events = sections::kv_events(&mut r, top);
-    let prefix_sync = sections::prefix_sync(&mut r, top);
-    let circuit = sections::circuit_breaker(&mut r, top);
-    let retry = sections::retry(&mut r, top);
-    let timeouts = sections::timeouts(&mut r, top);
-    let limits = sections::limits(&mut r, top);
-    let metrics_enabled = sections::metrics_enabled(&mut r, top);
+    let (health, startup) = resilience::health_and_startup(&mut r, top);
+    let engine_metrics = scheduling::engine_metrics(&mut r, top);
+    let kv_events = scheduling::kv_events(&mut r, top);
+    let prefix_sync = scheduling::prefix_sync(&mut r, top);
+    let circuit = resilience::circuit_breaker(&mut r, top);
+    let retry = resilience::retry(&mut r, top);
+    let timeouts = resilience::timeouts(&mut r, top);
+    let limits = resilience::limits(&mut r, top);
+    let metrics_enabled = metrics_enabled(&mut r, top);
     let discovery = r.discovery_section(top);
     let shutdown_grace = r.seconds(t, "", "shutdown_grace_seconds", 30.0);
     let generator_on_p_node = first_token_source(&mut r, t);
     let tokenizer_path = r.string(t, "", "tokenizer_path").map(PathBuf::from);
-    let tokenizer = sections::tokenizer(&mut r, top);
+    let tokenizer = scheduling::tokenizer(&mut r, top);
     let auth = auth(&mut r, t);
     let tracing = super::tracing::tracing(&mut r, top);
     let deny_headers = super::tracing::deny_list(&mut r, top);
@@ -154,10 +154,16 @@ fn model_defaults(r: &mut Reader<'_>, top: &Map<String, Value>) -> ModelDefaults
     ModelDefaults {
         role_schedulers,
         scheduler: r.scheduler(scheduler_name, "scheduling"),
-        scheduling: sections::scheduling_options(r, top),
+        scheduling: scheduling::scheduling_options(r, top),
         mode: r.mode(mode_name, "disaggregated_mode", DisaggMode::Direct),
         admission: super::admission::top(r, top),
     }
+}
+
+/// `metrics`: one switch, read once at start.
+fn metrics_enabled(r: &mut Reader<'_>, top: &Map<String, Value>) -> bool {
+    let mt = r.section(top, "metrics", schema::METRICS);
+    r.boolean(mt, "metrics", "enabled", true)
 }
 
 fn zmq_unsupported() -> Kind {
@@ -266,18 +272,6 @@ fn auth(r: &mut Reader<'_>, t: Section<'_>) -> Auth {
 }
 
 impl Reader<'_> {
-    /// A scheduler name (absent: the default policy).
-    pub fn scheduler(&mut self, name: Option<String>, path: &str) -> SchedulerKind {
-        let Some(s) = name else {
-            return SchedulerKind::LoadBalanced;
-        };
-        s.parse().unwrap_or_else(|e| {
-            let names = SchedulerKind::names();
-            self.problem(path, format!("{e}{}", hint(&s, &names)));
-            SchedulerKind::LoadBalanced
-        })
-    }
-
     pub fn mode(&mut self, name: Option<String>, path: &str, default: DisaggMode) -> DisaggMode {
         match name.as_deref() {
             None => default,

@@ -13,10 +13,11 @@ mod formats;
 mod load;
 mod problem;
 mod reader;
+mod resilience;
 mod role;
 mod roles;
+mod scheduling;
 mod schema;
-mod sections;
 mod suggest;
 mod tracing;
 mod yaml;
@@ -30,7 +31,14 @@ pub use address::{parse_address, AddressError};
 pub use admission::AdmissionConfig;
 pub use discovery::{DiscoveryConfig, DnsName, DNS_SCHEME};
 pub use problem::{ConfigError, Kind as ProblemKind, Problem};
+pub use resilience::{
+    CircuitConfig, HealthConfig, RetryConfig, ServerLimits, StartupConfig, TimeoutConfig,
+};
 pub use role::{Role, RoleGap, UnknownRole};
+pub use scheduling::{
+    EngineMetricsConfig, KvEventsConfig, PrefixSyncConfig, RoleSchedulers, SchedulerKind,
+    SchedulingOptions, TokenizerConfig,
+};
 pub use suggest::{did_you_mean, levenshtein};
 pub use tracing::{OtlpEndpoint, TracingConfig, DEFAULT_DENY_HEADERS};
 pub use yaml::YamlError;
@@ -43,92 +51,6 @@ pub struct InstanceConfig {
     pub role: Role,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SchedulerKind {
-    LoadBalanced,
-    RoundRobin,
-    ConsistentHash,
-    PowerOfTwo,
-    CacheAware,
-    /// Precise prefix routing on the engines' KV-cache events.
-    KvAware,
-}
-
-/// Every spelling of every scheduler: the one table that parsing, the "expected one of"
-/// list and `fix-config` read.
-const SCHEDULERS: &[(&str, SchedulerKind)] = &[
-    ("loadbalanced", SchedulerKind::LoadBalanced),
-    ("load_balanced", SchedulerKind::LoadBalanced),
-    ("roundrobin", SchedulerKind::RoundRobin),
-    ("round_robin", SchedulerKind::RoundRobin),
-    ("consistent_hash", SchedulerKind::ConsistentHash),
-    ("power_of_two", SchedulerKind::PowerOfTwo),
-    ("cache_aware", SchedulerKind::CacheAware),
-    ("kv_aware", SchedulerKind::KvAware),
-];
-
-impl SchedulerKind {
-    /// Every accepted spelling.
-    pub fn names() -> Vec<&'static str> {
-        SCHEDULERS.iter().map(|(n, _)| *n).collect()
-    }
-
-    /// The canonical name (the first spelling in the table).
-    pub fn as_str(self) -> &'static str {
-        SCHEDULERS
-            .iter()
-            .find(|(_, k)| *k == self)
-            .map_or("", |(n, _)| n)
-    }
-}
-
-impl std::str::FromStr for SchedulerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        SCHEDULERS
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, k)| *k)
-            .ok_or_else(|| {
-                format!(
-                    "unknown scheduler `{s}` (expected one of: {})",
-                    SchedulerKind::names().join(", ")
-                )
-            })
-    }
-}
-
-/// `scheduling_config`: options of the policies (each ignored by the others).
-#[derive(Debug, Clone)]
-pub struct SchedulingOptions {
-    /// cache_aware: minimum share of the prompt matched to follow the prefix.
-    pub cache_threshold: f64,
-    /// cache_aware: route by load when max - min load exceeds this ...
-    pub balance_abs_threshold: u64,
-    /// ... and max > min × this.
-    pub balance_rel_threshold: f64,
-    /// cache_aware: prefix blocks remembered per model, role and worker.
-    pub max_tree_size: usize,
-    /// consistent_hash: ring points per instance.
-    pub virtual_nodes: usize,
-    /// consistent_hash: ε of the bounded-load rule.
-    pub hash_load_factor: f64,
-}
-
-impl Default for SchedulingOptions {
-    fn default() -> Self {
-        SchedulingOptions {
-            cache_threshold: 0.5,
-            balance_abs_threshold: 8,
-            balance_rel_threshold: 1.5,
-            max_tree_size: 1 << 16,
-            virtual_nodes: 160,
-            hash_load_factor: 0.25,
-        }
-    }
-}
-
 /// How the decode leg learns about the prefill leg's KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DisaggMode {
@@ -136,25 +58,6 @@ pub enum DisaggMode {
     Direct,
     /// NIXL: the prefill response's `kv_transfer_params` are handed to the decode leg.
     Nixl,
-}
-
-/// A policy for one leg of P/D over the model's `scheduling`: the prefill pick may follow
-/// the cache while the decode pick follows the load (docs/scheduling.md, "Per-role policies").
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RoleSchedulers {
-    pub prefill: Option<SchedulerKind>,
-    pub decode: Option<SchedulerKind>,
-}
-
-impl RoleSchedulers {
-    /// The policy of `role`'s instances when `all` is the model's `scheduling`.
-    pub fn for_role(&self, role: Role, all: SchedulerKind) -> SchedulerKind {
-        match role {
-            Role::Prefill => self.prefill.unwrap_or(all),
-            Role::Decode => self.decode.unwrap_or(all),
-            Role::Dual => all,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -169,64 +72,6 @@ pub struct ModelConfig {
     pub mode: DisaggMode,
     /// Limits on the model's requests (the top level's `admission` unless it says).
     pub admission: AdmissionConfig,
-}
-
-#[derive(Debug, Clone)]
-pub struct HealthConfig {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub startup_probe_interval: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct StartupConfig {
-    /// How long to wait for a serving path before saying so (zero: ready at once, 1.2's
-    /// "skip discovery").
-    pub wait_timeout: Duration,
-    pub exit_on_timeout: bool,
-    /// While not ready, how often to log which instances are up (1.8's
-    /// `heartbeat_interval_seconds`).
-    pub heartbeat_interval: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct CircuitConfig {
-    pub enabled: bool,
-    pub failure_threshold: u32,
-    pub success_threshold: u32,
-    pub timeout: Duration,
-    pub window: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct RetryConfig {
-    pub enabled: bool,
-    pub max_retries: u32,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    pub multiplier: f64,
-    pub jitter: f64,
-    pub retryable_status: Vec<u16>,
-}
-
-#[derive(Debug, Clone)]
-pub struct TimeoutConfig {
-    pub connect: Duration,
-    /// Request sent → response head received.
-    pub first_byte: Duration,
-    /// Between two reads of a response body.
-    pub idle: Duration,
-    /// A pooled upstream connection idle longer than this is closed instead of reused.
-    pub pool_idle: Duration,
-}
-
-/// Limits on what clients may send and how long they may take.
-#[derive(Debug, Clone)]
-pub struct ServerLimits {
-    /// Sizes and timeouts of reading one request.
-    pub http: crate::http::Limits,
-    /// Per worker; connections beyond it are refused (closed at once).
-    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -275,86 +120,6 @@ pub struct Config {
     pub warnings: Vec<Problem>,
     /// Command-line values over the file's; kept so that a reload keeps them too.
     pub overrides: Overrides,
-}
-
-/// `tokenizer`: the threads that tokenize prompts off the workers (docs/scheduling.md,
-/// "Tokenizers").
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenizerConfig {
-    /// Tokenizer threads, started once (a reload does not change them).
-    pub threads: usize,
-    /// Prompt text (KiB) waiting for or in tokenization beyond which a prompt keeps the
-    /// byte estimate instead of queueing (a reload applies it).
-    pub max_queued_kib: u64,
-}
-
-impl Default for TokenizerConfig {
-    fn default() -> Self {
-        TokenizerConfig {
-            threads: 1,
-            max_queued_kib: 4096,
-        }
-    }
-}
-
-/// `engine_metrics`: scraping each instance's `/metrics` for vLLM's queue and KV-cache
-/// numbers (docs/scheduling.md, "Engine load").
-#[derive(Debug, Clone, PartialEq)]
-pub struct EngineMetricsConfig {
-    pub enabled: bool,
-    pub interval: Duration,
-    pub timeout: Duration,
-}
-
-impl Default for EngineMetricsConfig {
-    fn default() -> Self {
-        EngineMetricsConfig {
-            enabled: true,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-        }
-    }
-}
-
-/// `prefix_sync`: the other proxy replicas in front of the same instances, to which
-/// `cache_aware` sends where it placed each new prefix (and from which it takes theirs), so
-/// that replicas deal new prefix groups out over the nodes the same way
-/// (docs/scheduling.md, "Replicas").
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PrefixSyncConfig {
-    /// `host:port` of each peer's HTTP listener.
-    pub peers: Vec<String>,
-}
-
-/// `kv_events`: where each instance's engine publishes its KV-cache events (vLLM's
-/// `--kv-events-config`), for the `kv_aware` policy (docs/scheduling.md, "KV events").
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct KvEventsConfig {
-    /// `tcp://<instance host>:<port>` for every instance without an explicit endpoint.
-    pub port: Option<u16>,
-    pub replay_port: Option<u16>,
-    /// Instance address → endpoint, over `port`.
-    pub endpoints: Vec<(String, String)>,
-    pub replay_endpoints: Vec<(String, String)>,
-    /// Subscription prefix (vLLM's `topic`; empty: everything).
-    pub topic: String,
-}
-
-impl KvEventsConfig {
-    /// The publisher and replay endpoints of the instance at `address` (`host:port`).
-    pub fn endpoints_of(&self, address: &str) -> Option<(String, Option<String>)> {
-        let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
-        let explicit = |list: &[(String, String)]| {
-            list.iter()
-                .find(|(a, _)| a == address)
-                .map(|(_, e)| e.clone())
-        };
-        let publ =
-            explicit(&self.endpoints).or_else(|| self.port.map(|p| format!("tcp://{host}:{p}")))?;
-        let replay = explicit(&self.replay_endpoints)
-            .or_else(|| self.replay_port.map(|p| format!("tcp://{host}:{p}")));
-        Some((publ, replay))
-    }
 }
 
 /// Command-line flags that take precedence over the file.
@@ -563,72 +328,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn per_role_policies_global_and_per_model() {
-        let c = Config::from_yaml(
-            "scheduling: roundrobin\nprefill_scheduling: cache_aware\ndecode_scheduling: power_of_two\nmodels:\n  - name: a\n    prefill: [\"127.0.0.1:8100\"]\n    decode: [\"127.0.0.1:8200\"]\n  - name: b\n    decode_scheduler: loadbalanced\n    prefill: [\"127.0.0.1:8101\"]\n    decode: [\"127.0.0.1:8201\"]\n    dual: [\"127.0.0.1:8301\"]\n",
-        )
-        .unwrap();
-        let (a, b) = (&c.models[0], &c.models[1]);
-        let of = |m: &ModelConfig, r| m.role_schedulers.for_role(r, m.scheduler);
-        assert_eq!(of(a, Role::Prefill), SchedulerKind::CacheAware);
-        assert_eq!(of(a, Role::Decode), SchedulerKind::PowerOfTwo);
-        assert_eq!(of(a, Role::Dual), SchedulerKind::RoundRobin);
-        assert_eq!(of(b, Role::Prefill), SchedulerKind::CacheAware);
-        assert_eq!(of(b, Role::Decode), SchedulerKind::LoadBalanced);
-        assert_eq!(of(b, Role::Dual), SchedulerKind::RoundRobin);
-        // Without them every role follows `scheduling`.
-        let c = Config::from_yaml("model: m\nprefill: [\"127.0.0.1:8100\"]\ndecode: [\"127.0.0.1:8200\"]\nscheduling: cache_aware\n").unwrap();
-        assert_eq!(c.models[0].role_schedulers, RoleSchedulers::default());
-    }
-
-    #[test]
-    fn prefix_sync_peers_are_read_and_validated() {
-        let base = "model: m\ndual: [\"127.0.0.1:8100\"]\n";
-        let c = Config::from_yaml(&format!(
-            "{base}admin_api_key: k\nprefix_sync:\n  peers: [\"10.0.0.2:8000\", \"http://h:9/\"]\n"
-        ))
-        .unwrap();
-        assert_eq!(c.prefix_sync.peers, ["10.0.0.2:8000", "h:9"]);
-        let e = Config::from_yaml(&format!(
-            "{base}prefix_sync:\n  peers: [\"10.0.0.2:8000\"]\n"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("prefix_sync.peers") && e.contains("admin_api_key"),
-            "{e}"
-        );
-        let e = Config::from_yaml(&format!(
-            "{base}admin_api_key: k\nprefix_sync:\n  peers: [\"nohost\", 5]\n"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("prefix_sync.peers[0]") && e.contains("prefix_sync.peers[1]"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn per_role_policies_are_validated() {
-        let e = Config::from_yaml(
-            "model: m\nprefill: [\"127.0.0.1:8100\"]\ndecode: [\"127.0.0.1:8200\"]\nprefill_scheduling: cache_awre\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("prefill_scheduling") && e.contains("cache_aware"),
-            "{e}"
-        );
-        let e = Config::from_yaml(
-            "models:\n  - name: m\n    decode_scheduler: fastest\n    prefill: [\"127.0.0.1:8100\"]\n    decode: [\"127.0.0.1:8200\"]\n",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("models[0].decode_scheduler"), "{e}");
-    }
 
     #[test]
     fn format1_loads() {
