@@ -19,8 +19,8 @@ mod python;
 mod render;
 
 use histogram::bump;
-pub use histogram::{Histogram, BUCKETS};
-pub use render::{render, Scrape};
+pub use histogram::{render_histogram, Histogram, BUCKETS};
+pub use render::{header, render, Scrape};
 
 /// The `endpoint` label of `proxy_requests_total` / `proxy_request_duration_seconds`
 /// (which routes count in which: `proxy::route`).

@@ -3,6 +3,7 @@
 
 use super::gate::{self, Counters, Gates, Reason};
 use crate::config::Policy;
+use crate::metrics::{header, render_histogram};
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
@@ -12,9 +13,6 @@ pub fn render(gates: &Gates, out: &mut String) {
     if all.is_empty() {
         return;
     }
-    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
     header(
         out,
         "proxy_admission_in_flight",
@@ -49,26 +47,13 @@ pub fn render(gates: &Gates, out: &mut String) {
     );
     for (m, g) in &all {
         let (counts, sum) = g.queue_time();
-        let mut cum = 0;
-        for (i, b) in gate::QUEUE_BUCKETS.iter().enumerate() {
-            cum += counts[i];
-            let _ = writeln!(
-                out,
-                "proxy_admission_queue_seconds_bucket{{model=\"{m}\",le=\"{b}\"}} {cum}"
-            );
-        }
-        cum += counts[gate::QUEUE_BUCKETS.len()];
-        let _ = writeln!(
+        render_histogram(
             out,
-            "proxy_admission_queue_seconds_bucket{{model=\"{m}\",le=\"+Inf\"}} {cum}"
-        );
-        let _ = writeln!(
-            out,
-            "proxy_admission_queue_seconds_sum{{model=\"{m}\"}} {sum}"
-        );
-        let _ = writeln!(
-            out,
-            "proxy_admission_queue_seconds_count{{model=\"{m}\"}} {cum}"
+            "proxy_admission_queue_seconds",
+            &format!("model=\"{m}\""),
+            &gate::QUEUE_BUCKETS,
+            &counts,
+            sum,
         );
     }
     header(

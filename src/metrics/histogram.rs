@@ -55,20 +55,41 @@ impl HistAcc {
     /// Writes the `_bucket`, `_sum` and `_count` lines; the count is the sum of the buckets,
     /// so the exposition is consistent even while workers keep recording.
     pub(super) fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cum = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cum += self.counts[i];
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
-        }
-        cum += self.counts[BUCKETS.len()];
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cum}");
-        let lb = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{lb} {}", self.sum_micros as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count{lb} {cum}");
+        render_histogram(
+            out,
+            name,
+            labels,
+            &BUCKETS,
+            &self.counts,
+            self.sum_micros as f64 / 1e6,
+        );
     }
+}
+
+/// A histogram's `_bucket`, `_sum` and `_count` lines from non-cumulative `counts` (one per
+/// bound, then the one above the largest); the count is the last cumulative bucket, so the
+/// lines agree even while writers keep recording. `labels` without braces, may be empty.
+pub fn render_histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[f64],
+    counts: &[u64],
+    sum: f64,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cum = 0;
+    for (b, c) in bounds.iter().zip(counts) {
+        cum += c;
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
+    }
+    cum += counts.get(bounds.len()).copied().unwrap_or(0);
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cum}");
+    let lb = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{lb} {sum}");
+    let _ = writeln!(out, "{name}_count{lb} {cum}");
 }
