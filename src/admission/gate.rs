@@ -8,6 +8,7 @@ use crate::hash::FastHash;
 use arc_swap::ArcSwap;
 use crossbeam_utils::CachePadded;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,25 +158,11 @@ impl ModelGate {
 impl ModelGate {
     /// The counters of `key`, `api_keys[index]`, created on first use.
     pub fn key(&self, key: &str, index: usize) -> Arc<KeyGate> {
-        if let Some(k) = self.keys.load().get(key) {
-            return k.clone();
-        }
-        let fresh = Arc::new(KeyGate {
+        get_or_insert(&self.keys, key, || KeyGate {
             key: key.to_string(),
             index: AtomicUsize::new(index),
             c: Counters::default(),
-        });
-        // Lock-free insert; a racing insert of the same key wins and is used.
-        let mut out = fresh.clone();
-        self.keys.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            out = m
-                .entry(key.to_string())
-                .or_insert_with(|| fresh.clone())
-                .clone();
-            m
-        });
-        out
+        })
     }
 
     pub fn keys(&self) -> Vec<Arc<KeyGate>> {
@@ -246,20 +233,7 @@ impl Gates {
 impl Gates {
     /// `model`'s gate, created on its first request (lock-free).
     pub fn get(&self, model: &str) -> Arc<ModelGate> {
-        if let Some(g) = self.map.load().get(model) {
-            return g.clone();
-        }
-        let fresh = Arc::new(ModelGate::new(self.workers));
-        let mut out = fresh.clone();
-        self.map.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            out = m
-                .entry(model.to_string())
-                .or_insert_with(|| fresh.clone())
-                .clone();
-            m
-        });
-        out
+        get_or_insert(&self.map, model, || ModelGate::new(self.workers))
     }
 
     /// Every gate, by model name.
@@ -286,6 +260,29 @@ impl Gates {
             g.retain_keys(api_keys);
         }
     }
+}
+
+/// `key`'s entry of a map the workers share, made by `make` when there is none: a lock-free
+/// insert, where a racing insert of the same key wins and both use its entry.
+fn get_or_insert<T, S: BuildHasher + Clone>(
+    map: &ArcSwap<HashMap<String, Arc<T>, S>>,
+    key: &str,
+    make: impl FnOnce() -> T,
+) -> Arc<T> {
+    if let Some(v) = map.load().get(key) {
+        return v.clone();
+    }
+    let fresh = Arc::new(make());
+    let mut out = fresh.clone();
+    map.rcu(|m| {
+        let mut m = HashMap::clone(m);
+        out = m
+            .entry(key.to_string())
+            .or_insert_with(|| fresh.clone())
+            .clone();
+        m
+    });
+    out
 }
 
 #[cfg(test)]
