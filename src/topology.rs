@@ -85,37 +85,20 @@ impl ModelRoute {
         instances: Vec<Arc<Instance>>,
         open: Arc<AtomicBool>,
     ) -> Self {
-        let of = |role: Role| -> Vec<Arc<Instance>> {
-            instances
+        let set = |role: Role| {
+            let of_role = instances
                 .iter()
                 .filter(|i| i.role == role)
                 .cloned()
-                .collect()
+                .collect();
+            RoleSet::new(name, of_role, role, roles.for_role(role, kind), &options)
         };
         ModelRoute {
             name: name.to_string(),
             mode,
-            prefill: RoleSet::new(
-                name,
-                of(Role::Prefill),
-                Role::Prefill,
-                roles.for_role(Role::Prefill, kind),
-                &options,
-            ),
-            decode: RoleSet::new(
-                name,
-                of(Role::Decode),
-                Role::Decode,
-                roles.for_role(Role::Decode, kind),
-                &options,
-            ),
-            dual: RoleSet::new(
-                name,
-                of(Role::Dual),
-                Role::Dual,
-                roles.for_role(Role::Dual, kind),
-                &options,
-            ),
+            prefill: set(Role::Prefill),
+            decode: set(Role::Decode),
+            dual: set(Role::Dual),
             kind,
             roles,
             options,
