@@ -50,6 +50,9 @@ pub struct KvIndex {
     set_mask: u64,
     /// Tokens per block, as the events report it (0 until the first `BlockStored`).
     pub block_size: AtomicU64,
+    /// `resilience::now_ms()` when `block_size` took its value: picks before it pended
+    /// nothing (no keys without a block size).
+    pub sized_ms: AtomicU64,
     /// The pending layer (see the module comment); any thread writes it.
     pending: Box<[AtomicU64]>,
     pending_mask: u64,
@@ -105,6 +108,7 @@ impl KvIndex {
             masks: (0..sets * WAYS).map(|_| AtomicU64::new(0)).collect(),
             set_mask: sets as u64 - 1,
             block_size: AtomicU64::new(0),
+            sized_ms: AtomicU64::new(0),
             pending: (0..psets * WAYS).map(|_| AtomicU64::new(0)).collect(),
             pending_mask: psets as u64 - 1,
             voided_ms: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -304,6 +308,10 @@ pub struct KvStats {
     pub bad: AtomicU64,
     /// Stored chains skipped because their parent block was unknown.
     pub orphans: AtomicU64,
+    /// Chains stored from the root that this proxy had not sent (`kv_events::Applied::Unsent`),
+    /// and `resilience::now_ms()` of the last one (0: none yet).
+    pub unsent: AtomicU64,
+    pub unsent_ms: AtomicU64,
     pub last_seq: AtomicU64,
     /// Blocks the index holds for the instance.
     pub blocks: AtomicU64,
@@ -330,6 +338,7 @@ impl KvStats {
             "publisher_restarts": g(&self.restarts),
             "undecodable": g(&self.bad),
             "orphan_chains": g(&self.orphans),
+            "unsent_chains": g(&self.unsent),
             "last_event_age_seconds": (last > 0)
                 .then(|| crate::resilience::now_ms().saturating_sub(last) as f64 / 1000.0),
         })

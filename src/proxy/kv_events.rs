@@ -132,6 +132,20 @@ pub fn decode_batch(payload: &[u8]) -> Result<(Option<f64>, Vec<Event>), String>
     Ok((ts, out))
 }
 
+/// What applying one event found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Ok,
+    /// A stored chain whose parent is unknown: its blocks cannot be keyed, so they are
+    /// skipped until a chain from the root comes.
+    Orphan,
+    /// A chain stored from the root of which this proxy had sent no block anywhere in the
+    /// last `PENDING_TTL_MS` (no pending entry): a prompt another router (or client) sent
+    /// the engine. kv_aware's dealing of new groups reads it (`scheduler::Room`). Not told
+    /// in the first `PENDING_TTL_MS` after the block size is learned.
+    Unsent,
+}
+
 /// What the index knows of one instance: its bit, and its blocks by the engine's hash.
 pub struct Learned {
     pub bit: u32,
@@ -167,9 +181,8 @@ impl Learned {
         idx.void_pending(self.bit);
     }
 
-    /// Applies one event; returns false for a stored chain whose parent is unknown (its
-    /// blocks cannot be keyed: they are skipped until a chain from the root comes).
-    pub fn apply(&mut self, idx: &KvIndex, e: &Event) -> bool {
+    /// Applies one event at `now` (`resilience::now_ms`); see `Applied`.
+    pub fn apply(&mut self, idx: &KvIndex, e: &Event, now: u64) -> Applied {
         match e {
             Event::Stored {
                 hashes,
@@ -179,25 +192,38 @@ impl Learned {
                 lora,
             } => {
                 if *lora || *block_size == 0 {
-                    return true; // adapter blocks never match a base-model prompt
+                    return Applied::Ok; // adapter blocks never match a base-model prompt
                 }
                 let mut key = match parent {
                     None => 0,
                     Some(p) => match self.blocks.get(p) {
                         Some(&k) => k,
-                        None => return false,
+                        None => return Applied::Orphan,
                     },
                 };
                 if self.blocks.len() + hashes.len() > MAX_BLOCKS_PER_INSTANCE {
                     self.clear(idx);
                 }
-                idx.block_size.store(*block_size as u64, Ordering::Relaxed);
+                if idx.block_size.swap(*block_size as u64, Ordering::Relaxed) != *block_size as u64
+                {
+                    idx.sized_ms.store(now, Ordering::Relaxed);
+                }
+                // Prompts picked before the block size was known pended nothing: judged
+                // only once theirs would have expired anyway.
+                let judged = now.saturating_sub(idx.sized_ms.load(Ordering::Relaxed))
+                    >= kv_index::PENDING_TTL_MS;
+                let mut sent = false;
                 for (h, toks) in hashes.iter().zip(tokens.chunks_exact(*block_size)) {
                     key = kv_index::chain(key, toks);
+                    sent |= parent.is_none() && idx.pending(key, now).is_some();
                     idx.add(key, self.bit);
                     self.blocks.insert(*h, key);
                 }
-                true
+                if judged && parent.is_none() && !sent && !hashes.is_empty() {
+                    Applied::Unsent
+                } else {
+                    Applied::Ok
+                }
             }
             Event::Removed { hashes } => {
                 for h in hashes {
@@ -206,11 +232,11 @@ impl Learned {
                         idx.unpend(key, self.bit);
                     }
                 }
-                true
+                Applied::Ok
             }
             Event::Cleared => {
                 self.clear(idx);
-                true
+                Applied::Ok
             }
         }
     }
@@ -388,9 +414,15 @@ fn apply(idx: &KvIndex, s: &mut Sub, seq: u64, payload: &[u8]) {
                 let lag = ((now - ts).max(0.0) * 1000.0) as u64;
                 stats.lag_ms.store(lag, Ordering::Relaxed);
             }
+            let now = crate::resilience::now_ms();
             for e in &events {
-                if !s.learned.apply(idx, e) {
-                    stats.orphans.fetch_add(1, Ordering::Relaxed);
+                match s.learned.apply(idx, e, now) {
+                    Applied::Ok => {}
+                    Applied::Orphan => _ = stats.orphans.fetch_add(1, Ordering::Relaxed),
+                    Applied::Unsent => {
+                        stats.unsent.fetch_add(1, Ordering::Relaxed);
+                        stats.unsent_ms.store(now, Ordering::Relaxed);
+                    }
                 }
             }
             stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -526,29 +558,67 @@ mod tests {
         let mut l = Learned::new(2);
         let toks: Vec<u32> = (100..112).collect();
         let keys = kv_index::prompt_keys(&toks, 4);
+        let ev = |e: Value| decode(&batch(vec![e])).unwrap().remove(0);
         // Two blocks, then a third chained to the second by the engine's hash.
-        assert!(l.apply(
-            &idx,
-            &decode(&batch(vec![stored(&[11, 12], None, &toks[..8])])).unwrap()[0]
-        ));
-        assert!(l.apply(
-            &idx,
-            &decode(&batch(vec![stored(&[13], Some(12), &toks[8..])])).unwrap()[0]
-        ));
+        l.apply(&idx, &ev(stored(&[11, 12], None, &toks[..8])), 1);
+        assert_eq!(
+            l.apply(&idx, &ev(stored(&[13], Some(12), &toks[8..])), 1),
+            Applied::Ok
+        );
         let mut out = [0u32; 64];
         idx.matched(&keys, 1 << 2, &mut out);
         assert_eq!(out[2], 3);
         // Unknown parent: skipped.
-        assert!(!l.apply(
-            &idx,
-            &decode(&batch(vec![stored(&[99], Some(98), &toks[..4])])).unwrap()[0]
-        ));
-        l.apply(&idx, &Event::Removed { hashes: vec![12] });
+        assert_eq!(
+            l.apply(&idx, &ev(stored(&[99], Some(98), &toks[..4])), 1),
+            Applied::Orphan
+        );
+        l.apply(&idx, &Event::Removed { hashes: vec![12] }, 1);
         let mut out = [0u32; 64];
         idx.matched(&keys, 1 << 2, &mut out);
         assert_eq!(out[2], 1);
-        l.apply(&idx, &Event::Cleared);
+        l.apply(&idx, &Event::Cleared, 1);
         assert!(l.is_empty());
         assert_eq!(idx.get(keys[0]), 0);
+    }
+
+    /// A chain stored from the root that this proxy sent (any of its blocks pending, on
+    /// any instance) is its own; one it never sent is another router's. A chain continued
+    /// from a known parent (a prompt's suffix, the blocks of generated tokens) says nothing.
+    #[test]
+    fn tells_chains_this_proxy_sent_from_others() {
+        let idx = KvIndex::new(1024);
+        let mut l = Learned::new(1);
+        let ev = |e: Value| decode(&batch(vec![e])).unwrap().remove(0);
+        // Right after the block size is learned, nothing is judged: the picks before it
+        // could pend nothing.
+        let early: Vec<u32> = (50..58).collect();
+        assert_eq!(
+            l.apply(&idx, &ev(stored(&[7, 8], None, &early)), 1),
+            Applied::Ok
+        );
+        let now = 1 + kv_index::PENDING_TTL_MS;
+        let mine: Vec<u32> = (0..8).collect();
+        let keys = kv_index::prompt_keys(&mine, 4);
+        idx.pend(keys[1], 3, now - 10); // sent to another instance: still this proxy's
+        assert_eq!(
+            l.apply(&idx, &ev(stored(&[1, 2], None, &mine)), now),
+            Applied::Ok
+        );
+        assert_eq!(
+            l.apply(&idx, &ev(stored(&[3], Some(2), &[9, 9, 9, 9])), now),
+            Applied::Ok
+        );
+        let theirs: Vec<u32> = (100..108).collect();
+        assert_eq!(
+            l.apply(&idx, &ev(stored(&[4, 5], None, &theirs)), now),
+            Applied::Unsent
+        );
+        // Pending entries expire: the same prompt long after is no longer known as sent.
+        let later = now + kv_index::PENDING_TTL_MS + 1;
+        assert_eq!(
+            l.apply(&idx, &ev(stored(&[1, 2], None, &mine)), later),
+            Applied::Unsent
+        );
     }
 }

@@ -3,8 +3,11 @@
 //! and the engine has not announced yet: the pending layer). With the engines' speed known
 //! from their metrics, the instance expected to return the first token soonest (prefill of
 //! what it lacks + the wait for a batch slot); otherwise the longest holder unless it is
-//! overloaded. A new prefix goes to its rendezvous home, the same on every replica. Without
-//! token ids it is the least-loaded pick (docs/scheduling.md, "KV aware", "New prefixes").
+//! overloaded. A new prefix goes to the instance holding the fewest groups when this proxy's
+//! counts are the ones that matter (it is the only router, or replicas share placements),
+//! else to one with room in its cache; then to its rendezvous home, the same on every
+//! replica. Without token ids it is the least-loaded pick (docs/scheduling.md, "KV aware",
+//! "New prefixes").
 
 use super::stats::{self, Outcome, Policy};
 use super::{
@@ -133,7 +136,7 @@ impl Scheduler for KvAware {
             None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
         };
         // Room for a new group: at most one prompt's worth of blocks above the emptiest.
-        let room = Room::of(candidates, ctx, keys.len().max(1) as u64);
+        let room = Room::of(candidates, ctx, keys.len().max(1) as u64, now);
         let by_cost = match self.role {
             Role::Decode => None,
             Role::Prefill | Role::Dual => {
@@ -153,22 +156,22 @@ impl Scheduler for KvAware {
         {
             best.clone()
         } else {
-            // A new prefix (or its holders are overloaded): its rendezvous home within the
-            // load band, keyed by the group's first block, so every replica sends the
-            // group's first requests to the same node.
-            // Among those with room, first the ones holding the fewest groups (as cache_aware
-            // deals): counts move at once, the engines' blocks only once a prefill is done.
+            // A new prefix (or its holders are overloaded): within the load band, first the
+            // instances holding the fewest groups (as cache_aware deals; all equal when
+            // groups are not counted, see `Room::groups`), since counts move at once and the
+            // engines' blocks only a prefill later; among those one with room; then the
+            // rendezvous home keyed by the group's first block, so that every replica sends
+            // the group's first requests to the same node.
             let band = |i: &Instance| in_load_band(self.role, i, min);
-            let roomy = |i: &Instance| band(i) && room.has(i);
             let fewest = candidates
                 .iter()
-                .filter(|i| ctx.eligible(i) && roomy(i))
+                .filter(|i| ctx.eligible(i) && band(i))
                 .map(|i| groups(i))
                 .min();
-            rendezvous(candidates, ctx, group, |i| {
-                roomy(i) && fewest.is_none_or(|f| groups(i) <= f)
-            })
-            .or_else(|| rendezvous(candidates, ctx, group, band))?
+            let dealt = |i: &Instance| band(i) && fewest.is_none_or(|f| groups(i) <= f);
+            rendezvous(candidates, ctx, group, |i| dealt(i) && room.has(i))
+                .or_else(|| rendezvous(candidates, ctx, group, dealt))
+                .or_else(|| rendezvous(candidates, ctx, group, band))?
         };
         let blocks = blocks_of(&chosen);
         // The leg is counted by what the engine must compute (see `scheduler::take_cached`).
@@ -216,8 +219,8 @@ impl Scheduler for KvAware {
 /// another instance already holds (`most`: the most any eligible one holds; a copy evicts
 /// other prefixes). Near-equal estimates
 /// (within a tenth of computing the whole prompt) go to the instance holding more, then to
-/// one with room for a new group (`Room`), then to one holding the fewest groups, then to
-/// the group's rendezvous home, so that a group stays on one node and replicas agree on
+/// one holding the fewest groups (`Room::groups`), then to one with room for a new group,
+/// then to the group's rendezvous home, so that a group stays on one node and replicas agree on
 /// new ones (docs/scheduling.md, "KV aware").
 fn soonest_first_token(
     candidates: &[Arc<Instance>],
@@ -268,8 +271,8 @@ fn soonest_first_token(
         .max_by_key(|i| {
             (
                 held(i),
-                room.has(i),
                 std::cmp::Reverse(room.groups(i)),
+                room.has(i),
                 hash64(group, i.address.as_bytes()),
             )
         })
@@ -434,11 +437,12 @@ mod tests {
         assert_eq!(homes.len(), 4);
     }
 
-    /// New groups go to the engines holding the fewest blocks (as their events tell every
-    /// replica alike), with or without the engines' speed; with equal caches (and no
-    /// `prefix_sync`, whose group counts would come next), by the hash.
+    /// With another router in front of the engines, new groups go to the engines holding
+    /// the fewest blocks (as their events tell every replica alike), with or without the
+    /// engines' speed, and by the hash among equal caches. This proxy alone, it deals them
+    /// by its own counts first (they move at once, the engines' blocks a prefill later).
     #[test]
-    fn new_groups_are_dealt_to_the_emptiest_caches() {
+    fn new_groups_are_dealt_by_count_or_to_the_emptiest_caches() {
         for with_speed in [false, true] {
             let c = instances(4, Role::Dual);
             bits(&c, 30);
@@ -446,28 +450,45 @@ mod tests {
                 learned(&c);
             }
             let p = KvAware::new(Role::Dual, &SchedulingOptions::default());
+            let others = |seen: bool| {
+                let at = if seen {
+                    crate::resilience::now_ms().max(1)
+                } else {
+                    0
+                };
+                c[2].kv_stats.unsent_ms.store(at, Ordering::Relaxed);
+            };
+            let deal = |first: u32, n: u32| {
+                let mut per = [0; 4];
+                for g in first..first + n {
+                    let t: Vec<u32> = (0..400).map(|k| g * 1000 + k).collect();
+                    let at = p.pick(&c, &ctx(&t)).unwrap();
+                    per[c.iter().position(|i| Arc::ptr_eq(i, &at)).unwrap()] += 1;
+                }
+                per
+            };
+            others(true);
             for (i, blocks) in c.iter().zip([300, 40, 300, 300]) {
                 i.kv_stats.blocks.store(blocks, Ordering::Relaxed);
             }
-            for g in 0..12u32 {
-                // 400 tokens = 25 blocks: instance 1 is within one prompt of the emptiest.
-                let t: Vec<u32> = (0..400).map(|k| 300_000 + g * 1000 + k).collect();
-                let at = p.pick(&c, &ctx(&t)).unwrap();
-                assert!(
-                    Arc::ptr_eq(&at, &c[1]),
-                    "group {g} (speed known: {with_speed})"
-                );
-            }
+            // 400 tokens = 25 blocks: instance 1 is within one prompt of the emptiest.
+            assert_eq!(deal(300, 12), [0, 12, 0, 0], "speed known: {with_speed}");
+            // Alone: instance 1 counts twelve groups, so the next 24 go to the other three.
+            others(false);
+            assert_eq!(deal(400, 24), [8, 0, 8, 8], "speed known: {with_speed}");
+            assert_eq!(deal(500, 12), [4, 0, 4, 4], "speed known: {with_speed}");
+            // Equal counts: among them, to the emptiest cache.
+            assert_eq!(deal(600, 1), [0, 1, 0, 0], "speed known: {with_speed}");
+            // Equal caches, another router: by the hash (the same on every replica).
+            others(true);
             for i in &c {
                 i.kv_stats.blocks.store(300, Ordering::Relaxed);
             }
-            let homes: std::collections::HashSet<_> = (0..24u32)
-                .map(|g| {
-                    let t: Vec<u32> = (0..400).map(|k| 400_000 + g * 1000 + k).collect();
-                    p.pick(&c, &ctx(&t)).unwrap().address.clone()
-                })
-                .collect();
-            assert_eq!(homes.len(), 4, "speed known: {with_speed}");
+            let homes = deal(700, 24);
+            assert!(
+                homes.iter().all(|&h| h > 0),
+                "speed known: {with_speed}: {homes:?}"
+            );
         }
     }
 

@@ -167,29 +167,37 @@ pub(crate) struct Room {
     fewest: u64,
     slack: u64,
     all_publish: bool,
-    /// The replicas share their placements (`prefix_sync`): see `groups`.
+    /// New groups are dealt by count: see `groups`.
     count_groups: bool,
 }
 
+/// How long an engine's storing of a prompt this proxy did not send (`KvStats::unsent_ms`)
+/// means another router is in front of it.
+pub const OTHER_SENDERS_MS: u64 = 60_000;
+
 impl Room {
-    pub fn of(candidates: &[Arc<Instance>], ctx: &PickContext<'_>, slack: u64) -> Room {
-        let (mut fewest, mut all_publish) = (u64::MAX, true);
+    pub fn of(candidates: &[Arc<Instance>], ctx: &PickContext<'_>, slack: u64, now: u64) -> Room {
+        let (mut fewest, mut all_publish, mut others) = (u64::MAX, true, false);
         for i in candidates.iter().filter(|i| ctx.eligible(i)) {
             all_publish &= i.kv_bit.load(Ordering::Relaxed) > 0;
             fewest = fewest.min(i.kv_stats.blocks.load(Ordering::Relaxed));
+            let unsent = i.kv_stats.unsent_ms.load(Ordering::Relaxed);
+            others |= unsent > 0 && now.saturating_sub(unsent) < OTHER_SENDERS_MS;
         }
         Room {
             fewest,
             slack,
             all_publish,
-            count_groups: prefix_sync::enabled(),
+            count_groups: prefix_sync::enabled() || !others,
         }
     }
 
-    /// The new groups placed on `i` (`Instance::prefix_groups`) when the replicas share
-    /// their placements; otherwise 0 for every instance: a replica's own counts drift from
-    /// the others' with the groups only it sees, while the engines' events are what every
-    /// replica sees alike.
+    /// The new groups placed on `i` (`Instance::prefix_groups`), when this proxy is the only
+    /// router in front of the instances (none of their engines stored a prompt it did not
+    /// send in the last `OTHER_SENDERS_MS`) or the replicas share their placements
+    /// (`prefix_sync`); otherwise 0 for every instance: a replica's own counts drift from
+    /// an unsynced replica's with the groups only it sees, while the engines' events are
+    /// what every replica sees alike (docs/scheduling.md, "Replicas").
     #[inline]
     pub fn groups(&self, i: &Instance) -> u64 {
         if self.count_groups {

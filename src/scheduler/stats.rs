@@ -214,6 +214,13 @@ pub fn render(out: &mut String, instances: &[&crate::instance::Instance]) {
     );
     gauge(
         out,
+        "proxy_kv_events_unsent_chains_total",
+        "counter",
+        "Chains the instance stored from the root that this proxy had not sent (another router's or client's prompts).",
+        &mut kv(|s| s.unsent.load(Ordering::Relaxed)).into_iter(),
+    );
+    gauge(
+        out,
         "proxy_kv_events_publisher_restarts_total",
         "counter",
         "Times the instance's publisher restarted its sequence.",
