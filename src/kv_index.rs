@@ -115,6 +115,26 @@ impl KvIndex {
         }
     }
 
+    /// The engines' block size, from a `BlockStored` (`authoritative`: the events' blocks
+    /// are what prompts are matched against) or, until one comes, from an engine's
+    /// `vllm:cache_config_info` (the scraper), so that the first prompts are keyed,
+    /// pended and counted too. `now` from `resilience::now_ms`.
+    pub fn learn_block_size(&self, size: u64, authoritative: bool, now: u64) {
+        let old = if authoritative {
+            self.block_size.swap(size, Ordering::Relaxed)
+        } else {
+            match self
+                .block_size
+                .compare_exchange(0, size, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(old) | Err(old) => old,
+            }
+        };
+        if old != size && (authoritative || old == 0) {
+            self.sized_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
     #[inline]
     fn set(&self, key: u64) -> std::ops::Range<usize> {
         let s = (key & self.set_mask) as usize * WAYS;
@@ -348,6 +368,23 @@ impl KvStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scraped block size stands in until an event says; an event's is never overridden
+    /// by a scrape. `sized_ms` moves only when the size takes a new value.
+    #[test]
+    fn block_size_from_scrapes_until_events_say() {
+        let idx = KvIndex::new(64);
+        idx.learn_block_size(16, false, 10);
+        assert_eq!(idx.block_size.load(Ordering::Relaxed), 16);
+        idx.learn_block_size(32, false, 20);
+        assert_eq!(idx.block_size.load(Ordering::Relaxed), 16);
+        idx.learn_block_size(16, true, 30);
+        assert_eq!(idx.sized_ms.load(Ordering::Relaxed), 10);
+        idx.learn_block_size(32, true, 40);
+        idx.learn_block_size(16, false, 50);
+        assert_eq!(idx.block_size.load(Ordering::Relaxed), 32);
+        assert_eq!(idx.sized_ms.load(Ordering::Relaxed), 40);
+    }
 
     #[test]
     fn add_match_remove() {

@@ -204,10 +204,7 @@ impl Learned {
                 if self.blocks.len() + hashes.len() > MAX_BLOCKS_PER_INSTANCE {
                     self.clear(idx);
                 }
-                if idx.block_size.swap(*block_size as u64, Ordering::Relaxed) != *block_size as u64
-                {
-                    idx.sized_ms.store(now, Ordering::Relaxed);
-                }
+                idx.learn_block_size(*block_size as u64, true, now);
                 // Prompts picked before the block size was known pended nothing: judged
                 // only once theirs would have expired anyway.
                 let judged = now.saturating_sub(idx.sized_ms.load(Ordering::Relaxed))

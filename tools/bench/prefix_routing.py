@@ -509,7 +509,8 @@ def affinity_and_spread(nodes, prefixes, roles):
 
 def engine_beliefs(st):
     """address -> the `engine` numbers of /status/instances (batch_seen, prefill µs/token,
-    mean run seconds, ...), wherever they sit in the document."""
+    mean run seconds, ...) and the instance's prefix_groups and unsent_chains, wherever they
+    sit in the document."""
     out = {}
 
     def walk(v):
@@ -518,6 +519,10 @@ def engine_beliefs(st):
                 e = v["engine"]
                 out[v["address"]] = {k: e.get(k) for k in ("batch_seen", "prefill_us_per_token",
                                                           "mean_run_seconds", "age_seconds")}
+                # How new groups were dealt: this replica's counts, and whether it saw
+                # another router's prompts (docs/scheduling.md, "Replicas").
+                out[v["address"]]["prefix_groups"] = v.get("prefix_groups")
+                out[v["address"]]["unsent_chains"] = (v.get("kv_events") or {}).get("unsent_chains")
             for x in v.values():
                 walk(x)
         elif isinstance(v, list):
