@@ -203,6 +203,10 @@ pub struct EngineLoad {
     kv_usage_ppm: AtomicU64,
     /// This proxy's own in-flight requests to the instance when the sample was taken.
     local_at_scrape: AtomicU64,
+    /// The peer replicas' in flight there, as they report it (`prefix_sync`), and its sum
+    /// when the sample was taken.
+    pub peers: crate::peer_load::PeerLoad,
+    peers_at_scrape: AtomicU64,
     /// The most requests seen running while others waited: the engine's batch, as far as
     /// the samples tell (0: never seen full). Admission's estimate of an engine's queue.
     batch_seen: AtomicU64,
@@ -220,10 +224,13 @@ pub struct EngineLoad {
 }
 
 /// A sample that is fresh enough to route on.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Fresh {
     pub sample: EngineSample,
     pub local_at_scrape: u64,
+    /// The peer replicas' requests there (`PeerLoad`) when the sample was taken, and now.
+    pub peers_at_scrape: u64,
+    pub peers_now: u64,
 }
 
 impl EngineLoad {
@@ -236,6 +243,8 @@ impl EngineLoad {
             Ordering::Relaxed,
         );
         self.local_at_scrape.store(local, Ordering::Relaxed);
+        self.peers_at_scrape
+            .store(self.peers.sum(), Ordering::Relaxed);
         if s.waiting > 0 {
             self.batch_seen.fetch_max(s.running, Ordering::Relaxed);
         }
@@ -304,6 +313,8 @@ impl EngineLoad {
                 kv_usage: (ppm != u64::MAX).then(|| ppm as f64 / 1e6),
             },
             local_at_scrape: self.local_at_scrape.load(Ordering::Relaxed),
+            peers_at_scrape: self.peers_at_scrape.load(Ordering::Relaxed),
+            peers_now: self.peers.sum(),
         })
     }
 
@@ -339,6 +350,7 @@ impl EngineLoad {
         };
         // What kv_aware estimates with (learned, kept across failed scrapes).
         if let Some(o) = v.as_object_mut() {
+            o.insert("peer_requests".into(), self.peers.sum().into());
             let batch = self.batch_seen();
             o.insert("batch_seen".into(), (batch > 0).then_some(batch).into());
             let speed = self.speed();
@@ -358,10 +370,12 @@ impl EngineLoad {
 /// Requests on the engine that this proxy did not send (other replicas', other clients'):
 /// its running + waiting at the last scrape minus this proxy's own in-flight count at that
 /// time. Requests this proxy sent or finished since the scrape are in its live local count,
-/// so they are neither missed nor counted twice.
+/// so they are neither missed nor counted twice. The peer replicas' part is their live
+/// report instead of what the scrape saw of it (`PeerLoad`; both 0 without `prefix_sync`).
 #[inline]
 pub fn others(f: &Fresh) -> u64 {
-    (f.sample.running + f.sample.waiting).saturating_sub(f.local_at_scrape)
+    let total = f.sample.running + f.sample.waiting;
+    f.peers_now + total.saturating_sub(f.local_at_scrape + f.peers_at_scrape)
 }
 
 /// Requests a pick should assume on an instance beyond `local` (this proxy's in flight
@@ -479,6 +493,7 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
                 kv_usage: None,
             },
             local_at_scrape: local,
+            ..Default::default()
         };
         // All of the engine's requests are ours: nothing unseen.
         assert_eq!(unseen_requests(&f(4, 0, 4), 4, 4), 0);
@@ -491,6 +506,27 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
         // A long queue weighs double; the batch unknown: no queue term.
         assert_eq!(unseen_requests(&f(8, 40, 0), 0, 8), 88);
         assert_eq!(unseen_requests(&f(8, 40, 0), 0, 0), 48);
+    }
+
+    /// The peer replicas' part of the others is their live report, not the scrape's.
+    #[test]
+    fn peers_count_as_they_report_now() {
+        let f = |peers_at_scrape, peers_now| Fresh {
+            sample: EngineSample {
+                running: 10,
+                ..Default::default()
+            },
+            local_at_scrape: 2,
+            peers_at_scrape,
+            peers_now,
+        };
+        // 10 on the engine: 2 ours, 6 the peers', 2 from elsewhere.
+        assert_eq!(others(&f(6, 6)), 8);
+        // The peers finished five since the scrape; they sent three more.
+        assert_eq!(others(&f(6, 1)), 3);
+        assert_eq!(others(&f(6, 9)), 11);
+        // No peers reporting: as before.
+        assert_eq!(others(&f(0, 0)), 8);
     }
 
     #[test]
@@ -574,6 +610,7 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
                 kv_usage: Some(0.9),
             },
             local_at_scrape: 0,
+            ..Default::default()
         };
         let idle = (3, 3000, 300);
         assert!(
@@ -595,6 +632,7 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
                 kv_usage: Some(kv),
             },
             local_at_scrape: 2,
+            ..Default::default()
         };
         // Same requests; the one with fewer decode tokens left wins whatever the cache use
         // below nearly full (a scraped number up to an interval old)...

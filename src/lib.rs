@@ -19,6 +19,7 @@ pub mod ids;
 pub mod instance;
 pub mod kv_index;
 pub mod metrics;
+pub mod peer_load;
 pub mod proxy;
 pub mod resilience;
 pub mod runtime;

@@ -363,9 +363,8 @@ fn prefill_and_decode_legs_use_their_own_policies() {
 /// order), so a group's first requests reach every replica (and both workers) before any
 /// has learned anything. With `burst`, the groups' first requests come first, one after
 /// another, so that new groups are placed before the engines' events say where the others
-/// went. Returns per group the requests each node served.
-/// Also returns the groups the first replica had counted on each node before them (the
-/// warm-up's).
+/// went. Returns per group the requests each node served, and the groups the first replica
+/// had counted on each node before them (the warm-up's).
 fn prefix_groups(
     policy: &str,
     replicas: usize,
@@ -593,6 +592,85 @@ fn kv_aware_replicas_that_share_placements_deal_groups_evenly() {
     assert_dealt_evenly("kv_aware", &by_group);
 }
 
+/// Replicas tell each other their requests in flight per instance (`prefix_sync` load
+/// reports): a node a peer has just filled gets no new work from this replica, although
+/// its own scrape of the node (taken at the start, the next one 30 s away) shows it idle.
+#[test]
+fn a_replica_steers_around_what_its_peer_has_in_flight() {
+    // Requests that stay a while: 40 tokens at 50 ms each.
+    let busy = dummy("dual", &["--decode-delay-per-token", "0.05"]);
+    let idle = dummy("dual", &["--decode-delay-per-token", "0.05"]);
+    let scrape = "admin_api_key: adm\nengine_metrics:\n  interval_seconds: 30\n";
+    // B routes to both nodes by load; A sends only to `busy` and reports to B.
+    let b = proxy_with(
+        &format!(
+            "{}scheduling: loadbalanced\n{scrape}",
+            dual_yaml(&[&busy, &idle])
+        ),
+        true,
+    );
+    let a = proxy_with(
+        &format!(
+            "{}{scrape}prefix_sync:\n  peers: [\"{}\"]\n",
+            dual_yaml(&[&busy]),
+            b.addr
+        ),
+        true,
+    );
+    let peer_requests = |node: &Proc| -> u64 {
+        let v = get_json(&b.url("/status/instances")).1;
+        v["instances"]
+            .as_array()
+            .and_then(|l| l.iter().find(|i| i["address"] == node.addr.to_string()))
+            .and_then(|i| i["engine"]["peer_requests"].as_u64())
+            .unwrap_or(0)
+    };
+    std::thread::scope(|s| {
+        for k in 0..4 {
+            let a = &a;
+            s.spawn(move || {
+                let resp = agent()
+                    .post(&a.url("/v1/completions"))
+                    .send_json(
+                        json!({"model": MODEL, "prompt": format!("long {k}"), "max_tokens": 40}),
+                    )
+                    .expect("request through A");
+                assert_eq!(resp.status(), 200);
+            });
+        }
+        wait_for(
+            "B to hear of A's four requests on the busy node",
+            Duration::from_secs(10),
+            || peer_requests(&busy) == 4,
+        );
+        for k in 0..4 {
+            let resp = agent()
+                .post(&b.url("/v1/completions"))
+                .set("X-Request-Id", &format!("b{k}"))
+                .send_json(json!({"model": MODEL, "prompt": "short", "max_tokens": 1}))
+                .expect("request through B");
+            assert_eq!(resp.status(), 200);
+        }
+    });
+    let from_b = |node: &Proc| {
+        received(node)
+            .iter()
+            .filter(|r| {
+                r["request_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with('b'))
+            })
+            .count()
+    };
+    assert_eq!((from_b(&busy), from_b(&idle)), (0, 4));
+    // A's requests are done: its next reports say so.
+    wait_for(
+        "B to hear that A's requests are done",
+        Duration::from_secs(10),
+        || peer_requests(&busy) == 0,
+    );
+}
+
 /// A peer replica that is down costs nothing but the sharing: every request is served, the
 /// placements that could not be sent are counted. The receiving endpoint is the admin
 /// API's: no key, no entry; a malformed batch is a 400 in the OpenAI error shape.
@@ -642,6 +720,6 @@ fn prefix_sync_with_a_dead_peer_never_affects_serving() {
     );
     assert_eq!(
         post(Some("adm"), &one),
-        (200, json!({"taken": 1, "skipped": 0}))
+        (200, json!({"taken": 1, "skipped": 0, "load": 0}))
     );
 }

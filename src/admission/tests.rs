@@ -35,6 +35,7 @@ fn an_engines_queue_grows_by_what_was_sent_since_its_sample() {
             kv_usage: None,
         },
         local_at_scrape: local,
+        ..Default::default()
     };
     // 4 running, 3 waiting when 7 of ours were in flight; 2 more sent since: 5 waiting.
     assert_eq!(waiting_now(&at(4, 3, 7), 9, 4), Some(5));

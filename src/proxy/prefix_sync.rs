@@ -31,6 +31,31 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Batches held for a peer that does not take them, oldest given up first.
 const BACKLOG: usize = 64;
+/// How often this replica tells its peers its requests in flight per instance (`PeerLoad`):
+/// short next to a request, so that a peer's view of a node is that much old at most.
+pub const LOAD_EVERY: Duration = Duration::from_millis(50);
+
+/// This process's id in its load reports: a peer keeps one count per reporting replica.
+fn replica_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| crate::ids::next_u64().max(1))
+}
+
+/// `{"replica", "placements": [], "load": [{instance, in_flight}]}`: this replica's requests
+/// in flight per instance address (summed over the models and roles that name it: the
+/// engine is one).
+fn load_report(topology: &Topology) -> Vec<u8> {
+    let mut by_address: HashMap<&str, u64> = HashMap::new();
+    for i in topology.instances() {
+        *by_address.entry(&i.address).or_default() += i.in_flight();
+    }
+    let load: Vec<Value> = by_address
+        .into_iter()
+        .map(|(a, n)| json!({"instance": a, "in_flight": n}))
+        .collect();
+    serde_json::to_vec(&json!({"replica": replica_id(), "placements": [], "load": load}))
+        .unwrap_or_default()
+}
 
 /// Starts the sender thread; it reads the peers and the admin key from the current policy
 /// for every batch, so a reload applies them.
@@ -50,11 +75,15 @@ pub fn spawn(shared: Arc<Shared>) -> std::io::Result<()> {
 fn run(rx: Receiver<Placement>, shared: &Shared) {
     let mut batch: Vec<Placement> = Vec::with_capacity(BATCH);
     let mut peers: HashMap<String, Peer> = HashMap::new();
+    let mut load_at = Instant::now();
     loop {
-        // With batches held for a failing peer, wake up to retry them even when no new
-        // placement comes.
+        // With peers, wake up for the next load report; with batches held for a failing
+        // peer, to retry them, even when no new placement comes.
+        let reporting = !shared.policy.load().prefix_sync.peers.is_empty();
         let waiting = peers.values().any(|p| !p.backlog.is_empty());
-        let first = if waiting {
+        let first = if reporting {
+            rx.recv_timeout(load_at.saturating_duration_since(Instant::now()))
+        } else if waiting {
             rx.recv_timeout(RETRY_AFTER)
         } else {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
@@ -75,6 +104,10 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
         let policy = shared.policy.load();
         let key = policy.admin_api_key.as_deref().unwrap_or("");
         let body = (!batch.is_empty()).then(|| Arc::new(prefix_sync::encode(&batch)));
+        let load = (Instant::now() >= load_at).then(|| {
+            load_at = Instant::now() + LOAD_EVERY;
+            load_report(&shared.topology.load())
+        });
         peers.retain(|addr, _| policy.prefix_sync.peers.contains(addr));
         for addr in &policy.prefix_sync.peers {
             let peer = peers.entry(addr.clone()).or_default();
@@ -82,6 +115,9 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
                 peer.hold(body.clone(), batch.len() as u64);
             }
             peer.flush(addr, key);
+            if let Some(load) = &load {
+                peer.report(addr, key, load);
+            }
         }
         batch.clear();
     }
@@ -129,18 +165,34 @@ impl Peer {
                 Err(e) => {
                     let held: u64 = self.backlog.iter().map(|(_, n)| n).sum();
                     STATS.failed.fetch_add(held, Ordering::Relaxed);
-                    self.retry_at = Some(Instant::now() + RETRY_AFTER);
-                    // Once per failure streak: a replica down must not flood the log.
-                    if !self.failing {
-                        self.failing = true;
-                        crate::warn!(
-                            "prefix sync: cannot send placements to peer {addr}: {e}; \
-                             holding them and trying again every {RETRY_AFTER:?}"
-                        );
-                    }
+                    self.failed(addr, &e);
                     return;
                 }
             }
+        }
+    }
+
+    /// Sends a load report unless the peer failed less than `RETRY_AFTER` ago; not held
+    /// (the next one replaces it).
+    fn report(&mut self, addr: &str, key: &str, body: &[u8]) {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        if let Err(e) = self.post(addr, key, body) {
+            self.failed(addr, &e);
+        }
+    }
+
+    /// The peer is tried again in `RETRY_AFTER`; said once per failure streak (a replica
+    /// down must not flood the log).
+    fn failed(&mut self, addr: &str, e: &std::io::Error) {
+        self.retry_at = Some(Instant::now() + RETRY_AFTER);
+        if !self.failing {
+            self.failing = true;
+            crate::warn!(
+                "prefix sync: cannot send to peer {addr}: {e}; holding its placements and \
+                 trying again every {RETRY_AFTER:?}"
+            );
         }
     }
 
@@ -170,9 +222,21 @@ struct Wire {
     from: Option<String>,
 }
 
+/// One instance's line of a load report.
+#[derive(Deserialize)]
+struct LoadWire {
+    instance: String,
+    in_flight: u64,
+}
+
 #[derive(Deserialize)]
 struct Batch {
     placements: Vec<Wire>,
+    /// The sending replica's id and its requests in flight per instance (a load report).
+    #[serde(default)]
+    replica: u64,
+    #[serde(default)]
+    load: Vec<LoadWire>,
 }
 
 /// Applies a peer's placements to this replica's prefix tables; answers how many were
@@ -214,7 +278,19 @@ pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
         }
     }
     STATS.received.fetch_add(taken, Ordering::Relaxed);
-    Ok(json!({ "taken": taken, "skipped": skipped }))
+    // A load report: every instance of that address (in any model or role) hears the
+    // peer's count. Not from this replica itself (listed as its own peer by mistake).
+    let mut loads = 0u64;
+    if batch.replica != 0 && batch.replica != replica_id() {
+        let now = crate::resilience::now_ms();
+        for l in &batch.load {
+            for i in topology.instances().filter(|i| i.address == l.instance) {
+                i.engine.peers.report(batch.replica, l.in_flight, now);
+                loads += 1;
+            }
+        }
+    }
+    Ok(json!({ "taken": taken, "skipped": skipped, "load": loads }))
 }
 
 #[cfg(test)]
@@ -234,7 +310,7 @@ mod tests {
             {"model":"other","role":"dual","instance":"127.0.0.1:9","key":3,"hashes":[3]},
             {"model":"m","role":"dual","instance":"10.0.0.1:1","key":4,"hashes":[4]}]}"#;
         let v = apply(&topo, body).unwrap();
-        assert_eq!(v, json!({"taken": 1, "skipped": 2}));
+        assert_eq!(v, json!({"taken": 1, "skipped": 2, "load": 0}));
         assert!(apply(&topo, b"{\"placements\": 3}").is_err());
     }
 
@@ -255,7 +331,7 @@ mod tests {
             {"model":"m","role":"dual","instance":"127.0.0.1:10","key":11,"hashes":[11,12],"from":"127.0.0.1:9"}]}"#;
         assert_eq!(
             apply(&topo, moves).unwrap(),
-            json!({"taken": 1, "skipped": 1})
+            json!({"taken": 1, "skipped": 1, "load": 0})
         );
         // The group is on node 10 now: a second move from node 9 finds nothing to follow.
         let dual = &topo.models[0].dual;
@@ -266,5 +342,42 @@ mod tests {
             from: Some(&dual.instances[0]),
         };
         assert!(!dual.scheduler.take_placement(&dual.instances, &again));
+    }
+
+    /// A load report reaches every instance of its address; a replica ignores its own and
+    /// an anonymous one; this replica's report names its own in-flight requests.
+    #[test]
+    fn load_reports_reach_every_instance_of_an_address() {
+        let topo = Topology::from_config(
+            &crate::config::Config::from_yaml(
+                "models:\n  - name: a\n    dual: [\"127.0.0.1:9\", \"127.0.0.1:10\"]\n  - name: b\n    dual: [\"127.0.0.1:9\"]\n",
+            )
+            .unwrap(),
+        );
+        let report = |replica: u64| {
+            format!(
+                r#"{{"replica": {replica}, "placements": [], "load": [
+                    {{"instance": "127.0.0.1:9", "in_flight": 3}},
+                    {{"instance": "10.0.0.1:1", "in_flight": 5}}]}}"#
+            )
+        };
+        assert_eq!(apply(&topo, report(42).as_bytes()).unwrap()["load"], 2);
+        let peers = |addr: &str| -> Vec<u64> {
+            topo.instances()
+                .filter(|i| i.address == addr)
+                .map(|i| i.engine.peers.sum())
+                .collect()
+        };
+        assert_eq!(peers("127.0.0.1:9"), [3, 3]);
+        assert_eq!(peers("127.0.0.1:10"), [0]);
+        assert_eq!(
+            apply(&topo, report(replica_id()).as_bytes()).unwrap()["load"],
+            0
+        );
+        assert_eq!(apply(&topo, report(0).as_bytes()).unwrap()["load"], 0);
+        // What this replica would tell its peers.
+        let mine: Value = serde_json::from_slice(&load_report(&topo)).unwrap();
+        assert_eq!(mine["replica"], replica_id());
+        assert_eq!(mine["load"].as_array().map(Vec::len), Some(2));
     }
 }

@@ -19,6 +19,7 @@ use crate::http::blocking;
 use crate::instance::Instance;
 use crate::shared::Shared;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -51,6 +52,10 @@ fn run(shared: &Shared) {
         if cfg.enabled {
             let topo = shared.topology.load_full();
             let instances: Vec<&Arc<Instance>> = topo.instances().collect();
+            let now = crate::resilience::now_ms();
+            for i in &instances {
+                i.engine.peers.expire(now); // peer replicas that stopped reporting
+            }
             fast.retain(|id, _| instances.iter().any(|i| i.id == *id));
             let learners: Vec<u64> = instances
                 .iter()
@@ -96,7 +101,7 @@ fn scrape(inst: &Instance, cfg: &EngineMetricsConfig) {
         _ => Default::default(),
     };
     let (sample, totals) = engine_load::parse_metrics(&text);
-    if inst.kv_bit.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+    if inst.kv_bit.load(Ordering::Relaxed) > 0 {
         if let Some(size) = block_size(&text) {
             let now = crate::resilience::now_ms();
             crate::kv_index::global().learn_block_size(size, false, now);
@@ -164,6 +169,7 @@ impl Unsynced {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine_load::EngineSample;
 
     #[test]
     fn block_size_comes_from_the_cache_config_info() {
@@ -179,7 +185,6 @@ mod tests {
         );
         assert_eq!(block_size(""), None);
     }
-    use crate::engine_load::EngineSample;
 
     fn shared(yaml: &str) -> Arc<Shared> {
         Shared::new(&crate::config::Config::from_yaml(yaml).unwrap(), 1)
