@@ -646,7 +646,7 @@ fn a_replica_steers_around_what_its_peer_has_in_flight() {
         for k in 0..4 {
             let resp = agent()
                 .post(&b.url("/v1/completions"))
-                .set("X-Request-Id", &format!("b{k}"))
+                .set("X-Request-Id", &format!("via-b-{k}"))
                 .send_json(json!({"model": MODEL, "prompt": "short", "max_tokens": 1}))
                 .expect("request through B");
             assert_eq!(resp.status(), 200);
@@ -658,7 +658,7 @@ fn a_replica_steers_around_what_its_peer_has_in_flight() {
             .filter(|r| {
                 r["request_id"]
                     .as_str()
-                    .is_some_and(|id| id.starts_with('b'))
+                    .is_some_and(|id| id.starts_with("via-b-"))
             })
             .count()
     };

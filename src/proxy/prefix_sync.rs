@@ -33,7 +33,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 const BACKLOG: usize = 64;
 /// How often this replica tells its peers its requests in flight per instance (`PeerLoad`):
 /// short next to a request, so that a peer's view of a node is that much old at most.
-pub const LOAD_EVERY: Duration = Duration::from_millis(50);
+const LOAD_EVERY: Duration = Duration::from_millis(50);
 
 /// This process's id in its load reports: a peer keeps one count per reporting replica.
 fn replica_id() -> u64 {
@@ -156,11 +156,7 @@ impl Peer {
                 Ok(()) => {
                     self.backlog.pop_front();
                     STATS.sent.fetch_add(n, Ordering::Relaxed);
-                    self.retry_at = None;
-                    if self.failing {
-                        self.failing = false;
-                        crate::warn!("prefix sync: peer {addr} takes placements again");
-                    }
+                    self.recovered(addr);
                 }
                 Err(e) => {
                     let held: u64 = self.backlog.iter().map(|(_, n)| n).sum();
@@ -178,8 +174,17 @@ impl Peer {
         if self.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        if let Err(e) = self.post(addr, key, body) {
-            self.failed(addr, &e);
+        match self.post(addr, key, body) {
+            Ok(()) => self.recovered(addr),
+            Err(e) => self.failed(addr, &e),
+        }
+    }
+
+    fn recovered(&mut self, addr: &str) {
+        self.retry_at = None;
+        if self.failing {
+            self.failing = false;
+            crate::warn!("prefix sync: peer {addr} takes placements and load reports again");
         }
     }
 
