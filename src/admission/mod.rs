@@ -149,18 +149,18 @@ fn now_ns() -> u64 {
 }
 
 /// The requests waiting in an engine now, as far as this proxy can tell: what the last
-/// sample had running and waiting, plus the requests this proxy sent it since, minus those
-/// that ended (the sample records the proxy's own in-flight count), beyond the engine's
-/// batch (`batch`: the most seen running with a queue). Until the engine was once seen
-/// with a queue, a sample without one says nothing about free batch slots: `None`.
+/// sample had running and waiting, plus the requests this proxy (and, as their load reports
+/// say, its peer replicas) sent it since, minus those that ended (the sample records both
+/// counts as they were), beyond the engine's batch (`batch`: the most seen running with a
+/// queue). Until the engine was once seen with a queue, a sample without one says nothing
+/// about free batch slots: `None`.
 fn waiting_now(f: &Fresh, in_flight: u64, batch: u64) -> Option<u64> {
     if f.sample.waiting == 0 && batch == 0 {
         return None;
     }
     let slots = batch.max(f.sample.running);
-    Some(
-        (f.sample.running + f.sample.waiting + in_flight).saturating_sub(f.local_at_scrape + slots),
-    )
+    let now = f.sample.running + f.sample.waiting + in_flight + f.peers_now;
+    Some(now.saturating_sub(f.local_at_scrape + f.peers_at_scrape + slots))
 }
 
 /// How many more requests the role's available instances take before every one of them is

@@ -45,4 +45,11 @@ fn an_engines_queue_grows_by_what_was_sent_since_its_sample() {
     assert_eq!(waiting_now(&at(2, 0, 2), 5, 4), Some(1));
     // Never seen with a queue: free batch slots unknown, no estimate.
     assert_eq!(waiting_now(&at(2, 0, 2), 20, 0), None);
+    // The peer replicas had 3 there at the sample and report 6 now: 3 more waiting.
+    let peers = Fresh {
+        peers_at_scrape: 3,
+        peers_now: 6,
+        ..at(4, 3, 7)
+    };
+    assert_eq!(waiting_now(&peers, 9, 4), Some(8));
 }
