@@ -492,10 +492,27 @@ fn prefix_groups(
     if sync {
         // The replicas count the same groups on the same nodes once the last placements
         // have crossed.
-        wait_for(
-            "the replicas to count the same groups per node",
-            Duration::from_secs(30),
-            || replicas.iter().all(|r| groups(r) == groups(&replicas[0])),
+        let agree = poll_until(Duration::from_secs(30), || {
+            replicas.iter().all(|r| groups(r) == groups(&replicas[0]))
+        });
+        let sync = |r: &Proc| -> Vec<f64> {
+            ["sent", "failed", "dropped", "received", "conflict"]
+                .iter()
+                .map(|o| {
+                    metric(
+                        r,
+                        &format!("proxy_prefix_sync_placements_total{{outcome=\"{o}\"}}"),
+                    )
+                })
+                .collect()
+        };
+        assert!(
+            agree,
+            "the replicas count different groups per node after 30 s: {:?}; placements \
+             sent/failed/dropped/received/conflict: {:?}; requests per node per group: \
+             {by_group:?}",
+            replicas.iter().map(groups).collect::<Vec<_>>(),
+            replicas.iter().map(sync).collect::<Vec<_>>(),
         );
     }
     for r in &replicas {

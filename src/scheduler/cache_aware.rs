@@ -138,11 +138,13 @@ impl Scheduler for CacheAware {
             }
             other => {
                 stats::record(Policy::CacheAware, Outcome::NoMatch, 0);
-                let key = key_at(other.map_or(0, |(b, _)| b));
+                let known = other.map_or(0, |(b, _)| b);
+                let key = key_at(known);
                 // A prompt shorter than one block has no prefix to share: it goes to its
                 // hash's home and is not counted as a group (nor sent to peers).
                 let group = !hashes.is_empty();
-                placed = group.then_some(key);
+                // With the blocks after the key (see the claim below).
+                placed = group.then_some((key, known.min(hashes.len().saturating_sub(1)) + 1));
                 home(key, group)
             }
         }?;
@@ -158,30 +160,51 @@ impl Scheduler for CacheAware {
         }
         // A new group is claimed by its key first: a worker that placed the same group a
         // moment earlier (its other requests arrive together) wins, and this request
-        // follows it instead of counting the group twice on another node.
+        // follows it instead of counting the group twice on another node. The blocks after
+        // the key are written before it: a worker looking the group up between the claim
+        // and the chain would otherwise match the key block alone, below the threshold,
+        // and place the group once more under the next block's key (seen under load: a
+        // replica's count one above its peer's).
+        // A holder that is not eligible now (unhealthy, excluded: the lookup passed it over,
+        // so the request looked new) keeps the group's count: the group moves here, as
+        // off an overloaded holder, rather than being counted twice.
         let mut chosen = chosen;
+        let mut placed = placed.map(|(key, tail)| {
+            (self.table).insert_chain(&hashes[tail..], PrefixTable::slot_id(chosen.id));
+            key
+        });
         if let Some(key) = placed {
-            let holder = self.table.claim(key, PrefixTable::slot_id(chosen.id));
-            match find(holder) {
-                Some(first) if !Arc::ptr_eq(first, &chosen) => {
-                    chosen = first.clone();
-                    placed = None;
+            if let Err(holder) = self.table.try_claim(key, PrefixTable::slot_id(chosen.id)) {
+                // Placed already (by another worker, or a peer's placement taken meanwhile)
+                // and counted there, even when it is the node this pick chose.
+                placed = None;
+                let first = candidates
+                    .iter()
+                    .find(|i| PrefixTable::slot_id(i.id) == holder);
+                if let Some(first) = first.filter(|f| !Arc::ptr_eq(f, &chosen)) {
+                    if ctx.eligible(first) {
+                        chosen = first.clone();
+                    } else {
+                        moved = Some((key, first.clone()));
+                    }
                 }
-                _ => {}
             }
         }
         let sid = PrefixTable::slot_id(chosen.id);
         self.table
             .insert_chain(&hashes[matched.saturating_sub(1)..], sid);
         // What the peers hear of: a new group (counted here), or a move off an overloaded
-        // holder, which they follow so that the replicas keep sending the group to one
-        // node instead of each to its own.
+        // holder (its count goes with it), which they follow so that the replicas keep
+        // sending the group to one node instead of each to its own.
         let shared = match (placed, moved) {
             (Some(key), _) => {
                 chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
                 Some((key, None))
             }
-            (None, Some((key, from))) if !Arc::ptr_eq(&from, &chosen) => Some((key, Some(from))),
+            (None, Some((key, from))) if !Arc::ptr_eq(&from, &chosen) => {
+                prefix_sync::move_count(&from, &chosen);
+                Some((key, Some(from)))
+            }
             _ => None,
         };
         if let Some((key, from)) = shared.filter(|_| prefix_sync::enabled()) {
@@ -251,6 +274,30 @@ mod tests {
             let again = pick(&ca, &c, &format!("{text} q{q}"));
             assert_eq!(again.address, home.address, "question {q}");
         }
+    }
+
+    /// A group whose node went unhealthy moves with its count: the next request looks
+    /// new (the lookup passes the holder over) but is not counted a second time.
+    #[test]
+    fn a_group_off_an_unhealthy_node_moves_with_its_count() {
+        let c = instances(4, Role::Decode);
+        let ca = CacheAware::new("t-unhealthy", Role::Decode, &SchedulingOptions::default());
+        let text = format!("group: {}", "shared system prompt. ".repeat(40));
+        let home = pick(&ca, &c, &format!("{text} q1"));
+        let groups = || {
+            c.iter()
+                .map(|i| i.prefix_groups.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(groups().iter().sum::<u64>(), 1);
+        home.set_health(crate::instance::Health::Unhealthy);
+        let away = pick(&ca, &c, &format!("{text} q2"));
+        assert!(!Arc::ptr_eq(&away, &home));
+        assert_eq!(groups().iter().sum::<u64>(), 1, "{:?}", groups());
+        assert_eq!(away.prefix_groups.load(Ordering::Relaxed), 1);
+        // The group stays where it went.
+        home.set_health(crate::instance::Health::Healthy);
+        assert!(Arc::ptr_eq(&pick(&ca, &c, &format!("{text} q3")), &away));
     }
 
     #[test]

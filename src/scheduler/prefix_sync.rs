@@ -128,11 +128,24 @@ pub fn count_once(inst: &Instance, key: u64) {
     }
 }
 
+/// A group went from `from` to `to` (a move, or a conflict resolved): its count goes with
+/// it, so that a group is counted where the table has it (cache_aware; a later conflict
+/// takes the count back from the holder, which must be where it is).
+pub fn move_count(from: &Instance, to: &Instance) {
+    let _ = from
+        .prefix_groups
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some(n.saturating_sub(1))
+        });
+    to.prefix_groups.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Records a peer's placement of the group `key` on `inst`, unless this replica placed the
 /// group on an instance with a higher score for the key (then the peer moves instead).
 /// A peer's move is followed when this replica still has the group where the peer had it
 /// (two replicas that moved it apart at once keep their own: each ignores the other's).
-/// True when the placement was taken or already held.
+/// The group's count goes where the group goes. True when the placement was taken or
+/// already held.
 pub fn take(table: &PrefixTable, instances: &[Arc<Instance>], p: &Received<'_>) -> bool {
     let (inst, key, hashes) = (p.inst, p.key, p.hashes);
     let sid = PrefixTable::slot_id(inst.id);
@@ -141,6 +154,7 @@ pub fn take(table: &PrefixTable, instances: &[Arc<Instance>], p: &Received<'_>) 
             return false;
         }
         table.insert_chain(hashes, sid);
+        move_count(from, inst);
         return true;
     }
     match table.get(key) {
@@ -152,11 +166,9 @@ pub fn take(table: &PrefixTable, instances: &[Arc<Instance>], p: &Received<'_>) 
                 if score(mine) > score(inst) {
                     return false;
                 }
-                let _ =
-                    mine.prefix_groups
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                            Some(n.saturating_sub(1))
-                        });
+                table.insert_chain(hashes, sid);
+                move_count(mine, inst);
+                return true;
             }
         }
         None => {}
@@ -246,13 +258,19 @@ mod tests {
     }
 
     /// A peer moved a group off an overloaded holder: followed while this replica still
-    /// has it there, not once it has it elsewhere; a move counts no new group.
+    /// has it there, not once it has it elsewhere; the group's count goes with it.
     #[test]
     fn a_peer_s_move_is_followed_from_where_the_group_was() {
         let c = instances(3, Role::Dual);
         let t = PrefixTable::new(64);
         let sid = |i: &Instance| Some(PrefixTable::slot_id(i.id));
         t.insert(5, PrefixTable::slot_id(c[0].id));
+        c[0].prefix_groups.store(1, Ordering::Relaxed);
+        let counts = || {
+            c.iter()
+                .map(|i| i.prefix_groups.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        };
         let moved = |to, from| Received {
             inst: to,
             key: 5,
@@ -261,9 +279,27 @@ mod tests {
         };
         assert!(take(&t, &c, &moved(&c[1], &c[0])));
         assert_eq!((t.get(5), t.get(6)), (sid(&c[1]), sid(&c[1])));
+        assert_eq!(counts(), [0, 1, 0]);
         // Another peer's move from node 0 comes too late: the group is on node 1 here.
         assert!(!take(&t, &c, &moved(&c[2], &c[0])));
         assert_eq!(t.get(5), sid(&c[1]));
-        assert_eq!(c[1].prefix_groups.load(Ordering::Relaxed), 0);
+        assert_eq!(counts(), [0, 1, 0]);
+        // A peer's new placement of the group that wins the conflict takes the count from
+        // where the group is now (node 1), not where it was first counted (node 0).
+        let score = |i: &Instance| hash64(5, i.address.as_bytes());
+        let winner = c
+            .iter()
+            .filter(|i| score(i) > score(&c[1]))
+            .max_by_key(|i| score(i));
+        let w = winner.expect("a node that outscores node 1 for key 5");
+        let new = Received {
+            inst: w,
+            key: 5,
+            hashes: &[5, 6],
+            from: None,
+        };
+        assert!(take(&t, &c, &new));
+        assert_eq!(counts().iter().sum::<u64>(), 1);
+        assert_eq!(w.prefix_groups.load(Ordering::Relaxed), 1);
     }
 }
