@@ -85,7 +85,13 @@ fn sum(f: impl Fn(&Slot) -> u64) -> u64 {
 /// The routing metrics in Prometheus text format.
 pub fn render(out: &mut String, instances: &[&crate::instance::Instance]) {
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let _ = writeln!(out, "# HELP proxy_routing_picks_total Prefix-policy picks, by outcome: prefix_hit, or why load decided (no_match, imbalanced, no_tokens, no_events).\n# TYPE proxy_routing_picks_total counter");
+    use crate::metrics::{header, render_histogram};
+    header(
+        out,
+        "proxy_routing_picks_total",
+        "counter",
+        "Prefix-policy picks, by outcome: prefix_hit, or why load decided (no_match, imbalanced, no_tokens, no_events).",
+    );
     for (p, pn) in POLICIES.iter().enumerate() {
         for (o, on) in OUTCOMES.iter().enumerate() {
             let n = sum(|s| g(&s.picks[p][o]));
@@ -95,29 +101,26 @@ pub fn render(out: &mut String, instances: &[&crate::instance::Instance]) {
             );
         }
     }
-    let _ = writeln!(out, "# HELP proxy_routing_matched_prefix_blocks Matched prompt prefix per pick, in blocks (cache_aware: 64-byte blocks; kv_aware: the engines' KV blocks).\n# TYPE proxy_routing_matched_prefix_blocks histogram");
+    let blocks = "proxy_routing_matched_prefix_blocks";
+    header(
+        out,
+        blocks,
+        "histogram",
+        "Matched prompt prefix per pick, in blocks (cache_aware: 64-byte blocks; kv_aware: the engines' KV blocks).",
+    );
+    let bounds: Vec<f64> = BUCKETS.iter().map(|&b| b as f64).collect();
     for (p, pn) in POLICIES.iter().enumerate() {
-        let mut cum = 0;
-        for (b, le) in BUCKETS
-            .iter()
-            .map(|u| u.to_string())
-            .chain(["+Inf".to_string()])
-            .enumerate()
-        {
-            cum += sum(|s| g(&s.buckets[p][b]));
-            let _ = writeln!(
-                out,
-                "proxy_routing_matched_prefix_blocks_bucket{{policy=\"{pn}\",le=\"{le}\"}} {cum}"
-            );
-        }
-        let _ = writeln!(
+        let counts: Vec<u64> = (0..=BUCKETS.len())
+            .map(|b| sum(|s| g(&s.buckets[p][b])))
+            .collect();
+        let total = sum(|s| g(&s.blocks_sum[p])) as f64;
+        render_histogram(
             out,
-            "proxy_routing_matched_prefix_blocks_sum{{policy=\"{pn}\"}} {}",
-            sum(|s| g(&s.blocks_sum[p]))
-        );
-        let _ = writeln!(
-            out,
-            "proxy_routing_matched_prefix_blocks_count{{policy=\"{pn}\"}} {cum}"
+            blocks,
+            &format!("policy=\"{pn}\""),
+            &bounds,
+            &counts,
+            total,
         );
     }
     // What the proxy believes about each engine, and how fresh it is.
@@ -127,7 +130,7 @@ pub fn render(out: &mut String, instances: &[&crate::instance::Instance]) {
                  kind: &str,
                  help: &str,
                  rows: &mut dyn Iterator<Item = (String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        crate::metrics::header(out, name, kind, help);
         for (inst, v) in rows {
             let _ = writeln!(out, "{name}{{instance=\"{inst}\"}} {v}");
         }
