@@ -374,8 +374,16 @@ impl EngineLoad {
 /// report instead of what the scrape saw of it (`PeerLoad`; both 0 without `prefix_sync`).
 #[inline]
 pub fn others(f: &Fresh) -> u64 {
+    f.peers_now + unreported(f)
+}
+
+/// Of `others`, the requests no peer replica reports: known only from the scrape, so up
+/// to an interval old (other routers', clients going straight to the engine; all of the
+/// others without `prefix_sync`).
+#[inline]
+pub fn unreported(f: &Fresh) -> u64 {
     let total = f.sample.running + f.sample.waiting;
-    f.peers_now + total.saturating_sub(f.local_at_scrape + f.peers_at_scrape)
+    total.saturating_sub(f.local_at_scrape + f.peers_at_scrape)
 }
 
 /// Requests a pick should assume on an instance beyond `local` (this proxy's in flight

@@ -220,16 +220,17 @@ const NEW_PREFIX_SLACK: u64 = 4;
 /// Whether `i` may be a new prefix's home when the least loaded eligible instance has `min`
 /// requests: at most 1.5× that, or `NEW_PREFIX_SLACK` above it (at light load a replica's
 /// view of the others' load is a few requests off, and that must not change the answer),
-/// widened by the requests `i`'s engine reported that this proxy did not send. Those come
-/// from a scrape up to an interval old: when requests are short next to the interval they
-/// still count a group that has moved on, and two replicas' views of the node differ by
-/// about that much (eight copies of the two-replica test at once: without the widening 2
-/// of 16 runs split a group about 9/11, one replica having passed its home over; with it
-/// 0 of 24).
+/// widened by the requests `i`'s engine reported that this proxy did not send and no peer
+/// replica reports (`engine_load::unreported`). Those come from a scrape up to an interval
+/// old: when requests are short next to the interval they still count a group that has
+/// moved on, and two replicas' views of the node differ by about that much (eight copies
+/// of the two-replica test at once: without the widening 2 of 16 runs split a group about
+/// 9/11, one replica having passed its home over; with it 0 of 24). The peers' reported
+/// requests are as fresh as this replica's own and widen nothing.
 #[inline]
 pub(crate) fn in_load_band(role: Role, i: &Instance, min: u64) -> bool {
     let engine = i.engine.last();
-    let unseen = engine.as_ref().map_or(0, crate::engine_load::others);
+    let unseen = engine.as_ref().map_or(0, crate::engine_load::unreported);
     requests_at(role, i, engine.as_ref()) <= min + (min / 2).max(NEW_PREFIX_SLACK + unseen)
 }
 
