@@ -165,12 +165,10 @@ impl Scheduler for CacheAware {
         // and the chain would otherwise match the key block alone, below the threshold,
         // and place the group once more under the next block's key (seen under load: a
         // replica's count one above its peer's).
-        // A holder that is not eligible now (unhealthy, excluded: the lookup passed it over,
-        // so the request looked new) keeps the group's count: the group moves here, as
-        // off an overloaded holder, rather than being counted twice.
         let mut chosen = chosen;
         let mut placed = placed.map(|(key, tail)| {
-            (self.table).insert_chain(&hashes[tail..], PrefixTable::slot_id(chosen.id));
+            self.table
+                .insert_chain(&hashes[tail..], PrefixTable::slot_id(chosen.id));
             key
         });
         if let Some(key) = placed {
@@ -182,6 +180,10 @@ impl Scheduler for CacheAware {
                     .iter()
                     .find(|i| PrefixTable::slot_id(i.id) == holder);
                 if let Some(first) = first.filter(|f| !Arc::ptr_eq(f, &chosen)) {
+                    // A holder that is not eligible now (unhealthy: the lookup passed it
+                    // over, so the request looked new) keeps the group's count: the group
+                    // moves here, as off an overloaded holder, rather than being counted
+                    // twice.
                     if ctx.eligible(first) {
                         chosen = first.clone();
                     } else {
