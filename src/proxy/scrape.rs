@@ -101,10 +101,12 @@ fn scrape(inst: &Instance, cfg: &EngineMetricsConfig) {
         _ => Default::default(),
     };
     let (sample, totals) = engine_load::parse_metrics(&text);
-    if inst.kv_bit.load(Ordering::Relaxed) > 0 {
-        if let Some(size) = block_size(&text) {
-            let now = crate::resilience::now_ms();
-            crate::kv_index::global().learn_block_size(size, false, now);
+    // Only until the index has a block size (a scrape's or an event's): then the text
+    // need not be searched again.
+    let idx = crate::kv_index::global();
+    if inst.kv_bit.load(Ordering::Relaxed) > 0 && idx.block_size.load(Ordering::Relaxed) == 0 {
+        if let Some(size) = engine_load::block_size(&text) {
+            idx.learn_block_size(size, false, crate::resilience::now_ms());
         }
     }
     if let Some(t) = totals {
@@ -115,17 +117,6 @@ fn scrape(inst: &Instance, cfg: &EngineMetricsConfig) {
         Some(s) => inst.engine.store(s, inst.in_flight()),
         None => inst.engine.failed(max_age),
     }
-}
-
-/// The KV block size in tokens an engine reports in `vllm:cache_config_info{block_size=..}`
-/// (vLLM and xpyd-dummy): kv_aware keys prompts by it before the first `BlockStored` says.
-fn block_size(text: &str) -> Option<u64> {
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("vllm:cache_config_info{"))?;
-    let at = line.find("block_size=\"")? + "block_size=\"".len();
-    let end = line[at..].find('"')?;
-    line[at..at + end].parse().ok().filter(|&b| b > 0)
 }
 
 /// Notices another router in front of cache_aware's instances while `prefix_sync` has no
@@ -170,21 +161,6 @@ impl Unsynced {
 mod tests {
     use super::*;
     use crate::engine_load::EngineSample;
-
-    #[test]
-    fn block_size_comes_from_the_cache_config_info() {
-        let text = "vllm:num_requests_running 0\nvllm:cache_config_info{block_size=\"16\",enable_prefix_caching=\"True\",num_gpu_blocks=\"640\"} 1.0\n";
-        assert_eq!(block_size(text), Some(16));
-        assert_eq!(
-            block_size("vllm:cache_config_info{num_gpu_blocks=\"640\"} 1.0"),
-            None
-        );
-        assert_eq!(
-            block_size("vllm:cache_config_info{block_size=\"x\"} 1.0"),
-            None
-        );
-        assert_eq!(block_size(""), None);
-    }
 
     fn shared(yaml: &str) -> Arc<Shared> {
         Shared::new(&crate::config::Config::from_yaml(yaml).unwrap(), 1)
