@@ -148,7 +148,7 @@ impl Peer {
     /// Sends what is held, oldest first, unless the peer failed less than `RETRY_AFTER`
     /// ago; stops at the first failure.
     fn flush(&mut self, addr: &str, key: &str) {
-        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+        if self.resting() {
             return;
         }
         while let Some((body, n)) = self.backlog.front().cloned() {
@@ -171,7 +171,7 @@ impl Peer {
     /// Sends a load report unless the peer failed less than `RETRY_AFTER` ago; not held
     /// (the next one replaces it).
     fn report(&mut self, addr: &str, key: &str, body: &[u8]) {
-        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+        if self.resting() {
             return;
         }
         match self.post(addr, key, body) {
@@ -186,6 +186,11 @@ impl Peer {
             self.failing = false;
             crate::warn!("prefix sync: peer {addr} takes placements and load reports again");
         }
+    }
+
+    /// The peer failed less than `RETRY_AFTER` ago: nothing is sent to it yet.
+    fn resting(&self) -> bool {
+        self.retry_at.is_some_and(|at| Instant::now() < at)
     }
 
     /// The peer is tried again in `RETRY_AFTER`; said once per failure streak (a replica
@@ -302,14 +307,13 @@ pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
 mod tests {
     use super::*;
 
+    fn topology(yaml: &str) -> Topology {
+        Topology::from_config(&crate::config::Config::from_yaml(yaml).unwrap())
+    }
+
     #[test]
     fn a_batch_naming_what_this_replica_lacks_is_skipped() {
-        let topo = Topology::from_config(
-            &crate::config::Config::from_yaml(
-                "model: m\nscheduling: cache_aware\ndual: [\"127.0.0.1:9\"]\n",
-            )
-            .unwrap(),
-        );
+        let topo = topology("model: m\nscheduling: cache_aware\ndual: [\"127.0.0.1:9\"]\n");
         let body = br#"{"placements":[
             {"model":"m","role":"dual","instance":"127.0.0.1:9","key":1,"hashes":[1,2]},
             {"model":"other","role":"dual","instance":"127.0.0.1:9","key":3,"hashes":[3]},
@@ -322,11 +326,8 @@ mod tests {
     /// A move is taken from the holder this replica knows, skipped from one it lacks.
     #[test]
     fn a_move_names_the_holder_it_left() {
-        let topo = Topology::from_config(
-            &crate::config::Config::from_yaml(
-                "model: m\nscheduling: cache_aware\ndual: [\"127.0.0.1:9\", \"127.0.0.1:10\"]\n",
-            )
-            .unwrap(),
+        let topo = topology(
+            "model: m\nscheduling: cache_aware\ndual: [\"127.0.0.1:9\", \"127.0.0.1:10\"]\n",
         );
         let new = br#"{"placements":[
             {"model":"m","role":"dual","instance":"127.0.0.1:9","key":11,"hashes":[11,12]}]}"#;
@@ -353,12 +354,7 @@ mod tests {
     /// an anonymous one; this replica's report names its own in-flight requests.
     #[test]
     fn load_reports_reach_every_instance_of_an_address() {
-        let topo = Topology::from_config(
-            &crate::config::Config::from_yaml(
-                "models:\n  - name: a\n    dual: [\"127.0.0.1:9\", \"127.0.0.1:10\"]\n  - name: b\n    dual: [\"127.0.0.1:9\"]\n",
-            )
-            .unwrap(),
-        );
+        let topo = topology("models:\n  - name: a\n    dual: [\"127.0.0.1:9\", \"127.0.0.1:10\"]\n  - name: b\n    dual: [\"127.0.0.1:9\"]\n");
         let report = |replica: u64| {
             format!(
                 r#"{{"replica": {replica}, "placements": [], "load": [
