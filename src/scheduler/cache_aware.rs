@@ -10,7 +10,8 @@ use super::prefix_index::{shared_table, PrefixTable};
 use super::prefix_sync;
 use super::stats::{self, Outcome, Policy};
 use super::{
-    hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Scheduler,
+    hash64, in_load_band, least_loaded, rendezvous, requests, Balance, GroupCounts, PickContext,
+    Scheduler, MAX_DEALS,
 };
 use crate::config::{Role, SchedulingOptions};
 use crate::instance::Instance;
@@ -106,12 +107,12 @@ impl Scheduler for CacheAware {
             Some(&h) => h,
             None => hash64(0, ctx.prompt_text),
         };
-        let home = |key: u64, deal: bool| {
+        let home = |key: u64, counts: Option<&GroupCounts>| {
             let ok = |i: &Instance| !overloaded(i) && in_load_band(self.role, i, min);
-            let groups = |i: &Instance| i.prefix_groups.load(Ordering::Relaxed);
+            let groups = |i: &Instance| counts.map_or(0, |c| c.of(i));
             let fewest = candidates
                 .iter()
-                .filter(|i| deal && ctx.eligible(i) && ok(i))
+                .filter(|i| counts.is_some() && ctx.eligible(i) && ok(i))
                 .map(|i| groups(i))
                 .min();
             rendezvous(candidates, ctx, key, |i| {
@@ -119,7 +120,25 @@ impl Scheduler for CacheAware {
             })
             .or_else(|| least_loaded(self.role, candidates, ctx))
         };
-        let (mut matched, mut placed, mut moved) = (0, None, None);
+        // A new group's deal stands only while the counts it was dealt by hold there
+        // (`GroupCounts`: two workers dealing at once would both pick the fewest), and it
+        // is counted at once: true then. Not for a retry (`exclude`), which counts nothing,
+        // nor after `MAX_DEALS` lost deals (the claim below counts it).
+        let deal = |key: u64| {
+            let mut deals = 0;
+            loop {
+                deals += 1;
+                let counts = GroupCounts::read(candidates, ctx);
+                let chosen = home(key, Some(&counts))?;
+                if !ctx.exclude.is_empty() || deals == MAX_DEALS {
+                    return Some((chosen, false));
+                }
+                if counts.reserve(&chosen) {
+                    return Some((chosen, true));
+                }
+            }
+        };
+        let (mut matched, mut placed, mut moved, mut reserved) = (0, None, None, false);
         let chosen = match found {
             Some((blocks, inst))
                 if (blocks * BLOCK) as f64 >= self.threshold * ctx.prompt_text.len() as f64 =>
@@ -129,7 +148,7 @@ impl Scheduler for CacheAware {
                     // The group's deepest known block names it to the peers (they know it
                     // where this replica did, if they agree).
                     moved = Some((hashes[blocks - 1], inst.clone()));
-                    home(key_at(blocks), false)
+                    home(key_at(blocks), None)
                 } else {
                     matched = blocks;
                     stats::record(Policy::CacheAware, Outcome::Hit, blocks as u64);
@@ -145,7 +164,14 @@ impl Scheduler for CacheAware {
                 let group = !hashes.is_empty();
                 // With the blocks after the key (see the claim below).
                 placed = group.then_some((key, known.min(hashes.len().saturating_sub(1)) + 1));
-                home(key, group)
+                if group {
+                    deal(key).map(|(chosen, counted)| {
+                        reserved = counted;
+                        chosen
+                    })
+                } else {
+                    home(key, None)
+                }
             }
         }?;
         // Blocks up to the match already point at `chosen` (or a racing worker's pick):
@@ -174,8 +200,12 @@ impl Scheduler for CacheAware {
         if let Some(key) = placed {
             if let Err(holder) = self.table.try_claim(key, PrefixTable::slot_id(chosen.id)) {
                 // Placed already (by another worker, or a peer's placement taken meanwhile)
-                // and counted there, even when it is the node this pick chose.
+                // and counted there, even when it is the node this pick chose: the deal's
+                // count is given back.
                 placed = None;
+                if reserved {
+                    prefix_sync::uncount(&chosen);
+                }
                 let first = candidates
                     .iter()
                     .find(|i| PrefixTable::slot_id(i.id) == holder);
@@ -200,7 +230,9 @@ impl Scheduler for CacheAware {
         // sending the group to one node instead of each to its own.
         let shared = match (placed, moved) {
             (Some(key), _) => {
-                chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
+                if !reserved {
+                    chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
+                }
                 Some((key, None))
             }
             (None, Some((key, from))) if !Arc::ptr_eq(&from, &chosen) => {
@@ -337,6 +369,16 @@ mod tests {
         }
         let counts: Vec<i32> = per_node.values().copied().collect();
         assert_eq!(counts, vec![3; 4], "{per_node:?}");
+    }
+
+    /// Workers dealing new groups at the same instant keep the counts even.
+    #[test]
+    fn workers_dealing_at_once_keep_the_counts_even() {
+        let c = instances(4, Role::Dual);
+        let ca = CacheAware::new("t-rounds", Role::Dual, &SchedulingOptions::default());
+        crate::scheduler::testing::deal_in_rounds(&c, 300, |g| {
+            pick(&ca, &c, &format!("group {g}: {}", "shared. ".repeat(40)));
+        });
     }
 
     /// A prompt shorter than one block is no group: it is not counted, so a stream of

@@ -11,7 +11,8 @@
 
 use super::stats::{self, Outcome, Policy};
 use super::{
-    hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Room, Scheduler,
+    hash64, in_load_band, least_loaded, rendezvous, requests, Balance, PickContext, Room,
+    Scheduler, MAX_DEALS,
 };
 use crate::config::{Role, SchedulingOptions};
 use crate::engine_load::{self, Speed};
@@ -135,27 +136,28 @@ impl Scheduler for KvAware {
             Some(&k) => k,
             None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
         };
-        // Room for a new group: at most one prompt's worth of blocks above the emptiest.
-        let room = Room::of(candidates, ctx, keys.len().max(1) as u64, now);
-        let by_cost = match self.role {
-            Role::Decode => None,
-            Role::Prefill | Role::Dual => {
-                // The most any eligible instance holds, in tokens (held follows blocks).
-                let most = (deepest as u64 * block as u64).min(prompt);
-                soonest_first_token(candidates, ctx, prompt, most, &held, &room, group)
+        let choose = |room: &Room| -> Option<Arc<Instance>> {
+            let by_cost = match self.role {
+                Role::Decode => None,
+                Role::Prefill | Role::Dual => {
+                    // The most any eligible instance holds, in tokens (held follows blocks).
+                    let most = (deepest as u64 * block as u64).min(prompt);
+                    soonest_first_token(candidates, ctx, prompt, most, &held, room, group)
+                }
+            };
+            if by_cost.is_some() {
+                return by_cost;
             }
-        };
-        let groups = |i: &Instance| room.groups(i);
-        let chosen = if let Some(c) = by_cost {
-            c
-        } else if let Some(best) = candidates
-            .iter()
-            .filter(|i| ctx.eligible(i) && !self.balance.overloaded(i, requests(self.role, i), min))
-            .max_by_key(|i| (held(i), tie(i)))
-            .filter(|b| known(held(b)))
-        {
-            best.clone()
-        } else {
+            if let Some(best) = candidates
+                .iter()
+                .filter(|i| {
+                    ctx.eligible(i) && !self.balance.overloaded(i, requests(self.role, i), min)
+                })
+                .max_by_key(|i| (held(i), tie(i)))
+                .filter(|b| known(held(b)))
+            {
+                return Some(best.clone());
+            }
             // A new prefix (or its holders are overloaded): within the load band, first the
             // instances holding the fewest groups (as cache_aware deals; all equal when
             // groups are not counted, see `Room::groups`), since counts move at once and the
@@ -166,12 +168,47 @@ impl Scheduler for KvAware {
             let fewest = candidates
                 .iter()
                 .filter(|i| ctx.eligible(i) && band(i))
-                .map(|i| groups(i))
+                .map(|i| room.groups(i))
                 .min();
-            let dealt = |i: &Instance| band(i) && fewest.is_none_or(|f| groups(i) <= f);
+            let dealt = |i: &Instance| band(i) && fewest.is_none_or(|f| room.groups(i) <= f);
             rendezvous(candidates, ctx, group, |i| dealt(i) && room.has(i))
                 .or_else(|| rendezvous(candidates, ctx, group, dealt))
-                .or_else(|| rendezvous(candidates, ctx, group, band))?
+                .or_else(|| rendezvous(candidates, ctx, group, band))
+        };
+        let outcome_of = |chosen: &Instance| {
+            let blocks = blocks_of(chosen);
+            if wanted == 0 {
+                Outcome::NoEvents
+            } else if blocks == 0 && deepest > 0 && known(deepest as u64 * block as u64) {
+                Outcome::Imbalanced // the prefix is held, but by nodes outside the load band
+            } else if blocks > 0 {
+                Outcome::Hit
+            } else {
+                Outcome::NoMatch
+            }
+        };
+        // A new group (nothing held or pending anywhere that counts) is counted where it
+        // went. Dealt by count, the deal stands only if the chosen instance's count is still
+        // the one it was dealt by (`GroupCounts`): else another worker's group went there
+        // meanwhile, and this one is dealt again on the new counts.
+        let mut deals = 0;
+        let (chosen, outcome) = loop {
+            // Room for a new group: at most one prompt's worth of blocks above the emptiest.
+            let room = Room::of(candidates, ctx, keys.len().max(1) as u64, now);
+            let chosen = choose(&room)?;
+            let outcome = outcome_of(&chosen);
+            if outcome != Outcome::NoMatch || keys.is_empty() || !ctx.exclude.is_empty() {
+                break (chosen, outcome);
+            }
+            deals += 1;
+            if room.reserve(&chosen) {
+                super::prefix_sync::keep_reserved(&chosen, group);
+                break (chosen, outcome);
+            }
+            if deals == MAX_DEALS {
+                super::prefix_sync::count_once(&chosen, group);
+                break (chosen, outcome);
+            }
         };
         let blocks = blocks_of(&chosen);
         // The leg is counted by what the engine must compute (see `scheduler::take_cached`).
@@ -184,28 +221,15 @@ impl Scheduler for KvAware {
                 idx.pend(k, b - 1, now);
             }
         }
-        let outcome = if wanted == 0 {
-            Outcome::NoEvents
-        } else if blocks == 0 && deepest > 0 && known(deepest as u64 * block as u64) {
-            Outcome::Imbalanced // the prefix is held, but by nodes outside the load band
-        } else if blocks > 0 {
-            Outcome::Hit
-        } else {
-            Outcome::NoMatch
-        };
-        // A new group (nothing held or pending anywhere that counts): counted where it
-        // went, and told to the peer replicas, whose next requests of the group then
+        // A new group is told to the peer replicas, whose next requests of the group then
         // follow it before the engine's events say so.
-        if outcome == Outcome::NoMatch && !keys.is_empty() && ctx.exclude.is_empty() {
-            super::prefix_sync::count_once(&chosen, group);
-            if super::prefix_sync::enabled() {
-                super::prefix_sync::offer(super::prefix_sync::Placement {
-                    instance: chosen.clone(),
-                    key: group,
-                    hashes: keys.clone(),
-                    from: None,
-                });
-            }
+        if deals > 0 && super::prefix_sync::enabled() {
+            super::prefix_sync::offer(super::prefix_sync::Placement {
+                instance: chosen.clone(),
+                key: group,
+                hashes: keys.clone(),
+                from: None,
+            });
         }
         stats::record(Policy::KvAware, outcome, blocks);
         Some(chosen)
@@ -532,6 +556,19 @@ mod tests {
         idx.void_pending(holder);
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert_eq!(idx.pending(keys[15], crate::resilience::now_ms()), None);
+    }
+
+    /// Workers dealing new groups at the same instant keep the counts even.
+    #[test]
+    fn workers_dealing_at_once_keep_the_counts_even() {
+        let c = instances(4, Role::Dual);
+        bits(&c, 60);
+        let p = KvAware::new(Role::Dual, &SchedulingOptions::default());
+        crate::scheduler::testing::deal_in_rounds(&c, 300, |g| {
+            let base = 1_000_000 + g * 64;
+            let t: Vec<u32> = (base..base + 64).collect();
+            p.pick(&c, &ctx(&t)).unwrap();
+        });
     }
 
     /// Two schedulers (two proxy replicas) that have learned nothing agree on every new

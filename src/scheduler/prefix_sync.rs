@@ -116,28 +116,46 @@ pub fn encode(batch: &[Placement]) -> Vec<u8> {
 /// already: once, whichever comes first of this replica's own placement and a peer's, and
 /// whatever the order of the messages, so replicas that share placements end with the same
 /// counts (kv_aware: two replicas that placed a group apart count it on both nodes, each
-/// once). A fixed-size table of atomics; an entry evicted long after is counted again.
+/// once).
 pub fn count_once(inst: &Instance, key: u64) {
-    static COUNTED: OnceLock<PrefixTable> = OnceLock::new();
-    let table = COUNTED.get_or_init(|| PrefixTable::new(1 << 16));
-    if table
-        .try_claim(hash64(key, inst.address.as_bytes()), 1)
-        .is_ok()
-    {
+    if first_count(inst, key) {
         inst.prefix_groups.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// `count_once` for a group a deal has counted on `inst` already (`Room::reserve`): the
+/// count stays when it is the group's first there, else it is given back.
+pub fn keep_reserved(inst: &Instance, key: u64) {
+    if !first_count(inst, key) {
+        uncount(inst);
+    }
+}
+
+/// Whether the group `key` is counted on `inst` for the first time (and now marked so).
+/// A fixed-size table of atomics; an entry evicted long after is counted again.
+fn first_count(inst: &Instance, key: u64) -> bool {
+    static COUNTED: OnceLock<PrefixTable> = OnceLock::new();
+    let table = COUNTED.get_or_init(|| PrefixTable::new(1 << 16));
+    table
+        .try_claim(hash64(key, inst.address.as_bytes()), 1)
+        .is_ok()
 }
 
 /// A group went from `from` to `to` (a move, or a conflict resolved): its count goes with
 /// it, so that a group is counted where the table has it (cache_aware; a later conflict
 /// takes the count back from the holder, which must be where it is).
 pub fn move_count(from: &Instance, to: &Instance) {
-    let _ = from
+    uncount(from);
+    to.prefix_groups.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One group fewer on `inst` (never below none).
+pub fn uncount(inst: &Instance) {
+    let _ = inst
         .prefix_groups
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
             Some(n.saturating_sub(1))
         });
-    to.prefix_groups.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Records a peer's placement of the group `key` on `inst`, unless this replica placed the
