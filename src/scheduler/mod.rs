@@ -233,9 +233,9 @@ impl Room {
 /// the deal saw; the loser deals again on the new counts. Instances past the first `CAP`
 /// eligible ones are read live and counted without the check.
 pub(crate) struct GroupCounts {
-    len: usize,
-    ids: [u64; GroupCounts::CAP],
-    counts: [u64; GroupCounts::CAP],
+    /// (instance id, count), open addressing by id (ids start at 1: 0 is an empty slot);
+    /// at most `CAP` entries, half the slots, so a lookup is a probe or two.
+    slots: [(u64, u64); GroupCounts::SLOTS],
 }
 
 /// How many times a new group is dealt before it is counted where the last deal put it,
@@ -245,28 +245,35 @@ pub(crate) const MAX_DEALS: u32 = 4;
 
 impl GroupCounts {
     const CAP: usize = 32;
+    const SLOTS: usize = 2 * Self::CAP;
 
     pub fn read(candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Self {
         let mut c = GroupCounts {
-            len: 0,
-            ids: [0; Self::CAP],
-            counts: [0; Self::CAP],
+            slots: [(0, 0); Self::SLOTS],
         };
         for i in candidates
             .iter()
             .filter(|i| ctx.eligible(i))
             .take(Self::CAP)
         {
-            c.ids[c.len] = i.id;
-            c.counts[c.len] = i.prefix_groups.load(Ordering::Relaxed);
-            c.len += 1;
+            let mut k = i.id as usize % Self::SLOTS;
+            while c.slots[k].0 != 0 {
+                k = (k + 1) % Self::SLOTS;
+            }
+            c.slots[k] = (i.id, i.prefix_groups.load(Ordering::Relaxed));
         }
         c
     }
 
     fn seen(&self, i: &Instance) -> Option<u64> {
-        let k = self.ids[..self.len].iter().position(|&id| id == i.id)?;
-        Some(self.counts[k])
+        let mut k = i.id as usize % Self::SLOTS;
+        loop {
+            match self.slots[k] {
+                (0, _) => return None,
+                (id, n) if id == i.id => return Some(n),
+                _ => k = (k + 1) % Self::SLOTS,
+            }
+        }
     }
 
     /// `i`'s count as the deal read it.
