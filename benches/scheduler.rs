@@ -183,6 +183,21 @@ fn tokenize(c: &mut Criterion) {
             b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, &text)))
         });
     }
+    // A long shared prefix and a short new suffix, as the prefix groups send: tokenized
+    // whole, and as the proxy does (pieces of the prefix kept from the earlier prompts).
+    // Every suffix is new (a counter in front of it), so only the prefix's pieces are kept.
+    let (prefix, suffix) = (text(12), text(1));
+    let mut n = 0u64;
+    let mut prompt = || {
+        n += 1;
+        format!("{prefix} question {n}: {suffix}")
+    };
+    c.bench_function("tokenize/shared_prefix_13KiB_whole", |b| {
+        b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, &prompt())))
+    });
+    c.bench_function("tokenize/shared_prefix_13KiB_pieces", |b| {
+        b.iter(|| black_box(m.encode(&prompt(), true)))
+    });
     let chat = m.chat.as_ref().expect("chat template");
     let messages = serde_json::json!([
         {"role": "system", "content": text(1)},

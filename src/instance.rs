@@ -45,8 +45,8 @@ pub struct Instance {
     /// The instance's bit in the KV index + 1 (0: no KV events), set by the subscriber.
     pub kv_bit: std::sync::atomic::AtomicU32,
     pub kv_stats: crate::kv_index::KvStats,
-    /// New prefix groups `cache_aware` placed here (this replica's and its peers'): new
-    /// groups are dealt to the instances with the fewest.
+    /// New prefix groups the prefix policies placed here (this replica's and its peers'):
+    /// new groups are dealt to the instances with the fewest (`scheduler::GroupCounts`).
     pub prefix_groups: AtomicU64,
     /// 0 until read from the instance's /v1/models.
     pub max_model_len: AtomicU64,

@@ -623,7 +623,9 @@ fn kv_aware_follows_a_simulated_engines_own_events() {
 fn exact_token_counts_from_the_models_tokenizer() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
     let file = format!("{root}/{MODEL}/tokenizer.json");
-    let text = "Hello world, the proxy routes requests; {\"json\": [1, 2, 3]} ".repeat(20);
+    // Long enough to be tokenized in pieces (docs/scheduling.md, "Tokenizers"): sent twice,
+    // the second time from the pieces kept, and exact to the token both times.
+    let text = "Hello world, the proxy routes requests; {\"json\": [1, 2, 3]} ".repeat(60);
     let venv = python_venv(&[("tokenizers", "tokenizers")]);
     let out = Command::new(venv.join("bin/python"))
         .args(["-c", "import sys; from tokenizers import Tokenizer; print(len(Tokenizer.from_file(sys.argv[1]).encode(sys.argv[2]).ids))", &file, &text])
@@ -663,15 +665,21 @@ fn exact_token_counts_from_the_models_tokenizer() {
                 v["instances"][0]["max_model_len"] == max_len
             },
         );
-        let (status, _, body) = post(
-            &a,
-            &proxy.url("/v1/completions"),
-            &json!({"model": MODEL, "prompt": text, "max_tokens": 1}),
-        );
-        assert_eq!(
-            status, want,
-            "max_model_len {max_len}, exact {exact}: {body}"
-        );
+        let mut body = Value::Null;
+        for round in ["first", "kept"] {
+            let (status, _, b) = post(
+                &a,
+                &proxy.url("/v1/completions"),
+                &json!({"model": MODEL, "prompt": text, "max_tokens": 1}),
+            );
+            assert_eq!(
+                status, want,
+                "{round}: max_model_len {max_len}, exact {exact}: {b}"
+            );
+            body = b;
+        }
+        let kept = metric(&proxy, "proxy_tokenizer_kept_bytes_total");
+        assert!(kept >= 2048.0, "kept bytes {kept} of {}", text.len());
         if want == 400 {
             assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
             assert_eq!(

@@ -11,6 +11,7 @@
 //! (docs/scheduling.md, "Tokenizers"; the mechanism in docs/architecture.md).
 
 mod chat;
+mod pieces;
 mod pool;
 mod wake;
 
@@ -29,6 +30,23 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     /// The chat template (None: chat requests keep the byte estimate).
     pub chat: Option<ChatTemplate>,
+    /// Tokenizing in kept pieces, when that is exact for this tokenizer (None: whole).
+    pieces: Option<pieces::Pieces>,
+}
+
+impl Model {
+    /// `text`'s token ids, special tokens added when `add_special` (from kept pieces of
+    /// earlier prompts where it can: `pieces`).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
+        match &self.pieces {
+            Some(p) => p.encode(&self.tokenizer, text, add_special),
+            None => self
+                .tokenizer
+                .encode(text, add_special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 fn registry() -> &'static arc_swap::ArcSwap<HashMap<String, Arc<Model>>> {
@@ -59,16 +77,35 @@ pub fn load(root: &Path, models: &[String]) {
                         None
                     }
                 });
+                let pieces = pieces::Pieces::for_tokenizer(&tokenizer)
+                    .map_err(|e| {
+                        crate::info!(
+                            "tokenizer of model {m}: prompts are tokenized whole, not in kept pieces: {e}"
+                        )
+                    })
+                    .ok();
                 crate::info!(
-                    "tokenizer of model {m}: {}{}",
+                    "tokenizer of model {m}: {}{}{}",
                     file.display(),
                     if chat.is_some() {
                         ", with a chat template"
                     } else {
                         ""
+                    },
+                    if pieces.is_some() {
+                        ", shared prefixes kept"
+                    } else {
+                        ""
                     }
                 );
-                map.insert(m.clone(), Arc::new(Model { tokenizer, chat }));
+                map.insert(
+                    m.clone(),
+                    Arc::new(Model {
+                        tokenizer,
+                        chat,
+                        pieces,
+                    }),
+                );
             }
             Err(e) => crate::warn!(
                 "no tokenizer for model {m} ({}: {e}); its prompts are counted as bytes / 4",
@@ -141,20 +178,14 @@ fn run(m: &Model, input: Input) -> Result<Vec<u32>, String> {
     match input {
         Input::Completion(json) => {
             let text: String = serde_json::from_slice(&json).map_err(|e| e.to_string())?;
-            m.tokenizer
-                .encode(text, true)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| e.to_string())
+            m.encode(&text, true)
         }
         Input::Chat(c) => {
             let t = m.chat.as_ref().ok_or("no chat template")?;
             let text = t.render(&c)?;
             // The template writes the special tokens itself (vLLM tokenizes a rendered chat
             // with add_special_tokens = false).
-            m.tokenizer
-                .encode(text, false)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| e.to_string())
+            m.encode(&text, false)
         }
     }
 }

@@ -147,5 +147,6 @@ pub fn render_metrics(out: &mut String) {
     let _ = writeln!(out, "# HELP proxy_tokenizer_queued_bytes Prompt bytes handed to the tokenizer threads and not finished.\n# TYPE proxy_tokenizer_queued_bytes gauge\nproxy_tokenizer_queued_bytes {}", g(&QUEUED_BYTES));
     let _ = writeln!(out, "# HELP proxy_tokenizer_busy_threads Tokenizer threads tokenizing now.\n# TYPE proxy_tokenizer_busy_threads gauge\nproxy_tokenizer_busy_threads {}", g(&BUSY));
     let _ = writeln!(out, "# HELP proxy_tokenizer_bytes_total Prompt bytes tokenized.\n# TYPE proxy_tokenizer_bytes_total counter\nproxy_tokenizer_bytes_total {}", g(&DONE_BYTES));
+    let _ = writeln!(out, "# HELP proxy_tokenizer_kept_bytes_total Of those, bytes whose token ids were kept from earlier prompts sharing the text (a shared prefix), not tokenized again.\n# TYPE proxy_tokenizer_kept_bytes_total counter\nproxy_tokenizer_kept_bytes_total {}", g(&super::pieces::KEPT_BYTES));
     let _ = writeln!(out, "# HELP proxy_tokenizer_seconds_total Time the tokenizer threads spent tokenizing (with chat template rendering).\n# TYPE proxy_tokenizer_seconds_total counter\nproxy_tokenizer_seconds_total {}", g(&DONE_NANOS) as f64 / 1e9);
 }
