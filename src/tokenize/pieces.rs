@@ -9,11 +9,11 @@
 //!
 //! Exact only for tokenizers that never join text across such a cut: byte-level BPE (the
 //! GPT-2, Llama 3 and Qwen pre-tokenizer regexes start a piece at a space before a word
-//! and never end one with a space), no normalizer but NFC, no prefix space added, and
-//! special tokens added only in front. `Pieces::for_tokenizer` checks the configuration
-//! and then compares piecewise with whole tokenization on sample texts; a tokenizer that
-//! fails either (SentencePiece's `Metaspace`, say) is tokenized whole
-//! (docs/scheduling.md, "Tokenizers").
+//! and never end one with a space), no normalizer but NFC, no prefix space added, no
+//! added token with a space in it, and special tokens added only in front.
+//! `Pieces::for_tokenizer` checks the configuration and then compares piecewise with
+//! whole tokenization on sample texts; a tokenizer that fails either (SentencePiece's
+//! `Metaspace`, say) is tokenized whole (docs/scheduling.md, "Tokenizers").
 
 use crate::hash::hash64;
 use serde_json::Value;
@@ -200,6 +200,16 @@ fn joins_no_cut(config: &Value) -> Result<(), String> {
         Some(n) if n.get("type").and_then(Value::as_str) == Some("NFC") => {}
         Some(_) => return Err("it has a normalizer".into()),
     }
+    // Added tokens are matched in the text before any piece is made: one with a space in
+    // it could be cut in two.
+    let added = config.get("added_tokens").and_then(Value::as_array);
+    let spaced = added.into_iter().flatten().find_map(|a| {
+        let c = a.get("content").and_then(Value::as_str)?;
+        c.contains(' ').then_some(c)
+    });
+    if let Some(c) = spaced {
+        return Err(format!("its added token {c:?} holds a space"));
+    }
     let pre = config.get("pre_tokenizer").unwrap_or(&Value::Null);
     let steps: Vec<&Value> = match pre.get("type").and_then(Value::as_str) {
         Some("Sequence") => pre
@@ -333,5 +343,7 @@ mod tests {
         assert!(joins_no_cut(&config).is_err());
         config["normalizer"] = Value::Null;
         assert!(joins_no_cut(&config).is_ok());
+        config["added_tokens"] = serde_json::json!([{"id": 5, "content": "<|a b|>"}]);
+        assert!(joins_no_cut(&config).is_err());
     }
 }
