@@ -167,6 +167,8 @@ fn fix_interactively(path: &Path, answers: &str) {
 #[test]
 fn fix_config_repairs_typos_with_a_backup() {
     let dir = std::env::temp_dir().join(format!("xpyd-fix-{}", std::process::id()));
+    // Fresh: a directory left by an earlier run under a reused pid holds its backups.
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("typos.yaml");
     let original = "model: m\nprefil: [\"127.0.0.1:8100\"]\ndecodes:\n  - \"127.0.0.1 :8200\"  \nschedulling: round-robin\n";
