@@ -85,7 +85,17 @@ impl Kept {
 impl Pieces {
     /// Piecewise tokenization for `t`, when it is exact (see the module's comment).
     pub fn for_tokenizer(t: &Tokenizer) -> Result<Pieces, String> {
-        let config = serde_json::to_value(t).map_err(|e| e.to_string())?;
+        // The parts of its configuration that matter, not the whole (vocabulary, merges).
+        let added: Vec<Value> = t
+            .get_added_tokens_decoder()
+            .values()
+            .map(|a| serde_json::json!({ "content": a.content }))
+            .collect();
+        let config = serde_json::json!({
+            "normalizer": serde_json::to_value(t.get_normalizer()).map_err(|e| e.to_string())?,
+            "pre_tokenizer": serde_json::to_value(t.get_pre_tokenizer()).map_err(|e| e.to_string())?,
+            "added_tokens": added,
+        });
         joins_no_cut(&config)?;
         let plain = |s: &str, special| {
             t.encode(s, special)
