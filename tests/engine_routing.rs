@@ -699,10 +699,16 @@ fn exact_token_counts_from_the_models_tokenizer() {
 fn exact_chat_token_counts_from_the_models_chat_template() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
     let folder = format!("{root}/{MODEL}");
+    // A system prompt long enough that the rendered chat is tokenized in pieces
+    // (docs/scheduling.md, "Tokenizers").
+    let system = format!(
+        "  You are a helpful routing assistant.  {}",
+        "Route each prompt to the node that holds its prefix; keep groups together. ".repeat(40)
+    );
     let request = json!({
         "model": MODEL,
         "messages": [
-            {"role": "system", "content": "  You are a helpful routing assistant.  "},
+            {"role": "system", "content": system},
             {"role": "user", "content": [
                 {"type": "text", "text": "Which node holds the prefix of this prompt?"},
                 {"type": "text", "text": "Answer with its address; {\"json\": [1, 2, 3]}"}
