@@ -230,6 +230,9 @@ struct Wire {
     /// The holder a moved group left (absent or null: a new group).
     #[serde(default)]
     from: Option<String>,
+    /// The count a new group was dealt at (cache_aware; absent: not dealt by count).
+    #[serde(default)]
+    dealt_at: Option<u64>,
 }
 
 /// One instance's line of a load report.
@@ -277,6 +280,7 @@ pub fn apply(topology: &Topology, body: &[u8]) -> Result<Value, ApiError> {
                     key: p.key,
                     hashes: &p.hashes,
                     from: from.flatten(),
+                    dealt_at: p.dealt_at,
                 };
                 set.scheduler.take_placement(&set.instances, &received)
             }
@@ -346,6 +350,7 @@ mod tests {
             key: 11,
             hashes: &[11, 12],
             from: Some(&dual.instances[0]),
+            dealt_at: None,
         };
         assert!(!dual.scheduler.take_placement(&dual.instances, &again));
     }

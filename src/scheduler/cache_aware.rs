@@ -26,6 +26,8 @@ pub struct CacheAware {
     threshold: f64,
     balance: Balance,
     table: Arc<PrefixTable>,
+    /// This replica's last new groups dealt by count (`prefix_sync`).
+    recent: prefix_sync::RecentDeals,
 }
 
 impl CacheAware {
@@ -35,6 +37,7 @@ impl CacheAware {
             threshold: o.cache_threshold,
             balance: Balance::new(o),
             table: shared_table(model, role, o.max_tree_size),
+            recent: Default::default(),
         }
     }
 }
@@ -79,11 +82,75 @@ fn longest<'a>(
 }
 
 impl Scheduler for CacheAware {
+    /// A peer's placement; and when it is a new group dealt onto the same node at the same
+    /// count as one this replica dealt a moment ago, the two replicas dealt at once from
+    /// the same counts, and that node is now a group ahead: the group with the lower
+    /// rendezvous score there moves to the instance with the fewest groups (every replica
+    /// that sees both decides the same), and the move is sent to the peers.
     fn take_placement(&self, instances: &[Arc<Instance>], p: &prefix_sync::Received<'_>) -> bool {
-        prefix_sync::take(&self.table, instances, p)
+        let taken = prefix_sync::take(&self.table, instances, p);
+        let now = crate::resilience::now_ms();
+        let own = p
+            .dealt_at
+            .filter(|_| taken && p.from.is_none())
+            .and_then(|c| self.recent.collided(p.inst.id, c, p.key, now));
+        if let Some(own) = own {
+            self.part_collided(instances, p, &own);
+        }
+        taken
     }
 
     fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
+        self.place(candidates, ctx)
+    }
+}
+
+impl CacheAware {
+    /// Two new groups, this replica's `own` and a peer's `p`, dealt onto one node at one
+    /// count (`take_placement`): the one with the lower rendezvous score for that node
+    /// moves to the available instance with the fewest groups (ties: the moving group's
+    /// rendezvous home), when that node is two or more groups ahead of it.
+    fn part_collided(
+        &self,
+        instances: &[Arc<Instance>],
+        p: &prefix_sync::Received<'_>,
+        own: &prefix_sync::Deal,
+    ) {
+        let x = p.inst;
+        let score = |key: u64| (hash64(key, x.address.as_bytes()), key);
+        let (key, hashes) = if score(own.key) < score(p.key) {
+            (own.key, &own.hashes[..])
+        } else {
+            (p.key, p.hashes)
+        };
+        let groups = |i: &Instance| i.prefix_groups.load(Ordering::Relaxed);
+        let to = instances
+            .iter()
+            .filter(|i| !Arc::ptr_eq(i, x) && i.is_available())
+            .min_by_key(|i| {
+                (
+                    groups(i),
+                    std::cmp::Reverse(hash64(key, i.address.as_bytes())),
+                )
+            });
+        let Some(to) = to.filter(|to| groups(x) >= groups(to) + 2) else {
+            return;
+        };
+        self.table.insert_chain(hashes, PrefixTable::slot_id(to.id));
+        prefix_sync::move_count(x, to);
+        prefix_sync::STATS.parted.fetch_add(1, Ordering::Relaxed);
+        if prefix_sync::enabled() {
+            prefix_sync::offer(prefix_sync::Placement {
+                instance: to.clone(),
+                key,
+                hashes: hashes.to_vec(),
+                from: Some(x.clone()),
+                dealt_at: None,
+            });
+        }
+    }
+
+    fn place(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
         let min = candidates
             .iter()
             .filter(|i| ctx.eligible(i))
@@ -131,14 +198,16 @@ impl Scheduler for CacheAware {
                 let counts = GroupCounts::read(candidates, ctx);
                 let chosen = home(key, Some(&counts))?;
                 if !ctx.exclude.is_empty() || deals == MAX_DEALS {
-                    return Some((chosen, false));
+                    return Some((chosen, None));
                 }
+                let at = counts.of(&chosen);
                 if counts.reserve(&chosen) {
-                    return Some((chosen, true));
+                    return Some((chosen, Some(at)));
                 }
             }
         };
-        let (mut matched, mut placed, mut moved, mut reserved) = (0, None, None, false);
+        // The count the new group was dealt at, once counted (`deal`).
+        let (mut matched, mut placed, mut moved, mut reserved) = (0, None, None, None);
         let chosen = match found {
             Some((blocks, inst))
                 if (blocks * BLOCK) as f64 >= self.threshold * ctx.prompt_text.len() as f64 =>
@@ -165,8 +234,8 @@ impl Scheduler for CacheAware {
                 // With the blocks after the key (see the claim below).
                 placed = group.then_some((key, known.min(hashes.len().saturating_sub(1)) + 1));
                 if group {
-                    deal(key).map(|(chosen, counted)| {
-                        reserved = counted;
+                    deal(key).map(|(chosen, at)| {
+                        reserved = at;
                         chosen
                     })
                 } else {
@@ -203,7 +272,7 @@ impl Scheduler for CacheAware {
                 // and counted there, even when it is the node this pick chose: the deal's
                 // count is given back.
                 placed = None;
-                if reserved {
+                if reserved.take().is_some() {
                     prefix_sync::uncount(&chosen);
                 }
                 let first = candidates
@@ -230,7 +299,7 @@ impl Scheduler for CacheAware {
         // sending the group to one node instead of each to its own.
         let shared = match (placed, moved) {
             (Some(key), _) => {
-                if !reserved {
+                if reserved.is_none() {
                     chosen.prefix_groups.fetch_add(1, Ordering::Relaxed);
                 }
                 Some((key, None))
@@ -241,13 +310,28 @@ impl Scheduler for CacheAware {
             }
             _ => None,
         };
-        if let Some((key, from)) = shared.filter(|_| prefix_sync::enabled()) {
-            prefix_sync::offer(prefix_sync::Placement {
-                instance: chosen.clone(),
-                key,
-                hashes,
-                from,
-            });
+        if let Some((key, from)) = shared.filter(|_| prefix_sync::enabled() || cfg!(test)) {
+            // A new group dealt by count is kept a moment, for a peer's deal at the same
+            // count onto the same node (`take_placement`).
+            let dealt_at = reserved.filter(|_| from.is_none());
+            if let Some(at) = dealt_at {
+                self.recent.note(prefix_sync::Deal {
+                    inst: chosen.id,
+                    key,
+                    hashes: hashes.clone(),
+                    dealt_at: at,
+                    at_ms: crate::resilience::now_ms(),
+                });
+            }
+            if prefix_sync::enabled() {
+                prefix_sync::offer(prefix_sync::Placement {
+                    instance: chosen.clone(),
+                    key,
+                    hashes,
+                    from,
+                    dealt_at,
+                });
+            }
         }
         Some(chosen)
     }
@@ -379,6 +463,71 @@ mod tests {
         crate::scheduler::testing::deal_in_rounds(&c, 300, |g| {
             pick(&ca, &c, &format!("group {g}: {}", "shared. ".repeat(40)));
         });
+    }
+
+    /// Two replicas that deal two different new groups onto one node at one count (at
+    /// once, before either hears of the other's) part them when each hears of the
+    /// other's: both move the same group to the same node, and their counts agree.
+    #[test]
+    fn two_replicas_part_groups_dealt_onto_one_node_at_once() {
+        let o = SchedulingOptions::default();
+        // The same four nodes as each replica sees them (own counts), own indexes.
+        let (ca, cb) = (instances(4, Role::Dual), instances(4, Role::Dual));
+        let (a, b) = (
+            CacheAware::new("t-part-a", Role::Dual, &o),
+            CacheAware::new("t-part-b", Role::Dual, &o),
+        );
+        let text = |g: &str| format!("group {g}: {}", "a shared system prompt. ".repeat(8));
+        let g = text("G");
+        let x = pick(&a, &ca, &g).address.clone();
+        // A group B deals onto the same node with no counts yet: its key's rendezvous home.
+        let home = |t: &str| {
+            let key = block_hashes(t.as_bytes())[0];
+            cb.iter()
+                .max_by_key(|i| hash64(key, i.address.as_bytes()))
+                .unwrap()
+                .address
+                .clone()
+        };
+        let h = (0..)
+            .map(|k| text(&format!("H{k}")))
+            .find(|t| home(t) == x)
+            .unwrap();
+        assert_eq!(pick(&b, &cb, &h).address, x);
+        // Each hears of the other's deal, made at count 0.
+        let at = |c: &[Arc<Instance>]| c.iter().position(|i| i.address == x).unwrap();
+        let (gh, hh) = (block_hashes(g.as_bytes()), block_hashes(h.as_bytes()));
+        let take = |r: &CacheAware, c: &[Arc<Instance>], hashes: &[u64]| {
+            let p = prefix_sync::Received {
+                inst: &c[at(c)],
+                key: hashes[0],
+                hashes,
+                from: None,
+                dealt_at: Some(0),
+            };
+            r.take_placement(c, &p)
+        };
+        assert!(take(&a, &ca, &hh));
+        assert!(take(&b, &cb, &gh));
+        let counts = |c: &[Arc<Instance>]| -> Vec<u64> {
+            c.iter()
+                .map(|i| i.prefix_groups.load(Ordering::Relaxed))
+                .collect()
+        };
+        assert_eq!(counts(&ca), counts(&cb));
+        assert_eq!(counts(&ca)[at(&ca)], 1, "{:?}", counts(&ca));
+        assert_eq!(counts(&ca).iter().sum::<u64>(), 2);
+        // Each group on one node, the same on both replicas, and not both on x.
+        let (ga, gb) = (
+            pick(&a, &ca, &g).address.clone(),
+            pick(&b, &cb, &g).address.clone(),
+        );
+        let (ha, hb) = (
+            pick(&a, &ca, &h).address.clone(),
+            pick(&b, &cb, &h).address.clone(),
+        );
+        assert_eq!((&ga, &ha), (&gb, &hb));
+        assert_ne!(ga, ha);
     }
 
     /// A prompt shorter than one block is no group: it is not counted, so a stream of

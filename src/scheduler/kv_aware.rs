@@ -229,6 +229,7 @@ impl Scheduler for KvAware {
                 key: group,
                 hashes: keys.clone(),
                 from: None,
+                dealt_at: None,
             });
         }
         stats::record(Policy::KvAware, outcome, blocks);

@@ -29,6 +29,10 @@ pub struct Placement {
     /// A group moved off an overloaded holder (cache_aware): that holder. None for a new
     /// group.
     pub from: Option<Arc<Instance>>,
+    /// A new group dealt by count (cache_aware): the instance's count the deal was made
+    /// on. Two replicas dealing different groups at once onto one node from the same count
+    /// find each other by it (`CacheAware::take_placement`).
+    pub dealt_at: Option<u64>,
 }
 
 /// A peer's placement, its instances resolved on this replica.
@@ -37,6 +41,57 @@ pub struct Received<'a> {
     pub key: u64,
     pub hashes: &'a [u64],
     pub from: Option<&'a Arc<Instance>>,
+    pub dealt_at: Option<u64>,
+}
+
+/// How long an own deal is matched against the peers' placements (`RecentDeals`): far
+/// beyond the sender's 2 ms batching and a peer's answer, well short of a group's life.
+const RECENT_DEAL_MS: u64 = 1_000;
+
+/// A new group this replica dealt by count, kept a moment for `RecentDeals`.
+pub struct Deal {
+    pub inst: u64,
+    pub key: u64,
+    pub hashes: Vec<u64>,
+    pub dealt_at: u64,
+    pub at_ms: u64,
+}
+
+/// This replica's last few new groups dealt by count (a ring of 8, lock-free): a peer's
+/// placement of another group onto the same node at the same count is a collision — both
+/// replicas dealt at once from the same counts (`CacheAware::take_placement`).
+#[derive(Default)]
+pub struct RecentDeals {
+    slots: [arc_swap::ArcSwapOption<Deal>; 8],
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl RecentDeals {
+    pub fn note(&self, d: Deal) {
+        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.slots[k].store(Some(Arc::new(d)));
+    }
+
+    /// An own deal of another group than `key` onto the instance `inst` at `dealt_at`,
+    /// in the last `RECENT_DEAL_MS`; taken out, so that it resolves one collision.
+    pub fn collided(&self, inst: u64, dealt_at: u64, key: u64, now: u64) -> Option<Arc<Deal>> {
+        self.slots.iter().find_map(|s| {
+            let d = s.load_full()?;
+            let hit = d.inst == inst
+                && d.dealt_at == dealt_at
+                && d.key != key
+                && now.saturating_sub(d.at_ms) < RECENT_DEAL_MS;
+            if !hit {
+                return None;
+            }
+            // Taken only if still there (another worker may have taken it).
+            let before = s.compare_and_swap(&d, None);
+            before
+                .as_ref()
+                .is_some_and(|b| Arc::ptr_eq(b, &d))
+                .then_some(d)
+        })
+    }
 }
 
 /// What the sync did, for `/metrics`.
@@ -51,6 +106,9 @@ pub struct Stats {
     pub received: AtomicU64,
     /// Received placements of a group this replica had placed elsewhere, resolved by score.
     pub conflicts: AtomicU64,
+    /// Two different new groups dealt onto one node at one count by two replicas at once,
+    /// one moved to the instance with the fewest (`CacheAware::take_placement`).
+    pub parted: AtomicU64,
 }
 
 pub static STATS: Stats = Stats {
@@ -59,6 +117,7 @@ pub static STATS: Stats = Stats {
     dropped: AtomicU64::new(0),
     received: AtomicU64::new(0),
     conflicts: AtomicU64::new(0),
+    parted: AtomicU64::new(0),
 };
 
 static OUTBOX: OnceLock<Sender<Placement>> = OnceLock::new();
@@ -106,6 +165,7 @@ pub fn encode(batch: &[Placement]) -> Vec<u8> {
                 "key": p.key,
                 "hashes": p.hashes,
                 "from": p.from.as_ref().map(|f| &f.address),
+                "dealt_at": p.dealt_at,
             })
         })
         .collect();
@@ -208,12 +268,14 @@ pub fn render(out: &mut String) {
          proxy_prefix_sync_placements_total{{outcome=\"failed\"}} {}\n\
          proxy_prefix_sync_placements_total{{outcome=\"dropped\"}} {}\n\
          proxy_prefix_sync_placements_total{{outcome=\"received\"}} {}\n\
-         proxy_prefix_sync_placements_total{{outcome=\"conflict\"}} {}\n",
+         proxy_prefix_sync_placements_total{{outcome=\"conflict\"}} {}\n\
+         proxy_prefix_sync_placements_total{{outcome=\"parted\"}} {}\n",
         n(&STATS.sent),
         n(&STATS.failed),
         n(&STATS.dropped),
         n(&STATS.received),
         n(&STATS.conflicts),
+        n(&STATS.parted),
     );
 }
 
@@ -245,6 +307,7 @@ mod tests {
                 key,
                 hashes: &hashes,
                 from: None,
+                dealt_at: None,
             };
             take(&a, &c, &from(&c[1]));
             take(&b, &c, &from(&c[0]));
@@ -266,6 +329,7 @@ mod tests {
             key: 7,
             hashes: &[7, 8],
             from: None,
+            dealt_at: None,
         };
         assert!(take(&t, &c, &new));
         assert_eq!(t.get(8), Some(PrefixTable::slot_id(c[1].id)));
@@ -294,6 +358,7 @@ mod tests {
             key: 5,
             hashes: &[5, 6],
             from: Some(from),
+            dealt_at: None,
         };
         assert!(take(&t, &c, &moved(&c[1], &c[0])));
         assert_eq!((t.get(5), t.get(6)), (sid(&c[1]), sid(&c[1])));
@@ -315,6 +380,7 @@ mod tests {
             key: 5,
             hashes: &[5, 6],
             from: None,
+            dealt_at: None,
         };
         assert!(take(&t, &c, &new));
         assert_eq!(counts().iter().sum::<u64>(), 1);
