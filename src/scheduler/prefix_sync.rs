@@ -10,7 +10,8 @@
 //!
 //! Two replicas placing the same new group at once, on different nodes, each receive the
 //! other's placement: both keep the node with the higher rendezvous score for the group's
-//! key, so they agree after one exchange whatever the order.
+//! key, so they agree after one exchange whatever the order. Two placing *different* new
+//! groups onto one node at one count are parted (`RecentDeals`, cache_aware).
 
 use super::prefix_index::PrefixTable;
 use crate::hash::hash64;
