@@ -341,7 +341,7 @@ impl CacheAware {
 mod tests {
     use super::*;
     use crate::instance::InFlight;
-    use crate::scheduler::testing::instances;
+    use crate::scheduler::testing::{group_counts, instances};
 
     fn pick(ca: &CacheAware, c: &[Arc<Instance>], text: &str) -> Arc<Instance> {
         let ctx = PickContext {
@@ -402,11 +402,7 @@ mod tests {
         let ca = CacheAware::new("t-unhealthy", Role::Decode, &SchedulingOptions::default());
         let text = format!("group: {}", "shared system prompt. ".repeat(40));
         let home = pick(&ca, &c, &format!("{text} q1"));
-        let groups = || {
-            c.iter()
-                .map(|i| i.prefix_groups.load(Ordering::Relaxed))
-                .collect::<Vec<_>>()
-        };
+        let groups = || group_counts(&c);
         assert_eq!(groups().iter().sum::<u64>(), 1);
         home.set_health(crate::instance::Health::Unhealthy);
         let away = pick(&ca, &c, &format!("{text} q2"));
@@ -509,14 +505,10 @@ mod tests {
         };
         assert!(take(&a, &ca, &hh));
         assert!(take(&b, &cb, &gh));
-        let counts = |c: &[Arc<Instance>]| -> Vec<u64> {
-            c.iter()
-                .map(|i| i.prefix_groups.load(Ordering::Relaxed))
-                .collect()
-        };
-        assert_eq!(counts(&ca), counts(&cb));
-        assert_eq!(counts(&ca)[at(&ca)], 1, "{:?}", counts(&ca));
-        assert_eq!(counts(&ca).iter().sum::<u64>(), 2);
+        let (na, nb) = (group_counts(&ca), group_counts(&cb));
+        assert_eq!(na, nb);
+        assert_eq!(na[at(&ca)], 1, "{na:?}");
+        assert_eq!(na.iter().sum::<u64>(), 2);
         // Each group on one node, the same on both replicas, and not both on x.
         let (ga, gb) = (
             pick(&a, &ca, &g).address.clone(),
@@ -539,11 +531,7 @@ mod tests {
         for k in 0..20 {
             pick(&ca, &c, &format!("warm {k}"));
         }
-        let counted: u64 = c
-            .iter()
-            .map(|i| i.prefix_groups.load(Ordering::Relaxed))
-            .sum();
-        assert_eq!(counted, 0);
+        assert_eq!(group_counts(&c).iter().sum::<u64>(), 0);
     }
 
     #[test]

@@ -416,16 +416,19 @@ pub mod testing {
         }
     }
 
+    /// Each instance's new-group count (`Instance::prefix_groups`), in order.
+    pub fn group_counts(c: &[Arc<Instance>]) -> Vec<u64> {
+        c.iter()
+            .map(|i| i.prefix_groups.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// Deals new groups from as many threads as there are instances, in rounds of one new
     /// group each (`pick(g)` places group `g`), and fails unless every round leaves every
     /// instance with exactly one group more: workers dealing at the same instant must not
     /// both take the one with the fewest (`GroupCounts`).
     pub fn deal_in_rounds(c: &[Arc<Instance>], rounds: u32, pick: impl Fn(u32) + Sync) {
-        let counts = || -> Vec<u64> {
-            c.iter()
-                .map(|i| i.prefix_groups.load(Ordering::Relaxed))
-                .collect()
-        };
+        let counts = || group_counts(c);
         let workers = c.len() as u32;
         let round = std::sync::Barrier::new(c.len());
         let uneven = std::sync::Mutex::new(None);

@@ -349,11 +349,7 @@ mod tests {
         let sid = |i: &Instance| Some(PrefixTable::slot_id(i.id));
         t.insert(5, PrefixTable::slot_id(c[0].id));
         c[0].prefix_groups.store(1, Ordering::Relaxed);
-        let counts = || {
-            c.iter()
-                .map(|i| i.prefix_groups.load(Ordering::Relaxed))
-                .collect::<Vec<_>>()
-        };
+        let counts = || crate::scheduler::testing::group_counts(&c);
         let moved = |to, from| Received {
             inst: to,
             key: 5,
