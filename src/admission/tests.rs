@@ -27,16 +27,7 @@ fn retry_after_rounds_up_to_whole_seconds() {
 
 #[test]
 fn an_engines_queue_grows_by_what_was_sent_since_its_sample() {
-    use crate::engine_load::EngineSample;
-    let at = |running, waiting, local| Fresh {
-        sample: EngineSample {
-            running,
-            waiting,
-            kv_usage: None,
-        },
-        local_at_scrape: local,
-        ..Default::default()
-    };
+    let at = Fresh::of;
     // 4 running, 3 waiting when 7 of ours were in flight; 2 more sent since: 5 waiting.
     assert_eq!(waiting_now(&at(4, 3, 7), 9, 4), Some(5));
     // 4 of ours ended since: the queue moved up.

@@ -115,6 +115,23 @@ pub struct Fresh {
     pub peers_now: u64,
 }
 
+#[cfg(test)]
+impl Fresh {
+    /// A sample of `running` and `waiting` taken while this proxy had `local` in flight,
+    /// no peers: the unit tests' engine state.
+    pub(crate) fn of(running: u64, waiting: u64, local: u64) -> Fresh {
+        Fresh {
+            sample: EngineSample {
+                running,
+                waiting,
+                kv_usage: None,
+            },
+            local_at_scrape: local,
+            ..Default::default()
+        }
+    }
+}
+
 impl EngineLoad {
     /// Publishes a sample; `local` is this proxy's in-flight count at the time of the scrape.
     pub fn store(&self, s: EngineSample, local: u64) {
@@ -336,15 +353,7 @@ mod tests {
 
     #[test]
     fn unseen_requests_do_not_double_count_our_own() {
-        let f = |running, waiting, local| Fresh {
-            sample: EngineSample {
-                running,
-                waiting,
-                kv_usage: None,
-            },
-            local_at_scrape: local,
-            ..Default::default()
-        };
+        let f = Fresh::of;
         // All of the engine's requests are ours: nothing unseen.
         assert_eq!(unseen_requests(&f(4, 0, 4), 4, 4), 0);
         // Another proxy's two requests (ours: 4 then and now) in a batch of 4: 2 others
@@ -362,13 +371,9 @@ mod tests {
     #[test]
     fn peers_count_as_they_report_now() {
         let f = |peers_at_scrape, peers_now| Fresh {
-            sample: EngineSample {
-                running: 10,
-                ..Default::default()
-            },
-            local_at_scrape: 2,
             peers_at_scrape,
             peers_now,
+            ..Fresh::of(10, 0, 2)
         };
         // 10 on the engine: 2 ours, 6 the peers', 2 from elsewhere.
         assert_eq!(others(&f(6, 6)), 8);
