@@ -8,6 +8,7 @@
 pub mod log;
 
 pub mod admission;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;

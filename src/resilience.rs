@@ -9,10 +9,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Milliseconds on a process-wide monotonic clock (never 0).
+/// Milliseconds on a process-wide monotonic clock (never 0); on a worker, as of the event
+/// loop's turn (`clock::recent`).
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    let start = *START.get_or_init(Instant::now);
+    crate::clock::recent()
+        .saturating_duration_since(start)
+        .as_millis() as u64
+        + 1
 }
 
 /// A circuit's state; only `Open` blocks picks.

@@ -4,6 +4,7 @@ use super::buf::ReadBuf;
 use super::chunked::ChunkedDecoder;
 use super::error::ApiError;
 use super::head::{parse_request, Framing, HeadError, RequestHead};
+use crate::clock::recent;
 use bytes::Bytes;
 use http::StatusCode;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -41,8 +42,8 @@ async fn fill_by<S: AsyncReadRent>(
     want: usize,
     deadline: Instant,
 ) -> Result<usize, ReadError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    match monoio::time::timeout(left, buf.fill_at_least(stream, want)).await {
+    let at = monoio::time::Instant::from_std(deadline);
+    match monoio::time::timeout_at(at, buf.fill_at_least(stream, want)).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(ReadError::TimedOut),
     }
@@ -81,10 +82,10 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
     limits: &Limits,
 ) -> Result<Request, ReadError> {
     // Idle wait for the first byte, then the whole request within the header timeout.
-    let mut deadline = Instant::now() + limits.keepalive_timeout;
+    let mut deadline = recent() + limits.keepalive_timeout;
     let mut started = !buf.is_empty();
     if started {
-        deadline = Instant::now() + limits.header_timeout;
+        deadline = recent() + limits.header_timeout;
     }
     let head = loop {
         match parse_request(buf.data()) {
@@ -113,7 +114,7 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
                 }
                 if !started {
                     started = true;
-                    deadline = Instant::now() + limits.header_timeout;
+                    deadline = recent() + limits.header_timeout;
                 }
             }
             Err(HeadError::TooManyHeaders) => {

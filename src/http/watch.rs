@@ -66,7 +66,12 @@ impl<'a> NextRead<'a> {
         }
         let got = match self.got.take() {
             Some(r) => r,
-            None => match monoio::time::timeout(idle, self.read.as_mut()).await {
+            None => match monoio::time::timeout_at(
+                monoio::time::Instant::from_std(crate::clock::recent() + idle),
+                self.read.as_mut(),
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(_) => return false,
             },

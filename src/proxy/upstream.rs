@@ -242,7 +242,7 @@ impl Pool {
                 read,
                 reused: true,
             },
-            since: Instant::now(),
+            since: crate::clock::recent(),
         });
     }
 

@@ -180,6 +180,9 @@ impl<D> Runtime<D> {
 
                         // Cold path
                         let _ = self.driver.submit();
+                        // xpyd patch: the turn ends without parking, so the time driver did
+                        // not read the clock: keep `time::recent` at most one turn old.
+                        let _ = crate::time::clock::read();
                     }
 
                     // Wait and Process CQ(the error is ignored for not debug mode)

@@ -86,7 +86,9 @@
 // Heavily borrowed from tokio.
 // Copyright (c) 2021 Tokio Contributors, licensed under the MIT license.
 
-mod clock;
+pub(crate) mod clock;
+// xpyd patch: the clock as last read on this thread (once per event-loop turn at least).
+pub use clock::recent;
 pub(crate) use self::clock::Clock;
 
 pub(crate) mod driver;
