@@ -14,3 +14,43 @@ use std::time::Instant;
 pub fn recent() -> Instant {
     monoio::time::recent()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::recent;
+    use std::time::{Duration, Instant};
+
+    fn spin_past(t: Instant) {
+        while Instant::now() < t {
+            std::hint::spin_loop();
+        }
+    }
+
+    #[test]
+    fn off_a_runtime_every_reading_is_fresh() {
+        let a = recent();
+        spin_past(a + Duration::from_millis(2));
+        assert!(
+            recent() >= a + Duration::from_millis(2),
+            "a kept reading off the runtime"
+        );
+    }
+
+    #[test]
+    fn on_a_runtime_the_reading_moves_with_the_event_loop() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let before = Instant::now();
+            monoio::time::sleep(Duration::from_millis(3)).await;
+            // The loop parked for the timer and read the clock when it woke.
+            let after_park = recent();
+            assert!(after_park >= before + Duration::from_millis(3));
+            // Within the turn the reading stands still: it is the turn's.
+            spin_past(Instant::now() + Duration::from_millis(1));
+            assert_eq!(recent(), after_park);
+        });
+    }
+}
