@@ -9,15 +9,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Milliseconds on a process-wide monotonic clock (never 0); on a worker, as of the event
-/// loop's turn (`clock::recent`).
+/// Milliseconds on a process-wide monotonic clock (never 0).
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    crate::clock::recent()
-        .saturating_duration_since(start)
-        .as_millis() as u64
-        + 1
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// A circuit's state; only `Open` blocks picks.
@@ -100,8 +95,12 @@ impl Breaker {
         self.failure_at(cfg, now_ms())
     }
 
-    /// Records a successful request or probe.
+    /// Records a successful request or probe. A closed circuit, every request's usual case,
+    /// has nothing to record and reads no clock.
     pub fn record_success(&self, cfg: &CircuitConfig) -> Option<Transition> {
+        if Circuit::from_u8(self.state.load(Ordering::Relaxed)) == Circuit::Closed {
+            return None;
+        }
         self.success_at(cfg, now_ms())
     }
 
