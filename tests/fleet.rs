@@ -704,12 +704,32 @@ fn replicas_behind_an_l4_balancer() {
 
 /// A loopback port free for both UDP and TCP at the time of asking.
 fn free_udp_and_tcp_port() -> u16 {
-    for _ in 0..100 {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = udp.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    // Below the kernel's ephemeral range: dnsmasq is stopped and started again on this port,
+    // and a port inside the range can meanwhile become the local port of any outgoing
+    // connection (a pooled keep-alive one holds it for the rest of the test; CI once waited
+    // 20 s for it in vain).
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, span) = if low > 12_000 {
+        (10_000u16, low - 10_000)
+    } else {
+        (1_024, low - 1_024)
+    };
+    let mut x = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    for _ in 0..200 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = from + (x % u64::from(span)) as u16;
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        if udp.is_ok() && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no loopback port free for both UDP and TCP in 100 tries");
+    panic!("no loopback port below {low} free for both UDP and TCP in 200 tries");
 }
