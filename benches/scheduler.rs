@@ -180,7 +180,7 @@ fn tokenize(c: &mut Criterion) {
     for kib in [1usize, 4, 16] {
         let text = text(kib);
         c.bench_function(&format!("tokenize/completion_{kib}KiB"), |b| {
-            b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, &text)))
+            b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, &text, true)))
         });
     }
     // A long shared prefix and a short new suffix, as the prefix groups send: tokenized
@@ -193,7 +193,7 @@ fn tokenize(c: &mut Criterion) {
         format!("{prefix} question {n}: {suffix}")
     };
     c.bench_function("tokenize/shared_prefix_13KiB_whole", |b| {
-        b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, &prompt())))
+        b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, &prompt(), true)))
     });
     c.bench_function("tokenize/shared_prefix_13KiB_pieces", |b| {
         b.iter(|| black_box(m.encode(&prompt(), true)))
@@ -233,7 +233,7 @@ fn handoff(c: &mut Criterion) {
     xpyd::tokenize::start_threads(1).unwrap();
     let m = xpyd::tokenize::get("test-model").unwrap();
     c.bench_function("tokenize/handoff_inline", |b| {
-        b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, "Hello, world")))
+        b.iter(|| black_box(xpyd::tokenize::encode(&m.tokenizer, "Hello, world", true)))
     });
     // Each driver's runtime lives on a thread of its own for the whole bench, as a worker's
     // does (a worker's mailbox belongs to the one runtime it runs); criterion asks it for

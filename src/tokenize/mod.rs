@@ -40,11 +40,7 @@ impl Model {
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
         match &self.pieces {
             Some(p) => p.encode(&self.tokenizer, text, add_special),
-            None => self
-                .tokenizer
-                .encode(text, add_special)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| e.to_string()),
+            None => encode(&self.tokenizer, text, add_special),
         }
     }
 }
@@ -122,10 +118,12 @@ pub fn get(model: &str) -> Option<Arc<Model>> {
     registry().load().get(model).cloned()
 }
 
-/// Token ids of a completion prompt's text, special tokens added as vLLM does for
-/// `/v1/completions`.
-pub fn encode(t: &Tokenizer, text: &str) -> Option<Vec<u32>> {
-    t.encode(text, true).ok().map(|e| e.get_ids().to_vec())
+/// `text`'s token ids, tokenized whole; special tokens added when `add_special` (as vLLM
+/// does for `/v1/completions`, not for a rendered chat).
+pub fn encode(t: &Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
+    t.encode(text, add_special)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| e.to_string())
 }
 
 /// A prompt to tokenize, as slices of the request body (shared, not copied): the JSON is
@@ -210,7 +208,12 @@ mod tests {
             "tokenizer_config.json has a chat template"
         );
         assert!(get("missing/model").is_none());
-        let ids = encode(&m.tokenizer, "Hello world, the proxy routes requests.").unwrap();
+        let ids = encode(
+            &m.tokenizer,
+            "Hello world, the proxy routes requests.",
+            true,
+        )
+        .unwrap();
         assert!(!ids.is_empty() && ids.len() < 40, "{ids:?}");
         let chat = run(
             &m,

@@ -15,6 +15,7 @@
 //! whole tokenization on sample texts; a tokenizer that fails either (SentencePiece's
 //! `Metaspace`, say) is tokenized whole (docs/scheduling.md, "Tokenizers").
 
+use super::encode;
 use crate::hash::hash64;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
@@ -97,25 +98,18 @@ impl Pieces {
             "added_tokens": added,
         });
         joins_no_cut(&config)?;
-        let plain = |s: &str, special| {
-            t.encode(s, special)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| e.to_string())
-        };
         let sample = sample_text();
-        let (with, without) = (plain(&sample, true)?, plain(&sample, false)?);
+        let (with, without) = (encode(t, &sample, true)?, encode(t, &sample, false)?);
         if !with.ends_with(&without) {
             return Err("special tokens are added after the text".into());
         }
-        let special_prefix = with[..with.len() - without.len()].to_vec();
         let p = Pieces {
-            special_prefix,
+            special_prefix: with[..with.len() - without.len()].to_vec(),
             kept: Mutex::default(),
         };
-        for special in [true, false] {
-            let whole = plain(&sample, special)?;
+        for (special, whole) in [(true, &with), (false, &without)] {
             // Small pieces: many cuts, each tried.
-            if p.encode_with(t, &sample, special, 48)? != whole {
+            if p.encode_with(t, &sample, special, 48)? != *whole {
                 return Err("piecewise tokenization differs from whole on the sample".into());
             }
         }
@@ -142,11 +136,6 @@ impl Pieces {
         } else {
             Vec::new()
         };
-        let encode = |s: &str| {
-            t.encode(s, false)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| e.to_string())
-        };
         let (mut start, mut kept_bytes) = (0, 0);
         for end in cuts(text.as_bytes(), piece) {
             let part = &text[start..end];
@@ -158,7 +147,7 @@ impl Pieces {
                     kept_bytes += part.len();
                 }
                 None => {
-                    let ids: Arc<[u32]> = encode(part)?.into();
+                    let ids: Arc<[u32]> = encode(t, part, false)?.into();
                     out.extend_from_slice(&ids);
                     if let Ok(mut k) = self.kept.lock() {
                         k.put(key, (part.into(), ids));
@@ -167,7 +156,7 @@ impl Pieces {
             }
             start = end;
         }
-        out.extend(encode(&text[start..])?);
+        out.extend(encode(t, &text[start..], false)?);
         KEPT_BYTES.fetch_add(kept_bytes as u64, Ordering::Relaxed);
         Ok(out)
     }
