@@ -152,9 +152,10 @@ pub struct Policy {
     pub deny_headers: Vec<String>,
     /// `tracing.sample_ratio` (the exporter itself is set up at start).
     pub trace_sample_ratio: f64,
-    /// Each configured model's admission limits, by name ...
+    /// The admission limits of each configured model that has its own, by name ...
     pub admission: std::collections::HashMap<String, AdmissionConfig>,
-    /// ... and those of a model added by the admin API (the top level's).
+    /// ... and those of every other model (the top level's): a configured model without
+    /// limits of its own, or one added by the admin API.
     pub admission_default: AdmissionConfig,
 }
 
@@ -222,9 +223,12 @@ impl Config {
             shutdown_grace: self.shutdown_grace,
             deny_headers: self.deny_headers.clone(),
             trace_sample_ratio: self.tracing.sample_ratio,
+            // Only the models whose limits differ from the top level's: with none (the
+            // usual case) a request's lookup hashes no name.
             admission: self
                 .models
                 .iter()
+                .filter(|m| m.admission != self.admission)
                 .map(|m| (m.name.clone(), m.admission.clone()))
                 .collect(),
             admission_default: self.admission.clone(),
@@ -353,5 +357,33 @@ mod tests {
         assert_eq!(e.problems.len(), 2, "{e}");
         let e = Config::from_yaml("prefill: [\"127.0.0.1:5\"]\n").unwrap_err();
         assert!(e.problems[0].to_string().contains("decode"), "{e}");
+    }
+
+    /// A model with limits of its own gets them; one without, the top level's, through the
+    /// default (the policy keeps no entry for it).
+    #[test]
+    fn each_model_gets_its_admission_limits() {
+        let c = Config::from_yaml(concat!(
+            "admission: {max_concurrent_requests: 4}\n",
+            "models:\n",
+            "  - name: own\n",
+            "    dual: [\"127.0.0.1:8100\"]\n",
+            "    admission: {max_concurrent_requests: 9}\n",
+            "  - name: plain\n",
+            "    dual: [\"127.0.0.1:8101\"]\n",
+        ))
+        .unwrap();
+        let p = c.policy();
+        let limit = |m: &str| p.admission(m).map(|a| a.max_concurrent_requests);
+        assert_eq!(limit("own"), Some(9));
+        assert_eq!(limit("plain"), Some(4));
+        assert_eq!(limit("added-later"), Some(4));
+        assert_eq!(
+            p.admission.len(),
+            1,
+            "only the model with limits of its own"
+        );
+        let off = Config::from_yaml("model: m\ndual: [\"127.0.0.1:8100\"]\n").unwrap();
+        assert!(off.policy().admission("m").is_none());
     }
 }
