@@ -276,6 +276,46 @@ fn stall_mid_stream_ends_with_an_sse_error_event() {
     assert!(text.contains("stalled mid-stream"), "{text}");
 }
 
+/// The idle timeout is the longest silence between reads, not the body's whole length: one
+/// timer serves a relay and is moved on at every read (docs/benchmarks.md, "The relay's idle
+/// timer"), so a stream longer than the timeout, with shorter gaps, runs to its end.
+#[test]
+fn a_stream_longer_than_the_idle_timeout_is_not_cut() {
+    // 8 tokens 0.25 s apart: 2 s in all against a 1 s idle timeout.
+    let d = dummy(
+        "dual",
+        &[
+            "--decode-delay-per-token",
+            "0.25",
+            "--prefill-delay-per-token",
+            "0",
+        ],
+    );
+    let yaml = format!("{}timeouts:\n  idle_seconds: 1\n", dual_yaml(&[&d]));
+    let proxy = proxy_with(&yaml, true);
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let b = serde_json::to_vec(&json!({"model": MODEL, "prompt": "x", "max_tokens": 8, "stream": true, "ignore_eos": true})).unwrap();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", b.len()).unwrap();
+    s.write_all(&b).unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains("stalled"), "{text}");
+    assert!(
+        text.contains("data: [DONE]"),
+        "the stream ran to its end: {text}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the stream outlasted the idle timeout: {:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn admin_api_requires_the_key() {
     let d = dummy("dual", &[]);

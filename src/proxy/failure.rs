@@ -4,11 +4,16 @@
 
 use super::upstream::{UpstreamConn, UpstreamError};
 use super::Worker;
+use crate::clock::recent;
 use crate::http::ApiError;
 use crate::instance::Instance;
 use crate::metrics::ErrorType;
 use http::StatusCode;
+use monoio::time::Sleep;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 /// Counts one failure of `inst`: its error counter and its circuit.
@@ -85,16 +90,56 @@ impl BodyFailure {
     }
 }
 
-/// Reads more of a response body, waiting at most `idle` for it. `Ok(0)`: the backend
-/// closed (whether that ends the body is the caller's framing to decide).
-pub async fn read_more(conn: &mut UpstreamConn, idle: Duration) -> Result<usize, BodyFailure> {
-    let fill = std::pin::pin!(conn.buf.fill(&mut conn.stream));
-    match monoio::time::timeout(idle, fill).await {
-        Ok(Ok(n)) => Ok(n),
-        Ok(Err(e)) => Err(BodyFailure::Io(e)),
-        Err(_) => Err(BodyFailure::Stalled(idle)),
+/// A relay's idle timeout: one timer for the whole body, made at its first read and moved
+/// on at every read after. Moving a registered timer to a later deadline only rewrites its
+/// expiry (monoio's wheel re-files it when the old one comes due), where a timeout per read
+/// registered and removed a timer for every token (docs/benchmarks.md, "The relay's idle
+/// timer"). A body that came whole with its head makes none.
+pub struct IdleTimer {
+    idle: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    pub fn new(idle: Duration) -> Self {
+        IdleTimer { idle, sleep: None }
+    }
+
+    /// `idle` after the event loop's reading (`clock::recent`): a token's read needs no
+    /// clock reading of its own, and the timeout falls due at most a loop turn early.
+    fn deadline(&self) -> monoio::time::Instant {
+        let now = recent();
+        monoio::time::Instant::from_std(now.checked_add(self.idle).unwrap_or(now + FAR))
+    }
+
+    /// Reads more of a response body, waiting at most the idle timeout for it. `Ok(0)`: the
+    /// backend closed (whether that ends the body is the caller's framing to decide).
+    pub async fn read_more(&mut self, conn: &mut UpstreamConn) -> Result<usize, BodyFailure> {
+        let at = self.deadline();
+        let sleep = match &mut self.sleep {
+            Some(s) => {
+                s.as_mut().reset(at);
+                s
+            }
+            none => none.insert(Box::pin(monoio::time::sleep_until(at))),
+        };
+        let idle = self.idle;
+        let mut fill = std::pin::pin!(conn.buf.fill(&mut conn.stream));
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = fill.as_mut().poll(cx) {
+                return Poll::Ready(r.map_err(BodyFailure::Io));
+            }
+            match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(BodyFailure::Stalled(idle))),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
     }
 }
+
+/// A deadline beyond any configured timeout, for an idle timeout too large to add.
+const FAR: Duration = Duration::from_secs(86_400 * 365);
 
 /// Why relaying a response stopped early.
 #[derive(Debug)]
