@@ -3,9 +3,9 @@
 //! - what is reported — the request's timeline, its latency metrics — reads the clock
 //!   (`Instant::now`);
 //! - what only sets a deadline or an age of a second or more — the keep-alive and header
-//!   timeouts, the disconnect watch's idle wait, a pooled connection's idle age — takes
-//!   `recent`: the event loop's reading at the start of the current turn (nginx keeps its
-//!   time the same way, per event-loop iteration);
+//!   timeouts, the disconnect watch's idle wait, a relay's idle timeout between body reads,
+//!   a pooled connection's idle age — takes `recent`: the event loop's reading at the start
+//!   of the current turn (nginx keeps its time the same way, per event-loop iteration);
 //! - `resilience::now_ms` stays a fresh reading: workers compare it with stamps other threads
 //!   wrote (the prefix index's pending entries), which a reading one turn old could predate.
 

@@ -293,16 +293,12 @@ fn a_stream_longer_than_the_idle_timeout_is_not_cut() {
     );
     let yaml = format!("{}timeouts:\n  idle_seconds: 1\n", dual_yaml(&[&d]));
     let proxy = proxy_with(&yaml, true);
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let b = serde_json::to_vec(&json!({"model": MODEL, "prompt": "x", "max_tokens": 8, "stream": true, "ignore_eos": true})).unwrap();
-    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", b.len()).unwrap();
-    s.write_all(&b).unwrap();
+    let b =
+        json!({"model": MODEL, "prompt": "x", "max_tokens": 8, "stream": true, "ignore_eos": true})
+            .to_string();
+    let req = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len());
     let started = Instant::now();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out);
+    let text = raw_exchange(proxy.addr, req.as_bytes(), Duration::from_secs(20));
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(!text.contains("stalled"), "{text}");
     assert!(
