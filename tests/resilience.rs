@@ -277,8 +277,8 @@ fn stall_mid_stream_ends_with_an_sse_error_event() {
 }
 
 /// The idle timeout is the longest silence between reads, not the body's whole length: one
-/// timer serves a relay and is moved on at every read (docs/benchmarks.md, "The relay's idle
-/// timer"), so a stream longer than the timeout, with shorter gaps, runs to its end.
+/// timer serves a relay and is moved on at every read (docs/benchmarks.md, "Per relayed
+/// token"), so a stream longer than the timeout, with shorter gaps, runs to its end.
 #[test]
 fn a_stream_longer_than_the_idle_timeout_is_not_cut() {
     // 8 tokens 0.25 s apart: 2 s in all against a 1 s idle timeout.

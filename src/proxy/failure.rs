@@ -93,8 +93,8 @@ impl BodyFailure {
 /// A relay's idle timeout: one timer for the whole body, made at its first read and moved
 /// on at every read after. Moving a registered timer to a later deadline only rewrites its
 /// expiry (monoio's wheel re-files it when the old one comes due), where a timeout per read
-/// registered and removed a timer for every token (docs/benchmarks.md, "The relay's idle
-/// timer"). A body that came whole with its head makes none.
+/// registered and removed a timer for every token (docs/benchmarks.md, "Per relayed
+/// token"). A body that came whole with its head makes none.
 pub struct IdleTimer {
     idle: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
