@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Counts one failure of `inst`: its error counter and its circuit.
 pub fn count(w: &Worker, inst: &Instance, t: ErrorType) {
@@ -90,49 +90,60 @@ impl BodyFailure {
     }
 }
 
-/// A relay's idle timeout: one timer for the whole body, made at its first read and moved
-/// on at every read after. Moving a registered timer to a later deadline only rewrites its
-/// expiry (monoio's wheel re-files it when the old one comes due), where a timeout per read
-/// registered and removed a timer for every token (docs/benchmarks.md, "Per relayed
-/// token"). A body that came whole with its head makes none.
+/// A relay's idle timeout: one timer for the whole body, made at its first read. A read
+/// only notes when it began; the timer, when it comes due, checks that note and waits on
+/// from it if the body moved meanwhile. A timeout per read registered and removed a timer
+/// for every token (~390 instructions), and moving the timer at every read ~75 more than
+/// this (docs/benchmarks.md, "Per relayed token"). A body that came whole with its head
+/// makes none.
 pub struct IdleTimer {
     idle: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// When the current read began: the loop's reading (`clock::recent`), so a token's read
+    /// needs no clock reading of its own and the timeout falls due at most a loop turn early.
+    read_since: Instant,
 }
 
 impl IdleTimer {
     pub fn new(idle: Duration) -> Self {
-        IdleTimer { idle, sleep: None }
+        IdleTimer {
+            idle,
+            sleep: None,
+            read_since: recent(),
+        }
     }
 
-    /// `idle` after the event loop's reading (`clock::recent`): a token's read needs no
-    /// clock reading of its own, and the timeout falls due at most a loop turn early.
-    fn deadline(&self) -> monoio::time::Instant {
-        let now = recent();
-        monoio::time::Instant::from_std(now.checked_add(self.idle).unwrap_or(now + FAR))
+    fn due(&self) -> monoio::time::Instant {
+        let at = self.read_since;
+        monoio::time::Instant::from_std(at.checked_add(self.idle).unwrap_or(at + FAR))
     }
 
     /// Reads more of a response body, waiting at most the idle timeout for it. `Ok(0)`: the
     /// backend closed (whether that ends the body is the caller's framing to decide).
     pub async fn read_more(&mut self, conn: &mut UpstreamConn) -> Result<usize, BodyFailure> {
-        let at = self.deadline();
-        let sleep = match &mut self.sleep {
-            Some(s) => {
-                s.as_mut().reset(at);
-                s
-            }
-            none => none.insert(Box::pin(monoio::time::sleep_until(at))),
-        };
-        let idle = self.idle;
+        self.read_since = recent();
+        let (idle, due) = (self.idle, self.due());
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(monoio::time::sleep_until(due)));
         let mut fill = std::pin::pin!(conn.buf.fill(&mut conn.stream));
         std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = fill.as_mut().poll(cx) {
                 return Poll::Ready(r.map_err(BodyFailure::Io));
             }
-            match sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(BodyFailure::Stalled(idle))),
-                Poll::Pending => Poll::Pending,
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
+            // Due at an earlier read's deadline: wait on until this read's. (The wheel fires
+            // a timer only once the loop's reading has passed its deadline, so a timer set
+            // to a deadline already past is ready at once: this runs at most once a poll.)
+            if recent() < due.into_std() {
+                sleep.as_mut().reset(due);
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            Poll::Ready(Err(BodyFailure::Stalled(idle)))
         })
         .await
     }
