@@ -281,17 +281,18 @@ fn stall_mid_stream_ends_with_an_sse_error_event() {
 /// token"), so a stream longer than the timeout, with shorter gaps, runs to its end.
 #[test]
 fn a_stream_longer_than_the_idle_timeout_is_not_cut() {
-    // 8 tokens 0.25 s apart: 2 s in all against a 1 s idle timeout.
+    // 8 tokens 0.3 s apart: 2.4 s in all against a 1.5 s idle timeout (each gap 1.2 s
+    // short of it, for a loaded machine).
     let d = dummy(
         "dual",
         &[
             "--decode-delay-per-token",
-            "0.25",
+            "0.3",
             "--prefill-delay-per-token",
             "0",
         ],
     );
-    let yaml = format!("{}timeouts:\n  idle_seconds: 1\n", dual_yaml(&[&d]));
+    let yaml = format!("{}timeouts:\n  idle_seconds: 1.5\n", dual_yaml(&[&d]));
     let proxy = proxy_with(&yaml, true);
     let b =
         json!({"model": MODEL, "prompt": "x", "max_tokens": 8, "stream": true, "ignore_eos": true})
@@ -306,7 +307,7 @@ fn a_stream_longer_than_the_idle_timeout_is_not_cut() {
         "the stream ran to its end: {text}"
     );
     assert!(
-        started.elapsed() >= Duration::from_secs(1),
+        started.elapsed() >= Duration::from_millis(1500),
         "the stream outlasted the idle timeout: {:?}",
         started.elapsed()
     );
