@@ -9,7 +9,7 @@
 //! - `resilience::now_ms` stays a fresh reading: workers compare it with stamps other threads
 //!   wrote (the prefix index's pending entries), which a reading one turn old could predate.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// On a worker: the event loop's last clock reading, at most one loop turn old (a deadline
 /// taken from it falls due that much early). Elsewhere: a fresh reading.
@@ -17,15 +17,32 @@ pub fn recent() -> Instant {
     monoio::time::recent()
 }
 
+/// `d` after `from`: a deadline. A timeout too large to add (the config takes any positive
+/// number of seconds) gives a deadline a year off instead of a worker's panic.
+pub fn after(from: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(86_400 * 365);
+    from.checked_add(d).unwrap_or(from + FAR)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::recent;
+    use super::{after, recent};
     use std::time::{Duration, Instant};
 
     fn spin_past(t: Instant) {
         while Instant::now() < t {
             std::hint::spin_loop();
         }
+    }
+
+    #[test]
+    fn a_timeout_too_large_to_add_is_a_far_deadline() {
+        let now = Instant::now();
+        assert_eq!(
+            after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert!(after(now, Duration::MAX) > now + Duration::from_secs(86_400));
     }
 
     #[test]

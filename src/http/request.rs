@@ -4,7 +4,7 @@ use super::buf::ReadBuf;
 use super::chunked::ChunkedDecoder;
 use super::error::ApiError;
 use super::head::{parse_request, Framing, HeadError, RequestHead};
-use crate::clock::recent;
+use crate::clock::{after, recent};
 use bytes::Bytes;
 use http::StatusCode;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -82,10 +82,10 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
     limits: &Limits,
 ) -> Result<Request, ReadError> {
     // Idle wait for the first byte, then the whole request within the header timeout.
-    let mut deadline = recent() + limits.keepalive_timeout;
+    let mut deadline = after(recent(), limits.keepalive_timeout);
     let mut started = !buf.is_empty();
     if started {
-        deadline = recent() + limits.header_timeout;
+        deadline = after(recent(), limits.header_timeout);
     }
     let head = loop {
         match parse_request(buf.data()) {
@@ -114,7 +114,7 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
                 }
                 if !started {
                     started = true;
-                    deadline = recent() + limits.header_timeout;
+                    deadline = after(recent(), limits.header_timeout);
                 }
             }
             Err(HeadError::TooManyHeaders) => {

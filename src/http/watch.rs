@@ -67,7 +67,7 @@ impl<'a> NextRead<'a> {
         let got = match self.got.take() {
             Some(r) => r,
             None => match monoio::time::timeout_at(
-                monoio::time::Instant::from_std(crate::clock::recent() + idle),
+                monoio::time::Instant::from_std(crate::clock::after(crate::clock::recent(), idle)),
                 self.read.as_mut(),
             )
             .await

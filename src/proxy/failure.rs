@@ -4,7 +4,7 @@
 
 use super::upstream::{UpstreamConn, UpstreamError};
 use super::Worker;
-use crate::clock::recent;
+use crate::clock::{after, recent};
 use crate::http::ApiError;
 use crate::instance::Instance;
 use crate::metrics::ErrorType;
@@ -114,8 +114,7 @@ impl IdleTimer {
     }
 
     fn due(&self) -> monoio::time::Instant {
-        let at = self.read_since;
-        monoio::time::Instant::from_std(at.checked_add(self.idle).unwrap_or(at + FAR))
+        monoio::time::Instant::from_std(after(self.read_since, self.idle))
     }
 
     /// Reads more of a response body, waiting at most the idle timeout for it. `Ok(0)`: the
@@ -148,9 +147,6 @@ impl IdleTimer {
         .await
     }
 }
-
-/// A deadline beyond any configured timeout, for an idle timeout too large to add.
-const FAR: Duration = Duration::from_secs(86_400 * 365);
 
 /// Why relaying a response stopped early.
 #[derive(Debug)]

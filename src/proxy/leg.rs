@@ -113,12 +113,8 @@ impl RequestCtx<'_> {
                 body,
                 now,
             ));
-            let first_byte = policy.timeouts.first_byte;
-            let timed = match now.checked_add(first_byte) {
-                Some(at) => monoio::time::timeout_at(monoio::time::Instant::from_std(at), send),
-                None => monoio::time::timeout(first_byte, send),
-            };
-            let sent = timed.await;
+            let at = crate::clock::after(now, policy.timeouts.first_byte);
+            let sent = monoio::time::timeout_at(monoio::time::Instant::from_std(at), send).await;
             let failure = match sent {
                 Ok(Ok((conn, head, sent))) => {
                     w.scratch.give(sent);
