@@ -7,6 +7,7 @@ Usage: python3 tools/bench/baseline.py [--duration 10] [--repeats 3] [--proxy-wo
 Prints a markdown table (medians, with min-max spread) for docs/benchmarks.md.
 """
 import argparse
+import math
 import os
 import re
 import shutil
@@ -111,6 +112,21 @@ def wrk(port, conns, duration):
         print(f"  warning: port {port} c={conns}: {errors and errors.group(0)} {sock_err and sock_err.group(0)}",
               file=sys.stderr)
     return rps, lat["50"], lat["99"]
+
+
+def median_ci(xs):
+    """A distribution-free ~95 % interval for the median: order statistics k and n+1-k of
+    the sorted sample, k the largest with P(Binomial(n, 1/2) < k) ≤ 2.5 %."""
+    n, xs = len(xs), sorted(xs)
+    k, acc = 0, 0.0
+    for i in range(n + 1):
+        acc += math.comb(n, i) / 2 ** n
+        if acc > 0.025:
+            break
+        k = i + 1
+    if k < 1:
+        return float("nan"), float("nan")
+    return xs[k - 1], xs[n - k]
 
 
 def cpu_seconds(pid):
