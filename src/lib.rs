@@ -10,6 +10,7 @@ pub mod log;
 pub mod admission;
 pub mod clock;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod discovery;
 pub mod dummy;

@@ -120,6 +120,59 @@ fn slow_header_sender_is_cut_with_408() {
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
 }
 
+/// Reads one response with a Content-Length body off a kept-alive connection.
+fn read_one_response(s: &mut std::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed mid-head: {out:?}");
+        out.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    head
+}
+
+#[test]
+fn a_kept_alive_connection_lives_while_used_and_closes_once_idle() {
+    // One timer per connection is armed at the first wait and left there while the deadline
+    // moves later (src/deadline.rs): requests 0.4 s apart under a 1 s keep-alive timeout keep
+    // the connection past the first deadline, and once idle it still closes.
+    let d = dummy("dual", &[]);
+    let proxy = proxy_with(
+        &format!(
+            "{}limits:\n  keepalive_timeout_seconds: 1\n",
+            dual_yaml(&[&d])
+        ),
+        true,
+    );
+    let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for i in 0..6 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(400)); // the client's pace, under test
+        }
+        s.write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap_or_else(|e| panic!("request {i}: the connection was closed: {e}"));
+        let head = read_one_response(&mut s);
+        assert!(head.starts_with("http/1.1 200"), "request {i}: {head}");
+    }
+    // Idle now: the proxy closes it after about a second (a read then sees the end, not the
+    // 5 s read timeout).
+    let mut rest = Vec::new();
+    let r = s.read_to_end(&mut rest);
+    assert!(
+        matches!(r, Ok(0)),
+        "the idle connection was not closed: {r:?} {rest:?}"
+    );
+}
+
 #[test]
 fn connections_over_the_limit_are_refused_without_harm() {
     let d = dummy("dual", &[]);

@@ -6,6 +6,7 @@ use super::inference::inference;
 use super::reply::{send, send_error, send_json};
 use super::stats::Exposition;
 use super::{engine, Node};
+use crate::deadline::Deadline;
 use crate::http::watch::DisconnectWatch;
 use crate::http::write::{error_response, full_response};
 use crate::http::{lingering_close, read_request, ApiError, Limits, ReadBuf, ReadError, Request};
@@ -43,8 +44,9 @@ async fn serve_connection(node: Arc<Node>, mut stream: TcpStream) {
         ..Limits::default()
     };
     let mut watch: Option<Rc<DisconnectWatch>> = None;
+    let mut deadline = Deadline::new();
     loop {
-        let req = match read_request(&mut stream, &mut buf, &limits).await {
+        let req = match read_request(&mut stream, &mut buf, &limits, &mut deadline).await {
             Ok(r) => r,
             Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {

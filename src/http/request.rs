@@ -5,6 +5,7 @@ use super::chunked::ChunkedDecoder;
 use super::error::ApiError;
 use super::head::{parse_request, Framing, HeadError, RequestHead};
 use crate::clock::{after, recent};
+use crate::deadline::Deadline;
 use bytes::Bytes;
 use http::StatusCode;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
@@ -35,17 +36,16 @@ impl Default for Limits {
     }
 }
 
-/// One read, bounded by `deadline` (or by `idle` from now when nothing has arrived yet).
+/// One read, bounded by the deadline in force.
 async fn fill_by<S: AsyncReadRent>(
     stream: &mut S,
     buf: &mut ReadBuf,
     want: usize,
-    deadline: Instant,
+    deadline: &mut Deadline,
 ) -> Result<usize, ReadError> {
-    let at = monoio::time::Instant::from_std(deadline);
-    match monoio::time::timeout_at(at, buf.fill_at_least(stream, want)).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(ReadError::TimedOut),
+    match deadline.bound(buf.fill_at_least(stream, want)).await {
+        Some(r) => Ok(r?),
+        None => Err(ReadError::TimedOut),
     }
 }
 
@@ -75,18 +75,24 @@ fn reject(status: StatusCode, msg: impl Into<String>) -> ReadError {
     ReadError::Reject(ApiError::new(status, "invalid_request_error", msg).closing())
 }
 
-/// Reads the next request. Bytes after it stay in `buf` (pipelining).
+/// Reads the next request. Bytes after it stay in `buf` (pipelining). `deadline`: the
+/// connection's, kept from one request to the next (one timer per connection).
 pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
     stream: &mut S,
     buf: &mut ReadBuf,
     limits: &Limits,
+    deadline: &mut Deadline,
 ) -> Result<Request, ReadError> {
     // Idle wait for the first byte, then the whole request within the header timeout.
-    let mut deadline = after(recent(), limits.keepalive_timeout);
     let mut started = !buf.is_empty();
-    if started {
-        deadline = after(recent(), limits.header_timeout);
-    }
+    deadline.set(after(
+        recent(),
+        if started {
+            limits.header_timeout
+        } else {
+            limits.keepalive_timeout
+        },
+    ));
     let head = loop {
         match parse_request(buf.data()) {
             Ok(h) => break h,
@@ -114,7 +120,7 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
                 }
                 if !started {
                     started = true;
-                    deadline = after(recent(), limits.header_timeout);
+                    deadline.set(after(recent(), limits.header_timeout));
                 }
             }
             Err(HeadError::TooManyHeaders) => {
@@ -202,7 +208,7 @@ async fn read_chunked<S: AsyncReadRent>(
     stream: &mut S,
     buf: &mut ReadBuf,
     max: usize,
-    deadline: Instant,
+    deadline: &mut Deadline,
 ) -> Result<Bytes, ReadError> {
     let mut dec = ChunkedDecoder::new();
     let mut body = Vec::new();
@@ -241,11 +247,12 @@ pub async fn lingering_close<S: AsyncReadRent + AsyncWriteRent>(mut stream: S, m
     if stream.shutdown().await.is_err() {
         return;
     }
-    let deadline = Instant::now() + LINGER_TIME;
+    let mut deadline = Deadline::new();
+    deadline.set(Instant::now() + LINGER_TIME);
     let mut discarded = 0;
     while discarded < LINGER_BYTES {
         buf.clear();
-        match fill_by(&mut stream, &mut buf, 64 * 1024, deadline).await {
+        match fill_by(&mut stream, &mut buf, 64 * 1024, &mut deadline).await {
             Ok(n) if n > 0 => discarded += n,
             _ => return,
         }

@@ -6,6 +6,7 @@
 //! waits for readability on a `dup` of the socket and peeks, consuming nothing: it costs a
 //! readiness poll per request (on io_uring a PollAdd and, when dropped, its cancellation).
 
+use crate::deadline::Deadline;
 use monoio::net::TcpStream;
 use std::future::Future;
 use std::io;
@@ -59,22 +60,21 @@ impl<'a> NextRead<'a> {
     }
 
     /// After the answer: whether the client sent more within `idle` (its bytes are then in
-    /// the connection's buffer). False for a close, an error or the idle timeout.
-    pub async fn arrived(mut self, idle: Duration) -> bool {
+    /// the connection's buffer). False for a close, an error or the idle timeout. `deadline`:
+    /// the connection's timer, kept from one request to the next.
+    pub async fn arrived(mut self, idle: Duration, deadline: &mut Deadline) -> bool {
         if self.buffered {
             return true; // the read was never started: dropping it loses nothing
         }
         let got = match self.got.take() {
             Some(r) => r,
-            None => match monoio::time::timeout_at(
-                monoio::time::Instant::from_std(crate::clock::after(crate::clock::recent(), idle)),
-                self.read.as_mut(),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => return false,
-            },
+            None => {
+                deadline.set(crate::clock::after(crate::clock::recent(), idle));
+                match deadline.bound(self.read.as_mut()).await {
+                    Some(r) => r,
+                    None => return false,
+                }
+            }
         };
         matches!(got, Ok(n) if n > 0)
     }

@@ -5,16 +5,16 @@
 use super::upstream::{UpstreamConn, UpstreamError};
 use super::Worker;
 use crate::clock::{after, recent};
+use crate::deadline::Deadline;
 use crate::http::ApiError;
 use crate::instance::Instance;
 use crate::metrics::ErrorType;
 use http::StatusCode;
-use monoio::time::Sleep;
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::pin::pin;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Counts one failure of `inst`: its error counter and its circuit.
 pub fn count(w: &Worker, inst: &Instance, t: ErrorType) {
@@ -90,59 +90,38 @@ impl BodyFailure {
     }
 }
 
-/// A relay's idle timeout: one timer for the whole body, made at its first read. A read
-/// only notes when it began; the timer, when it comes due, checks that note and waits on
-/// from it if the body moved meanwhile. A timeout per read registered and removed a timer
-/// for every token (~390 instructions), and moving the timer at every read ~75 more than
-/// this (docs/benchmarks.md, "Per relayed token"). A body that came whole with its head
-/// makes none.
+/// A relay's idle timeout: one timer for the whole body (`Deadline`), made at its first read.
+/// Each read moves the deadline to `idle` after it began, which costs no timer work; a timeout
+/// per read registered and removed a timer for every token (~390 instructions; docs/
+/// benchmarks.md, "Per relayed token"). A body that came whole with its head makes none.
 pub struct IdleTimer {
     idle: Duration,
-    sleep: Option<Pin<Box<Sleep>>>,
-    /// When the current read began: the loop's reading (`clock::recent`), so a token's read
-    /// needs no clock reading of its own and the timeout falls due at most a loop turn early.
-    read_since: Instant,
+    deadline: Deadline,
 }
 
 impl IdleTimer {
     pub fn new(idle: Duration) -> Self {
         IdleTimer {
             idle,
-            sleep: None,
-            read_since: recent(),
+            deadline: Deadline::new(),
         }
-    }
-
-    fn due(&self) -> monoio::time::Instant {
-        monoio::time::Instant::from_std(after(self.read_since, self.idle))
     }
 
     /// Reads more of a response body, waiting at most the idle timeout for it. `Ok(0)`: the
     /// backend closed (whether that ends the body is the caller's framing to decide).
     pub async fn read_more(&mut self, conn: &mut UpstreamConn) -> Result<usize, BodyFailure> {
-        self.read_since = recent();
-        let (idle, due) = (self.idle, self.due());
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(monoio::time::sleep_until(due)));
-        let mut fill = std::pin::pin!(conn.buf.fill(&mut conn.stream));
+        // From the loop's reading (`clock::recent`): a token's read needs no clock reading of
+        // its own, and the timeout falls due at most a loop turn early.
+        self.deadline.set(after(recent(), self.idle));
+        let mut fill = pin!(conn.buf.fill(&mut conn.stream));
         std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = fill.as_mut().poll(cx) {
                 return Poll::Ready(r.map_err(BodyFailure::Io));
             }
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            // Due at an earlier read's deadline: wait on until this read's. (The wheel fires
-            // a timer only once the loop's reading has passed its deadline, so a timer set
-            // to a deadline already past is ready at once: this runs at most once a poll.)
-            if recent() < due.into_std() {
-                sleep.as_mut().reset(due);
-                if sleep.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-            }
-            Poll::Ready(Err(BodyFailure::Stalled(idle)))
+            let idle = self.idle;
+            self.deadline
+                .poll_passed(cx)
+                .map(|()| Err(BodyFailure::Stalled(idle)))
         })
         .await
     }

@@ -5,6 +5,7 @@ use super::flow;
 use super::outcome::{answer_error, Outcome};
 use super::route::{Access, Route};
 use super::{admin, Worker};
+use crate::deadline::Deadline;
 use crate::http::conn::{ClientWriter, SplitStream};
 use crate::http::watch::NextRead;
 use crate::http::write::{error_response, full_response, JSON};
@@ -89,9 +90,11 @@ async fn serve_connection(w: &Worker, stream: TcpStream, peer: PeerIp) {
     // (`runtime::bind_listeners` sets it), which saves a syscall per connection.
     let mut conn = SplitStream::new(stream);
     let mut buf = ReadBuf::with_capacity(8 * 1024);
+    // The connection's one timer: the wait for the next request, then its header timeout.
+    let mut deadline = Deadline::new();
     loop {
         let limits = w.policy().limits.http;
-        let req = match read_request(&mut conn, &mut buf, &limits).await {
+        let req = match read_request(&mut conn, &mut buf, &limits, &mut deadline).await {
             Ok(r) => r,
             Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {
@@ -118,7 +121,7 @@ async fn serve_connection(w: &Worker, stream: TcpStream, peer: PeerIp) {
         if !outcome.keep_alive || w.shared.shutting_down.load(Ordering::Relaxed) {
             return;
         }
-        if !next.arrived(limits.keepalive_timeout).await {
+        if !next.arrived(limits.keepalive_timeout, &mut deadline).await {
             return;
         }
     }

@@ -1,0 +1,164 @@
+//! A deadline kept in one timer that is not moved when the deadline moves later.
+//!
+//! Registering a timer in the worker's timer wheel and removing it costs a few hundred
+//! instructions. The proxy's deadlines mostly move later: a kept-alive connection's wait for its
+//! next request, a relay's idle timeout from one body read to the next. So the timer is made
+//! once and left where it is while the deadline moves later; when it comes due it checks the
+//! deadline in force and, if that is still ahead, waits on until it. Only a deadline earlier
+//! than the timer (a request's header timeout after a longer keep-alive wait) moves it.
+//! docs/benchmarks.md, "Per relayed token" and "One timer per connection", has the counts.
+
+use crate::clock::recent;
+use monoio::time::Sleep;
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+pub struct Deadline {
+    /// Kept from the second wait on (`bound`) or made at the first poll (`poll_passed`).
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Whether `bound` has waited once: its first wait uses a timer of its own on the stack,
+    /// so a connection that serves a single request (a burst of new streams) allocates none.
+    /// (A kept timer is boxed, and `Sleep`'s alignment sends the box past malloc's per-thread
+    /// cache: ~750 instructions per new connection when every connection made one.)
+    waited: bool,
+    /// Where the timer is set; the deadline in force may be later.
+    armed: Instant,
+    /// The deadline in force.
+    due: Instant,
+}
+
+impl Default for Deadline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Deadline {
+    pub fn new() -> Self {
+        let now = recent();
+        Deadline {
+            sleep: None,
+            waited: false,
+            armed: now,
+            due: now,
+        }
+    }
+
+    /// The deadline in force from now on. Setting it costs no timer work.
+    pub fn set(&mut self, due: Instant) {
+        self.due = due;
+    }
+
+    /// Runs `fut` to its end (`Some`), or until the deadline in force passes (`None`).
+    pub async fn bound<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        if !self.waited && self.sleep.is_none() {
+            self.waited = true;
+            let at = monoio::time::Instant::from_std(self.due);
+            return monoio::time::timeout_at(at, fut).await.ok();
+        }
+        let mut fut = pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            self.poll_passed(cx).map(|()| None)
+        })
+        .await
+    }
+
+    /// Ready once the deadline in force has passed. For a caller's own `poll_fn` beside the
+    /// work it bounds (a relay's read of every token: a future around the read would cost a
+    /// token ~100 instructions more).
+    pub fn poll_passed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let due = self.due;
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if due < self.armed {
+                    sleep.as_mut().reset(monoio::time::Instant::from_std(due));
+                    self.armed = due;
+                }
+                sleep
+            }
+            slot @ None => {
+                self.armed = due;
+                slot.insert(Box::pin(monoio::time::sleep_until(
+                    monoio::time::Instant::from_std(due),
+                )))
+            }
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // Due at an earlier deadline: wait on until this one. (The wheel fires a timer only
+        // once the loop's reading has passed its deadline, so a timer set to a deadline
+        // already past is ready at once: this runs at most once a poll.)
+        if recent() < due {
+            sleep.as_mut().reset(monoio::time::Instant::from_std(due));
+            self.armed = due;
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Deadline;
+    use crate::clock::{after, recent};
+    use std::time::Duration;
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("a runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn a_deadline_moved_later_is_kept_and_an_earlier_one_is_met() {
+        run(async {
+            let mut d = Deadline::new();
+            // The first wait runs on a timer of its own; the second arms the kept timer.
+            d.set(after(recent(), Duration::from_millis(80)));
+            assert_eq!(d.bound(async { 0 }).await, Some(0));
+            let brief = monoio::time::sleep(Duration::from_millis(1));
+            assert_eq!(
+                d.bound(async {
+                    brief.await;
+                    1
+                })
+                .await,
+                Some(1)
+            );
+            // Moved later: the timer still points at the first deadline, and a wait past that
+            // first deadline (but inside the new one) is not cut.
+            d.set(after(recent(), Duration::from_secs(5)));
+            let slow = monoio::time::sleep(Duration::from_millis(200));
+            assert_eq!(
+                d.bound(async {
+                    slow.await;
+                    2
+                })
+                .await,
+                Some(2)
+            );
+            // Moved earlier than the timer: the earlier deadline ends the wait.
+            let t0 = std::time::Instant::now();
+            d.set(after(recent(), Duration::from_millis(50)));
+            assert_eq!(d.bound(std::future::pending::<()>()).await, None);
+            // (Left at the later deadline, the wait would take ~4.8 s.)
+            let took = t0.elapsed();
+            assert!(
+                took < Duration::from_secs(2),
+                "an earlier deadline was not met: {took:?}"
+            );
+            // A deadline already past ends a wait at once.
+            assert_eq!(d.bound(std::future::pending::<()>()).await, None);
+        });
+    }
+}
