@@ -129,6 +129,21 @@ def median_ci(xs):
     return xs[k - 1], xs[n - k]
 
 
+def quartiles(xs):
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[0], q[2]
+
+
+def summary(xs, fmt="{:.2f}"):
+    """Table cells for paired differences or ratios: median | interquartile range | min … max |
+    95 % interval of the median (`median_ci`)."""
+    f = fmt.format
+    q1, q3 = quartiles(xs)
+    lo, hi = median_ci(xs)
+    return (f"{f(statistics.median(xs))} | {f(q1)} … {f(q3)} | {f(min(xs))} … {f(max(xs))} | "
+            f"{f(lo)} … {f(hi)}")
+
+
 def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
