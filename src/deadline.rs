@@ -15,16 +15,18 @@ use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+/// 32 bytes: it lives inside a connection that is moved from the pool to a leg and back, and a
+/// larger connection was copied with a `memcpy` call at every move (docs/benchmarks.md, "One
+/// timer per upstream connection"); where the timer is set is the `Sleep`'s own deadline.
 pub struct Deadline {
-    /// Kept from the second wait on (`bound`) or made at the first poll (`poll_passed`).
+    /// Kept from the second wait on (`bound`) or made at the first poll (`poll_passed`); set
+    /// at or before the deadline in force.
     sleep: Option<Pin<Box<Sleep>>>,
     /// Whether `bound` has waited once: its first wait uses a timer of its own on the stack,
     /// so a connection that serves a single request (a burst of new streams) allocates none.
     /// (A kept timer is boxed; with a box on every connection, callgrind counted ~750
     /// instructions more per new connection, most in malloc's slow path.)
     waited: bool,
-    /// Where the timer is set; the deadline in force may be later.
-    armed: Instant,
     /// The deadline in force.
     due: Instant,
 }
@@ -37,12 +39,10 @@ impl Default for Deadline {
 
 impl Deadline {
     pub fn new() -> Self {
-        let now = recent();
         Deadline {
             sleep: None,
             waited: false,
-            armed: now,
-            due: now,
+            due: recent(),
         }
     }
 
@@ -75,18 +75,15 @@ impl Deadline {
         let due = self.due;
         let sleep = match &mut self.sleep {
             Some(sleep) => {
-                if due < self.armed {
-                    sleep.as_mut().reset(monoio::time::Instant::from_std(due));
-                    self.armed = due;
+                let due = monoio::time::Instant::from_std(due);
+                if due < sleep.deadline() {
+                    sleep.as_mut().reset(due);
                 }
                 sleep
             }
-            slot @ None => {
-                self.armed = due;
-                slot.insert(Box::pin(monoio::time::sleep_until(
-                    monoio::time::Instant::from_std(due),
-                )))
-            }
+            slot @ None => slot.insert(Box::pin(monoio::time::sleep_until(
+                monoio::time::Instant::from_std(due),
+            ))),
         };
         if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
@@ -96,7 +93,6 @@ impl Deadline {
         // already past is ready at once: this runs at most once a poll.)
         if recent() < due {
             sleep.as_mut().reset(monoio::time::Instant::from_std(due));
-            self.armed = due;
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }

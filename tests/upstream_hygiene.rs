@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::raw::{parse_request, probe_answer, response, set_linger_zero};
+use common::raw::{parse_request, probe_answer, response, set_linger_zero, ScriptedNode};
 use common::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -292,4 +292,59 @@ fn a_node_closing_idle_connections_fails_no_request() {
 #[test]
 fn a_node_resetting_idle_connections_fails_no_request() {
     closing_node_never_fails_a_request(true);
+}
+
+#[test]
+fn a_first_byte_timeout_on_a_reused_connection_runs_from_its_own_leg() {
+    // A pooled connection keeps one timer from leg to leg, set where an earlier leg's
+    // first-byte deadline was: when that comes due during a later leg, the later leg's own
+    // deadline is in force. Two answered legs, then a third, 0.4 s later, that the node never
+    // answers: it is cut after its own 0.5 s, not at the second leg's deadline 0.1 s in.
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    let node = ScriptedNode::start(move |req, s| {
+        if req.path != "/v1/completions" {
+            // The proxy's engine-metric scrape: nothing to report.
+            return s
+                .write_all(&response("404 Not Found", "text/plain", "", false))
+                .is_ok();
+        }
+        seen.lock().unwrap().push(s.peer_addr().unwrap());
+        if String::from_utf8_lossy(&req.body).contains("stall") {
+            std::thread::sleep(Duration::from_secs(3));
+            return false;
+        }
+        s.write_all(&completion(&req.body)).is_ok()
+    });
+    let proxy = proxy_with(
+        &format!(
+            "model: {MODEL}\ndual: [\"{}\"]\ntimeouts:\n  first_byte_seconds: 0.5\nretry:\n  enabled: false\n",
+            node.addr
+        ),
+        true,
+    );
+    let a = agent();
+    check_echo(&a, &proxy, "first");
+    check_echo(&a, &proxy, "second");
+    // Not a wait for an event: the gap that puts the second leg's deadline inside the third's.
+    std::thread::sleep(Duration::from_millis(400));
+    let start = Instant::now();
+    let (status, _, v) = post(
+        &a,
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": "stall", "max_tokens": 1}),
+    );
+    let took = start.elapsed();
+    assert_eq!(status, 504, "{v}");
+    assert!(
+        took >= Duration::from_millis(450),
+        "cut at an earlier leg's deadline: {took:?}"
+    );
+    assert!(took < Duration::from_millis(2900), "not cut: {took:?}");
+    let peers = peers.lock().unwrap();
+    assert_eq!(peers.len(), 3);
+    assert!(
+        peers.iter().all(|p| *p == peers[0]),
+        "the three legs did not share one pooled connection: {peers:?}"
+    );
 }

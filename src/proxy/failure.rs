@@ -5,7 +5,6 @@
 use super::upstream::{UpstreamConn, UpstreamError};
 use super::Worker;
 use crate::clock::{after, recent};
-use crate::deadline::Deadline;
 use crate::http::ApiError;
 use crate::instance::Instance;
 use crate::metrics::ErrorType;
@@ -28,6 +27,7 @@ pub fn count(w: &Worker, inst: &Instance, t: ErrorType) {
 pub fn error_type(e: &UpstreamError) -> ErrorType {
     match e {
         UpstreamError::Connect(_) | UpstreamError::ConnectTimeout => ErrorType::Connect,
+        UpstreamError::FirstByteTimeout => ErrorType::Timeout,
         UpstreamError::BadResponse(_) => ErrorType::BadResponse,
         UpstreamError::Io(_) | UpstreamError::Closed => ErrorType::Closed,
     }
@@ -90,41 +90,32 @@ impl BodyFailure {
     }
 }
 
-/// A relay's idle timeout: one timer for the whole body (`Deadline`), made at its first read.
-/// Each read moves the deadline to `idle` after it began, which costs no timer work; a timeout
-/// per read registered and removed a timer for every token (~390 instructions; docs/
-/// benchmarks.md, "Per relayed token"). A body that came whole with its head makes none.
-pub struct IdleTimer {
-    idle: Duration,
-    deadline: Deadline,
-}
-
-impl IdleTimer {
-    pub fn new(idle: Duration) -> Self {
-        IdleTimer {
-            idle,
-            deadline: Deadline::new(),
+/// Reads more of a response body, waiting at most `idle` for it. `Ok(0)`: the backend
+/// closed (whether that ends the body is the caller's framing to decide). The wait runs on
+/// the connection's one timer (`UpstreamConn::deadline`): each read moves its deadline to
+/// `idle` after it began, which costs no timer work; a timeout per read registered and
+/// removed a timer for every token (~390 instructions; docs/benchmarks.md, "Per relayed
+/// token"). A body that came whole with its head waits on none.
+pub async fn read_more(conn: &mut UpstreamConn, idle: Duration) -> Result<usize, BodyFailure> {
+    // From the loop's reading (`clock::recent`): a token's read needs no clock reading of its
+    // own, and the timeout falls due at most a loop turn early.
+    conn.deadline.set(after(recent(), idle));
+    let UpstreamConn {
+        stream,
+        buf,
+        deadline,
+        ..
+    } = conn;
+    let mut fill = pin!(buf.fill(stream));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = fill.as_mut().poll(cx) {
+            return Poll::Ready(r.map_err(BodyFailure::Io));
         }
-    }
-
-    /// Reads more of a response body, waiting at most the idle timeout for it. `Ok(0)`: the
-    /// backend closed (whether that ends the body is the caller's framing to decide).
-    pub async fn read_more(&mut self, conn: &mut UpstreamConn) -> Result<usize, BodyFailure> {
-        // From the loop's reading (`clock::recent`): a token's read needs no clock reading of
-        // its own, and the timeout falls due at most a loop turn early.
-        self.deadline.set(after(recent(), self.idle));
-        let mut fill = pin!(conn.buf.fill(&mut conn.stream));
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = fill.as_mut().poll(cx) {
-                return Poll::Ready(r.map_err(BodyFailure::Io));
-            }
-            let idle = self.idle;
-            self.deadline
-                .poll_passed(cx)
-                .map(|()| Err(BodyFailure::Stalled(idle)))
-        })
-        .await
-    }
+        deadline
+            .poll_passed(cx)
+            .map(|()| Err(BodyFailure::Stalled(idle)))
+    })
+    .await
 }
 
 /// Why relaying a response stopped early.

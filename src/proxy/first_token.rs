@@ -152,7 +152,7 @@ async fn pump_rest(
     first: &FirstToken,
     guard: &InFlight,
 ) -> Result<(), RelayError> {
-    let mut idle = failure::IdleTimer::new(ctx.policy.timeouts.idle);
+    let idle = ctx.policy.timeouts.idle;
     let mut rw = Rewriter {
         first,
         dropped_first: false,
@@ -188,7 +188,7 @@ async fn pump_rest(
         if done {
             return Ok(());
         }
-        if idle.read_more(conn).await? == 0 {
+        if failure::read_more(conn, idle).await? == 0 {
             if !dec.ends_at_eof() {
                 return Err(BodyFailure::Closed.into());
             }

@@ -105,18 +105,19 @@ impl RequestCtx<'_> {
             // One clock reading per attempt (the leg's own for the first): the first-byte
             // deadline and the pool's idle check both use it.
             let now = if attempt == 0 { sent } else { Instant::now() };
-            // Pinned here: moving the send future into the timeout (and that into this
-            // one) copied it twice per leg.
-            let send = std::pin::pin!(w.pool.send(
-                inst.socket_addr,
-                self.backend_head(&inst, body.len(), role, &policy.deny_headers),
-                body,
-                now,
-            ));
-            let at = crate::clock::after(now, policy.timeouts.first_byte);
-            let sent = monoio::time::timeout_at(monoio::time::Instant::from_std(at), send).await;
+            // The first-byte timeout runs on the connection's own timer (`Pool::send`).
+            let sent = w
+                .pool
+                .send(
+                    inst.socket_addr,
+                    self.backend_head(&inst, body.len(), role, &policy.deny_headers),
+                    body,
+                    now,
+                    crate::clock::after(now, policy.timeouts.first_byte),
+                )
+                .await;
             let failure = match sent {
-                Ok(Ok((conn, head, sent))) => {
+                Ok((conn, head, sent)) => {
                     w.scratch.give(sent);
                     let status = head.status.as_u16();
                     if role != Role::Prefill {
@@ -134,18 +135,7 @@ impl RequestCtx<'_> {
                     // Dropping `conn` closes it: its body is not worth reading.
                     format!("answered {status}")
                 }
-                Ok(Err(e)) => {
-                    count_error(failure::error_type(&e));
-                    inst.record_failure(&policy.circuit);
-                    w.pool.forget(inst.socket_addr);
-                    if attempt >= max_retries {
-                        self.forward
-                            .event(role, "failed", &inst.address, || e.to_string());
-                        return Err(self.upstream_failed(&inst, &e));
-                    }
-                    e.to_string()
-                }
-                Err(_) => {
+                Err(UpstreamError::FirstByteTimeout) => {
                     count_error(ErrorType::Timeout);
                     inst.record_failure(&policy.circuit);
                     self.forward.event(role, "failed", &inst.address, || {
@@ -168,6 +158,17 @@ impl RequestCtx<'_> {
                             policy.timeouts.first_byte
                         ),
                     ));
+                }
+                Err(e) => {
+                    count_error(failure::error_type(&e));
+                    inst.record_failure(&policy.circuit);
+                    w.pool.forget(inst.socket_addr);
+                    if attempt >= max_retries {
+                        self.forward
+                            .event(role, "failed", &inst.address, || e.to_string());
+                        return Err(self.upstream_failed(&inst, &e));
+                    }
+                    e.to_string()
                 }
             };
             attempt += 1;

@@ -208,7 +208,7 @@ async fn pump(
     guard: &InFlight,
     started: &mut bool,
 ) -> Result<(Finished, Vec<u8>), RelayError> {
-    let mut idle = failure::IdleTimer::new(ctx.policy.timeouts.idle);
+    let idle = ctx.policy.timeouts.idle;
     let mut head_len = out.len();
     // The engine's token counts, wherever the reads cut its `usage` object.
     let mut usage = usage::Scanner::default();
@@ -238,7 +238,7 @@ async fn pump(
         if done {
             return Ok((Finished::AtEnd, out));
         }
-        if idle.read_more(conn).await? == 0 {
+        if failure::read_more(conn, idle).await? == 0 {
             let end = mode.at_eof().ok_or(BodyFailure::Closed)?;
             if !end.is_empty() {
                 out.extend_from_slice(end);

@@ -10,6 +10,8 @@
 //! response's first read. nginx keeps a read event armed on its idle upstream connections for
 //! the same reason; docs/resilience.md ("Pooled upstream connections") says what it guarantees.
 
+use crate::clock::after;
+use crate::deadline::Deadline;
 use crate::hash::FastHash;
 use crate::http::buf::{OwnedFill, ReadBuf};
 use crate::http::chunked::ChunkedDecoder;
@@ -59,6 +61,8 @@ impl Body<'_> {
 pub enum UpstreamError {
     Connect(io::Error),
     ConnectTimeout,
+    /// No response head within the first-byte timeout (connecting included).
+    FirstByteTimeout,
     Io(io::Error),
     /// The backend closed before sending a complete response head.
     Closed,
@@ -70,6 +74,9 @@ impl std::fmt::Display for UpstreamError {
         match self {
             UpstreamError::Connect(e) => write!(f, "connect failed: {e}"),
             UpstreamError::ConnectTimeout => f.write_str("connect timed out"),
+            UpstreamError::FirstByteTimeout => {
+                f.write_str("no response head within the first-byte timeout")
+            }
             UpstreamError::Io(e) => write!(f, "i/o error: {e}"),
             UpstreamError::Closed => f.write_str("connection closed before a response"),
             UpstreamError::BadResponse(m) => write!(f, "invalid response: {m}"),
@@ -82,6 +89,10 @@ pub struct UpstreamConn {
     pub stream: SplitStream,
     pub buf: ReadBuf,
     pub addr: SocketAddr,
+    /// The connection's one timer, kept in the pool with it: each leg's first-byte timeout,
+    /// then its body's idle timeout between reads (docs/benchmarks.md, "One timer per
+    /// upstream connection").
+    pub deadline: Deadline,
     reused: bool,
 }
 
@@ -101,6 +112,7 @@ struct Primed {
     wr: WriteHalf,
     fd: RawFd,
     read: Armed,
+    deadline: Deadline,
     reused: bool,
 }
 
@@ -167,15 +179,19 @@ impl Pool {
             .retain(|addr, _| topo.find(*addr).is_some());
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Primed, UpstreamError> {
-        let stream = match monoio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect_addr(addr),
-        )
-        .await
-        {
+    /// A new connection, within the connect timeout and the leg's first-byte deadline `due`.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        now: Instant,
+        due: Instant,
+    ) -> Result<Primed, UpstreamError> {
+        let connected = after(now, self.connect_timeout);
+        let at = monoio::time::Instant::from_std(connected.min(due));
+        let stream = match monoio::time::timeout_at(at, TcpStream::connect_addr(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_) if due < connected => return Err(UpstreamError::FirstByteTimeout),
             Err(_) => return Err(UpstreamError::ConnectTimeout),
         };
         let _ = stream.set_nodelay(true);
@@ -186,6 +202,7 @@ impl Pool {
             wr,
             fd,
             read,
+            deadline: Deadline::new(),
             reused: false,
         })
     }
@@ -240,6 +257,7 @@ impl Pool {
                 wr,
                 fd,
                 read,
+                deadline: conn.deadline,
                 reused: true,
             },
             since: crate::clock::recent(),
@@ -251,7 +269,8 @@ impl Pool {
         self.idle.borrow_mut().remove(&addr);
     }
 
-    /// Sends `head` + `body` and waits for the response head. A pooled connection that turns
+    /// Sends `head` + `body` and waits for the response head until `due` (the leg's
+    /// first-byte deadline: `FirstByteTimeout` after it). A pooled connection that turns
     /// out to be dead before any response byte (the backend closed it while idle) is
     /// replaced by a fresh one once; a fresh connection's failure is reported. The head's
     /// buffer comes back with the response, for reuse. `now`: the caller's clock reading,
@@ -262,21 +281,41 @@ impl Pool {
         head: Vec<u8>,
         body: Body<'_>,
         now: Instant,
+        due: Instant,
     ) -> Result<(UpstreamConn, ResponseHead, Vec<u8>), UpstreamError> {
         let mut head = head;
         loop {
             let mut ready = match self.take_idle(addr, now) {
                 Some(c) => c,
-                None => self.connect(addr).await?,
+                None => self.connect(addr, now, due).await?,
             };
+            // The connection's own timer bounds the wait: a pooled one keeps it from leg to
+            // leg, so a leg registers none (the deadline moves later, the timer stays).
+            ready.deadline.set(due);
             // By reference: the connection, its armed read inside, is not moved into the
             // future (a copy of it per leg).
-            let (res, buf, h) = send_once(&mut ready, head, body).await;
+            let Primed {
+                rd,
+                wr,
+                read,
+                deadline,
+                ..
+            } = &mut ready;
+            // Pinned here and bounded by reference: moved into `bound`, the future (the
+            // write and the head's read) was copied again per leg.
+            let got = {
+                let once = std::pin::pin!(send_once(rd, wr, read, head, body));
+                deadline.bound(once).await
+            };
+            let Some((res, buf, h)) = got else {
+                return Err(UpstreamError::FirstByteTimeout);
+            };
             head = h;
             let conn = UpstreamConn {
                 stream: SplitStream::from_parts(ready.rd, ready.wr, ready.fd),
                 buf,
                 addr,
+                deadline: ready.deadline,
                 reused: ready.reused,
             };
             match res {
@@ -308,12 +347,13 @@ fn is_stale(e: &UpstreamError) -> bool {
 /// connection is not reusable. The armed read is over when this returns; the read buffer
 /// comes back with the result.
 async fn send_once(
-    ready: &mut Primed,
+    rd: &mut ReadHalf,
+    wr: &mut WriteHalf,
+    read: &mut Armed,
     mut head: Vec<u8>,
     body: Body<'_>,
 ) -> (Result<ResponseHead, UpstreamError>, ReadBuf, Vec<u8>) {
     let head_len = head.len();
-    let Primed { rd, wr, read, .. } = ready;
     let write = async {
         match body {
             Body::Written(b) => {
@@ -476,36 +516,44 @@ pub async fn read_body(
         return Err(UpstreamError::BadResponse("response body too large").into());
     }
     let mut dec = BodyDecoder::new(head.framing);
-    if take_body(&mut dec, conn, out, max)? {
+    if take_body(&mut dec, &mut conn.buf, out, max)? {
         return Ok(());
     }
-    let rest = std::pin::pin!(async {
+    // On the connection's one timer, like every wait on it.
+    conn.deadline.set(after(crate::clock::recent(), limit));
+    let UpstreamConn {
+        stream,
+        buf,
+        deadline,
+        ..
+    } = conn;
+    let rest = async {
         loop {
-            match conn.buf.fill(&mut conn.stream).await {
+            match buf.fill(stream).await {
                 Ok(0) if dec.ends_at_eof() => return Ok(()),
                 Ok(0) => return Err(UpstreamError::Closed),
                 Ok(_) => {}
                 Err(e) => return Err(UpstreamError::Io(e)),
             }
-            if take_body(&mut dec, conn, out, max)? {
+            if take_body(&mut dec, buf, out, max)? {
                 return Ok(());
             }
         }
-    });
-    match monoio::time::timeout(limit, rest).await {
-        Ok(r) => r.map_err(BodyFailed::Upstream),
-        Err(_) => Err(BodyFailed::Timeout),
+    };
+    match deadline.bound(rest).await {
+        Some(r) => r.map_err(BodyFailed::Upstream),
+        None => Err(BodyFailed::Timeout),
     }
 }
 
 /// Moves the buffered part of a body to `out`; true once the body is complete.
 fn take_body(
     dec: &mut BodyDecoder,
-    conn: &mut UpstreamConn,
+    buf: &mut ReadBuf,
     out: &mut Vec<u8>,
     max: usize,
 ) -> Result<bool, UpstreamError> {
-    if dec.decode(&mut conn.buf, out)? {
+    if dec.decode(buf, out)? {
         return Ok(true);
     }
     if out.len() > max {
