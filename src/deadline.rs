@@ -1,12 +1,14 @@
 //! A deadline kept in one timer that is not moved when the deadline moves later.
 //!
 //! Registering a timer in the worker's timer wheel and removing it costs a few hundred
-//! instructions. The proxy's deadlines mostly move later: a kept-alive connection's wait for its
-//! next request, a relay's idle timeout from one body read to the next. So the timer is made
-//! once and left where it is while the deadline moves later; when it comes due it checks the
-//! deadline in force and, if that is still ahead, waits on until it. Only a deadline earlier
-//! than the timer (a request's header timeout after a longer keep-alive wait) moves it.
-//! docs/benchmarks.md, "Per relayed token" and "One timer per connection", has the counts.
+//! instructions. The proxy's deadlines mostly move later: a kept-alive client connection's wait
+//! for its next request; on a pooled upstream connection, each leg's first-byte timeout and its
+//! body's idle timeout from one read to the next. So the timer is made once per connection and
+//! left where it is while the deadline moves later; when it comes due it checks the deadline in
+//! force and, if that is still ahead, waits on until it. Only a deadline earlier than the timer
+//! (a request's header timeout after a longer keep-alive wait; a first-byte timeout configured
+//! shorter than the idle timeout) moves it. docs/benchmarks.md, "Per relayed token", "One timer
+//! per connection" and "One timer per upstream connection", has the counts.
 
 use crate::clock::recent;
 use monoio::time::Sleep;
@@ -15,12 +17,11 @@ use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-/// 32 bytes: it lives inside a connection that is moved from the pool to a leg and back, and a
-/// larger connection was copied with a `memcpy` call at every move (docs/benchmarks.md, "One
-/// timer per upstream connection"); where the timer is set is the `Sleep`'s own deadline.
+/// 32 bytes: it lives inside an upstream connection, moved from the pool to a leg and back, and
+/// a larger connection was copied with a `memcpy` call at every move (docs/benchmarks.md, "One
+/// timer per upstream connection"). Where the timer is set is the `Sleep`'s own deadline.
 pub struct Deadline {
-    /// Kept from the second wait on (`bound`) or made at the first poll (`poll_passed`); set
-    /// at or before the deadline in force.
+    /// Kept from the second wait on (`bound`) or made at the first poll (`poll_passed`).
     sleep: Option<Pin<Box<Sleep>>>,
     /// Whether `bound` has waited once: its first wait uses a timer of its own on the stack,
     /// so a connection that serves a single request (a burst of new streams) allocates none.
@@ -155,6 +156,34 @@ mod tests {
             );
             // A deadline already past ends a wait at once.
             assert_eq!(d.bound(std::future::pending::<()>()).await, None);
+        });
+    }
+
+    #[test]
+    fn a_timer_kept_across_tasks_wakes_the_task_waiting_now() {
+        // A pooled upstream connection carries its `Deadline` from one request's task to the
+        // next: its timer must wake the task that waits on it now.
+        run(async {
+            let mut d = Deadline::new();
+            d.set(after(recent(), Duration::from_millis(60)));
+            // Task one: the first wait (a timer of its own), then one on the kept timer,
+            // which it leaves set 60 ms out, registered with this task's waker.
+            let mut d = monoio::spawn(async move {
+                d.bound(async {}).await;
+                let brief = monoio::time::sleep(Duration::from_millis(1));
+                d.bound(brief).await;
+                d
+            })
+            .await;
+            // Task two: the same timer, a later deadline.
+            d.set(after(recent(), Duration::from_millis(100)));
+            let two = monoio::spawn(async move { d.bound(std::future::pending::<()>()).await });
+            monoio::select! {
+                out = two => assert_eq!(out, None),
+                _ = monoio::time::sleep(Duration::from_secs(2)) => {
+                    panic!("the timer woke the task that polled it first, not the one waiting")
+                }
+            }
         });
     }
 }

@@ -213,12 +213,21 @@ pub fn proxy_with(yaml: &str, wait_ready: bool) -> Proc {
 
 /// The proxy on the config file at `path` (which a test may rewrite and reload).
 pub fn proxy_on(path: &std::path::Path, wait_ready: bool) -> Proc {
+    proxy_on_workers(path, wait_ready, 2)
+}
+
+/// `proxy_with` on one worker: every request shares one worker's upstream pool.
+pub fn proxy_with_one_worker(yaml: &str) -> Proc {
+    proxy_on_workers(&write_config(&format!("{yaml}\n{FAST_PROBES}")), true, 1)
+}
+
+fn proxy_on_workers(path: &std::path::Path, wait_ready: bool, workers: usize) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd"));
     cmd.args(["proxy", "-c"]).arg(path).args([
         "--port",
         "0",
         "--workers",
-        "2",
+        &workers.to_string(),
         "--log-level",
         "warning",
     ]);

@@ -131,9 +131,14 @@ impl StateCell {
         // We must register first. This ensures that either `fire` will
         // observe the new waker, or we will observe a racing fire to have set
         // the state, or both.
+        // xpyd patch: the waker of the latest poll, not the first one's. A timer kept across
+        // tasks (xpyd's pooled upstream connection carries its timer from one request's task
+        // to the next) otherwise woke the task that polled it first, and the one waiting now
+        // was never woken. Unchanged while the same task polls (`will_wake`).
         let mut w = self.waker.0.borrow_mut();
-        if w.is_none() {
-            let _ = w.insert(waker.clone());
+        match &*w {
+            Some(old) if old.will_wake(waker) => {}
+            _ => *w = Some(waker.clone()),
         }
 
         self.read_state()
