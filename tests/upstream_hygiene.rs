@@ -1,6 +1,7 @@
 //! Pooled upstream connections are proven clean before reuse: a backend that writes on an
 //! idle keep-alive connection (a stray response) or closes it must never make a client
-//! receive another request's answer, nor fail a request.
+//! receive another request's answer, nor fail a request. And the timer a pooled connection
+//! keeps from one request to the next times each request out on its own deadline.
 //!
 //! The backend here is a small raw-TCP HTTP/1.1 server in the test process, so that the test
 //! decides exactly when it misbehaves.
