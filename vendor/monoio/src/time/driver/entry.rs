@@ -579,7 +579,10 @@ impl Drop for TimerEntry {
     }
 }
 
-#[cfg_attr(target_arch = "x86_64", repr(align(128)))]
-#[cfg_attr(not(target_arch = "x86_64"), repr(align(64)))]
+// xpyd patch: no cache-line padding. It kept the driver's and a waking thread's writes on
+// separate lines in tokio, where another thread fires a timer; a monoio timer is made, fired
+// and woken on one thread. Padded, a `Sleep` was 640 bytes aligned to 128: every future
+// holding one (a `Timeout`, a connection's state machine) grew by it, and its box needed an
+// aligned allocation.
 #[derive(Debug, Default)]
 struct CachePadded<T>(T);
