@@ -21,13 +21,9 @@ use std::time::Instant;
 /// a larger connection was copied with a `memcpy` call at every move (docs/benchmarks.md, "One
 /// timer per upstream connection"). Where the timer is set is the `Sleep`'s own deadline.
 pub struct Deadline {
-    /// Kept from the second wait on (`bound`) or made at the first poll (`poll_passed`).
+    /// Made at the first wait that is not over at once, then kept. Boxed (128 bytes with
+    /// vendor/monoio's unpadded timers): the connection moves, the registered timer must not.
     sleep: Option<Pin<Box<Sleep>>>,
-    /// Whether `bound` has waited once: its first wait uses a timer of its own on the stack,
-    /// so a connection that serves a single request (a burst of new streams) allocates none.
-    /// (A kept timer is boxed; with a box on every connection, callgrind counted ~750
-    /// instructions more per new connection, most in malloc's slow path.)
-    waited: bool,
     /// The deadline in force.
     due: Instant,
 }
@@ -42,7 +38,6 @@ impl Deadline {
     pub fn new() -> Self {
         Deadline {
             sleep: None,
-            waited: false,
             due: recent(),
         }
     }
@@ -54,11 +49,6 @@ impl Deadline {
 
     /// Runs `fut` to its end (`Some`), or until the deadline in force passes (`None`).
     pub async fn bound<F: Future>(&mut self, fut: F) -> Option<F::Output> {
-        if !self.waited && self.sleep.is_none() {
-            self.waited = true;
-            let at = monoio::time::Instant::from_std(self.due);
-            return monoio::time::timeout_at(at, fut).await.ok();
-        }
         let mut fut = pin!(fut);
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = fut.as_mut().poll(cx) {
@@ -120,7 +110,7 @@ mod tests {
     fn a_deadline_moved_later_is_kept_and_an_earlier_one_is_met() {
         run(async {
             let mut d = Deadline::new();
-            // The first wait runs on a timer of its own; the second arms the kept timer.
+            // A wait over at once arms no timer; the next, pending once, arms the kept one.
             d.set(after(recent(), Duration::from_millis(80)));
             assert_eq!(d.bound(async { 0 }).await, Some(0));
             let brief = monoio::time::sleep(Duration::from_millis(1));
@@ -166,8 +156,8 @@ mod tests {
         run(async {
             let mut d = Deadline::new();
             d.set(after(recent(), Duration::from_millis(60)));
-            // Task one: the first wait (a timer of its own), then one on the kept timer,
-            // which it leaves set 60 ms out, registered with this task's waker.
+            // Task one: a wait over at once, then one that arms the kept timer, which it
+            // leaves set 60 ms out, registered with this task's waker.
             let mut d = monoio::spawn(async move {
                 d.bound(async {}).await;
                 let brief = monoio::time::sleep(Duration::from_millis(1));
