@@ -20,27 +20,6 @@ fn slow_node() -> Proc {
     dummy("dual", &["--decode-delay-per-token", "0.01"])
 }
 
-/// The proxy with `workers` workers (the common helper starts two).
-fn proxy_workers(yaml: &str, workers: usize) -> Proc {
-    let path = write_config(&format!("{yaml}\n{FAST_PROBES}"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd"));
-    cmd.args(["proxy", "-c"]).arg(&path).args([
-        "--port",
-        "0",
-        "--workers",
-        &workers.to_string(),
-        "--log-level",
-        "warning",
-    ]);
-    let p = spawn_listening(cmd);
-    wait_for("the proxy to be ready", WAIT, || {
-        ureq::get(&p.url("/health"))
-            .call()
-            .is_ok_and(|r| r.status() == 200)
-    });
-    p
-}
-
 /// The model's `admission` object in `/status`.
 fn admission(proxy: &Proc) -> Value {
     get_json(&proxy.url("/status")).1["models"][0]["admission"].clone()
@@ -175,7 +154,7 @@ fn over_the_limit_without_a_queue_is_answered_429_at_once() {
 fn queued_requests_are_admitted_in_arrival_order() {
     let node = slow_node();
     // Two workers: the kernel spreads the connections, the order holds across them.
-    let proxy = proxy_workers(
+    let proxy = proxy_with_workers(
         &format!(
             "{}admission:\n  max_concurrent_requests: 1\n  queue_size: 10\n  queue_timeout_seconds: 60\n",
             dual_yaml(&[&node])

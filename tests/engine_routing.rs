@@ -794,27 +794,6 @@ fn exact_chat_token_counts_from_the_models_chat_template() {
     }
 }
 
-/// The proxy with one worker thread: every connection is served by the same event loop.
-fn one_worker_proxy(yaml: &str) -> Proc {
-    let path = write_config(&format!(
-        "{yaml}\nstartup:\n  probe_interval_seconds: 0.1\n"
-    ));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xpyd"));
-    cmd.args(["proxy", "-c"]).arg(&path).args([
-        "--port",
-        "0",
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-    ]);
-    let p = spawn_listening(cmd);
-    wait_for("the proxy to be ready", Duration::from_secs(15), || {
-        get_json(&p.url("/health")).0 == 200
-    });
-    p
-}
-
 /// Tokenizing runs on a tokenizer thread: while a long prompt is being tokenized, the one
 /// worker thread keeps answering other connections (here its own /metrics, which shows the
 /// tokenizer busy, and a request that needs no tokenizer).
@@ -823,10 +802,13 @@ fn the_worker_serves_other_connections_while_a_long_prompt_is_tokenized() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/engine/tokenizers");
     // Two nodes: with one, kv_aware has nothing to choose and does not tokenize.
     let nodes = [0, 1].map(|_| dummy("dual", &["--max-model-len", "100000000"]));
-    let proxy = one_worker_proxy(&format!(
-        "{}scheduling: kv_aware\ntokenizer_path: \"{root}\"\ntokenizer:\n  max_queued_kib: 65536\n",
-        dual_yaml(&[&nodes[0], &nodes[1]])
-    ));
+    let proxy = proxy_with_workers(
+        &format!(
+            "{}scheduling: kv_aware\ntokenizer_path: \"{root}\"\ntokenizer:\n  max_queued_kib: 65536\n",
+            dual_yaml(&[&nodes[0], &nodes[1]])
+        ),
+        1,
+    );
     // 1 MiB: seconds of tokenizing in a debug build (about 4 ms per KiB).
     let text = "The proxy routes each request to the node that holds its prefix; ".repeat(16_000);
     let url = proxy.url("/v1/completions");

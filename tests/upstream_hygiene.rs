@@ -320,10 +320,13 @@ fn a_first_byte_timeout_on_a_reused_connection_runs_from_its_own_leg() {
         }
         s.write_all(&completion(&req.body)).is_ok()
     });
-    let proxy = proxy_with_one_worker(&format!(
-        "model: {MODEL}\ndual: [\"{}\"]\ntimeouts:\n  first_byte_seconds: 0.5\nretry:\n  enabled: false\n",
-        node.addr
-    ));
+    let proxy = proxy_with_workers(
+        &format!(
+            "model: {MODEL}\ndual: [\"{}\"]\ntimeouts:\n  first_byte_seconds: 0.5\nretry:\n  enabled: false\n",
+            node.addr
+        ),
+        1,
+    );
     check_echo(&agent(), &proxy, "first");
     check_echo(&agent(), &proxy, "second");
     // Not a wait for an event: the gap that puts the second leg's deadline inside the third's.

@@ -216,9 +216,14 @@ pub fn proxy_on(path: &std::path::Path, wait_ready: bool) -> Proc {
     proxy_on_workers(path, wait_ready, 2)
 }
 
-/// `proxy_with` on one worker: every request shares one worker's upstream pool.
-pub fn proxy_with_one_worker(yaml: &str) -> Proc {
-    proxy_on_workers(&write_config(&format!("{yaml}\n{FAST_PROBES}")), true, 1)
+/// `proxy_with` (ready) on `workers` workers instead of two; with one, every connection is
+/// served by the same event loop and shares its upstream pool.
+pub fn proxy_with_workers(yaml: &str, workers: usize) -> Proc {
+    proxy_on_workers(
+        &write_config(&format!("{yaml}\n{FAST_PROBES}")),
+        true,
+        workers,
+    )
 }
 
 fn proxy_on_workers(path: &std::path::Path, wait_ready: bool, workers: usize) -> Proc {
