@@ -17,9 +17,10 @@ use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-/// 32 bytes: it lives inside an upstream connection, moved from the pool to a leg and back, and
-/// a larger connection was copied with a `memcpy` call at every move (docs/benchmarks.md, "One
-/// timer per upstream connection"). Where the timer is set is the `Sleep`'s own deadline.
+/// Small (24 bytes): it lives inside an upstream connection, moved from the pool to a leg and
+/// back, and a connection over 128 bytes was copied with a `memcpy` call at every move
+/// (docs/benchmarks.md, "One timer per upstream connection"; `proxy/upstream.rs` checks the
+/// size). Where the timer is set is the `Sleep`'s own deadline, not a copy here.
 pub struct Deadline {
     /// Made at the first wait that is not over at once, then kept. Boxed (128 bytes with
     /// vendor/monoio's unpadded timers): the connection moves, the registered timer must not.

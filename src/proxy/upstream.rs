@@ -96,6 +96,11 @@ pub struct UpstreamConn {
     reused: bool,
 }
 
+// Moved between the pool, the leg and the relay: up to 128 bytes the compiler copies it inline,
+// larger it became a `memcpy` call per move (docs/benchmarks.md, "One timer per upstream
+// connection").
+const _: () = assert!(std::mem::size_of::<UpstreamConn>() <= 128);
+
 /// A connection's next read, in flight: it owns the buffer it fills (and gives it back with
 /// the read's result), not the read half, and has a type of its own, so it waits inside
 /// `Idle` without a box. On io_uring it is submitted when made; on epoll when first polled.
