@@ -809,8 +809,26 @@ fn the_worker_serves_other_connections_while_a_long_prompt_is_tokenized() {
         ),
         1,
     );
-    // 1 MiB: seconds of tokenizing in a debug build (about 4 ms per KiB).
-    let text = "The proxy routes each request to the node that holds its prefix; ".repeat(16_000);
+    // Tokenizing is ~50× faster in a release build than in a debug one, so the long prompt
+    // is sized from a short one's measured speed: about two seconds of tokenizing, at most
+    // 20 MB (under the 32 MiB body limit). Words do not repeat: the tokenizer caches words.
+    let words = |from: usize, n: usize| {
+        (from..from + n)
+            .map(|i| format!("node{i} "))
+            .collect::<String>()
+    };
+    let (status, _, body) = post(
+        &agent(),
+        &proxy.url("/v1/completions"),
+        &json!({"model": MODEL, "prompt": words(0, 20_000), "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let per_byte = metric(&proxy, "proxy_tokenizer_seconds_total")
+        / metric(&proxy, "proxy_tokenizer_bytes_total");
+    assert!(per_byte > 0.0, "the short prompt was tokenized and timed");
+    let text = words(20_000, 1);
+    let n = (2.0 / per_byte / text.len() as f64).clamp(20_000.0, 1_500_000.0);
+    let text = words(20_000, n as usize);
     let url = proxy.url("/v1/completions");
     let big = std::thread::spawn(move || {
         let (status, _, body) = post(
@@ -834,7 +852,11 @@ fn the_worker_serves_other_connections_while_a_long_prompt_is_tokenized() {
     let (status, body) = big.join().unwrap();
     assert_eq!(status, 200, "{body}");
     let series = "proxy_tokenizer_requests_total{kind=\"completion\",outcome=\"tokenized\"}";
-    assert_eq!(metric(&proxy, series), 1.0);
+    assert_eq!(
+        metric(&proxy, series),
+        2.0,
+        "the short prompt and the long one"
+    );
     eprintln!(
         "tokenized {} bytes in {} s",
         metric(&proxy, "proxy_tokenizer_bytes_total"),
