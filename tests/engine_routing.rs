@@ -826,8 +826,8 @@ fn the_worker_serves_other_connections_while_a_long_prompt_is_tokenized() {
     let per_byte = metric(&proxy, "proxy_tokenizer_seconds_total")
         / metric(&proxy, "proxy_tokenizer_bytes_total");
     assert!(per_byte > 0.0, "the short prompt was tokenized and timed");
-    let text = words(20_000, 1);
-    let n = (2.0 / per_byte / text.len() as f64).clamp(20_000.0, 1_500_000.0);
+    let word_bytes = words(20_000, 1).len() as f64;
+    let n = (2.0 / per_byte / word_bytes).clamp(20_000.0, 1_500_000.0);
     let text = words(20_000, n as usize);
     let url = proxy.url("/v1/completions");
     let big = std::thread::spawn(move || {
