@@ -146,12 +146,7 @@ async fn prompt_token_ids(
             crate::tokenize::Input::Completion(body.slice_ref(inspected.prompt))
         }
         Endpoint::ChatCompletions => {
-            let raw = |k: &str| {
-                inspected
-                    .obj
-                    .get(k)
-                    .map(|v| body.slice_ref(v.get().as_bytes()))
-            };
+            let raw = |k: &str| inspected.obj.get(k).map(|v| body.slice_ref(v.as_bytes()));
             crate::tokenize::Input::Chat(crate::tokenize::ChatInput {
                 messages: body.slice_ref(inspected.prompt),
                 tools: raw("tools"),
@@ -159,7 +154,7 @@ async fn prompt_token_ids(
                 add_generation_prompt: inspected
                     .obj
                     .get("add_generation_prompt")
-                    .is_none_or(|v| v.get() != "false"),
+                    .is_none_or(|v| v != "false"),
             })
         }
     };
@@ -299,12 +294,9 @@ pub async fn serve_forwarded(
     let keep_alive = req.head.keep_alive;
     let id = request_id(&req);
     let request_id: &str = &id;
-    let model: Option<String> = serde_json::from_slice::<openai::RawObject<'_>>(&req.body)
+    let model: Option<String> = openai::RawObject::parse_bytes(&req.body)
         .ok()
-        .and_then(|o| {
-            o.get("model")
-                .and_then(|v| serde_json::from_str(v.get()).ok())
-        });
+        .and_then(|o| o.get("model").and_then(|v| serde_json::from_str(v).ok()));
     let (topo, model_index) = match open_route(w, model.as_deref()) {
         Ok(t) => t,
         Err(e) => return answer_error(client, &e, Some(request_id), keep_alive).await,

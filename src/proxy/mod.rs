@@ -12,6 +12,7 @@ mod leg;
 mod openai;
 mod outcome;
 mod prefix_sync;
+mod raw_object;
 mod relay;
 mod route;
 mod scrape;

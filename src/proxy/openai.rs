@@ -3,74 +3,14 @@
 //! few fields it needs; the prefill body is re-assembled from the raw pairs, so a 4 MiB
 //! prompt is copied once and never re-encoded. The decode leg forwards the original bytes.
 
+pub use super::raw_object::RawObject;
 use crate::http::ApiError;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Completions,
     ChatCompletions,
-}
-
-struct Key<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-/// The top-level members of a JSON object, in order, values left as raw JSON text.
-pub struct RawObject<'a> {
-    pub fields: Vec<(Cow<'a, str>, &'a RawValue)>,
-}
-
-impl<'de> Deserialize<'de> for RawObject<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawObject<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
-                while let Some(k) = map.next_key::<Key<'de>>()? {
-                    let v: &'de RawValue = map.next_value()?;
-                    fields.push((k.0, v));
-                }
-                Ok(RawObject { fields })
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-impl<'a> RawObject<'a> {
-    pub fn get(&self, key: &str) -> Option<&'a RawValue> {
-        // Last one wins, like most JSON parsers (and vLLM's pydantic models).
-        self.fields
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| *v)
-    }
 }
 
 /// What the proxy needs to know about an inference request.
@@ -105,10 +45,9 @@ pub fn token_ids(prompt: &[u8]) -> Option<Vec<u32>> {
 
 /// A raw JSON string's value: borrowed when it has no escapes (the usual model name or
 /// user), decoded otherwise; None when the value is not a string.
-fn json_str(v: &RawValue) -> Option<Cow<'_, str>> {
-    let raw = v.get();
+fn json_str(raw: &str) -> Option<Cow<'_, str>> {
     let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
-    // Raw JSON text from serde_json is valid: without a backslash the quotes found are the
+    // Raw JSON text from `RawObject` is valid: without a backslash the quotes found are the
     // string's own, and it holds no control characters.
     if !inner.contains(['\\', '"']) {
         return Some(Cow::Borrowed(inner));
@@ -116,8 +55,8 @@ fn json_str(v: &RawValue) -> Option<Cow<'_, str>> {
     serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
 }
 
-fn first_byte(v: &RawValue) -> u8 {
-    v.get().as_bytes().first().copied().unwrap_or(b' ')
+fn first_byte(v: &str) -> u8 {
+    v.as_bytes().first().copied().unwrap_or(b' ')
 }
 
 pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, ApiError> {
@@ -126,13 +65,7 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
             "request body is empty; expected a JSON object",
         ));
     }
-    // UTF-8 checked once for the whole body: from bytes, serde_json checks every key and
-    // every raw value on its own. Invalid UTF-8 goes the byte way, for the same error.
-    let parsed = match std::str::from_utf8(body) {
-        Ok(text) => serde_json::from_str::<RawObject<'a>>(text),
-        Err(_) => serde_json::from_slice(body),
-    };
-    let obj: RawObject<'a> = parsed.map_err(|e| {
+    let obj = RawObject::parse_bytes(body).map_err(|e| {
         if e.classify() == serde_json::error::Category::Data {
             ApiError::bad_request("request body must be a JSON object")
         } else {
@@ -141,7 +74,7 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
     })?;
     let model = match obj.get("model") {
         None => None,
-        Some(v) if v.get() == "null" => None,
+        Some("null") => None,
         Some(v) => Some(json_str(v).ok_or_else(|| {
             ApiError::bad_request("`model` must be a string").with_param("model")
         })?),
@@ -165,12 +98,12 @@ pub fn inspect<'a>(endpoint: Endpoint, body: &'a [u8]) -> Result<Inspected<'a>, 
                 ApiError::bad_request(format!("`{field}` must be {expected}")).with_param(field),
             );
         }
-        Some(v) => v.get().as_bytes(),
+        Some(v) => v.as_bytes(),
     };
-    let number = |k: &str| obj.get(k).and_then(|v| v.get().parse::<u64>().ok());
+    let number = |k: &str| obj.get(k).and_then(|v| v.parse::<u64>().ok());
     let max_tokens = number("max_completion_tokens").or_else(|| number("max_tokens"));
     let user = obj.get("user").and_then(json_str);
-    let stream = obj.get("stream").is_some_and(|v| v.get() == "true");
+    let stream = obj.get("stream") == Some("true");
     Ok(Inspected {
         obj,
         model,
@@ -196,7 +129,7 @@ pub fn prefill_body_for(obj: &RawObject<'_>, nixl: bool) -> Vec<u8> {
     let cap = obj
         .fields
         .iter()
-        .map(|(k, v)| k.len() + v.get().len() + 4)
+        .map(|(k, v)| k.len() + v.len() + 4)
         .sum::<usize>()
         + 64;
     let mut out = Vec::with_capacity(cap);
@@ -221,7 +154,7 @@ pub fn write_prefill_body(out: &mut Vec<u8>, obj: &RawObject<'_>, nixl: bool) {
         // Keys are re-escaped by serde_json; values are copied verbatim.
         let _ = serde_json::to_writer(&mut *out, k.as_ref());
         out.push(b':');
-        out.extend_from_slice(v.get().as_bytes());
+        out.extend_from_slice(v.as_bytes());
         out.push(b',');
     }
     out.extend_from_slice(b"\"max_tokens\":1,\"stream\":false");
@@ -238,9 +171,9 @@ pub fn write_prefill_body(out: &mut Vec<u8>, obj: &RawObject<'_>, nixl: bool) {
 /// The `kv_transfer_params` object of a prefill response, as raw JSON (None when absent or
 /// not an object).
 pub fn kv_params_of(prefill_response: &[u8]) -> Option<String> {
-    let obj: RawObject<'_> = serde_json::from_slice(prefill_response).ok()?;
+    let obj = RawObject::parse_bytes(prefill_response).ok()?;
     let v = obj.get("kv_transfer_params")?;
-    v.get().starts_with('{').then(|| v.get().to_string())
+    v.starts_with('{').then(|| v.to_string())
 }
 
 /// The client's body with `kv_transfer_params` set to `kv` (raw JSON), for the decode leg
@@ -249,7 +182,7 @@ pub fn with_kv_params(obj: &RawObject<'_>, kv: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         obj.fields
             .iter()
-            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .map(|(k, v)| k.len() + v.len() + 4)
             .sum::<usize>()
             + kv.len()
             + 32,
@@ -258,7 +191,7 @@ pub fn with_kv_params(obj: &RawObject<'_>, kv: &str) -> Vec<u8> {
     for (k, v) in obj.fields.iter().filter(|(k, _)| k != "kv_transfer_params") {
         let _ = serde_json::to_writer(&mut out, k.as_ref());
         out.push(b':');
-        out.extend_from_slice(v.get().as_bytes());
+        out.extend_from_slice(v.as_bytes());
         out.push(b',');
     }
     out.extend_from_slice(b"\"kv_transfer_params\":");

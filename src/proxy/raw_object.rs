@@ -1,0 +1,461 @@
+//! A JSON object's top level as (key, raw JSON value) pairs that borrow the text: what the
+//! proxy reads of request bodies and prefill answers without deserialising them.
+//!
+//! Bodies in the usual shape (top-level keys without escapes, nesting under `MAX_DEPTH`) are
+//! split by `split` in one pass that checks the JSON grammar as serde_json does. Anything
+//! else, invalid JSON included, goes to serde_json, so every error is serde_json's. A unit
+//! test holds the two to the same answer over mutated sample bodies (docs/benchmarks.md,
+//! "The JSON split").
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::fmt;
+
+/// The top-level members of a JSON object, in order, values left as raw JSON text (without
+/// the whitespace around them).
+pub struct RawObject<'a> {
+    pub fields: Vec<(Cow<'a, str>, &'a str)>,
+}
+
+impl<'a> RawObject<'a> {
+    /// serde_json's error when `text` is not one JSON object.
+    pub fn parse(text: &'a str) -> Result<Self, serde_json::Error> {
+        match split(text) {
+            Some(fields) => Ok(RawObject { fields }),
+            None => serde_json::from_str::<ViaSerde<'a>>(text).map(|o| o.0),
+        }
+    }
+
+    /// `parse` for bytes: invalid UTF-8 goes to serde_json, for its error.
+    pub fn parse_bytes(body: &'a [u8]) -> Result<Self, serde_json::Error> {
+        match std::str::from_utf8(body) {
+            Ok(text) => Self::parse(text),
+            Err(_) => serde_json::from_slice::<ViaSerde<'a>>(body).map(|o| o.0),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&'a str> {
+        // Last one wins, like most JSON parsers (and vLLM's pydantic models).
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// Deeper values are left to serde_json (its own limit is higher; real bodies nest a few
+/// levels), which keeps `split`'s recursion small.
+const MAX_DEPTH: u32 = 64;
+
+/// The usual shape's split; None for anything else, invalid JSON included.
+fn split(text: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
+    let b = text.as_bytes();
+    let mut i = ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    let mut fields = Vec::with_capacity(12);
+    i = ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return (ws(b, i + 1) == b.len()).then_some(fields);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let (end, escaped) = string(b, i + 1)?;
+        if escaped {
+            return None; // serde_json decodes such a key
+        }
+        let key = text.get(i + 1..end - 1)?;
+        i = ws(b, end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = ws(b, i + 1);
+        i = value(b, start, MAX_DEPTH)?;
+        fields.push((Cow::Borrowed(key), text.get(start..i)?));
+        i = ws(b, i);
+        match *b.get(i)? {
+            b',' => i = ws(b, i + 1),
+            b'}' => return (ws(b, i + 1) == b.len()).then_some(fields),
+            _ => return None,
+        }
+    }
+}
+
+fn ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\n' | b'\t' | b'\r') = b.get(i) {
+        i += 1;
+    }
+    i
+}
+
+/// The end of the value starting at `b[i]`.
+fn value(b: &[u8], i: usize, depth: u32) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => string(b, i + 1).map(|(end, _)| end),
+        b'{' => container(b, i + 1, depth, b'}'),
+        b'[' => container(b, i + 1, depth, b']'),
+        b't' => literal(b, i, b"true"),
+        b'f' => literal(b, i, b"false"),
+        b'n' => literal(b, i, b"null"),
+        b'-' => number(b, i + 1),
+        _ => number(b, i),
+    }
+}
+
+/// An object's or array's members from just past its opening bracket; the end past `close`.
+fn container(b: &[u8], mut i: usize, depth: u32, close: u8) -> Option<usize> {
+    let depth = depth.checked_sub(1)?;
+    i = ws(b, i);
+    if b.get(i) == Some(&close) {
+        return Some(i + 1);
+    }
+    loop {
+        if close == b'}' {
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            i = ws(b, string(b, i + 1)?.0);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i = ws(b, i + 1);
+        }
+        i = ws(b, value(b, i, depth)?);
+        match *b.get(i)? {
+            b',' => i = ws(b, i + 1),
+            c if c == close => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
+    b.get(i..i + word.len())
+        .filter(|w| *w == word)
+        .map(|_| i + word.len())
+}
+
+/// serde_json's number grammar: no leading zeros, digits after `.` and after an exponent.
+fn number(b: &[u8], mut i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'0' if !matches!(b.get(i + 1), Some(b'0'..=b'9')) => i += 1,
+        b'1'..=b'9' => i = digits(b, i + 1),
+        _ => return None,
+    }
+    if b.get(i) == Some(&b'.') {
+        i = at_least_one_digit(b, i + 1)?;
+    }
+    if let Some(b'e' | b'E') = b.get(i) {
+        i += 1;
+        if let Some(b'+' | b'-') = b.get(i) {
+            i += 1;
+        }
+        i = at_least_one_digit(b, i)?;
+    }
+    Some(i)
+}
+
+fn digits(b: &[u8], mut i: usize) -> usize {
+    while let Some(b'0'..=b'9') = b.get(i) {
+        i += 1;
+    }
+    i
+}
+
+fn at_least_one_digit(b: &[u8], i: usize) -> Option<usize> {
+    let end = digits(b, i);
+    (end > i).then_some(end)
+}
+
+/// A string's end (past its closing quote) from just past its opening one, and whether it
+/// holds an escape.
+fn string(b: &[u8], mut i: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    loop {
+        let rest = b.get(i..)?;
+        let at = match stop_in_words(rest) {
+            Ok(at) => at,
+            // A long string (a prompt): SIMD finds the quote or backslash (`memchr2`), then
+            // the bytes before it are checked for control characters by their minimum, a loop
+            // without an exit that the compiler vectorises.
+            Err(plain) => {
+                let more = rest.get(plain..)?;
+                let k = memchr::memchr2(b'"', b'\\', more)?;
+                if more[..k].iter().fold(0xff, |low, &c| low.min(c)) < 0x20 {
+                    return None;
+                }
+                plain + k
+            }
+        };
+        i += at;
+        match *rest.get(at)? {
+            b'"' => return Some((i + 1, escaped)),
+            b'\\' => {
+                escaped = true;
+                i = escape(b, i + 1)?;
+            }
+            _ => return None, // a control character
+        }
+    }
+}
+
+/// Within `rest`'s first 16 bytes (keys and short values end there), eight at a time: Ok(the
+/// index of the first that stops a string's scan: `"`, `\` or a control character), or
+/// Err(how many were looked at, all plain).
+fn stop_in_words(rest: &[u8]) -> Result<usize, usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let mut at = 0;
+    while at < 16 {
+        let Some(word) = rest.get(at..).and_then(|r| r.first_chunk::<8>()) else {
+            let tail = rest.get(at..).unwrap_or_default();
+            return match tail.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20) {
+                Some(k) => Ok(at + k),
+                None => Err(rest.len()),
+            };
+        };
+        let w = u64::from_le_bytes(*word);
+        let (quote, backslash) = (w ^ (ONES * b'"' as u64), w ^ (ONES * b'\\' as u64));
+        // A byte's high bit is set where it is 0 (or below 0x20); the lowest such byte is
+        // always a true one, which is the one needed.
+        let stop = ((quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash)
+            | (w.wrapping_sub(ONES * 0x20) & !w))
+            & HIGHS;
+        if stop != 0 {
+            return Ok(at + (stop.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    Err(at)
+}
+
+/// After a backslash: the escapes serde_json accepts (any four hex digits after `u`: a raw
+/// value is not decoded).
+fn escape(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(i + 1),
+        b'u' => b
+            .get(i + 1..i + 5)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .map(|_| i + 5),
+        _ => None,
+    }
+}
+
+/// serde_json's reading, for what `split` leaves to it.
+struct ViaSerde<'a>(RawObject<'a>);
+
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for ViaSerde<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ViaSerde<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some(k) = map.next_key::<Key<'de>>()? {
+                    let v: &'de RawValue = map.next_value()?;
+                    fields.push((k.0, v.get()));
+                }
+                Ok(ViaSerde(RawObject { fields }))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn via_serde(text: &str) -> Result<Vec<(Cow<'_, str>, &str)>, String> {
+        serde_json::from_str::<ViaSerde<'_>>(text)
+            .map(|o| o.0.fields)
+            .map_err(|e| e.to_string())
+    }
+
+    /// `split` answers exactly as serde_json does over sample bodies cut and mutated at random
+    /// with the bytes JSON gives meaning to: the same fields when it takes a body, and it
+    /// leaves to serde_json only invalid bodies and the shapes it does not read (an escaped
+    /// top-level key, deep nesting).
+    #[test]
+    fn the_split_reads_bodies_as_serde_json_does() {
+        let bodies = [
+            r#"{"model":"bench-model","prompt":"The quick brown fox jumps over the lazy dog","max_tokens":8}"#,
+            r#" {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "h\u00e9 \"q\" \\ \/ \n"}]}], "stream": true, "stream_options": {"include_usage": true}, "temperature": 0.7, "top_p": 1e-3, "n": -0, "stop": null, "logprobs": false, "seed": 12345678901234567890, "x": -1.5E+2 } "#,
+            r#"{"prompt":[[1,2,3],[4]],"max_completion_tokens":0,"user":"ü🦀","kv_transfer_params":{"remote_block_ids":[],"remote_host":null},"id":"cmpl-1","choices":[{"text":"a","index":0,"finish_reason":"length"}],"usage":{"prompt_tokens":9,"completion_tokens":1}}"#,
+            "{}",
+            "{\"a\":{},\"b\":[],\"c\":\"\"}\n",
+        ];
+        let interesting = b"{}[]\":,\\/ \t\n\r0123456789.eE+-ntfulrsabx\x01\x1f";
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut taken, mut valid) = (0, 0);
+        for base in bodies {
+            let mut variants: Vec<String> = vec![base.to_string()];
+            variants.extend((0..base.len()).filter_map(|cut| base.get(..cut).map(str::to_string)));
+            for _ in 0..4000 {
+                let mut m = base.as_bytes().to_vec();
+                for _ in 0..1 + next(3) {
+                    let at = next(m.len().max(1));
+                    let c = interesting[next(interesting.len())];
+                    match next(3) {
+                        0 if at < m.len() => m[at] = c,
+                        1 => m.insert(at.min(m.len()), c),
+                        _ if at < m.len() => {
+                            m.remove(at);
+                        }
+                        _ => {}
+                    }
+                }
+                // Mutations inside a multi-byte character are not text: skip them.
+                variants.extend(String::from_utf8(m).ok());
+            }
+            for text in &variants {
+                let fast = split(text);
+                match via_serde(text) {
+                    Ok(want) => {
+                        valid += 1;
+                        let unusual = want.iter().any(|(k, _)| matches!(k, Cow::Owned(_)));
+                        match fast {
+                            Some(got) => {
+                                taken += 1;
+                                assert_eq!(got, want, "{text:?}");
+                            }
+                            None => assert!(unusual, "valid, in the usual shape, left: {text:?}"),
+                        }
+                    }
+                    Err(e) => assert!(fast.is_none(), "{text:?}: serde_json says {e}"),
+                }
+            }
+        }
+        // The mutations keep a fair share of valid bodies, and the split takes them.
+        assert!(taken > 2000 && taken * 10 > valid * 9, "{taken} of {valid}");
+    }
+
+    #[test]
+    fn deep_nesting_and_escaped_keys_are_left_to_serde_json() {
+        let deep = format!(
+            "{{\"a\":{}1{}}}",
+            "[".repeat(MAX_DEPTH as usize + 1),
+            "]".repeat(MAX_DEPTH as usize + 1)
+        );
+        assert!(split(&deep).is_none());
+        let o = RawObject::parse(&deep).unwrap();
+        assert!(o.get("a").unwrap().starts_with("[[["));
+        let o = RawObject::parse(r#"{"we\u0069rd":1,"plain":2}"#).unwrap();
+        assert_eq!(o.get("weird"), Some("1"));
+        assert_eq!(o.get("plain"), Some("2"));
+        // Long strings cross the word-at-a-time scan's edges at every offset.
+        for n in 0..40 {
+            let s = "x".repeat(n);
+            for tail in ["\"", "\\n\"", "\u{1}\""] {
+                let text = format!("{{\"k\":\"{s}{tail}}}");
+                assert_eq!(split(&text).is_some(), tail != "\u{1}\"", "{text:?}");
+            }
+        }
+        assert!(RawObject::parse_bytes(b"{\"k\":\"\xff\"}").is_err());
+    }
+
+    /// Values at the grammar's edges, each taken by the split exactly when serde_json takes it.
+    #[test]
+    fn edge_values_are_taken_exactly_when_serde_json_takes_them() {
+        let values = [
+            "0",
+            "-0",
+            "00",
+            "01",
+            "-01",
+            "0.",
+            "0.5",
+            ".5",
+            "1.e3",
+            "1e",
+            "1e+",
+            "1E-0",
+            "1e05",
+            "-",
+            "--1",
+            "+1",
+            "0x1",
+            "1_0",
+            "tru",
+            "true",
+            "truee",
+            "nul",
+            "null",
+            "False",
+            r#""\u12""#,
+            r#""\u12g4""#,
+            r#""\uD800""#,
+            r#""\a""#,
+            r#""\/""#,
+            "\"\t\"",
+            "\"\x7f\"",
+            "[1,]",
+            "[,1]",
+            "[1 2]",
+            "[]",
+            "{\"a\"}",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{,}",
+            "{\"a\" : [ ] }",
+        ];
+        for v in values {
+            let text = format!("{{\"k\":{v}}}");
+            let want = via_serde(&text).ok();
+            assert_eq!(split(&text), want, "{text:?}");
+        }
+        for text in [
+            "",
+            " ",
+            "{",
+            "}",
+            "{}}",
+            "{} {}",
+            "[]",
+            "{\"k\":1}x",
+            "{\"k\"::1}",
+        ] {
+            assert!(
+                split(text).is_none() && via_serde(text).is_err(),
+                "{text:?}"
+            );
+        }
+    }
+}
