@@ -8,7 +8,9 @@ use xpyd::proxy::{inspect, Endpoint};
 /// Prose of about `len` bytes, as a prompt's text (no escapes), and with a newline and a
 /// quote every few hundred bytes (escapes, as in code or documents).
 fn prose(len: usize, escapes: bool) -> String {
-    let words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "engine"];
+    let words = [
+        "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "engine",
+    ];
     let mut s = String::with_capacity(len + 16);
     let mut k = 0usize;
     while s.len() < len {
@@ -30,7 +32,10 @@ fn bodies(c: &mut Criterion) {
             prose(len, escapes)
         );
         g.throughput(Throughput::Bytes(body.len() as u64));
-        let name = format!("completion {len} B{}", if escapes { " escaped" } else { "" });
+        let name = format!(
+            "completion {len} B{}",
+            if escapes { " escaped" } else { "" }
+        );
         g.bench_function(name, |b| {
             b.iter(|| inspect(Endpoint::Completions, black_box(body.as_bytes())).is_ok())
         });

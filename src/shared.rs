@@ -4,8 +4,10 @@
 use crate::config::Config;
 use crate::metrics::WorkerMetrics;
 use crate::topology::Topology;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Cache};
 use crossbeam_utils::CachePadded;
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -81,5 +83,96 @@ impl<'a> ActiveRequest<'a> {
 impl Drop for ActiveRequest<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A worker's view of one of `Shared`'s snapshots (the topology, the policy). It hands out
+/// the current snapshot as an `Rc` of the shared `Arc`: a request's clone and drop touch a
+/// counter of this worker's own, not the `Arc`'s, which every worker writes (a cache line
+/// moving between cores twice per request). Whether a newer snapshot was published is one
+/// relaxed pointer read (`arc_swap::Cache`); a reload applies to the next request, as before.
+/// An idle worker keeps the snapshot it last served with until its next request.
+pub struct LocalSnapshot<T: 'static> {
+    latest: RefCell<Cache<Field<T>, Arc<T>>>,
+    current: RefCell<Snapshot<T>>,
+}
+
+/// A snapshot as a worker hands it out (`LocalSnapshot::get`): cloned and dropped without an
+/// atomic operation, dereferences to the shared `Arc`.
+// The extra allocation is the point: one per published snapshot per worker, and it makes the
+// per-request count the worker's own.
+#[allow(clippy::redundant_allocation)]
+pub struct Snapshot<T>(Rc<Arc<T>>);
+
+impl<T> Clone for Snapshot<T> {
+    fn clone(&self) -> Self {
+        Snapshot(Rc::clone(&self.0))
+    }
+}
+
+impl<T> std::ops::Deref for Snapshot<T> {
+    type Target = Arc<T>;
+    fn deref(&self) -> &Arc<T> {
+        &self.0
+    }
+}
+
+/// One `ArcSwap` of `Shared`, owned through the `Arc` (what `arc_swap::Cache` reads from).
+struct Field<T: 'static> {
+    shared: Arc<Shared>,
+    pick: fn(&Shared) -> &ArcSwap<T>,
+}
+
+impl<T> std::ops::Deref for Field<T> {
+    type Target = ArcSwap<T>;
+    fn deref(&self) -> &ArcSwap<T> {
+        (self.pick)(&self.shared)
+    }
+}
+
+impl<T: 'static> LocalSnapshot<T> {
+    pub fn new(shared: Arc<Shared>, pick: fn(&Shared) -> &ArcSwap<T>) -> Self {
+        let mut latest = Cache::new(Field { shared, pick });
+        let current = RefCell::new(Snapshot(Rc::new(Arc::clone(latest.load()))));
+        LocalSnapshot {
+            latest: RefCell::new(latest),
+            current,
+        }
+    }
+
+    /// The snapshot in force now.
+    #[inline]
+    pub fn get(&self) -> Snapshot<T> {
+        let mut latest = self.latest.borrow_mut();
+        let now = latest.load();
+        let mut current = self.current.borrow_mut();
+        if !Arc::ptr_eq(&current, now) {
+            *current = Snapshot(Rc::new(Arc::clone(now)));
+        }
+        current.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_s_snapshot_follows_what_is_published() {
+        let cfg = Config::from_yaml("model: m\ndual: [\"127.0.0.1:9\"]\n").unwrap();
+        let shared = Shared::new(&cfg, 1);
+        let local = LocalSnapshot::new(shared.clone(), |s| &s.policy);
+        let (a, b) = (local.get(), local.get());
+        // The same snapshot is the same handle: no new allocation, no shared count touched.
+        assert!(Rc::ptr_eq(&a.0, &b.0));
+        assert!(Arc::ptr_eq(&a, &shared.policy.load_full()));
+        let mut next = cfg.policy();
+        next.shutdown_grace = std::time::Duration::from_secs(1234);
+        shared.policy.store(Arc::new(next));
+        let c = local.get();
+        assert_eq!(c.shutdown_grace.as_secs(), 1234);
+        assert!(Arc::ptr_eq(&c, &shared.policy.load_full()));
+        // A request that began before keeps the snapshot it began with.
+        assert!(!Arc::ptr_eq(&a, &c));
     }
 }

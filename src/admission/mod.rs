@@ -24,7 +24,7 @@ pub use report::{render, status_json};
 use crate::config::{AdmissionConfig, Policy};
 use crate::engine_load::Fresh;
 use crate::http::ApiError;
-use crate::shared::Shared;
+use crate::shared::{LocalSnapshot, Shared};
 use crate::topology::{ModelRoute, RoleSet};
 use gate::{Counters, KeyGate};
 use http::StatusCode;
@@ -76,6 +76,8 @@ pub struct Ask<'a> {
 /// One worker's wait queues, by model.
 pub struct Local {
     shared: Arc<Shared>,
+    /// The worker's view of `shared.policy` (`Worker::policy`).
+    policy: Rc<LocalSnapshot<Policy>>,
     /// The worker's index (its slot in each gate's `heads`).
     id: usize,
     queues: RefCell<HashMap<String, Rc<Queue>>>,
@@ -205,9 +207,10 @@ fn retry_after(d: Duration) -> u64 {
 }
 
 impl Local {
-    pub fn new(shared: Arc<Shared>, id: usize) -> Rc<Self> {
+    pub fn new(shared: Arc<Shared>, policy: Rc<LocalSnapshot<Policy>>, id: usize) -> Rc<Self> {
         Rc::new(Local {
             shared,
+            policy,
             id,
             queues: RefCell::new(HashMap::new()),
             ticking: Cell::new(false),
@@ -233,7 +236,7 @@ impl Local {
     /// has no admission limits. Dropping the future while it waits (the client left)
     /// removes the request from the queue.
     pub async fn admit(self: &Rc<Self>, ask: Ask<'_>) -> Result<Option<Permit>, Rejection> {
-        let policy = self.shared.policy.load_full();
+        let policy = self.policy.get();
         let Some(cfg) = policy.admission(ask.model) else {
             return Ok(None);
         };
@@ -416,7 +419,7 @@ impl Local {
     pub fn usage(&self, model: &str, authorization: Option<&str>, tokens: (u64, u64)) {
         let gate = self.shared.admission.get(model);
         gate.c.usage(tokens.0, tokens.1);
-        let policy = self.shared.policy.load();
+        let policy = self.policy.get();
         if let Some(i) = authorization
             .and_then(|a| a.strip_prefix("Bearer "))
             .map(str::trim)
@@ -444,7 +447,7 @@ impl Local {
         if q.waiters.borrow().is_empty() {
             return u64::MAX;
         }
-        let policy = self.shared.policy.load();
+        let policy = self.policy.get();
         let cfg = policy.admission(&q.model);
         // Engine-aware shedding: no more than the engines' estimated room, so a queue that
         // built up while they were saturated does not all join their queues at once.

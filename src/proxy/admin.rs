@@ -77,7 +77,7 @@ fn python_message(action: AdminAction, address: &str, role: &str) -> Option<Stri
 pub async fn handle(w: &Worker, action: AdminAction, body: &[u8]) -> Result<Value, ApiError> {
     if action == AdminAction::SyncPrefixes {
         // Atomic stores into the shared index, here on the worker: no control round trip.
-        return super::prefix_sync::apply(&w.shared.topology.load(), body);
+        return super::prefix_sync::apply(&w.topology(), body);
     }
     let v: Value = if body.is_empty() && action == AdminAction::Reload {
         Value::Null
@@ -95,7 +95,7 @@ pub async fn handle(w: &Worker, action: AdminAction, body: &[u8]) -> Result<Valu
             })?;
             let address = field_or(&v, "address", "instance")?;
             message = python_message(action, address, role_name);
-            let topo = w.shared.topology.load();
+            let topo = w.topology();
             let model = match v.get("model").and_then(Value::as_str) {
                 Some(m) => m.to_string(),
                 None if topo.models.len() == 1 => topo.models[0].name.clone(),

@@ -9,9 +9,9 @@ use super::Worker;
 use crate::config::Policy;
 use crate::http::conn::ClientWriter;
 use crate::http::ApiError;
+use crate::shared::Snapshot;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 use std::borrow::Cow;
-use std::sync::Arc;
 
 pub struct RequestCtx<'a> {
     pub w: &'a Worker,
@@ -31,7 +31,7 @@ pub struct RequestCtx<'a> {
     pub tl: Timeline,
     /// The policy as the request found it, for all its legs and relays: one load per
     /// request instead of one per use (a reload applies to the next request).
-    pub policy: Arc<Policy>,
+    pub policy: Snapshot<Policy>,
 }
 
 impl RequestCtx<'_> {

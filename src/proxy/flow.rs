@@ -24,6 +24,7 @@ use crate::http::write::{full_response, COALESCE_LIMIT};
 use crate::http::{ApiError, Request};
 use crate::metrics::ErrorType;
 use crate::scheduler::PickContext;
+use crate::shared::Snapshot;
 use crate::topology::{ModelRoute, RoleSet, Topology};
 use crate::trace::RequestTrace;
 use bytes::Bytes;
@@ -39,8 +40,8 @@ const MAX_PREFILL_RESPONSE: usize = 16 * 1024 * 1024;
 /// The topology snapshot for a request, or the error to answer: 404 for an unknown model,
 /// 400 when several models are served and none is named, 503 while the model is gated
 /// (each model on its own: one model's absence never holds back another's requests).
-fn open_route(w: &Worker, model: Option<&str>) -> Result<(Arc<Topology>, usize), ApiError> {
-    let topo = w.shared.topology.load_full();
+fn open_route(w: &Worker, model: Option<&str>) -> Result<(Snapshot<Topology>, usize), ApiError> {
+    let topo = w.topology();
     w.pool.sync(&topo);
     match topo.route_index(model) {
         Some(i) if !topo.models[i].is_open() => Err(ApiError::unavailable(format!(
@@ -84,8 +85,12 @@ pub(super) fn request_id(req: &Request) -> RequestId<'_> {
 
 /// The model's route in the current topology when it differs from `seen`, else None: a
 /// reload or admin change published since `seen` was read marks removed instances draining.
-fn newer_route(w: &Worker, seen: &Arc<Topology>, model: &str) -> Option<(Arc<Topology>, usize)> {
-    let now = w.shared.topology.load_full();
+fn newer_route(
+    w: &Worker,
+    seen: &Arc<Topology>,
+    model: &str,
+) -> Option<(Snapshot<Topology>, usize)> {
+    let now = w.topology();
     if Arc::ptr_eq(&now, seen) {
         return None;
     }
@@ -325,7 +330,7 @@ fn request_ctx<'a>(
     start: Instant,
     trace: Option<&'a RequestTrace>,
 ) -> RequestCtx<'a> {
-    let policy = w.shared.policy.load_full();
+    let policy = w.policy();
     RequestCtx {
         w,
         request_id,

@@ -24,7 +24,7 @@ mod upstream;
 
 use crate::config::{Config, Policy};
 use crate::runtime::{self, Driver};
-use crate::shared::Shared;
+use crate::shared::{LocalSnapshot, Shared, Snapshot};
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -51,14 +51,22 @@ pub struct Worker {
     pub scratch: relay::Scratch,
     /// This worker's admission queues.
     pub admission: Rc<crate::admission::Local>,
+    topology_now: LocalSnapshot<crate::topology::Topology>,
+    policy_now: Rc<LocalSnapshot<Policy>>,
 }
 
 impl Worker {
-    /// The settings in force now (a reload may replace them between two calls). Cheap: no
-    /// reference count is touched; do not hold the guard across a long wait.
+    /// The settings in force now (a reload may replace them between two calls). Cheap: a
+    /// count of this worker's own is touched (`LocalSnapshot`).
     #[inline]
-    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
-        self.shared.policy.load()
+    pub fn policy(&self) -> Snapshot<Policy> {
+        self.policy_now.get()
+    }
+
+    /// The topology snapshot in force now, as `policy`.
+    #[inline]
+    pub fn topology(&self) -> Snapshot<crate::topology::Topology> {
+        self.topology_now.get()
     }
 }
 
@@ -182,13 +190,16 @@ pub fn start(cfg: &Config, opts: RunOptions) -> std::io::Result<ProxyHandle> {
                         return;
                     }
                 };
+                let policy_now = Rc::new(LocalSnapshot::new(shared.clone(), |s| &s.policy));
                 let w = Rc::new(Worker {
                     id,
+                    topology_now: LocalSnapshot::new(shared.clone(), |s| &s.topology),
                     metrics: shared.metrics[id % shared.metrics.len()].clone(),
                     metric_index: Default::default(),
                     metrics_enabled: cfg.metrics_enabled,
                     scratch: Default::default(),
-                    admission: crate::admission::Local::new(shared.clone(), id),
+                    admission: crate::admission::Local::new(shared.clone(), policy_now.clone(), id),
+                    policy_now,
                     shared,
                     pool: upstream::Pool::new(cfg.timeouts.connect, cfg.timeouts.pool_idle),
                     control,

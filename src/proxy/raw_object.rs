@@ -214,7 +214,10 @@ fn stop_in_words(rest: &[u8]) -> Result<usize, usize> {
     while at < 16 {
         let Some(word) = rest.get(at..).and_then(|r| r.first_chunk::<8>()) else {
             let tail = rest.get(at..).unwrap_or_default();
-            return match tail.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20) {
+            return match tail
+                .iter()
+                .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+            {
                 Some(k) => Ok(at + k),
                 None => Err(rest.len()),
             };

@@ -254,7 +254,7 @@ async fn dispatch(
             }
         }
         Route::Metrics => {
-            let topo = w.shared.topology.load();
+            let topo = w.topology();
             let mut body = metrics::render(&metrics::Scrape {
                 workers: &w.shared.metrics,
                 active_requests: w.shared.active_requests(),
@@ -332,7 +332,7 @@ fn client_authorized(w: &Worker, authorization: Option<&str>) -> bool {
 /// and answers 503 on its own requests; it does not take the proxy out of service, since no
 /// replica could serve it either.
 fn health(w: &Worker) -> (StatusCode, serde_json::Value) {
-    let topo = w.shared.topology.load();
+    let topo = w.topology();
     let (status, word) = if w.shared.shutting_down.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
     } else if w.shared.is_ready() {
@@ -353,7 +353,7 @@ fn health(w: &Worker) -> (StatusCode, serde_json::Value) {
 }
 
 fn status(w: &Worker) -> serde_json::Value {
-    let topo = w.shared.topology.load();
+    let topo = w.topology();
     let policy = w.policy();
     let models: Vec<_> = topo
         .models
@@ -406,7 +406,7 @@ fn status(w: &Worker) -> serde_json::Value {
 
 /// Every instance, and (as xpyd-proxy 1.2 answered) the same grouped by role.
 fn status_instances(w: &Worker) -> serde_json::Value {
-    let topo = w.shared.topology.load();
+    let topo = w.topology();
     let of = |role: crate::config::Role| -> Vec<_> {
         topo.instances()
             .filter(|i| i.role == role)
@@ -425,7 +425,7 @@ fn status_instances(w: &Worker) -> serde_json::Value {
 }
 
 fn models(w: &Worker) -> serde_json::Value {
-    let topo = w.shared.topology.load();
+    let topo = w.topology();
     let data: Vec<_> = topo
         .models
         .iter()
