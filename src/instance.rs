@@ -39,7 +39,7 @@ pub struct Instance {
     pub draining: AtomicBool,
     /// Circuit breaker (see `resilience`); only an open circuit blocks picks.
     pub breaker: Breaker,
-    pub load: Load,
+    pub load: CachePadded<Load>,
     /// The engine's own numbers from its /metrics (control side writes, schedulers read).
     pub engine: crate::engine_load::EngineLoad,
     /// The instance's bit in the KV index + 1 (0: no KV events), set by the subscriber.
@@ -71,7 +71,7 @@ impl Instance {
             health: AtomicU8::new(Health::Unknown as u8),
             draining: AtomicBool::new(false),
             breaker: Default::default(),
-            load: Load::default(),
+            load: CachePadded::default(),
             engine: Default::default(),
             kv_bit: Default::default(),
             kv_stats: Default::default(),
@@ -166,13 +166,14 @@ impl Instance {
     }
 }
 
-/// In-flight load of one instance; each counter on its own cache line because every worker
-/// writes them.
+/// In-flight load of one instance. Every worker writes it, and a request changes the three
+/// counters together (when it starts and when it ends), so they share one cache line, theirs
+/// alone (`Instance::load` is padded): one line moves between cores per change, not three.
 #[derive(Default)]
 pub struct Load {
-    pub requests: CachePadded<AtomicU64>,
-    pub prompt_tokens: CachePadded<AtomicU64>,
-    pub decode_tokens: CachePadded<AtomicU64>,
+    pub requests: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub decode_tokens: AtomicU64,
 }
 
 impl Load {

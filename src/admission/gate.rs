@@ -57,8 +57,44 @@ pub struct Counters {
     pub bucket: CachePadded<Bucket>,
     pub rejected: [AtomicU64; 4],
     pub admitted: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub completion_tokens: AtomicU64,
+    pub tokens: Tokens,
+}
+
+/// Token usage the engines reported, (prompt, completion), in one slot per worker, summed
+/// when read: every request adds to it, and one shared cache line would move between the
+/// workers' cores with each.
+pub struct Tokens(Box<[CachePadded<[AtomicU64; 2]>]>);
+
+impl Tokens {
+    pub fn new(workers: usize) -> Self {
+        Tokens(
+            (0..workers.max(1))
+                .map(|_| CachePadded::default())
+                .collect(),
+        )
+    }
+
+    fn add(&self, worker: usize, prompt: u64, completion: u64) {
+        let slot = &self.0[worker % self.0.len()];
+        slot[0].fetch_add(prompt, Ordering::Relaxed);
+        slot[1].fetch_add(completion, Ordering::Relaxed);
+    }
+
+    /// (prompt, completion), over every worker.
+    pub fn totals(&self) -> (u64, u64) {
+        self.0.iter().fold((0, 0), |(p, c), s| {
+            (
+                p + s[0].load(Ordering::Relaxed),
+                c + s[1].load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Tokens::new(1)
+    }
 }
 
 impl Counters {
@@ -95,11 +131,9 @@ impl Counters {
         self.rejected[r as usize].load(Ordering::Relaxed)
     }
 
-    /// Token usage the engine reported for one request.
-    pub fn usage(&self, prompt: u64, completion: u64) {
-        self.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-        self.completion_tokens
-            .fetch_add(completion, Ordering::Relaxed);
+    /// Token usage the engine reported for one request, served by `worker`.
+    pub fn usage(&self, worker: usize, prompt: u64, completion: u64) {
+        self.tokens.add(worker, prompt, completion);
     }
 }
 
@@ -143,7 +177,10 @@ pub struct ModelGate {
 impl ModelGate {
     pub fn new(workers: usize) -> Self {
         ModelGate {
-            c: Counters::default(),
+            c: Counters {
+                tokens: Tokens::new(workers),
+                ..Counters::default()
+            },
             tickets: Default::default(),
             heads: (0..workers.max(1))
                 .map(|_| CachePadded::new(AtomicU64::new(u64::MAX)))
@@ -161,7 +198,10 @@ impl ModelGate {
         get_or_insert(&self.keys, key, || KeyGate {
             key: key.to_string(),
             index: AtomicUsize::new(index),
-            c: Counters::default(),
+            c: Counters {
+                tokens: Tokens::new(self.heads.len()),
+                ..Counters::default()
+            },
         })
     }
 
@@ -312,11 +352,25 @@ mod tests {
     }
 
     #[test]
+    fn token_usage_is_counted_per_worker_and_summed() {
+        let g = Gates::new(2);
+        let m = g.get("m");
+        m.c.usage(0, 10, 1);
+        m.c.usage(1, 5, 2);
+        // A worker index past the gate's slots (a gate made before a resize) still counts.
+        m.c.usage(7, 1, 1);
+        assert_eq!(m.c.tokens.totals(), (16, 4));
+        let k = m.key("sk", 0);
+        k.c.usage(1, 3, 3);
+        assert_eq!(k.c.tokens.totals(), (3, 3));
+    }
+
+    #[test]
     fn a_reload_forgets_dropped_keys_and_renumbers_the_others() {
         let g = Gates::new(1);
         let m = g.get("m");
         let (a, b) = (m.key("sk-a", 0), m.key("sk-b", 1));
-        b.c.usage(3, 4);
+        b.c.usage(0, 3, 4);
         g.retain_keys(&["sk-c".into(), "sk-b".into()]);
         let left = m.keys();
         assert_eq!(left.len(), 1);

@@ -23,6 +23,7 @@ pub use report::{render, status_json};
 
 use crate::config::{AdmissionConfig, Policy};
 use crate::engine_load::Fresh;
+use crate::hash::FastHash;
 use crate::http::ApiError;
 use crate::shared::{LocalSnapshot, Shared};
 use crate::topology::{ModelRoute, RoleSet};
@@ -80,7 +81,7 @@ pub struct Local {
     policy: Rc<LocalSnapshot<Policy>>,
     /// The worker's index (its slot in each gate's `heads`).
     id: usize,
-    queues: RefCell<HashMap<String, Rc<Queue>>>,
+    queues: RefCell<HashMap<String, Rc<Queue>, FastHash>>,
     ticking: Cell<bool>,
 }
 
@@ -212,7 +213,7 @@ impl Local {
             shared,
             policy,
             id,
-            queues: RefCell::new(HashMap::new()),
+            queues: RefCell::new(HashMap::default()),
             ticking: Cell::new(false),
         })
     }
@@ -417,15 +418,18 @@ impl Local {
     /// Counts the token usage an engine reported for a request of `model` (and of the
     /// client's API key), whether or not the model has admission limits.
     pub fn usage(&self, model: &str, authorization: Option<&str>, tokens: (u64, u64)) {
-        let gate = self.shared.admission.get(model);
-        gate.c.usage(tokens.0, tokens.1);
+        // The worker's own handle on the gate: no shared reference count touched.
+        let gate = &self.queue(model).gate;
+        gate.c.usage(self.id, tokens.0, tokens.1);
         let policy = self.policy.get();
         if let Some(i) = authorization
             .and_then(|a| a.strip_prefix("Bearer "))
             .map(str::trim)
             .and_then(|k| policy.api_keys.iter().position(|x| x == k))
         {
-            gate.key(&policy.api_keys[i], i).c.usage(tokens.0, tokens.1);
+            gate.key(&policy.api_keys[i], i)
+                .c
+                .usage(self.id, tokens.0, tokens.1);
         }
     }
 

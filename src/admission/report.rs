@@ -5,7 +5,6 @@ use super::gate::{self, Counters, Gates, Reason};
 use crate::config::Policy;
 use crate::metrics::{header, render_histogram};
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
 
 /// The admission series of `/metrics`.
 pub fn render(gates: &Gates, out: &mut String) {
@@ -105,26 +104,20 @@ pub fn render(gates: &Gates, out: &mut String) {
     }
     header(out, "proxy_tokens_total", "counter", "Tokens the engines reported in `usage`, by model, API key (\"\" without api_keys) and kind.");
     for (m, g) in &all {
-        for (kind, n) in [
-            ("prompt", &g.c.prompt_tokens),
-            ("completion", &g.c.completion_tokens),
-        ] {
+        let (prompt, completion) = g.c.tokens.totals();
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
             let _ = writeln!(
                 out,
-                "proxy_tokens_total{{model=\"{m}\",key=\"\",kind=\"{kind}\"}} {}",
-                n.load(Ordering::Relaxed)
+                "proxy_tokens_total{{model=\"{m}\",key=\"\",kind=\"{kind}\"}} {n}"
             );
         }
         for k in g.keys() {
-            for (kind, n) in [
-                ("prompt", &k.c.prompt_tokens),
-                ("completion", &k.c.completion_tokens),
-            ] {
+            let (prompt, completion) = k.c.tokens.totals();
+            for (kind, n) in [("prompt", prompt), ("completion", completion)] {
                 let _ = writeln!(
                     out,
-                    "proxy_tokens_total{{model=\"{m}\",key=\"{}\",kind=\"{kind}\"}} {}",
-                    k.label(),
-                    n.load(Ordering::Relaxed)
+                    "proxy_tokens_total{{model=\"{m}\",key=\"{}\",kind=\"{kind}\"}} {n}",
+                    k.label()
                 );
             }
         }
@@ -153,8 +146,8 @@ pub fn status_json(gates: &Gates, policy: &Policy, model: &str) -> serde_json::V
             "in_flight": c.in_flight(),
             "queued": c.queued(),
             "rejected": rejected,
-            "prompt_tokens": c.prompt_tokens.load(Ordering::Relaxed),
-            "completion_tokens": c.completion_tokens.load(Ordering::Relaxed),
+            "prompt_tokens": c.tokens.totals().0,
+            "completion_tokens": c.tokens.totals().1,
         })
     };
     let mut v = json!({ "enabled": limits.is_some(), "limits": limits });
