@@ -43,6 +43,36 @@ fn pipelined_requests_on_one_connection_are_answered_in_order() {
     assert!(resp.trim_end().ends_with("pong\"}"), "{resp}");
 }
 
+/// Bodies longer than one read (a long prompt is read straight into the body, never past
+/// it), pipelined: each request gets its own bytes, the one behind it is not lost.
+#[test]
+fn long_pipelined_bodies_reach_the_node_whole_and_in_order() {
+    let (_p, d, proxy) = setup("");
+    let mut req = String::new();
+    let prompts = ["a".repeat(300_000), "b".repeat(200_001)];
+    for prompt in &prompts {
+        let body = format!(r#"{{"model":"test-model","prompt":"{prompt}","max_tokens":3}}"#);
+        req.push_str(&post_head(body.len()));
+        req.push_str(&body);
+    }
+    req.push_str("GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let resp = raw_exchange(proxy.addr, req.as_bytes(), Duration::from_secs(10));
+    assert_eq!(
+        status_lines(&resp),
+        vec!["HTTP/1.1 200 OK"; 3],
+        "{}",
+        &resp[..resp.len().min(2000)]
+    );
+    let got = received(&d);
+    assert_eq!(got.len(), 2);
+    for (r, want) in got.iter().zip(&prompts) {
+        assert!(
+            r["body"]["prompt"].as_str() == Some(want.as_str()),
+            "a prompt arrived changed"
+        );
+    }
+}
+
 #[test]
 fn chunked_request_body_is_accepted() {
     let (_p, d, proxy) = setup("");

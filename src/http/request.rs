@@ -8,6 +8,7 @@ use crate::clock::{after, recent};
 use crate::deadline::Deadline;
 use bytes::Bytes;
 use http::StatusCode;
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use std::io;
 use std::time::{Duration, Instant};
@@ -161,20 +162,12 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
     }
     let body = match head.framing {
         Framing::None | Framing::UntilClose => Bytes::new(),
-        Framing::Length(n) => {
-            let n = n as usize;
-            while buf.len() < n {
-                let want = n - buf.len();
-                match fill_by(stream, buf, want, deadline).await {
-                    Err(ReadError::TimedOut) => return Err(timed_out()),
-                    Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
-                    r => r?,
-                };
-            }
-            let body = Bytes::copy_from_slice(&buf.data()[..n]);
-            buf.consume(n);
+        Framing::Length(n) if buf.len() >= n as usize => {
+            let body = Bytes::copy_from_slice(&buf.data()[..n as usize]);
+            buf.consume(n as usize);
             body
         }
+        Framing::Length(n) => read_rest(stream, buf, n as usize, deadline).await?,
         Framing::Chunked => read_chunked(stream, buf, limits.max_body_bytes, deadline).await?,
     };
     Ok(Request { head, body })
@@ -202,6 +195,35 @@ fn timed_out() -> ReadError {
         StatusCode::REQUEST_TIMEOUT,
         "the request was not received in time",
     )
+}
+
+/// A body of `n` bytes not all read yet (a long prompt): what the connection's buffer holds
+/// is moved out, and the rest is read straight into the body, never more than it lacks (the
+/// bytes after it belong to the next request). The body is not copied again, and the
+/// connection's buffer does not grow to the largest body it carried.
+async fn read_rest<S: AsyncReadRent>(
+    stream: &mut S,
+    buf: &mut ReadBuf,
+    n: usize,
+    deadline: &mut Deadline,
+) -> Result<Bytes, ReadError> {
+    let mut body = Vec::with_capacity(n);
+    body.extend_from_slice(buf.data());
+    buf.consume(buf.len());
+    while body.len() < n {
+        let len = body.len();
+        // Dropped by the deadline mid-read, the body goes with the read: the connection is
+        // answered 408 and closed.
+        let (res, slice) = match deadline.bound(stream.read(body.slice_mut(len..n))).await {
+            Some(r) => r,
+            None => return Err(timed_out()),
+        };
+        body = slice.into_inner();
+        if res? == 0 {
+            return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    Ok(Bytes::from(body))
 }
 
 async fn read_chunked<S: AsyncReadRent>(
