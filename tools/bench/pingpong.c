@@ -1,6 +1,6 @@
 // What an atomic increment costs when both cores write the same cache line, against a line
-// each (docs/benchmarks.md, "The JSON split, and lines every worker writes"). Two threads,
-// pinned to CPUs 0 and 1, each increment a counter 20 M times with GAP iterations of other
+// each (docs/benchmarks.md, "The JSON split, lines every worker writes, long prompts").
+// Two threads, pinned to CPUs 0 and 1, each increment a counter 20 M times with GAP iterations of other
 // work between increments (GAP 2000: about 600 ns here, a request's spacing on one worker).
 //
 //   gcc -O2 -pthread -DGAP=2000 -o /tmp/pingpong tools/bench/pingpong.c && /tmp/pingpong
