@@ -32,3 +32,15 @@ pub mod topology;
 pub mod trace;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The mutation tests' deterministic generator (xorshift64): each call gives a number in
+/// `0..n`, the same sequence on every run.
+#[cfg(test)]
+pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(usize) -> usize {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    }
+}

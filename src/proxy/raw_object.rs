@@ -320,13 +320,7 @@ mod tests {
             "{\"a\":{},\"b\":[],\"c\":\"\"}\n",
         ];
         let interesting = b"{}[]\":,\\/ \t\n\r0123456789.eE+-ntfulrsabx\x01\x1f";
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15);
         let (mut taken, mut valid) = (0, 0);
         for base in bodies {
             let mut variants: Vec<String> = vec![base.to_string()];

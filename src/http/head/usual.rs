@@ -262,13 +262,7 @@ mod tests {
             b"HTTP/1.1 204 No Content\r\n\r\n",
         ];
         let interesting = b"\r\n \t:\x00\x7f\x80\xff/aZ09-_\"(),;\x01\x0bHTTP/1.2";
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = crate::test_rng(0x2545_f491_4f6c_dd1d);
         let mut variants = |base: &[u8]| {
             let mut v = vec![base.to_vec()];
             for cut in 0..base.len() {
