@@ -142,12 +142,13 @@ pub fn status_json(gates: &Gates, policy: &Policy, model: &str) -> serde_json::V
             .iter()
             .map(|r| (r.as_str().to_string(), json!(c.rejected(*r))))
             .collect();
+        let (prompt, completion) = c.tokens.totals();
         json!({
             "in_flight": c.in_flight(),
             "queued": c.queued(),
             "rejected": rejected,
-            "prompt_tokens": c.tokens.totals().0,
-            "completion_tokens": c.tokens.totals().1,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
         })
     };
     let mut v = json!({ "enabled": limits.is_some(), "limits": limits });
