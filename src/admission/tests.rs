@@ -1,4 +1,6 @@
+use super::engine_room::waiting_now;
 use super::*;
+use crate::engine_load::Fresh;
 
 #[test]
 fn shares_split_by_weight_and_never_reach_zero() {
