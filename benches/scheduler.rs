@@ -19,7 +19,7 @@ fn picks(c: &mut Criterion) {
         let _load: Vec<InFlight> = inst
             .iter()
             .enumerate()
-            .map(|(k, i)| InFlight::new(i.clone(), (k * 37 % 11) as u64 * 100, (k % 5) as u64))
+            .map(|(k, i)| InFlight::new(i, (k * 37 % 11) as u64 * 100, (k % 5) as u64))
             .collect();
         for kind in [
             SchedulerKind::LoadBalanced,

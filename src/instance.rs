@@ -188,16 +188,18 @@ impl Load {
 
 /// Counts a request against an instance for as long as it lives; every exit path (success,
 /// error, client disconnect, unwinding) releases it.
-pub struct InFlight {
-    inst: Arc<Instance>,
+pub struct InFlight<'a> {
+    /// Borrowed from the request's topology snapshot: no reference count is written per
+    /// leg (the `Arc`'s count is on a line every worker writes).
+    inst: &'a Arc<Instance>,
     prompt_tokens: u64,
     /// Decode tokens still counted on the instance: the request's `max_tokens` less what
     /// has streamed out (`decoded`).
     decode_tokens: std::cell::Cell<u64>,
 }
 
-impl InFlight {
-    pub fn new(inst: Arc<Instance>, prompt_tokens: u64, decode_tokens: u64) -> Self {
+impl<'a> InFlight<'a> {
+    pub fn new(inst: &'a Arc<Instance>, prompt_tokens: u64, decode_tokens: u64) -> Self {
         inst.load.requests.fetch_add(1, Ordering::Relaxed);
         inst.load
             .prompt_tokens
@@ -211,8 +213,8 @@ impl InFlight {
             decode_tokens: std::cell::Cell::new(decode_tokens),
         }
     }
-    pub fn instance(&self) -> &Arc<Instance> {
-        &self.inst
+    pub fn instance(&self) -> &'a Arc<Instance> {
+        self.inst
     }
 
     /// `n` more tokens of the answer streamed out: they no longer count as in flight, so
@@ -228,7 +230,7 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let l = &self.inst.load;
         l.requests.fetch_sub(1, Ordering::Relaxed);

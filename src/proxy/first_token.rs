@@ -124,7 +124,7 @@ impl Rewriter<'_> {
 /// Relays the decode stream after the first event, rewritten event by event.
 pub async fn relay_rest(
     ctx: &mut RequestCtx<'_>,
-    guard: &InFlight,
+    guard: &InFlight<'_>,
     mut conn: UpstreamConn,
     head: ResponseHead,
     first: &FirstToken,
@@ -150,7 +150,7 @@ async fn pump_rest(
     conn: &mut UpstreamConn,
     head: &ResponseHead,
     first: &FirstToken,
-    guard: &InFlight,
+    guard: &InFlight<'_>,
 ) -> Result<(), RelayError> {
     let idle = ctx.policy.timeouts.idle;
     let mut rw = Rewriter {

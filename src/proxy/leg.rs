@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A leg whose response head arrived: the instance (still counted), the connection, the head.
-pub struct Answered {
-    pub guard: InFlight,
+pub struct Answered<'s> {
+    pub guard: InFlight<'s>,
     pub conn: UpstreamConn,
     pub head: ResponseHead,
 }
@@ -57,13 +57,13 @@ impl RequestCtx<'_> {
     /// (docs/resilience.md).
     /// Nothing has reached the client yet, so every retry is safe. A first-byte timeout is
     /// not retried: the client would wait a multiple of it.
-    pub async fn run(
+    pub async fn run<'s>(
         &mut self,
-        set: &RoleSet,
+        set: &'s RoleSet,
         pick: &PickContext<'_>,
         role: Role,
         body: Body<'_>,
-    ) -> Result<Answered, ApiError> {
+    ) -> Result<Answered<'s>, ApiError> {
         let w = self.w;
         let sent = Instant::now();
         match role {
@@ -72,7 +72,7 @@ impl RequestCtx<'_> {
         }
         // The request's policy for the whole leg, retries included (a reload applies to
         // the next request).
-        let policy = Arc::clone(&self.policy);
+        let policy = self.policy.clone();
         let retry = &policy.retry;
         let max_retries = if retry.enabled { retry.max_retries } else { 0 };
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -86,10 +86,10 @@ impl RequestCtx<'_> {
                 },
                 role,
             )?;
-            let inst = guard.instance().clone();
+            let inst = guard.instance();
             let counters = w
                 .metrics_enabled
-                .then(|| w.metric_index.instance(&w.metrics, &inst));
+                .then(|| w.metric_index.instance(&w.metrics, inst));
             if let Some(c) = &counters {
                 c.request();
             }
@@ -99,8 +99,8 @@ impl RequestCtx<'_> {
                 }
             };
             match role {
-                Role::Prefill => self.tl.prefill = Some(inst.clone()),
-                _ => self.tl.decode = Some(inst.clone()),
+                Role::Prefill => self.tl.prefill = Some(Arc::clone(inst)),
+                _ => self.tl.decode = Some(Arc::clone(inst)),
             }
             // One clock reading per attempt (the leg's own for the first): the first-byte
             // deadline and the pool's idle check both use it.
@@ -110,7 +110,7 @@ impl RequestCtx<'_> {
                 .pool
                 .send(
                     inst.socket_addr,
-                    self.backend_head(&inst, body.len(), role, &policy.deny_headers),
+                    self.backend_head(inst, body.len(), role, &policy.deny_headers),
                     body,
                     now,
                     crate::clock::after(now, policy.timeouts.first_byte),
@@ -166,7 +166,7 @@ impl RequestCtx<'_> {
                     if attempt >= max_retries {
                         self.forward
                             .event(role, "failed", &inst.address, || e.to_string());
-                        return Err(self.upstream_failed(&inst, &e));
+                        return Err(self.upstream_failed(inst, &e));
                     }
                     e.to_string()
                 }
@@ -204,7 +204,11 @@ impl RequestCtx<'_> {
 
 /// Picks an instance for one leg and counts the leg against it. Prefill legs carry the
 /// prompt tokens; decode and dual legs the request and its decode tokens.
-fn pick_instance(set: &RoleSet, pick: &PickContext<'_>, role: Role) -> Result<InFlight, ApiError> {
+fn pick_instance<'s>(
+    set: &'s RoleSet,
+    pick: &PickContext<'_>,
+    role: Role,
+) -> Result<InFlight<'s>, ApiError> {
     let picked = set.scheduler.pick(&set.instances, pick).or_else(|| {
         // Every other instance failed this request already: the same one beats none.
         (!pick.exclude.is_empty())

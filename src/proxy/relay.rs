@@ -139,7 +139,7 @@ enum Finished {
 /// Streams `head` and the rest of `conn`'s response to the client.
 pub async fn relay(
     ctx: &mut RequestCtx<'_>,
-    guard: &InFlight,
+    guard: &InFlight<'_>,
     mut conn: UpstreamConn,
     head: ResponseHead,
 ) -> Outcome {
@@ -205,7 +205,7 @@ async fn pump(
     mode: &mut Mode,
     mut out: Vec<u8>,
     sse: bool,
-    guard: &InFlight,
+    guard: &InFlight<'_>,
     started: &mut bool,
 ) -> Result<(Finished, Vec<u8>), RelayError> {
     let idle = ctx.policy.timeouts.idle;

@@ -100,7 +100,11 @@ impl Scheduler for CacheAware {
         taken
     }
 
-    fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
+    fn pick<'c>(
+        &self,
+        candidates: &'c [Arc<Instance>],
+        ctx: &PickContext<'_>,
+    ) -> Option<&'c Arc<Instance>> {
         self.place(candidates, ctx)
     }
 }
@@ -150,7 +154,11 @@ impl CacheAware {
         }
     }
 
-    fn place(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
+    fn place<'c>(
+        &self,
+        candidates: &'c [Arc<Instance>],
+        ctx: &PickContext<'_>,
+    ) -> Option<&'c Arc<Instance>> {
         let min = candidates
             .iter()
             .filter(|i| ctx.eligible(i))
@@ -200,8 +208,8 @@ impl CacheAware {
                 if !ctx.exclude.is_empty() || deals == MAX_DEALS {
                     return Some((chosen, None));
                 }
-                let at = counts.of(&chosen);
-                if counts.reserve(&chosen) {
+                let at = counts.of(chosen);
+                if counts.reserve(chosen) {
                     return Some((chosen, Some(at)));
                 }
             }
@@ -221,7 +229,7 @@ impl CacheAware {
                 } else {
                     matched = blocks;
                     stats::record(Policy::CacheAware, Outcome::Hit, blocks as u64);
-                    Some(inst.clone())
+                    Some(inst)
                 }
             }
             other => {
@@ -273,18 +281,18 @@ impl CacheAware {
                 // count is given back.
                 placed = None;
                 if reserved.take().is_some() {
-                    prefix_sync::uncount(&chosen);
+                    prefix_sync::uncount(chosen);
                 }
                 let first = candidates
                     .iter()
                     .find(|i| PrefixTable::slot_id(i.id) == holder);
-                if let Some(first) = first.filter(|f| !Arc::ptr_eq(f, &chosen)) {
+                if let Some(first) = first.filter(|f| !Arc::ptr_eq(f, chosen)) {
                     // A holder that is not eligible now (unhealthy: the lookup passed it
                     // over, so the request looked new) keeps the group's count: the group
                     // moves here, as off an overloaded holder, rather than being counted
                     // twice.
                     if ctx.eligible(first) {
-                        chosen = first.clone();
+                        chosen = first;
                     } else {
                         moved = Some((key, first.clone()));
                     }
@@ -304,8 +312,8 @@ impl CacheAware {
                 }
                 Some((key, None))
             }
-            (None, Some((key, from))) if !Arc::ptr_eq(&from, &chosen) => {
-                prefix_sync::move_count(&from, &chosen);
+            (None, Some((key, from))) if !Arc::ptr_eq(&from, chosen) => {
+                prefix_sync::move_count(&from, chosen);
                 Some((key, Some(from)))
             }
             _ => None,
@@ -343,7 +351,7 @@ mod tests {
     use crate::instance::InFlight;
     use crate::scheduler::testing::{group_counts, instances};
 
-    fn pick(ca: &CacheAware, c: &[Arc<Instance>], text: &str) -> Arc<Instance> {
+    fn pick<'c>(ca: &CacheAware, c: &'c [Arc<Instance>], text: &str) -> &'c Arc<Instance> {
         let ctx = PickContext {
             prompt_text: text.as_bytes(),
             ..Default::default()
@@ -387,7 +395,7 @@ mod tests {
             ..Default::default()
         };
         let detour = ca.pick(&c, &ctx).unwrap();
-        assert!(!Arc::ptr_eq(&detour, &home));
+        assert!(!Arc::ptr_eq(detour, home));
         for q in 3..6 {
             let again = pick(&ca, &c, &format!("{text} q{q}"));
             assert_eq!(again.address, home.address, "question {q}");
@@ -406,12 +414,12 @@ mod tests {
         assert_eq!(groups().iter().sum::<u64>(), 1);
         home.set_health(crate::instance::Health::Unhealthy);
         let away = pick(&ca, &c, &format!("{text} q2"));
-        assert!(!Arc::ptr_eq(&away, &home));
+        assert!(!Arc::ptr_eq(away, home));
         assert_eq!(groups().iter().sum::<u64>(), 1, "{:?}", groups());
         assert_eq!(away.prefix_groups.load(Ordering::Relaxed), 1);
         // The group stays where it went.
         home.set_health(crate::instance::Health::Healthy);
-        assert!(Arc::ptr_eq(&pick(&ca, &c, &format!("{text} q3")), &away));
+        assert!(Arc::ptr_eq(pick(&ca, &c, &format!("{text} q3")), away));
     }
 
     #[test]

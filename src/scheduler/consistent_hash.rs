@@ -34,7 +34,11 @@ impl ConsistentHash {
 }
 
 impl Scheduler for ConsistentHash {
-    fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
+    fn pick<'c>(
+        &self,
+        candidates: &'c [Arc<Instance>],
+        ctx: &PickContext<'_>,
+    ) -> Option<&'c Arc<Instance>> {
         let Some(key) = ctx.key else {
             return least_loaded(Role::Decode, candidates, ctx);
         };
@@ -68,7 +72,7 @@ impl Scheduler for ConsistentHash {
                 continue;
             };
             if ctx.eligible(inst) && inst.in_flight() < bound {
-                return Some(inst.clone());
+                return Some(inst);
             }
         }
         least_loaded(Role::Decode, candidates, ctx)

@@ -64,7 +64,11 @@ impl Scheduler for KvAware {
         true
     }
 
-    fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
+    fn pick<'c>(
+        &self,
+        candidates: &'c [Arc<Instance>],
+        ctx: &PickContext<'_>,
+    ) -> Option<&'c Arc<Instance>> {
         let n = candidates.len();
         if n == 0 {
             return None;
@@ -136,7 +140,7 @@ impl Scheduler for KvAware {
             Some(&k) => k,
             None => kv_index::chain(0, &tokens[..tokens.len().min(64)]),
         };
-        let choose = |room: &Room| -> Option<Arc<Instance>> {
+        let choose = |room: &Room| -> Option<&'c Arc<Instance>> {
             let by_cost = match self.role {
                 Role::Decode => None,
                 Role::Prefill | Role::Dual => {
@@ -156,7 +160,7 @@ impl Scheduler for KvAware {
                 .max_by_key(|i| (held(i), tie(i)))
                 .filter(|b| known(held(b)))
             {
-                return Some(best.clone());
+                return Some(best);
             }
             // A new prefix (or its holders are overloaded): within the load band, first the
             // instances holding the fewest groups (as cache_aware deals; all equal when
@@ -196,27 +200,27 @@ impl Scheduler for KvAware {
             // Room for a new group: at most one prompt's worth of blocks above the emptiest.
             let room = Room::of(candidates, ctx, keys.len().max(1) as u64, now);
             let chosen = choose(&room)?;
-            let outcome = outcome_of(&chosen);
+            let outcome = outcome_of(chosen);
             if outcome != Outcome::NoMatch || keys.is_empty() || !ctx.exclude.is_empty() {
                 break (chosen, outcome);
             }
             deals += 1;
-            if room.reserve(&chosen) {
-                super::prefix_sync::keep_reserved(&chosen, group);
+            if room.reserve(chosen) {
+                super::prefix_sync::keep_reserved(chosen, group);
                 break (chosen, outcome);
             }
             if deals == MAX_DEALS {
-                super::prefix_sync::count_once(&chosen, group);
+                super::prefix_sync::count_once(chosen, group);
                 break (chosen, outcome);
             }
         };
-        let blocks = blocks_of(&chosen);
+        let blocks = blocks_of(chosen);
         // The leg is counted by what the engine must compute (see `scheduler::take_cached`).
-        super::note_cached(chosen.id, held(&chosen));
+        super::note_cached(chosen.id, held(chosen));
         // The engine will hold the prompt's blocks once it has run it: say so now, for the
         // picks that come before its events do. The deepest block already known is
         // refreshed, the rest of the chain added.
-        if let b @ 1.. = bit(&chosen) {
+        if let b @ 1.. = bit(chosen) {
             for &k in &keys[(blocks as usize).saturating_sub(1)..] {
                 idx.pend(k, b - 1, now);
             }
@@ -225,7 +229,7 @@ impl Scheduler for KvAware {
         // follow it before the engine's events say so.
         if deals > 0 && super::prefix_sync::enabled() {
             super::prefix_sync::offer(super::prefix_sync::Placement {
-                instance: chosen.clone(),
+                instance: Arc::clone(chosen),
                 key: group,
                 hashes: keys.clone(),
                 from: None,
@@ -247,15 +251,15 @@ impl Scheduler for KvAware {
 /// one holding the fewest groups (`Room::groups`), then to one with room for a new group,
 /// then to the group's rendezvous home, so that a group stays on one node and replicas agree on
 /// new ones (docs/scheduling.md, "KV aware").
-fn soonest_first_token(
-    candidates: &[Arc<Instance>],
+fn soonest_first_token<'c>(
+    candidates: &'c [Arc<Instance>],
     ctx: &PickContext<'_>,
     prompt: u64,
     most: u64,
     held: &impl Fn(&Instance) -> u64,
     room: &Room,
     group: u64,
-) -> Option<Arc<Instance>> {
+) -> Option<&'c Arc<Instance>> {
     let mut fastest = u64::MAX;
     for i in candidates.iter().filter(|i| ctx.eligible(i)) {
         fastest = fastest.min(i.engine.speed()?.prefill_ns_per_token);
@@ -302,7 +306,6 @@ fn soonest_first_token(
             )
         })
         .or(first)
-        .cloned()
 }
 
 /// Microseconds until `i` would return the first token of a prompt of which it must
@@ -357,22 +360,20 @@ mod tests {
         }
         let p = KvAware::new(Role::Prefill, &SchedulingOptions::default());
         for _ in 0..20 {
-            assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+            assert!(Arc::ptr_eq(p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
         }
         // 8 requests in flight there: not overloaded yet (`balance_abs_threshold`), the
         // prefix still wins; with 9 it is, and the prompt goes elsewhere.
-        let mut busy: Vec<_> = (0..8)
-            .map(|_| InFlight::new(c[1].clone(), 100, 0))
-            .collect();
-        assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
-        busy.push(InFlight::new(c[1].clone(), 100, 0));
-        assert!(!Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+        let mut busy: Vec<_> = (0..8).map(|_| InFlight::new(&c[1], 100, 0)).collect();
+        assert!(Arc::ptr_eq(p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+        busy.push(InFlight::new(&c[1], 100, 0));
+        assert!(!Arc::ptr_eq(p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
         // Without token ids: least loaded.
         let ctx = PickContext {
             prompt_tokens: 320,
             ..Default::default()
         };
-        assert!(!Arc::ptr_eq(&p.pick(&c, &ctx).unwrap(), &c[1]));
+        assert!(!Arc::ptr_eq(p.pick(&c, &ctx).unwrap(), &c[1]));
     }
 
     #[test]
@@ -386,11 +387,9 @@ mod tests {
             idx.add(key, 51); // instance 1 holds 256 of the 320 tokens
         }
         let p = KvAware::new(Role::Prefill, &SchedulingOptions::default());
-        let _busy: Vec<_> = (0..3)
-            .map(|_| InFlight::new(c[1].clone(), 100, 0))
-            .collect();
+        let _busy: Vec<_> = (0..3).map(|_| InFlight::new(&c[1], 100, 0)).collect();
         // 3 requests ahead of the others: under the configured 8, the prefix wins.
-        assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+        assert!(Arc::ptr_eq(p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
         // Its engine was once seen running 4 with a queue (the sample itself has expired,
         // so only the batch it showed counts): more than 2 ahead is overloaded now.
         c[1].engine.store(
@@ -403,7 +402,7 @@ mod tests {
         );
         c[1].engine.failed(std::time::Duration::ZERO);
         assert!(c[1].engine.last().is_none());
-        assert!(!Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+        assert!(!Arc::ptr_eq(p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
     }
 
     /// Engines whose speed is known (`learn_speed`), idle now: this proxy has nothing in
@@ -433,19 +432,19 @@ mod tests {
         let mut busy = Vec::new();
         // Free slots (0..3 in flight), then the batch's last slot (3 in flight): the holder.
         for _ in 0..4 {
-            assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
-            busy.push(InFlight::new(c[1].clone(), 100, 0));
+            assert!(Arc::ptr_eq(p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+            busy.push(InFlight::new(&c[1], 100, 0));
         }
         // Batch full: one ahead = 150 ms of waiting + 7 ms, two ahead 307 ms, against
         // 157 ms elsewhere + 150 ms for the copy: still the holder (near-equal at two: the
         // one holding more).
         for _ in 0..2 {
-            assert!(Arc::ptr_eq(&p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
-            busy.push(InFlight::new(c[1].clone(), 100, 0));
+            assert!(Arc::ptr_eq(p.pick(&c, &ctx(&tokens)).unwrap(), &c[1]));
+            busy.push(InFlight::new(&c[1], 100, 0));
         }
         // Three ahead (457 ms): a free node computes it sooner.
         let moved = p.pick(&c, &ctx(&tokens)).unwrap();
-        assert!(!Arc::ptr_eq(&moved, &c[1]));
+        assert!(!Arc::ptr_eq(moved, &c[1]));
         drop(busy);
         // Two replicas with the same view (instances without KV bits: nothing learned,
         // nothing pending) agree on every new prefix's node, and use all of them.
@@ -456,7 +455,7 @@ mod tests {
         for g in 0..24u32 {
             let t: Vec<u32> = (0..600).map(|k| 100_000 + g * 1000 + k).collect();
             let (x, y) = (p.pick(&d, &ctx(&t)).unwrap(), q.pick(&d, &ctx(&t)).unwrap());
-            assert!(Arc::ptr_eq(&x, &y), "group {g}");
+            assert!(Arc::ptr_eq(x, y), "group {g}");
             homes.insert(x.address.clone());
         }
         assert_eq!(homes.len(), 4);
@@ -488,7 +487,7 @@ mod tests {
                 for g in first..first + n {
                     let t: Vec<u32> = (0..400).map(|k| g * 1000 + k).collect();
                     let at = p.pick(&c, &ctx(&t)).unwrap();
-                    per[c.iter().position(|i| Arc::ptr_eq(i, &at)).unwrap()] += 1;
+                    per[c.iter().position(|i| Arc::ptr_eq(i, at)).unwrap()] += 1;
                 }
                 per
             };
@@ -533,12 +532,10 @@ mod tests {
         };
         let first = p.pick(&c, &ctx(&prompt(0))).unwrap();
         // Requests in flight there (the group's first among them) do not move the group.
-        let _busy: Vec<_> = (0..8)
-            .map(|_| InFlight::new(first.clone(), 300, 0))
-            .collect();
+        let _busy: Vec<_> = (0..8).map(|_| InFlight::new(first, 300, 0)).collect();
         for q in 1..10 {
             let i = p.pick(&c, &ctx(&prompt(q))).unwrap();
-            assert!(Arc::ptr_eq(&i, &first), "request {q} left the group's node");
+            assert!(Arc::ptr_eq(i, first), "request {q} left the group's node");
         }
         let b = first.kv_bit.load(Ordering::Relaxed) - 1;
         let keys = kv_index::prompt_keys(&prompt(0), 16);
@@ -585,14 +582,14 @@ mod tests {
         for g in 0..40u32 {
             let t: Vec<u32> = (0..200).map(|k| g * 1000 + k).collect();
             let (x, y) = (a.pick(&c, &ctx(&t)).unwrap(), b.pick(&c, &ctx(&t)).unwrap());
-            assert!(Arc::ptr_eq(&x, &y), "group {g}");
+            assert!(Arc::ptr_eq(x, y), "group {g}");
             homes.insert(x.address.clone());
         }
         assert_eq!(homes.len(), 4);
         // Outside the load band the home passes the group on (spread stays bounded).
         let t: Vec<u32> = (0..200).collect();
         let home = a.pick(&c, &ctx(&t)).unwrap();
-        let _busy: Vec<_> = (0..5).map(|_| InFlight::new(home.clone(), 0, 0)).collect();
-        assert!(!Arc::ptr_eq(&a.pick(&c, &ctx(&t)).unwrap(), &home));
+        let _busy: Vec<_> = (0..5).map(|_| InFlight::new(home, 0, 0)).collect();
+        assert!(!Arc::ptr_eq(a.pick(&c, &ctx(&t)).unwrap(), home));
     }
 }

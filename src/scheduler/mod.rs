@@ -56,7 +56,11 @@ impl PickContext<'_> {
 
 pub trait Scheduler: Send + Sync {
     /// Picks one of `candidates` for which `ctx.eligible` holds, or None.
-    fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>>;
+    fn pick<'c>(
+        &self,
+        candidates: &'c [Arc<Instance>],
+        ctx: &PickContext<'_>,
+    ) -> Option<&'c Arc<Instance>>;
 
     /// A peer replica placed (or moved) a prefix group (`prefix_sync`) on one of
     /// `instances`. A prefix policy records it as its own placement would be; true when
@@ -122,11 +126,11 @@ pub fn take_cached(instance_id: u64) -> u64 {
 
 /// The least loaded eligible instance. The scan starts at a random offset so that ties
 /// (an idle cluster) spread over the instances instead of all going to the first.
-pub(crate) fn least_loaded(
+pub(crate) fn least_loaded<'c>(
     role: Role,
-    candidates: &[Arc<Instance>],
+    candidates: &'c [Arc<Instance>],
     ctx: &PickContext<'_>,
-) -> Option<Arc<Instance>> {
+) -> Option<&'c Arc<Instance>> {
     let n = candidates.len();
     if n == 0 {
         return None;
@@ -136,7 +140,6 @@ pub(crate) fn least_loaded(
         .map(|k| &candidates[(start + k) % n])
         .filter(|i| ctx.eligible(i))
         .min_by_key(|i| load_key(role, i))
-        .cloned()
 }
 
 /// The home of a new prefix: among the eligible instances whose load `in_band` accepts, the
@@ -144,17 +147,16 @@ pub(crate) fn least_loaded(
 /// worker) with the same instances and a similar view of their load computes the same
 /// home for the same prompt, so a prefix group's first requests agree on one node even
 /// before anyone has learned where the group lives (docs/scheduling.md, "New prefixes").
-pub(crate) fn rendezvous(
-    candidates: &[Arc<Instance>],
+pub(crate) fn rendezvous<'c>(
+    candidates: &'c [Arc<Instance>],
     ctx: &PickContext<'_>,
     key: u64,
     in_band: impl Fn(&Instance) -> bool,
-) -> Option<Arc<Instance>> {
+) -> Option<&'c Arc<Instance>> {
     candidates
         .iter()
         .filter(|i| ctx.eligible(i) && in_band(i))
         .max_by_key(|i| hash64(key, i.address.as_bytes()))
-        .cloned()
 }
 
 /// Room for a new prefix group: an instance whose engine holds at most `slack` KV blocks

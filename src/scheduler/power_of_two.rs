@@ -16,7 +16,11 @@ impl PowerOfTwo {
 }
 
 impl Scheduler for PowerOfTwo {
-    fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
+    fn pick<'c>(
+        &self,
+        candidates: &'c [Arc<Instance>],
+        ctx: &PickContext<'_>,
+    ) -> Option<&'c Arc<Instance>> {
         let n = candidates.len();
         if n == 0 {
             return None;
@@ -31,12 +35,12 @@ impl Scheduler for PowerOfTwo {
         let (ia, ib) = (&candidates[a], &candidates[b]);
         match (ctx.eligible(ia), ctx.eligible(ib)) {
             (true, true) => Some(if load_key(self.role, ib) < load_key(self.role, ia) {
-                ib.clone()
+                ib
             } else {
-                ia.clone()
+                ia
             }),
-            (true, false) => Some(ia.clone()),
-            (false, true) => Some(ib.clone()),
+            (true, false) => Some(ia),
+            (false, true) => Some(ib),
             // Both samples ineligible: fall back to any eligible one.
             (false, false) => super::least_loaded(self.role, candidates, ctx),
         }
@@ -50,7 +54,7 @@ mod tests {
     use crate::scheduler::testing::instances;
 
     /// Places 10,000 long-lived requests; reports the most loaded instance's count.
-    fn max_load(pick: impl Fn(&[Arc<Instance>]) -> Arc<Instance>) -> u64 {
+    fn max_load(pick: impl for<'c> Fn(&'c [Arc<Instance>]) -> &'c Arc<Instance>) -> u64 {
         let c = instances(16, Role::Decode);
         let mut guards = Vec::new();
         for _ in 0..10_000 {
@@ -63,7 +67,7 @@ mod tests {
     fn beats_random_on_max_load() {
         let p2 = PowerOfTwo::new(Role::Decode);
         let two = max_load(|c| p2.pick(c, &PickContext::default()).unwrap());
-        let random = max_load(|c| c[(crate::ids::next_u64() % c.len() as u64) as usize].clone());
+        let random = max_load(|c| &c[(crate::ids::next_u64() % c.len() as u64) as usize]);
         // Ideal is 625 per instance; random overshoots by tens, power of two by a few.
         assert!(two < random, "power of two {two} vs random {random}");
         assert!(two <= 630, "power of two max load {two}");

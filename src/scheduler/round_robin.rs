@@ -11,7 +11,11 @@ pub struct RoundRobin {
 }
 
 impl Scheduler for RoundRobin {
-    fn pick(&self, candidates: &[Arc<Instance>], ctx: &PickContext<'_>) -> Option<Arc<Instance>> {
+    fn pick<'c>(
+        &self,
+        candidates: &'c [Arc<Instance>],
+        ctx: &PickContext<'_>,
+    ) -> Option<&'c Arc<Instance>> {
         let n = candidates.len();
         if n == 0 {
             return None;
@@ -20,7 +24,6 @@ impl Scheduler for RoundRobin {
         (0..n)
             .map(|k| &candidates[(start + k) % n])
             .find(|i| ctx.eligible(i))
-            .cloned()
     }
 }
 
@@ -60,7 +63,7 @@ mod tests {
                         let mut n = vec![0usize; 4];
                         for _ in 0..10_000 {
                             let p = rr.pick(&c, &PickContext::default()).unwrap();
-                            n[c.iter().position(|x| Arc::ptr_eq(x, &p)).unwrap()] += 1;
+                            n[c.iter().position(|x| Arc::ptr_eq(x, p)).unwrap()] += 1;
                         }
                         n
                     })
