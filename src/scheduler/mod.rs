@@ -55,7 +55,9 @@ impl PickContext<'_> {
 }
 
 pub trait Scheduler: Send + Sync {
-    /// Picks one of `candidates` for which `ctx.eligible` holds, or None.
+    /// Picks one of `candidates` for which `ctx.eligible` holds, or None. A borrow, not a
+    /// clone: the leg counts itself through it (`InFlight`) without writing the instance's
+    /// `Arc` count, which every worker would write.
     fn pick<'c>(
         &self,
         candidates: &'c [Arc<Instance>],
