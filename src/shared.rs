@@ -98,7 +98,8 @@ pub struct LocalSnapshot<T: 'static> {
 }
 
 /// A snapshot as a worker hands it out (`LocalSnapshot::get`): cloned and dropped without an
-/// atomic operation, dereferences to the shared `Arc`.
+/// atomic operation. It dereferences to the value, not to the shared `Arc`, so that no
+/// `Arc::clone` can reach through it to the count every worker writes.
 // The extra allocation is the point: one per published snapshot per worker, and it makes the
 // per-request count the worker's own.
 #[allow(clippy::redundant_allocation)]
@@ -111,8 +112,8 @@ impl<T> Clone for Snapshot<T> {
 }
 
 impl<T> std::ops::Deref for Snapshot<T> {
-    type Target = Arc<T>;
-    fn deref(&self) -> &Arc<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
         &self.0
     }
 }
@@ -146,7 +147,7 @@ impl<T: 'static> LocalSnapshot<T> {
         let mut latest = self.latest.borrow_mut();
         let now = latest.load();
         let mut current = self.current.borrow_mut();
-        if !Arc::ptr_eq(&current, now) {
+        if !Arc::ptr_eq(&current.0, now) {
             *current = Snapshot(Rc::new(Arc::clone(now)));
         }
         current.clone()
@@ -165,14 +166,14 @@ mod tests {
         let (a, b) = (local.get(), local.get());
         // The same snapshot is the same handle: no new allocation, no shared count touched.
         assert!(Rc::ptr_eq(&a.0, &b.0));
-        assert!(Arc::ptr_eq(&a, &shared.policy.load_full()));
+        assert!(Arc::ptr_eq(&a.0, &shared.policy.load_full()));
         let mut next = cfg.policy();
         next.shutdown_grace = std::time::Duration::from_secs(1234);
         shared.policy.store(Arc::new(next));
         let c = local.get();
         assert_eq!(c.shutdown_grace.as_secs(), 1234);
-        assert!(Arc::ptr_eq(&c, &shared.policy.load_full()));
+        assert!(Arc::ptr_eq(&c.0, &shared.policy.load_full()));
         // A request that began before keeps the snapshot it began with.
-        assert!(!Arc::ptr_eq(&a, &c));
+        assert!(!Arc::ptr_eq(&a.0, &c.0));
     }
 }

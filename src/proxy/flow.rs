@@ -31,7 +31,6 @@ use bytes::Bytes;
 use http::StatusCode;
 use std::borrow::Cow;
 use std::pin::{pin, Pin};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Upper bound on a prefill response kept in memory (it is one token plus metadata).
@@ -85,13 +84,10 @@ pub(super) fn request_id(req: &Request) -> RequestId<'_> {
 
 /// The model's route in the current topology when it differs from `seen`, else None: a
 /// reload or admin change published since `seen` was read marks removed instances draining.
-fn newer_route(
-    w: &Worker,
-    seen: &Arc<Topology>,
-    model: &str,
-) -> Option<(Snapshot<Topology>, usize)> {
+fn newer_route(w: &Worker, seen: &Topology, model: &str) -> Option<(Snapshot<Topology>, usize)> {
     let now = w.topology();
-    if Arc::ptr_eq(&now, seen) {
+    // The same snapshot, or a newer one (both alive here, so their addresses differ).
+    if std::ptr::eq(&*now, seen) {
         return None;
     }
     w.pool.sync(&now);
@@ -371,7 +367,7 @@ struct Job<'a, 'b> {
 /// `route` is the model's route in `seen`.
 async fn disaggregated(
     ctx: &mut RequestCtx<'_>,
-    seen: &Arc<Topology>,
+    seen: &Topology,
     route: &ModelRoute,
     pick: &PickContext<'_>,
     job: &Job<'_, '_>,
