@@ -98,6 +98,14 @@ impl Default for Tokens {
 }
 
 impl Counters {
+    /// Counters whose token usage has a slot for each of `workers`.
+    pub fn new(workers: usize) -> Self {
+        Counters {
+            tokens: Tokens::new(workers),
+            ..Counters::default()
+        }
+    }
+
     /// Takes a slot if fewer than `limit` are in use (0: no limit).
     pub fn try_take(&self, limit: u64) -> bool {
         if limit == 0 {
@@ -177,10 +185,7 @@ pub struct ModelGate {
 impl ModelGate {
     pub fn new(workers: usize) -> Self {
         ModelGate {
-            c: Counters {
-                tokens: Tokens::new(workers),
-                ..Counters::default()
-            },
+            c: Counters::new(workers),
             tickets: Default::default(),
             heads: (0..workers.max(1))
                 .map(|_| CachePadded::new(AtomicU64::new(u64::MAX)))
@@ -198,10 +203,7 @@ impl ModelGate {
         get_or_insert(&self.keys, key, || KeyGate {
             key: key.to_string(),
             index: AtomicUsize::new(index),
-            c: Counters {
-                tokens: Tokens::new(self.heads.len()),
-                ..Counters::default()
-            },
+            c: Counters::new(self.heads.len()),
         })
     }
 
