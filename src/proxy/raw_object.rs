@@ -62,19 +62,11 @@ fn split(text: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
         return (ws(b, i + 1) == b.len()).then_some(fields);
     }
     loop {
-        if b.get(i) != Some(&b'"') {
-            return None;
-        }
-        let (end, escaped) = string(b, i + 1)?;
+        let (end, escaped, start) = member_key(b, i)?;
         if escaped {
             return None; // serde_json decodes such a key
         }
         let key = text.get(i + 1..end - 1)?;
-        i = ws(b, end);
-        if b.get(i) != Some(&b':') {
-            return None;
-        }
-        let start = ws(b, i + 1);
         i = value(b, start, MAX_DEPTH)?;
         fields.push((Cow::Borrowed(key), text.get(start..i)?));
         i = ws(b, i);
@@ -84,6 +76,20 @@ fn split(text: &str) -> Option<Vec<(Cow<'_, str>, &str)>> {
             _ => return None,
         }
     }
+}
+
+/// An object member's key at `b[i]` and the colon after it: the key's end (past its closing
+/// quote), whether it holds an escape, and where the value starts.
+fn member_key(b: &[u8], i: usize) -> Option<(usize, bool, usize)> {
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let (end, escaped) = string(b, i + 1)?;
+    let colon = ws(b, end);
+    if b.get(colon) != Some(&b':') {
+        return None;
+    }
+    Some((end, escaped, ws(b, colon + 1)))
 }
 
 fn ws(b: &[u8], mut i: usize) -> usize {
@@ -116,14 +122,7 @@ fn container(b: &[u8], mut i: usize, depth: u32, close: u8) -> Option<usize> {
     }
     loop {
         if close == b'}' {
-            if b.get(i) != Some(&b'"') {
-                return None;
-            }
-            i = ws(b, string(b, i + 1)?.0);
-            if b.get(i) != Some(&b':') {
-                return None;
-            }
-            i = ws(b, i + 1);
+            i = member_key(b, i)?.2;
         }
         i = ws(b, value(b, i, depth)?);
         match *b.get(i)? {
