@@ -125,14 +125,21 @@ pub fn prefill_body(obj: &RawObject<'_>) -> Vec<u8> {
     prefill_body_for(obj, false)
 }
 
+/// Room for `obj`'s members written out again (`push_member`), escapes in keys aside.
+fn members_len(obj: &RawObject<'_>) -> usize {
+    obj.fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
+}
+
+/// `"key":value,` — keys are re-escaped by serde_json; values are copied verbatim.
+fn push_member(out: &mut Vec<u8>, k: &str, v: &str) {
+    let _ = serde_json::to_writer(&mut *out, k);
+    out.push(b':');
+    out.extend_from_slice(v.as_bytes());
+    out.push(b',');
+}
+
 pub fn prefill_body_for(obj: &RawObject<'_>, nixl: bool) -> Vec<u8> {
-    let cap = obj
-        .fields
-        .iter()
-        .map(|(k, v)| k.len() + v.len() + 4)
-        .sum::<usize>()
-        + 64;
-    let mut out = Vec::with_capacity(cap);
+    let mut out = Vec::with_capacity(members_len(obj) + 64);
     write_prefill_body(&mut out, obj, nixl);
     out
 }
@@ -151,11 +158,7 @@ pub fn write_prefill_body(out: &mut Vec<u8>, obj: &RawObject<'_>, nixl: bool) {
             "kv_transfer_params" if nixl => continue,
             _ => {}
         }
-        // Keys are re-escaped by serde_json; values are copied verbatim.
-        let _ = serde_json::to_writer(&mut *out, k.as_ref());
-        out.push(b':');
-        out.extend_from_slice(v.as_bytes());
-        out.push(b',');
+        push_member(out, k, v);
     }
     out.extend_from_slice(b"\"max_tokens\":1,\"stream\":false");
     if used_mct {
@@ -179,20 +182,10 @@ pub fn kv_params_of(prefill_response: &[u8]) -> Option<String> {
 /// The client's body with `kv_transfer_params` set to `kv` (raw JSON), for the decode leg
 /// of a NIXL request; every other member is copied verbatim, in order.
 pub fn with_kv_params(obj: &RawObject<'_>, kv: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(
-        obj.fields
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 4)
-            .sum::<usize>()
-            + kv.len()
-            + 32,
-    );
+    let mut out = Vec::with_capacity(members_len(obj) + kv.len() + 32);
     out.push(b'{');
     for (k, v) in obj.fields.iter().filter(|(k, _)| k != "kv_transfer_params") {
-        let _ = serde_json::to_writer(&mut out, k.as_ref());
-        out.push(b':');
-        out.extend_from_slice(v.as_bytes());
-        out.push(b',');
+        push_member(&mut out, k, v);
     }
     out.extend_from_slice(b"\"kv_transfer_params\":");
     out.extend_from_slice(kv.as_bytes());
