@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""The real `vllm bench serve` against xpyd, the node direct and the peers, on the same
+simulated nodes (docs/benchmarks.md, "The real `vllm bench serve`"). For runs by hand, not
+CI: vLLM weighs ~10 GB.
+
+Usage: tools/bench/vllm_serve.py [--rounds 3] [--prompts 200] [--rate 20]
+                                 [--input-len 1024] [--output-len 128] [--no-peers]
+
+Needs `vllm` in $VLLM_VENV (default /tmp/vllm-bench: `python3 -m venv /tmp/vllm-bench &&
+/tmp/vllm-bench/bin/pip install vllm`) and, for the peers, the virtualenv `tools/bench/compare`
+installs ($XPYD_PEERS_VENV, default /tmp/xpyd-peers: the Python xpyd-proxy and vllm-router).
+The Hugging Face hub is not needed: a small byte-level BPE tokenizer is trained once from the
+repo's own text into $XPYD_BENCH_TOKENIZER (default /tmp/xpyd-bench-tokenizer), and both
+`vllm bench serve` and every xpyd-dummy use it (`--tokenizer`), so the prompt lengths the
+client asks for are the lengths the nodes count.
+
+Nodes: one dual, one prefill, one decode xpyd-dummy (one worker each), realistic delays
+(0.1 ms per prompt token, 10 ms per output token). Targets, one at a time, in an order that
+rotates every round: the dual node direct, xpyd dual, xpyd 1P+1D, the Python xpyd-proxy
+1P+1D, vllm-router 1P+1D. Each round runs the random dataset through `/v1/completions`
+(`--backend openai`) and `/v1/chat/completions` (`--backend openai-chat`), every request
+streamed, `--ignore-eos`, Poisson arrivals at RATE (fixed seed: every target gets the same
+prompts at the same times). Bounded: each `vllm bench serve` has a 300 s timeout; about 25 s
+per target and API. Markdown on stdout (median, min–max over the rounds), progress on stderr.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import baseline as b  # noqa: E402
+
+VLLM = os.environ.get("VLLM_VENV", "/tmp/vllm-bench")
+PEERS = os.environ.get("XPYD_PEERS_VENV", "/tmp/xpyd-peers")
+TOKENIZER = os.environ.get("XPYD_BENCH_TOKENIZER", "/tmp/xpyd-bench-tokenizer")
+MODEL = "m"
+REAL = {"PREFILL_DELAY_PER_TOKEN": "0.0001", "DECODE_DELAY_PER_TOKEN": "0.01"}
+APIS = [("completions", "openai", "/v1/completions"),
+        ("chat", "openai-chat", "/v1/chat/completions")]
+METRICS = [("median_ttft_ms", "TTFT p50 ms"), ("p99_ttft_ms", "TTFT p99 ms"),
+           ("median_tpot_ms", "TPOT p50 ms"), ("p99_itl_ms", "ITL p99 ms"),
+           ("output_throughput", "output tok/s")]
+procs = []
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def tokenizer():
+    """A byte-level BPE tokenizer trained on the repo's own text (no hub download)."""
+    if os.path.exists(os.path.join(TOKENIZER, "tokenizer.json")):
+        return TOKENIZER
+    log(f"training a tokenizer into {TOKENIZER} ...")
+    code = f"""
+import glob
+from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+from transformers import PreTrainedTokenizerFast
+files = glob.glob({b.ROOT!r} + '/docs/*.md') + glob.glob({b.ROOT!r} + '/src/**/*.rs', recursive=True)
+tok = Tokenizer(models.BPE(unk_token='<unk>'))
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+tok.train(files, trainers.BpeTrainer(vocab_size=8000, special_tokens=['<unk>', '<s>', '</s>'],
+          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>', bos_token='<s>', eos_token='</s>')
+t.model_max_length = 131072
+t.save_pretrained({TOKENIZER!r})
+"""
+    subprocess.run([f"{VLLM}/bin/python", "-c", code], check=True)
+    return TOKENIZER
+
+
+def spawn(args, env=None, stdout=subprocess.DEVNULL):
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.Popen(args, stdout=stdout, stderr=subprocess.DEVNULL, env=e)
+    procs.append(p)
+    return p
+
+
+def node(mode, tok):
+    p = spawn([f"{b.REL}/xpyd-dummy", "--port", "0", "--mode", mode, "--model", MODEL,
+               "--workers", "1", "--tokenizer", tok], REAL, subprocess.PIPE)
+    return f"127.0.0.1:{b.wait_listening(p)}"
+
+
+def xpyd(roles):
+    cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    cfg.write(f"model: {MODEL}\n" + "".join(f"{k}: [\"{v}\"]\n" for k, v in roles.items()))
+    cfg.close()
+    p = spawn([f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"],
+              stdout=subprocess.PIPE)
+    return p, b.wait_listening(p)
+
+
+def python_xpyd(prefill, decode):
+    port = b.free_port()
+    cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    cfg.write(f"model: {MODEL}\nport: {port}\nlog_level: warning\n"
+              f"prefill: [\"{prefill}\"]\ndecode: [\"{decode}\"]\n")
+    cfg.close()
+    return spawn([f"{PEERS}/bin/xpyd", "proxy", "-c", cfg.name]), port
+
+
+def vllm_router(prefill, decode):
+    port = b.free_port()
+    return spawn([f"{PEERS}/bin/vllm-router", "--vllm-pd-disaggregation", "--policy", "round_robin",
+                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+                  "--prometheus-port", str(b.free_port()),
+                  "--prefill", f"http://{prefill}", "--decode", f"http://{decode}"]), port
+
+
+def ready(port, timeout=60):
+    """Until one completion goes through (a proxy may list its nodes before it serves)."""
+    body = json.dumps({"model": MODEL, "prompt": "warm up", "max_tokens": 2})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5",
+                            "-H", "Content-Type: application/json", "-d", body,
+                            f"http://127.0.0.1:{port}/v1/completions"], capture_output=True)
+        if r.stdout == b"200":
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"target on port {port} never served")
+
+
+def bench(port, api, tok, a, out):
+    _, backend, endpoint = api
+    args = [f"{VLLM}/bin/vllm", "bench", "serve", "--backend", backend, "--endpoint", endpoint,
+            "--base-url", f"http://127.0.0.1:{port}", "--model", MODEL, "--tokenizer", tok,
+            "--dataset-name", "random", "--random-input-len", str(a.input_len),
+            "--random-output-len", str(a.output_len), "--num-prompts", str(a.prompts),
+            "--request-rate", str(a.rate), "--seed", "0", "--ignore-eos", "--disable-tqdm",
+            "--save-result", "--result-dir", os.path.dirname(out),
+            "--result-filename", os.path.basename(out)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd="/tmp")
+    if r.returncode != 0 or not os.path.exists(out):
+        log(r.stdout[-2000:], r.stderr[-2000:])
+        raise SystemExit(f"vllm bench serve failed against port {port}")
+    mismatch = [line for line in r.stdout.splitlines() if "mismatch" in line]
+    res = json.load(open(out))
+    res["mismatch"] = mismatch
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=20)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--no-peers", action="store_true")
+    a = ap.parse_args()
+    a.rounds = max(1, min(a.rounds, 10))
+    a.prompts = max(1, min(a.prompts, 2000))
+    if not os.path.exists(f"{VLLM}/bin/vllm"):
+        raise SystemExit(f"no vllm in {VLLM} (see the usage above)")
+    tok = tokenizer()
+    dual, pre, dec = node("dual", tok), node("prefill", tok), node("decode", tok)
+    targets = {
+        "direct (dual node)": (None, int(dual.rsplit(":", 1)[1])),
+        "xpyd dual": xpyd({"dual": dual}),
+        "xpyd 1P+1D": xpyd({"prefill": pre, "decode": dec}),
+    }
+    if not a.no_peers:
+        targets["Python xpyd-proxy 1P+1D"] = python_xpyd(pre, dec)
+        targets["vllm-router 1P+1D"] = vllm_router(pre, dec)
+    for _, port in targets.values():
+        ready(port)
+    names = list(targets)
+    res = {}  # (target, api) -> [result per round]
+    work = tempfile.mkdtemp()
+    try:
+        for r in range(a.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                for api in APIS:
+                    log(f"round {r + 1}: {name}, {api[0]}")
+                    out = os.path.join(work, f"r{r}-{names.index(name)}-{api[0]}.json")
+                    res.setdefault((name, api[0]), []).append(bench(targets[name][1], api, tok, a, out))
+    finally:
+        for p in procs:
+            p.kill()
+    print(f"`vllm bench serve`, random dataset, {a.input_len} tokens in, {a.output_len} out, "
+          f"{a.prompts} prompts at {a.rate:g} req/s (Poisson, seed 0), streamed, --ignore-eos; "
+          f"{a.rounds} rounds, median (min–max); nodes: 0.1 ms per prompt token, 10 ms per "
+          f"output token.\n")
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    for api, _, endpoint in APIS:
+        print(f"`{endpoint}`:\n")
+        print("| target | completed | failed | " + " | ".join(h for _, h in METRICS)
+              + " | TTFT p50 added ms |")
+        print("|---|---:|---:|" + "---:|" * (len(METRICS) + 1))
+        direct = med([x["median_ttft_ms"] for x in res[(names[0], api)]])
+        for name in names:
+            rs = res[(name, api)]
+            cells = [f"{sum(x['completed'] for x in rs)}", f"{sum(x['failed'] for x in rs)}"]
+            for key, _ in METRICS:
+                xs = [x[key] for x in rs]
+                cells.append(f"{med(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})")
+            added = med([x["median_ttft_ms"] for x in rs]) - direct
+            cells.append("—" if name == names[0] else f"{added:+.2f}")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+            for x in rs:
+                for line in x["mismatch"]:
+                    log(f"{name}: {line}")
+        print()
+
+
+if __name__ == "__main__":
+    main()
