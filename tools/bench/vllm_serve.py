@@ -5,6 +5,7 @@ CI: vLLM weighs ~10 GB.
 
 Usage: tools/bench/vllm_serve.py [--rounds 3] [--prompts 200] [--rate 20]
                                  [--input-len 1024] [--output-len 128] [--no-peers]
+       tools/bench/vllm_serve.py --prefix [--rounds 3] [--prompts 400] [--rate 20]
 
 Needs `vllm` in $VLLM_VENV (default /tmp/vllm-bench: `python3 -m venv /tmp/vllm-bench &&
 /tmp/vllm-bench/bin/pip install vllm`) and, for the peers, the virtualenv `tools/bench/compare`
@@ -22,6 +23,15 @@ rotates every round: the dual node direct, xpyd dual, xpyd 1P+1D, the Python xpy
 streamed, `--ignore-eos`, Poisson arrivals at RATE (fixed seed: every target gets the same
 prompts at the same times). Bounded: each `vllm bench serve` has a 300 s timeout; about 25 s
 per target and API. Markdown on stdout (median, min–max over the rounds), progress on stderr.
+
+--prefix: where requests go, measured with vLLM's own prefix-heavy dataset
+(`--dataset-name prefix_repetition`: 10 shared 2,000-token prefixes, each request one of them
+plus a unique 100-token suffix, 32 tokens out), through xpyd in front of 4 dual nodes that
+model a loaded engine as `tools/bench/prefix_routing.py` sizes them (a KV cache of 640
+16-token blocks, 4 sequences per batch, 0.075 ms per computed prompt token, 15 ms per decode
+step + 1 ms per other running sequence, KV events over ZeroMQ). Targets: xpyd `round_robin`,
+`cache_aware` and `kv_aware` (from the nodes' KV events, the tokenizer through
+`tokenizer_path`), each on fresh nodes (cold caches), with the nodes' prefix-cache hit rate.
 """
 import argparse
 import json
@@ -130,12 +140,13 @@ def ready(port, timeout=60):
     raise SystemExit(f"target on port {port} never served")
 
 
-def bench(port, api, tok, a, out):
+def bench(port, api, tok, a, out, dataset=None):
     _, backend, endpoint = api
+    dataset = dataset or ["--dataset-name", "random", "--random-input-len", str(a.input_len),
+                          "--random-output-len", str(a.output_len)]
     args = [f"{VLLM}/bin/vllm", "bench", "serve", "--backend", backend, "--endpoint", endpoint,
             "--base-url", f"http://127.0.0.1:{port}", "--model", MODEL, "--tokenizer", tok,
-            "--dataset-name", "random", "--random-input-len", str(a.input_len),
-            "--random-output-len", str(a.output_len), "--num-prompts", str(a.prompts),
+            *dataset, "--num-prompts", str(a.prompts),
             "--request-rate", str(a.rate), "--seed", "0", "--ignore-eos", "--disable-tqdm",
             "--save-result", "--result-dir", os.path.dirname(out),
             "--result-filename", os.path.basename(out)]
@@ -149,20 +160,108 @@ def bench(port, api, tok, a, out):
     return res
 
 
+def prefix_nodes(tok):
+    """4 fresh dual nodes with the engine model: [(addr, kv_port)]."""
+    out = []
+    for _ in range(4):
+        kv = b.free_port()
+        p = spawn([f"{b.REL}/xpyd-dummy", "--port", "0", "--mode", "dual", "--model", MODEL,
+                   "--workers", "1", "--tokenizer", tok, "--max-num-seqs", "4",
+                   "--kv-cache-blocks", "640", "--block-size", "16",
+                   "--prefill-delay-per-token", "0.000075", "--decode-delay-per-token", "0.015",
+                   "--decode-delay-per-seq", "0.001", "--kv-events-endpoint", f"tcp://*:{kv}"],
+                  stdout=subprocess.PIPE)
+        out.append((f"127.0.0.1:{b.wait_listening(p)}", kv))
+    return out
+
+
+def node_counter(addr, name):
+    text = subprocess.run(["curl", "-s", "-m", "5", f"http://{addr}/metrics"],
+                          capture_output=True, text=True).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def prefix_main(a, tok):
+    # xpyd reads model `m`'s tokenizer from <tokenizer_path>/m/.
+    root = tempfile.mkdtemp()
+    os.symlink(tok, os.path.join(root, MODEL))
+    results = {}
+    policies = ["round_robin", "cache_aware", "kv_aware"]
+    work = tempfile.mkdtemp()
+    for r in range(a.rounds):
+        for policy in policies[r % 3:] + policies[:r % 3]:
+            log(f"round {r + 1}: xpyd {policy}")
+            first = len(procs)
+            nodes = prefix_nodes(tok)
+            lines = [f"model: {MODEL}", f"tokenizer_path: \"{root}\"", f"scheduling: {policy}",
+                     "engine_metrics:", "  enabled: true", "  interval_seconds: 0.5",
+                     "kv_events:", "  endpoints:",
+                     *[f'    "{addr}": "tcp://127.0.0.1:{kv}"' for addr, kv in nodes],
+                     f"dual: [{', '.join(json.dumps(addr) for addr, _ in nodes)}]"]
+            cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+            cfg.write("\n".join(lines) + "\n")
+            cfg.close()
+            p = spawn([f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"],
+                      stdout=subprocess.PIPE)
+            port = b.wait_listening(p)
+            ready(port)
+            before = [(node_counter(x, "vllm:prefix_cache_hits_total"),
+                       node_counter(x, "vllm:prefix_cache_queries_total")) for x, _ in nodes]
+            out = os.path.join(work, f"p{r}-{policy}.json")
+            res = bench(port, ("completions", "openai", "/v1/completions"), tok, a, out, [
+                "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "2000",
+                "--prefix-repetition-suffix-len", "100", "--prefix-repetition-num-prefixes", "10",
+                "--prefix-repetition-output-len", "32"])
+            hits = sum(node_counter(x, "vllm:prefix_cache_hits_total") - h
+                       for (x, _), (h, _) in zip(nodes, before))
+            queries = sum(node_counter(x, "vllm:prefix_cache_queries_total") - q
+                          for (x, _), (_, q) in zip(nodes, before))
+            res["hit_rate"] = hits / queries if queries else 0.0
+            results.setdefault(policy, []).append(res)
+            for q in procs[first:]:
+                q.kill()
+                q.wait()
+    print(f"`vllm bench serve --dataset-name prefix_repetition` (10 prefixes of 2,000 tokens, "
+          f"100-token suffixes, 32 out), {a.prompts} prompts at {a.rate:g} req/s (Poisson, seed 0), "
+          f"streamed; xpyd in front of 4 dual nodes with the engine model; {a.rounds} rounds, "
+          f"median (min–max), fresh nodes each run.\n")
+    cols = [("median_ttft_ms", "TTFT p50 ms"), ("mean_ttft_ms", "TTFT mean ms"),
+            ("p99_ttft_ms", "TTFT p99 ms"), ("median_tpot_ms", "TPOT p50 ms"),
+            ("hit_rate", "prefix-cache hit rate")]
+    print("| xpyd scheduling | completed | failed | " + " | ".join(h for _, h in cols) + " |")
+    print("|---|---:|---:|" + "---:|" * len(cols))
+    for policy in policies:
+        rs = results[policy]
+        cells = [f"{sum(x['completed'] for x in rs)}", f"{sum(x['failed'] for x in rs)}"]
+        for key, _ in cols:
+            xs = [x[key] for x in rs]
+            cells.append(f"{statistics.median(xs):.2f} ({min(xs):.2f}–{max(xs):.2f})")
+        print(f"| {policy} | " + " | ".join(cells) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--prompts", type=int, default=None, help="default 200, 400 with --prefix")
     ap.add_argument("--rate", type=float, default=20)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--prefix", action="store_true")
     a = ap.parse_args()
     a.rounds = max(1, min(a.rounds, 10))
-    a.prompts = max(1, min(a.prompts, 2000))
+    a.prompts = max(1, min(a.prompts or (400 if a.prefix else 200), 2000))
     if not os.path.exists(f"{VLLM}/bin/vllm"):
         raise SystemExit(f"no vllm in {VLLM} (see the usage above)")
     tok = tokenizer()
+    if a.prefix:
+        try:
+            prefix_main(a, tok)
+        finally:
+            for p in procs:
+                p.kill()
+        return
     dual, pre, dec = node("dual", tok), node("prefill", tok), node("decode", tok)
     targets = {
         "direct (dual node)": (None, int(dual.rsplit(":", 1)[1])),
