@@ -5,6 +5,7 @@ CI: vLLM weighs ~10 GB.
 
 Usage: tools/bench/vllm_serve.py [--rounds 3] [--prompts 200] [--rate 20]
                                  [--input-len 1024] [--output-len 128] [--no-peers]
+                                 [--max-concurrency N]
        tools/bench/vllm_serve.py --prefix [--rounds 3] [--prompts 400] [--rate 20]
 
 Needs `vllm` in $VLLM_VENV (default /tmp/vllm-bench: `python3 -m venv /tmp/vllm-bench &&
@@ -147,7 +148,8 @@ def bench(port, api, tok, a, out, dataset=None):
     args = [f"{VLLM}/bin/vllm", "bench", "serve", "--backend", backend, "--endpoint", endpoint,
             "--base-url", f"http://127.0.0.1:{port}", "--model", MODEL, "--tokenizer", tok,
             *dataset, "--num-prompts", str(a.prompts),
-            "--request-rate", str(a.rate), "--seed", "0", "--ignore-eos", "--disable-tqdm",
+            "--request-rate", str(a.rate), "--seed", "0",
+            *(["--max-concurrency", str(a.max_concurrency)] if a.max_concurrency else []), "--ignore-eos", "--disable-tqdm",
             "--save-result", "--result-dir", os.path.dirname(out),
             "--result-filename", os.path.basename(out)]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd="/tmp")
@@ -244,7 +246,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=None, help="default 200, 400 with --prefix")
-    ap.add_argument("--rate", type=float, default=20)
+    ap.add_argument("--rate", type=float, default=20, help="requests per second (inf: all at once)")
+    ap.add_argument("--max-concurrency", type=int, default=0, help="vllm's cap on requests in flight")
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--no-peers", action="store_true")
