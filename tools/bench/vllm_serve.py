@@ -18,8 +18,9 @@ client asks for are the lengths the nodes count.
 
 Nodes: one dual, one prefill, one decode xpyd-dummy (one worker each), realistic delays
 (0.1 ms per prompt token, 10 ms per output token). Targets, one at a time, in an order that
-rotates every round: the dual node direct, xpyd dual, xpyd 1P+1D, the Python xpyd-proxy
-1P+1D, vllm-router 1P+1D. Each round runs the random dataset through `/v1/completions`
+rotates every round: the dual node direct, xpyd dual, xpyd 1P+1D, nginx as a plain reverse
+proxy of the dual node (`baseline.nginx_conf`, when /usr/sbin/nginx or $NGINX exists), the
+Python xpyd-proxy 1P+1D, vllm-router 1P+1D (the last two unless --no-peers). Each round runs the random dataset through `/v1/completions`
 (`--backend openai`) and `/v1/chat/completions` (`--backend openai-chat`), every request
 streamed, `--ignore-eos`, Poisson arrivals at RATE (fixed seed: every target gets the same
 prompts at the same times). Bounded: each `vllm bench serve` has a 300 s timeout; about 25 s
@@ -50,6 +51,7 @@ import baseline as b  # noqa: E402
 VLLM = os.environ.get("VLLM_VENV", "/tmp/vllm-bench")
 PEERS = os.environ.get("XPYD_PEERS_VENV", "/tmp/xpyd-peers")
 TOKENIZER = os.environ.get("XPYD_BENCH_TOKENIZER", "/tmp/xpyd-bench-tokenizer")
+NGINX = os.environ.get("NGINX", "/usr/sbin/nginx")
 MODEL = "m"
 REAL = {"PREFILL_DELAY_PER_TOKEN": "0.0001", "DECODE_DELAY_PER_TOKEN": "0.01"}
 APIS = [("completions", "openai", "/v1/completions"),
@@ -108,6 +110,15 @@ def xpyd(roles):
     p = spawn([f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"],
               stdout=subprocess.PIPE)
     return p, b.wait_listening(p)
+
+
+def nginx(node_addr):
+    """nginx as a plain reverse proxy of the dual node (the efficiency bar for the dual path)."""
+    tmp = tempfile.mkdtemp(prefix="xpyd-vllm-serve-nginx-")
+    port = b.free_port()
+    path = os.path.join(tmp, "nginx.conf")
+    open(path, "w").write(b.nginx_conf(node_addr, port, tmp))
+    return spawn([NGINX, "-c", path, "-p", tmp, "-e", f"{tmp}/nginx-error.log"]), port
 
 
 def python_xpyd(prefill, decode):
@@ -271,6 +282,8 @@ def main():
         "xpyd dual": xpyd({"dual": dual}),
         "xpyd 1P+1D": xpyd({"prefill": pre, "decode": dec}),
     }
+    if os.path.exists(NGINX):
+        targets["nginx dual"] = nginx(dual)
     if not a.no_peers:
         targets["Python xpyd-proxy 1P+1D"] = python_xpyd(pre, dec)
         targets["vllm-router 1P+1D"] = vllm_router(pre, dec)
