@@ -5,7 +5,7 @@ CI: vLLM weighs ~10 GB.
 
 Usage: tools/bench/vllm_serve.py [--rounds 3] [--prompts 200] [--rate 20]
                                  [--input-len 1024] [--output-len 128] [--no-peers]
-                                 [--max-concurrency N]
+                                 [--max-concurrency N] [--xpyd-workers N]
        tools/bench/vllm_serve.py --prefix [--rounds 3] [--prompts 400] [--rate 20]
 
 Needs `vllm` in $VLLM_VENV (default /tmp/vllm-bench: `python3 -m venv /tmp/vllm-bench &&
@@ -60,6 +60,7 @@ METRICS = [("median_ttft_ms", "TTFT p50 ms"), ("p99_ttft_ms", "TTFT p99 ms"),
            ("median_tpot_ms", "TPOT p50 ms"), ("p99_itl_ms", "ITL p99 ms"),
            ("output_throughput", "output tok/s")]
 procs = []
+WORKERS = 0  # xpyd's --workers (0: one per core)
 
 
 def log(*a):
@@ -107,8 +108,10 @@ def xpyd(roles):
     cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
     cfg.write(f"model: {MODEL}\n" + "".join(f"{k}: [\"{v}\"]\n" for k, v in roles.items()))
     cfg.close()
-    p = spawn([f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"],
-              stdout=subprocess.PIPE)
+    args = [f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"]
+    if WORKERS:
+        args += ["--workers", str(WORKERS)]
+    p = spawn(args, stdout=subprocess.PIPE)
     return p, b.wait_listening(p)
 
 
@@ -263,7 +266,10 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--prefix", action="store_true")
+    ap.add_argument("--xpyd-workers", type=int, default=0, help="xpyd's --workers (default: one per core)")
     a = ap.parse_args()
+    global WORKERS
+    WORKERS = a.xpyd_workers
     a.rounds = max(1, min(a.rounds, 10))
     a.prompts = max(1, min(a.prompts or (400 if a.prefix else 200), 2000))
     if not os.path.exists(f"{VLLM}/bin/vllm"):
