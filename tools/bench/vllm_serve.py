@@ -163,7 +163,8 @@ def bench(port, api, tok, a, out, dataset=None):
             "--base-url", f"http://127.0.0.1:{port}", "--model", MODEL, "--tokenizer", tok,
             *dataset, "--num-prompts", str(a.prompts),
             "--request-rate", str(a.rate), "--seed", "0",
-            *(["--max-concurrency", str(a.max_concurrency)] if a.max_concurrency else []), "--ignore-eos", "--disable-tqdm",
+            *(["--max-concurrency", str(a.max_concurrency)] if a.max_concurrency else []),
+            "--ignore-eos", "--disable-tqdm",
             "--save-result", "--result-dir", os.path.dirname(out),
             "--result-filename", os.path.basename(out)]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd="/tmp")
@@ -218,8 +219,10 @@ def prefix_main(a, tok):
             cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
             cfg.write("\n".join(lines) + "\n")
             cfg.close()
-            p = spawn([f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"],
-                      stdout=subprocess.PIPE)
+            args = [f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"]
+            if WORKERS:
+                args += ["--workers", str(WORKERS)]
+            p = spawn(args, stdout=subprocess.PIPE)
             port = b.wait_listening(p)
             ready(port)
             before = [(node_counter(x, "vllm:prefix_cache_hits_total"),
