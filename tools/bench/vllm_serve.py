@@ -38,6 +38,7 @@ step + 1 ms per other running sequence, KV events over ZeroMQ). Targets: xpyd `r
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,17 @@ METRICS = [("median_ttft_ms", "TTFT p50 ms"), ("p99_ttft_ms", "TTFT p99 ms"),
            ("output_throughput", "output tok/s")]
 procs = []
 WORKERS = 0  # xpyd's --workers (0: one per core)
+
+
+def stop(ps):
+    """SIGTERM first: nginx's master then stops its workers (a SIGKILL would orphan them)."""
+    for p in ps:
+        p.terminate()
+    for p in ps:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def log(*a):
@@ -238,9 +250,7 @@ def prefix_main(a, tok):
                           for (x, _), (_, q) in zip(nodes, before))
             res["hit_rate"] = hits / queries if queries else 0.0
             results.setdefault(policy, []).append(res)
-            for q in procs[first:]:
-                q.kill()
-                q.wait()
+            stop(procs[first:])
     print(f"`vllm bench serve --dataset-name prefix_repetition` (10 prefixes of 2,000 tokens, "
           f"100-token suffixes, 32 out), {a.prompts} prompts at {a.rate:g} req/s (Poisson, seed 0), "
           f"streamed; xpyd in front of 4 dual nodes with the engine model; {a.rounds} rounds, "
@@ -271,6 +281,8 @@ def main():
     ap.add_argument("--prefix", action="store_true")
     ap.add_argument("--xpyd-workers", type=int, default=0, help="xpyd's --workers (default: one per core)")
     a = ap.parse_args()
+    # A SIGTERM (a timeout, `kill`) ends the run through `finally`, which stops the targets.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     global WORKERS
     WORKERS = a.xpyd_workers
     a.rounds = max(1, min(a.rounds, 10))
@@ -282,8 +294,7 @@ def main():
         try:
             prefix_main(a, tok)
         finally:
-            for p in procs:
-                p.kill()
+            stop(procs)
         return
     dual, pre, dec = node("dual", tok), node("prefill", tok), node("decode", tok)
     targets = {
@@ -310,8 +321,7 @@ def main():
                     out = os.path.join(work, f"r{r}-{names.index(name)}-{api[0]}.json")
                     res.setdefault((name, api[0]), []).append(bench(targets[name][1], api, tok, a, out))
     finally:
-        for p in procs:
-            p.kill()
+        stop(procs)
     print(f"`vllm bench serve`, random dataset, {a.input_len} tokens in, {a.output_len} out, "
           f"{a.prompts} prompts at {a.rate:g} req/s (Poisson, seed 0), streamed, --ignore-eos; "
           f"{a.rounds} rounds, median (min–max); nodes: 0.1 ms per prompt token, 10 ms per "
