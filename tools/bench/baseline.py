@@ -7,6 +7,7 @@ Usage: python3 tools/bench/baseline.py [--duration 10] [--repeats 3] [--proxy-wo
 Prints a markdown table (medians, with min-max spread) for docs/benchmarks.md.
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -66,6 +67,41 @@ def free_port():
     p = s.getsockname()[1]
     s.close()
     return p
+
+
+def wait_serving(port, model=MODEL, timeout=60):
+    """Until one completion of `model` goes through `port` (a proxy may answer /health, or
+    list its nodes, before it serves)."""
+    body = json.dumps({"model": model, "prompt": "warm up", "max_tokens": 2})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5",
+                            "-H", "Content-Type: application/json", "-d", body,
+                            f"http://127.0.0.1:{port}/v1/completions"], capture_output=True)
+        if r.stdout == b"200":
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"target on port {port} never served")
+
+
+def python_xpyd_config(model, port, prefill, decode):
+    """The Python xpyd-proxy's configuration for `prefill` and `decode` (lists of host:port)."""
+    return (f"model: {model}\nport: {port}\nlog_level: warning\n"
+            f"prefill: [{', '.join(json.dumps(x) for x in prefill)}]\n"
+            f"decode: [{', '.join(json.dumps(x) for x in decode)}]\n")
+
+
+def vllm_router_args(venv, port, prefill, decode):
+    """vllm-router in P/D mode (round robin) in front of `prefill` and `decode`."""
+    args = [f"{venv}/bin/vllm-router", "--vllm-pd-disaggregation", "--policy", "round_robin",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+            # Each router needs its own metrics port (default 29000 clashes).
+            "--prometheus-port", str(free_port())]
+    for x in prefill:
+        args += ["--prefill", f"http://{x}"]
+    for x in decode:
+        args += ["--decode", f"http://{x}"]
+    return args
 
 
 def wait_listening(proc):

@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -116,15 +115,20 @@ def node(mode, tok):
     return f"127.0.0.1:{b.wait_listening(p)}"
 
 
-def xpyd(roles):
+def start_xpyd(config):
+    """xpyd on configuration text `config`, listening: (process, port)."""
     cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    cfg.write(f"model: {MODEL}\n" + "".join(f"{k}: [\"{v}\"]\n" for k, v in roles.items()))
+    cfg.write(config)
     cfg.close()
     args = [f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"]
     if WORKERS:
         args += ["--workers", str(WORKERS)]
     p = spawn(args, stdout=subprocess.PIPE)
     return p, b.wait_listening(p)
+
+
+def xpyd(roles):
+    return start_xpyd(f"model: {MODEL}\n" + "".join(f"{k}: [\"{v}\"]\n" for k, v in roles.items()))
 
 
 def nginx(node_addr):
@@ -139,32 +143,14 @@ def nginx(node_addr):
 def python_xpyd(prefill, decode):
     port = b.free_port()
     cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    cfg.write(f"model: {MODEL}\nport: {port}\nlog_level: warning\n"
-              f"prefill: [\"{prefill}\"]\ndecode: [\"{decode}\"]\n")
+    cfg.write(b.python_xpyd_config(MODEL, port, [prefill], [decode]))
     cfg.close()
     return spawn([f"{PEERS}/bin/xpyd", "proxy", "-c", cfg.name]), port
 
 
 def vllm_router(prefill, decode):
     port = b.free_port()
-    return spawn([f"{PEERS}/bin/vllm-router", "--vllm-pd-disaggregation", "--policy", "round_robin",
-                  "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
-                  "--prometheus-port", str(b.free_port()),
-                  "--prefill", f"http://{prefill}", "--decode", f"http://{decode}"]), port
-
-
-def ready(port, timeout=60):
-    """Until one completion goes through (a proxy may list its nodes before it serves)."""
-    body = json.dumps({"model": MODEL, "prompt": "warm up", "max_tokens": 2})
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5",
-                            "-H", "Content-Type: application/json", "-d", body,
-                            f"http://127.0.0.1:{port}/v1/completions"], capture_output=True)
-        if r.stdout == b"200":
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"target on port {port} never served")
+    return spawn(b.vllm_router_args(PEERS, port, [prefill], [decode])), port
 
 
 def bench(port, api, tok, a, out, dataset=None):
@@ -204,11 +190,19 @@ def prefix_nodes(tok):
     return out
 
 
-def node_counter(addr, name):
-    text = subprocess.run(["curl", "-s", "-m", "5", f"http://{addr}/metrics"],
-                          capture_output=True, text=True).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+def cache_counts(addrs):
+    """The nodes' prefix-cache hits and queries so far, summed: one /metrics read per node."""
+    hits = queries = 0.0
+    for addr in addrs:
+        text = subprocess.run(["curl", "-s", "-m", "5", f"http://{addr}/metrics"],
+                              capture_output=True, text=True).stdout
+        for line in text.splitlines():
+            name = line.split(" ", 1)[0].split("{", 1)[0]
+            if name == "vllm:prefix_cache_hits_total":
+                hits += float(line.rsplit(" ", 1)[1])
+            elif name == "vllm:prefix_cache_queries_total":
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
 
 
 def prefix_main(a, tok):
@@ -228,26 +222,17 @@ def prefix_main(a, tok):
                      "kv_events:", "  endpoints:",
                      *[f'    "{addr}": "tcp://127.0.0.1:{kv}"' for addr, kv in nodes],
                      f"dual: [{', '.join(json.dumps(addr) for addr, _ in nodes)}]"]
-            cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-            cfg.write("\n".join(lines) + "\n")
-            cfg.close()
-            args = [f"{b.REL}/xpyd", "proxy", "-c", cfg.name, "--port", "0", "--no-pin"]
-            if WORKERS:
-                args += ["--workers", str(WORKERS)]
-            p = spawn(args, stdout=subprocess.PIPE)
-            port = b.wait_listening(p)
-            ready(port)
-            before = [(node_counter(x, "vllm:prefix_cache_hits_total"),
-                       node_counter(x, "vllm:prefix_cache_queries_total")) for x, _ in nodes]
+            _, port = start_xpyd("\n".join(lines) + "\n")
+            b.wait_serving(port, MODEL)
+            addrs = [addr for addr, _ in nodes]
+            hits0, queries0 = cache_counts(addrs)
             out = os.path.join(work, f"p{r}-{policy}.json")
             res = bench(port, ("completions", "openai", "/v1/completions"), tok, a, out, [
                 "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "2000",
                 "--prefix-repetition-suffix-len", "100", "--prefix-repetition-num-prefixes", "10",
                 "--prefix-repetition-output-len", "32"])
-            hits = sum(node_counter(x, "vllm:prefix_cache_hits_total") - h
-                       for (x, _), (h, _) in zip(nodes, before))
-            queries = sum(node_counter(x, "vllm:prefix_cache_queries_total") - q
-                          for (x, _), (_, q) in zip(nodes, before))
+            hits, queries = cache_counts(addrs)
+            hits, queries = hits - hits0, queries - queries0
             res["hit_rate"] = hits / queries if queries else 0.0
             results.setdefault(policy, []).append(res)
             stop(procs[first:])
@@ -308,7 +293,7 @@ def main():
         targets["Python xpyd-proxy 1P+1D"] = python_xpyd(pre, dec)
         targets["vllm-router 1P+1D"] = vllm_router(pre, dec)
     for _, port in targets.values():
-        ready(port)
+        b.wait_serving(port, MODEL)
     names = list(targets)
     res = {}  # (target, api) -> [result per round]
     work = tempfile.mkdtemp()
