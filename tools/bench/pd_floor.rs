@@ -6,9 +6,10 @@
 //! inspection, scheduling, metrics, timers, retries or checks. The prefill node gets a fixed
 //! request (body: `PD_FLOOR_PREFILL_BODY`, default tools/bench/post.lua's with `max_tokens` 1); the
 //! decode node gets the client's request bytes as they came; the client gets the decode node's
-//! answer bytes as they came. Messages are delimited by `Content-Length` only (the zero-delay
-//! xpyd-dummy's answers and wrk's requests): it is a measuring stick for `wrk`, not a proxy.
-//! It awaits each write before it reads the answer; xpyd submits the two together.
+//! answer bytes read by read, each written at once (a stream's tokens as they come). Requests
+//! and the prefill answer are delimited by `Content-Length`, the decode answer by it or by its
+//! chunked body's last chunk: it is a measuring stick for `wrk` and `xpyd-streamload`, not a
+//! proxy. It awaits each write before it reads the answer; xpyd submits the two together.
 //! What it reaches is about the most a proxy on this runtime can reach on this bench
 //! (docs/benchmarks.md, "The 1P+1D floor").
 //!
@@ -33,22 +34,68 @@ use xpyd::runtime::{self, Driver};
 
 const PREFILL_BODY: &str = r#"{"model":"bench-model","prompt":"The quick brown fox jumps over the lazy dog","max_tokens":1}"#;
 
-/// Where the first whole message in `buf` ends: its head and a `Content-Length` body.
-fn message_end(buf: &[u8]) -> io::Result<Option<usize>> {
+/// How a message's body ends.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// The whole message's length, head included.
+    Length(usize),
+    /// At the last chunk: a stream's bytes end with `CHUNKED_END`.
+    Chunked,
+}
+
+/// The end of the last chunk of a chunked body (with no trailer).
+const CHUNKED_END: &[u8] = b"\r\n0\r\n\r\n";
+
+/// The framing of the message whose head `buf` starts with, once the head is whole.
+fn framing(buf: &[u8]) -> io::Result<Option<Framing>> {
     let Some(head_end) = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4) else {
         return Ok(None);
     };
-    let mut len = None;
     for line in buf[..head_end].split(|&b| b == b'\n') {
-        if let Some(colon) = line.iter().position(|&b| b == b':') {
-            if line[..colon].eq_ignore_ascii_case(b"content-length") {
-                let v = std::str::from_utf8(&line[colon + 1..]).unwrap_or("").trim();
-                len = v.parse::<usize>().ok();
-            }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let value = std::str::from_utf8(&line[colon + 1..]).unwrap_or("").trim();
+        if line[..colon].eq_ignore_ascii_case(b"content-length") {
+            let len = value.parse::<usize>().map_err(io::Error::other)?;
+            return Ok(Some(Framing::Length(head_end + len)));
+        }
+        if line[..colon].eq_ignore_ascii_case(b"transfer-encoding") && value == "chunked" {
+            return Ok(Some(Framing::Chunked));
         }
     }
-    let len = len.ok_or_else(|| io::Error::other("pd-floor reads Content-Length messages only"))?;
-    Ok((buf.len() >= head_end + len).then_some(head_end + len))
+    Err(io::Error::other(
+        "pd-floor reads Content-Length or chunked messages only",
+    ))
+}
+
+/// Where the request `req` asks to close its connection after the answer (`xpyd-streamload`
+/// does, and reads its answer to the end of the connection): that `Connection` line's range.
+fn close_line(req: &[u8]) -> Option<std::ops::Range<usize>> {
+    let head_end = memchr::memmem::find(req, b"\r\n\r\n")?;
+    let mut at = 0;
+    for line in req[..head_end + 2].split_inclusive(|&b| b == b'\n') {
+        let close = line.len() > 11
+            && line[..11].eq_ignore_ascii_case(b"connection:")
+            && std::str::from_utf8(&line[11..])
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("close"));
+        if close {
+            return Some(at..at + line.len());
+        }
+        at += line.len();
+    }
+    None
+}
+
+/// Where the first whole `Content-Length` message in `buf` ends.
+fn message_end(buf: &[u8]) -> io::Result<Option<usize>> {
+    match framing(buf)? {
+        None => Ok(None),
+        Some(Framing::Length(end)) => Ok((buf.len() >= end).then_some(end)),
+        Some(Framing::Chunked) => Err(io::Error::other(
+            "a chunked message where a whole one is read",
+        )),
+    }
 }
 
 /// Reads until `buf` holds a whole message; its length, or `None` at a clean end of stream.
@@ -102,6 +149,62 @@ impl Pool {
         }
         Ok(req)
     }
+
+    /// Sends `req` and relays the answer to `client` read by read, each read written at once
+    /// (a stream's tokens as they come), until its framing says it ended. `buf` is scratch.
+    async fn relay(
+        &self,
+        req: Vec<u8>,
+        client: &mut TcpStream,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<Vec<u8>> {
+        let popped = self.idle.borrow_mut().pop();
+        let mut c = match popped {
+            Some(c) => c,
+            None => {
+                let c = TcpStream::connect(self.addr).await?;
+                c.set_nodelay(true)?;
+                c
+            }
+        };
+        let (r, req) = c.write_all(req).await;
+        r?;
+        buf.clear();
+        let (mut frame, mut seen, mut tail) = (None, 0usize, Vec::with_capacity(16));
+        loop {
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            let len = buf.len();
+            let (r, slice) = c.read(std::mem::take(buf).slice_mut(len..)).await;
+            *buf = slice.into_inner();
+            if r? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            if frame.is_none() {
+                frame = framing(buf)?;
+                if frame.is_none() {
+                    continue; // the head is not whole yet
+                }
+            }
+            seen += buf.len();
+            tail.extend_from_slice(&buf[buf.len().saturating_sub(CHUNKED_END.len())..]);
+            tail.drain(..tail.len().saturating_sub(CHUNKED_END.len()));
+            let (r, b) = client.write_all(std::mem::take(buf)).await;
+            *buf = b;
+            r?;
+            buf.clear();
+            let done = match frame {
+                Some(Framing::Length(end)) => seen >= end,
+                _ => tail == CHUNKED_END,
+            };
+            if done {
+                break;
+            }
+        }
+        self.idle.borrow_mut().push(c);
+        Ok(req)
+    }
 }
 
 async fn serve(
@@ -118,6 +221,16 @@ async fn serve(
             Ok(Some(end)) => end,
             _ => return,
         };
+        // The upstream connection stays pooled: a `Connection: close` is the client's alone
+        // (hop-by-hop), and the request goes on without it.
+        let close = close_line(&buf[..end]);
+        let end = match &close {
+            Some(line) => {
+                buf.drain(line.clone());
+                end - line.len()
+            }
+            None => end,
+        };
         let r = async {
             if let Some(prefill) = &prefill {
                 preq = prefill
@@ -131,17 +244,15 @@ async fn serve(
                 let rest = buf.split_off(end);
                 std::mem::replace(&mut buf, rest)
             };
-            let mut sent = decode.exchange(req, &mut answer).await?;
+            let mut sent = decode.relay(req, &mut client, &mut answer).await?;
             if buf.is_empty() {
                 sent.clear();
                 buf = sent;
             }
-            let (r, a) = client.write_all(std::mem::take(&mut answer)).await;
-            answer = a;
-            r
+            io::Result::Ok(())
         }
         .await;
-        if r.is_err() {
+        if r.is_err() || close.is_some() {
             return;
         }
     }
