@@ -11,7 +11,7 @@
 //! chunked body's last chunk: it is a measuring stick for `wrk` and `xpyd-streamload`, not a
 //! proxy. It awaits each write before it reads the answer; xpyd submits the two together.
 //! What it reaches is about the most a proxy on this runtime can reach on this bench
-//! (docs/benchmarks.md, "The 1P+1D floor").
+//! (docs/benchmarks.md, "The floor under a request").
 //!
 //! PREFILL_ADDR `none`: the dual floor — the four operations of a dual request (read the client,
 //! write the node and read its answer, write the client); DECODE_ADDR is then the dual node.
@@ -20,7 +20,8 @@
 //! (the io-uring crate, `COOP_TASKRUN` + `SINGLE_ISSUER`, receives with
 //! `IORING_RECVSEND_POLL_FIRST`, as xpyd's ring) and a state machine per client connection,
 //! which owns one prefill and one decode connection (connected when the client's is accepted).
-//! It shows what the runtime itself costs.
+//! It reads `Content-Length` answers only (`wrk`'s load) and shows what the runtime itself
+//! costs.
 //!
 //!   cargo run --release --example pd-floor -- PORT PREFILL_ADDR|none DECODE_ADDR [WORKERS] [DRIVER|raw]
 use monoio::buf::IoBufMut;
