@@ -128,17 +128,22 @@ struct Pool {
 }
 
 impl Pool {
-    /// Sends `req` on a kept-alive (or new) connection and reads the whole answer into `out`.
-    async fn exchange(&self, req: Vec<u8>, out: &mut Vec<u8>) -> io::Result<Vec<u8>> {
+    /// A kept-alive connection, or a new one.
+    async fn take(&self) -> io::Result<TcpStream> {
         let popped = self.idle.borrow_mut().pop();
-        let mut c = match popped {
-            Some(c) => c,
+        match popped {
+            Some(c) => Ok(c),
             None => {
                 let c = TcpStream::connect(self.addr).await?;
                 c.set_nodelay(true)?;
-                c
+                Ok(c)
             }
-        };
+        }
+    }
+
+    /// Sends `req` on a kept-alive (or new) connection and reads the whole answer into `out`.
+    async fn exchange(&self, req: Vec<u8>, out: &mut Vec<u8>) -> io::Result<Vec<u8>> {
+        let mut c = self.take().await?;
         let (r, req) = c.write_all(req).await;
         r?;
         out.clear();
@@ -159,15 +164,7 @@ impl Pool {
         client: &mut TcpStream,
         buf: &mut Vec<u8>,
     ) -> io::Result<Vec<u8>> {
-        let popped = self.idle.borrow_mut().pop();
-        let mut c = match popped {
-            Some(c) => c,
-            None => {
-                let c = TcpStream::connect(self.addr).await?;
-                c.set_nodelay(true)?;
-                c
-            }
-        };
+        let mut c = self.take().await?;
         let (r, req) = c.write_all(req).await;
         r?;
         buf.clear();
