@@ -236,13 +236,30 @@ fn long_prompt_and_large_body_go_through() {
 
 #[test]
 fn client_disconnect_cancels_the_decode_leg() {
+    hang_up_after_events(3, &[]);
+}
+
+/// Late in a stream the proxy watches the client's read through a waker of its own, not at
+/// every token (`NextRead::unless_closed`). The stream then goes quiet, so no write to the
+/// client can fail: the watch alone must notice the hang-up and cancel the legs.
+#[test]
+fn client_disconnect_in_a_quiet_stretch_late_in_a_stream_cancels_the_decode_leg() {
+    hang_up_after_events(20, &["--pause-mid-stream", "20"]);
+}
+
+/// Streams a long P/D completion, hangs up after `events` token events, and waits for the
+/// decode node to see the cancel. `decode_args`: more options of the decode node.
+fn hang_up_after_events(events: usize, decode_args: &[&str]) {
     let p = dummy("prefill", &[]);
-    let d = dummy("decode", &["--decode-delay-per-token", "0.05"]);
+    let d = dummy(
+        "decode",
+        &[&["--decode-delay-per-token", "0.02"], decode_args].concat(),
+    );
     let proxy = proxy_with(&pd_yaml(&[&p], &[&d]), true);
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
     let body = serde_json::to_vec(
-        &json!({"model": MODEL, "prompt": "hi", "max_tokens": 200, "stream": true}),
+        &json!({"model": MODEL, "prompt": "hi", "max_tokens": 500, "stream": true}),
     )
     .unwrap();
     write!(
@@ -252,17 +269,17 @@ fn client_disconnect_cancels_the_decode_leg() {
     )
     .unwrap();
     s.write_all(&body).unwrap();
-    // Wait for a few token events, then hang up.
+    // Wait for the token events, then hang up.
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while got.windows(6).filter(|w| w == b"data: ").count() < 3 {
+    while got.windows(6).filter(|w| w == b"data: ").count() < events {
         let n = s.read(&mut buf).unwrap();
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
     }
     assert_eq!(dummy_stats(&d)["running"], 1);
     drop(s);
-    // 200 tokens 50 ms apart: the stream would run 10 s by itself; the node sees the cancel
+    // 500 tokens 20 ms apart: the stream would run 10 s by itself; the node sees the cancel
     // long before.
     wait_for(
         "the decode node to see the cancel",

@@ -164,6 +164,9 @@ struct Plan<'a> {
     arrival: Instant,
 }
 
+/// How long `--pause-mid-stream` keeps a stream silent.
+const PAUSE_MID_STREAM: Duration = Duration::from_secs(60);
+
 async fn sleep(d: Duration) {
     if !d.is_zero() {
         monoio::time::sleep(d).await;
@@ -383,6 +386,11 @@ async fn generate(
         }
         if opts.drop_mid_stream == Some(i) {
             return Err(());
+        }
+        if opts.pause_mid_stream == Some(i) {
+            // A stream that goes quiet with its connection open: a client that leaves now is
+            // noticed by its proxy's watch alone, no write fails (tests/pd.rs).
+            sleep(PAUSE_MID_STREAM).await;
         }
         let last = i + 1 == job.max_tokens;
         let ev = frames.token_event(job.kind, job.token(i), last);

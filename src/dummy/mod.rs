@@ -42,6 +42,8 @@ pub struct DummyOptions {
     pub fail_rate: f64,
     /// Close the connection after this many streamed tokens.
     pub drop_mid_stream: Option<usize>,
+    /// Go silent for `PAUSE_MID_STREAM` after this many streamed tokens.
+    pub pause_mid_stream: Option<usize>,
     /// Wait this long before answering an inference request.
     pub stall_ms: u64,
     /// Keep the last N inference requests for `GET /debug/requests`.
@@ -80,6 +82,7 @@ impl DummyOptions {
             driver: Driver::Auto,
             fail_rate: 0.0,
             drop_mid_stream: None,
+            pause_mid_stream: None,
             stall_ms: 0,
             record_requests: 0,
             require_kv_params: false,

@@ -104,12 +104,9 @@ async fn unless_client_leaves(
     next: &mut NextRead<'_>,
     request_id: &str,
 ) -> Outcome {
-    monoio::select! {
-        // Work first: when the response completes in the same wakeup as the client's next
-        // bytes arrive, they are left to the next request's read.
-        biased;
-        outcome = work => outcome,
-        _ = next.closed() => {
+    match next.unless_closed(work).await {
+        Some(outcome) => outcome,
+        None => {
             crate::info!("request {request_id}: client disconnected; abandoning its legs");
             Outcome::close(499)
         }

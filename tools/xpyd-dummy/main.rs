@@ -49,6 +49,9 @@ struct Args {
     /// Close the connection after this many streamed tokens (non-streamed: after half the body).
     #[arg(long)]
     drop_mid_stream: Option<usize>,
+    /// Go silent for 60 s after this many streamed tokens (the connection stays open).
+    #[arg(long)]
+    pause_mid_stream: Option<usize>,
     /// Wait this many milliseconds before answering each inference request.
     #[arg(long, default_value_t = 0)]
     stall_ms: u64,
@@ -174,6 +177,7 @@ fn main() -> ExitCode {
         driver,
         fail_rate: a.fail_rate,
         drop_mid_stream: a.drop_mid_stream,
+        pause_mid_stream: a.pause_mid_stream,
         stall_ms: a.stall_ms,
         record_requests: a.record_requests,
         require_kv_params: a.require_kv_params,
