@@ -98,7 +98,7 @@ fn newer_route(w: &Worker, seen: &Topology, model: &str) -> Option<(Snapshot<Top
 /// Runs `work` unless the client goes away first; then the work is dropped (by the caller,
 /// as it returns), which closes its upstream connections and releases its counters. `work`
 /// is pinned where the caller made it: the request's whole flow is one large future, and
-/// moving it into this one and into `select!` cost two copies of it per request.
+/// moving it into the race cost a copy of it per request (`NextRead::unless_closed`).
 async fn unless_client_leaves(
     work: Pin<&mut impl std::future::Future<Output = Outcome>>,
     next: &mut NextRead<'_>,
