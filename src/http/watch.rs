@@ -68,8 +68,8 @@ impl<'a> NextRead<'a> {
     /// request's read. From the `WATCH_AFTER`th wake-up on, the client's read is polled only
     /// when it is what woke the task: a stream's work wakes the task once per token, and
     /// polling the idle read beside each one cost a trip through its future and the driver's
-    /// operation (172 instructions a token, and lines long gone from the cache 10 ms after
-    /// the last token). A plain request is over before that and makes no waker of its own.
+    /// operation (172 instructions a token). A plain request is over before that and makes
+    /// no waker of its own.
     pub async fn unless_closed<F: Future>(&mut self, mut work: Pin<&mut F>) -> Option<F::Output> {
         /// Wake-ups of the work before the read gets a waker of its own.
         const WATCH_AFTER: u32 = 4;
