@@ -61,6 +61,14 @@ http {{
 """
 
 
+def nginx_command(nginx, node_addr, port, tmp, workers=2):
+    """Writes `nginx_conf` to `tmp`/nginx.conf; the command line that runs nginx on it."""
+    path = os.path.join(tmp, "nginx.conf")
+    with open(path, "w") as f:
+        f.write(nginx_conf(node_addr, port, tmp, workers))
+    return [nginx, "-c", path, "-p", tmp, "-e", f"{tmp}/nginx-error.log"]
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

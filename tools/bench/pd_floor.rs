@@ -99,19 +99,24 @@ fn message_end(buf: &[u8]) -> io::Result<Option<usize>> {
     }
 }
 
+/// One read appended to `buf`: how many bytes it brought (0 at the end of the stream).
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    let len = buf.len();
+    let (r, slice) = s.read(std::mem::take(buf).slice_mut(len..)).await;
+    *buf = slice.into_inner();
+    r
+}
+
 /// Reads until `buf` holds a whole message; its length, or `None` at a clean end of stream.
 async fn read_message(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
     loop {
         if let Some(end) = message_end(buf)? {
             return Ok(Some(end));
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        let len = buf.len();
-        let (r, slice) = s.read(std::mem::take(buf).slice_mut(len..)).await;
-        *buf = slice.into_inner();
-        if r? == 0 {
+        if read_more(s, buf).await? == 0 {
             return if buf.is_empty() {
                 Ok(None)
             } else {
@@ -168,15 +173,10 @@ impl Pool {
         let (r, req) = c.write_all(req).await;
         r?;
         buf.clear();
-        let (mut frame, mut seen, mut tail) = (None, 0usize, Vec::with_capacity(16));
+        // The stream's last bytes, to see the last chunk's end across reads.
+        let (mut frame, mut seen, mut tail) = (None, 0usize, [0u8; CHUNKED_END.len()]);
         loop {
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(16 * 1024);
-            }
-            let len = buf.len();
-            let (r, slice) = c.read(std::mem::take(buf).slice_mut(len..)).await;
-            *buf = slice.into_inner();
-            if r? == 0 {
+            if read_more(&mut c, buf).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             if frame.is_none() {
@@ -186,15 +186,17 @@ impl Pool {
                 }
             }
             seen += buf.len();
-            tail.extend_from_slice(&buf[buf.len().saturating_sub(CHUNKED_END.len())..]);
-            tail.drain(..tail.len().saturating_sub(CHUNKED_END.len()));
+            let n = buf.len().min(tail.len());
+            tail.copy_within(n.., 0);
+            let keep = tail.len() - n;
+            tail[keep..].copy_from_slice(&buf[buf.len() - n..]);
             let (r, b) = client.write_all(std::mem::take(buf)).await;
             *buf = b;
             r?;
             buf.clear();
             let done = match frame {
                 Some(Framing::Length(end)) => seen >= end,
-                _ => tail == CHUNKED_END,
+                _ => tail == *CHUNKED_END,
             };
             if done {
                 break;

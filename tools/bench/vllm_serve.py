@@ -135,9 +135,7 @@ def nginx(node_addr):
     """nginx as a plain reverse proxy of the dual node (the efficiency bar for the dual path)."""
     tmp = tempfile.mkdtemp(prefix="xpyd-vllm-serve-nginx-")
     port = b.free_port()
-    path = os.path.join(tmp, "nginx.conf")
-    open(path, "w").write(b.nginx_conf(node_addr, port, tmp))
-    return spawn([NGINX, "-c", path, "-p", tmp, "-e", f"{tmp}/nginx-error.log"]), port
+    return spawn(b.nginx_command(NGINX, node_addr, port, tmp)), port
 
 
 def python_xpyd(prefill, decode):
