@@ -221,12 +221,49 @@ impl<'a> InFlight<'a> {
     /// the instance's decode tokens say how much its requests have *left* — which of two
     /// nodes with as many requests frees a batch slot first (docs/scheduling.md).
     pub fn decoded(&self, n: u64) {
-        let left = self.decode_tokens.get();
-        let n = n.min(left);
-        if n > 0 {
-            self.inst.load.decode_tokens.fetch_sub(n, Ordering::Relaxed);
-            self.decode_tokens.set(left - n);
+        let mut left = self.decode_tokens.get();
+        release_decoded(self.inst, &mut left, n);
+        self.decode_tokens.set(left);
+    }
+
+    /// The decode tokens this request still counts, handed to a task of its own that relays
+    /// the answer (`DecodeLeft`); this guard then releases none of them.
+    pub fn hand_over_decode(&self) -> DecodeLeft {
+        DecodeLeft {
+            inst: self.inst.clone(),
+            left: self.decode_tokens.replace(0),
         }
+    }
+}
+
+/// Takes up to `n` of the `left` decode tokens off the instance's count.
+fn release_decoded(inst: &Instance, left: &mut u64, n: u64) {
+    let n = n.min(*left);
+    if n > 0 {
+        inst.load.decode_tokens.fetch_sub(n, Ordering::Relaxed);
+        *left -= n;
+    }
+}
+
+/// A request's decode tokens still counted on an instance, owned by the task that relays its
+/// streamed answer (`InFlight::hand_over_decode`): released as tokens stream out, the rest when
+/// it is dropped, however the relay ends.
+pub struct DecodeLeft {
+    inst: Arc<Instance>,
+    left: u64,
+}
+
+impl DecodeLeft {
+    /// As `InFlight::decoded`.
+    pub fn decoded(&mut self, n: u64) {
+        release_decoded(&self.inst, &mut self.left, n);
+    }
+}
+
+impl Drop for DecodeLeft {
+    fn drop(&mut self) {
+        let left = self.left;
+        release_decoded(&self.inst, &mut self.left, left);
     }
 }
 

@@ -287,6 +287,22 @@ fn hang_up_after_events(events: usize, decode_args: &[&str]) {
         || dummy_stats(&d)["aborted"] == 1,
     );
     assert_eq!(dummy_stats(&d)["running"], 0);
+    // The proxy no longer counts the request on the decode node: not as a request, and none
+    // of its 500 decode tokens (the relay that held them ended with the stream).
+    wait_for(
+        "the cancelled request to leave the decode node's counts",
+        Duration::from_secs(8),
+        || {
+            let (_, v) = get_json(&proxy.url("/status/instances"));
+            let Some(i) = v["instances"]
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["address"] == d.addr.to_string()))
+            else {
+                return false;
+            };
+            i["active_requests"] == 0 && i["in_flight_decode_tokens"] == 0
+        },
+    );
     // The proxy keeps serving.
     let (status, _, _) = post(
         &agent(),

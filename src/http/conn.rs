@@ -43,6 +43,23 @@ impl ReadHalf {
 /// Writes to the connection. Dropping it does not shut the socket down.
 pub struct WriteHalf(Shared);
 
+impl WriteHalf {
+    /// A second handle on the socket, for a task that writes the rest of an answer while the
+    /// request waits for it (`proxy::relay_task`). The caller keeps to one writer at a time:
+    /// the two handles never have writes in flight together.
+    pub fn share(&self) -> WriteHalf {
+        WriteHalf(self.0.clone())
+    }
+}
+
+impl AsRawFd for WriteHalf {
+    fn as_raw_fd(&self) -> RawFd {
+        // SAFETY: a shared read of the stream's descriptor number, which nothing changes while
+        // the stream lives (operations in flight hold their own handle on the descriptor).
+        unsafe { &*self.0.get() }.as_raw_fd()
+    }
+}
+
 pub struct SplitStream {
     pub rd: ReadHalf,
     pub wr: WriteHalf,

@@ -42,10 +42,15 @@ impl RequestCtx<'_> {
 
     /// Writes `out` whole to the client and hands the buffer back (cleared).
     pub async fn write(&mut self, out: Vec<u8>) -> Result<Vec<u8>, RelayError> {
-        let (res, mut buf) = write_whole(self.client, out).await;
-        buf.clear();
-        res.map(|_| buf).map_err(|_| RelayError::ClientGone)
+        write_client(self.client, out).await
     }
+}
+
+/// Writes `out` whole to the client and hands the buffer back (cleared).
+pub async fn write_client(client: &mut ClientWriter, out: Vec<u8>) -> Result<Vec<u8>, RelayError> {
+    let (res, mut buf) = write_whole(client, out).await;
+    buf.clear();
+    res.map(|_| buf).map_err(|_| RelayError::ClientGone)
 }
 
 /// `write_all` for the relays' one write per upstream read, which nearly always goes out

@@ -14,6 +14,7 @@ mod outcome;
 mod prefix_sync;
 mod raw_object;
 mod relay;
+mod relay_task;
 mod route;
 mod scrape;
 mod server;

@@ -10,16 +10,21 @@
 //! the client it is answered 502/504 instead; after, an event stream ends with an SSE error
 //! event and no `[DONE]`, a chunked body without its last chunk, and the connection closes.
 
-use super::context::RequestCtx;
+use super::context::{write_client, RequestCtx};
 use super::failure::{self, BodyFailure, RelayError};
 use super::outcome::Outcome;
+use super::relay_task;
 use super::sse;
+use super::timeline::Timeline;
 use super::upstream::{BodyDecoder, UpstreamConn};
 use crate::admission::usage;
 use crate::http::chunked::{encode_chunk, ChunkedDecoder, LAST_CHUNK};
+use crate::http::conn::ClientWriter;
 use crate::http::head::{Framing, ResponseHead};
 use crate::http::write::{response_head, BodyLen};
 use crate::instance::{InFlight, Instance};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 /// What is done with the upstream body bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +141,18 @@ enum Finished {
     AtClose,
 }
 
-/// Streams `head` and the rest of `conn`'s response to the client.
+/// What a relay reports as it goes: to the request's timeline (`wrote_body`, `usage`), to
+/// `decoded` (the SSE events relayed) and in `started` (something reached the client: a
+/// failure from then on cannot be answered as an error).
+struct Seen<'t, D> {
+    tl: &'t mut Timeline,
+    started: bool,
+    decoded: D,
+}
+
+/// Streams `head` and the rest of `conn`'s response to the client. An event stream is relayed
+/// by a task of its own while this request waits for it (`relay_task`): its tokens then wake
+/// that task's small state, not the request's.
 pub async fn relay(
     ctx: &mut RequestCtx<'_>,
     guard: &InFlight<'_>,
@@ -151,7 +167,6 @@ pub async fn relay(
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     let (client_len, pass) = plan(head.framing, ctx.http10);
     let keep_alive = ctx.keep_alive && client_len != BodyLen::Close;
-    let mut mode = Mode::new(pass, head.framing);
     let mut out = ctx.w.scratch.take();
     let mut headers = [("", ""); 3];
     let mut n = 0;
@@ -169,8 +184,52 @@ pub async fn relay(
     }
     let headers = &headers[..n];
     response_head(&mut out, head.status, headers, client_len, keep_alive);
-    let mut started = false;
-    match pump(ctx, &mut conn, &mut mode, out, sse, guard, &mut started).await {
+    let idle = ctx.policy.timeouts.idle;
+    let mut mode = Mode::new(pass, head.framing);
+    // The upstream connection moves into the task and back; a plain body is relayed in place.
+    let (result, started) = if sse {
+        let mut client = ctx.client.share();
+        let mut decode = guard.hand_over_decode();
+        let fds = [conn.stream.as_raw_fd(), client.as_raw_fd()];
+        let mut tl = Timeline::new(ctx.tl.start);
+        let (result, back, started, tl) = relay_task::spawn(
+            async move {
+                let mut seen = Seen {
+                    tl: &mut tl,
+                    started: false,
+                    decoded: |n| decode.decoded(n),
+                };
+                let r = pump(
+                    &mut client,
+                    &mut conn,
+                    &mut mode,
+                    out,
+                    true,
+                    idle,
+                    &mut seen,
+                );
+                let r = r.await;
+                let started = seen.started;
+                (r, conn, started, tl)
+            },
+            fds,
+        )
+        .await;
+        conn = back;
+        ctx.tl.relayed(&tl);
+        (result, started)
+    } else {
+        let mut seen = Seen {
+            tl: &mut ctx.tl,
+            started: false,
+            decoded: |n| guard.decoded(n),
+        };
+        let r = pump(
+            ctx.client, &mut conn, &mut mode, out, false, idle, &mut seen,
+        );
+        (r.await, seen.started)
+    };
+    match result {
         Ok((finished, out)) => {
             ctx.w.scratch.give(out);
             if matches!(finished, Finished::AtEnd) && head.keep_alive {
@@ -180,6 +239,7 @@ pub async fn relay(
         }
         Err(RelayError::ClientGone) => Outcome::client_gone(),
         Err(RelayError::Upstream(f)) => {
+            drop(conn);
             f.record(ctx.w, inst, ctx.request_id);
             let err = f.api_error(inst);
             match ending(started, sse, client_len) {
@@ -196,26 +256,24 @@ pub async fn relay(
     }
 }
 
-/// Moves the body from `conn` to the client until it ends. `out` starts with the response
-/// head, which goes out with the first body bytes; `started` says whether it went out (a
-/// failure before that is answered as an error response).
-async fn pump(
-    ctx: &mut RequestCtx<'_>,
+/// Moves the body from `conn` to `client` until it ends. `out` starts with the response
+/// head, which goes out with the first body bytes.
+async fn pump<D: FnMut(u64)>(
+    client: &mut ClientWriter,
     conn: &mut UpstreamConn,
     mode: &mut Mode,
     mut out: Vec<u8>,
     sse: bool,
-    guard: &InFlight<'_>,
-    started: &mut bool,
+    idle: Duration,
+    seen: &mut Seen<'_, D>,
 ) -> Result<(Finished, Vec<u8>), RelayError> {
-    let idle = ctx.policy.timeouts.idle;
     let mut head_len = out.len();
     // The engine's token counts, wherever the reads cut its `usage` object.
     let mut usage = usage::Scanner::default();
     loop {
         let done = mode.process(conn, &mut out, &mut usage)?;
         if let Some(u) = usage.found() {
-            ctx.tl.usage = Some(u);
+            seen.tl.usage = Some(u);
         }
         // The head waits for the body's first bytes (or its end) and leaves with them in one
         // write: a stream's head arrives before its first token (the engine answers at once,
@@ -227,12 +285,12 @@ async fn pump(
                 !body.is_empty(),
                 if sse { sse::count_events(body) } else { 0 },
             );
-            out = ctx.write(out).await?;
-            *started = true;
+            out = write_client(client, out).await?;
+            seen.started = true;
             head_len = 0;
             if has_body {
-                ctx.tl.wrote_body(events);
-                guard.decoded(events);
+                seen.tl.wrote_body(events);
+                (seen.decoded)(events);
             }
         }
         if done {
@@ -242,7 +300,7 @@ async fn pump(
             let end = mode.at_eof().ok_or(BodyFailure::Closed)?;
             if !end.is_empty() {
                 out.extend_from_slice(end);
-                out = ctx.write(out).await?;
+                out = write_client(client, out).await?;
             }
             return Ok((Finished::AtClose, out));
         }

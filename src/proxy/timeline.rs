@@ -50,6 +50,17 @@ impl Timeline {
         }
     }
 
+    /// Takes in what a relay that ran apart from the request recorded in `relay`'s timeline
+    /// (its body bytes, events and usage).
+    pub fn relayed(&mut self, relay: &Timeline) {
+        if let Some(t) = relay.first_byte {
+            self.first_byte.get_or_insert(t);
+        }
+        self.events += relay.events;
+        self.last_event = relay.last_event.or(self.last_event);
+        self.usage = relay.usage.or(self.usage);
+    }
+
     /// Records the request's P/D metrics (successful requests only) and writes its log line;
     /// returns when the request ended.
     pub fn finish(&self, w: &Worker, model: &str, request_id: &str, status: u16) -> Instant {

@@ -1,0 +1,70 @@
+//! A streamed answer relayed by a task of its own on the worker, while the request waits for
+//! it. Why: each relayed token wakes the task that reads it, and a token read by the request's
+//! own task is polled down through the connection's whole future — the connection, the flow,
+//! the race with the client leaving, the leg, the relay — whose state, on a line of its own at
+//! each level, has left the cache in the 10 ms since the stream's last token. A task of its
+//! own touches its small state only (docs/benchmarks.md, "A stream's relay as a task of its
+//! own").
+//!
+//! The request keeps what it must: the race with the client leaving. When the request is
+//! dropped before the task ends (the client left, or the connection is torn down), dropping
+//! the handle shuts the task's sockets down — the upstream one, so that the engine stops
+//! decoding at once, and the client's — and the task, woken by that, ends at its next step.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::os::fd::RawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+/// A running relay task. Awaiting it gives the task's output; dropping it before that ends
+/// the task.
+pub struct Detached<T> {
+    join: monoio::task::JoinHandle<T>,
+    /// Set by the task as it ends: from then on its sockets may be closed and their numbers
+    /// reused, so the drop must not touch them.
+    done: Rc<Cell<bool>>,
+    /// The sockets the task holds open until it ends.
+    fds: [RawFd; 2],
+}
+
+/// Runs `work` as a task of this worker. `work` must hold the sockets `fds` open until it
+/// ends (it closes none of them before it returns): dropping the handle early shuts them
+/// down, and that must reach the task's sockets, not others that took their numbers.
+pub fn spawn<F>(work: F, fds: [RawFd; 2]) -> Detached<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let done = Rc::new(Cell::new(false));
+    let ended = done.clone();
+    let join = monoio::spawn(async move {
+        let out = work.await;
+        ended.set(true);
+        out
+    });
+    Detached { join, done, fds }
+}
+
+impl<T> Future for Detached<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        Pin::new(&mut self.join).poll(cx)
+    }
+}
+
+impl<T> Drop for Detached<T> {
+    fn drop(&mut self) {
+        if self.done.get() {
+            return;
+        }
+        for fd in self.fds {
+            // SAFETY: not a memory operation; `fd` is open (the task holds it until it ends,
+            // and it has not). A shutdown wakes the task's pending read or write, which then
+            // fails or reads the end, and the task ends.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
+}
