@@ -11,37 +11,35 @@
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
+use monoio::net::tcp::Descriptor;
 use monoio::net::TcpStream;
 use monoio::BufResult;
-use std::cell::UnsafeCell;
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
-use std::rc::Rc;
 
 /// Where a response to the client is written.
 pub type ClientWriter = WriteHalf;
 
-/// The socket both halves use. monoio's `TcpStream` methods take `&mut self` but only use the
-/// descriptor (every operation owns its buffer), so a read and a write may be in flight at
-/// once — what monoio's own split relies on too.
-type Shared = Rc<UnsafeCell<TcpStream>>;
+// Each half holds a handle on the socket's descriptor (vendored monoio's `Descriptor`: the
+// descriptor shared, not duplicated), not a stream shared behind an `Rc`: an operation then
+// reaches the descriptor with one load less, a load that misses the cache when a stream's
+// next token comes 10 ms after the last (docs/benchmarks.md, "A stream's relay as a task of
+// its own"). Every operation owns its buffer, so a read and a write may be in flight at once.
 
 /// Reads from the connection.
-pub struct ReadHalf(Shared);
+pub struct ReadHalf(Descriptor);
 
 impl ReadHalf {
-    /// A read whose future owns its buffer and does not borrow this half (monoio's
-    /// `TcpStream::read_owned`, vendored): it can wait in a struct. The caller starts no other
-    /// read on this half until it completes, or the two would race for the bytes.
+    /// A read whose future owns its buffer and does not borrow this half (vendored monoio's
+    /// `read_owned`): it can wait in a struct. The caller starts no other read on this half
+    /// until it completes, or the two would race for the bytes.
     pub fn read_owned<T: IoBufMut>(&mut self, buf: T) -> monoio::net::tcp::ReadOwned<T> {
-        // SAFETY: as in `read`.
-        let stream = unsafe { &*self.0.get() };
-        stream.read_owned(buf)
+        self.0.read_owned(buf)
     }
 }
 
 /// Writes to the connection. Dropping it does not shut the socket down.
-pub struct WriteHalf(Shared);
+pub struct WriteHalf(Descriptor);
 
 impl WriteHalf {
     /// A second handle on the socket, for a task that writes the rest of an answer while the
@@ -54,9 +52,7 @@ impl WriteHalf {
 
 impl AsRawFd for WriteHalf {
     fn as_raw_fd(&self) -> RawFd {
-        // SAFETY: a shared read of the stream's descriptor number, which nothing changes while
-        // the stream lives (operations in flight hold their own handle on the descriptor).
-        unsafe { &*self.0.get() }.as_raw_fd()
+        self.0.as_raw_fd()
     }
 }
 
@@ -68,13 +64,12 @@ pub struct SplitStream {
 }
 
 impl SplitStream {
+    /// The stream itself is dropped here; its socket stays open while either half lives.
     pub fn new(stream: TcpStream) -> Self {
-        let fd = stream.as_raw_fd();
-        let shared = Rc::new(UnsafeCell::new(stream));
         SplitStream {
-            rd: ReadHalf(shared.clone()),
-            wr: WriteHalf(shared),
-            fd,
+            rd: ReadHalf(stream.descriptor()),
+            wr: WriteHalf(stream.descriptor()),
+            fd: stream.as_raw_fd(),
         }
     }
 
@@ -98,43 +93,29 @@ impl AsRawFd for SplitStream {
 
 impl AsyncReadRent for ReadHalf {
     fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        // SAFETY: the stream lives as long as either half; the only other reference is the
-        // write half's, and a read and a write on one socket may be in flight together (see
-        // `Shared`). This half never hands out a second read at once (`&mut self`).
-        let stream = unsafe { &mut *self.0.get() };
-        stream.read(buf)
+        self.0.read(buf)
     }
 
     fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        // SAFETY: as in `read`.
-        let stream = unsafe { &mut *self.0.get() };
-        stream.readv(buf)
+        self.0.readv(buf)
     }
 }
 
 impl AsyncWriteRent for WriteHalf {
     fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        // SAFETY: as in `ReadHalf::read`, for the write side.
-        let stream = unsafe { &mut *self.0.get() };
-        stream.write(buf)
+        self.0.write(buf)
     }
 
     fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        // SAFETY: as in `ReadHalf::read`, for the write side.
-        let stream = unsafe { &mut *self.0.get() };
-        stream.writev(buf)
+        self.0.writev(buf)
     }
 
     fn flush(&mut self) -> impl Future<Output = std::io::Result<()>> {
-        // SAFETY: as in `ReadHalf::read`, for the write side.
-        let stream = unsafe { &mut *self.0.get() };
-        stream.flush()
+        std::future::ready(Ok(())) // a TCP stream has nothing to flush
     }
 
     fn shutdown(&mut self) -> impl Future<Output = std::io::Result<()>> {
-        // SAFETY: as in `ReadHalf::read`, for the write side.
-        let stream = unsafe { &mut *self.0.get() };
-        stream.shutdown()
+        std::future::ready(self.0.shutdown_write())
     }
 }
 

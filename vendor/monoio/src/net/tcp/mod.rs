@@ -8,6 +8,8 @@ mod tfo;
 
 pub use listener::TcpListener;
 pub use split::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
+#[cfg(unix)]
+pub use stream::Descriptor; // xpyd patch
 pub use stream::{ReadOwned, TcpConnectOpts, TcpStream};
 
 #[cfg(feature = "poll-io")]

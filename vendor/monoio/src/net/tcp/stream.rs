@@ -417,6 +417,66 @@ impl TcpStream {
     }
 }
 
+/// xpyd patch: a handle on a stream's socket, its descriptor shared (not duplicated): the
+/// socket closes when the stream and its last handle are gone. Its operations are the stream's,
+/// reached without the stream: a handle kept inline where it is used reaches the descriptor
+/// with one load less than a stream shared behind an `Rc`. Operations through two handles may
+/// be in flight together, as through the stream's own split halves.
+#[cfg(unix)]
+#[derive(Clone)]
+pub struct Descriptor(SharedFd);
+
+#[cfg(unix)]
+impl TcpStream {
+    /// xpyd patch: a handle on this stream's socket (`Descriptor`).
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor(self.fd.clone())
+    }
+}
+
+#[cfg(unix)]
+impl Descriptor {
+    /// As `TcpStream::read_owned`.
+    pub fn read_owned<T: IoBufMut>(&self, buf: T) -> ReadOwned<T> {
+        ReadOwned(Op::recv(self.0.clone(), buf).unwrap())
+    }
+
+    /// As `TcpStream::read`.
+    pub fn read<T: IoBufMut>(&self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        Op::recv(self.0.clone(), buf).unwrap().read()
+    }
+
+    /// As `TcpStream::readv`.
+    pub fn readv<T: IoVecBufMut>(&self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        Op::readv(self.0.clone(), buf).unwrap().read()
+    }
+
+    /// As `TcpStream::write`.
+    pub fn write<T: IoBuf>(&self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        Op::send(self.0.clone(), buf).unwrap().write()
+    }
+
+    /// As `TcpStream::writev`.
+    pub fn writev<T: IoVecBuf>(&self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        Op::writev(&self.0, buf).unwrap().write()
+    }
+
+    /// As `TcpStream::shutdown`: `shutdown(SHUT_WR)`, a direct system call.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match unsafe { shutdown(self.0.raw_fd(), SHUT_WR) } {
+            -1 => Err(io::Error::last_os_error()),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(unix)]
+impl AsRawFd for Descriptor {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.raw_fd()
+    }
+}
+
 /// xpyd patch: the future of `TcpStream::read_owned`. Dropping it before it completes cancels
 /// the read, as dropping `read`'s future does.
 pub struct ReadOwned<T: IoBufMut>(Op<crate::driver::op::recv::Recv<T>>);
