@@ -186,37 +186,11 @@ pub async fn relay(
     response_head(&mut out, head.status, headers, client_len, keep_alive);
     let idle = ctx.policy.timeouts.idle;
     let mut mode = Mode::new(pass, head.framing);
-    // The upstream connection moves into the task and back; a plain body is relayed in place.
+    // An event stream's upstream connection moves into its task and back; a plain body is
+    // relayed in place.
     let (result, started) = if sse {
-        let mut client = ctx.client.share();
-        let mut decode = guard.hand_over_decode();
-        let fds = [conn.stream.as_raw_fd(), client.as_raw_fd()];
-        let mut tl = Timeline::new(ctx.tl.start);
-        let (result, back, started, tl) = relay_task::spawn(
-            async move {
-                let mut seen = Seen {
-                    tl: &mut tl,
-                    started: false,
-                    decoded: |n| decode.decoded(n),
-                };
-                let r = pump(
-                    &mut client,
-                    &mut conn,
-                    &mut mode,
-                    out,
-                    true,
-                    idle,
-                    &mut seen,
-                );
-                let r = r.await;
-                let started = seen.started;
-                (r, conn, started, tl)
-            },
-            fds,
-        )
-        .await;
+        let (result, back, started) = pump_apart(ctx, guard, conn, mode, out, idle).await;
         conn = back;
-        ctx.tl.relayed(&tl);
         (result, started)
     } else {
         let mut seen = Seen {
@@ -254,6 +228,49 @@ pub async fn relay(
             }
         }
     }
+}
+
+/// `pump` for an event stream, in a task of its own (`relay_task`) with its own handle on the
+/// client's write half and the request's decode tokens; the request's timeline takes in what
+/// it recorded at the end. Returns the relay's result, the upstream connection and whether
+/// anything reached the client.
+async fn pump_apart(
+    ctx: &mut RequestCtx<'_>,
+    guard: &InFlight<'_>,
+    mut conn: UpstreamConn,
+    mut mode: Mode,
+    out: Vec<u8>,
+    idle: Duration,
+) -> (Result<(Finished, Vec<u8>), RelayError>, UpstreamConn, bool) {
+    let mut client = ctx.client.share();
+    let mut decode = guard.hand_over_decode();
+    let fds = [conn.stream.as_raw_fd(), client.as_raw_fd()];
+    let mut tl = Timeline::new(ctx.tl.start);
+    let (result, conn, started, tl) = relay_task::spawn(
+        async move {
+            let mut seen = Seen {
+                tl: &mut tl,
+                started: false,
+                decoded: |n| decode.decoded(n),
+            };
+            let r = pump(
+                &mut client,
+                &mut conn,
+                &mut mode,
+                out,
+                true,
+                idle,
+                &mut seen,
+            )
+            .await;
+            let started = seen.started;
+            (r, conn, started, tl)
+        },
+        fds,
+    )
+    .await;
+    ctx.tl.relayed(&tl);
+    (result, conn, started)
 }
 
 /// Moves the body from `conn` to `client` until it ends. `out` starts with the response
