@@ -22,8 +22,8 @@ use std::task::{Context, Poll};
 /// the task.
 pub struct Detached<T> {
     join: monoio::task::JoinHandle<T>,
-    /// Set by the task as it ends: from then on its sockets may be closed and their numbers
-    /// reused, so the drop must not touch them.
+    /// Set as the task's work ends or is dropped: from then on its sockets may be closed and
+    /// their numbers reused, so the drop must not touch them.
     done: Rc<Cell<bool>>,
     /// The sockets the task holds open until it ends.
     fds: [RawFd; 2],
@@ -38,13 +38,23 @@ where
     F::Output: 'static,
 {
     let done = Rc::new(Cell::new(false));
-    let ended = done.clone();
+    let ended = Ended(done.clone());
     let join = monoio::spawn(async move {
-        let out = work.await;
-        ended.set(true);
-        out
+        // Dropped as the work ends, or with it if the task is dropped unfinished (a runtime
+        // torn down): either way before the handle can look.
+        let _ended = ended;
+        work.await
     });
     Detached { join, done, fds }
+}
+
+/// Marks the task ended when dropped.
+struct Ended(Rc<Cell<bool>>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.set(true);
+    }
 }
 
 impl<T> Future for Detached<T> {
