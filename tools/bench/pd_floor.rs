@@ -23,8 +23,6 @@
 //! It reads `Content-Length` answers only (`wrk`'s load) and shows what the runtime itself
 //! costs.
 //!
-//! `PD_FLOOR_SPIN_US=N`: each request also spends N µs of CPU (monoio floor only).
-//!
 //!   cargo run --release --example pd-floor -- PORT PREFILL_ADDR|none DECODE_ADDR [WORKERS] [DRIVER|raw]
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -223,7 +221,6 @@ async fn serve(
             Ok(Some(end)) => end,
             _ => return,
         };
-        spin_per_request();
         // The upstream connection stays pooled: a `Connection: close` is the client's alone
         // (hop-by-hop), and the request goes on without it.
         let close = close_line(&buf[..end]);
@@ -258,27 +255,6 @@ async fn serve(
         if r.is_err() || close.is_some() {
             return;
         }
-    }
-}
-
-/// `PD_FLOOR_SPIN_US`: CPU time each request takes before it goes on, in µs, spent busy on
-/// the worker (default 0). A floor that spends as much per request as a proxy's own work
-/// does tells that work's cost from the relay's (docs/benchmarks.md, "A stream's relay as a
-/// task of its own").
-fn spin_per_request() {
-    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
-    let spin = *SPIN.get_or_init(|| {
-        let us = std::env::var("PD_FLOOR_SPIN_US")
-            .ok()
-            .and_then(|v| v.parse().ok());
-        std::time::Duration::from_micros(us.unwrap_or(0))
-    });
-    if spin.is_zero() {
-        return;
-    }
-    let start = std::time::Instant::now();
-    while start.elapsed() < spin {
-        std::hint::spin_loop();
     }
 }
 
