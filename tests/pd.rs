@@ -239,9 +239,10 @@ fn client_disconnect_cancels_the_decode_leg() {
     hang_up_after_events(3, &[]);
 }
 
-/// Late in a stream the proxy watches the client's read through a waker of its own, not at
-/// every token (`NextRead::unless_closed`). The stream then goes quiet, so no write to the
-/// client can fail: the watch alone must notice the hang-up and cancel the legs.
+/// Late in a stream the stream's relay runs in a task of its own and the request only watches
+/// the client's read (`proxy::relay_task`, `NextRead::unless_closed`). The stream then goes
+/// quiet, so no write to the client can fail: the watch alone must notice the hang-up, and
+/// the relay's task must be ended for the legs to be cancelled.
 #[test]
 fn client_disconnect_in_a_quiet_stretch_late_in_a_stream_cancels_the_decode_leg() {
     hang_up_after_events(20, &["--pause-mid-stream", "20"]);

@@ -66,10 +66,12 @@ impl<'a> NextRead<'a> {
     /// (`None`; the caller then drops the work). At every wake-up the work is polled first,
     /// so an answer that completes as the client's next bytes arrive leaves them to the next
     /// request's read. From the `WATCH_AFTER`th wake-up on, the client's read is polled only
-    /// when it is what woke the task: a stream's work wakes the task once per token, and
-    /// polling the idle read beside each one cost a trip through its future and the driver's
-    /// operation (172 instructions a token). A plain request is over before that and makes
-    /// no waker of its own.
+    /// when it is what woke the task: work that relays a body read by read in this task
+    /// wakes it once per read, and polling the idle read beside each one cost a trip through
+    /// its future and the driver's operation (172 instructions a token, measured when event
+    /// streams were relayed here; they now have a task of their own, `proxy::relay_task`, and
+    /// what is left here is the first-token-from-prefill stream and long plain bodies). A
+    /// plain request is over before that and makes no waker of its own.
     pub async fn unless_closed<F: Future>(&mut self, mut work: Pin<&mut F>) -> Option<F::Output> {
         /// Wake-ups of the work before the read gets a waker of its own.
         const WATCH_AFTER: u32 = 4;
