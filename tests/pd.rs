@@ -236,7 +236,7 @@ fn long_prompt_and_large_body_go_through() {
 
 #[test]
 fn client_disconnect_cancels_the_decode_leg() {
-    hang_up_after_events(3, &[]);
+    hang_up_after_events(3, &[], "");
 }
 
 /// Late in a stream the stream's relay runs in a task of its own and the request only watches
@@ -245,18 +245,35 @@ fn client_disconnect_cancels_the_decode_leg() {
 /// the relay's task must be ended for the legs to be cancelled.
 #[test]
 fn client_disconnect_in_a_quiet_stretch_late_in_a_stream_cancels_the_decode_leg() {
-    hang_up_after_events(20, &["--pause-mid-stream", "20"]);
+    hang_up_after_events(20, &["--pause-mid-stream", "20"], "");
+}
+
+/// The same with the first token from the prefill node (`generator_on_p_node`): the rewritten
+/// decode stream is relayed by a task of its own too, and the hang-up must end it.
+#[test]
+fn client_disconnect_cancels_the_decode_leg_of_a_first_token_stream() {
+    hang_up_after_events(3, &[], "generator_on_p_node: true\n");
+}
+
+#[test]
+fn client_disconnect_in_a_quiet_stretch_of_a_first_token_stream_cancels_the_decode_leg() {
+    hang_up_after_events(
+        20,
+        &["--pause-mid-stream", "20"],
+        "generator_on_p_node: true\n",
+    );
 }
 
 /// Streams a long P/D completion, hangs up after `events` token events, and waits for the
-/// decode node to see the cancel. `decode_args`: more options of the decode node.
-fn hang_up_after_events(events: usize, decode_args: &[&str]) {
+/// decode node to see the cancel. `decode_args`: more options of the decode node;
+/// `more_yaml`: more lines of the proxy's configuration.
+fn hang_up_after_events(events: usize, decode_args: &[&str], more_yaml: &str) {
     let p = dummy("prefill", &[]);
     let d = dummy(
         "decode",
         &[&["--decode-delay-per-token", "0.02"], decode_args].concat(),
     );
-    let proxy = proxy_with(&pd_yaml(&[&p], &[&d]), true);
+    let proxy = proxy_with(&format!("{}{more_yaml}", pd_yaml(&[&p], &[&d])), true);
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(proxy.addr).unwrap();
     let body = serde_json::to_vec(

@@ -223,6 +223,53 @@ fn first_token_path_ends_with_an_error_event_when_the_decode_node_dies() {
     assert_counted(&proxy, decode.addr, "closed", "/v1/chat/completions", 502);
 }
 
+/// A decode node whose stream holds events that are not JSON objects: they are dropped,
+/// before the decode node's own first token and after it, and the rest of the stream goes
+/// through rewritten.
+#[test]
+fn first_token_path_drops_decode_events_that_are_not_json_objects() {
+    let prefill = dummy("prefill", &[]);
+    let script = format!(
+        "{SSE_CHUNKED}{}{}{}{}{}{}0\r\n\r\n",
+        chunk(&chat_event("")),
+        chunk("data: 5\n\n"),
+        chunk(&chat_event(" one")),
+        chunk("data: [1, 2]\n\n"),
+        chunk(&chat_event(" two")),
+        chunk("data: [DONE]\n\n"),
+    );
+    let decode = ScriptedNode::start(write_then_die(script));
+    let proxy = proxy_with(
+        &format!(
+            "model: {MODEL}\nprefill: [\"{}\"]\ndecode: [\"{}\"]\ngenerator_on_p_node: true\n",
+            prefill.addr, decode.addr
+        ),
+        true,
+    );
+    let request = stream_request("/v1/chat/completions", "HTTP/1.1").replacen(
+        "Host: x\r\n",
+        "Host: x\r\nConnection: close\r\n",
+        1,
+    );
+    let (text, _) = exchange(&proxy, &request);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(
+        events.len(),
+        3,
+        "the prefill's token, \" two\", [DONE]: {text}"
+    );
+    let two: Value = serde_json::from_str(events[1]).unwrap();
+    assert_eq!(two["choices"][0]["delta"]["content"], " two", "{text}");
+    let first: Value = serde_json::from_str(events[0]).unwrap();
+    assert_eq!(two["id"], first["id"], "one stream identity: {text}");
+    assert_eq!(events[2], "[DONE]");
+    assert!(text.ends_with("0\r\n\r\n"), "{text}");
+}
+
 #[test]
 fn http10_stream_ends_with_an_error_event_then_close() {
     let script = format!("{SSE_CHUNKED}{}", chunk(&completion_event(" a")));

@@ -234,9 +234,18 @@ fn hex_val(b: u8) -> Option<u8> {
 
 /// Appends one chunk (size line, payload, CRLF) to `out`.
 pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    use std::io::Write;
-    let _ = write!(out, "{:x}\r\n", data.len());
+    push_chunk_size(out, data.len());
     out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A chunk's size line: `n` in hex, then CRLF.
+pub fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(HEX[(n >> (4 * i)) & 0xf]);
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -289,5 +298,26 @@ mod tests {
         let (dec, used) = decode_all(&out, 3).unwrap();
         assert_eq!(dec, b"data: x\n\n");
         assert_eq!(used, out.len());
+    }
+
+    #[test]
+    fn chunk_size_lines_in_hex() {
+        for n in [
+            0usize,
+            1,
+            9,
+            10,
+            15,
+            16,
+            255,
+            256,
+            4096,
+            0xabcdef,
+            usize::MAX,
+        ] {
+            let mut out = Vec::new();
+            push_chunk_size(&mut out, n);
+            assert_eq!(out, format!("{n:x}\r\n").as_bytes(), "{n}");
+        }
     }
 }

@@ -12,9 +12,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 /// The client connection's next read (`ReadBuf::fill` on its read half), started when first
@@ -65,46 +63,16 @@ impl<'a> NextRead<'a> {
     /// Runs `work` to its end unless the client closes or resets the connection first
     /// (`None`; the caller then drops the work). At every wake-up the work is polled first,
     /// so an answer that completes as the client's next bytes arrive leaves them to the next
-    /// request's read. From the `WATCH_AFTER`th wake-up on, the client's read is polled only
-    /// when it is what woke the task: work that relays a body read by read in this task
-    /// wakes it once per read, and polling the idle read beside each one cost a trip through
-    /// its future and the driver's operation (172 instructions a token, measured when event
-    /// streams were relayed here; they now have a task of their own, `proxy::relay_task`, and
-    /// what is left here is the first-token-from-prefill stream and long plain bodies). A
-    /// plain request is over before that and makes no waker of its own.
+    /// request's read. A streamed answer's tokens do not wake this task: its relay runs in a
+    /// task of its own (`proxy::relay_task`), so the work here wakes a few times per request
+    /// (a long plain body once per upstream read, which costs far more than this poll).
     pub async fn unless_closed<F: Future>(&mut self, mut work: Pin<&mut F>) -> Option<F::Output> {
-        /// Wake-ups of the work before the read gets a waker of its own.
-        const WATCH_AFTER: u32 = 4;
         let mut closed = pin!(self.closed());
-        // The read's own waker: notes that the read woke the task, then wakes it. Rebuilt
-        // if the task's waker changes (a monoio task keeps one).
-        let mut watch: Option<(Arc<ReadWoke>, Waker)> = None;
-        let mut polls = 0u32;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(out) = work.as_mut().poll(cx) {
                 return Poll::Ready(Some(out));
             }
-            polls = polls.saturating_add(1);
-            let waker = match &watch {
-                _ if polls < WATCH_AFTER => cx.waker(),
-                Some((flag, waker)) if flag.task.will_wake(cx.waker()) => {
-                    if !flag.woke.swap(false, Relaxed) {
-                        return Poll::Pending;
-                    }
-                    waker
-                }
-                _ => {
-                    let flag = Arc::new(ReadWoke {
-                        woke: AtomicBool::new(false),
-                        task: cx.waker().clone(),
-                    });
-                    &watch.insert((flag.clone(), Waker::from(flag))).1
-                }
-            };
-            match closed.as_mut().poll(&mut Context::from_waker(waker)) {
-                Poll::Ready(()) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
+            closed.as_mut().poll(cx).map(|()| None)
         })
         .await
     }
@@ -127,23 +95,6 @@ impl<'a> NextRead<'a> {
             }
         };
         matches!(got, Ok(n) if n > 0)
-    }
-}
-
-/// The waker `NextRead::unless_closed` gives the client's read.
-struct ReadWoke {
-    woke: AtomicBool,
-    task: Waker,
-}
-
-impl Wake for ReadWoke {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woke.store(true, Relaxed);
-        self.task.wake_by_ref();
     }
 }
 

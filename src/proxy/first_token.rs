@@ -8,23 +8,29 @@
 //! from the prefill node's (which it never sees). With greedy sampling both agree; with
 //! temperature > 0 the text may be inconsistent at the seam.
 
-use super::context::RequestCtx;
+use super::context::{write_client, RequestCtx};
 use super::failure::{self, BodyFailure, RelayError};
 use super::outcome::Outcome;
+use super::raw_object::RawObject;
+use super::relay_task::{self, Apart};
 use super::sse;
 use super::upstream::{BodyDecoder, UpstreamConn};
+use crate::admission::usage;
 use crate::http::chunked::LAST_CHUNK;
-use crate::http::head::ResponseHead;
+use crate::http::head::{Framing, ResponseHead};
 use crate::http::write::{response_head, BodyLen};
 use crate::http::ApiError;
 use crate::instance::{InFlight, Instance};
 use http::StatusCode;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 pub struct FirstToken {
     id: Value,
     created: Value,
     model: Value,
+    /// `id`, `created` and `model` as JSON text, which every later event is given.
+    identity: [(&'static str, String); 3],
     text: String,
     chat: bool,
 }
@@ -39,13 +45,24 @@ impl FirstToken {
         } else {
             choice.get("text")?.as_str()?.to_string()
         };
+        let field = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+        let (id, created, model) = (field("id"), field("created"), field("model"));
         Some(FirstToken {
-            id: v.get("id").cloned().unwrap_or(Value::Null),
-            created: v.get("created").cloned().unwrap_or(Value::Null),
-            model: v.get("model").cloned().unwrap_or(Value::Null),
+            identity: [
+                ("id", id.to_string()),
+                ("created", created.to_string()),
+                ("model", model.to_string()),
+            ],
+            id,
+            created,
+            model,
             text,
             chat,
         })
+    }
+
+    fn identity(&self) -> [(&str, &str); 3] {
+        self.identity.each_ref().map(|(k, v)| (*k, v.as_str()))
     }
 
     fn first_event(&self) -> Value {
@@ -82,20 +99,35 @@ pub async fn send_first(ctx: &mut RequestCtx<'_>, first: &FirstToken) -> Result<
 struct Rewriter<'a> {
     first: &'a FirstToken,
     dropped_first: bool,
+    /// The rewritten event.
+    out: Vec<u8>,
 }
 
 impl Rewriter<'_> {
-    /// The event to send for `payload` (an SSE `data:` value), or None to drop it.
-    fn rewrite(&mut self, payload: &str) -> Option<String> {
+    /// The event to send for `payload` (an SSE `data:` value), or None to drop it: a payload
+    /// that is not a JSON object is dropped.
+    fn rewrite(&mut self, payload: &str) -> Option<&[u8]> {
         if payload.trim() == "[DONE]" {
-            return Some("[DONE]".into());
+            return Some(b"[DONE]");
+        }
+        self.out.clear();
+        if self.dropped_first {
+            // Past the decode node's own first token only the stream's identity changes: set
+            // in the event's own text, which is not parsed into a tree and written again (a
+            // tenth of the instructions per token).
+            let obj = RawObject::parse(payload).ok()?;
+            obj.write_with(&mut self.out, &self.first.identity());
+            return Some(&self.out);
         }
         let mut v: Value = serde_json::from_str(payload).ok()?;
+        if !v.is_object() {
+            return None;
+        }
         v["id"] = self.first.id.clone();
         v["created"] = self.first.created.clone();
         v["model"] = self.first.model.clone();
         let has_choice = v["choices"].as_array().is_some_and(|c| !c.is_empty());
-        if has_choice && !self.dropped_first {
+        if has_choice {
             let c = &mut v["choices"][0];
             let content = if self.first.chat {
                 c["delta"]["content"].as_str()
@@ -117,20 +149,29 @@ impl Rewriter<'_> {
                 c["text"] = json!("");
             }
         }
-        Some(v.to_string())
+        serde_json::to_writer(&mut self.out, &v).ok()?;
+        Some(&self.out)
     }
 }
 
-/// Relays the decode stream after the first event, rewritten event by event.
+/// Relays the decode stream after the first event, rewritten event by event, in a task of
+/// its own (`relay_task::apart`) as `relay` does an event stream.
 pub async fn relay_rest(
     ctx: &mut RequestCtx<'_>,
     guard: &InFlight<'_>,
-    mut conn: UpstreamConn,
+    conn: UpstreamConn,
     head: ResponseHead,
-    first: &FirstToken,
+    first: FirstToken,
 ) -> Outcome {
     let inst: &Instance = guard.instance();
-    match pump_rest(ctx, &mut conn, &head, first, guard).await {
+    let idle = ctx.policy.timeouts.idle;
+    let framing = head.framing;
+    let (result, conn, _) = relay_task::apart(ctx, guard, conn, true, |mut a| async move {
+        let r = pump_rest(&mut a, framing, &first, idle).await;
+        (r, a)
+    })
+    .await;
+    match result {
         Ok(()) => {
             if head.keep_alive {
                 ctx.w.pool.put_back(conn, inst);
@@ -139,6 +180,7 @@ pub async fn relay_rest(
         }
         Err(RelayError::ClientGone) => Outcome::client_gone(),
         Err(RelayError::Upstream(f)) => {
+            drop(conn);
             f.record(ctx.w, inst, ctx.request_id);
             fail_stream(ctx, &f.api_error(inst)).await
         }
@@ -146,49 +188,55 @@ pub async fn relay_rest(
 }
 
 async fn pump_rest(
-    ctx: &mut RequestCtx<'_>,
-    conn: &mut UpstreamConn,
-    head: &ResponseHead,
+    a: &mut Apart,
+    framing: Framing,
     first: &FirstToken,
-    guard: &InFlight<'_>,
+    idle: Duration,
 ) -> Result<(), RelayError> {
-    let idle = ctx.policy.timeouts.idle;
     let mut rw = Rewriter {
         first,
         dropped_first: false,
+        out: Vec::new(),
     };
-    let mut dec = BodyDecoder::new(head.framing);
+    let mut dec = BodyDecoder::new(framing);
     let mut events = sse::Splitter::default();
+    // The engine's token counts, from the decode stream's last event.
+    let mut usage = usage::Scanner::default();
     let mut out: Vec<u8> = Vec::new();
     let mut eof = false;
     loop {
         // Move decoded body bytes into the splitter; the peer closing ends a close-delimited
         // body.
+        let from = events.input().len();
         let done = dec
-            .decode(&mut conn.buf, events.input())
+            .decode(&mut a.conn.buf, events.input())
             .map_err(|_| BodyFailure::Framing)?
             || eof;
+        usage.feed(&events.input()[from..]);
+        if let Some(u) = usage.found() {
+            a.tl.usage = Some(u);
+        }
         let mut sent = 0;
-        while let Some(event) = events.next_event() {
-            for payload in sse::data_values(&event) {
+        events.each_event(|event| {
+            for payload in sse::data_values(event) {
                 if let Some(p) = rw.rewrite(&payload) {
-                    sse::chunk(&mut out, p.as_bytes());
+                    sse::chunk(&mut out, p);
                     sent += 1;
                 }
             }
-        }
+        });
         if done {
             out.extend_from_slice(LAST_CHUNK);
         }
         if !out.is_empty() {
-            out = ctx.write(out).await?;
-            ctx.tl.wrote_body(sent);
-            guard.decoded(sent);
+            out = write_client(&mut a.client, out).await?;
+            a.tl.wrote_body(sent);
+            a.decode.decoded(sent);
         }
         if done {
             return Ok(());
         }
-        if failure::read_more(conn, idle).await? == 0 {
+        if failure::read_more(&mut a.conn, idle).await? == 0 {
             if !dec.ends_at_eof() {
                 return Err(BodyFailure::Closed.into());
             }
@@ -210,6 +258,24 @@ pub async fn fail_stream(ctx: &mut RequestCtx<'_>, err: &ApiError) -> Outcome {
 mod tests {
     use super::*;
 
+    fn rewriter(first: &FirstToken) -> Rewriter<'_> {
+        Rewriter {
+            first,
+            dropped_first: false,
+            out: Vec::new(),
+        }
+    }
+
+    fn json_of(bytes: Option<&[u8]>) -> Value {
+        serde_json::from_slice(bytes.expect("an event, not dropped")).unwrap()
+    }
+
+    fn completion(t: &str, fin: &str) -> String {
+        format!(
+            r#"{{"id":"cmpl-D","object":"text_completion","created":2,"model":"m","choices":[{{"index":0,"text":"{t}","finish_reason":{fin}}}]}}"#
+        )
+    }
+
     #[test]
     fn drops_the_decode_first_token_and_unifies_ids() {
         let first = FirstToken::from_prefill(
@@ -217,20 +283,53 @@ mod tests {
             false,
         )
         .unwrap();
-        let mut rw = Rewriter {
-            first: &first,
-            dropped_first: false,
-        };
-        let ev = |t: &str, fin: &str| {
-            format!(
-                r#"{{"id":"cmpl-D","created":2,"model":"m","choices":[{{"index":0,"text":"{t}","finish_reason":{fin}}}]}}"#
-            )
-        };
-        assert!(rw.rewrite(&ev(" a", "null")).is_none());
-        let second: Value = serde_json::from_str(&rw.rewrite(&ev(" b", "null")).unwrap()).unwrap();
+        let mut rw = rewriter(&first);
+        assert!(rw.rewrite(&completion(" a", "null")).is_none());
+        let second = json_of(rw.rewrite(&completion(" b", "null")));
         assert_eq!(second["id"], "cmpl-P");
         assert_eq!(second["created"], 1);
-        assert_eq!(rw.rewrite("[DONE]").unwrap(), "[DONE]");
+        assert_eq!(second["choices"][0]["text"], " b");
+        assert_eq!(rw.rewrite("[DONE]").unwrap(), b"[DONE]");
+    }
+
+    #[test]
+    fn later_events_keep_their_text_but_the_identity() {
+        let first = FirstToken::from_prefill(
+            br#"{"id":"cmpl-\"P\"","created":1,"model":"m","choices":[{"text":"x"}]}"#,
+            false,
+        )
+        .unwrap();
+        let mut rw = rewriter(&first);
+        assert!(rw.rewrite(&completion(" a", "null")).is_none());
+        let event = completion(" b", "null");
+        let got = String::from_utf8(rw.rewrite(&event).unwrap().to_vec()).unwrap();
+        // In the event's own order and spelling, the identity aside.
+        let want = event
+            .replace(r#""id":"cmpl-D""#, r#""id":"cmpl-\"P\"""#)
+            .replace(r#""created":2"#, r#""created":1"#);
+        assert_eq!(got, want);
+        // Members the event lacks are added.
+        let bare = json_of(rw.rewrite(r#"{"choices":[]}"#));
+        assert_eq!(bare["id"], "cmpl-\"P\"");
+        assert_eq!(bare["model"], "m");
+        assert_eq!(bare["choices"], json!([]));
+    }
+
+    #[test]
+    fn payloads_that_are_not_json_objects_are_dropped() {
+        let first = FirstToken::from_prefill(
+            br#"{"id":"c","created":1,"model":"m","choices":[{"text":"x"}]}"#,
+            false,
+        )
+        .unwrap();
+        let mut rw = rewriter(&first);
+        for bad in ["5", r#""text""#, "[1,2]", "true", "{", "not json"] {
+            assert!(rw.rewrite(bad).is_none(), "before the first token: {bad}");
+        }
+        assert!(rw.rewrite(&completion(" a", "null")).is_none());
+        for bad in ["5", r#""text""#, "[1,2]", "true", "{", "not json"] {
+            assert!(rw.rewrite(bad).is_none(), "after the first token: {bad}");
+        }
     }
 
     #[test]
@@ -240,20 +339,15 @@ mod tests {
             true,
         )
         .unwrap();
-        let mut rw = Rewriter {
-            first: &first,
-            dropped_first: false,
-        };
+        let mut rw = rewriter(&first);
         assert!(rw
             .rewrite(
                 r#"{"choices":[{"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#
             )
             .is_none());
-        let last: Value = serde_json::from_str(
-            &rw.rewrite(r#"{"choices":[{"delta":{"content":"y"},"finish_reason":"length"}]}"#)
-                .unwrap(),
-        )
-        .unwrap();
+        let last = json_of(
+            rw.rewrite(r#"{"choices":[{"delta":{"content":"y"},"finish_reason":"length"}]}"#),
+        );
         assert_eq!(last["choices"][0]["finish_reason"], "length");
         assert!(last["choices"][0]["delta"]["content"].is_null());
     }

@@ -461,7 +461,7 @@ async fn disaggregated(
     let current = newer_route(w, seen, &route.name);
     let route = current.as_ref().map_or(route, |(t, i)| &t.models[*i]);
     if let Some(first) = first {
-        return Ok(first_from_prefill(ctx, route, pick, decode_body, &first).await);
+        return Ok(first_from_prefill(ctx, route, pick, decode_body, first).await);
     }
     forward(ctx, &route.decode, pick, Role::Decode, decode_body).await
 }
@@ -472,9 +472,9 @@ async fn first_from_prefill(
     route: &ModelRoute,
     pick: &PickContext<'_>,
     body: &Bytes,
-    first: &FirstToken,
+    first: FirstToken,
 ) -> Outcome {
-    if first_token::send_first(ctx, first).await.is_err() {
+    if first_token::send_first(ctx, &first).await.is_err() {
         return Outcome::client_gone();
     }
     match ctx

@@ -3,6 +3,7 @@
 //! few fields it needs; the prefill body is re-assembled from the raw pairs, so a 4 MiB
 //! prompt is copied once and never re-encoded. The decode leg forwards the original bytes.
 
+use super::raw_object::push_member;
 pub use super::raw_object::RawObject;
 use crate::http::ApiError;
 use std::borrow::Cow;
@@ -128,14 +129,6 @@ pub fn prefill_body(obj: &RawObject<'_>) -> Vec<u8> {
 /// Room for `obj`'s members written out again (`push_member`), escapes in keys aside.
 fn members_len(obj: &RawObject<'_>) -> usize {
     obj.fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
-}
-
-/// `"key":value,` — keys are re-escaped by serde_json; values are copied verbatim.
-fn push_member(out: &mut Vec<u8>, k: &str, v: &str) {
-    let _ = serde_json::to_writer(&mut *out, k);
-    out.push(b':');
-    out.extend_from_slice(v.as_bytes());
-    out.push(b',');
 }
 
 pub fn prefill_body_for(obj: &RawObject<'_>, nixl: bool) -> Vec<u8> {

@@ -43,6 +43,53 @@ impl<'a> RawObject<'a> {
             .find(|(k, _)| k == key)
             .map(|(_, v)| *v)
     }
+
+    /// Writes the object again with the members named in `set` holding the given raw JSON
+    /// values: in place where it has them (every occurrence), after its other members where it
+    /// has not. Every other member is copied verbatim, in order.
+    pub fn write_with(&self, out: &mut Vec<u8>, set: &[(&str, &str)]) {
+        debug_assert!(set.len() <= 32);
+        out.push(b'{');
+        let mut seen = 0u32; // bit i: `set[i]` was written in place
+        for (k, v) in &self.fields {
+            let v = match set.iter().position(|(name, _)| name == k) {
+                Some(i) => {
+                    seen |= 1 << i;
+                    set[i].1
+                }
+                None => v,
+            };
+            push_member(out, k, v);
+        }
+        for (i, (k, v)) in set.iter().enumerate() {
+            if seen & (1 << i) == 0 {
+                push_member(out, &Cow::Borrowed(*k), v);
+            }
+        }
+        if out.last() == Some(&b',') {
+            out.pop();
+        }
+        out.push(b'}');
+    }
+}
+
+/// `"key":value,` — values are copied verbatim; a borrowed key is one read without escapes
+/// (or a literal of ours), so it is too; an owned one was decoded and is escaped again.
+#[allow(clippy::ptr_arg)] // the variant, not only the text, says how to write the key
+pub fn push_member(out: &mut Vec<u8>, k: &Cow<'_, str>, v: &str) {
+    match k {
+        Cow::Borrowed(k) => {
+            out.push(b'"');
+            out.extend_from_slice(k.as_bytes());
+            out.push(b'"');
+        }
+        Cow::Owned(k) => {
+            let _ = serde_json::to_writer(&mut *out, k);
+        }
+    }
+    out.push(b':');
+    out.extend_from_slice(v.as_bytes());
+    out.push(b',');
 }
 
 /// Deeper values are left to serde_json (its own limit is higher; real bodies nest a few
@@ -453,5 +500,24 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn write_with_sets_members_in_place_or_after_the_rest() {
+        let obj = RawObject::parse(r#"{ "b" : [1, 2], "a":"x", "b":3 }"#).unwrap();
+        let mut out = Vec::new();
+        obj.write_with(&mut out, &[("b", "null"), ("c", r#""new""#)]);
+        assert_eq!(out, br#"{"b":null,"a":"x","b":null,"c":"new"}"#);
+        out.clear();
+        obj.write_with(&mut out, &[]);
+        assert_eq!(out, br#"{"b":[1, 2],"a":"x","b":3}"#);
+        out.clear();
+        RawObject::parse("{}").unwrap().write_with(&mut out, &[]);
+        assert_eq!(out, b"{}");
+        out.clear();
+        // A key with an escape comes back escaped.
+        let obj = RawObject::parse(r#"{"q\"k":1}"#).unwrap();
+        obj.write_with(&mut out, &[("z", "2")]);
+        assert_eq!(out, br#"{"q\"k":1,"z":2}"#);
     }
 }

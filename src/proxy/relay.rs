@@ -23,7 +23,6 @@ use crate::http::conn::ClientWriter;
 use crate::http::head::{Framing, ResponseHead};
 use crate::http::write::{response_head, BodyLen};
 use crate::instance::{InFlight, Instance};
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 /// What is done with the upstream body bytes.
@@ -230,47 +229,36 @@ pub async fn relay(
     }
 }
 
-/// `pump` for an event stream, in a task of its own (`relay_task`) with its own handle on the
-/// client's write half and the request's decode tokens; the request's timeline takes in what
-/// it recorded at the end. Returns the relay's result, the upstream connection and whether
-/// anything reached the client.
+/// `pump` for an event stream, in a task of its own (`relay_task::apart`). Returns the
+/// relay's result, the upstream connection and whether anything reached the client.
 async fn pump_apart(
     ctx: &mut RequestCtx<'_>,
     guard: &InFlight<'_>,
-    mut conn: UpstreamConn,
+    conn: UpstreamConn,
     mut mode: Mode,
     out: Vec<u8>,
     idle: Duration,
 ) -> (Result<(Finished, Vec<u8>), RelayError>, UpstreamConn, bool) {
-    let mut client = ctx.client.share();
-    let mut decode = guard.hand_over_decode();
-    let fds = [conn.stream.as_raw_fd(), client.as_raw_fd()];
-    let mut tl = Timeline::new(ctx.tl.start);
-    let (result, conn, started, tl) = relay_task::spawn(
-        async move {
-            let mut seen = Seen {
-                tl: &mut tl,
-                started: false,
-                decoded: |n| decode.decoded(n),
-            };
-            let r = pump(
-                &mut client,
-                &mut conn,
-                &mut mode,
-                out,
-                true,
-                idle,
-                &mut seen,
-            )
-            .await;
-            let started = seen.started;
-            (r, conn, started, tl)
-        },
-        fds,
-    )
-    .await;
-    ctx.tl.relayed(&tl);
-    (result, conn, started)
+    relay_task::apart(ctx, guard, conn, false, |mut a| async move {
+        let mut seen = Seen {
+            tl: &mut a.tl,
+            started: false,
+            decoded: |n| a.decode.decoded(n),
+        };
+        let r = pump(
+            &mut a.client,
+            &mut a.conn,
+            &mut mode,
+            out,
+            true,
+            idle,
+            &mut seen,
+        )
+        .await;
+        a.started = seen.started;
+        (r, a)
+    })
+    .await
 }
 
 /// Moves the body from `conn` to `client` until it ends. `out` starts with the response

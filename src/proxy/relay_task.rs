@@ -10,13 +10,62 @@
 //! dropped before the task ends (the client left, or the connection is torn down), dropping
 //! the handle shuts the task's sockets down — the upstream one, so that the engine stops
 //! decoding at once, and the client's — and the task, woken by that, ends at its next step.
+//!
+//! `apart` is how a relay runs here: it hands the task what it owns (`Apart`) and takes back
+//! the upstream connection and what the task recorded.
 
+use super::context::RequestCtx;
+use super::timeline::Timeline;
+use super::upstream::UpstreamConn;
+use crate::http::conn::ClientWriter;
+use crate::instance::{DecodeLeft, InFlight};
 use std::cell::Cell;
 use std::future::Future;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+
+/// What a relay task owns while it runs: a handle on the client's write half, the upstream
+/// connection, a timeline of its own (merged into the request's at the end), and the
+/// request's decode tokens still counted on the instance.
+pub struct Apart {
+    pub client: ClientWriter,
+    pub conn: UpstreamConn,
+    pub tl: Timeline,
+    pub decode: DecodeLeft,
+    /// Something reached the client: a failure from then on cannot be answered as an error.
+    pub started: bool,
+}
+
+/// Runs `work` on what the relay owns (`Apart`) in a task of its own while the request waits
+/// for it; returns the work's result, the upstream connection (to pool it) and whether
+/// anything reached the client. `work` gives `Apart` back with its result.
+pub async fn apart<R, F, Fut>(
+    ctx: &mut RequestCtx<'_>,
+    guard: &InFlight<'_>,
+    conn: UpstreamConn,
+    started: bool,
+    work: F,
+) -> (R, UpstreamConn, bool)
+where
+    F: FnOnce(Apart) -> Fut,
+    Fut: Future<Output = (R, Apart)> + 'static,
+    R: 'static,
+{
+    let client = ctx.client.share();
+    let fds = [conn.stream.as_raw_fd(), client.as_raw_fd()];
+    let parts = Apart {
+        client,
+        conn,
+        tl: Timeline::new(ctx.tl.start),
+        decode: guard.hand_over_decode(),
+        started,
+    };
+    let (result, parts) = spawn(work(parts), fds).await;
+    ctx.tl.relayed(&parts.tl);
+    (result, parts.conn, parts.started)
+}
 
 /// A running relay task. Awaiting it gives the task's output; dropping it before that ends
 /// the task.

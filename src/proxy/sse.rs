@@ -1,16 +1,16 @@
 //! Server-sent events as the proxy writes and reads them: one event per chunk, the error
 //! event that ends a failed stream, counting events, splitting a body into events.
 
-use crate::http::chunked::encode_chunk;
+use crate::http::chunked::push_chunk_size;
 use crate::http::ApiError;
+use std::borrow::Cow;
 
 /// Appends one `data:` event holding `payload` as one chunk of a chunked body.
 pub fn chunk(out: &mut Vec<u8>, payload: &[u8]) {
-    let mut event = Vec::with_capacity(payload.len() + 8);
-    event.extend_from_slice(b"data: ");
-    event.extend_from_slice(payload);
-    event.extend_from_slice(b"\n\n");
-    encode_chunk(out, &event);
+    push_chunk_size(out, payload.len() + b"data: \n\n".len());
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\n\n\r\n");
 }
 
 /// Appends the event that ends a stream which failed after it started: the OpenAI-shaped
@@ -52,29 +52,42 @@ impl Splitter {
         &mut self.buf
     }
 
-    /// The next complete event, its blank line included.
-    pub fn next_event(&mut self) -> Option<Vec<u8>> {
-        let from = self.scanned.saturating_sub(1);
-        match self.buf[from..].windows(2).position(|w| w == b"\n\n") {
-            Some(at) => {
-                let end = from + at + 2;
-                self.scanned = 0;
-                Some(self.buf.drain(..end).collect())
-            }
-            None => {
-                self.scanned = self.buf.len();
-                None
-            }
+    /// Hands `f` each whole event the buffer now holds, its blank line included, and drops
+    /// them from the buffer.
+    pub fn each_event(&mut self, mut f: impl FnMut(&[u8])) {
+        // A blank line may straddle what was searched and what came since.
+        let mut from = self.scanned.saturating_sub(1);
+        let mut start = 0;
+        while let Some(at) = memchr::memmem::find(&self.buf[from..], b"\n\n") {
+            let end = from + at + 2;
+            f(&self.buf[start..end]);
+            (start, from) = (end, end);
         }
+        self.buf.drain(..start);
+        self.scanned = self.buf.len();
     }
 }
 
 /// The `data:` values of one event, leading blanks trimmed.
-pub fn data_values(event: &[u8]) -> impl Iterator<Item = String> + '_ {
-    event.split(|&b| b == b'\n').filter_map(|line| {
+pub fn data_values(event: &[u8]) -> impl Iterator<Item = Cow<'_, str>> + '_ {
+    let mut rest = event;
+    std::iter::from_fn(move || loop {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or_default();
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let value = line.strip_prefix(b"data:")?;
-        Some(String::from_utf8_lossy(value).trim_start().to_string())
+        let Some(value) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        // An engine's events are UTF-8: checked at the speed of `from_utf8`, not of the
+        // lossy walk that only a bad byte needs.
+        return Some(match std::str::from_utf8(value) {
+            Ok(v) => Cow::Borrowed(v.trim_start()),
+            Err(_) => Cow::Owned(String::from_utf8_lossy(value).trim_start().to_owned()),
+        });
     })
 }
 
@@ -82,6 +95,12 @@ pub fn data_values(event: &[u8]) -> impl Iterator<Item = String> + '_ {
 mod tests {
     use super::*;
     use http::StatusCode;
+
+    fn events_of(s: &mut Splitter) -> Vec<Vec<u8>> {
+        let mut events = Vec::new();
+        s.each_event(|e| events.push(e.to_vec()));
+        events
+    }
 
     #[test]
     fn splits_events_across_arbitrary_pieces() {
@@ -91,9 +110,7 @@ mod tests {
             let mut events = Vec::new();
             for piece in [&body[..cut], &body[cut..]] {
                 s.input().extend_from_slice(piece);
-                while let Some(e) = s.next_event() {
-                    events.push(e);
-                }
+                events.extend(events_of(&mut s));
             }
             assert_eq!(
                 events,
@@ -110,16 +127,30 @@ mod tests {
     fn a_blank_line_split_between_two_pieces_ends_the_event() {
         let mut s = Splitter::default();
         s.input().extend_from_slice(b"data: x\n");
-        assert_eq!(s.next_event(), None);
+        assert!(events_of(&mut s).is_empty());
         s.input().extend_from_slice(b"\ndata: y");
-        assert_eq!(s.next_event().as_deref(), Some(&b"data: x\n\n"[..]));
-        assert_eq!(s.next_event(), None);
+        assert_eq!(events_of(&mut s), [b"data: x\n\n".to_vec()]);
+        assert!(events_of(&mut s).is_empty());
+        s.input().extend_from_slice(b"\n\ndata: z\n\n");
+        assert_eq!(
+            events_of(&mut s),
+            [b"data: y\n\n".to_vec(), b"data: z\n\n".to_vec()]
+        );
+    }
+
+    #[test]
+    fn an_event_is_one_chunk() {
+        let mut out = Vec::new();
+        chunk(&mut out, b"{}");
+        assert_eq!(out, b"a\r\ndata: {}\n\n\r\n");
     }
 
     #[test]
     fn data_values_of_an_event() {
-        let v: Vec<String> = data_values(b"event: x\ndata:  a\r\ndata:b\n\n").collect();
+        let v: Vec<Cow<str>> = data_values(b"event: x\ndata:  a\r\ndata:b\n\n").collect();
         assert_eq!(v, ["a", "b"]);
+        let v: Vec<Cow<str>> = data_values(b"data: \xffx\ndata:last").collect();
+        assert_eq!(v, ["\u{fffd}x", "last"]);
     }
 
     #[test]
