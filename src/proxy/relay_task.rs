@@ -14,6 +14,7 @@
 //! `apart` is how a relay runs here: it hands the task what it owns (`Apart`) and takes back
 //! the upstream connection and what the task recorded.
 
+use super::contain::{Contained, Panic};
 use super::context::RequestCtx;
 use super::timeline::Timeline;
 use super::upstream::UpstreamConn;
@@ -70,7 +71,7 @@ where
 /// A running relay task. Awaiting it gives the task's output; dropping it before that ends
 /// the task.
 pub struct Detached<T> {
-    join: monoio::task::JoinHandle<T>,
+    join: monoio::task::JoinHandle<Result<T, Panic>>,
     /// Set as the task's work ends or is dropped: from then on its sockets may be closed and
     /// their numbers reused, so the drop must not touch them.
     done: Rc<Cell<bool>>,
@@ -92,7 +93,9 @@ where
         // Dropped as the work ends, or with it if the task is dropped unfinished (a runtime
         // torn down): either way before the handle can look.
         let _ended = ended;
-        work.await
+        // A panic is resumed in the request that awaits the task, whose connection's task
+        // contains it (`contain`); uncaught here it would end the worker.
+        Contained(std::pin::pin!(work)).await
     });
     Detached { join, done, fds }
 }
@@ -110,7 +113,10 @@ impl<T> Future for Detached<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        Pin::new(&mut self.join).poll(cx)
+        match std::task::ready!(Pin::new(&mut self.join).poll(cx)) {
+            Ok(out) => Poll::Ready(out),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 }
 

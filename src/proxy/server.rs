@@ -1,6 +1,7 @@
 //! The per-worker accept loop and per-connection request loop (keep-alive, pipelining), and
 //! the routing of each request to an operational or business handler.
 
+use super::contain::{self, Contained};
 use super::flow;
 use super::outcome::{answer_error, Outcome};
 use super::route::{Access, Route};
@@ -70,7 +71,15 @@ async fn accept_until_shutdown(w: &Rc<Worker>, listener: TcpListener) {
                     // is then written into memory once. Held inline, the task's spawn and end
                     // copy it whole (monoio moves the task's stage by value) — 4 copies per
                     // connection, the largest user-space cost of a new stream.
-                    Box::pin(serve_connection(&w, stream, PeerIp::new(peer.ip()))).await;
+                    let serve = Box::pin(serve_connection(&w, stream, PeerIp::new(peer.ip())));
+                    // A bug's panic closes this connection only (`contain`).
+                    if let Err(panic) = Contained(serve).await {
+                        crate::error!(
+                            "worker {}: serving {peer} panicked ({}); its connection was closed",
+                            w.id,
+                            contain::message(&panic)
+                        );
+                    }
                     w.connections.set(w.connections.get() - 1);
                 });
             }
