@@ -62,6 +62,18 @@ fn dual_proxy(node: &ScriptedNode) -> Proc {
     )
 }
 
+/// A 1P+1D proxy with the first token from `prefill` (`generator_on_p_node`) and the decode
+/// stream from the script; `more`: more lines of its configuration.
+fn first_token_proxy(prefill: &Proc, decode: &ScriptedNode, more: &str) -> Proc {
+    proxy_with(
+        &format!(
+            "model: {MODEL}\nprefill: [\"{}\"]\ndecode: [\"{}\"]\ngenerator_on_p_node: true\n{more}",
+            prefill.addr, decode.addr
+        ),
+        true,
+    )
+}
+
 /// Sends one raw request; returns what came back and whether the proxy closed the
 /// connection (rather than the read timing out).
 fn exchange(proxy: &Proc, request: &str) -> (String, bool) {
@@ -202,13 +214,7 @@ fn first_token_path_ends_with_an_error_event_when_the_decode_node_dies() {
         chunk(&chat_event(" two"))
     );
     let decode = ScriptedNode::start(write_then_die(script));
-    let proxy = proxy_with(
-        &format!(
-            "model: {MODEL}\nprefill: [\"{}\"]\ndecode: [\"{}\"]\ngenerator_on_p_node: true\n{COUNTING}",
-            prefill.addr, decode.addr
-        ),
-        true,
-    );
+    let proxy = first_token_proxy(&prefill, &decode, COUNTING);
     let (text, closed) = exchange(&proxy, &stream_request("/v1/chat/completions", "HTTP/1.1"));
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
@@ -239,13 +245,7 @@ fn first_token_path_drops_decode_events_that_are_not_json_objects() {
         chunk("data: [DONE]\n\n"),
     );
     let decode = ScriptedNode::start(write_then_die(script));
-    let proxy = proxy_with(
-        &format!(
-            "model: {MODEL}\nprefill: [\"{}\"]\ndecode: [\"{}\"]\ngenerator_on_p_node: true\n",
-            prefill.addr, decode.addr
-        ),
-        true,
-    );
+    let proxy = first_token_proxy(&prefill, &decode, "");
     let request = stream_request("/v1/chat/completions", "HTTP/1.1").replacen(
         "Host: x\r\n",
         "Host: x\r\nConnection: close\r\n",
