@@ -450,6 +450,25 @@ fn usage_split_across_upstream_reads_is_counted_streamed_and_not() {
     });
 }
 
+/// With the first token from the prefill node (`generator_on_p_node`) the decode stream is
+/// rewritten event by event; its usage event is still counted.
+#[test]
+fn a_first_token_streams_usage_is_counted() {
+    let p = dummy("prefill", &[]);
+    let d = dummy("decode", &[]);
+    let proxy = proxy_with(
+        &format!("{}generator_on_p_node: true\n", pd_yaml(&[&p], &[&d])),
+        true,
+    );
+    let req = json!({"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let st = stream(&agent(), &proxy.url("/v1/completions"), &req);
+    assert_eq!(st.status, 200);
+    wait_for("the first-token stream's usage to be counted", WAIT, || {
+        tokens_counted(&proxy, "completion") == 5.0 && tokens_counted(&proxy, "prompt") > 0.0
+    });
+}
+
 #[test]
 fn a_request_refused_by_its_keys_token_share_spends_none_of_the_models_tokens() {
     let node = dummy("dual", &[]);
