@@ -351,4 +351,53 @@ mod tests {
         assert_eq!(last["choices"][0]["finish_reason"], "length");
         assert!(last["choices"][0]["delta"]["content"].is_null());
     }
+
+    /// Any JSON a decode node might send, shaped around the members the rewriter reads.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z ]{0,6}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            let key = prop_oneof![
+                Just("id".to_string()),
+                Just("choices".to_string()),
+                Just("delta".to_string()),
+                Just("content".to_string()),
+                Just("text".to_string()),
+                Just("finish_reason".to_string()),
+                "[a-z]{1,4}",
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec((key, inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever the decode node sends, the rewriter answers with JSON (or `[DONE]`, or
+        /// drops the event), and never panics.
+        #[test]
+        fn the_rewriter_never_panics(
+            events in proptest::collection::vec(json_value(), 0..8),
+            chat in proptest::prelude::any::<bool>(),
+        ) {
+            let first = FirstToken::from_prefill(
+                br#"{"id":"c","created":1,"model":"m","choices":[{"text":"x","message":{"content":"x"}}]}"#,
+                chat,
+            )
+            .unwrap();
+            let mut rw = rewriter(&first);
+            for e in events {
+                if let Some(out) = rw.rewrite(&e.to_string()) {
+                    proptest::prop_assert!(serde_json::from_slice::<Value>(out).is_ok());
+                }
+            }
+        }
+    }
 }
