@@ -147,9 +147,12 @@ vllm:generation_tokens_total{engine=\"0\",model_name=\"m\"} 567.0
 vllm:cache_config_info{block_size=\"16\",engine=\"0\"} 1.0
 ";
 
+/// An event's kind, block hashes, parent hash, token ids and block size.
+type KvEvent = (u8, Vec<u64>, Option<u64>, Vec<u32>, u64);
+
 /// A `KVEventBatch` as vLLM publishes it: `[ts, [event, …], data_parallel_rank]`, each event a
 /// tagged array (0, 1: `BlockStored`, 2: `BlockRemoved`, 3: `AllBlocksCleared`).
-fn kv_batch(events: &[(u8, Vec<u64>, Option<u64>, Vec<u32>, u64)]) -> Vec<u8> {
+fn kv_batch(events: &[KvEvent]) -> Vec<u8> {
     let hashes = |hs: &[u64]| Msg::Array(hs.iter().map(|&h| Msg::from(h)).collect());
     let events = events
         .iter()
