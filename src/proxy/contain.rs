@@ -4,6 +4,10 @@
 //! its listener). Each connection's task and each relay task is polled through `Contained`
 //! instead, as a tokio task contains a panic to itself. The panic's message is printed by the
 //! panic hook as it happens; the caller closes what it held.
+//!
+//! The threads beside the workers run their steps through `step` for the same reason: the
+//! control thread's probe rounds and commands, the KV-event thread's messages, the scraper's
+//! engines. A thread that died would stop that work for good, silently.
 
 use std::any::Any;
 use std::future::Future;
@@ -31,6 +35,15 @@ impl<F: Future + Unpin> Future for Contained<F> {
     }
 }
 
+/// Runs one step of a loop on a thread beside the workers. A bug's panic in it is logged
+/// (`{what} panicked (…); going on`) and the loop goes on with its next step; what the step
+/// changed may be half made.
+pub fn step(what: impl std::fmt::Display, f: impl FnOnce()) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(f)) {
+        crate::error!("{what} panicked ({}); going on", message(&panic));
+    }
+}
+
 /// The panic's message, when it has one.
 pub fn message(panic: &Panic) -> &str {
     if let Some(s) = panic.downcast_ref::<&'static str>() {
@@ -47,6 +60,18 @@ mod tests {
     use super::*;
     use std::cell::Cell;
     use std::rc::Rc;
+
+    #[test]
+    fn a_panicking_step_is_logged_and_the_loop_goes_on() {
+        let mut ran = Vec::new();
+        for i in 0..3 {
+            step("a test step", || {
+                assert_ne!(i, 1, "a bug in step {i}");
+                ran.push(i);
+            });
+        }
+        assert_eq!(ran, [0, 2]);
+    }
 
     /// On a real event loop: a task that panics inside `Contained` ends alone; the loop and
     /// the other tasks on it go on.

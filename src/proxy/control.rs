@@ -4,6 +4,7 @@
 //! topology snapshots. Workers never wait on it, except an admin request waiting for its own
 //! answer.
 
+use super::contain::step;
 use crate::config::{CircuitConfig, Config, HealthConfig, Role, RoleGap, StartupConfig};
 use crate::discovery::{Discovery, Resolved};
 use crate::http::blocking;
@@ -109,19 +110,6 @@ pub fn spawn(shared: Arc<Shared>, cfg: &Config) -> std::io::Result<Sender<Comman
     Ok(tx)
 }
 
-/// One step of the control loop. A bug's panic in it is logged and the loop goes on: a dead
-/// control thread would stop health checks, admin changes and reloads for good, silently. The
-/// step's changes may be half made; an admin command's caller is answered 503 (its reply is
-/// dropped), and the next probe round sees the instances afresh.
-fn step(what: &str, f: impl FnOnce()) {
-    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        crate::error!(
-            "control thread: {what} panicked ({}); going on",
-            super::contain::message(&panic)
-        );
-    }
-}
-
 impl Control {
     fn run(&mut self, rx: Receiver<Command>) {
         let mut next_probe = Instant::now();
@@ -135,7 +123,7 @@ impl Control {
                 self.discovery.start_due();
             }
             if next_probe <= Instant::now() {
-                step("a probe round", || self.probe_round());
+                step("control thread: a probe round", || self.probe_round());
                 let every = if self.gating_done {
                     self.health.interval
                 } else {
@@ -149,7 +137,8 @@ impl Control {
                 .map_or(next_probe, |d| d.min(next_probe));
             let wait = due.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
-                Ok(cmd) => step("a command", || self.apply(cmd)),
+                // A panicking admin command's caller is answered 503 (its reply is dropped).
+                Ok(cmd) => step("control thread: a command", || self.apply(cmd)),
                 Err(RecvTimeoutError::Timeout) => {}
                 // Channel gone: keep probing on schedule.
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),

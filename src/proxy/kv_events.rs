@@ -6,6 +6,7 @@
 //! relearned from the events that follow. Nothing here can affect serving: a dead publisher
 //! only means that instance's cached blocks are unknown (docs/scheduling.md, "KV events").
 
+use super::contain::step;
 use crate::instance::Instance;
 use crate::kv_index::{self, KvIndex};
 use crate::shared::Shared;
@@ -284,7 +285,7 @@ fn run(shared: &Shared) {
             // Drain what is queued, bounded so one busy publisher cannot starve the others.
             for _ in 0..if ready { 256 } else { 0 } {
                 match s.sock.recv_multipart(zmq::DONTWAIT) {
-                    Ok(frames) => receive(&ctx, idx, s, &frames),
+                    Ok(frames) => step("KV events: a message", || receive(&ctx, idx, s, &frames)),
                     Err(_) => break,
                 }
             }

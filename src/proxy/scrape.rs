@@ -13,6 +13,7 @@
 //! has seen the batch full, so every interval without them piles requests onto the nodes
 //! that hold the new prefixes (docs/scheduling.md, "KV aware").
 
+use super::contain::step;
 use crate::config::EngineMetricsConfig;
 use crate::engine_load;
 use crate::http::blocking;
@@ -78,7 +79,11 @@ fn run(shared: &Shared) {
                         let cfg = &cfg;
                         let _ = std::thread::Builder::new()
                             .name("xpyd-scrape-one".into())
-                            .spawn_scoped(s, move || scrape(inst, cfg));
+                            .spawn_scoped(s, move || {
+                                step(format_args!("scraping {}", inst.address), || {
+                                    scrape(inst, cfg)
+                                })
+                            });
                     }
                 });
                 unsynced.round(shared, &topo);
