@@ -176,13 +176,7 @@ pub fn kv_params_of(prefill_response: &[u8]) -> Option<String> {
 /// of a NIXL request; every other member is copied verbatim, in order.
 pub fn with_kv_params(obj: &RawObject<'_>, kv: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(members_len(obj) + kv.len() + 32);
-    out.push(b'{');
-    for (k, v) in obj.fields.iter().filter(|(k, _)| k != "kv_transfer_params") {
-        push_member(&mut out, k, v);
-    }
-    out.extend_from_slice(b"\"kv_transfer_params\":");
-    out.extend_from_slice(kv.as_bytes());
-    out.push(b'}');
+    obj.write_with(&mut out, &[("kv_transfer_params", kv)]);
     out
 }
 
