@@ -234,13 +234,20 @@ fn hex_val(b: u8) -> Option<u8> {
 
 /// Appends one chunk (size line, payload, CRLF) to `out`.
 pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
-    push_chunk_size(out, data.len());
-    out.extend_from_slice(data);
+    encode_chunk_of(out, &[data]);
+}
+
+/// Appends one chunk whose payload is `parts` one after another, without joining them first.
+pub fn encode_chunk_of(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    push_chunk_size(out, parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
     out.extend_from_slice(b"\r\n");
 }
 
 /// A chunk's size line: `n` in hex, then CRLF.
-pub fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
+fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
     for i in (0..digits).rev() {

@@ -1,16 +1,13 @@
 //! Server-sent events as the proxy writes and reads them: one event per chunk, the error
 //! event that ends a failed stream, counting events, splitting a body into events.
 
-use crate::http::chunked::push_chunk_size;
+use crate::http::chunked::encode_chunk_of;
 use crate::http::ApiError;
 use std::borrow::Cow;
 
 /// Appends one `data:` event holding `payload` as one chunk of a chunked body.
 pub fn chunk(out: &mut Vec<u8>, payload: &[u8]) {
-    push_chunk_size(out, payload.len() + b"data: \n\n".len());
-    out.extend_from_slice(b"data: ");
-    out.extend_from_slice(payload);
-    out.extend_from_slice(b"\n\n\r\n");
+    encode_chunk_of(out, &[b"data: ", payload, b"\n\n"]);
 }
 
 /// Appends the event that ends a stream which failed after it started: the OpenAI-shaped
