@@ -163,13 +163,13 @@ pub async fn serve(
     start: Instant,
     w: &Worker,
     peer_ip: &str,
-    req: Request,
+    req: &Request,
     endpoint: Endpoint,
     client: &mut ClientWriter,
     next: &mut NextRead<'_>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let id = request_id(&req);
+    let id = request_id(req);
     let request_id: &str = &id;
     let inspected = match openai::inspect(endpoint, &req.body) {
         Ok(i) => i,
@@ -190,7 +190,7 @@ pub async fn serve(
         let client = forward_headers::find(&req.head.headers, "traceparent");
         RequestTrace::begin(client, w.policy().trace_sample_ratio, start)
     });
-    let mut ctx = request_ctx(w, &req, request_id, client, start, trace.as_ref());
+    let mut ctx = request_ctx(w, req, request_id, client, start, trace.as_ref());
     // The first token from prefill rewrites the decode stream: it must come uncompressed.
     ctx.forward.decode_identity = ctx.policy.generator_on_p_node && inspected.stream;
     let work = pin!(async {
@@ -285,12 +285,12 @@ pub async fn serve(
 pub async fn serve_forwarded(
     start: Instant,
     w: &Worker,
-    req: Request,
+    req: &Request,
     client: &mut ClientWriter,
     next: &mut NextRead<'_>,
 ) -> Outcome {
     let keep_alive = req.head.keep_alive;
-    let id = request_id(&req);
+    let id = request_id(req);
     let request_id: &str = &id;
     let model: Option<String> = openai::RawObject::parse_bytes(&req.body)
         .ok()
@@ -305,7 +305,7 @@ pub async fn serve_forwarded(
     } else {
         (&route.decode, Role::Decode)
     };
-    let mut ctx = request_ctx(w, &req, request_id, client, start, None);
+    let mut ctx = request_ctx(w, req, request_id, client, start, None);
     let work = pin!(async {
         match forward(&mut ctx, set, &PickContext::default(), role, &req.body).await {
             Ok(o) => o,
