@@ -287,23 +287,36 @@ impl Discovery {
 fn resolver_thread(rx: Receiver<Lookups>, deliver: Deliver) {
     let mut dns: Option<(DiscoveryConfig, Dns)> = None;
     for batch in rx {
-        if dns.as_ref().is_none_or(|(c, _)| *c != batch.cfg) {
-            dns = match Dns::new(&batch.cfg) {
-                Ok(d) => Some((batch.cfg.clone(), d)),
-                Err(e) => {
-                    crate::error!("discovery: {e}");
-                    None
-                }
-            };
-        }
-        let answers = match &dns {
-            Some((_, d)) => d.lookup_all(&batch.targets),
-            None => batch
+        let mut answers = None;
+        // A bug's panic in a lookup fails that batch and keeps the thread: the control
+        // thread waits for every batch's answers before it asks for those names again.
+        crate::proxy::contain::step("discovery: a lookup", || {
+            if dns.as_ref().is_none_or(|(c, _)| *c != batch.cfg) {
+                dns = match Dns::new(&batch.cfg) {
+                    Ok(d) => Some((batch.cfg.clone(), d)),
+                    Err(e) => {
+                        crate::error!("discovery: {e}");
+                        None
+                    }
+                };
+            }
+            answers = Some(match &dns {
+                Some((_, d)) => d.lookup_all(&batch.targets),
+                None => batch
+                    .targets
+                    .iter()
+                    .map(|_| Answer::Failed("no resolver (see the error above)".into()))
+                    .collect(),
+            });
+        });
+        let answers = answers.unwrap_or_else(|| {
+            dns = None; // made anew for the next batch
+            batch
                 .targets
                 .iter()
-                .map(|_| Answer::Failed("no resolver (see the error above)".into()))
-                .collect(),
-        };
+                .map(|_| Answer::Failed("the lookup panicked".into()))
+                .collect()
+        });
         deliver(Resolved {
             answers: batch.targets.into_iter().zip(answers).collect(),
         });

@@ -7,7 +7,8 @@
 //!
 //! The threads beside the workers run their steps through `step` for the same reason: the
 //! control thread's probe rounds and commands, the KV-event thread's messages, the scraper's
-//! engines. A thread that died would stop that work for good, silently.
+//! engines, the prefix-sync sender's batches, the DNS resolver's lookups, the span exporter's
+//! batches. A thread that died would stop that work for good, silently.
 
 use std::any::Any;
 use std::future::Future;

@@ -1,7 +1,7 @@
 //! The proxy: worker threads serving clients, plus the control thread.
 
 mod admin;
-mod contain;
+pub(crate) mod contain;
 mod context;
 pub mod control;
 mod failure;

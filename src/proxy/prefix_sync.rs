@@ -101,24 +101,27 @@ fn run(rx: Receiver<Placement>, shared: &Shared) {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
-        let policy = shared.policy.load();
-        let key = policy.admin_api_key.as_deref().unwrap_or("");
-        let body = (!batch.is_empty()).then(|| Arc::new(prefix_sync::encode(&batch)));
-        let load = (Instant::now() >= load_at).then(|| {
-            load_at = Instant::now() + LOAD_EVERY;
-            load_report(&shared.topology.load())
+        // A bug's panic here loses this batch, not the thread (`contain::step`).
+        super::contain::step("prefix sync: a batch", || {
+            let policy = shared.policy.load();
+            let key = policy.admin_api_key.as_deref().unwrap_or("");
+            let body = (!batch.is_empty()).then(|| Arc::new(prefix_sync::encode(&batch)));
+            let load = (Instant::now() >= load_at).then(|| {
+                load_at = Instant::now() + LOAD_EVERY;
+                load_report(&shared.topology.load())
+            });
+            peers.retain(|addr, _| policy.prefix_sync.peers.contains(addr));
+            for addr in &policy.prefix_sync.peers {
+                let peer = peers.entry(addr.clone()).or_default();
+                if let Some(body) = &body {
+                    peer.hold(body.clone(), batch.len() as u64);
+                }
+                peer.flush(addr, key);
+                if let Some(load) = &load {
+                    peer.report(addr, key, load);
+                }
+            }
         });
-        peers.retain(|addr, _| policy.prefix_sync.peers.contains(addr));
-        for addr in &policy.prefix_sync.peers {
-            let peer = peers.entry(addr.clone()).or_default();
-            if let Some(body) = &body {
-                peer.hold(body.clone(), batch.len() as u64);
-            }
-            peer.flush(addr, key);
-            if let Some(load) = &load {
-                peer.report(addr, key, load);
-            }
-        }
         batch.clear();
     }
 }

@@ -99,30 +99,41 @@ fn run(rx: Receiver<Span>, endpoint: &OtlpEndpoint, service: &str, stats: &Stats
             }
         }
         if !batch.is_empty() {
-            let body = encode_request(service, &batch);
-            match post(&mut conn, endpoint, &body) {
-                Ok(()) => {
-                    stats
-                        .exported
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    if failing {
-                        crate::warn!("tracing: exporting to {} again", endpoint.url);
-                        failing = false;
+            // A bug's panic while encoding or posting loses this batch (counted as failed
+            // to export), not the thread: the workers' spans would queue up and be dropped.
+            let n = batch.len() as u64;
+            let mut done = false;
+            crate::proxy::contain::step("tracing: exporting a batch", || {
+                let body = encode_request(service, &batch);
+                match post(&mut conn, endpoint, &body) {
+                    Ok(()) => {
+                        stats
+                            .exported
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        if failing {
+                            crate::warn!("tracing: exporting to {} again", endpoint.url);
+                            failing = false;
+                        }
+                    }
+                    Err(e) => {
+                        stats
+                            .dropped_export_failed
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        // Once per failure streak: a dead collector must not flood the log.
+                        if !failing {
+                            crate::warn!(
+                                "tracing: cannot export spans to {}: {e}; dropping them until it answers",
+                                endpoint.url
+                            );
+                            failing = true;
+                        }
                     }
                 }
-                Err(e) => {
-                    stats
-                        .dropped_export_failed
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    // Once per failure streak: a dead collector must not flood the log.
-                    if !failing {
-                        crate::warn!(
-                            "tracing: cannot export spans to {}: {e}; dropping them until it answers",
-                            endpoint.url
-                        );
-                        failing = true;
-                    }
-                }
+                done = true;
+            });
+            if !done {
+                conn = KeptAlive::default();
+                stats.dropped_export_failed.fetch_add(n, Ordering::Relaxed);
             }
             batch.clear();
         }
