@@ -11,7 +11,7 @@
 use super::context::{write_client, RequestCtx};
 use super::failure::{self, BodyFailure, RelayError};
 use super::outcome::Outcome;
-use super::raw_object::RawObject;
+use super::raw_object::{rewrite_members, RawObject};
 use super::relay_task::{self, Apart};
 use super::sse;
 use super::upstream::{BodyDecoder, UpstreamConn};
@@ -114,9 +114,12 @@ impl Rewriter<'_> {
         if self.dropped_first {
             // Past the decode node's own first token only the stream's identity changes: set
             // in the event's own text, which is not parsed into a tree and written again (a
-            // tenth of the instructions per token).
-            let obj = RawObject::parse(payload).ok()?;
-            obj.write_with(&mut self.out, &self.first.identity());
+            // tenth of the instructions per token), reading its top level only.
+            let identity = self.first.identity();
+            if !rewrite_members(payload, &identity, &mut self.out) {
+                let obj = RawObject::parse(payload).ok()?;
+                obj.write_with(&mut self.out, &identity);
+            }
             return Some(&self.out);
         }
         let mut v: Value = serde_json::from_str(payload).ok()?;

@@ -73,6 +73,121 @@ impl<'a> RawObject<'a> {
     }
 }
 
+/// `RawObject::parse(text)` and `write_with(out, set)` in one pass, reading the object's top
+/// level only: its shape is checked (keys, colons, commas, the closing brace); a member's
+/// value is skipped by its quotes and brackets, not checked, and copied as it is. For the events of the first-token relay,
+/// whose values go to the client as the engine wrote them, as on every other relay (the check
+/// cost three times the rewrite). False, with `out` as it was, when the text is not an
+/// object at its top level or a key holds an escape: `parse` then decides.
+pub fn rewrite_members(text: &str, set: &[(&str, &str)], out: &mut Vec<u8>) -> bool {
+    let len = out.len();
+    let done = write_members(text, set, out).is_some();
+    if !done {
+        out.truncate(len);
+    }
+    done
+}
+
+fn write_members(text: &str, set: &[(&str, &str)], out: &mut Vec<u8>) -> Option<()> {
+    debug_assert!(set.len() <= 32);
+    let b = text.as_bytes();
+    let mut i = ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    out.push(b'{');
+    let mut seen = 0u32; // bit k: `set[k]` was written in place
+    i = ws(b, i + 1);
+    if b.get(i) != Some(&b'}') {
+        loop {
+            let (end, escaped, start) = member_key(b, i)?;
+            if escaped {
+                return None;
+            }
+            let key = text.get(i + 1..end - 1)?;
+            let stop = skip_value(b, start)?;
+            let v = match set.iter().position(|(name, _)| *name == key) {
+                Some(k) => {
+                    seen |= 1 << k;
+                    set[k].1
+                }
+                None => text.get(start..stop)?,
+            };
+            push_member(out, &Cow::Borrowed(key), v);
+            i = ws(b, stop);
+            match *b.get(i)? {
+                b',' => i = ws(b, i + 1),
+                b'}' => break,
+                _ => return None,
+            }
+        }
+    }
+    if ws(b, i + 1) != b.len() {
+        return None;
+    }
+    for (k, (name, v)) in set.iter().enumerate() {
+        if seen & (1 << k) == 0 {
+            push_member(out, &Cow::Borrowed(*name), v);
+        }
+    }
+    if out.last() == Some(&b',') {
+        out.pop();
+    }
+    out.push(b'}');
+    Some(())
+}
+
+/// Bytes a skipped container stops at: quotes and brackets.
+static STOPS: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
+
+/// The end of the value at `b[i]`, not checked: a string to its closing quote, a container
+/// to the bracket that closes it (strings inside skipped whole), anything else to the next
+/// delimiter.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => string(b, i + 1).map(|(end, _)| end),
+        b'{' | b'[' => {
+            let mut depth = 0u32;
+            let mut j = i;
+            loop {
+                while !STOPS[*b.get(j)? as usize] {
+                    j += 1;
+                }
+                match b[j] {
+                    b'"' => {
+                        j = string(b, j + 1)?.0;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    _ => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let rest = &b[i..];
+            let n = rest
+                .iter()
+                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\n' | b'\t' | b'\r'))
+                .unwrap_or(rest.len());
+            (n > 0).then_some(i + n)
+        }
+    }
+}
+
 /// `"key":value,` — values are copied verbatim; a borrowed key is one read without escapes
 /// (or a literal of ours), so it is too; an owned one was decoded and is escaped again.
 #[allow(clippy::ptr_arg)] // the variant, not only the text, says how to write the key
@@ -352,6 +467,73 @@ mod tests {
             .map_err(|e| e.to_string())
     }
 
+    /// `rewrite_members` writes what `parse` + `write_with` write for every valid object it
+    /// takes, and takes every one in the usual shape; what it takes beyond that is invalid
+    /// inside a member's value, which it does not read.
+    fn same_rewrite(text: &str) {
+        let set = [("id", r#""cmpl-X""#), ("created", "7"), ("zz", "null")];
+        let mut fast = b"kept".to_vec();
+        let taken = rewrite_members(text, &set, &mut fast);
+        match RawObject::parse(text) {
+            Ok(obj)
+                if obj
+                    .fields
+                    .iter()
+                    .all(|(k, _)| matches!(k, Cow::Borrowed(_))) =>
+            {
+                let mut want = b"kept".to_vec();
+                obj.write_with(&mut want, &set);
+                assert!(taken, "a valid object left: {text:?}");
+                assert_eq!(fast, want, "{text:?}");
+            }
+            _ if !taken => assert_eq!(fast, b"kept", "{text:?}"),
+            Ok(_) => panic!("an escaped key taken: {text:?}"),
+            Err(_) => {
+                // Invalid below the top level only: the top level reads as an object's.
+                assert!(
+                    fast.starts_with(b"kept{") && fast.ends_with(b"}"),
+                    "{text:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rewrite_members_reads_the_top_level_only() {
+        let set = [("id", r#""X""#)];
+        let rewrite = |t: &str| {
+            let mut out = Vec::new();
+            rewrite_members(t, &set, &mut out).then(|| String::from_utf8(out).unwrap())
+        };
+        assert_eq!(
+            rewrite(r#" { "id" : "a" , "n" : [1, {"b": "]"}] , "t": true } "#).as_deref(),
+            Some(r#"{"id":"X","n":[1, {"b": "]"}],"t":true}"#)
+        );
+        assert_eq!(rewrite("{}").as_deref(), Some(r#"{"id":"X"}"#));
+        // What a value holds is not checked, as on the plain relay.
+        assert_eq!(
+            rewrite(r#"{"c":[1,}}"#).as_deref(),
+            Some(r#"{"c":[1,},"id":"X"}"#)
+        );
+        for bad in [
+            "",
+            "5",
+            "[1]",
+            r#""s""#,
+            "{",
+            r#"{"a":1,}"#,
+            r#"{"a" 1}"#,
+            r#"{"a":}"#,
+            r#"{"a":1}x"#,
+            r#"{"a":[1}"#,
+            r#"{"a":"x}"#,
+            r#"{a:1}"#,
+            r#"{"\u0069d":1}"#,
+        ] {
+            assert_eq!(rewrite(bad), None, "{bad:?}");
+        }
+    }
+
     /// `split` answers exactly as serde_json does over sample bodies cut and mutated at random
     /// with the bytes JSON gives meaning to: the same fields when it takes a body, and it
     /// leaves to serde_json only invalid bodies and the shapes it does not read (an escaped
@@ -390,6 +572,7 @@ mod tests {
             }
             for text in &variants {
                 let fast = split(text);
+                same_rewrite(text);
                 match via_serde(text) {
                     Ok(want) => {
                         valid += 1;
