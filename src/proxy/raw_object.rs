@@ -52,33 +52,38 @@ impl<'a> RawObject<'a> {
         out.push(b'{');
         let mut seen = 0u32; // bit i: `set[i]` was written in place
         for (k, v) in &self.fields {
-            let v = match set.iter().position(|(name, _)| name == k) {
-                Some(i) => {
-                    seen |= 1 << i;
-                    set[i].1
-                }
-                None => v,
-            };
-            push_member(out, k, v);
+            push_member(out, k, replaced(set, k, &mut seen).unwrap_or(v));
         }
-        for (i, (k, v)) in set.iter().enumerate() {
-            if seen & (1 << i) == 0 {
-                push_member(out, &Cow::Borrowed(*k), v);
-            }
-        }
-        if out.last() == Some(&b',') {
-            out.pop();
-        }
-        out.push(b'}');
+        close_with(out, set, seen);
     }
+}
+
+/// The value `set` gives `key`, if any; marks it written in place (bit i of `seen`).
+fn replaced<'s>(set: &[(&str, &'s str)], key: &str, seen: &mut u32) -> Option<&'s str> {
+    let i = set.iter().position(|(name, _)| *name == key)?;
+    *seen |= 1 << i;
+    Some(set[i].1)
+}
+
+/// The members of `set` not written in place (`seen`), after the others; the closing brace.
+fn close_with(out: &mut Vec<u8>, set: &[(&str, &str)], seen: u32) {
+    for (i, (k, v)) in set.iter().enumerate() {
+        if seen & (1 << i) == 0 {
+            push_member(out, &Cow::Borrowed(*k), v);
+        }
+    }
+    if out.last() == Some(&b',') {
+        out.pop();
+    }
+    out.push(b'}');
 }
 
 /// `RawObject::parse(text)` and `write_with(out, set)` in one pass, reading the object's top
 /// level only: its shape is checked (keys, colons, commas, the closing brace); a member's
-/// value is skipped by its quotes and brackets, not checked, and copied as it is. For the events of the first-token relay,
-/// whose values go to the client as the engine wrote them, as on every other relay (the check
-/// cost three times the rewrite). False, with `out` as it was, when the text is not an
-/// object at its top level or a key holds an escape: `parse` then decides.
+/// value is skipped by its quotes and brackets, not checked, and copied as it is. For the
+/// events of the first-token relay, whose values go to the client as the engine wrote them,
+/// as on every other relay. False, with `out` as it was, when the text is not an object at
+/// its top level or a key holds an escape: `parse` then decides.
 pub fn rewrite_members(text: &str, set: &[(&str, &str)], out: &mut Vec<u8>) -> bool {
     let len = out.len();
     let done = write_members(text, set, out).is_some();
@@ -106,11 +111,8 @@ fn write_members(text: &str, set: &[(&str, &str)], out: &mut Vec<u8>) -> Option<
             }
             let key = text.get(i + 1..end - 1)?;
             let stop = skip_value(b, start)?;
-            let v = match set.iter().position(|(name, _)| *name == key) {
-                Some(k) => {
-                    seen |= 1 << k;
-                    set[k].1
-                }
+            let v = match replaced(set, key, &mut seen) {
+                Some(v) => v,
                 None => text.get(start..stop)?,
             };
             push_member(out, &Cow::Borrowed(key), v);
@@ -125,15 +127,7 @@ fn write_members(text: &str, set: &[(&str, &str)], out: &mut Vec<u8>) -> Option<
     if ws(b, i + 1) != b.len() {
         return None;
     }
-    for (k, (name, v)) in set.iter().enumerate() {
-        if seen & (1 << k) == 0 {
-            push_member(out, &Cow::Borrowed(*name), v);
-        }
-    }
-    if out.last() == Some(&b',') {
-        out.pop();
-    }
-    out.push(b'}');
+    close_with(out, set, seen);
     Some(())
 }
 
