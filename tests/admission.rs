@@ -386,6 +386,14 @@ fn split_node(first: String, second: String) -> ScriptedNode {
     })
 }
 
+/// Streams a completion of `max_tokens` that asks for its usage (`include_usage`); answered 200.
+fn stream_with_usage(proxy: &Proc, max_tokens: u64) {
+    let req = json!({"model": MODEL, "prompt": "hi", "max_tokens": max_tokens, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let st = stream(&agent(), &proxy.url("/v1/completions"), &req);
+    assert_eq!(st.status, 200);
+}
+
 fn tokens_counted(proxy: &Proc, kind: &str) -> f64 {
     metric(
         proxy,
@@ -441,10 +449,7 @@ fn usage_split_across_upstream_reads_is_counted_streamed_and_not() {
         &format!("model: {MODEL}\ndual: [\"{}\"]\n", node.addr),
         true,
     );
-    let req = json!({"model": MODEL, "prompt": "hi", "max_tokens": 40, "stream": true,
-        "stream_options": {"include_usage": true}});
-    let st = stream(&agent(), &proxy.url("/v1/completions"), &req);
-    assert_eq!(st.status, 200);
+    stream_with_usage(&proxy, 40);
     wait_for("the split streamed usage to be counted", WAIT, || {
         tokens_counted(&proxy, "prompt") == 7.0 && tokens_counted(&proxy, "completion") == 40.0
     });
@@ -460,10 +465,7 @@ fn a_first_token_streams_usage_is_counted() {
         &format!("{}generator_on_p_node: true\n", pd_yaml(&[&p], &[&d])),
         true,
     );
-    let req = json!({"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": true,
-        "stream_options": {"include_usage": true}});
-    let st = stream(&agent(), &proxy.url("/v1/completions"), &req);
-    assert_eq!(st.status, 200);
+    stream_with_usage(&proxy, 5);
     wait_for("the first-token stream's usage to be counted", WAIT, || {
         tokens_counted(&proxy, "completion") == 5.0 && tokens_counted(&proxy, "prompt") > 0.0
     });
