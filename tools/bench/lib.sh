@@ -1,0 +1,10 @@
+# Shell helpers shared by the bench scripts (sourced, not run).
+
+port_of() { # waits for "listening on http://ADDR" in $1; prints ADDR
+  for _ in $(seq 1 600); do
+    local a; a=$(grep -o 'http://[0-9.:]*' "$1" 2>/dev/null | head -1 || true)
+    [ -n "$a" ] && { echo "${a#http://}"; return; }
+    sleep 0.1
+  done
+  echo "no address in $1" >&2; exit 1
+}
