@@ -10,6 +10,7 @@ use crate::instance::Instance;
 use arc_swap::ArcSwap;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,8 +105,13 @@ pub struct PairMetrics {
     pub e2e: Histogram,
 }
 
+/// A worker's own record of one instance: its request and error counters, and what a
+/// finished request names the instance by (its pair's series, its log line, its spans). A
+/// request keeps this, not the instance's `Arc`: that count is on a line every worker writes.
 pub struct InstanceMetrics {
-    instance: String,
+    pub id: u64,
+    pub address: String,
+    pub socket_addr: SocketAddr,
     role: &'static str,
     model: Arc<str>,
     requests: AtomicU64,
@@ -157,8 +163,8 @@ impl LocalIndex {
     pub fn pair(
         &self,
         m: &WorkerMetrics,
-        prefill: Option<&Instance>,
-        decode: &Instance,
+        prefill: Option<&InstanceMetrics>,
+        decode: &InstanceMetrics,
     ) -> Arc<PairMetrics> {
         let key = (prefill.map_or(0, |p| p.id), decode.id);
         if let Some(p) = self.pairs.borrow().get(&key) {
@@ -189,7 +195,9 @@ impl LocalIndex {
             return i.clone();
         }
         let i = Arc::new(InstanceMetrics {
-            instance: inst.address.clone(),
+            id: inst.id,
+            address: inst.address.clone(),
+            socket_addr: inst.socket_addr,
             role: inst.role.as_str(),
             model: inst.model.clone(),
             requests: AtomicU64::new(0),

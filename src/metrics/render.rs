@@ -216,11 +216,11 @@ pub fn render(scrape: &Scrape<'_>) -> String {
     let mut inst: Vec<InstanceSum> = Vec::new();
     for w in workers {
         for m in w.instances.load().iter() {
-            let idx = match inst.iter().position(|x| x.0 == m.instance && x.1 == m.role) {
+            let idx = match inst.iter().position(|x| x.0 == m.address && x.1 == m.role) {
                 Some(i) => i,
                 None => {
                     inst.push((
-                        m.instance.clone(),
+                        m.address.clone(),
                         m.role,
                         m.model.clone(),
                         0,

@@ -53,7 +53,7 @@ fn render_sums_workers_and_shows_each_instance() {
         let idx = LocalIndex::default();
         idx.instance(w, &d).error(ErrorType::Timeout);
         idx.instance(w, &d).request();
-        idx.pair(w, Some(&p), &d)
+        idx.pair(w, Some(&idx.instance(w, &p)), &idx.instance(w, &d))
             .ttft
             .observe(Duration::from_millis(1));
     }

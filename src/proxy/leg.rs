@@ -87,20 +87,18 @@ impl RequestCtx<'_> {
                 role,
             )?;
             let inst = guard.instance();
-            let counters = w
-                .metrics_enabled
-                .then(|| w.metric_index.instance(&w.metrics, inst));
-            if let Some(c) = &counters {
-                c.request();
+            let record = w.metric_index.instance(&w.metrics, inst);
+            if w.metrics_enabled {
+                record.request();
             }
             let count_error = |t: ErrorType| {
-                if let Some(c) = &counters {
-                    c.error(t);
+                if w.metrics_enabled {
+                    record.error(t);
                 }
             };
             match role {
-                Role::Prefill => self.tl.prefill = Some(Arc::clone(inst)),
-                _ => self.tl.decode = Some(Arc::clone(inst)),
+                Role::Prefill => self.tl.prefill = Some(Arc::clone(&record)),
+                _ => self.tl.decode = Some(Arc::clone(&record)),
             }
             // One clock reading per attempt (the leg's own for the first): the first-byte
             // deadline and the pool's idle check both use it.

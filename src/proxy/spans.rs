@@ -3,7 +3,7 @@
 //! to the exporter.
 
 use super::timeline::Timeline;
-use crate::instance::Instance;
+use crate::metrics::InstanceMetrics;
 use crate::trace::otlp::{Event, Kind, Span, Value};
 use crate::trace::{Exporter, RequestTrace};
 use std::sync::Arc;
@@ -30,7 +30,7 @@ fn leg(
     t: &RequestTrace,
     prefill: bool,
     name: &'static str,
-    inst: Option<&Arc<Instance>>,
+    inst: Option<&Arc<InstanceMetrics>>,
     from: Instant,
     to: Instant,
     failed: Option<&str>,

@@ -2,16 +2,17 @@
 //! end for the P/D metrics and the request's log line.
 
 use super::Worker;
-use crate::instance::Instance;
+use crate::metrics::InstanceMetrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Timeline {
     pub start: Instant,
-    pub prefill: Option<Arc<Instance>>,
+    /// The legs' instances, as this worker records them (not the shared `Arc<Instance>`).
+    pub prefill: Option<Arc<InstanceMetrics>>,
     pub prefill_sent: Option<Instant>,
     pub prefill_done: Option<Instant>,
-    pub decode: Option<Arc<Instance>>,
+    pub decode: Option<Arc<InstanceMetrics>>,
     pub decode_sent: Option<Instant>,
     pub decode_head: Option<Instant>,
     /// First body byte written to the client.
