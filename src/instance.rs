@@ -200,13 +200,16 @@ pub struct InFlight<'a> {
 
 impl<'a> InFlight<'a> {
     pub fn new(inst: &'a Arc<Instance>, prompt_tokens: u64, decode_tokens: u64) -> Self {
-        inst.load.requests.fetch_add(1, Ordering::Relaxed);
-        inst.load
-            .prompt_tokens
-            .fetch_add(prompt_tokens, Ordering::Relaxed);
-        inst.load
-            .decode_tokens
-            .fetch_add(decode_tokens, Ordering::Relaxed);
+        // The counters' line is written by every worker: no atomic add of a zero (a
+        // prefill leg counts no decode tokens, a decode leg no prompt tokens).
+        let l = &inst.load;
+        l.requests.fetch_add(1, Ordering::Relaxed);
+        if prompt_tokens > 0 {
+            l.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+        }
+        if decode_tokens > 0 {
+            l.decode_tokens.fetch_add(decode_tokens, Ordering::Relaxed);
+        }
         InFlight {
             inst,
             prompt_tokens,
@@ -271,9 +274,13 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let l = &self.inst.load;
         l.requests.fetch_sub(1, Ordering::Relaxed);
-        l.prompt_tokens
-            .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
-        l.decode_tokens
-            .fetch_sub(self.decode_tokens.get(), Ordering::Relaxed);
+        if self.prompt_tokens > 0 {
+            l.prompt_tokens
+                .fetch_sub(self.prompt_tokens, Ordering::Relaxed);
+        }
+        let decode = self.decode_tokens.get();
+        if decode > 0 {
+            l.decode_tokens.fetch_sub(decode, Ordering::Relaxed);
+        }
     }
 }
