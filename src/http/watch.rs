@@ -11,8 +11,8 @@ use monoio::net::TcpStream;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::pin::{pin, Pin};
-use std::task::Poll;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// The client connection's next read (`ReadBuf::fill` on its read half), started when first
@@ -44,19 +44,23 @@ impl<'a> NextRead<'a> {
         }
     }
 
-    /// Resolves when the client closed or reset the connection. If it sends bytes instead
-    /// (a pipelined request), they stay buffered and this stays pending. Dropping this future
-    /// leaves the read in flight.
-    pub async fn closed(&mut self) {
+    /// Ready when the client closed or reset the connection. If it sent bytes instead (a
+    /// pipelined request), they stay buffered and this stays pending, as it does while the
+    /// next request is already buffered (the read is then never started).
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.buffered {
-            std::future::pending::<()>().await
+            return Poll::Pending;
         }
         if self.got.is_none() {
-            let r = self.read.as_mut().await;
-            self.got = Some(r);
+            match self.read.as_mut().poll(cx) {
+                Poll::Ready(r) => self.got = Some(r),
+                Poll::Pending => return Poll::Pending,
+            }
         }
         if matches!(self.got, Some(Ok(n)) if n > 0) {
-            std::future::pending::<()>().await
+            Poll::Pending
+        } else {
+            Poll::Ready(())
         }
     }
 
@@ -66,15 +70,12 @@ impl<'a> NextRead<'a> {
     /// request's read. A streamed answer's tokens do not wake this task: its relay runs in a
     /// task of its own (`proxy::relay_task`), so the work here wakes a few times per request
     /// (a long plain body once per upstream read, which costs far more than this poll).
-    pub async fn unless_closed<F: Future>(&mut self, mut work: Pin<&mut F>) -> Option<F::Output> {
-        let mut closed = pin!(self.closed());
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = work.as_mut().poll(cx) {
-                return Poll::Ready(Some(out));
-            }
-            closed.as_mut().poll(cx).map(|()| None)
-        })
-        .await
+    /// Dropping the race leaves the read in flight.
+    pub fn unless_closed<'n, 'w, F: Future>(
+        &'n mut self,
+        work: Pin<&'w mut F>,
+    ) -> UnlessClosed<'n, 'a, 'w, F> {
+        UnlessClosed { next: self, work }
     }
 
     /// After the answer: whether the client sent more within `idle` (its bytes are then in
@@ -95,6 +96,26 @@ impl<'a> NextRead<'a> {
             }
         };
         matches!(got, Ok(n) if n > 0)
+    }
+}
+
+/// `NextRead::unless_closed`'s race: a future of its own rather than an async fn, so that
+/// each of the request's wake-ups polls the work directly, not through two more state
+/// machines (an async fn's and the read's `closed` one).
+pub struct UnlessClosed<'n, 'a, 'w, F> {
+    next: &'n mut NextRead<'a>,
+    work: Pin<&'w mut F>,
+}
+
+impl<F: Future> Future for UnlessClosed<'_, '_, '_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(out) = this.work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        this.next.poll_closed(cx).map(|()| None)
     }
 }
 

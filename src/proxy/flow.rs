@@ -30,7 +30,7 @@ use crate::trace::RequestTrace;
 use bytes::Bytes;
 use http::StatusCode;
 use std::borrow::Cow;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::time::Instant;
 
 /// Upper bound on a prefill response kept in memory (it is one token plus metadata).
@@ -95,22 +95,11 @@ fn newer_route(w: &Worker, seen: &Topology, model: &str) -> Option<(Snapshot<Top
     Some((now, i))
 }
 
-/// Runs `work` unless the client goes away first; then the work is dropped (by the caller,
-/// as it returns), which closes its upstream connections and releases its counters. `work`
-/// is pinned where the caller made it: the request's whole flow is one large future, and
-/// moving it into the race cost a copy of it per request (`NextRead::unless_closed`).
-async fn unless_client_leaves(
-    work: Pin<&mut impl std::future::Future<Output = Outcome>>,
-    next: &mut NextRead<'_>,
-    request_id: &str,
-) -> Outcome {
-    match next.unless_closed(work).await {
-        Some(outcome) => outcome,
-        None => {
-            crate::info!("request {request_id}: client disconnected; abandoning its legs");
-            Outcome::close(499)
-        }
-    }
+/// What a request whose client went away ends with: its work was dropped (by the caller,
+/// `NextRead::unless_closed`), which closed its upstream connections and released its counters.
+fn client_left(request_id: &str) -> Outcome {
+    crate::info!("request {request_id}: client disconnected; abandoning its legs");
+    Outcome::close(499)
 }
 
 /// Tokens assumed for a request without `max_tokens`, for decode load accounting.
@@ -277,7 +266,12 @@ pub async fn serve(
         }
         outcome
     });
-    unless_client_leaves(work, next, request_id).await
+    // `work` is pinned where it was made: the request's whole flow is one large future, and
+    // moving it into the race cost a copy of it per request.
+    match next.unless_closed(work).await {
+        Some(outcome) => outcome,
+        None => client_left(request_id),
+    }
 }
 
 /// `/tokenize`, `/detokenize`, `/v1/embeddings`: forwarded as they are to one instance of
@@ -312,7 +306,12 @@ pub async fn serve_forwarded(
             Err(e) => ctx.answer_error(&e).await,
         }
     });
-    unless_client_leaves(work, next, request_id).await
+    // `work` is pinned where it was made: the request's whole flow is one large future, and
+    // moving it into the race cost a copy of it per request.
+    match next.unless_closed(work).await {
+        Some(outcome) => outcome,
+        None => client_left(request_id),
+    }
 }
 
 fn request_ctx<'a>(
