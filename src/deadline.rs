@@ -13,7 +13,7 @@
 use crate::clock::recent;
 use monoio::time::Sleep;
 use std::future::Future;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -48,16 +48,14 @@ impl Deadline {
         self.due = due;
     }
 
-    /// Runs `fut` to its end (`Some`), or until the deadline in force passes (`None`).
-    pub async fn bound<F: Future>(&mut self, fut: F) -> Option<F::Output> {
-        let mut fut = pin!(fut);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(out));
-            }
-            self.poll_passed(cx).map(|()| None)
-        })
-        .await
+    /// Runs `fut` to its end (`Some`), or until the deadline in force passes (`None`). `fut`
+    /// is `Unpin` — most callers pin it where they made it (`pin!`) — so that the race needs
+    /// no state machine of its own (`Bounded`).
+    pub fn bound<F: Future + Unpin>(&mut self, fut: F) -> Bounded<'_, F> {
+        Bounded {
+            deadline: self,
+            fut,
+        }
     }
 
     /// Ready once the deadline in force has passed. For a caller's own `poll_fn` beside the
@@ -90,6 +88,26 @@ impl Deadline {
             }
         }
         Poll::Ready(())
+    }
+}
+
+/// `Deadline::bound`'s race: a future of its own rather than an async fn, so that each
+/// wake-up of the task polls the bounded work directly (a leg's write and response head, a
+/// connection's wait for its next request).
+pub struct Bounded<'d, F> {
+    deadline: &'d mut Deadline,
+    fut: F,
+}
+
+impl<F: Future + Unpin> Future for Bounded<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(out) = Pin::new(&mut this.fut).poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        this.deadline.poll_passed(cx).map(|()| None)
     }
 }
 

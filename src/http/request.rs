@@ -11,6 +11,7 @@ use http::StatusCode;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use std::io;
+use std::pin::pin;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +45,7 @@ async fn fill_by<S: AsyncReadRent>(
     want: usize,
     deadline: &mut Deadline,
 ) -> Result<usize, ReadError> {
-    match deadline.bound(buf.fill_at_least(stream, want)).await {
+    match deadline.bound(pin!(buf.fill_at_least(stream, want))).await {
         Some(r) => Ok(r?),
         None => Err(ReadError::TimedOut),
     }
@@ -214,7 +215,10 @@ async fn read_rest<S: AsyncReadRent>(
         let len = body.len();
         // Dropped by the deadline mid-read, the body goes with the read: the connection is
         // answered 408 and closed.
-        let (res, slice) = match deadline.bound(stream.read(body.slice_mut(len..n))).await {
+        let (res, slice) = match deadline
+            .bound(pin!(stream.read(body.slice_mut(len..n))))
+            .await
+        {
             Some(r) => r,
             None => return Err(timed_out()),
         };

@@ -545,6 +545,7 @@ pub async fn read_body(
             }
         }
     };
+    let rest = std::pin::pin!(rest);
     match deadline.bound(rest).await {
         Some(r) => r.map_err(BodyFailed::Upstream),
         None => Err(BodyFailed::Timeout),
