@@ -115,6 +115,7 @@ impl<F: Future + Unpin> Future for Bounded<'_, F> {
 mod tests {
     use super::Deadline;
     use crate::clock::{after, recent};
+    use std::pin::pin;
     use std::time::Duration;
 
     fn run<F: std::future::Future>(f: F) -> F::Output {
@@ -131,13 +132,13 @@ mod tests {
             let mut d = Deadline::new();
             // A wait over at once arms no timer; the next, pending once, arms the kept one.
             d.set(after(recent(), Duration::from_millis(80)));
-            assert_eq!(d.bound(async { 0 }).await, Some(0));
+            assert_eq!(d.bound(pin!(async { 0 })).await, Some(0));
             let brief = monoio::time::sleep(Duration::from_millis(1));
             assert_eq!(
-                d.bound(async {
+                d.bound(pin!(async {
                     brief.await;
                     1
-                })
+                }))
                 .await,
                 Some(1)
             );
@@ -146,10 +147,10 @@ mod tests {
             d.set(after(recent(), Duration::from_secs(5)));
             let slow = monoio::time::sleep(Duration::from_millis(200));
             assert_eq!(
-                d.bound(async {
+                d.bound(pin!(async {
                     slow.await;
                     2
-                })
+                }))
                 .await,
                 Some(2)
             );
@@ -178,9 +179,9 @@ mod tests {
             // Task one: a wait over at once, then one that arms the kept timer, which it
             // leaves set 60 ms out, registered with this task's waker.
             let mut d = monoio::spawn(async move {
-                d.bound(async {}).await;
+                d.bound(pin!(async {})).await;
                 let brief = monoio::time::sleep(Duration::from_millis(1));
-                d.bound(brief).await;
+                d.bound(pin!(brief)).await;
                 d
             })
             .await;
