@@ -80,22 +80,14 @@ impl<'a> NextRead<'a> {
 
     /// After the answer: whether the client sent more within `idle` (its bytes are then in
     /// the connection's buffer). False for a close, an error or the idle timeout. `deadline`:
-    /// the connection's timer, kept from one request to the next.
-    pub async fn arrived(mut self, idle: Duration, deadline: &mut Deadline) -> bool {
-        if self.buffered {
-            return true; // the read was never started: dropping it loses nothing
+    /// the connection's timer, kept from one request to the next. A future of its own
+    /// (`Arrived`), as `unless_closed`'s race is.
+    pub fn arrived<'d>(self, idle: Duration, deadline: &'d mut Deadline) -> Arrived<'a, 'd> {
+        Arrived {
+            next: self,
+            idle: Some(idle),
+            deadline,
         }
-        let got = match self.got.take() {
-            Some(r) => r,
-            None => {
-                deadline.set(crate::clock::after(crate::clock::recent(), idle));
-                match deadline.bound(self.read.as_mut()).await {
-                    Some(r) => r,
-                    None => return false,
-                }
-            }
-        };
-        matches!(got, Ok(n) if n > 0)
     }
 }
 
@@ -116,6 +108,40 @@ impl<F: Future> Future for UnlessClosed<'_, '_, '_, F> {
             return Poll::Ready(Some(out));
         }
         this.next.poll_closed(cx).map(|()| None)
+    }
+}
+
+/// `NextRead::arrived`'s wait for the next request.
+pub struct Arrived<'a, 'd> {
+    next: NextRead<'a>,
+    /// The keep-alive wait, until its deadline is set at the first poll.
+    idle: Option<Duration>,
+    deadline: &'d mut Deadline,
+}
+
+impl Future for Arrived<'_, '_> {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let this = self.get_mut();
+        let next = &mut this.next;
+        if next.buffered {
+            return Poll::Ready(true); // the read was never started: dropping it loses nothing
+        }
+        let got = match next.got.take() {
+            Some(r) => r,
+            None => {
+                if let Some(idle) = this.idle.take() {
+                    this.deadline
+                        .set(crate::clock::after(crate::clock::recent(), idle));
+                }
+                match next.read.as_mut().poll(cx) {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => return this.deadline.poll_passed(cx).map(|()| false),
+                }
+            }
+        };
+        Poll::Ready(matches!(got, Ok(n) if n > 0))
     }
 }
 
