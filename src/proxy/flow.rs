@@ -95,11 +95,16 @@ fn newer_route(w: &Worker, seen: &Topology, model: &str) -> Option<(Snapshot<Top
     Some((now, i))
 }
 
-/// What a request whose client went away ends with: its work was dropped (by the caller,
-/// `NextRead::unless_closed`), which closed its upstream connections and released its counters.
-fn client_left(request_id: &str) -> Outcome {
-    crate::info!("request {request_id}: client disconnected; abandoning its legs");
-    Outcome::close(499)
+/// The outcome of a request's work raced against its client leaving
+/// (`NextRead::unless_closed`, which takes the work pinned where it was made: the request's
+/// whole flow is one large future, and moving it into the race cost a copy of it per
+/// request). `None`: the client left, and the work was dropped, which closed its upstream
+/// connections and released its counters.
+fn unless_left(raced: Option<Outcome>, request_id: &str) -> Outcome {
+    raced.unwrap_or_else(|| {
+        crate::info!("request {request_id}: client disconnected; abandoning its legs");
+        Outcome::close(499)
+    })
 }
 
 /// Tokens assumed for a request without `max_tokens`, for decode load accounting.
@@ -266,12 +271,7 @@ pub async fn serve(
         }
         outcome
     });
-    // `work` is pinned where it was made: the request's whole flow is one large future, and
-    // moving it into the race cost a copy of it per request.
-    match next.unless_closed(work).await {
-        Some(outcome) => outcome,
-        None => client_left(request_id),
-    }
+    unless_left(next.unless_closed(work).await, request_id)
 }
 
 /// `/tokenize`, `/detokenize`, `/v1/embeddings`: forwarded as they are to one instance of
@@ -306,12 +306,7 @@ pub async fn serve_forwarded(
             Err(e) => ctx.answer_error(&e).await,
         }
     });
-    // `work` is pinned where it was made: the request's whole flow is one large future, and
-    // moving it into the race cost a copy of it per request.
-    match next.unless_closed(work).await {
-        Some(outcome) => outcome,
-        None => client_left(request_id),
-    }
+    unless_left(next.unless_closed(work).await, request_id)
 }
 
 fn request_ctx<'a>(
