@@ -61,22 +61,22 @@ pub async fn write_client<W: AsyncWriteRent>(
     if len == 0 {
         return Ok(out);
     }
-    let (res, mut out) = client.write(out).await;
+    let (res, out) = client.write(out).await;
     let written = match res {
-        Ok(n) if n == len => {
-            out.clear();
-            return Ok(out);
-        }
         Ok(0) => return Err(RelayError::ClientGone),
         Ok(n) => n,
         Err(e) if e.kind() == ErrorKind::Interrupted => 0,
         Err(_) => return Err(RelayError::ClientGone),
     };
-    let (res, rest) = client
-        .write_all(monoio::buf::IoBuf::slice(out, written..))
-        .await;
-    res.map_err(|_| RelayError::ClientGone)?;
-    let mut out = rest.into_inner();
+    let mut out = if written == len {
+        out
+    } else {
+        let (res, rest) = client
+            .write_all(monoio::buf::IoBuf::slice(out, written..))
+            .await;
+        res.map_err(|_| RelayError::ClientGone)?;
+        rest.into_inner()
+    };
     out.clear();
     Ok(out)
 }
