@@ -7,27 +7,59 @@
 //! parses (nor to a decode leg whose stream it rewrites). Filtering happens while the leg's head is written: no allocation of its own.
 
 use crate::config::Role;
+use crate::http::head::lower_is;
 use crate::trace::RequestTrace;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, RFC 9112 §7.1–7.2) and the `Proxy-*` family.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// What forwarding makes of a header name, whatever the request. Told apart by length
+/// first, as the head parser's `Name::of` does: one comparison per line instead of one per
+/// listed name (comparing each line with every listed name cost more than the rest of a leg's
+/// head; docs/benchmarks.md, "Header forwarding by length").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Hop-by-hop (RFC 9110 §7.6.1, RFC 9112 §7.1–7.2: Keep-Alive, TE, Trailer, Upgrade,
+    /// Connection, Transfer-Encoding, the `Proxy-*` family) or set by the proxy itself on every
+    /// leg (Host, Content-Type, Content-Length, X-Request-Id, Authorization; `Expect` is
+    /// answered here).
+    Never,
+    AcceptEncoding,
+    Traceparent,
+    Tracestate,
+    /// End to end: forwarded unless the deny list or the client's `Connection` names it.
+    Other,
+}
 
-/// Headers the proxy writes itself on every leg (or consumes: `Expect` is answered here).
-const PROXY_SET: &[&str] = &[
-    "host",
-    "content-type",
-    "content-length",
-    "x-request-id",
-    "authorization",
-    "expect",
-];
+impl Kind {
+    fn of(name: &[u8]) -> Kind {
+        let is = |lower: &[u8]| lower_is(name, lower);
+        if name.len() >= 6 && lower_is(&name[..6], b"proxy-") {
+            return Kind::Never;
+        }
+        let never = match name.len() {
+            2 => is(b"te"),
+            4 => is(b"host"),
+            6 => is(b"expect"),
+            7 => is(b"trailer") || is(b"upgrade"),
+            10 => {
+                if is(b"tracestate") {
+                    return Kind::Tracestate;
+                }
+                is(b"connection") || is(b"keep-alive")
+            }
+            11 if is(b"traceparent") => return Kind::Traceparent,
+            12 => is(b"content-type") || is(b"x-request-id"),
+            13 => is(b"authorization"),
+            14 => is(b"content-length"),
+            15 if is(b"accept-encoding") => return Kind::AcceptEncoding,
+            17 => is(b"transfer-encoding"),
+            _ => false,
+        };
+        if never {
+            Kind::Never
+        } else {
+            Kind::Other
+        }
+    }
+}
 
 /// The deny list when the config does not give one (defined with the config key).
 pub use crate::config::DEFAULT_DENY_HEADERS as DEFAULT_DENY;
@@ -49,21 +81,22 @@ pub struct Rules<'a> {
 }
 
 impl Rules<'_> {
-    /// Whether the client's header `name` reaches this leg.
-    pub fn forwards(&self, name: &str) -> bool {
-        let is = |n: &str| name.eq_ignore_ascii_case(n);
-        if HOP_BY_HOP.iter().any(|h| is(h))
-            || name.len() >= 6 && name.as_bytes()[..6].eq_ignore_ascii_case(b"proxy-")
-            || PROXY_SET.iter().any(|h| is(h))
-            || self.deny.iter().any(|h| is(h))
-            || (self.identity && is("accept-encoding"))
-            || (self.own_traceparent && is("traceparent"))
-            || (self.drop_tracestate && is("tracestate"))
-        {
+    /// Whether the client's header `name` (token bytes, as the head parser took them)
+    /// reaches this leg.
+    pub fn forwards(&self, name: &[u8]) -> bool {
+        match Kind::of(name) {
+            Kind::Never => return false,
+            Kind::AcceptEncoding if self.identity => return false,
+            Kind::Traceparent if self.own_traceparent => return false,
+            Kind::Tracestate if self.drop_tracestate => return false,
+            _ => {}
+        }
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        if self.deny.iter().any(|h| is(h.as_bytes())) {
             return false;
         }
         match self.connection {
-            Some(c) => !c.split(',').any(|t| is(t.trim())),
+            Some(c) => !c.split(',').any(|t| is(t.trim().as_bytes())),
             None => true,
         }
     }
@@ -116,7 +149,7 @@ impl Forwarding<'_> {
 /// The client's header `name`, first occurrence (`traceparent`, `tracestate`).
 pub fn find<'a>(client: &'a [u8], name: &str) -> Option<&'a str> {
     lines(client).find_map(|(n, line)| {
-        n.eq_ignore_ascii_case(name)
+        n.eq_ignore_ascii_case(name.as_bytes())
             .then(|| std::str::from_utf8(&line[n.len() + 1..]).ok())
             .flatten()
             .map(str::trim)
@@ -124,34 +157,39 @@ pub fn find<'a>(client: &'a [u8], name: &str) -> Option<&'a str> {
 }
 
 /// `(name, whole line)` of each `Name: value\r\n` line.
-fn lines(block: &[u8]) -> impl Iterator<Item = (&str, &[u8])> {
+fn lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     let mut rest = block;
     std::iter::from_fn(move || loop {
         if rest.is_empty() {
             return None;
         }
         // Values hold no CR or LF (the parser refuses them): a line ends at its LF.
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(rest.len(), |i| i + 1);
+        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
         let line = &rest[..end];
         rest = &rest[end..];
-        let colon = line.iter().position(|&b| b == b':');
-        if let Some(name) = colon.and_then(|c| std::str::from_utf8(&line[..c]).ok()) {
-            return Some((name, line));
+        // Names hold no colon (token bytes): the first one ends the name.
+        if let Some(c) = memchr::memchr(b':', line) {
+            return Some((&line[..c], line));
         }
     })
 }
 
 /// Appends the forwarded lines of `client` (the client's headers as `Name: value\r\n`
-/// lines, see `RequestHead::headers`) to `out`.
+/// lines, see `RequestHead::headers`) to `out`. Runs of forwarded lines go in one copy.
 pub fn write(out: &mut Vec<u8>, client: &[u8], rules: &Rules<'_>) {
+    let mut run = 0..0;
     for (name, line) in lines(client) {
         if rules.forwards(name) {
-            out.extend_from_slice(line);
+            // Where the line starts in `client` (`lines` hands out subslices of it).
+            let at = line.as_ptr() as usize - client.as_ptr() as usize;
+            if run.end != at {
+                out.extend_from_slice(&client[run]);
+                run = at..at;
+            }
+            run.end = at + line.len();
         }
     }
+    out.extend_from_slice(&client[run]);
 }
 
 #[cfg(test)]
@@ -252,6 +290,54 @@ mod tests {
     }
 
     #[test]
+    fn names_are_told_apart_by_length_then_bytes() {
+        let none: Vec<String> = Vec::new();
+        let r = rules(&none);
+        // Every fixed name, in any case, is dropped; a name of the same length is not.
+        for (dropped, kept) in [
+            ("TE", "Te2"),
+            ("KEEP-ALIVE", "Keep-Alivx"),
+            ("Trailer", "Trailor"),
+            ("upgrade", "Upgrades"),
+            ("Connection", "Connectiom"),
+            ("Transfer-Encoding", "Transfer-Encodinx"),
+            ("Content-Length", "X-Stainless-OS"),
+            ("x-request-id", "x-session-id"),
+            ("HOST", "Hust"),
+        ] {
+            assert!(!r.forwards(dropped.as_bytes()), "{dropped}");
+            assert!(r.forwards(kept.as_bytes()), "{kept}");
+        }
+        let traced = Rules {
+            identity: true,
+            own_traceparent: true,
+            drop_tracestate: true,
+            ..rules(&none)
+        };
+        for (name, plain, with_rules) in [
+            ("Accept-Encoding", true, false),
+            ("TraceParent", true, false),
+            ("TRACESTATE", true, false),
+            ("Accept-Language", true, true),
+        ] {
+            assert_eq!(r.forwards(name.as_bytes()), plain, "{name}");
+            assert_eq!(traced.forwards(name.as_bytes()), with_rules, "{name}");
+        }
+    }
+
+    #[test]
+    fn runs_of_forwarded_lines_keep_their_order() {
+        let none: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        let client = b"A: 1\r\nHost: h\r\nB: 2\r\nC: 3\r\nTE: x\r\nD: 4\r\n";
+        write(&mut out, client, &rules(&none));
+        assert_eq!(out, b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n");
+        out.clear();
+        write(&mut out, b"Host: h\r\nTE: x\r\n", &rules(&none));
+        assert!(out.is_empty());
+    }
+
+    #[test]
     fn proxy_set_headers_are_never_copied() {
         let none: Vec<String> = Vec::new();
         let r = rules(&none);
@@ -263,9 +349,9 @@ mod tests {
             "Authorization",
             "Expect",
         ] {
-            assert!(!r.forwards(h), "{h}");
+            assert!(!r.forwards(h.as_bytes()), "{h}");
         }
-        assert!(!r.forwards("Proxy-Connection"));
-        assert!(r.forwards("Proxy"));
+        assert!(!r.forwards(b"Proxy-Connection"));
+        assert!(r.forwards(b"Proxy"));
     }
 }

@@ -76,7 +76,7 @@ impl Name {
 /// Compared a word at a time (the last word overlapping the one before): a byte loop cost
 /// more than the rest of the header's handling.
 #[inline]
-fn lower_is(name: &[u8], lower: &[u8]) -> bool {
+pub(crate) fn lower_is(name: &[u8], lower: &[u8]) -> bool {
     let n = name.len();
     if n != lower.len() {
         return false;

@@ -11,6 +11,7 @@
 mod fields;
 mod usual;
 
+pub(crate) use fields::lower_is;
 use fields::{note_connection, Field, FramingHeaders, Name};
 use http::{Method, StatusCode};
 use std::borrow::Cow;
