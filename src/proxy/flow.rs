@@ -191,6 +191,7 @@ pub async fn serve(
         // Inside the work too: a client that leaves while its prompt is being tokenized
         // stops waiting for it.
         let tokens = prompt_token_ids(route, &inspected, endpoint, &req.body).await;
+        let prompt_hashes = std::cell::OnceCell::new();
         let pick = PickContext {
             tokens: tokens.as_deref(),
             prompt_tokens: tokens
@@ -200,6 +201,7 @@ pub async fn serve(
             key: Some(key),
             prompt_text: inspected.prompt,
             exclude: &[],
+            prompt_hashes: Some(&prompt_hashes),
         };
         // Admission waits inside the work: a client that leaves is taken out of the queue.
         let ask = crate::admission::Ask {

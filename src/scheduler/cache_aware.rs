@@ -44,13 +44,15 @@ impl CacheAware {
 
 /// Chain hashes of the full blocks of `text`.
 pub(crate) fn block_hashes(text: &[u8]) -> Vec<u64> {
-    let mut out = Vec::with_capacity(text.len() / BLOCK);
     let mut h = 0u64;
-    for block in text.chunks_exact(BLOCK) {
-        h = hash64(h, block);
-        out.push(h);
-    }
-    out
+    // Collected from an iterator of known length: one allocation and no capacity check per
+    // block, which a `push` per block cost as much as the hashing.
+    text.chunks_exact(BLOCK)
+        .map(|block| {
+            h = hash64(h, block);
+            h
+        })
+        .collect()
 }
 
 /// The number of leading blocks of `hashes` the table knows with an instance `ok` accepts,
@@ -165,13 +167,20 @@ impl CacheAware {
             .map(|i| requests(self.role, i))
             .min()?;
         let overloaded = |i: &Instance| self.balance.overloaded(i, requests(self.role, i), min);
-        let hashes = block_hashes(ctx.prompt_text);
+        let own;
+        let hashes: &[u64] = match ctx.prompt_hashes {
+            Some(kept) => kept.get_or_init(|| block_hashes(ctx.prompt_text)),
+            None => {
+                own = block_hashes(ctx.prompt_text);
+                &own
+            }
+        };
         let find = |sid: u64| {
             candidates
                 .iter()
                 .find(|i| PrefixTable::slot_id(i.id) == sid && ctx.eligible(i))
         };
-        let found = longest(&self.table, &hashes, find);
+        let found = longest(&self.table, hashes, find);
         // A new prefix group goes to the instance with the fewest groups (this replica's
         // and, with `prefix_sync`, its peers'), among those within the load band; ties, and
         // a group moved off an overloaded node, to the rendezvous home keyed by the first
@@ -326,7 +335,7 @@ impl CacheAware {
                 self.recent.note(prefix_sync::Deal {
                     inst: chosen.id,
                     key,
-                    hashes: hashes.clone(),
+                    hashes: hashes.to_vec(),
                     dealt_at: at,
                     at_ms: crate::resilience::now_ms(),
                 });
@@ -335,7 +344,7 @@ impl CacheAware {
                 prefix_sync::offer(prefix_sync::Placement {
                     instance: chosen.clone(),
                     key,
-                    hashes,
+                    hashes: hashes.to_vec(),
                     from,
                     dealt_at,
                 });
@@ -378,6 +387,38 @@ mod tests {
         // Eight sessions spread over the instances rather than piling on one.
         let used: std::collections::HashSet<_> = owners.values().collect();
         assert!(used.len() >= 3, "{owners:?}");
+    }
+
+    /// The hashes one pick made are the prompt's, and a pick that uses them places the
+    /// request as one that hashes the prompt itself.
+    #[test]
+    fn a_request_s_picks_share_its_prompt_hashes() {
+        let c = instances(4, Role::Decode);
+        let ca = CacheAware::new(
+            "t-shared-hashes",
+            Role::Decode,
+            &SchedulingOptions::default(),
+        );
+        let text = format!("group: {}", "shared system prompt. ".repeat(40));
+        let kept = std::cell::OnceCell::new();
+        let ctx = PickContext {
+            prompt_text: text.as_bytes(),
+            prompt_hashes: Some(&kept),
+            ..Default::default()
+        };
+        let first = ca.pick(&c, &ctx).unwrap();
+        assert_eq!(kept.get(), Some(&block_hashes(text.as_bytes())));
+        let own = ca
+            .pick(
+                &c,
+                &PickContext {
+                    prompt_hashes: None,
+                    ..ctx
+                },
+            )
+            .unwrap();
+        let shared = ca.pick(&c, &ctx).unwrap();
+        assert!(Arc::ptr_eq(first, own) && Arc::ptr_eq(first, shared));
     }
 
     /// A retry's detour (the group's node excluded once) does not move the group.
