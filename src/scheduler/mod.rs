@@ -45,7 +45,7 @@ pub struct PickContext<'a> {
     pub exclude: &'a [SocketAddr],
     /// `prompt_text`'s block hashes (`cache_aware`), made by the request's first pick and kept
     /// for its other legs and retries: a 1P+1D request hashed a 4 KiB prompt twice, ~4k
-    /// instructions each (docs/benchmarks.md, "A prompt hashed once per request"). `None`:
+    /// instructions each (docs/benchmarks.md, "a prompt hashed once per request"). `None`:
     /// each pick hashes its own.
     pub prompt_hashes: Option<&'a std::cell::OnceCell<Vec<u64>>>,
 }
