@@ -359,7 +359,9 @@ async fn send_once(
     body: Body<'_>,
 ) -> (Result<ResponseHead, UpstreamError>, ReadBuf, Vec<u8>) {
     let head_len = head.len();
-    let write = async {
+    // Each made in its pinned place: made first and pinned after, each whole future was
+    // copied (a `memcpy` call per leg for each).
+    let write = std::pin::pin!(async {
         match body {
             Body::Written(b) => {
                 head.extend_from_slice(b);
@@ -377,8 +379,8 @@ async fn send_once(
                 }
             }
         }
-    };
-    let read = async {
+    });
+    let read = std::pin::pin!(async {
         // The armed read is the only read on `rd` until it completes.
         let (first, mut buf) = read.await;
         let got = match first {
@@ -387,8 +389,8 @@ async fn send_once(
             Err(e) => Err(UpstreamError::Io(e)),
         };
         (got, buf)
-    };
-    let ((written, mut head), (got, buf)) = both(std::pin::pin!(write), std::pin::pin!(read)).await;
+    });
+    let ((written, mut head), (got, buf)) = both(write, read).await;
     head.truncate(head_len);
     match written {
         Err(e) => (Err(UpstreamError::Io(e)), buf, head),

@@ -118,76 +118,104 @@ pub(super) struct FramingHeaders {
 }
 
 impl FramingHeaders {
+    /// Notes `name: value` when it is a framing header (true), else leaves it (false). Inlined
+    /// into both parsers' loops: most lines are not framing headers, and a call per line cost
+    /// more than the test.
+    #[inline]
     pub(super) fn observe(&mut self, name: Name, value: &[u8]) -> Result<bool, HeadError> {
-        if name == Name::ContentLength {
-            // Digits only (no sign, no blank inside), read as bytes: every head has one.
-            let v = value.trim_ascii();
-            let n = if v.is_empty() {
-                None
-            } else {
-                v.iter().try_fold(0u64, |n, &b| {
+        match name {
+            Name::ContentLength => self.content_length(value)?,
+            Name::TransferEncoding => self.transfer_encoding(value)?,
+            Name::Connection => self.connection(value)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    #[inline]
+    fn content_length(&mut self, value: &[u8]) -> Result<(), HeadError> {
+        // Digits only (no sign, no blank inside), read as bytes: every head has one. Up to 19
+        // digits cannot overflow a u64; longer ones are checked step by step.
+        let v = value.trim_ascii();
+        let invalid = HeadError::Malformed("invalid Content-Length");
+        if v.is_empty() {
+            return Err(invalid);
+        }
+        let n = if v.len() <= 19 {
+            let mut n = 0u64;
+            for &b in v {
+                let d = b.wrapping_sub(b'0');
+                if d > 9 {
+                    return Err(invalid);
+                }
+                n = n * 10 + u64::from(d);
+            }
+            n
+        } else {
+            v.iter()
+                .try_fold(0u64, |n, &b| {
                     b.is_ascii_digit()
                         .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
                         .flatten()
                 })
-            };
-            let n = n.ok_or(HeadError::Malformed("invalid Content-Length"))?;
-            if self.content_length.is_some_and(|old| old != n) {
-                return Err(HeadError::Malformed("conflicting Content-Length headers"));
-            }
-            self.content_length = Some(n);
-            Ok(true)
-        } else if name == Name::TransferEncoding {
-            if value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                // The usual value alone: what the loop below does for it.
-                if self.chunked {
-                    return Err(HeadError::Malformed(
-                        "chunked is not the final transfer coding",
-                    ));
-                }
-                self.chunked = true;
-                return Ok(true);
-            }
-            let v = value_str(value, "invalid Transfer-Encoding")?;
-            for coding in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-                if self.chunked {
-                    // chunked must be the final coding, once.
-                    return Err(HeadError::Malformed(
-                        "chunked is not the final transfer coding",
-                    ));
-                }
-                if coding.eq_ignore_ascii_case("chunked") {
-                    self.chunked = true;
-                } else {
-                    self.other_te = true;
-                }
-            }
-            Ok(true)
-        } else if name == Name::Connection {
-            // The usual values alone, without splitting.
-            match value.trim_ascii() {
-                v if v.eq_ignore_ascii_case(b"keep-alive") => {
-                    self.conn_keep_alive = true;
-                    return Ok(true);
-                }
-                v if v.eq_ignore_ascii_case(b"close") => {
-                    self.conn_close = true;
-                    return Ok(true);
-                }
-                _ => {}
-            }
-            let v = value_str(value, "invalid Connection")?;
-            for tok in v.split(',').map(str::trim) {
-                if tok.eq_ignore_ascii_case("close") {
-                    self.conn_close = true;
-                } else if tok.eq_ignore_ascii_case("keep-alive") {
-                    self.conn_keep_alive = true;
-                }
-            }
-            Ok(true)
-        } else {
-            Ok(false)
+                .ok_or(invalid)?
+        };
+        if self.content_length.is_some_and(|old| old != n) {
+            return Err(HeadError::Malformed("conflicting Content-Length headers"));
         }
+        self.content_length = Some(n);
+        Ok(())
+    }
+
+    fn transfer_encoding(&mut self, value: &[u8]) -> Result<(), HeadError> {
+        if value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            // The usual value alone: what the loop below does for it.
+            if self.chunked {
+                return Err(HeadError::Malformed(
+                    "chunked is not the final transfer coding",
+                ));
+            }
+            self.chunked = true;
+            return Ok(());
+        }
+        let v = value_str(value, "invalid Transfer-Encoding")?;
+        for coding in v.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if self.chunked {
+                // chunked must be the final coding, once.
+                return Err(HeadError::Malformed(
+                    "chunked is not the final transfer coding",
+                ));
+            }
+            if coding.eq_ignore_ascii_case("chunked") {
+                self.chunked = true;
+            } else {
+                self.other_te = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn connection(&mut self, value: &[u8]) -> Result<(), HeadError> {
+        // The usual values alone, without splitting. `lower_is` is exact on a value too: its
+        // one other match, CR for `-`, cannot occur (both parsers end a value at CR).
+        let v = value.trim_ascii();
+        if lower_is(v, b"keep-alive") {
+            self.conn_keep_alive = true;
+            return Ok(());
+        }
+        if lower_is(v, b"close") {
+            self.conn_close = true;
+            return Ok(());
+        }
+        let v = value_str(value, "invalid Connection")?;
+        for tok in v.split(',').map(str::trim) {
+            if tok.eq_ignore_ascii_case("close") {
+                self.conn_close = true;
+            } else if tok.eq_ignore_ascii_case("keep-alive") {
+                self.conn_keep_alive = true;
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn keep_alive(&self, minor_version: u8) -> bool {

@@ -442,11 +442,20 @@ mod tests {
                 "{bad:?}"
             );
         }
-        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551615\r\n\r\n";
-        assert_eq!(
-            parse_request(raw).unwrap().framing,
-            Framing::Length(u64::MAX)
-        );
+        // 19 digits and fewer are read unchecked, longer ones step by step: both ends agree.
+        for (value, want) in [
+            ("18446744073709551615", u64::MAX),
+            ("9999999999999999999", 9_999_999_999_999_999_999),
+            ("0000000000000000000000000007", 7),
+            ("007", 7),
+        ] {
+            let raw = format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {value}\r\n\r\n");
+            assert_eq!(
+                parse_request(raw.as_bytes()).unwrap().framing,
+                Framing::Length(want),
+                "{value}"
+            );
+        }
         let raw = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(matches!(parse_request(raw), Err(HeadError::Malformed(_))));
         let raw = b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n";

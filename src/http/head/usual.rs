@@ -64,6 +64,14 @@ static CLASS: [u8; 256] = {
 /// The end of the run of `class` bytes from `i`.
 #[inline]
 fn run(buf: &[u8], mut i: usize, class: u8) -> usize {
+    // Four bytes per test while all four are in the class: one branch instead of four.
+    while let Some(&[a, b, c, d]) = buf.get(i..i + 4) {
+        let all = CLASS[a as usize] & CLASS[b as usize] & CLASS[c as usize] & CLASS[d as usize];
+        if all & class == 0 {
+            break;
+        }
+        i += 4;
+    }
     while i < buf.len() && CLASS[buf[i] as usize] & class != 0 {
         i += 1;
     }
