@@ -16,7 +16,7 @@ use crate::hash::FastHash;
 use crate::http::buf::{OwnedFill, ReadBuf};
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::conn::{ReadHalf, SplitStream, WriteHalf};
-use crate::http::head::{parse_response, Framing, HeadError, ResponseHead};
+use crate::http::head::{Framing, HeadError, ResponseHead, ResponseMemo};
 use crate::instance::Instance;
 use crate::topology::Topology;
 use bytes::Bytes;
@@ -148,6 +148,8 @@ pub struct Pool {
     idle_timeout: Duration,
     /// Topology generation the pool last pruned against.
     generation: Cell<u64>,
+    /// The response heads the worker's backends send, recognised by their bytes.
+    heads: RefCell<ResponseMemo>,
 }
 
 impl Pool {
@@ -157,6 +159,7 @@ impl Pool {
             connect_timeout,
             idle_timeout,
             generation: Cell::new(0),
+            heads: RefCell::default(),
         }
     }
 
@@ -309,7 +312,7 @@ impl Pool {
             // Pinned here and bounded by reference: moved into `bound`, the future (the
             // write and the head's read) was copied again per leg.
             let got = {
-                let once = std::pin::pin!(send_once(rd, wr, read, head, body));
+                let once = std::pin::pin!(send_once(rd, wr, read, head, body, &self.heads));
                 deadline.bound(once).await
             };
             let Some((res, buf, h)) = got else {
@@ -357,6 +360,7 @@ async fn send_once(
     read: &mut Armed,
     mut head: Vec<u8>,
     body: Body<'_>,
+    heads: &RefCell<ResponseMemo>,
 ) -> (Result<ResponseHead, UpstreamError>, ReadBuf, Vec<u8>) {
     let head_len = head.len();
     // Each made in its pinned place: made first and pinned after, each whole future was
@@ -385,7 +389,7 @@ async fn send_once(
         let (first, mut buf) = read.await;
         let got = match first {
             Ok(0) => Err(UpstreamError::Closed),
-            Ok(_) => read_head(rd, &mut buf).await,
+            Ok(_) => read_head(rd, &mut buf, heads).await,
             Err(e) => Err(UpstreamError::Io(e)),
         };
         (got, buf)
@@ -448,13 +452,15 @@ fn both<'f, A: Future, B: Future>(a: Pin<&'f mut A>, b: Pin<&'f mut B>) -> Both<
 async fn read_head<R: AsyncReadRent>(
     rd: &mut R,
     buf: &mut ReadBuf,
+    heads: &RefCell<ResponseMemo>,
 ) -> Result<ResponseHead, UpstreamError> {
     loop {
         // Nothing read yet (the read goes out with the request's write): nothing to parse.
         let parsed = if buf.is_empty() {
             Err(HeadError::Partial)
         } else {
-            parse_response(buf.data(), false)
+            // Borrowed for the parse alone: no other borrow can be live (no await inside).
+            heads.borrow_mut().parse(buf.data())
         };
         match parsed {
             Ok(h) if h.status.is_informational() => {

@@ -9,11 +9,13 @@
 //! names apart and gathers the framing headers for both.
 
 mod fields;
+mod memo;
 mod usual;
 
 pub(crate) use fields::lower_is;
 use fields::{note_connection, Field, FramingHeaders, Name};
 use http::{Method, StatusCode};
+pub use memo::ResponseMemo;
 use std::borrow::Cow;
 use usual::{usual_request, usual_status, Fields};
 
@@ -279,6 +281,40 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, He
         return response_from(line, fields.iter(buf), len, head_request);
     }
     parse_response_general(buf, head_request)
+}
+
+/// What of a response head's bytes may change in the next head with the same answer.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// Nothing: the same bytes are the same head.
+    Fixed,
+    /// The one `Content-Length` value, at these offsets (its digits), which frames the body.
+    LengthAt(usize, usize),
+}
+
+/// `parse_response(buf, false)`, and for a head of the usual shape what `ResponseMemo` may
+/// keep of it (`None`: nothing, e.g. several `Content-Length` lines or a length of 0).
+fn parse_response_noting(buf: &[u8]) -> Result<(ResponseHead, Option<Shape>), HeadError> {
+    let mut fields = Fields::new();
+    let Some((line, len)) = usual_status(buf, &mut fields) else {
+        return parse_response_general(buf, false).map(|h| (h, None));
+    };
+    let head = response_from(line, fields.iter(buf), len, false)?;
+    if head.status.is_informational() {
+        return Ok((head, None));
+    }
+    let mut lengths = fields
+        .spans()
+        .iter()
+        .filter(|&&[ns, ne, ..]| Name::of(&buf[ns as usize..ne as usize]) == Name::ContentLength);
+    let shape = match (lengths.next(), lengths.next(), head.framing) {
+        (None, _, _) => Some(Shape::Fixed),
+        (Some(&[_, _, vs, ve]), None, Framing::Length(_)) => {
+            Some(Shape::LengthAt(vs as usize, ve as usize))
+        }
+        _ => None,
+    };
+    Ok((head, shape))
 }
 
 /// Any response head httparse takes.

@@ -103,6 +103,11 @@ impl Fields {
         }
     }
 
+    /// Each line's name start and end, value start and end.
+    pub(super) fn spans(&self) -> &[[u16; 4]] {
+        &self.at[..self.n]
+    }
+
     pub(super) fn iter<'b>(&self, buf: &'b [u8]) -> impl Iterator<Item = Field<'b>> + use<'_, 'b> {
         self.at[..self.n]
             .iter()
