@@ -46,7 +46,7 @@ async fn serve_connection(node: Arc<Node>, mut stream: TcpStream) {
     let mut watch: Option<Rc<DisconnectWatch>> = None;
     let mut deadline = Deadline::new();
     loop {
-        let req = match read_request(&mut stream, &mut buf, &limits, &mut deadline).await {
+        let req = match read_request(&mut stream, &mut buf, &limits, &mut deadline, None).await {
             Ok(r) => r,
             Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {

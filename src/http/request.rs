@@ -3,7 +3,7 @@
 use super::buf::ReadBuf;
 use super::chunked::ChunkedDecoder;
 use super::error::ApiError;
-use super::head::{parse_request, Framing, HeadError, RequestHead};
+use super::head::{parse_request, Framing, HeadError, RequestHead, RequestMemo};
 use crate::clock::{after, recent};
 use crate::deadline::Deadline;
 use bytes::Bytes;
@@ -78,12 +78,14 @@ fn reject(status: StatusCode, msg: impl Into<String>) -> ReadError {
 }
 
 /// Reads the next request. Bytes after it stay in `buf` (pipelining). `deadline`: the
-/// connection's, kept from one request to the next (one timer per connection).
+/// connection's, kept from one request to the next (one timer per connection). `heads`: the
+/// connection's last request head, to recognise the next (`head::memo`).
 pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
     stream: &mut S,
     buf: &mut ReadBuf,
     limits: &Limits,
     deadline: &mut Deadline,
+    mut heads: Option<&mut RequestMemo>,
 ) -> Result<Request, ReadError> {
     // Idle wait for the first byte, then the whole request within the header timeout.
     let mut started = !buf.is_empty();
@@ -96,7 +98,11 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
         },
     ));
     let head = loop {
-        match parse_request(buf.data()) {
+        let parsed = match heads.as_deref_mut() {
+            Some(m) => m.parse(buf.data()),
+            None => parse_request(buf.data()),
+        };
+        match parsed {
             Ok(h) => break h,
             Err(HeadError::Partial) => {
                 if request_line_too_long(buf.data(), limits.max_uri_bytes) {

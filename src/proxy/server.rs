@@ -8,6 +8,7 @@ use super::route::{Access, Route};
 use super::{admin, Worker};
 use crate::deadline::Deadline;
 use crate::http::conn::{ClientWriter, SplitStream};
+use crate::http::head::RequestMemo;
 use crate::http::watch::NextRead;
 use crate::http::write::{error_response, full_response, JSON};
 use crate::http::{lingering_close, read_request, ApiError, ReadBuf, ReadError, Request};
@@ -101,9 +102,20 @@ async fn serve_connection(w: &Worker, stream: TcpStream, peer: PeerIp) {
     let mut buf = ReadBuf::with_capacity(8 * 1024);
     // The connection's one timer: the wait for the next request, then its header timeout.
     let mut deadline = Deadline::new();
+    // A client sends the same head each time but for the body's length: recognised, not
+    // parsed again.
+    let mut heads = RequestMemo::default();
     loop {
         let limits = w.policy().limits.http;
-        let req = match read_request(&mut conn, &mut buf, &limits, &mut deadline).await {
+        let req = match read_request(
+            &mut conn,
+            &mut buf,
+            &limits,
+            &mut deadline,
+            Some(&mut heads),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(ReadError::Closed) | Err(ReadError::Io(_)) | Err(ReadError::TimedOut) => return,
             Err(ReadError::Reject(e)) => {

@@ -15,7 +15,7 @@ mod usual;
 pub(crate) use fields::lower_is;
 use fields::{note_connection, Field, FramingHeaders, Name};
 use http::{Method, StatusCode};
-pub use memo::ResponseMemo;
+pub use memo::{RequestMemo, ResponseMemo};
 use std::borrow::Cow;
 use usual::{usual_request, usual_status, Fields};
 
@@ -285,15 +285,30 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, He
 
 /// What of a response head's bytes may change in the next head with the same answer.
 #[derive(Debug, Clone, Copy)]
-enum Shape {
+pub enum Shape {
     /// Nothing: the same bytes are the same head.
     Fixed,
     /// The one `Content-Length` value, at these offsets (its digits), which frames the body.
     LengthAt(usize, usize),
 }
 
-/// `parse_response(buf, false)`, and for a head of the usual shape what `ResponseMemo` may
-/// keep of it (`None`: nothing, e.g. several `Content-Length` lines or a length of 0).
+/// What a memo may keep of a head of the usual shape (`None`: nothing, e.g. several
+/// `Content-Length` lines, or a length that does not frame the body, as a zero or a 204's).
+fn shape_of(buf: &[u8], fields: &Fields, framing: Framing) -> Option<Shape> {
+    let mut lengths = fields
+        .spans()
+        .iter()
+        .filter(|&&[ns, ne, ..]| Name::of(&buf[ns as usize..ne as usize]) == Name::ContentLength);
+    match (lengths.next(), lengths.next(), framing) {
+        (None, _, _) => Some(Shape::Fixed),
+        (Some(&[_, _, vs, ve]), None, Framing::Length(_)) => {
+            Some(Shape::LengthAt(vs as usize, ve as usize))
+        }
+        _ => None,
+    }
+}
+
+/// `parse_response(buf, false)`, and what `ResponseMemo` may keep of the head.
 fn parse_response_noting(buf: &[u8]) -> Result<(ResponseHead, Option<Shape>), HeadError> {
     let mut fields = Fields::new();
     let Some((line, len)) = usual_status(buf, &mut fields) else {
@@ -303,17 +318,18 @@ fn parse_response_noting(buf: &[u8]) -> Result<(ResponseHead, Option<Shape>), He
     if head.status.is_informational() {
         return Ok((head, None));
     }
-    let mut lengths = fields
-        .spans()
-        .iter()
-        .filter(|&&[ns, ne, ..]| Name::of(&buf[ns as usize..ne as usize]) == Name::ContentLength);
-    let shape = match (lengths.next(), lengths.next(), head.framing) {
-        (None, _, _) => Some(Shape::Fixed),
-        (Some(&[_, _, vs, ve]), None, Framing::Length(_)) => {
-            Some(Shape::LengthAt(vs as usize, ve as usize))
-        }
-        _ => None,
+    let shape = shape_of(buf, &fields, head.framing);
+    Ok((head, shape))
+}
+
+/// `parse_request(buf)`, and what `RequestMemo` may keep of the head.
+fn parse_request_noting(buf: &[u8]) -> Result<(RequestHead, Option<Shape>), HeadError> {
+    let mut fields = Fields::new();
+    let Some((line, len)) = usual_request(buf, &mut fields) else {
+        return parse_request_general(buf).map(|h| (h, None));
     };
+    let head = request_from(line.method, line.target, line.minor, fields.iter(buf), len)?;
+    let shape = shape_of(buf, &fields, head.framing);
     Ok((head, shape))
 }
 
