@@ -44,3 +44,18 @@ pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(usize) -> usize {
         (seed % n as u64) as usize
     }
 }
+
+/// One random edit of `m` for the mutation tests: a byte of `bytes` written over, inserted
+/// at, or a byte removed from a random place.
+#[cfg(test)]
+pub(crate) fn test_mutate(m: &mut Vec<u8>, bytes: &[u8], next: &mut impl FnMut(usize) -> usize) {
+    let at = next(m.len());
+    let b = bytes[next(bytes.len())];
+    match next(3) {
+        0 => m[at] = b,
+        1 => m.insert(at, b),
+        _ => {
+            m.remove(at);
+        }
+    }
+}

@@ -294,15 +294,7 @@ mod tests {
                 }
                 for _ in 0..200 + round * 100 {
                     let mut m = head.to_vec();
-                    let at = next(m.len());
-                    let b = interesting[next(interesting.len())];
-                    match next(3) {
-                        0 => m[at] = b,
-                        1 => m.insert(at, b),
-                        _ => {
-                            m.remove(at);
-                        }
-                    }
+                    crate::test_mutate(&mut m, interesting, &mut next);
                     check(&m);
                 }
             }

@@ -284,15 +284,7 @@ mod tests {
             for _ in 0..3000 {
                 let mut m = base.to_vec();
                 for _ in 0..1 + next(3) {
-                    let at = next(m.len());
-                    let b = interesting[next(interesting.len())];
-                    match next(3) {
-                        0 => m[at] = b,
-                        1 => m.insert(at, b),
-                        _ => {
-                            m.remove(at);
-                        }
-                    }
+                    crate::test_mutate(&mut m, interesting, &mut next);
                 }
                 v.push(m);
             }
