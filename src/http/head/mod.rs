@@ -283,7 +283,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, He
     parse_response_general(buf, head_request)
 }
 
-/// What of a response head's bytes may change in the next head with the same answer.
+/// What of a head's bytes may change in the next head with the same answer (`memo`).
 #[derive(Debug, Clone, Copy)]
 pub enum Shape {
     /// Nothing: the same bytes are the same head.
