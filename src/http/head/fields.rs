@@ -134,23 +134,15 @@ impl FramingHeaders {
 
     #[inline]
     fn content_length(&mut self, value: &[u8]) -> Result<(), HeadError> {
-        // Digits only (no sign, no blank inside), read as bytes: every head has one. Up to 19
-        // digits cannot overflow a u64; longer ones are checked step by step.
+        // Digits only (no sign, no blank inside), read as bytes: every head has one. Short
+        // ones unchecked; longer ones are checked step by step.
         let v = value.trim_ascii();
         let invalid = HeadError::Malformed("invalid Content-Length");
         if v.is_empty() {
             return Err(invalid);
         }
-        let n = if v.len() <= 19 {
-            let mut n = 0u64;
-            for &b in v {
-                let d = b.wrapping_sub(b'0');
-                if d > 9 {
-                    return Err(invalid);
-                }
-                n = n * 10 + u64::from(d);
-            }
-            n
+        let n = if v.len() <= MAX_UNCHECKED_DIGITS {
+            short_decimal(v).ok_or(invalid)?
         } else {
             v.iter()
                 .try_fold(0u64, |n, &b| {
@@ -225,6 +217,24 @@ impl FramingHeaders {
             !self.conn_close
         }
     }
+}
+
+/// Decimal digits that cannot overflow a u64, however many of them are 9s.
+pub(super) const MAX_UNCHECKED_DIGITS: usize = 19;
+
+/// The value of `v`, digits only and at most `MAX_UNCHECKED_DIGITS` of them (not checked
+/// here): a `Content-Length` as both the parser and the memo read it.
+#[inline]
+pub(super) fn short_decimal(v: &[u8]) -> Option<u64> {
+    let mut n = 0u64;
+    for &b in v {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n = n * 10 + u64::from(d);
+    }
+    Some(n)
 }
 
 /// Keeps the tokens of a `Connection` value other than close and keep-alive.

@@ -10,16 +10,15 @@
 //! digits are read as the parser reads them. Heads that a length does not frame the same way
 //! (a zero length, a status without a body, several `Content-Length` lines) are not kept.
 
+use super::fields::{short_decimal, MAX_UNCHECKED_DIGITS};
 use super::{
-    parse_request_noting, parse_response_noting, Framing, HeadError, RequestHead, ResponseHead,
-    Shape,
+    parse_request, parse_request_noting, parse_response, parse_response_noting, Framing, HeadError,
+    RequestHead, ResponseHead, Shape,
 };
 
 /// Longer heads are parsed each time (an engine's is about 100 bytes, vLLM's 150, the OpenAI
 /// SDK's requests 600).
 const MAX_KEPT: usize = 1024;
-/// `Content-Length` digits read without an overflow check (`fields::content_length`).
-const MAX_DIGITS: usize = 19;
 /// After this many misses in a row (heads that differ each time: a request id in every
 /// head), the memo rests for `REST` heads: a miss costs a comparison and a copy.
 const MISSES: u32 = 16;
@@ -27,6 +26,8 @@ const REST: u32 = 1024;
 
 /// A head the memo can hand out again with another body length.
 pub trait Head: Clone + Sized {
+    /// The parse alone.
+    fn parse(buf: &[u8]) -> Result<Self, HeadError>;
     /// The parse, and what of the head may be kept.
     fn parse_noting(buf: &[u8]) -> Result<(Self, Option<Shape>), HeadError>;
     /// This head with a body of `n` bytes (not 0), its head `len` bytes long.
@@ -35,6 +36,10 @@ pub trait Head: Clone + Sized {
 }
 
 impl Head for ResponseHead {
+    fn parse(buf: &[u8]) -> Result<Self, HeadError> {
+        parse_response(buf, false)
+    }
+
     fn parse_noting(buf: &[u8]) -> Result<(Self, Option<Shape>), HeadError> {
         parse_response_noting(buf)
     }
@@ -53,6 +58,10 @@ impl Head for ResponseHead {
 }
 
 impl Head for RequestHead {
+    fn parse(buf: &[u8]) -> Result<Self, HeadError> {
+        parse_request(buf)
+    }
+
     fn parse_noting(buf: &[u8]) -> Result<(Self, Option<Shape>), HeadError> {
         parse_request_noting(buf)
     }
@@ -110,7 +119,7 @@ impl<H: Head, const SLOTS: usize> Memo<H, SLOTS> {
     pub fn parse(&mut self, buf: &[u8]) -> Result<H, HeadError> {
         if self.resting > 0 {
             self.resting -= 1;
-            return H::parse_noting(buf).map(|(h, _)| h);
+            return H::parse(buf);
         }
         if let Some(h) = self.kept.iter().find_map(|k| k.recall(buf)) {
             self.misses = 0;
@@ -162,10 +171,10 @@ impl<H: Head> Kept<H> {
         }
         let digits = buf[start..]
             .iter()
-            .take(MAX_DIGITS + 1)
+            .take(MAX_UNCHECKED_DIGITS + 1)
             .take_while(|b| b.is_ascii_digit())
             .count();
-        if digits == 0 || digits > MAX_DIGITS {
+        if digits == 0 || digits > MAX_UNCHECKED_DIGITS {
             return None;
         }
         let rest = &self.bytes[end..];
@@ -173,9 +182,7 @@ impl<H: Head> Kept<H> {
         if buf.get(at..at + rest.len())? != rest {
             return None;
         }
-        let n = buf[start..at]
-            .iter()
-            .fold(0u64, |n, &b| n * 10 + u64::from(b - b'0'));
+        let n = short_decimal(&buf[start..at])?;
         if n == 0 {
             // No body: framed as `None`, which the parser decides.
             return None;
@@ -187,7 +194,6 @@ impl<H: Head> Kept<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::head::{parse_request, parse_response};
 
     fn same_response(memo: &mut ResponseMemo, buf: &[u8]) {
         // Always looking: the random heads below would otherwise put it to rest.
