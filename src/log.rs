@@ -55,7 +55,10 @@ pub fn enabled(level: Level) -> bool {
     level as u8 <= LEVEL.load(Ordering::Relaxed)
 }
 
-/// Writes one line; called through the macros only after `enabled` said yes.
+/// Writes one line; called through the macros only after `enabled` said yes. Cold: the
+/// formatting of a line the request path logs is then laid out away from its hot code.
+#[cold]
+#[inline(never)]
 pub fn write(level: Level, target: &str, args: fmt::Arguments<'_>) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

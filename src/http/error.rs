@@ -17,7 +17,11 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
+// The constructors are `#[cold]`: a request that fails is rare, and the code that builds its
+// message (formatting included) then lies outside the hot paths' instruction-cache lines
+// (docs/benchmarks.md, "The code a request runs").
 impl ApiError {
+    #[cold]
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -30,14 +34,17 @@ impl ApiError {
         }
     }
 
+    #[cold]
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
+    #[cold]
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message).with_code("not_found")
     }
 
+    #[cold]
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -46,6 +53,7 @@ impl ApiError {
         )
     }
 
+    #[cold]
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message)
     }

@@ -380,8 +380,10 @@ async fn disaggregated(
     };
     let answered = ctx.run(&route.prefill, pick, Role::Prefill, body).await;
     w.scratch.give(prefill);
-    // The prefill response is read into a free buffer too, given back before the decode leg.
-    let mut resp = w.scratch.take();
+    // HTTP/1.0 clients cannot take the chunked stream the first token's path writes; they
+    // get the plain relay, which frames by close.
+    let first_wanted = ctx.policy.generator_on_p_node && job.inspected.stream && !ctx.http10;
+    let mut resp = Vec::new();
     {
         let Answered {
             guard,
@@ -390,7 +392,15 @@ async fn disaggregated(
         } = answered?;
         let inst = guard.instance();
         let idle = ctx.policy.timeouts.idle;
-        let got = read_body(&mut conn, &head, MAX_PREFILL_RESPONSE, idle, &mut resp).await;
+        // The prefill body is read by NIXL (its kv_transfer_params), by the first token's
+        // path, and by the client when it is an error; otherwise it is passed over where it
+        // lies. Kept, it goes into a free buffer, given back before the decode leg.
+        let keep = nixl || first_wanted || !head.status.is_success();
+        if keep {
+            resp = w.scratch.take();
+        }
+        let out = keep.then_some(&mut resp);
+        let got = read_body(&mut conn, &head, MAX_PREFILL_RESPONSE, idle, out).await;
         match got {
             Ok(()) => {}
             Err(BodyFailed::Upstream(e)) => {
@@ -447,9 +457,7 @@ async fn disaggregated(
             job.body
         }
     };
-    // HTTP/1.0 clients cannot take the chunked stream this path writes; they get the
-    // plain relay, which frames by close.
-    let first = (ctx.policy.generator_on_p_node && job.inspected.stream && !ctx.http10)
+    let first = first_wanted
         .then(|| FirstToken::from_prefill(&resp, job.chat))
         .flatten();
     w.scratch.give(resp);

@@ -328,9 +328,12 @@ impl Scratch {
             .unwrap_or_else(|| Vec::with_capacity(4096))
     }
 
+    /// Keeps `buf` for a later `take`, unless it is too large, holds no memory (a buffer
+    /// taken over by a `Bytes`, a body not kept) or enough are kept already.
     pub fn give(&self, mut buf: Vec<u8>) {
         let mut list = self.0.borrow_mut();
-        if buf.capacity() <= Self::MAX_CAPACITY && list.len() < Self::KEEP {
+        let cap = buf.capacity();
+        if cap > 0 && cap <= Self::MAX_CAPACITY && list.len() < Self::KEEP {
             buf.clear();
             list.push(buf);
         }

@@ -512,12 +512,21 @@ impl BodyDecoder {
     /// Moves the decoded bytes buffered in `buf` to `out`; true once the body is complete.
     /// Bytes after the body stay in `buf`.
     pub fn decode(&mut self, buf: &mut ReadBuf, out: &mut Vec<u8>) -> Result<bool, UpstreamError> {
+        self.decode_with(buf, |d| out.extend_from_slice(d))
+    }
+
+    /// `decode`, each piece of decoded bytes given to `sink` (which may drop them).
+    fn decode_with(
+        &mut self,
+        buf: &mut ReadBuf,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<bool, UpstreamError> {
         let data = buf.data();
         match &mut self.0 {
             BodyState::Done => return Ok(true),
             BodyState::Length(rem) => {
                 let take = (*rem).min(data.len() as u64) as usize;
-                out.extend_from_slice(&data[..take]);
+                sink(&data[..take]);
                 buf.consume(take);
                 *rem -= take as u64;
                 if *rem > 0 {
@@ -526,7 +535,7 @@ impl BodyDecoder {
             }
             BodyState::Chunked(dec) => {
                 let used = dec
-                    .feed(data, |d| out.extend_from_slice(d))
+                    .feed(data, sink)
                     .map_err(|_| UpstreamError::BadResponse("bad chunked encoding"))?;
                 buf.consume(used);
                 if !dec.is_done() {
@@ -534,7 +543,7 @@ impl BodyDecoder {
                 }
             }
             BodyState::UntilClose => {
-                out.extend_from_slice(data);
+                sink(data);
                 buf.clear();
                 return Ok(false);
             }
@@ -562,21 +571,23 @@ impl From<UpstreamError> for BodyFailed {
     }
 }
 
-/// Reads a whole response body (the prefill leg's) into `out`; `max` bounds memory. What the
-/// head's reads already brought — the whole body, usually, for a short one — is taken at
-/// once, without a timer; only the rest is read, within `limit`.
+/// Reads a whole response body (the prefill leg's) into `out`, or past it when `out` is None
+/// (nobody reads it: the connection is pooled without copying it); `max` bounds its size
+/// either way. What the head's reads already brought — the whole body, usually, for a short
+/// one — is taken at once, without a timer; only the rest is read, within `limit`.
 pub async fn read_body(
     conn: &mut UpstreamConn,
     head: &ResponseHead,
     max: usize,
     limit: Duration,
-    out: &mut Vec<u8>,
+    mut out: Option<&mut Vec<u8>>,
 ) -> Result<(), BodyFailed> {
     if matches!(head.framing, Framing::Length(n) if n > max as u64) {
         return Err(UpstreamError::BadResponse("response body too large").into());
     }
     let mut dec = BodyDecoder::new(head.framing);
-    if take_body(&mut dec, &mut conn.buf, out, max)? {
+    let mut taken = 0;
+    if take_body(&mut dec, &mut conn.buf, &mut out, &mut taken, max)? {
         return Ok(());
     }
     // On the connection's one timer, like every wait on it.
@@ -595,7 +606,7 @@ pub async fn read_body(
                 Ok(_) => {}
                 Err(e) => return Err(UpstreamError::Io(e)),
             }
-            if take_body(&mut dec, buf, out, max)? {
+            if take_body(&mut dec, buf, &mut out, &mut taken, max)? {
                 return Ok(());
             }
         }
@@ -607,17 +618,25 @@ pub async fn read_body(
     }
 }
 
-/// Moves the buffered part of a body to `out`; true once the body is complete.
+/// Moves the buffered part of a body to `out` (or drops it), counting it in `taken`; true
+/// once the body is complete.
 fn take_body(
     dec: &mut BodyDecoder,
     buf: &mut ReadBuf,
-    out: &mut Vec<u8>,
+    out: &mut Option<&mut Vec<u8>>,
+    taken: &mut usize,
     max: usize,
 ) -> Result<bool, UpstreamError> {
-    if dec.decode(buf, out)? {
+    let done = dec.decode_with(buf, |d| {
+        *taken += d.len();
+        if let Some(out) = out {
+            out.extend_from_slice(d);
+        }
+    })?;
+    if done {
         return Ok(true);
     }
-    if out.len() > max {
+    if *taken > max {
         return Err(UpstreamError::BadResponse("response body too large"));
     }
     Ok(false)
