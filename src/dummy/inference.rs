@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 pub(super) async fn inference(
     node: &Node,
     kind: Kind,
-    req: Request,
+    req: Request<'_>,
     stream: &mut TcpStream,
     watch: &mut Option<Rc<DisconnectWatch>>,
 ) -> Result<(), ()> {

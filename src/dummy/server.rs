@@ -68,7 +68,7 @@ async fn serve_connection(node: Arc<Node>, mut stream: TcpStream) {
 
 async fn handle(
     node: &Node,
-    req: Request,
+    req: Request<'_>,
     stream: &mut TcpStream,
     watch: &mut Option<Rc<DisconnectWatch>>,
 ) -> Result<(), ()> {

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use std::borrow::Cow;
 use std::io;
 use std::pin::pin;
 use std::time::{Duration, Instant};
@@ -51,8 +52,10 @@ async fn fill_by<S: AsyncReadRent>(
     }
 }
 
-pub struct Request {
-    pub head: RequestHead,
+/// A request read whole. Its head is borrowed from the connection's `RequestMemo` when the
+/// memo recalled or kept it (no copy), else owned.
+pub struct Request<'m> {
+    pub head: Cow<'m, RequestHead>,
     pub body: Bytes,
 }
 
@@ -80,13 +83,13 @@ fn reject(status: StatusCode, msg: impl Into<String>) -> ReadError {
 /// Reads the next request. Bytes after it stay in `buf` (pipelining). `deadline`: the
 /// connection's, kept from one request to the next (one timer per connection). `heads`: the
 /// connection's last request head, to recognise the next (`head::memo`).
-pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
+pub async fn read_request<'m, S: AsyncReadRent + AsyncWriteRent>(
     stream: &mut S,
     buf: &mut ReadBuf,
     limits: &Limits,
     deadline: &mut Deadline,
-    mut heads: Option<&mut RequestMemo>,
-) -> Result<Request, ReadError> {
+    mut heads: Option<&'m mut RequestMemo>,
+) -> Result<Request<'m>, ReadError> {
     // Idle wait for the first byte, then the whole request within the header timeout.
     let mut started = !buf.is_empty();
     deadline.set(after(
@@ -97,10 +100,11 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
             limits.keepalive_timeout
         },
     ));
-    let head = loop {
+    // `None`: the memo holds the head (`last`).
+    let owned = loop {
         let parsed = match heads.as_deref_mut() {
-            Some(m) => m.parse(buf.data()),
-            None => parse_request(buf.data()),
+            Some(m) => m.parse_in_place(buf.data()),
+            None => parse_request(buf.data()).map(Some),
         };
         match parsed {
             Ok(h) => break h,
@@ -139,6 +143,11 @@ pub async fn read_request<S: AsyncReadRent + AsyncWriteRent>(
             }
             Err(HeadError::Malformed(m)) => return Err(reject(StatusCode::BAD_REQUEST, m)),
         }
+    };
+    let head = match (owned, heads) {
+        (Some(h), _) => Cow::Owned(h),
+        (None, Some(m)) => Cow::Borrowed(m.last()),
+        (None, None) => unreachable!("a head is owned unless a memo holds it"),
     };
     if head.path.len() > limits.max_uri_bytes {
         return Err(uri_too_long(limits));

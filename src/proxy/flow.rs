@@ -75,7 +75,7 @@ impl std::ops::Deref for RequestId<'_> {
 }
 
 /// The client's `X-Request-Id`, or a new one: every answer on a business endpoint has one.
-pub(super) fn request_id(req: &Request) -> RequestId<'_> {
+pub(super) fn request_id<'a>(req: &'a Request<'_>) -> RequestId<'a> {
     match req.head.request_id.as_deref() {
         Some(id) => RequestId::Client(id),
         None => RequestId::New(crate::ids::Uuid::new_v4()),
@@ -157,7 +157,7 @@ pub async fn serve(
     start: Instant,
     w: &Worker,
     peer_ip: &str,
-    req: &Request,
+    req: &Request<'_>,
     endpoint: Endpoint,
     client: &mut ClientWriter,
     next: &mut NextRead<'_>,
@@ -281,7 +281,7 @@ pub async fn serve(
 pub async fn serve_forwarded(
     start: Instant,
     w: &Worker,
-    req: &Request,
+    req: &Request<'_>,
     client: &mut ClientWriter,
     next: &mut NextRead<'_>,
 ) -> Outcome {
@@ -313,7 +313,7 @@ pub async fn serve_forwarded(
 
 fn request_ctx<'a>(
     w: &'a Worker,
-    req: &'a Request,
+    req: &'a Request<'_>,
     request_id: &'a str,
     client: &'a mut ClientWriter,
     start: Instant,

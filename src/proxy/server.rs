@@ -208,7 +208,7 @@ async fn dispatch(
     route: Route,
     start: Instant,
     peer_ip: &str,
-    req: &Request,
+    req: &Request<'_>,
     stream: &mut ClientWriter,
     next: &mut NextRead<'_>,
 ) -> Outcome {

@@ -30,8 +30,8 @@ pub trait Head: Clone + Sized {
     fn parse(buf: &[u8]) -> Result<Self, HeadError>;
     /// The parse, and what of the head may be kept.
     fn parse_noting(buf: &[u8]) -> Result<(Self, Option<Shape>), HeadError>;
-    /// This head with a body of `n` bytes (not 0), its head `len` bytes long.
-    fn with_length(&self, n: u64, len: usize) -> Self;
+    /// Makes this the head of a body of `n` bytes (not 0), `len` bytes long itself.
+    fn set_length(&mut self, n: u64, len: usize);
     fn len(&self) -> usize;
 }
 
@@ -44,12 +44,9 @@ impl Head for ResponseHead {
         parse_response_noting(buf)
     }
 
-    fn with_length(&self, n: u64, len: usize) -> Self {
-        ResponseHead {
-            framing: Framing::Length(n),
-            len,
-            ..self.clone()
-        }
+    fn set_length(&mut self, n: u64, len: usize) {
+        self.framing = Framing::Length(n);
+        self.len = len;
     }
 
     fn len(&self) -> usize {
@@ -66,12 +63,9 @@ impl Head for RequestHead {
         parse_request_noting(buf)
     }
 
-    fn with_length(&self, n: u64, len: usize) -> Self {
-        RequestHead {
-            framing: Framing::Length(n),
-            len,
-            ..self.clone()
-        }
+    fn set_length(&mut self, n: u64, len: usize) {
+        self.framing = Framing::Length(n);
+        self.len = len;
     }
 
     fn len(&self) -> usize {
@@ -99,6 +93,8 @@ pub struct Memo<H, const SLOTS: usize> {
     misses: u32,
     /// Heads left to parse without looking (after `MISSES` misses in a row).
     resting: u32,
+    /// The slot `parse_in_place` recalled or kept the last head in.
+    last: usize,
 }
 
 impl<H, const SLOTS: usize> Default for Memo<H, SLOTS> {
@@ -108,6 +104,7 @@ impl<H, const SLOTS: usize> Default for Memo<H, SLOTS> {
             next: 0,
             misses: 0,
             resting: 0,
+            last: 0,
         }
     }
 }
@@ -117,32 +114,56 @@ impl<H: Head, const SLOTS: usize> Memo<H, SLOTS> {
     /// reads it: from a kept head when `buf` starts with one of the same bytes, else parsed
     /// (and kept, when its shape allows).
     pub fn parse(&mut self, buf: &[u8]) -> Result<H, HeadError> {
-        if self.resting > 0 {
-            self.resting -= 1;
-            return H::parse(buf);
+        match self.parse_in_place(buf)? {
+            Some(head) => Ok(head),
+            None => Ok(self.last().clone()),
         }
-        if let Some(h) = self.kept.iter().find_map(|k| k.recall(buf)) {
-            self.misses = 0;
-            return Ok(h);
-        }
-        let (head, shape) = H::parse_noting(buf)?;
-        if let Some(shape) = shape.filter(|_| head.len() <= MAX_KEPT) {
-            self.keep(&buf[..head.len()], shape, &head);
-            self.misses += 1;
-            if self.misses >= MISSES {
-                self.misses = 0;
-                self.resting = REST;
-            }
-        }
-        Ok(head)
     }
 
-    fn keep(&mut self, bytes: &[u8], shape: Shape, head: &H) {
+    /// `parse` without a copy of a kept head: `None` when the head is `last()` (recalled,
+    /// or parsed and kept), else the head. For a memo whose owner reads the head before
+    /// its next parse: a client connection's (a clone of the head cost a hundred
+    /// instructions and, for a client with headers of its own, an allocation).
+    pub fn parse_in_place(&mut self, buf: &[u8]) -> Result<Option<H>, HeadError> {
+        if self.resting > 0 {
+            self.resting -= 1;
+            return H::parse(buf).map(Some);
+        }
+        for (i, k) in self.kept.iter_mut().enumerate() {
+            match k.recall(buf) {
+                Some(Recalled::Same) => {}
+                Some(Recalled::Length(n, len)) => k.head.set_length(n, len),
+                None => continue,
+            }
+            self.misses = 0;
+            self.last = i;
+            return Ok(None);
+        }
+        let (head, shape) = H::parse_noting(buf)?;
+        let Some(shape) = shape.filter(|_| head.len() <= MAX_KEPT) else {
+            return Ok(Some(head));
+        };
+        self.misses += 1;
+        if self.misses >= MISSES {
+            self.misses = 0;
+            self.resting = REST;
+        }
+        self.keep(&buf[..head.len()], shape, head);
+        Ok(None)
+    }
+
+    /// The head the last `parse_in_place` that answered `None` recalled or kept.
+    pub fn last(&self) -> &H {
+        &self.kept[self.last].head
+    }
+
+    fn keep(&mut self, bytes: &[u8], shape: Shape, head: H) {
         if self.kept.len() < SLOTS {
+            self.last = self.kept.len();
             self.kept.push(Kept {
                 bytes: bytes.to_vec(),
                 shape,
-                head: head.clone(),
+                head,
             });
             return;
         }
@@ -150,19 +171,28 @@ impl<H: Head, const SLOTS: usize> Memo<H, SLOTS> {
         k.bytes.clear();
         k.bytes.extend_from_slice(bytes);
         k.shape = shape;
-        k.head = head.clone();
+        k.head = head;
+        self.last = self.next;
         self.next = (self.next + 1) % SLOTS;
     }
+}
+
+/// How a kept head matches a new one.
+enum Recalled {
+    /// The same bytes.
+    Same,
+    /// The same bytes but for the length: the body's, and the head's own.
+    Length(u64, usize),
 }
 
 impl<H: Head> Kept<H> {
     /// The head `buf` starts with, when it is this one's bytes with (for `LengthAt`) other
     /// digits for the length.
-    fn recall(&self, buf: &[u8]) -> Option<H> {
+    fn recall(&self, buf: &[u8]) -> Option<Recalled> {
         let (start, end) = match self.shape {
             Shape::Fixed => {
                 return (buf.get(..self.bytes.len())? == self.bytes.as_slice())
-                    .then(|| self.head.clone());
+                    .then_some(Recalled::Same);
             }
             Shape::LengthAt(start, end) => (start, end),
         };
@@ -187,7 +217,7 @@ impl<H: Head> Kept<H> {
             // No body: framed as `None`, which the parser decides.
             return None;
         }
-        Some(self.head.with_length(n, at + rest.len()))
+        Some(Recalled::Length(n, at + rest.len()))
     }
 }
 
