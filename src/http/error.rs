@@ -19,7 +19,7 @@ pub struct ApiError {
 
 // The constructors are `#[cold]`: a request that fails is rare, and the code that builds its
 // message (formatting included) then lies outside the hot paths' instruction-cache lines
-// (docs/benchmarks.md, "The code a request runs").
+// (docs/benchmarks.md, "The code and data a request touches").
 impl ApiError {
     #[cold]
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
