@@ -610,3 +610,27 @@ fn a_prefill_node_that_stalls_mid_answer_is_a_504_after_the_idle_timeout() {
         "no decode leg after a failed prefill"
     );
 }
+
+#[test]
+fn each_request_on_a_kept_alive_connection_keeps_its_own_id() {
+    // A client naming each request (as `vllm bench serve` does) sends heads that differ only
+    // in the id and the body's length: the proxy recognises the head from the one before,
+    // and must still carry each request's own id to both nodes and back.
+    let p = dummy("prefill", &[]);
+    let d = dummy("decode", &[]);
+    let proxy = proxy_with(&pd_yaml(&[&p], &[&d]), true);
+    let a = agent();
+    for (i, prompt) in ["one two", "one six", "one two three"].iter().enumerate() {
+        let rid = format!("bench-{i}");
+        let resp = a
+            .post(&proxy.url("/v1/completions"))
+            .set("X-Request-Id", &rid)
+            .send_json(json!({"model": MODEL, "prompt": prompt, "max_tokens": 2}))
+            .unwrap();
+        assert_eq!(resp.header("x-request-id"), Some(rid.as_str()));
+        let _ = resp.into_string();
+        for node in [&p, &d] {
+            request_for(node, &rid);
+        }
+    }
+}

@@ -1,13 +1,15 @@
 //! Heads recognised by their bytes. An engine answers every request with a head of the same
 //! bytes but for its `Content-Length` value (a stream's head, chunked, is the same bytes every
 //! time; vLLM's `date` changes once a second), and a client on a kept-alive connection sends
-//! the same request head each time but for the body's length. A head that matches one parsed
-//! before byte for byte, the length's digits aside, gets that head's answer with the new
-//! length: two byte comparisons instead of a parse (docs/benchmarks.md, "Heads recognised by
+//! the same request head each time but for the body's length and, from a client that names
+//! its requests (`vllm bench serve`), the `X-Request-Id`. A head that matches one parsed
+//! before byte for byte, those holes aside, gets that head's answer with the new length and
+//! id: a few byte comparisons instead of a parse (docs/benchmarks.md, "Heads recognised by
 //! their bytes").
 //!
 //! Exact, not a guess: the matched bytes are the ones that were parsed and checked, and the
-//! digits are read as the parser reads them. Heads that a length does not frame the same way
+//! digits and the id (printable ASCII only, nothing to trim) are read as the parser reads
+//! them. Heads that a length does not frame the same way
 //! (a zero length, a status without a body, several `Content-Length` lines) are not kept.
 
 use super::fields::{short_decimal, MAX_UNCHECKED_DIGITS};
@@ -30,8 +32,10 @@ pub trait Head: Clone + Sized {
     fn parse(buf: &[u8]) -> Result<Self, HeadError>;
     /// The parse, and what of the head may be kept.
     fn parse_noting(buf: &[u8]) -> Result<(Self, Option<Shape>), HeadError>;
-    /// Makes this the head of a body of `n` bytes (not 0), `len` bytes long itself.
-    fn set_length(&mut self, n: u64, len: usize);
+    /// Makes this the head recalled in another head's bytes: `len` bytes long, of a body of
+    /// `length` bytes (not 0) when the length differs, with the request id `id` when that
+    /// differs.
+    fn recalled(&mut self, length: Option<u64>, id: Option<&str>, len: usize);
     fn len(&self) -> usize;
 }
 
@@ -44,8 +48,11 @@ impl Head for ResponseHead {
         parse_response_noting(buf)
     }
 
-    fn set_length(&mut self, n: u64, len: usize) {
-        self.framing = Framing::Length(n);
+    fn recalled(&mut self, length: Option<u64>, _id: Option<&str>, len: usize) {
+        // A response's shape has no request id.
+        if let Some(n) = length {
+            self.framing = Framing::Length(n);
+        }
         self.len = len;
     }
 
@@ -63,8 +70,16 @@ impl Head for RequestHead {
         parse_request_noting(buf)
     }
 
-    fn set_length(&mut self, n: u64, len: usize) {
-        self.framing = Framing::Length(n);
+    fn recalled(&mut self, length: Option<u64>, id: Option<&str>, len: usize) {
+        if let Some(n) = length {
+            self.framing = Framing::Length(n);
+        }
+        if let Some(id) = id {
+            // The kept id's buffer takes the new one: no allocation per request.
+            let kept = self.request_id.get_or_insert_with(String::new);
+            kept.clear();
+            kept.push_str(id);
+        }
         self.len = len;
     }
 
@@ -130,11 +145,11 @@ impl<H: Head, const SLOTS: usize> Memo<H, SLOTS> {
             return H::parse(buf).map(Some);
         }
         for (i, k) in self.kept.iter_mut().enumerate() {
-            match k.recall(buf) {
-                Some(Recalled::Same) => {}
-                Some(Recalled::Length(n, len)) => k.head.set_length(n, len),
-                None => continue,
-            }
+            let Some(r) = k.recall(buf) else {
+                continue;
+            };
+            k.head
+                .recalled(r.length, r.id.map(|(s, e)| id_str(buf, s, e)), r.len);
             self.misses = 0;
             self.last = i;
             return Ok(None);
@@ -177,48 +192,131 @@ impl<H: Head, const SLOTS: usize> Memo<H, SLOTS> {
     }
 }
 
-/// How a kept head matches a new one.
-enum Recalled {
-    /// The same bytes.
-    Same,
-    /// The same bytes but for the length: the body's, and the head's own.
-    Length(u64, usize),
+/// How a kept head matches a new one: its length (the new head's), and what differs.
+struct Recalled {
+    /// The body's length, when its digits are a hole of the shape.
+    length: Option<u64>,
+    /// Where the new head's request id lies, when that is a hole of the shape.
+    id: Option<(usize, usize)>,
+    len: usize,
 }
 
 impl<H: Head> Kept<H> {
-    /// The head `buf` starts with, when it is this one's bytes with (for `LengthAt`) other
-    /// digits for the length.
+    /// How the head `buf` starts with matches this one: the same bytes but in the shape's
+    /// holes, which hold other digits for the length, another request id.
     fn recall(&self, buf: &[u8]) -> Option<Recalled> {
-        let (start, end) = match self.shape {
-            Shape::Fixed => {
-                return (buf.get(..self.bytes.len())? == self.bytes.as_slice())
-                    .then_some(Recalled::Same);
+        let kept = self.bytes.as_slice();
+        match (self.shape.length, self.shape.id) {
+            // The usual shapes first, each with no more work than it needs.
+            (None, None) => (buf.get(..kept.len())? == kept).then_some(Recalled {
+                length: None,
+                id: None,
+                len: kept.len(),
+            }),
+            (Some((start, end)), None) => {
+                if buf.get(..start)? != &kept[..start] {
+                    return None;
+                }
+                let (n, at) = length_at(buf, start)?;
+                let rest = &kept[end..];
+                (buf.get(at..at + rest.len())? == rest).then_some(Recalled {
+                    length: Some(n),
+                    id: None,
+                    len: at + rest.len(),
+                })
             }
-            Shape::LengthAt(start, end) => (start, end),
+            (length, Some(id)) => self.recall_with_id(buf, length, id),
+        }
+    }
+
+    /// `recall` for a shape with a request id: the holes in the order they lie in.
+    fn recall_with_id(
+        &self,
+        buf: &[u8],
+        length: Option<(usize, usize)>,
+        id: (usize, usize),
+    ) -> Option<Recalled> {
+        let mut holes = [Some((id, Hole::Id)), length.map(|l| (l, Hole::Length))];
+        if length.is_some_and(|(start, _)| start < id.0) {
+            holes.swap(0, 1);
+        }
+        let mut r = Recalled {
+            length: None,
+            id: None,
+            len: 0,
         };
-        if buf.get(..start)? != &self.bytes[..start] {
-            return None;
+        // Where the kept bytes and the new ones are: equal before the first hole, shifted by
+        // the holes' differences after it.
+        let (mut kept_at, mut at) = (0, 0);
+        for ((start, end), hole) in holes.into_iter().flatten() {
+            let same = &self.bytes[kept_at..start];
+            if buf.get(at..at + same.len())? != same {
+                return None;
+            }
+            at += same.len();
+            match hole {
+                Hole::Length => {
+                    let (n, next) = length_at(buf, at)?;
+                    r.length = Some(n);
+                    at = next;
+                }
+                Hole::Id => {
+                    let n = id_len(&buf[at..])?;
+                    r.id = Some((at, at + n));
+                    at += n;
+                }
+            }
+            kept_at = end;
         }
-        let digits = buf[start..]
-            .iter()
-            .take(MAX_UNCHECKED_DIGITS + 1)
-            .take_while(|b| b.is_ascii_digit())
-            .count();
-        if digits == 0 || digits > MAX_UNCHECKED_DIGITS {
-            return None;
-        }
-        let rest = &self.bytes[end..];
-        let at = start + digits;
+        let rest = &self.bytes[kept_at..];
         if buf.get(at..at + rest.len())? != rest {
             return None;
         }
-        let n = short_decimal(&buf[start..at])?;
-        if n == 0 {
-            // No body: framed as `None`, which the parser decides.
-            return None;
-        }
-        Some(Recalled::Length(n, at + rest.len()))
+        r.len = at + rest.len();
+        Some(r)
     }
+}
+
+/// The `Content-Length` value whose digits start at `buf[at]`, read as the parser reads it,
+/// and where the digits end. None for no digits, too many to read unchecked, or a zero (no
+/// body: framed as `None`, which the parser decides). Inlined: called apart, it cost more
+/// than the comparisons around it.
+#[inline(always)]
+fn length_at(buf: &[u8], at: usize) -> Option<(u64, usize)> {
+    let digits = buf[at..]
+        .iter()
+        .take(MAX_UNCHECKED_DIGITS + 1)
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if digits == 0 || digits > MAX_UNCHECKED_DIGITS {
+        return None;
+    }
+    let n = short_decimal(&buf[at..at + digits])?;
+    (n != 0).then_some((n, at + digits))
+}
+
+#[derive(Clone, Copy)]
+enum Hole {
+    Length,
+    Id,
+}
+
+/// The request id `recall` found at `buf[start..end]`: printable ASCII (`id_len`), so text.
+fn id_str(buf: &[u8], start: usize, end: usize) -> &str {
+    std::str::from_utf8(&buf[start..end]).unwrap_or_default()
+}
+
+/// The length of the request id `buf` starts with: printable ASCII without spaces, at least
+/// one byte, at most `MAX_KEPT`: a value the parser reads as it is, with nothing to trim.
+/// Where it ends is checked by the caller: the kept bytes after the hole (the line's end)
+/// must follow it.
+fn id_len(buf: &[u8]) -> Option<usize> {
+    let n = buf
+        .iter()
+        .take(MAX_KEPT)
+        .take_while(|b| b.is_ascii_graphic())
+        .count();
+    (n > 0).then_some(n)
 }
 
 #[cfg(test)]
@@ -271,6 +369,25 @@ mod tests {
         b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"POST /x HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 77\r\nx-request-id: 0f9e\r\nContent-Type: application/json\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nX-Request-Id: a\r\nX-Request-Id: b\r\nContent-Length: 3\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nX-Request-Id:\r\nContent-Length: 3\r\n\r\n",
+    ];
+
+    /// Request ids to put in a head's `X-Request-Id` line: ones the memo reads, and ones it
+    /// leaves to the parser (empty, spaced, non-ASCII, control bytes, a line cut short).
+    const IDS: &[&[u8]] = &[
+        b"r2",
+        b"cmpl-5b3f0c1e-8a8d-4c5e-9d55-2f4b0f1c6a77",
+        b"",
+        b" r3",
+        b"r4 ",
+        b"a b",
+        b"\xc3\xa9t\xc3\xa9",
+        b"r\t5",
+        b"r\x7f6",
+        b"r7\r",
+        b"r8\n",
     ];
 
     const RESPONSES: &[&[u8]] = &[
@@ -310,6 +427,25 @@ mod tests {
                 let mut with_body = head.to_vec();
                 with_body.extend_from_slice(b"{\"x\":1}");
                 check(&with_body);
+                // Other request ids, alone and with another length.
+                if let Some(at) = find(head, b"request-id: ") {
+                    let start = at + 12;
+                    let end = start + head[start..].iter().take_while(|&&b| b != b'\r').count();
+                    for id in IDS {
+                        let mut h = head[..start].to_vec();
+                        h.extend_from_slice(id);
+                        h.extend_from_slice(&head[end..]);
+                        check(&h);
+                        check(&h[..h.len() - 1]);
+                        if let Some(l) = find(&h, b"ength: ") {
+                            let mut other = h[..l + 7].to_vec();
+                            other.extend_from_slice(b"4096");
+                            let digits = h[l + 7..].iter().take_while(|b| b.is_ascii_digit());
+                            other.extend_from_slice(&h[l + 7 + digits.count()..]);
+                            check(&other);
+                        }
+                    }
+                }
                 if let Some(at) = find(head, b"ength: ") {
                     let start = at + 7;
                     let end = start
@@ -374,7 +510,7 @@ mod tests {
     fn heads_that_differ_each_time_rest_the_memo() {
         let mut memo = RequestMemo::default();
         let head = |i: u32| {
-            format!("POST / HTTP/1.1\r\nHost: a\r\nX-Request-Id: {i}\r\nContent-Length: 1\r\n\r\n")
+            format!("POST / HTTP/1.1\r\nHost: a\r\ntraceparent: 00-{i:032x}-00f067aa0ba902b7-01\r\nContent-Length: 1\r\n\r\n")
         };
         for i in 0..MISSES {
             assert_eq!(memo.resting, 0);
@@ -384,10 +520,32 @@ mod tests {
         let kept = memo.kept[0].bytes.clone();
         // Resting, it neither recalls the kept head nor keeps new ones; it reads them alike.
         let h = memo.parse(&kept).unwrap();
-        assert_eq!(h.request_id.as_deref(), Some("15"));
+        assert!(String::from_utf8_lossy(&h.headers).contains(&format!("{:032x}", 15)));
         assert_eq!(memo.resting, REST - 1);
         memo.parse(head(99).as_bytes()).unwrap();
         assert_eq!(memo.kept[0].bytes, kept);
+    }
+
+    /// A client that names each request (`X-Request-Id`, as `vllm bench serve` does) sends
+    /// heads that differ in the id and the length only: recalled, each with its own id,
+    /// without a miss.
+    #[test]
+    fn a_new_request_id_is_recalled_not_parsed() {
+        let mut memo = RequestMemo::default();
+        for i in 0..3 * MISSES {
+            let h = format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: a\r\nX-Request-Id: bench-{i}\r\nContent-Length: {}\r\n\r\n",
+                100 + i
+            );
+            let got = memo.parse_in_place(h.as_bytes()).unwrap();
+            assert!(got.is_none(), "kept or recalled");
+            let head = memo.last();
+            assert_eq!(head.request_id, Some(format!("bench-{i}")));
+            assert_eq!(head.framing, Framing::Length(100 + i as u64));
+            assert_eq!(head.len, h.len());
+            assert_eq!(memo.kept.len(), 1);
+        }
+        assert_eq!((memo.misses, memo.resting), (0, 0));
     }
 
     fn find(h: &[u8], what: &[u8]) -> Option<usize> {

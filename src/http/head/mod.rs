@@ -283,27 +283,42 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, He
     parse_response_general(buf, head_request)
 }
 
-/// What of a head's bytes may change in the next head with the same answer (`memo`).
-#[derive(Debug, Clone, Copy)]
-pub enum Shape {
-    /// Nothing: the same bytes are the same head.
-    Fixed,
-    /// The one `Content-Length` value, at these offsets (its digits), which frames the body.
-    LengthAt(usize, usize),
+/// What of a head's bytes may change in the next head with the same answer (`memo`): nothing
+/// (both `None`: the same bytes are the same head), the digits of its one `Content-Length`,
+/// which frames the body, and (requests) the value of its one `X-Request-Id`. Offsets into the
+/// head's bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape {
+    pub length: Option<(usize, usize)>,
+    pub id: Option<(usize, usize)>,
 }
 
 /// What a memo may keep of a head of the usual shape (`None`: nothing, e.g. several
 /// `Content-Length` lines, or a length that does not frame the body, as a zero or a 204's).
-fn shape_of(buf: &[u8], fields: &Fields, framing: Framing) -> Option<Shape> {
-    let mut lengths = fields
-        .spans()
-        .iter()
-        .filter(|&&[ns, ne, ..]| Name::of(&buf[ns as usize..ne as usize]) == Name::ContentLength);
-    match (lengths.next(), lengths.next(), framing) {
-        (None, _, _) => Some(Shape::Fixed),
-        (Some(&[_, _, vs, ve]), None, Framing::Length(_)) => {
-            Some(Shape::LengthAt(vs as usize, ve as usize))
+/// `ids`: a request's `X-Request-Id` value may differ (a client naming each request); with
+/// several such lines, or an empty one, it is compared as bytes like any other.
+fn shape_of(buf: &[u8], fields: &Fields, framing: Framing, ids: bool) -> Option<Shape> {
+    let (mut lengths, mut id_lines) = (0, 0);
+    let mut shape = Shape::default();
+    for &[ns, ne, vs, ve] in fields.spans() {
+        match Name::of(&buf[ns as usize..ne as usize]) {
+            Name::ContentLength => {
+                lengths += 1;
+                shape.length = Some((vs as usize, ve as usize));
+            }
+            Name::XRequestId if ids => {
+                id_lines += 1;
+                shape.id = Some((vs as usize, ve as usize)).filter(|_| ve > vs);
+            }
+            _ => {}
         }
+    }
+    if id_lines > 1 {
+        shape.id = None;
+    }
+    match (lengths, framing) {
+        (0, _) => Some(shape),
+        (1, Framing::Length(_)) => Some(shape),
         _ => None,
     }
 }
@@ -318,7 +333,7 @@ fn parse_response_noting(buf: &[u8]) -> Result<(ResponseHead, Option<Shape>), He
     if head.status.is_informational() {
         return Ok((head, None));
     }
-    let shape = shape_of(buf, &fields, head.framing);
+    let shape = shape_of(buf, &fields, head.framing, false);
     Ok((head, shape))
 }
 
@@ -329,7 +344,7 @@ fn parse_request_noting(buf: &[u8]) -> Result<(RequestHead, Option<Shape>), Head
         return parse_request_general(buf).map(|h| (h, None));
     };
     let head = request_from(line.method, line.target, line.minor, fields.iter(buf), len)?;
-    let shape = shape_of(buf, &fields, head.framing);
+    let shape = shape_of(buf, &fields, head.framing, true);
     Ok((head, shape))
 }
 
