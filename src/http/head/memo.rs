@@ -21,8 +21,8 @@ use super::{
 /// Longer heads are parsed each time (an engine's is about 100 bytes, vLLM's 150, the OpenAI
 /// SDK's requests 600).
 const MAX_KEPT: usize = 1024;
-/// After this many misses in a row (heads that differ each time: a request id in every
-/// head), the memo rests for `REST` heads: a miss costs a comparison and a copy.
+/// After this many misses in a row (heads that differ each time other than in a hole: a
+/// `traceparent` in every head), the memo rests for `REST` heads: a miss costs a comparison and a copy.
 const MISSES: u32 = 16;
 const REST: u32 = 1024;
 
