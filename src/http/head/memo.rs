@@ -428,38 +428,22 @@ mod tests {
                 with_body.extend_from_slice(b"{\"x\":1}");
                 check(&with_body);
                 // Other request ids, alone and with another length.
-                if let Some(at) = find(head, b"request-id: ") {
-                    let start = at + 12;
-                    let end = start + head[start..].iter().take_while(|&&b| b != b'\r').count();
-                    for id in IDS {
-                        let mut h = head[..start].to_vec();
-                        h.extend_from_slice(id);
-                        h.extend_from_slice(&head[end..]);
-                        check(&h);
-                        check(&h[..h.len() - 1]);
-                        if let Some(l) = find(&h, b"ength: ") {
-                            let mut other = h[..l + 7].to_vec();
-                            other.extend_from_slice(b"4096");
-                            let digits = h[l + 7..].iter().take_while(|b| b.is_ascii_digit());
-                            other.extend_from_slice(&h[l + 7 + digits.count()..]);
-                            check(&other);
-                        }
+                for id in IDS {
+                    let Some(h) = with_value(head, b"request-id: ", |b| b != b'\r', id) else {
+                        break;
+                    };
+                    check(&h);
+                    check(&h[..h.len() - 1]);
+                    if let Some(other) = with_value(&h, b"ength: ", is_digit, b"4096") {
+                        check(&other);
                     }
                 }
-                if let Some(at) = find(head, b"ength: ") {
-                    let start = at + 7;
-                    let end = start
-                        + head[start..]
-                            .iter()
-                            .take_while(|b| b.is_ascii_digit())
-                            .count();
-                    for digits in lengths {
-                        let mut h = head[..start].to_vec();
-                        h.extend_from_slice(digits);
-                        h.extend_from_slice(&head[end..]);
-                        check(&h);
-                        check(&h[..h.len() - 1]);
-                    }
+                for digits in lengths {
+                    let Some(h) = with_value(head, b"ength: ", is_digit, digits) else {
+                        break;
+                    };
+                    check(&h);
+                    check(&h[..h.len() - 1]);
                 }
                 for cut in 0..head.len() {
                     check(&head[..cut]);
@@ -546,6 +530,22 @@ mod tests {
             assert_eq!(memo.kept.len(), 1);
         }
         assert_eq!((memo.misses, memo.resting), (0, 0));
+    }
+
+    /// `head` with the value after `name` (the bytes `is_value` takes) replaced by `value`.
+    fn with_value(
+        head: &[u8],
+        name: &[u8],
+        is_value: impl Fn(u8) -> bool,
+        value: &[u8],
+    ) -> Option<Vec<u8>> {
+        let start = find(head, name)? + name.len();
+        let end = start + head[start..].iter().take_while(|&&b| is_value(b)).count();
+        Some([&head[..start], value, &head[end..]].concat())
+    }
+
+    fn is_digit(b: u8) -> bool {
+        b.is_ascii_digit()
     }
 
     fn find(h: &[u8], what: &[u8]) -> Option<usize> {
