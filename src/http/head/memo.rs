@@ -9,8 +9,8 @@
 //!
 //! Exact, not a guess: the matched bytes are the ones that were parsed and checked, and the
 //! digits and the id (printable ASCII only, nothing to trim) are read as the parser reads
-//! them. Heads that a length does not frame the same way
-//! (a zero length, a status without a body, several `Content-Length` lines) are not kept.
+//! them. Heads that a length does not frame the same way (a zero length, a status without a
+//! body, several `Content-Length` lines) are not kept.
 
 use super::fields::{short_decimal, MAX_UNCHECKED_DIGITS};
 use super::{
@@ -22,7 +22,8 @@ use super::{
 /// SDK's requests 600).
 const MAX_KEPT: usize = 1024;
 /// After this many misses in a row (heads that differ each time other than in a hole: a
-/// `traceparent` in every head), the memo rests for `REST` heads: a miss costs a comparison and a copy.
+/// `traceparent` in every head), the memo rests for `REST` heads: a miss costs a comparison
+/// and a copy.
 const MISSES: u32 = 16;
 const REST: u32 = 1024;
 
