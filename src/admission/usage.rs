@@ -28,6 +28,27 @@ impl Scanner {
         self.found
     }
 
+    /// The body's last bytes, `feed` having had the ones before them. With nothing carried
+    /// over from those, the tail is searched from its end: an engine writes `usage` last, so
+    /// a body that came whole in one read is read only from its usage object on, not from its
+    /// start (docs/benchmarks.md, "The usage object read from the end"). The answer is
+    /// `feed`'s but for a `"usage"` key inside another usage object's value, which no engine
+    /// writes: here the inner one counts.
+    pub fn feed_last(&mut self, bytes: &[u8]) {
+        if self.in_value || self.partial > 0 {
+            return self.feed(bytes);
+        }
+        let mut end = bytes.len();
+        while let Some(at) = rfind_key(&bytes[..end]) {
+            let v = &bytes[at + KEY.len()..];
+            if let End::At(_, Some(counts)) = object(&v[..v.len().min(MAX_OBJECT)]) {
+                self.found = Some(counts);
+                return;
+            }
+            end = at;
+        }
+    }
+
     /// The next bytes of the body.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
@@ -126,6 +147,23 @@ impl Scanner {
         }
         rest
     }
+}
+
+/// Where the last key in `bytes` starts. Found by its `g`, the byte the key has once and
+/// what follows a usage object lacks: the search from the end stops at the key's first.
+fn rfind_key(bytes: &[u8]) -> Option<usize> {
+    const G: usize = 4;
+    debug_assert_eq!(KEY[G], b'g');
+    let mut end = bytes.len();
+    while let Some(g) = memchr::memrchr(b'g', &bytes[..end]) {
+        // An earlier `g` is further left still: no key starts before 0.
+        let start = g.checked_sub(G)?;
+        if bytes.get(start..start + KEY.len()) == Some(KEY) {
+            return Some(start);
+        }
+        end = g;
+    }
+    None
 }
 
 /// How many bytes at the end of `bytes` begin the key (0 to `KEY.len() - 1`). Such a tail
@@ -283,19 +321,34 @@ fn key_finder() -> &'static memchr::memmem::Finder<'static> {
 mod tests {
     use super::*;
 
+    /// The counts in `bytes` read whole, forwards; checked against `feed_last`'s reading.
     fn scan(bytes: &[u8]) -> Option<(u64, u64)> {
         let mut s = Scanner::default();
         s.feed(bytes);
+        let mut last = Scanner::default();
+        last.feed_last(bytes);
+        assert_eq!(last.found(), s.found(), "read from the end");
         s.found()
     }
 
-    /// Every way of cutting `bytes` into two reads, and one byte per read, give `want`.
+    /// Every way of cutting `bytes` into two reads, and one byte per read, give `want`, the
+    /// last read by `feed` and by `feed_last` alike.
     fn split_everywhere(bytes: &[u8], want: Option<(u64, u64)>) {
         for cut in 0..=bytes.len() {
-            let mut s = Scanner::default();
-            s.feed(&bytes[..cut]);
-            s.feed(&bytes[cut..]);
-            assert_eq!(s.found(), want, "cut at {cut}");
+            for last_from_end in [false, true] {
+                let mut s = Scanner::default();
+                s.feed(&bytes[..cut]);
+                if last_from_end {
+                    s.feed_last(&bytes[cut..]);
+                } else {
+                    s.feed(&bytes[cut..]);
+                }
+                assert_eq!(
+                    s.found(),
+                    want,
+                    "cut at {cut}, last read from the end: {last_from_end}"
+                );
+            }
         }
         let mut s = Scanner::default();
         for b in bytes {
@@ -334,6 +387,19 @@ mod tests {
         // Generated text: the quotes are escaped, so the key never matches.
         let text = br#"{"choices":[{"text":"the \"usage\":{\"prompt_tokens\":1} field"}],"usage":{"prompt_tokens":9,"completion_tokens":5}}"#;
         split_everywhere(text, Some((9, 5)));
+    }
+
+    #[test]
+    fn the_key_is_found_from_the_end_past_other_gs() {
+        assert_eq!(rfind_key(b"\"usage\""), Some(0));
+        assert_eq!(rfind_key(b"usage\""), None);
+        assert_eq!(rfind_key(b"gggg\"usage\":{\"logprobs\":\"g\"}"), Some(4));
+        assert_eq!(rfind_key(b"\"usage\":1,\"usage\":2"), Some(10));
+        assert_eq!(rfind_key(b"\"usag\"g"), None);
+        // The last of several usage objects, with `g`s after it and a later key whose value
+        // is not an object.
+        let body = br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"usage":{"prompt_tokens":2,"completion_tokens":3},"tag":"gg","usage":null}"#;
+        split_everywhere(body, Some((2, 3)));
     }
 
     #[test]

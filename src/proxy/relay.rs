@@ -97,7 +97,11 @@ impl Mode {
                 let done = dec
                     .decode(&mut conn.buf, out)
                     .map_err(|_| BodyFailure::Framing)?;
-                usage.feed(&out[from..]);
+                if done {
+                    usage.feed_last(&out[from..]);
+                } else {
+                    usage.feed(&out[from..]);
+                }
                 Ok(done)
             }
             Mode::Chunks(dec) => {
