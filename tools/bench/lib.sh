@@ -8,3 +8,11 @@ port_of() { # waits for "listening on http://ADDR" in $1; prints ADDR
   done
   echo "no address in $1" >&2; exit 1
 }
+
+wait_healthy() { # waits until http://$1/health answers 200 (the proxy has healthy nodes)
+  for _ in $(seq 1 300); do
+    curl -sf -o /dev/null "http://$1/health" && return
+    sleep 0.1
+  done
+  echo "http://$1/health did not answer 200 within 30 s" >&2; exit 1
+}
