@@ -23,7 +23,7 @@ COPY benches ./benches
 COPY examples ./examples
 # PGO=1: the proxy built with profile-guided optimisation (tools/pgo: a short training load
 # through simulated nodes, then the build again with its profile; docs/deployment.md). It
-# installs Debian's llvm-profdata of the toolchain's LLVM version and wrk, and builds twice more.
+# adds the toolchain's llvm-tools (llvm-profdata of its own LLVM) and wrk, and builds twice more.
 ARG PGO=0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008,DL3015
@@ -31,7 +31,7 @@ RUN cargo build --release --locked --bin xpyd --bin xpyd-dummy \
     && if [ "$PGO" = 1 ]; then \
          apt-get update \
          && apt-get install -y --no-install-recommends wrk \
-              "llvm-$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')" \
+         && rustup component add llvm-tools \
          && tools/pgo --out target/pgo \
          && cp target/pgo/xpyd target/release/xpyd; \
        fi \
