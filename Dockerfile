@@ -24,8 +24,8 @@ COPY examples ./examples
 # PGO=1: the proxy built with profile-guided optimisation (tools/pgo: a short training load
 # through simulated nodes, then the build again with its profile; docs/deployment.md). It
 # adds the toolchain's llvm-tools (llvm-profdata of its own LLVM) and wrk, and builds twice more.
-# It trains on the driver the build container allows (`--driver auto`): epoll where the
-# builder's seccomp profile blocks io_uring, as the container's default profile will at run time.
+# It trains on the driver the build container allows: epoll where the builder's seccomp profile
+# blocks io_uring, as the container's default profile will at run time.
 ARG PGO=0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008,DL3015
@@ -34,7 +34,7 @@ RUN cargo build --release --locked --bin xpyd --bin xpyd-dummy \
          apt-get update \
          && apt-get install -y --no-install-recommends wrk \
          && rustup component add llvm-tools \
-         && tools/pgo --out target/pgo --driver auto \
+         && tools/pgo --out target/pgo \
          && cp target/pgo/xpyd target/release/xpyd; \
        fi \
     && sed 's/^port: 8000 /port: 8868 /' examples/proxy.yaml > xpyd.yaml \
