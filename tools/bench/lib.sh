@@ -18,9 +18,9 @@ wait_healthy() { # waits until http://$1/health answers 200 (the proxy has healt
 }
 
 countable() { # $1: a proxy binary; stops unless callgrind and footprint can count inside its tasks
-  # They collect inside `monoio::task::raw::poll` (--toggle-collect). A binary laid out again by
-  # BOLT has functions split into fragments, and a jump into one toggles the collection off:
-  # the count comes out short with no other sign (docs/benchmarks.md, "The profile build again").
+  # They collect inside `monoio::task::raw::poll` (--toggle-collect). In a binary laid out again
+  # by BOLT, its functions moved and split into fragments, that count came out at half the
+  # whole-process one, with no other sign (docs/benchmarks.md, "The profile build again").
   if readelf -S "$1" 2>/dev/null | grep -q '\.note\.bolt_info'; then
     echo "$1 was laid out by BOLT: counts inside monoio::task::raw::poll would be short" >&2
     exit 1
