@@ -451,3 +451,92 @@ fn reload_applies_keys_and_timeouts_and_reports_what_needs_a_restart() {
         .unwrap();
     assert_eq!(again.status(), 200);
 }
+
+/// The README's first command. `xpyd demo` starts its own simulated nodes and proxy, streams a
+/// completion and answers a chat completion through them, keeps serving at the address it
+/// printed, and ends cleanly on Ctrl-C.
+#[test]
+fn demo_serves_its_requests_keeps_serving_and_stops_on_ctrl_c() {
+    use serde_json::Value;
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::Instant;
+    let mut demo = KillOnDrop(
+        xpyd()
+            .args(["demo", "--port", "0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = demo.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out
+        .last()
+        .is_some_and(|l| l.starts_with("Serving until Ctrl-C"))
+    {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => out.push(line),
+            Err(_) => panic!(
+                "the demo did not reach \"Serving until Ctrl-C\" within 60 s; it printed:\n{}",
+                out.join("\n")
+            ),
+        }
+    }
+    let printed = out.join("\n");
+    if std::env::var("XPYD_DRIVER").as_deref() == Ok("epoll") {
+        assert!(out[0].ends_with(", epoll)"), "not on epoll: {}", out[0]);
+    }
+    let tokens: Vec<Value> = out
+        .iter()
+        .filter_map(|l| l.strip_prefix("data: {"))
+        .map(|rest| serde_json::from_str(&format!("{{{rest}")).unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 12, "12 streamed tokens:\n{printed}");
+    assert!(
+        tokens.iter().all(|t| t["choices"][0]["text"].is_string()),
+        "{printed}"
+    );
+    assert!(out.iter().any(|l| l == "data: [DONE]"), "{printed}");
+    let chat = out
+        .iter()
+        .find_map(|l| l.strip_prefix("200 "))
+        .unwrap_or_else(|| panic!("no 200 answer to the chat completion:\n{printed}"));
+    let chat: Value = serde_json::from_str(chat).unwrap();
+    assert_eq!(chat["object"], "chat.completion", "{printed}");
+    // Still serving, at the address of its first line.
+    let addr = out[0]
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in `{}`", out[0]));
+    let (status, _, answer) = post(
+        &agent(),
+        &format!("http://{addr}/v1/completions"),
+        &json!({"model": "xpyd-demo", "prompt": "hello", "max_tokens": 4}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["choices"][0]["text"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
+    let mut exit = None;
+    wait_for(
+        "the demo to exit on Ctrl-C",
+        Duration::from_secs(20),
+        || {
+            exit = demo.try_wait().unwrap();
+            exit.is_some()
+        },
+    );
+    assert!(exit.unwrap().success(), "exit status {exit:?}");
+}
